@@ -1,0 +1,45 @@
+"""The ``vsockmon`` command: a click group whose commands live in one module per family.
+
+Commands are imported only when invoked: inside the lab VM (qemu TCG) every import costs
+seconds, and the capture and echo paths must not pay for scapy, numpy or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from vsockmon import __version__
+
+COMMANDS: dict[str, str] = {
+    "decode": "vsockmon.cli.decode:decode",
+}
+"""Command name → ``module:attribute`` of its click command."""
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vsockmon")
+def main() -> None:
+    """Capture and analyse Linux virtio-vsock traffic (vsockmon, LINKTYPE_VSOCK 271).
+
+    \b
+    Examples:
+      vsockmon decode capture.pcap
+      vsockmon decode capture.pcap --json | head
+      vsockmon decode capture.pcap -Y 'cid == 3 and op == RW'
+    """
