@@ -1,0 +1,304 @@
+"""Frames from capture records: header fields, payload bounds and anomalies, in bulk.
+
+One decoder, vectorised with numpy over a :class:`~vsockmon.pcapio.Batch`: a capture of a
+million packets becomes columns without a Python object per packet. The per-packet view
+(:class:`Frame`) reads one row of those columns, so the text, JSON and tree outputs and the
+bulk analyses can never disagree about a field. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntFlag
+from typing import Any
+
+import numpy as np
+
+from vsockmon.pcapio import Batch
+from vsockmon.protocol import (
+    LINKTYPE_VSOCK,
+    MON_HDR_LEN,
+    MON_OP_OF,
+    VIRTIO_HDR_LEN,
+    VIRTIO_HEADER,
+    VSOCKMON_HEADER,
+    MonOp,
+    Op,
+    SockType,
+    Transport,
+    enum_name,
+    flag_names,
+)
+
+MON_DTYPE = VSOCKMON_HEADER.numpy_dtype()
+VIRTIO_DTYPE = VIRTIO_HEADER.numpy_dtype()
+_HDRS_LEN = MON_HDR_LEN + VIRTIO_HDR_LEN
+
+
+class Anomaly(IntFlag):
+    """Something odd about one frame; flagged on the frame, never raised."""
+
+    TRUNCATED = 1 << 0
+    """The frame is shorter than the headers it announces."""
+    SNAPLEN = 1 << 1
+    """The capture kept fewer bytes than the packet had (snap length)."""
+    PAYLOAD_LEN = 1 << 2
+    """The captured payload length differs from the virtio header's ``len`` (tap bug)."""
+    UNKNOWN_OP = 1 << 3
+    UNKNOWN_TYPE = 1 << 4
+    UNKNOWN_TRANSPORT = 1 << 5
+    OP_MISMATCH = 1 << 6
+    """The vsockmon op is not the one the kernel maps the virtio op to."""
+    ADDR_MISMATCH = 1 << 7
+    """CIDs or ports differ between the vsockmon and the virtio header."""
+    TRANS_LEN = 1 << 8
+    """A VIRTIO transport header whose announced length is not 44."""
+    LINKTYPE = 1 << 9
+    """The packet's interface is not a vsockmon one (mixed pcapng)."""
+
+
+ANOMALY_NAMES: dict[Anomaly, str] = {
+    Anomaly.TRUNCATED: "truncated",
+    Anomaly.SNAPLEN: "snaplen",
+    Anomaly.PAYLOAD_LEN: "payload-len-mismatch",
+    Anomaly.UNKNOWN_OP: "unknown-op",
+    Anomaly.UNKNOWN_TYPE: "unknown-type",
+    Anomaly.UNKNOWN_TRANSPORT: "unknown-transport",
+    Anomaly.OP_MISMATCH: "op-mismatch",
+    Anomaly.ADDR_MISMATCH: "addr-mismatch",
+    Anomaly.TRANS_LEN: "trans-len",
+    Anomaly.LINKTYPE: "not-vsock",
+}
+
+
+def anomaly_names(bits: int) -> list[str]:
+    """The names of the anomaly bits set in ``bits``, in a stable order."""
+    return [name for flag, name in ANOMALY_NAMES.items() if bits & flag]
+
+
+# Lookup tables indexed by a u16 field: the vsockmon op the kernel writes for each virtio
+# op, and which ops and types are known.
+_EXPECTED_MON_OP = np.full(65536, MonOp.UNKNOWN, dtype=np.uint16)
+for _op, _mon in MON_OP_OF.items():
+    _EXPECTED_MON_OP[_op] = _mon
+_KNOWN_OPS = np.zeros(65536, dtype=bool)
+_KNOWN_OPS[[int(o) for o in Op if o != Op.INVALID]] = True
+_KNOWN_TYPES = np.zeros(65536, dtype=bool)
+_KNOWN_TYPES[[int(t) for t in SockType]] = True
+
+
+@dataclass
+class FrameBatch:
+    """Decoded columns for the packets of one batch (row i is frame ``first + i``)."""
+
+    first: int
+    buf: bytes
+    ts_ns: np.ndarray
+    caplen: np.ndarray
+    orig_len: np.ndarray
+    mon: np.ndarray
+    virtio: np.ndarray
+    has_mon: np.ndarray
+    has_virtio: np.ndarray
+    payload_off: np.ndarray
+    payload_len: np.ndarray
+    anomalies: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts_ns)
+
+    def frame(self, i: int) -> Frame:
+        return Frame(self, i)
+
+    def frames(self) -> Iterator[Frame]:
+        return (Frame(self, i) for i in range(len(self)))
+
+    def payload(self, i: int) -> bytes:
+        off = int(self.payload_off[i])
+        return self.buf[off : off + int(self.payload_len[i])]
+
+
+def _gather(buf: np.ndarray, starts: np.ndarray, width: int, dtype: np.dtype) -> np.ndarray:
+    """Fixed-size headers at arbitrary offsets, as one structured array (zero past the end)."""
+    if len(starts) == 0:
+        return np.zeros(0, dtype=dtype)
+    idx = starts[:, None] + np.arange(width, dtype=np.int64)
+    padded = np.concatenate([buf, np.zeros(width, dtype=np.uint8)])
+    np.minimum(idx, len(padded) - 1, out=idx)
+    return np.ascontiguousarray(padded[idx]).view(dtype).reshape(-1)
+
+
+def decode_batch(batch: Batch, first: int) -> FrameBatch:
+    """Decode every packet of ``batch``; ``first`` is the 1-based number of its first packet."""
+    raw = np.frombuffer(batch.buf, dtype=np.uint8)
+    offs = np.asarray(batch.offsets, dtype=np.int64)
+    cap = np.asarray(batch.caplens, dtype=np.int64)
+    orig = np.asarray(batch.orig_lens, dtype=np.int64)
+    mon = _gather(raw, offs, MON_HDR_LEN, MON_DTYPE)
+    virtio = _gather(raw, offs + MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_DTYPE)
+
+    has_mon = cap >= MON_HDR_LEN
+    mon[~has_mon] = 0
+    trans_len = mon["trans_len"].astype(np.int64)
+    # Like Wireshark, read a VIRTIO header whenever one fits, whatever ``trans_len`` claims
+    # (a wrong claim is flagged); the payload starts where ``trans_len`` says.
+    has_virtio = has_mon & (mon["transport"] == Transport.VIRTIO) & (cap >= _HDRS_LEN)
+    virtio[~has_virtio] = 0
+
+    hdrs = np.where(has_mon, MON_HDR_LEN + trans_len, 0)
+    payload_len = np.where(has_mon, np.maximum(cap - hdrs, 0), 0)
+    anomalies = _anomalies(batch, mon, virtio, has_mon, has_virtio, cap, orig, hdrs, payload_len)
+    return FrameBatch(
+        first=first,
+        buf=batch.buf,
+        ts_ns=np.asarray(batch.ts_ns, dtype=np.int64),
+        caplen=cap,
+        orig_len=orig,
+        mon=mon,
+        virtio=virtio,
+        has_mon=has_mon,
+        has_virtio=has_virtio,
+        payload_off=offs + np.minimum(hdrs, cap),
+        payload_len=payload_len,
+        anomalies=anomalies,
+    )
+
+
+def _anomalies(batch: Batch, mon: np.ndarray, virtio: np.ndarray, has_mon: np.ndarray,
+               has_virtio: np.ndarray, cap: np.ndarray, orig: np.ndarray, hdrs: np.ndarray,
+               payload_len: np.ndarray) -> np.ndarray:
+    """The anomaly bits of every frame, computed column-wise."""
+    out = np.zeros(len(cap), dtype=np.uint16)
+
+    def flag(mask: np.ndarray, bit: Anomaly) -> None:
+        out[mask] |= np.uint16(bit)
+
+    snapped = orig > cap
+    flag(~has_mon | (cap < hdrs), Anomaly.TRUNCATED)
+    flag(snapped, Anomaly.SNAPLEN)
+    transport = mon["transport"]
+    flag(has_mon & ~np.isin(transport, [int(t) for t in Transport]), Anomaly.UNKNOWN_TRANSPORT)
+    flag(has_mon & (transport == Transport.VIRTIO) & (mon["trans_len"] != VIRTIO_HDR_LEN),
+         Anomaly.TRANS_LEN)
+    if batch.linktypes and any(lt != LINKTYPE_VSOCK for lt in batch.linktypes):
+        flag(np.asarray(batch.linktypes) != LINKTYPE_VSOCK, Anomaly.LINKTYPE)
+
+    op, vtype = virtio["op"], virtio["type"]
+    hv = has_virtio
+    flag(hv & ~_KNOWN_OPS[op], Anomaly.UNKNOWN_OP)
+    flag(hv & ~_KNOWN_TYPES[vtype], Anomaly.UNKNOWN_TYPE)
+    whole = ~snapped & (cap >= hdrs)
+    flag(hv & whole & (payload_len != virtio["len"]), Anomaly.PAYLOAD_LEN)
+    flag(hv & (mon["op"] != _EXPECTED_MON_OP[op]), Anomaly.OP_MISMATCH)
+    differ = np.zeros(len(cap), dtype=bool)
+    for name in ("src_cid", "dst_cid", "src_port", "dst_port"):
+        differ |= mon[name] != virtio[name]
+    flag(hv & differ, Anomaly.ADDR_MISMATCH)
+    return out
+
+
+def decode_batches(batches: Iterable[Batch]) -> Iterator[FrameBatch]:
+    """Decode a stream of batches, numbering frames from 1 across them."""
+    number = 1
+    for batch in batches:
+        fb = decode_batch(batch, number)
+        number += len(fb)
+        yield fb
+
+
+class Frame:
+    """One decoded frame: a row of a :class:`FrameBatch`, read field by field on demand."""
+
+    __slots__ = ("_b", "_i")
+
+    def __init__(self, batch: FrameBatch, index: int) -> None:
+        self._b = batch
+        self._i = index
+
+    @property
+    def number(self) -> int:
+        return self._b.first + self._i
+
+    @property
+    def ts_ns(self) -> int:
+        return int(self._b.ts_ns[self._i])
+
+    @property
+    def caplen(self) -> int:
+        return int(self._b.caplen[self._i])
+
+    @property
+    def orig_len(self) -> int:
+        return int(self._b.orig_len[self._i])
+
+    @property
+    def has_mon(self) -> bool:
+        return bool(self._b.has_mon[self._i])
+
+    @property
+    def has_virtio(self) -> bool:
+        return bool(self._b.has_virtio[self._i])
+
+    @property
+    def mon(self) -> dict[str, int]:
+        row = self._b.mon[self._i]
+        return {n: int(row[n]) for n in VSOCKMON_HEADER.names}
+
+    @property
+    def virtio(self) -> dict[str, int]:
+        row = self._b.virtio[self._i]
+        return {n: int(row[n]) for n in VIRTIO_HEADER.names}
+
+    @property
+    def payload(self) -> bytes:
+        return self._b.payload(self._i)
+
+    @property
+    def payload_len(self) -> int:
+        return int(self._b.payload_len[self._i])
+
+    @property
+    def anomalies(self) -> list[str]:
+        return anomaly_names(int(self._b.anomalies[self._i]))
+
+    @property
+    def addr(self) -> tuple[int, int, int, int]:
+        """(src_cid, src_port, dst_cid, dst_port), from the virtio header when present."""
+        h = self.virtio if self.has_virtio else self.mon
+        return h["src_cid"], h["src_port"], h["dst_cid"], h["dst_port"]
+
+    def fields(self) -> dict[str, Any]:
+        """The flat JSON object of this frame: Wireshark's vocabulary plus names.
+
+        Keys of an absent header are omitted; numbers stay numbers.
+        """
+        out: dict[str, Any] = {
+            "frame.number": self.number,
+            "frame.time_epoch": self.ts_ns / 1e9,
+            "frame.time_ns": self.ts_ns,
+            "frame.len": self.orig_len,
+            "frame.cap_len": self.caplen,
+        }
+        if self.has_mon:
+            mon = self.mon
+            for f in VSOCKMON_HEADER.fields:
+                out[f.json_key] = mon[f.name]
+            out["vsock.op_name"] = enum_name(MonOp, mon["op"])
+            out["vsock.trans_name"] = enum_name(Transport, mon["transport"])
+        if self.has_virtio:
+            v = self.virtio
+            for f in VIRTIO_HEADER.fields:
+                out[f.json_key] = v[f.name]
+            out["vsock.virtio.type_name"] = enum_name(SockType, v["type"])
+            out["vsock.virtio.op_name"] = enum_name(Op, v["op"])
+            out["vsock.virtio.flags_names"] = flag_names(v["op"], v["type"], v["flags"])
+        out["payload_len"] = self.payload_len
+        out["anomalies"] = self.anomalies
+        return out
+
+
+def frames(batches: Iterable[Batch]) -> Iterator[Frame]:
+    """Every frame of a capture, in order."""
+    for fb in decode_batches(batches):
+        yield from fb.frames()

@@ -1,0 +1,419 @@
+"""Streaming pcap and pcapng reading and writing (gzip and stdin too), in bounded memory.
+
+The reader's one mechanism is the *batch*: a chunk of the file with the offsets of the
+packets inside it. The bulk decoder turns a batch into numpy columns without a per-packet
+Python object; :meth:`CaptureReader.records` derives the per-packet view from the same batches.
+Timestamps are integer nanoseconds, so µs and ns captures keep every digit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, NamedTuple
+
+from vsockmon.protocol import LINKTYPE_NAMES, LINKTYPE_VSOCK
+
+CHUNK = 4 << 20
+"""Bytes read at a time: the memory a reader holds, plus at most one oversized packet."""
+MAX_RECORD = 16 << 20
+"""A record claiming more than this is corruption, not a packet (bounded memory)."""
+
+PCAP_MAGIC_US = 0xA1B2C3D4
+PCAP_MAGIC_NS = 0xA1B23C4D
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BOM = 0x1A2B3C4D
+_IDB, _SPB, _EPB, _PB = 1, 3, 6, 2
+
+
+class CaptureError(Exception):
+    """A capture that cannot be read: the message is one line for the user."""
+
+
+class Record(NamedTuple):
+    """One packet as stored in the file."""
+
+    ts_ns: int
+    orig_len: int
+    data: bytes
+    linktype: int
+
+
+@dataclass
+class Batch:
+    """Packets of one chunk: ``buf[offsets[i]:offsets[i]+caplens[i]]`` is packet i.
+
+    Lists, not arrays: the reader stays free of numpy; the bulk decoder converts them.
+    """
+
+    buf: bytes
+    offsets: list[int] = field(default_factory=list)
+    caplens: list[int] = field(default_factory=list)
+    orig_lens: list[int] = field(default_factory=list)
+    ts_ns: list[int] = field(default_factory=list)
+    linktypes: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def linktype_label(linktype: int) -> str:
+    name = LINKTYPE_NAMES.get(linktype)
+    return f"link type {linktype} ({name})" if name else f"link type {linktype}"
+
+
+def _open_source(path: str) -> tuple[BinaryIO, str]:
+    """The file (or stdin for ``-``), transparently gunzipped, and a name for messages."""
+    if path == "-":
+        raw: BinaryIO = sys.stdin.buffer
+        name = "<stdin>"
+    else:
+        name = path
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed by CaptureReader.close
+        except FileNotFoundError:
+            raise CaptureError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise CaptureError(f"{path}: is a directory, not a capture file") from None
+        except PermissionError:
+            raise CaptureError(f"{path}: permission denied") from None
+        except OSError as e:
+            raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    if buffered.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered), name  # type: ignore[return-value]
+    return buffered, name
+
+
+class CaptureReader:
+    """Reads a pcap or pcapng capture as batches of packets, never the whole file at once.
+
+    After iteration, :attr:`stopped` says why reading ended early (a truncated or corrupt
+    file), or is ``None`` when the file was read to its end.
+    """
+
+    def __init__(self, path: str, chunk: int = CHUNK) -> None:
+        self.path = path
+        self._chunk = chunk
+        self._fp, self.name = _open_source(path)
+        self.stopped: str | None = None
+        self.packets = 0
+        self.offset = 0
+        """Bytes of the file consumed so far: where a damaged file stopped."""
+        self._pending = b""
+        self._eof = False
+        self._interfaces: list[tuple[int, tuple[int, int], int]] = []
+        try:
+            self.format, self.linktype = self._read_file_header()
+        except CaptureError:
+            self.close()
+            raise
+
+    # -- opening --------------------------------------------------------------------------
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self._fp.read(n)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise CaptureError(f"{self.name}: read error: {e}") from None
+
+    def _read_file_header(self) -> tuple[str, int]:
+        head = self._read(24)
+        if not head:
+            raise CaptureError(f"{self.name}: empty file, not a capture")
+        if len(head) < 4:
+            raise CaptureError(f"{self.name}: not a pcap or pcapng file (too short)")
+        for endian in "<>":
+            magic = struct.unpack_from(endian + "I", head)[0]
+            if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+                if len(head) < 24:
+                    raise CaptureError(f"{self.name}: truncated pcap file header")
+                self._endian = endian
+                self._ts_scale = 1 if magic == PCAP_MAGIC_NS else 1000
+                self.offset = 24
+                return "pcap", struct.unpack_from(endian + "I", head, 20)[0] & 0x0FFFFFFF
+        if struct.unpack_from("<I", head)[0] == PCAPNG_SHB:
+            self._pending = head
+            self._endian = "<"
+            return "pcapng", self._pcapng_first_linktype()
+        raise CaptureError(f"{self.name}: not a pcap or pcapng file (magic {head[:4].hex()})")
+
+    def _pcapng_first_linktype(self) -> int:
+        """Read blocks up to the first interface description, so the link type is known."""
+        want = 12
+        while not self._interfaces:
+            self._fill(want)
+            if self._eof and len(self._pending) < want:
+                raise CaptureError(f"{self.name}: pcapng file without an interface description")
+            want = self._parse_pcapng(Batch(b""), stop_after_idb=True) or want
+            if self.stopped:
+                raise CaptureError(f"{self.name}: corrupt pcapng file ({self.stopped})")
+        return self._interfaces[0][0]
+
+    # -- chunked reading ------------------------------------------------------------------
+
+    def _fill(self, need: int) -> None:
+        """Make ``_pending`` hold at least ``need`` bytes, or all that is left of the file."""
+        parts = [self._pending]
+        have = len(self._pending)
+        while have < need and not self._eof:
+            more = self._read(max(self._chunk, need - have))
+            if not more:
+                self._eof = True
+            parts.append(more)
+            have += len(more)
+        self._pending = b"".join(parts)
+
+    def batches(self) -> Iterator[Batch]:
+        """Batches of packets in file order; stops at the first damaged record."""
+        parse = self._parse_pcap if self.format == "pcap" else self._parse_pcapng
+        want = self._chunk
+        while self.stopped is None:
+            self._fill(want)
+            if not self._pending:
+                return
+            batch = Batch(b"")
+            want = parse(batch)
+            self.packets += len(batch)
+            if len(batch):
+                yield batch
+            if want and self._eof and len(self._pending) < want:
+                left = len(self._pending)
+                self.stopped = (f"file ends inside a packet after packet {self.packets} "
+                                f"(byte {self.offset}, {left} bytes left over)")
+            want = max(want, self._chunk)
+
+    def records(self) -> Iterator[Record]:
+        """One :class:`Record` per packet, derived from :meth:`batches`."""
+        for b in self.batches():
+            for off, cap, orig, ts, lt in zip(
+                b.offsets, b.caplens, b.orig_lens, b.ts_ns, b.linktypes, strict=True
+            ):
+                yield Record(ts, orig, b.buf[off : off + cap], lt)
+
+    def _corrupt(self, why: str) -> int:
+        self.stopped = f"{why} after packet {self.packets} (byte {self.offset})"
+        self._pending = b""
+        return 0
+
+    def _consume(self, batch: Batch, buf: bytes, off: int) -> None:
+        batch.buf = buf
+        self._pending = buf[off:]
+        self.offset += off
+
+    def _parse_pcap(self, batch: Batch) -> int:
+        """Walk the whole records of ``_pending`` into ``batch``.
+
+        Returns 0 when nothing is left over, else the bytes needed to complete the next record.
+        """
+        buf = self._pending
+        rec = struct.Struct(self._endian + "IIII")
+        off, end, scale = 0, len(buf), self._ts_scale
+        offsets, caplens, origs, stamps = batch.offsets, batch.caplens, batch.orig_lens, batch.ts_ns
+        want = 0
+        while off < end:
+            if off + 16 > end:
+                want = 16
+                break
+            sec, frac, cap, orig = rec.unpack_from(buf, off)
+            if cap > MAX_RECORD:
+                self._consume(batch, buf, off)
+                return self._corrupt(f"corrupt record (captured length {cap})")
+            if off + 16 + cap > end:
+                want = 16 + cap
+                break
+            offsets.append(off + 16)
+            caplens.append(cap)
+            origs.append(orig)
+            stamps.append(sec * 1_000_000_000 + frac * scale)
+            off += 16 + cap
+        batch.linktypes = [self.linktype] * len(offsets)
+        self._consume(batch, buf, off)
+        return want
+
+    def _parse_pcapng(self, batch: Batch, stop_after_idb: bool = False) -> int:
+        """Walk the whole blocks of ``_pending``; packets go to ``batch``.
+
+        Returns 0 when nothing is left over, else the bytes needed to complete the next block.
+        """
+        buf = self._pending
+        off, end = 0, len(buf)
+        want = 0
+        while off < end:
+            if off + 12 > end:
+                want = 12
+                break
+            btype = struct.unpack_from(self._endian + "I", buf, off)[0]
+            if btype == PCAPNG_SHB:
+                bom = struct.unpack_from("<I", buf, off + 8)[0]
+                self._endian = "<" if bom == PCAPNG_BOM else ">"
+                self._interfaces = []
+            blen = struct.unpack_from(self._endian + "I", buf, off + 4)[0]
+            if blen < 12 or blen % 4 or blen > MAX_RECORD:
+                self._consume(batch, buf, off)
+                return self._corrupt(f"corrupt pcapng block (length {blen})")
+            if off + blen > end:
+                want = blen
+                break
+            if not self._parse_block(batch, buf, btype, off, blen):
+                self._consume(batch, buf, off)
+                return 0
+            off += blen
+            if stop_after_idb and self._interfaces:
+                break
+        self._consume(batch, buf, off)
+        return want
+
+    def _parse_block(self, batch: Batch, buf: bytes, btype: int, off: int, blen: int) -> bool:
+        body, limit = off + 8, off + blen - 4
+        if btype == _EPB and blen >= 32:
+            iface, hi, lo, cap, orig = struct.unpack_from(self._endian + "IIIII", buf, body)
+            return self._add_packet(batch, iface, (hi << 32) | lo, body + 20, cap, orig, limit)
+        if btype == _SPB and blen >= 16:
+            orig = struct.unpack_from(self._endian + "I", buf, body)[0]
+            snap = self._interfaces[0][2] if self._interfaces else 0
+            cap = min(orig, snap) if snap else orig
+            return self._add_packet(batch, 0, None, body + 4, cap, orig, limit)
+        if btype == _IDB and blen >= 20:
+            self._interfaces.append(self._parse_idb(buf, body, limit))
+        return True
+
+    def _add_packet(self, batch: Batch, iface: int, ts: int | None, data: int, cap: int,
+                    orig: int, limit: int) -> bool:
+        if iface >= len(self._interfaces):
+            return bool(self._corrupt(f"packet on undeclared interface {iface}"))
+        if data + cap > limit:
+            return bool(self._corrupt(f"corrupt packet block (captured length {cap})"))
+        linktype, (num, den), _snap = self._interfaces[iface]
+        batch.offsets.append(data)
+        batch.caplens.append(cap)
+        batch.orig_lens.append(orig)
+        batch.ts_ns.append(0 if ts is None else ts * num // den)
+        batch.linktypes.append(linktype)
+        return True
+
+    def _parse_idb(self, buf: bytes, body: int, end: int) -> tuple[int, tuple[int, int], int]:
+        """(link type, ns-per-tick as a fraction, snaplen) of an interface description."""
+        linktype, _res, snaplen = struct.unpack_from(self._endian + "HHI", buf, body)
+        ratio = (1000, 1)  # default resolution: microseconds
+        opt = body + 8
+        while opt + 4 <= end:
+            code, length = struct.unpack_from(self._endian + "HH", buf, opt)
+            if code == 0:
+                break
+            if code == 9 and length >= 1:
+                ratio = _tsresol_ratio(buf[opt + 4])
+            opt += 4 + (length + 3) // 4 * 4
+        return linktype, ratio, snaplen
+
+    def close(self) -> None:
+        if self._fp is not sys.stdin.buffer:
+            self._fp.close()
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tsresol_ratio(code: int) -> tuple[int, int]:
+    """Nanoseconds per tick as (numerator, denominator) for an ``if_tsresol`` byte."""
+    exp = code & 0x7F
+    if code & 0x80:
+        return 1_000_000_000, 1 << exp
+    if exp <= 9:
+        return 10 ** (9 - exp), 1
+    return 1, 10 ** (exp - 9)
+
+
+def open_capture(path: str, require_linktype: int | None = LINKTYPE_VSOCK) -> CaptureReader:
+    """Open a capture; with ``require_linktype``, refuse any other link type in one line."""
+    reader = CaptureReader(path)
+    if require_linktype is not None and reader.linktype != require_linktype:
+        reader.close()
+        raise CaptureError(
+            f"{reader.name}: {linktype_label(reader.linktype)}, "
+            f"expected {linktype_label(require_linktype)}"
+        )
+    return reader
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+class PcapWriter:
+    """Writes a nanosecond pcap; each packet is written whole so a killed writer's file is
+    valid up to its last flush."""
+
+    def __init__(self, fp: BinaryIO, linktype: int = LINKTYPE_VSOCK, snaplen: int = 262144):
+        self.fp = fp
+        fp.write(struct.pack("<IHHiIII", PCAP_MAGIC_NS, 2, 4, 0, 0, snaplen, linktype))
+
+    def write(self, ts_ns: int, data: bytes, orig_len: int | None = None,
+              comment: str | None = None) -> None:
+        sec, nsec = divmod(ts_ns, 1_000_000_000)
+        orig = len(data) if orig_len is None else orig_len
+        self.fp.write(struct.pack("<IIII", sec, nsec, len(data), orig) + data)
+
+    def flush(self) -> None:
+        self.fp.flush()
+
+
+class PcapngWriter:
+    """Writes pcapng with one interface (ns resolution) and optional per-packet comments."""
+
+    def __init__(self, fp: BinaryIO, linktype: int = LINKTYPE_VSOCK, snaplen: int = 262144,
+                 ifname: str = "vsockmon0", app: str = "vsockmon"):
+        self.fp = fp
+        fp.write(_block(PCAPNG_SHB, struct.pack("<IHHq", PCAPNG_BOM, 1, 0, -1)
+                        + _options([(4, app.encode())])))
+        fp.write(_block(_IDB, struct.pack("<HHI", linktype, 0, snaplen)
+                        + _options([(2, ifname.encode()), (9, bytes([9]))])))
+
+    def write(self, ts_ns: int, data: bytes, orig_len: int | None = None,
+              comment: str | None = None) -> None:
+        orig = len(data) if orig_len is None else orig_len
+        pad = b"\0" * (-len(data) % 4)
+        opts = _options([(1, comment.encode())]) if comment else b""
+        body = struct.pack("<IIIII", 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data), orig)
+        self.fp.write(_block(_EPB, body + data + pad + opts))
+
+    def flush(self) -> None:
+        self.fp.flush()
+
+
+def _options(opts: list[tuple[int, bytes]]) -> bytes:
+    out = b"".join(
+        struct.pack("<HH", code, len(v)) + v + b"\0" * (-len(v) % 4) for code, v in opts
+    )
+    return out + struct.pack("<HH", 0, 0)
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    n = 12 + len(body)
+    return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+
+
+def writer_for(path: str, fp: BinaryIO, **kw: object) -> PcapWriter | PcapngWriter:
+    """A pcapng writer for ``.pcapng``/``.ntar`` names, else classic pcap."""
+    base = path.removesuffix(".gz")
+    cls = PcapngWriter if base.endswith((".pcapng", ".ntar")) else PcapWriter
+    return cls(fp, **kw)  # type: ignore[arg-type]
+
+
+def create_output(path: str, force: bool) -> BinaryIO:
+    """Open ``path`` for writing, refusing to replace an existing file without ``force``."""
+    if path == "-":
+        return sys.stdout.buffer
+    if not force and os.path.exists(path):
+        raise CaptureError(f"{path}: exists; use --force to overwrite")
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        raise CaptureError(f"{path}: cannot write: {e.strerror}") from None
