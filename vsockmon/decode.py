@@ -118,6 +118,46 @@ class FrameBatch:
         off = int(self.payload_off[i])
         return self.buf[off : off + int(self.payload_len[i])]
 
+    def records(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """The flat JSON objects of rows ``start:stop``: Wireshark's vocabulary plus names.
+
+        Built column-wise (``tolist`` once per column) because this is the ``--json`` hot
+        path. Keys of an absent header are omitted; numbers stay numbers.
+        """
+        rows = slice(start, stop)
+        n = len(self.ts_ns[rows])
+        mon_keys = [(f.json_key, self.mon[f.name][rows].tolist()) for f in VSOCKMON_HEADER.fields]
+        vio_keys = [(f.json_key, self.virtio[f.name][rows].tolist()) for f in VIRTIO_HEADER.fields]
+        has_mon = self.has_mon[rows].tolist()
+        has_virtio = self.has_virtio[rows].tolist()
+        base = zip(
+            range(self.first + start, self.first + start + n),
+            self.ts_ns[rows].tolist(), self.orig_len[rows].tolist(), self.caplen[rows].tolist(),
+            self.payload_len[rows].tolist(), self.anomalies[rows].tolist(), strict=True,
+        )
+        out = []
+        for i, (number, ts, orig, cap, plen, bits) in enumerate(base):
+            rec: dict[str, Any] = {
+                "frame.number": number, "frame.time_epoch": ts / 1e9, "frame.time_ns": ts,
+                "frame.len": orig, "frame.cap_len": cap,
+            }
+            if has_mon[i]:
+                for key, col in mon_keys:
+                    rec[key] = col[i]
+                rec["vsock.op_name"] = enum_name(MonOp, rec["vsock.op"])
+                rec["vsock.trans_name"] = enum_name(Transport, rec["vsock.trans"])
+            if has_virtio[i]:
+                for key, col in vio_keys:
+                    rec[key] = col[i]
+                op, typ = rec["vsock.virtio.op"], rec["vsock.virtio.type"]
+                rec["vsock.virtio.type_name"] = enum_name(SockType, typ)
+                rec["vsock.virtio.op_name"] = enum_name(Op, op)
+                rec["vsock.virtio.flags_names"] = flag_names(op, typ, rec["vsock.virtio.flags"])
+            rec["payload_len"] = plen
+            rec["anomalies"] = anomaly_names(bits) if bits else []
+            out.append(rec)
+        return out
+
 
 def _gather(buf: np.ndarray, starts: np.ndarray, width: int, dtype: np.dtype) -> np.ndarray:
     """Fixed-size headers at arbitrary offsets, as one structured array (zero past the end)."""
@@ -269,33 +309,8 @@ class Frame:
         return h["src_cid"], h["src_port"], h["dst_cid"], h["dst_port"]
 
     def fields(self) -> dict[str, Any]:
-        """The flat JSON object of this frame: Wireshark's vocabulary plus names.
-
-        Keys of an absent header are omitted; numbers stay numbers.
-        """
-        out: dict[str, Any] = {
-            "frame.number": self.number,
-            "frame.time_epoch": self.ts_ns / 1e9,
-            "frame.time_ns": self.ts_ns,
-            "frame.len": self.orig_len,
-            "frame.cap_len": self.caplen,
-        }
-        if self.has_mon:
-            mon = self.mon
-            for f in VSOCKMON_HEADER.fields:
-                out[f.json_key] = mon[f.name]
-            out["vsock.op_name"] = enum_name(MonOp, mon["op"])
-            out["vsock.trans_name"] = enum_name(Transport, mon["transport"])
-        if self.has_virtio:
-            v = self.virtio
-            for f in VIRTIO_HEADER.fields:
-                out[f.json_key] = v[f.name]
-            out["vsock.virtio.type_name"] = enum_name(SockType, v["type"])
-            out["vsock.virtio.op_name"] = enum_name(Op, v["op"])
-            out["vsock.virtio.flags_names"] = flag_names(v["op"], v["type"], v["flags"])
-        out["payload_len"] = self.payload_len
-        out["anomalies"] = self.anomalies
-        return out
+        """The flat JSON object of this frame (see :meth:`FrameBatch.records`)."""
+        return self._b.records(self._i, self._i + 1)[0]
 
 
 def frames(batches: Iterable[Batch]) -> Iterator[Frame]:

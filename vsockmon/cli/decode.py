@@ -1,0 +1,118 @@
+"""``vsockmon decode``: print a capture's frames as lines, a table, a field tree or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+
+import click
+
+from vsockmon import render
+from vsockmon.decode import FrameBatch, decode_batches
+from vsockmon.filter import FilterError, compile_filter
+from vsockmon.pcapio import CaptureError, CaptureReader, open_capture
+
+TABLE_ROWS = 5000
+"""A table is rendered per this many rows, so memory stays bounded on big captures."""
+
+
+def selected(reader: CaptureReader, expr: str | None, count: int | None
+             ) -> Iterator[tuple[FrameBatch, list[int]]]:
+    """Each decoded batch with the row indices that pass the filter, at most ``count``."""
+    keep = compile_filter(expr) if expr else None
+    left = count
+    for fb in decode_batches(reader.batches()):
+        idx = keep(fb).nonzero()[0].tolist() if keep else list(range(len(fb)))
+        if left is not None:
+            idx = idx[:left]
+            left -= len(idx)
+        if idx:
+            yield fb, idx
+        if left == 0:
+            return
+
+
+def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: click.utils.LazyFile) -> None:
+    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    for fb, idx in items:
+        records = fb.records()
+        out.write("\n".join(dumps(records[i]) for i in idx) + "\n")
+
+
+def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
+                ) -> None:
+    from tabulate import tabulate
+
+    t0: int | None = None
+    for fb, idx in items:
+        if t0 is None:
+            t0 = int(fb.ts_ns[0])
+        frames = [fb.frame(i) for i in idx]
+        if table:
+            for start in range(0, len(frames), TABLE_ROWS):
+                rows = [render.row(f, t0) for f in frames[start : start + TABLE_ROWS]]
+                click.echo(tabulate(rows, headers=render.TABLE_HEADERS, disable_numparse=True))
+        elif verbose:
+            for f in frames:
+                click.echo("\n".join(render.tree(f)) + "\n")
+        else:
+            click.echo("\n".join(render.summary_line(f, t0) for f in frames))
+
+
+@click.command()
+@click.argument("file", metavar="FILE")
+@click.option("-c", "--count", type=click.IntRange(min=1), help="Stop after N frames.")
+@click.option("-Y", "--filter", "expr", metavar="EXPR",
+              help="Display filter, e.g. 'cid == 3 and op == RW', 'port == 1024', "
+                   "'type == SEQPACKET', 'flags has EOM', 'anomaly'.")
+@click.option("-V", "--verbose", is_flag=True, help="Print every field as a tree.")
+@click.option("--table", is_flag=True, help="Print a table (tabulate) instead of lines.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON Lines: one flat object per frame (Wireshark's field names).")
+@click.option("--verify", is_flag=True,
+              help="Re-read the file with Wireshark's dissector (pyshark) and report every "
+                   "field where the two disagree.")
+def decode(file: str, count: int | None, expr: str | None, verbose: bool, table: bool,
+           as_json: bool, verify: bool) -> None:
+    """Decode the vsockmon frames of a pcap/pcapng capture (gzip ok, '-' for stdin).
+
+    \b
+    Examples:
+      vsockmon decode fixtures/synthetic/all-ops.pcap
+      vsockmon decode capture.pcapng -c 20 -V
+      vsockmon decode capture.pcap.gz -Y 'cid == 3 and op == RW' --table
+      vsockmon decode capture.pcap --json | jq '."vsock.virtio.buf_alloc"'
+      vsockmon decode capture.pcap --verify
+    """
+    if verify:
+        _verify(file, count)
+        return
+    try:
+        with open_capture(file) as reader:
+            items = selected(reader, expr, count)
+            if as_json:
+                _emit_json(items, click.get_text_stream("stdout"))
+            else:
+                _emit_lines(items, verbose, table)
+            if reader.stopped:
+                click.echo(f"vsockmon: {reader.name}: {reader.stopped}", err=True)
+    except (CaptureError, FilterError) as e:
+        raise click.ClickException(str(e)) from None
+    except BrokenPipeError:
+        sys.stderr.close()
+
+
+def _verify(file: str, count: int | None) -> None:
+    from vsockmon.verify import VerifyError, verify_with_pyshark
+
+    if file == "-":
+        raise click.ClickException("--verify needs a file name, not stdin")
+    try:
+        report = verify_with_pyshark(file, count)
+    except (CaptureError, VerifyError) as e:
+        raise click.ClickException(str(e)) from None
+    for line in report.lines():
+        click.echo(line)
+    if report.disagreements:
+        sys.exit(1)

@@ -1,0 +1,183 @@
+/*
+ * lab-guest: the nested guest's side of vsockmon's host <-> guest lab (PID 1 of L2).
+ *
+ * The lab VM (L1, CID 2) runs tests against it; L2 boots slowly under nested emulation,
+ * so this is a small static C program rather than a script. Given a base port P it serves,
+ * on every CID (one forked process per connection):
+ *   P      STREAM echo: echoes each connection's bytes until the peer shuts down, then closes.
+ *   P + 1  SEQPACKET echo: echoes each message, keeping its boundary and MSG_EOR.
+ *   P + 2  dial-back: the client sends "PORT\n"; the guest closes that connection, then
+ *          connects to CID 2 (the lab VM) on PORT and echoes that connection as on P.
+ * It prints "vsockmon-lab-guest: ready ..." on the console once all three listen, and one
+ * line per connection.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+#define BUF_SIZE (256 * 1024)
+
+static char buf[BUF_SIZE];
+
+static void say(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	fputs("vsockmon-lab-guest: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+}
+
+static void die(const char *what)
+{
+	say("%s: %s", what, strerror(errno));
+	exit(1);
+}
+
+static int listen_on(int type, unsigned int port)
+{
+	struct sockaddr_vm addr = {
+		.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port,
+	};
+	int fd = socket(AF_VSOCK, type, 0);
+
+	if (fd < 0)
+		die("socket");
+	if (bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+		die("bind");
+	if (listen(fd, 16) < 0)
+		die("listen");
+	return fd;
+}
+
+static int write_all(int fd, const char *data, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, data, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		data += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static unsigned long long echo_stream(int fd)
+{
+	unsigned long long total = 0;
+	ssize_t n;
+
+	while ((n = read(fd, buf, sizeof(buf))) > 0) {
+		if (write_all(fd, buf, n) < 0)
+			break;
+		total += n;
+	}
+	return total;
+}
+
+static unsigned long long echo_seqpacket(int fd)
+{
+	unsigned long long total = 0;
+
+	for (;;) {
+		struct iovec iov = { .iov_base = buf, .iov_len = sizeof(buf) };
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+		ssize_t n = recvmsg(fd, &msg, 0);
+
+		if (n <= 0 || send(fd, buf, n, msg.msg_flags & MSG_EOR) != n)
+			break;
+		total += n;
+	}
+	return total;
+}
+
+/* The dial-back service: read the port, then call the lab VM on it. */
+static unsigned long long dial_back(int fd)
+{
+	struct sockaddr_vm addr = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST };
+	char line[16] = "";
+	unsigned long long total;
+	ssize_t n = read(fd, line, sizeof(line) - 1);
+	int out;
+
+	close(fd);
+	if (n <= 0)
+		return 0;
+	addr.svm_port = strtoul(line, NULL, 10);
+	out = socket(AF_VSOCK, SOCK_STREAM, 0);
+	if (out < 0 || connect(out, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+		say("dial-back to cid 2 port %u: %s", addr.svm_port, strerror(errno));
+		return 0;
+	}
+	total = echo_stream(out);
+	close(out);
+	say("dial-back to cid 2 port %u echoed %llu bytes", addr.svm_port, total);
+	return total;
+}
+
+static void serve(int listener, const char *name, unsigned long long (*handle)(int))
+{
+	for (;;) {
+		struct sockaddr_vm peer;
+		socklen_t len = sizeof(peer);
+		int fd = accept(listener, (struct sockaddr *)&peer, &len);
+
+		if (fd < 0) {
+			if (errno != EINTR)
+				say("accept on %s: %s", name, strerror(errno));
+			continue;
+		}
+		if (fork() == 0) {
+			unsigned long long total = handle(fd);
+
+			say("%s from cid %u port %u: %llu bytes", name, peer.svm_cid, peer.svm_port,
+			    total);
+			_exit(0);
+		}
+		close(fd);
+	}
+}
+
+static unsigned int local_cid(void)
+{
+	unsigned int cid = VMADDR_CID_ANY;
+	int fd = open("/dev/vsock", O_RDONLY);
+
+	if (fd >= 0) {
+		ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid);
+		close(fd);
+	}
+	return cid;
+}
+
+int main(int argc, char **argv)
+{
+	unsigned int port = argc > 1 ? strtoul(argv[1], NULL, 10) : 9000;
+	int stream = listen_on(SOCK_STREAM, port);
+	int seqpacket = listen_on(SOCK_SEQPACKET, port + 1);
+	int dial = listen_on(SOCK_STREAM, port + 2);
+
+	setvbuf(stderr, NULL, _IOLBF, 0);
+	signal(SIGCHLD, SIG_IGN);
+	say("ready cid=%u stream-echo=%u seqpacket-echo=%u dial-back=%u", local_cid(), port,
+	    port + 1, port + 2);
+	if (fork() == 0)
+		serve(seqpacket, "seqpacket-echo", echo_seqpacket);
+	if (fork() == 0)
+		serve(dial, "dial-back", dial_back);
+	serve(stream, "stream-echo", echo_stream);
+	return 0;
+}

@@ -1,0 +1,129 @@
+"""Text views of decoded frames: the one-line summary, the table row and the ``-V`` tree.
+
+Pure functions from a :class:`~vsockmon.decode.Frame` to strings; the CLI prints them.
+Names come from the protocol enums, so SEQPACKET, CREDIT_REQUEST (op 7) and the flag bits
+are shown by name where Wireshark and tcpdump show numbers or get them wrong.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from vsockmon.decode import Frame
+from vsockmon.protocol import (
+    VIRTIO_HEADER,
+    VSOCKMON_HEADER,
+    Field,
+    MonOp,
+    Op,
+    SockType,
+    Transport,
+    cid_label,
+    enum_name,
+    flag_names,
+)
+
+PREVIEW_BYTES = 24
+TABLE_HEADERS = ("no", "time", "source", "destination", "type", "op", "len", "flags",
+                 "buf_alloc", "fwd_cnt", "payload")
+
+
+def preview(data: bytes, limit: int = PREVIEW_BYTES) -> str:
+    """Printable text in quotes, else hex; ``…`` when cut."""
+    head = data[:limit]
+    more = "…" if len(data) > limit else ""
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        text = head.decode("ascii").encode("unicode_escape").decode("ascii")
+        return f'"{text}"{more}'
+    return head.hex() + more
+
+
+def _ends(frame: Frame) -> tuple[str, str]:
+    src_cid, src_port, dst_cid, dst_port = frame.addr
+    return f"{src_cid}:{src_port}", f"{dst_cid}:{dst_port}"
+
+
+def row(frame: Frame, t0_ns: int) -> tuple[object, ...]:
+    """The columns of a frame's summary, shared by the line and the table views."""
+    src, dst = _ends(frame)
+    rel = f"{(frame.ts_ns - t0_ns) / 1e9:.6f}"
+    if not frame.has_virtio:
+        mon = frame.mon if frame.has_mon else None
+        op = enum_name(MonOp, mon["op"]) if mon else "-"
+        return (frame.number, rel, src if mon else "?", dst if mon else "?", "-", op, "-", "-",
+                "-", "-", preview(frame.payload))
+    v = frame.virtio
+    flags = ",".join(flag_names(v["op"], v["type"], v["flags"])) or "-"
+    return (frame.number, rel, src, dst, enum_name(SockType, v["type"]),
+            enum_name(Op, v["op"]), v["len"], flags, v["buf_alloc"], v["fwd_cnt"],
+            preview(frame.payload[: v["len"]]) if v["len"] else "")
+
+
+def summary_line(frame: Frame, t0_ns: int) -> str:
+    """One tcpdump-like line: time, ends, type, op, len, flags, credit, payload preview."""
+    no, rel, src, dst, typ, op, length, flags, buf, fwd, pay = row(frame, t0_ns)
+    parts = [f"{no:>6} {rel:>12}  {src} → {dst}  {typ} {op}"]
+    if length != "-":
+        parts.append(f"len={length}")
+    if flags != "-":
+        parts.append(f"[{flags}]")
+    if buf != "-":
+        parts.append(f"buf_alloc={buf} fwd_cnt={fwd}")
+    if pay:
+        parts.append(str(pay))
+    if frame.anomalies:
+        parts.append("!" + ",".join(frame.anomalies))
+    return " ".join(parts)
+
+
+def tree(frame: Frame, payload_lines: list[str] | None = None) -> list[str]:
+    """The ``-V`` field tree: every field of both headers with names, then the payload."""
+    out = [f"Frame {frame.number}: {frame.caplen} bytes captured ({frame.orig_len} on the wire),"
+           f" time {frame.ts_ns // 1_000_000_000}.{frame.ts_ns % 1_000_000_000:09d}"]
+    if frame.has_mon:
+        out.append("vsockmon header")
+        out += _field_lines(VSOCKMON_HEADER.fields, frame.mon, _MON_ENUMS)
+    if frame.has_virtio:
+        out.append("virtio-vsock header")
+        out += _field_lines(VIRTIO_HEADER.fields, frame.virtio, {})
+    data = frame.payload
+    out.append(f"payload: {len(data)} bytes captured")
+    out += [f"    {line}" for line in hexdump(data)]
+    if payload_lines:
+        out += [f"    {line}" for line in payload_lines]
+    if frame.anomalies:
+        out.append("anomalies: " + ", ".join(frame.anomalies))
+    return out
+
+
+_MON_ENUMS = {"op": MonOp, "transport": Transport}
+
+
+def _field_lines(fields: tuple[Field, ...], values: dict[str, int],
+                 enums: dict[str, type[IntEnum]]) -> list[str]:
+    lines = []
+    for f in fields:
+        value = values[f.name]
+        enum = f.enum or enums.get(f.name)
+        shown = str(value)
+        if f.name == "flags":
+            names = flag_names(values["op"], values["type"], value)
+            shown = f"{value:#010x}" + (f" ({', '.join(names)})" if names else "")
+        elif enum is not None:
+            shown += f" ({enum_name(enum, value)})"
+        elif f.name.endswith("cid"):
+            shown = cid_label(value)
+        lines.append(f"    {f.name + ':':<11} {shown}")
+    return lines
+
+
+def hexdump(data: bytes, limit: int = 256) -> list[str]:
+    """Classic 16-bytes-a-line hex dump of the first ``limit`` bytes."""
+    lines = []
+    for off in range(0, min(len(data), limit), 16):
+        chunk = data[off : off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{off:04x}  {chunk.hex(' '):<47}  {text}")
+    if len(data) > limit:
+        lines.append(f"… {len(data) - limit} more bytes")
+    return lines

@@ -1,0 +1,162 @@
+"""Compare our decoding with Wireshark's, field by field.
+
+Wireshark is the oracle for every field it decodes; where it is wrong (op 7 named "Credit
+response", type 2 unnamed, flag bits not decoded) the report says so instead of calling it a
+disagreement. The mapping between our JSON keys and Wireshark's field names comes from the
+field tables. Used by ``vsockmon decode --verify`` (through pyshark) and by the tests
+(through ``tshark -T fields``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vsockmon.decode import decode_batches
+from vsockmon.pcapio import open_capture
+from vsockmon.protocol import VIRTIO_HEADER, VSOCKMON_HEADER, Op, SockType
+
+WS_OF_KEY: dict[str, str] = {
+    f.json_key: f.wireshark for h in (VSOCKMON_HEADER, VIRTIO_HEADER) for f in h.fields
+}
+"""Our JSON key → Wireshark's field name (``vsock.virtio.src_port`` → ``…src_prot``)."""
+WS_PAYLOAD = "vsock.payload"
+TSHARK_FIELDS = ("frame.number", *WS_OF_KEY.values(), WS_PAYLOAD)
+
+
+class VerifyError(Exception):
+    """Wireshark could not be run on the file (one line)."""
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    frame: int
+    key: str
+    ours: Any
+    wireshark: Any
+
+
+@dataclass
+class Report:
+    frames: int = 0
+    disagreements: list[Disagreement] = field(default_factory=list)
+    wireshark_errors: dict[str, list[int]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"frame {d.frame}: {d.key}: vsockmon {d.ours!r}, Wireshark {d.wireshark!r}"
+               for d in self.disagreements]
+        for what, frames in self.wireshark_errors.items():
+            shown = ", ".join(map(str, frames[:10])) + (" …" if len(frames) > 10 else "")
+            out.append(f"known Wireshark error: {what} (frames {shown})")
+        if self.disagreements:
+            out.append(f"{self.frames} frames compared: {len(self.disagreements)} fields differ")
+        else:
+            out.append(f"{self.frames} frames compared: vsockmon and Wireshark agree on "
+                       "every field")
+        return out
+
+
+def ws_value(raw: str) -> int | None:
+    """A Wireshark field value as an integer: decimal, ``0x`` hex, or bytes as hex."""
+    if raw == "":
+        return None
+    try:
+        return int(raw, 0)
+    except ValueError:
+        return int(raw.replace(":", ""), 16)
+
+
+def compare(ours: Mapping[str, Any], theirs: Mapping[str, str]) -> list[Disagreement]:
+    """Every field where our flat JSON object and Wireshark's fields for a frame differ."""
+    number = ours["frame.number"]
+    diffs = []
+    for key, ws in WS_OF_KEY.items():
+        got, want = ours.get(key), ws_value(theirs.get(ws, ""))
+        if got != want:
+            diffs.append(Disagreement(number, key, got, want))
+    ws_payload = theirs.get(WS_PAYLOAD, "").replace(":", "")
+    if ours["payload_len"] != len(ws_payload) // 2:
+        diffs.append(Disagreement(number, "payload_len", ours["payload_len"],
+                                  len(ws_payload) // 2))
+    return diffs
+
+
+def known_errors(ours: Mapping[str, Any]) -> list[str]:
+    """Where Wireshark is wrong about this frame, in words."""
+    out = []
+    if ours.get("vsock.virtio.op") == Op.CREDIT_REQUEST:
+        out.append("op 7 is CREDIT_REQUEST, Wireshark says 'Credit response'")
+    if ours.get("vsock.virtio.type") == SockType.SEQPACKET:
+        out.append("type 2 is SEQPACKET, Wireshark says 'Unknown (2)'")
+    if ours.get("vsock.virtio.flags"):
+        out.append("flag bits not decoded by Wireshark (we name them)")
+    return out
+
+
+def build_report(ours: Iterable[Mapping[str, Any]], theirs: Iterable[Mapping[str, str]]
+                 ) -> Report:
+    report = Report()
+    for mine, ws in zip(ours, theirs, strict=False):
+        report.frames += 1
+        report.disagreements += compare(mine, ws)
+        for what in known_errors(mine):
+            report.wireshark_errors.setdefault(what, []).append(mine["frame.number"])
+    return report
+
+
+def our_records(path: str, count: int | None = None) -> Iterator[dict[str, Any]]:
+    with open_capture(path) as reader:
+        n = 0
+        for fb in decode_batches(reader.batches()):
+            for rec in fb.records():
+                if count is not None and n >= count:
+                    return
+                n += 1
+                yield rec
+
+
+def tshark_records(path: str) -> Iterator[dict[str, str]]:
+    """Wireshark's values for our fields, one dict per frame, via ``tshark -T fields``."""
+    cmd = ["tshark", "-n", "-r", path, "-T", "fields", "-E", "separator=\t"]
+    for name in TSHARK_FIELDS:
+        cmd += ["-e", name]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise VerifyError("tshark is not installed (apt-get install tshark)") from None
+    except subprocess.CalledProcessError as e:
+        raise VerifyError(f"tshark failed: {e.stderr.strip().splitlines()[-1]}") from None
+    for line in out.splitlines():
+        yield dict(zip(TSHARK_FIELDS, line.split("\t"), strict=True))
+
+
+def _pyshark_records(path: str) -> Iterator[dict[str, str]]:
+    import pyshark
+
+    cap = pyshark.FileCapture(path, keep_packets=False, disable_protocol=None)
+    try:
+        for pkt in cap:
+            layer = getattr(pkt, "vsock", None)
+            rec = {"frame.number": pkt.number}
+            if layer is not None:
+                for ws in TSHARK_FIELDS[1:]:
+                    name = ws.removeprefix("vsock.").replace(".", "_")
+                    value = layer.get_field(name)
+                    if value is not None:
+                        rec[ws] = value.raw_value if ws in (WS_PAYLOAD, "vsock.reserved") \
+                            else value.show
+            yield rec
+    finally:
+        cap.close()
+
+
+def verify_with_pyshark(path: str, count: int | None = None) -> Report:
+    """Re-read ``path`` through Wireshark's dissector (pyshark) and compare every field."""
+    try:
+        return build_report(our_records(path, count), _pyshark_records(path))
+    except ImportError:
+        raise VerifyError("pyshark is not installed (pip install pyshark)") from None
+    except OSError as e:
+        raise VerifyError(f"cannot run tshark through pyshark: {e}") from None
