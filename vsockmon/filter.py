@@ -102,7 +102,11 @@ def _build_fields() -> dict[str, _Field]:
 
 FIELDS = _build_fields()
 
-_FLAG_NAMES = {m.name.lower(): int(m) for e in (ShutdownFlag, SeqFlag) for m in e}
+_FLAG_OWNER: dict[str, tuple[int, int, Op, SockType | None]] = {
+    **{m.name.lower(): (int(m), Op.SHUTDOWN, None) for m in ShutdownFlag},  # type: ignore[misc]
+    **{m.name.lower(): (int(m), Op.RW, SockType.SEQPACKET) for m in SeqFlag},  # type: ignore[misc]
+}
+"""Flag name → (bit, the op it belongs to, the type it needs): EOM means nothing on SHUTDOWN."""
 _ANOMALY_BITS = {name: int(bit) for bit, name in ANOMALY_NAMES.items()}
 _CMPS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
@@ -215,13 +219,25 @@ def _compare(field: _Field, cmp: Callable[[np.ndarray, int], np.ndarray], value:
 
 
 def _has(name: str, field: _Field, raw: str) -> Callable[[FrameBatch], Mask]:
-    table = _ANOMALY_BITS if name in ("anomaly", "anomalies") else _FLAG_NAMES
-    bit = table.get(raw.lower())
-    if bit is None:
+    """``anomaly has NAME`` or ``flags has NAME``; a flag bit counts only on its own op."""
+    table = _ANOMALY_BITS if name in ("anomaly", "anomalies") else _FLAG_OWNER
+    entry = table.get(raw.lower())
+    if entry is None or name not in ("anomaly", "anomalies", "flags", "vsock.virtio.flags"):
         raise FilterError(f"bad filter: {name} has no bit named {raw!r} "
                           f"(known: {', '.join(sorted(table))})")
     col = field.columns[0]
-    return lambda fb: ((col(fb).astype(np.int64) & bit) != 0) & field.present(fb)
+    if isinstance(entry, int):
+        return lambda fb: (col(fb).astype(np.int64) & entry) != 0
+    bit, op, sock_type = entry
+
+    def mask(fb: FrameBatch) -> Mask:
+        hit = field.present(fb) & ((col(fb).astype(np.int64) & bit) != 0)
+        hit &= fb.virtio["op"] == op
+        if sock_type is not None:
+            hit &= fb.virtio["type"] == sock_type
+        return hit
+
+    return mask
 
 
 def _value(name: str, field: _Field, raw: str) -> int:

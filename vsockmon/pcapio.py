@@ -339,7 +339,7 @@ def open_capture(path: str, require_linktype: int | None = LINKTYPE_VSOCK) -> Ca
         reader.close()
         raise CaptureError(
             f"{reader.name}: {linktype_label(reader.linktype)}, "
-            f"expected {linktype_label(require_linktype)}"
+            f"expected {require_linktype} ({LINKTYPE_NAMES.get(require_linktype, '?')})"
         )
     return reader
 

@@ -96,7 +96,7 @@ def decode(file: str, count: int | None, expr: str | None, verbose: bool, table:
             else:
                 _emit_lines(items, verbose, table)
             if reader.stopped:
-                click.echo(f"vsockmon: {reader.name}: {reader.stopped}", err=True)
+                raise CaptureError(f"{reader.name}: {reader.stopped}")
     except (CaptureError, FilterError) as e:
         raise click.ClickException(str(e)) from None
     except BrokenPipeError:

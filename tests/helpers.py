@@ -1,0 +1,31 @@
+"""Building blocks shared by the tests: synthetic frames and captures from the field tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vsockmon.pcapio import PcapWriter
+from vsockmon.protocol import MON_OP_OF, VIRTIO_HEADER, VSOCKMON_HEADER, Op, Transport
+
+T0 = 1_700_000_000_000_000_000
+
+
+def frame(op: Op = Op.RW, payload: bytes = b"", src: tuple[int, int] = (3, 1025),
+          dst: tuple[int, int] = (2, 9999), type_: int = 1, flags: int = 0,
+          buf_alloc: int = 262144, fwd_cnt: int = 0, length: int | None = None) -> bytes:
+    """One tapped frame as the kernel writes it: vsockmon header, virtio header, payload."""
+    addr = {"src_cid": src[0], "src_port": src[1], "dst_cid": dst[0], "dst_port": dst[1]}
+    mon = VSOCKMON_HEADER.pack(**addr, op=MON_OP_OF.get(op, 0), transport=Transport.VIRTIO,
+                               trans_len=VIRTIO_HEADER.size)
+    virtio = VIRTIO_HEADER.pack(**addr, len=len(payload) if length is None else length,
+                                type=type_, op=op, flags=flags, buf_alloc=buf_alloc,
+                                fwd_cnt=fwd_cnt)
+    return mon + virtio + payload
+
+
+def write_pcap(path: Path, frames: list[bytes], step_ns: int = 1000) -> Path:
+    with open(path, "wb") as fp:
+        w = PcapWriter(fp)
+        for i, f in enumerate(frames):
+            w.write(T0 + i * step_ns, f)
+    return path

@@ -1,0 +1,52 @@
+"""Wireshark is the oracle: on every fixture, every field we decode equals tshark's.
+
+This covers every capture under fixtures/ (synthetic, real lab captures, payload captures),
+so a new fixture is checked without touching this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vsockmon.verify import build_report, our_records, tshark_records
+
+ROOT = Path(__file__).resolve().parent.parent
+NOT_VSOCK = {"ethernet.pcap", "truncated.pcap"}
+CAPTURES = sorted(
+    p for pattern in ("*.pcap", "*.pcapng", "*.pcap.gz")
+    for p in (ROOT / "fixtures").rglob(pattern) if p.name not in NOT_VSOCK
+)
+
+
+def test_fixtures_exist() -> None:
+    assert len(CAPTURES) >= 4
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=[str(p.relative_to(ROOT)) for p in CAPTURES])
+def test_every_field_equals_tshark(path: Path) -> None:
+    ours = list(our_records(str(path)))
+    theirs = list(tshark_records(str(path)))
+    assert len(ours) == len(theirs)
+    report = build_report(ours, theirs)
+    assert report.frames == len(ours)
+    assert report.disagreements == []
+
+
+def test_a_wrong_field_is_caught() -> None:
+    """The comparison itself can fail: corrupt one of our values and it must be reported."""
+    path = ROOT / "fixtures" / "synthetic" / "stream-all-ops.pcap"
+    ours = list(our_records(str(path)))
+    ours[3]["vsock.virtio.fwd_cnt"] += 1
+    ours[5]["payload_len"] -= 1
+    report = build_report(ours, tshark_records(str(path)))
+    assert [(d.frame, d.key) for d in report.disagreements] == [
+        (4, "vsock.virtio.fwd_cnt"), (6, "payload_len")]
+
+
+def test_where_wireshark_is_wrong_we_say_so() -> None:
+    path = ROOT / "fixtures" / "synthetic" / "seqpacket-ns.pcapng"
+    report = build_report(our_records(str(path)), tshark_records(str(path)))
+    assert any("SEQPACKET" in what for what in report.wireshark_errors)
+    assert any("flag bits" in what for what in report.wireshark_errors)

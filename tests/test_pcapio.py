@@ -1,0 +1,151 @@
+"""Streaming capture reading and writing."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import T0, frame, write_pcap
+
+from vsockmon.pcapio import (
+    CaptureError,
+    CaptureReader,
+    PcapngWriter,
+    PcapWriter,
+    create_output,
+    open_capture,
+    writer_for,
+)
+from vsockmon.protocol import Op
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "synthetic"
+
+
+def frames(n: int) -> list[bytes]:
+    return [frame(Op.RW, bytes([i % 256]) * (i % 300)) for i in range(n)]
+
+
+@pytest.mark.parametrize("writer", [PcapWriter, PcapngWriter])
+def test_write_then_read_keeps_every_byte_and_nanosecond(tmp_path: Path, writer: type) -> None:
+    path = tmp_path / "x.cap"
+    data = frames(500)
+    with open(path, "wb") as fp:
+        w = writer(fp)
+        for i, f in enumerate(data):
+            w.write(T0 + i * 7 + 1, f, comment="hello" if i % 2 else None)
+    with open_capture(str(path)) as r:
+        recs = list(r.records())
+        assert r.stopped is None and r.packets == 500
+    assert [x.data for x in recs] == data
+    assert [x.ts_ns for x in recs] == [T0 + i * 7 + 1 for i in range(500)]
+
+
+def test_small_chunks_and_big_records_read_the_same(tmp_path: Path) -> None:
+    big = [frame(Op.RW, b"z" * 65536), *frames(50), frame(Op.RW, b"y" * 70000)]
+    path = write_pcap(tmp_path / "big.pcap", big)
+    with CaptureReader(str(path), chunk=100) as r:
+        assert [x.data for x in r.records()] == big
+    with CaptureReader(str(path), chunk=100) as r:
+        batches = list(r.batches())
+        assert len(batches) > 1 and max(len(b.buf) for b in batches) < 200_000
+
+
+def test_microsecond_pcap_and_ns_pcapng_timestamps() -> None:
+    with open_capture(str(FIXTURES / "stream-all-ops.pcap")) as r:
+        first = next(r.records())
+        assert first.ts_ns == 1_700_000_000_123_456_000
+    with open_capture(str(FIXTURES / "seqpacket-ns.pcapng")) as r:
+        stamps = [x.ts_ns for x in r.records()]
+        assert stamps[:2] == [1_700_000_000_123_456_789, 1_700_000_000_123_456_912]
+        assert r.format == "pcapng"
+
+
+def test_big_endian_pcap(tmp_path: Path) -> None:
+    f = frame(Op.REQUEST)
+    raw = struct.pack(">IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 271)
+    raw += struct.pack(">IIII", 5, 6, len(f), len(f)) + f
+    (tmp_path / "be.pcap").write_bytes(raw)
+    with open_capture(str(tmp_path / "be.pcap")) as r:
+        rec = next(r.records())
+    assert rec.ts_ns == 5_000_006_000 and rec.data == f
+
+
+def test_gzip_and_stdin() -> None:
+    plain = FIXTURES / "stream-all-ops.pcap"
+    with open_capture(str(plain)) as r:
+        want = [x.data for x in r.records()]
+    with open_capture(str(FIXTURES / "stream-all-ops.pcap.gz")) as r:
+        assert [x.data for x in r.records()] == want
+    code = ("import sys; from vsockmon.pcapio import open_capture\n"
+            "r = open_capture('-'); print(sum(1 for _ in r.records()), r.stopped)")
+    for data in (plain.read_bytes(), gzip.compress(plain.read_bytes())):
+        out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
+                             check=True)
+        assert out.stdout.decode().split() == [str(len(want)), "None"]
+
+
+def test_truncated_file_stops_at_last_whole_packet() -> None:
+    with open_capture(str(FIXTURES / "truncated.pcap")) as r:
+        n = sum(1 for _ in r.records())
+        assert n == 12
+        assert r.stopped is not None and "after packet 12" in r.stopped
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "empty file"),
+    (b"hello world, this is text", "not a pcap or pcapng file"),
+    (b"\xd4\xc3", "too short"),
+    (struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1), "link type 1 (Ethernet), "
+     "expected 271 (VSOCK)"),
+])
+def test_bad_files_get_one_clear_message(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad"
+    path.write_bytes(content)
+    with pytest.raises(CaptureError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        open_capture(str(path))
+
+
+def test_missing_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(CaptureError, match="no such file"):
+        open_capture(str(tmp_path / "nope.pcap"))
+    with pytest.raises(CaptureError, match="is a directory"):
+        open_capture(str(tmp_path))
+
+
+def test_corrupt_record_length_is_bounded(tmp_path: Path) -> None:
+    raw = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 271)
+    raw += struct.pack("<IIII", 0, 0, 0x7FFFFFFF, 10) + b"x" * 100
+    (tmp_path / "c.pcap").write_bytes(raw)
+    with open_capture(str(tmp_path / "c.pcap")) as r:
+        assert list(r.records()) == []
+        assert r.stopped and "corrupt record" in r.stopped
+
+
+def test_pcapng_comment_visible_to_tshark(tmp_path: Path) -> None:
+    path = tmp_path / "c.pcapng"
+    with open(path, "wb") as fp:
+        w = writer_for(str(path), fp)
+        w.write(T0, frame(Op.REQUEST), comment="stream 0: request")
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.comment",
+                          "-e", "vsock.virtio.op"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "stream 0: request\t1"
+
+
+def test_create_output_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "out.pcap"
+    path.write_bytes(b"keep me")
+    with pytest.raises(CaptureError, match="--force"):
+        create_output(str(path), force=False)
+    assert path.read_bytes() == b"keep me"
+    create_output(str(path), force=True).close()
+    assert path.read_bytes() == b""
+
+
+def test_writer_for_picks_format_by_extension() -> None:
+    assert isinstance(writer_for("a.pcapng", io.BytesIO()), PcapngWriter)
+    assert isinstance(writer_for("a.pcap", io.BytesIO()), PcapWriter)
