@@ -1,0 +1,118 @@
+"""Which dissector reads a payload: a port table first, then heuristics, then nothing.
+
+Built-in dissectors register here at import; third-party ones through the Python entry
+point group ``vsockmon.payload``, loaded once on first use. An entry point names a
+:class:`PayloadDissector` or an iterable of them (or a callable returning either), e.g. in a
+plugin's ``pyproject.toml``::
+
+    [project.entry-points."vsockmon.payload"]
+    myproto = "myplugin.vsock:DISSECTOR"
+
+A dissector that raises is skipped for that payload: one plugin's bug must not stop
+``decode`` or ``export`` on a capture of a million frames.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TypeVar
+
+from vsockmon.payload.model import PayloadInfo
+
+ENTRY_POINT_GROUP = "vsockmon.payload"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PayloadDissector:
+    """A payload protocol: how to read it and when to try it.
+
+    ``dissect`` reads a payload it has been given (leniently: on its port a fragment is still
+    worth a line); ``detect`` says whether an arbitrary payload looks like this protocol
+    (strictly: it runs on every port). Without ``detect`` the dissector is tried only on its
+    ``ports``. Heuristics run in ascending ``priority``.
+    """
+
+    name: str
+    dissect: Callable[[bytes], PayloadInfo | None]
+    ports: frozenset[int] = frozenset()
+    detect: Callable[[bytes], bool] | None = None
+    priority: int = 100
+    description: str = ""
+
+
+@dataclass
+class Registry:
+    """Dissectors by name, with the port table and the heuristic order derived from them."""
+
+    dissectors: dict[str, PayloadDissector] = field(default_factory=dict)
+    load_entry_points: bool = True
+
+    def register(self, dissector: PayloadDissector) -> PayloadDissector:
+        """Add (or replace, by name) a dissector; returns it so it can be used as a value."""
+        self.dissectors[dissector.name] = dissector
+        return dissector
+
+    def unregister(self, name: str) -> None:
+        self.dissectors.pop(name, None)
+
+    def _plugins(self) -> None:
+        """Load the entry points once; a broken plugin is a warning, not a failure."""
+        if not self.load_entry_points:
+            return
+        self.load_entry_points = False
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                for d in _as_dissectors(ep.load()):
+                    self.register(d)
+            except Exception as e:  # a plugin's bug must not break the host tool
+                warnings.warn(f"vsockmon.payload plugin {ep.name!r}: {e}", stacklevel=2)
+
+    def all(self) -> list[PayloadDissector]:
+        """Every dissector, port-table ones and heuristics, in heuristic order."""
+        self._plugins()
+        return sorted(self.dissectors.values(), key=lambda d: (d.priority, d.name))
+
+    def for_port(self, port: int) -> list[PayloadDissector]:
+        return [d for d in self.all() if port in d.ports]
+
+    def dissect(self, payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
+        """The first dissection of ``payload``: by the destination port's dissectors, then
+        the source port's (replies come from the well-known port), then by heuristics."""
+        if not payload:
+            return None
+        tried: set[str] = set()
+        for port in (dst_port, src_port):
+            for d in self.for_port(port):
+                tried.add(d.name)
+                info = _safely(d.dissect, payload)
+                if info is not None:
+                    return info
+        for d in self.all():
+            if d.detect is None or d.name in tried or not _safely(d.detect, payload):
+                continue
+            info = _safely(d.dissect, payload)
+            if info is not None:
+                return info
+        return None
+
+
+def _safely(fn: Callable[[bytes], T], payload: bytes) -> T | None:
+    try:
+        return fn(payload)
+    except Exception:  # see the module docstring: skip a failing dissector
+        return None
+
+
+def _as_dissectors(obj: object) -> Iterable[PayloadDissector]:
+    if callable(obj) and not isinstance(obj, PayloadDissector):
+        obj = obj()
+    if isinstance(obj, PayloadDissector):
+        return [obj]
+    items = list(obj)  # type: ignore[call-overload]
+    if not all(isinstance(d, PayloadDissector) for d in items):
+        raise TypeError("entry point must give PayloadDissector objects")
+    return items
