@@ -50,3 +50,19 @@ def test_where_wireshark_is_wrong_we_say_so() -> None:
     report = build_report(our_records(str(path)), tshark_records(str(path)))
     assert any("SEQPACKET" in what for what in report.wireshark_errors)
     assert any("flag bits" in what for what in report.wireshark_errors)
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=[str(p.relative_to(ROOT)) for p in CAPTURES])
+def test_fast_json_equals_records(path: Path) -> None:
+    """``decode --json`` uses a template fast path; it must equal the reference dicts."""
+    import json
+
+    from vsockmon.decode import decode_batches
+    from vsockmon.pcapio import open_capture
+
+    with open_capture(str(path)) as reader:
+        for fb in decode_batches(reader.batches()):
+            lines = fb.json_lines()
+            assert [json.loads(x) for x in lines] == fb.records()
+            assert lines == [json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+                             for r in fb.records()]

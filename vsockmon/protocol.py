@@ -12,7 +12,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 LINKTYPE_VSOCK = 271
 """pcap link type of vsockmon captures (``DLT_VSOCK``)."""
@@ -206,6 +206,7 @@ VIRTIO_HEADER = Header(
 assert VSOCKMON_HEADER.size == MON_HDR_LEN and VIRTIO_HEADER.size == VIRTIO_HDR_LEN
 
 
+@lru_cache(maxsize=4096)
 def enum_name(enum: type[IntEnum], value: int) -> str:
     """The member's name, or ``UNKNOWN(n)`` for a value the enum does not define."""
     try:

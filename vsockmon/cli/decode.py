@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
+from typing import TextIO
 
 import click
 
@@ -33,11 +33,10 @@ def selected(reader: CaptureReader, expr: str | None, count: int | None
             return
 
 
-def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: click.utils.LazyFile) -> None:
-    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: TextIO) -> None:
     for fb, idx in items:
-        records = fb.records()
-        out.write("\n".join(dumps(records[i]) for i in idx) + "\n")
+        lines = fb.json_lines()
+        out.write("\n".join(lines[i] for i in idx) + "\n")
 
 
 def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
