@@ -24,6 +24,9 @@ CHUNK = 4 << 20
 MAX_RECORD = 16 << 20
 """A record claiming more than this is corruption, not a packet (bounded memory)."""
 
+MAX_TS_NS = 2**63 - 1
+"""A pcapng timestamp beyond this (year 2262) is damage; clamped so columns stay int64."""
+
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
@@ -293,7 +296,7 @@ class CaptureReader:
         batch.offsets.append(data)
         batch.caplens.append(cap)
         batch.orig_lens.append(orig)
-        batch.ts_ns.append(0 if ts is None else ts * num // den)
+        batch.ts_ns.append(0 if ts is None else min(ts * num // den, MAX_TS_NS))
         batch.linktypes.append(linktype)
         return True
 
