@@ -48,6 +48,16 @@ def build(path: Path, n: int) -> None:
             port += 1
 
 
+def peak_rss_mib(cmd: list[str]) -> float:
+    """Peak resident memory of ``cmd``, measured in a wrapper so only that child counts."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout) / 1024
+
+
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,11 +91,18 @@ def main() -> None:
         scapy = [sys.executable, "-c", SCAPY_READ, str(path)]
         results = {"vsockmon decode --json": timed(vsockmon), "tshark -T fields": timed(tshark),
                    "scapy PcapReader": timed(scapy)}
+        memory = []
+        for size in (n, 4 * n):
+            build(path, size)
+            vsockmon[2] = str(path)
+            memory.append((size, peak_rss_mib(vsockmon)))
     ours = results["vsockmon decode --json"]
     print(f"{n} packets")
     print(f"{'tool':<24} {'seconds':>8} {'packets/s':>11} {'vs vsockmon':>12}")
     for tool, secs in results.items():
         print(f"{tool:<24} {secs:8.2f} {n / secs:11,.0f} {secs / ours:11.1f}x")
+    for size, mib in memory:
+        print(f"peak memory of vsockmon decode --json on {size:,} packets: {mib:.0f} MiB")
 
 
 if __name__ == "__main__":
