@@ -5,8 +5,9 @@
 # The host passes the nonce of its console markers and the path of a job file (under the
 # host's /, shared read-only over 9p as "host") on the kernel command line. The job file,
 # written by vsockmon.lab.vm.job_script, sets LAB_* variables and defines lab_command.
-# Markers (the host strips them): BOOT when init starts, EXIT:<code> when the command is
-# done, ERROR:<text> when the lab itself failed. Without a nonce (lab shell) none is printed.
+# Markers (the host strips them): BOOT when init starts, START just before the command,
+# EXIT:<code> when it is done, ERROR:<text> when the lab itself failed. Without a nonce
+# (lab shell) none is printed.
 PATH=/lab/bin
 export PATH
 
@@ -58,7 +59,7 @@ ip link set lo up
 if [ -n "$LAB_GUEST_CID" ]; then
   log=/run/vsockmon-lab/guest.log
   : > "$log"
-  qemu-system-x86_64 -M pc -accel tcg -cpu qemu64 -m 256M -smp 1 -nodefaults -no-reboot \
+  "$LAB_QEMU" -M pc -accel tcg -cpu qemu64 -m 256M -smp 1 -nodefaults -no-reboot \
     -display none -serial "file:$log" -device "vhost-vsock-pci,guest-cid=$LAB_GUEST_CID" \
     -kernel /lab/l2/vmlinux -initrd /lab/l2/initrd.img \
     -append "console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off nokaslr vsockmon_lab.port=$LAB_GUEST_PORT" \
@@ -78,6 +79,7 @@ if [ "$LAB_MODE" = shell ]; then
   rc=$?
 else
   drain
+  marker START ""
   (lab_command) < /dev/null > /dev/ttyS0 2> /dev/ttyS1
   rc=$?
 fi

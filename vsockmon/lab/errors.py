@@ -1,0 +1,11 @@
+"""The lab's error types: each carries one line the CLI prints as is."""
+
+from __future__ import annotations
+
+
+class LabError(Exception):
+    """The lab could not be built or booted; ``str(error)`` is one line for the user."""
+
+
+class LabTimeout(LabError):
+    """The command did not finish in time; qemu has been killed."""
