@@ -14,6 +14,7 @@ from vsockmon import __version__
 
 COMMANDS: dict[str, str] = {
     "decode": "vsockmon.cli.decode:decode",
+    "lab": "vsockmon.cli.lab:lab",
 }
 """Command name → ``module:attribute`` of its click command."""
 
