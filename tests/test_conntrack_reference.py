@@ -17,6 +17,7 @@ from helpers import frame, write_pcap
 from vsockmon.conntrack import (
     CLIENT,
     SERVER,
+    Close,
     Connection,
     ConnTracker,
     Event,
@@ -24,7 +25,6 @@ from vsockmon.conntrack import (
     Side,
     Stalls,
     Violation,
-    _classify,
 )
 from vsockmon.decode import decode_batches
 from vsockmon.pcapio import CaptureReader
@@ -166,8 +166,54 @@ class RefConn:
             side.violations = {k: Evidence(*self.viol[d][k])
                                for k in Violation if k in self.viol[d]}
         conn.events = tuple(self.events)
-        _classify(conn)
+        classify(conn)
         return conn
+
+
+def classify(conn: Connection) -> None:
+    """Handshake, shutdowns, resets and the close kind, read off the events one by one."""
+    closed = [False, False]
+    first_rst = last_shut = request = None
+    response_first = False
+    for ev in conn.events:
+        side = conn.sides[ev.sender]
+        if ev.op == Op.REQUEST:
+            request = ev
+            conn.request_frame = ev.frame
+        elif ev.op == Op.RESPONSE and conn.response_frame is None:
+            conn.response_frame = ev.frame
+            response_first = first_rst is None
+            if request:
+                conn.handshake_ns = ev.ts_ns - request.ts_ns
+        elif ev.op == Op.SHUTDOWN:
+            side.shutdown_flags |= ev.flags
+            side.shutdown_frame = side.shutdown_frame or ev.frame
+            if first_rst is None:
+                closed[ev.sender] |= bool(ev.flags & ShutdownFlag.SEND)
+                closed[1 - ev.sender] |= bool(ev.flags & ShutdownFlag.RCV)
+                last_shut = ev
+        elif ev.op == Op.RST:
+            side.rst_count += 1
+            side.rst_frame = side.rst_frame or ev.frame
+            first_rst = first_rst or ev
+    refused = (first_rst is not None and not all(closed) and request is not None
+               and not response_first and first_rst.sender == SERVER)
+    if first_rst is not None:
+        if all(closed):
+            conn.close = Close.GRACEFUL
+        elif refused:
+            conn.close = Close.REFUSED
+            conn.handshake_ns = first_rst.ts_ns - request.ts_ns
+        else:
+            conn.close = Close.RESET_BY_CLIENT if first_rst.sender == CLIENT \
+                else Close.RESET_BY_SERVER
+    elif last_shut is not None:
+        conn.close = Close.CLOSING if all(closed) else Close.HALF_CLOSED
+    elif request is not None and conn.response_frame is None:
+        conn.close = Close.UNANSWERED
+    end = first_rst or last_shut
+    if end is not None:
+        conn.close_frame, conn.close_by = end.frame, ("client", "server")[end.sender]
 
 
 def reference(path: Path) -> list[Connection]:
@@ -193,7 +239,7 @@ def tracked(path: Path, chunk: int) -> list[Connection]:
     with CaptureReader(str(path), chunk=chunk) as reader:
         for fb in decode_batches(reader.batches()):
             tracker.feed(fb)
-    return tracker.finish()
+    return list(tracker.finish())
 
 
 def random_capture(rng: random.Random, path: Path, n: int) -> Path:
