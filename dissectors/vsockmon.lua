@@ -123,6 +123,9 @@ local E = {
     zero_credit = ProtoExpert.new("vsockmon.zero_credit",
                                   "Zero credit: bytes in flight reach the peer's buf_alloc",
                                   expert.group.SEQUENCE, expert.severity.WARN),
+    before_response = ProtoExpert.new("vsockmon.before_response",
+                                      "Data before the connection was accepted",
+                                      expert.group.PROTOCOL, expert.severity.ERROR),
     beyond_credit = ProtoExpert.new("vsockmon.beyond_credit", "Data beyond the peer's credit",
                                     expert.group.PROTOCOL, expert.severity.ERROR),
     after_shutdown = ProtoExpert.new("vsockmon.after_shutdown", "Data after SHUTDOWN SEND",
@@ -482,13 +485,12 @@ local function ep_less(c1, p1, c2, p2)
     return c1 < c2 or (c1 == c2 and p1 < p2)
 end
 
-local function serial_newer(new, old)
-    return old == nil or ((new - old) % TWO32) < TWO32 / 2
-end
-
+-- One end of a stream. As a sender: bytes sent (RW len), the least sent-minus-consumed
+-- seen (cmin), its last credit and whether it is stalled. As a receiver: what it
+-- advertised, fwd_cnt unwrapped from u32 relative to its first advertisement.
 local function new_side()
-    return { sent = 0, base = nil, buf_alloc = nil, fwd_cnt = nil, shut_send = false,
-             shut_rcv = false }
+    return { sent = 0, cmin = nil, credit = nil, stalled = false, shut_send = false,
+             shut_rcv = false, known = false, fwd_raw = 0, fwd_unw = 0, fwd_max = 0, buf = 0 }
 end
 
 local function new_stream(h, number, ts)
@@ -500,7 +502,6 @@ local function new_stream(h, number, ts)
     local src_is_client
     if h.op == OP.REQUEST then
         src_is_client = true
-        s.side.c2s.base, s.side.s2c.base = 0, 0
     elseif h.op == OP.RESPONSE then
         src_is_client = false
     else
@@ -520,43 +521,64 @@ local function expert_add(rec, which, text)
     table.insert(rec.experts, { which, text })
 end
 
--- Credit accounting for the sender of a packet: the peer's advertised window is its latest
--- buf_alloc; bytes in flight are bytes sent minus the peer's fwd_cnt (u32 arithmetic).
+-- Credit, per direction: the sender may have at most the peer's buf_alloc bytes sent and
+-- not consumed (fwd_cnt). Exactly as `vsockmon conns` counts it: fwd_cnt is unwrapped and
+-- never moves back (a delayed packet may carry an older one), and bytes in flight are
+-- sent - consumed minus the least such value seen, so a stream whose start was not captured
+-- gets a lower bound (zero when first seen) and a REQUEST-started one the exact value.
+local CREDIT_OPS = { [OP.REQUEST] = true, [OP.RESPONSE] = true, [OP.SHUTDOWN] = true,
+                     [OP.RW] = true, [OP.CREDIT_UPDATE] = true, [OP.CREDIT_REQUEST] = true }
+
+local function advertise(side, h)
+    if side.known then
+        local delta = (h.fwd_cnt - side.fwd_raw) % TWO32
+        if delta >= TWO32 / 2 then delta = delta - TWO32 end
+        side.fwd_unw = side.fwd_unw + delta
+    end
+    side.known, side.fwd_raw, side.buf = true, h.fwd_cnt, h.buf_alloc
+    side.fwd_max = math.max(side.fwd_max, side.fwd_unw)
+end
+
+-- Bytes in flight and credit of `snd` towards `peer` after this packet, or nil.
+local function credit_of(snd, peer)
+    if not peer.known then return nil end
+    local c = snd.sent - peer.fwd_max
+    snd.cmin = math.min(snd.cmin or c, c)
+    local flight = c - snd.cmin
+    return flight, peer.buf - flight
+end
+
 local function account(s, rec, h, snd, rcv)
-    if h.op ~= OP.RST then
-        snd.buf_alloc = h.buf_alloc
-        if serial_newer(h.fwd_cnt, snd.fwd_cnt) then snd.fwd_cnt = h.fwd_cnt end
-        -- A stream joined mid-way: assume nothing of the peer's is in flight when its
-        -- consumption is first seen.
-        if rcv.base == nil then rcv.base = (h.fwd_cnt - rcv.sent) % TWO32 end
-    end
-    if h.op ~= OP.RW then return end
-    rec.seq, rec.next_seq = snd.sent, snd.sent + h.len
-    if snd.shut_send and h.len > 0 then
-        expert_add(rec, E.after_shutdown, string.format(
-            "Data after SHUTDOWN SEND: %d bytes from a side that closed its sending direction",
-            h.len))
-    end
-    local known = snd.base ~= nil and rcv.buf_alloc ~= nil and rcv.fwd_cnt ~= nil
-    local before
-    if known then
-        before = (snd.base + snd.sent - rcv.fwd_cnt) % TWO32
-        local free = rcv.buf_alloc - before
-        if h.len > free then
+    if CREDIT_OPS[h.op] then advertise(snd, h) end
+    if h.op == OP.RW then
+        rec.seq, rec.next_seq = snd.sent, snd.sent + h.len
+        if snd.shut_send then
+            expert_add(rec, E.after_shutdown, string.format(
+                "Data after SHUTDOWN SEND: %d bytes from a side that closed its sending direction",
+                h.len))
+        end
+        if s.state == "REQUESTED" then
+            expert_add(rec, E.before_response, "Data before the connection was accepted (RESPONSE)")
+        end
+        if snd.credit ~= nil and h.len > snd.credit then
             expert_add(rec, E.beyond_credit, string.format(
                 "Data beyond credit: %d bytes sent, the peer had %d of its buf_alloc %d free",
-                h.len, math.max(free, 0), rcv.buf_alloc))
+                h.len, math.max(snd.credit, 0), rcv.buf))
         end
+        snd.sent = snd.sent + h.len
     end
-    snd.sent = snd.sent + h.len
-    if known then
-        local in_flight = (snd.base + snd.sent - rcv.fwd_cnt) % TWO32
-        rec.in_flight, rec.credit = in_flight, math.max(rcv.buf_alloc - in_flight, 0)
-        if h.len > 0 and in_flight >= rcv.buf_alloc and before < rcv.buf_alloc then
+    for _, d in ipairs({ "c2s", "s2c" }) do
+        local x, peer = s.side[d], s.side[d == "c2s" and "s2c" or "c2s"]
+        local flight, credit = credit_of(x, peer)
+        x.credit = credit
+        local zero = credit ~= nil and credit <= 0
+        if zero and not x.stalled then
             expert_add(rec, E.zero_credit, string.format(
-                "Zero credit: %d bytes in flight fill the peer's buf_alloc %d",
-                in_flight, rcv.buf_alloc))
+                "Zero credit (%s): %d bytes in flight fill the peer's buf_alloc %d",
+                d, flight, peer.buf))
         end
+        x.stalled = zero
+        if x == snd and flight ~= nil then rec.in_flight, rec.credit = flight, math.max(credit, 0) end
     end
 end
 
@@ -587,10 +609,8 @@ local function transition(s, rec, h, from_client, ts, number)
             s.state = "CLOSED"
         else
             local unacked = ""
-            local peer = s.side[rec.dir == "c2s" and "s2c" or "c2s"]
-            if snd.base ~= nil and peer.fwd_cnt ~= nil then
-                local n = (snd.base + snd.sent - peer.fwd_cnt) % TWO32
-                if n > 0 then unacked = string.format(" with %d unacknowledged bytes", n) end
+            if rec.in_flight ~= nil and rec.in_flight > 0 then
+                unacked = string.format(" with %d unacknowledged bytes", rec.in_flight)
             end
             expert_add(rec, E.reset, "Connection reset without SHUTDOWN" .. unacked)
             s.state = "CLOSED"

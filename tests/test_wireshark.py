@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.decode import frames
+from vsockmon.conntrack import ConnTracker
+from vsockmon.decode import decode_batches, frames
 from vsockmon.payload import ttrpc
 from vsockmon.pcapio import CaptureError, open_capture
 from vsockmon.protocol import Op, SockType
@@ -73,6 +74,23 @@ def reference_streams(path: Path) -> list[int | None]:
     return out
 
 
+def tracker_tags(path: Path) -> list[tuple[int | None, str, str]]:
+    """Per frame: the Python tracker's stream, direction and sender's bytes in flight."""
+    tracker = ConnTracker()
+    out: list[tuple[int | None, str, str]] = []
+    with open_capture(str(path)) as reader:
+        for fb in decode_batches(reader.batches()):
+            tags = tracker.feed(fb)
+            for stream, sender, flight in zip(tags.stream.tolist(), tags.sender.tolist(),
+                                              tags.in_flight.tolist(), strict=True):
+                if stream < 0:
+                    out.append((None, "", ""))
+                    continue
+                mine = flight[sender]
+                out.append((stream, ("c2s", "s2c")[sender], str(mine) if mine >= 0 else ""))
+    return out
+
+
 def vsock_captures() -> list[Path]:
     ok = []
     for p in CAPTURES:
@@ -100,9 +118,14 @@ def test_fixtures_are_covered() -> None:
 
 
 @pytest.mark.parametrize("path", vsock_captures(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_stream_index_equals_reference(path: Path) -> None:
-    ours = [int(s) if s else None for s in column(path, "vsockmon.stream")]
+def test_stream_index_equals_reference_and_tracker(path: Path) -> None:
+    rows = fields(path, "vsockmon.stream", "vsockmon.dir", "vsockmon.in_flight")
+    ours = [int(r[0]) if r[0] else None for r in rows]
     assert ours == reference_streams(path)
+    tracked = tracker_tags(path)
+    assert ours == [t[0] for t in tracked]
+    assert [r[1] for r in rows] == [t[1] for t in tracked]
+    assert [r[2] for r in rows] == [t[2] for t in tracked]
 
 
 def test_stream_numbering_rule(tmp_path: Path) -> None:
@@ -199,10 +222,10 @@ def test_expert_credit_and_violations(tmp_path: Path) -> None:
         frame(Op.RW, b"e" * 10, src=S, dst=C, length=4),             # tap-length bug
     ])
     got = experts(pcap)
-    assert got[3] == "Zero credit: 4096 bytes in flight fill the peer's buf_alloc 4096"
+    assert got[3] == "Zero credit (c2s): 4096 bytes in flight fill the peer's buf_alloc 4096"
     assert got[5] == ("Data beyond credit: 3000 bytes sent, the peer had 2000 of its "
-                      "buf_alloc 4096 free|Zero credit: 5096 bytes in flight fill the peer's "
-                      "buf_alloc 4096")
+                      "buf_alloc 4096 free|Zero credit (c2s): 5096 bytes in flight fill the "
+                      "peer's buf_alloc 4096")
     assert got[7].startswith("Data after SHUTDOWN SEND: 1 bytes")
     assert "|Data beyond credit: 1 bytes sent, the peer had 0 of" in got[7]
     assert got[8] == ("Captured payload 10 bytes, header len 4: trust len "
@@ -211,7 +234,8 @@ def test_expert_credit_and_violations(tmp_path: Path) -> None:
     rows = fields(pcap, "vsockmon.in_flight", "vsockmon.credit", "vsockmon.seq",
                   extra=("-Y", "frame.number in {3,4,6}"))
     assert rows == [["4000", "96", "0"], ["4096", "0", "4000"], ["5096", "0", "4096"]]
-    assert column(pcap, "frame.number", extra=("-Y", "vsockmon.credit == 0")) == ["4", "6", "8"]
+    stalled = column(pcap, "frame.number", extra=("-Y", "vsockmon.credit == 0"))
+    assert stalled == ["4", "6", "7", "8"]
 
 
 def test_ttrpc_reassembly_and_method_matching(tmp_path: Path) -> None:
