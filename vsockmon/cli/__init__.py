@@ -13,6 +13,7 @@ import click
 from vsockmon import __version__
 
 COMMANDS: dict[str, str] = {
+    "conns": "vsockmon.cli.conns:conns",
     "decode": "vsockmon.cli.decode:decode",
     "lab": "vsockmon.cli.lab:lab",
 }
