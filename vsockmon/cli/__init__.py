@@ -13,6 +13,10 @@ import click
 from vsockmon import __version__
 
 COMMANDS: dict[str, str] = {
+    "capture": "vsockmon.cli.capture:capture",
+    "doctor": "vsockmon.cli.doctor:doctor",
+    "echo": "vsockmon.cli.echo:echo",
+    "link": "vsockmon.cli.link:link",
     "conns": "vsockmon.cli.conns:conns",
     "decode": "vsockmon.cli.decode:decode",
     "lab": "vsockmon.cli.lab:lab",

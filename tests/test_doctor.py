@@ -1,0 +1,114 @@
+"""``vsockmon doctor`` on the host (no vsockmon here: ✗ and a non-zero exit), its parsers on
+synthetic inputs, and the promise never to open /dev/vsock without --probe."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vsockmon import doctor, link
+
+VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
+
+
+def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VSOCKMON, "doctor", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_host_without_vsockmon_is_not_ready() -> None:
+    config, _ = link.kernel_config()
+    assert "CONFIG_VSOCKMON" not in config, "this test expects the host's kernel"
+    done = _doctor()
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    bad = next(ln for ln in lines if "CONFIG_VSOCKMON" in ln)
+    assert bad.startswith("✗ CONFIG_VSOCKMON: not set in ")
+    assert "→ fix: use a kernel built with CONFIG_VSOCKMON=" in bad
+    assert lines[0].startswith("✓ kernel: ")
+    assert any(ln.startswith("✓ CAP_NET_RAW") for ln in lines)
+    assert any(ln.startswith("- local CID: not probed") for ln in lines)
+    assert lines[-1] == "capture: NOT ready (see ✗ above)"
+    assert all(ln[:2] in ("✓ ", "✗ ", "- ") for ln in lines[:-1])
+
+
+def test_json_report() -> None:
+    done = _doctor("--json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["capture_ready"] is False
+    names = [c["name"] for c in report["checks"]]
+    for name in ("kernel", "CONFIG_VSOCKMON", "CONFIG_VHOST_VSOCK", "CONFIG_VIRTIO_VSOCKETS",
+                 "CONFIG_VSOCKETS_LOOPBACK", "modules", "CAP_NET_ADMIN", "CAP_NET_RAW",
+                 "/dev/vsock", "/dev/vhost-vsock", "vsock sockets", "qemu", "libvirt"):
+        assert name in names
+    vsockmon = next(c for c in report["checks"] if c["name"] == "CONFIG_VSOCKMON")
+    assert vsockmon["status"] == "fail" and vsockmon["prereq"] is True
+
+
+def test_checks_never_open_dev_vsock(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(path, *a, **kw):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    def spy_os_open(path, *a, **kw):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        assert "vsock" not in str(path), "doctor opened a vsock device"
+        return real_os_open(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(os, "open", spy_os_open)
+    checks = doctor.run_checks(probe=False)
+    assert checks and not [p for p in opened if p.startswith("/dev/")]
+
+
+def test_parsers() -> None:
+    assert doctor.parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg)") == (7, 2)
+    assert doctor.parse_version("6.1.0-56-amd64") == (6, 1)
+    mods = "vsockmon 16384 0 - Live 0x0\nvsock 53248 3 vsock_loopback,vsock_diag, Live 0x0\n"
+    assert doctor.parse_modules(mods) == {"vsockmon": 0, "vsock": 3}
+    xml = ("<domain><name>g</name><devices><vsock model='virtio'>"
+           "<cid auto='no' address='42'/></vsock></devices></domain>")
+    assert doctor.parse_vsock_cids(xml) == [42]
+    assert doctor.parse_vsock_cids("<domain><devices/></domain>") == []
+    assert doctor.parse_vsock_cids("not xml") == []
+
+
+def _nlmsg(kind: int, body: bytes) -> bytes:
+    msg = struct.pack("=IHHII", 16 + len(body), kind, 2, 1, 0) + body
+    return msg + b"\0" * (-len(msg) % 4)
+
+
+def test_sock_diag_replies_are_parsed() -> None:
+    listen = doctor.VSOCK_DIAG_MSG.pack(socket.AF_VSOCK, socket.SOCK_STREAM, 10, 0,
+                                        0xFFFFFFFF, 9999, 0, 0, 1234, b"")
+    conn = doctor.VSOCK_DIAG_MSG.pack(socket.AF_VSOCK, socket.SOCK_SEQPACKET, 1, 0,
+                                      1, 40000, 1, 9999, 1235, b"")
+    data = _nlmsg(20, listen) + _nlmsg(20, conn) + _nlmsg(3, b"\0" * 4)
+    found, code, done = doctor.parse_diag_messages(data)
+    assert done and code is None
+    assert found[0] == doctor.VsockSocket("stream", "listening", (0xFFFFFFFF, 9999), (0, 0),
+                                          1234)
+    assert (found[1].type, found[1].state, found[1].remote) == ("seqpacket", "established",
+                                                                (1, 9999))
+    err = _nlmsg(2, struct.pack("=i", -2) + b"\0" * 16)
+    assert doctor.parse_diag_messages(err) == ([], 2, False)
+
+
+def test_check_lines() -> None:
+    check = doctor.Check("CAP_NET_RAW", doctor.FAIL, "missing", "run as root", prereq=True)
+    assert check.line() == "✗ CAP_NET_RAW: missing  → fix: run as root"
+    assert doctor.Check("x", doctor.OK, "fine", "unused").line() == "✓ x: fine"
+    assert not doctor.capture_ready([check])
+    assert doctor.capture_ready([doctor.Check("x", doctor.FAIL, "not needed")])

@@ -1,0 +1,357 @@
+"""Checks of what a vsock capture needs on this machine, each with the command that fixes it.
+
+Reads /proc, /sys, /boot and /dev (``stat`` only: /dev/vsock belongs to the machine's
+infrastructure and is opened only with ``probe=True``, for the local CID). Runs
+``qemu-system-* --version`` and read-only ``virsh`` when present, and asks the kernel for open
+vsock sockets over NETLINK_SOCK_DIAG. Parsers are separate functions that take text, so they
+are tested without the machine they describe.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from vsockmon import link
+
+OK, FAIL, INFO = "ok", "fail", "info"
+SYMBOLS = {OK: "✓", FAIL: "✗", INFO: "-"}
+VSOCK_MODULES = ("vsock", "vsock_loopback", "vmw_vsock_virtio_transport",
+                 "vmw_vsock_virtio_transport_common", "vhost_vsock", "vsock_diag", "vsockmon")
+MIN_KERNEL = (4, 12)
+"""vsockmon (and CONFIG_VSOCKMON) appeared in Linux 4.12."""
+MIN_QEMU = (2, 8)
+"""vhost-vsock-pci appeared in QEMU 2.8."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report. ``prereq`` checks decide the exit status."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str | None = None
+    prereq: bool = False
+
+    def line(self) -> str:
+        text = f"{SYMBOLS[self.status]} {self.name}: {self.detail}"
+        if self.fix and self.status != OK:
+            text += f"  → fix: {self.fix}"
+        return text
+
+
+# -- parsers (pure) ----------------------------------------------------------------------------
+
+
+def parse_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of the first ``N.M`` in ``text``."""
+    m = re.search(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def parse_modules(text: str) -> dict[str, int]:
+    """/proc/modules → module name → reference count."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            out[parts[0]] = int(parts[2]) if parts[2].isdigit() else 0
+    return out
+
+
+def parse_vsock_cids(xml_text: str) -> list[int]:
+    """CIDs of the ``<vsock><cid address=…/>`` devices in a libvirt domain XML."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return []
+    cids = []
+    for cid in root.iterfind("./devices/vsock/cid"):
+        address = cid.get("address")
+        if address and address.isdigit():
+            cids.append(int(address))
+    return cids
+
+
+VSOCK_DIAG_MSG = struct.Struct("=BBBBIIIII8s")
+"""struct vsock_diag_msg: family, type, state, shutdown, src cid/port, dst cid/port, inode."""
+SOCK_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
+              socket.SOCK_SEQPACKET: "seqpacket"}
+TCP_STATES = {1: "established", 2: "connecting", 7: "closed", 10: "listening", 11: "closing"}
+
+
+@dataclass(frozen=True)
+class VsockSocket:
+    type: str
+    state: str
+    local: tuple[int, int]
+    remote: tuple[int, int]
+    inode: int
+
+
+def parse_diag_messages(data: bytes) -> tuple[list[VsockSocket], int | None, bool]:
+    """Sockets in a NETLINK_SOCK_DIAG reply, the errno of an NLMSG_ERROR (or None), and
+    whether NLMSG_DONE was seen."""
+    sockets, pos = [], 0
+    while pos + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, pos)
+        if length < 16:
+            break
+        if kind == 3:  # NLMSG_DONE
+            return sockets, None, True
+        if kind == 2:  # NLMSG_ERROR: a negative errno
+            code = -struct.unpack_from("=i", data, pos + 16)[0]
+            return sockets, code or None, code == 0
+        if length >= 16 + VSOCK_DIAG_MSG.size:
+            (_fam, stype, state, _shut, scid, sport, dcid, dport, ino,
+             _cookie) = VSOCK_DIAG_MSG.unpack_from(data, pos + 16)
+            sockets.append(VsockSocket(SOCK_TYPES.get(stype, str(stype)),
+                                       TCP_STATES.get(state, str(state)),
+                                       (scid, sport), (dcid, dport), ino))
+        pos += (length + 3) & ~3
+    return sockets, None, False
+
+
+def vsock_sockets() -> list[VsockSocket]:
+    """Open vsock sockets, as the kernel's vsock_diag reports them (raises OSError)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG
+    try:
+        sock.settimeout(5)
+        req = struct.pack("=BBHIII8s", socket.AF_VSOCK, 0, 0, 0xFFFFFFFF, 0, 0, b"")
+        hdr = struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0)  # BY_FAMILY, REQUEST|DUMP
+        sock.sendto(hdr + req, (0, 0))
+        found: list[VsockSocket] = []
+        while True:
+            more, code, done = parse_diag_messages(sock.recv(65536))
+            found += more
+            if code:
+                raise OSError(code, os.strerror(code))
+            if done:
+                return found
+    finally:
+        sock.close()
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def check_kernel() -> Check:
+    release = link.kernel_release()
+    version = parse_version(release)
+    if version is not None and version < MIN_KERNEL:
+        return Check("kernel", FAIL, f"{release}: vsockmon needs Linux >= 4.12",
+                     "boot a newer kernel", prereq=True)
+    return Check("kernel", OK, release)
+
+
+_CONFIG_ROLES = {
+    "CONFIG_VSOCKMON": "vsockmon tap device (capture)",
+    "CONFIG_VHOST_VSOCK": "host side of QEMU/KVM guests (vhost-vsock)",
+    "CONFIG_VIRTIO_VSOCKETS": "guest side (virtio-vsock driver)",
+    "CONFIG_VSOCKETS_LOOPBACK": "local loopback, CID 1",
+}
+
+
+def check_configs(modules: dict[str, int] | None) -> Iterator[Check]:
+    config, source = link.kernel_config()
+    module_of = {"CONFIG_VSOCKMON": "vsockmon", "CONFIG_VHOST_VSOCK": "vhost_vsock",
+                 "CONFIG_VIRTIO_VSOCKETS": "vmw_vsock_virtio_transport",
+                 "CONFIG_VSOCKETS_LOOPBACK": "vsock_loopback"}
+    for option, role in _CONFIG_ROLES.items():
+        prereq = option == "CONFIG_VSOCKMON"
+        value = config.get(option)
+        mod = module_of[option]
+        loaded = modules is not None and mod in modules
+        if value in ("y", "m"):
+            how = "built in" if value == "y" else ("module, loaded" if loaded
+                                                   else "module, not loaded")
+            yield Check(option, OK, f"{value} ({how}): {role}")
+        elif source is not None:
+            yield Check(option, FAIL if prereq else INFO,
+                        f"not set in {source}: no {role}",
+                        f"use a kernel built with {option}={'m' if modules is not None else 'y'}",
+                        prereq)
+        elif loaded or link.module_available(mod):
+            yield Check(option, OK, f"module {mod} {'loaded' if loaded else 'available'} "
+                                    f"(kernel config not readable): {role}")
+        else:
+            yield Check(option, FAIL if prereq else INFO,
+                        f"unknown (no /boot/config-{link.kernel_release()} or "
+                        f"/proc/config.gz) and module {mod} not found: {role}",
+                        f"modprobe {mod}", prereq)
+
+
+def check_modules(modules: dict[str, int] | None) -> Check:
+    if modules is None:
+        return Check("modules", INFO, "this kernel has no loadable modules (all built in)")
+    present = [m for m in VSOCK_MODULES if m in modules]
+    return Check("modules", INFO, "loaded: " + (", ".join(present) if present else
+                                                 "no vsock modules"))
+
+
+def check_devices() -> Iterator[Check]:
+    for path, present, absent, fix in (
+        ("/dev/vsock", "present: vsock sockets work here",
+         "absent: no vsock transport loaded", "modprobe vsock_loopback (or a virtio/vhost one)"),
+        ("/dev/vhost-vsock", "present: QEMU guests here can get a vsock device",
+         "absent: this machine cannot give QEMU guests vsock", "modprobe vhost_vsock"),
+    ):
+        exists = os.path.exists(path)  # stat only: never open these here
+        yield Check(path, OK if exists else INFO, present if exists else absent, fix)
+
+
+def check_local_cid(probe: bool) -> Check:
+    if not probe:
+        return Check("local CID", INFO, "not probed (--probe opens /dev/vsock to ask)")
+    import fcntl
+
+    try:
+        fd = os.open("/dev/vsock", os.O_RDONLY)
+    except OSError as e:
+        return Check("local CID", INFO, f"cannot open /dev/vsock: {e.strerror}")
+    try:
+        raw = fcntl.ioctl(fd, socket.IOCTL_VM_SOCKETS_GET_LOCAL_CID, bytes(4))
+    except OSError as e:
+        return Check("local CID", INFO, f"ioctl failed: {e.strerror}")
+    finally:
+        os.close(fd)
+    cid = struct.unpack("=I", raw)[0]
+    return Check("local CID", OK, f"{cid} ({link_cid_role(cid)})")
+
+
+def link_cid_role(cid: int) -> str:
+    return {0: "hypervisor", 1: "local", 2: "host"}.get(cid, "guest")
+
+
+def check_capabilities() -> Iterator[Check]:
+    caps = link.capabilities()
+    for cap, name, why in ((link.CAP_NET_ADMIN, "CAP_NET_ADMIN", "create the vsockmon link"),
+                           (link.CAP_NET_RAW, "CAP_NET_RAW", "read it (packet socket)")):
+        have = link.has_capability(cap, caps)
+        yield Check(name, OK if have else FAIL,
+                    f"{'present' if have else 'missing'}: needed to {why}",
+                    "run as root (sudo vsockmon …), or add the capability to the container",
+                    prereq=True)
+
+
+def check_packet_sockets() -> Check:
+    if os.path.exists("/proc/net/packet"):
+        return Check("AF_PACKET", OK, "packet sockets available")
+    return Check("AF_PACKET", FAIL, "no packet sockets (CONFIG_PACKET)", "modprobe af_packet",
+                 prereq=True)
+
+
+def check_link(name: str = link.DEFAULT_LINK) -> Check:
+    kind = _read(f"/sys/class/net/{name}/type")
+    marker = link.read_marker(name)
+    if kind is None:
+        return Check(name, INFO, "absent (vsockmon capture creates it)")
+    if int(kind) != 826:
+        return Check(name, FAIL, f"exists but is not a vsockmon link (type {kind.strip()})",
+                     "capture with another name: vsockmon capture -i vsockmon1", prereq=True)
+    if marker is not None and not marker.running:
+        return Check(name, FAIL, f"left behind by pid {marker.pid} (not running)",
+                     f"vsockmon link down -i {name}")
+    return Check(name, OK, "present")
+
+
+def check_qemu() -> Check:
+    binaries = [b for b in ("qemu-system-x86_64", "qemu-system-aarch64", "qemu-kvm")
+                if shutil.which(b)]
+    if not binaries:
+        return Check("qemu", INFO, "not installed (only needed to run guests here)")
+    out = _run([binaries[0], "--version"]) or ""
+    version = parse_version(out.partition("version")[2] or out)
+    if version is None:
+        return Check("qemu", INFO, f"{binaries[0]}: version unknown")
+    text = f"{binaries[0]} {version[0]}.{version[1]}"
+    if version < MIN_QEMU:
+        return Check("qemu", FAIL, f"{text}: vhost-vsock-pci needs >= 2.8", "upgrade qemu")
+    return Check("qemu", OK, f"{text} (vhost-vsock-pci: -device vhost-vsock-pci,guest-cid=N)")
+
+
+def check_libvirt() -> Check:
+    if not shutil.which("virsh"):
+        return Check("libvirt", INFO, "virsh not installed")
+    names = _run(["virsh", "-r", "list", "--all", "--name"])
+    if names is None:
+        return Check("libvirt", INFO, "virsh cannot list domains (libvirtd not running?)")
+    found = []
+    for name in filter(None, (n.strip() for n in names.splitlines())):
+        cids = parse_vsock_cids(_run(["virsh", "-r", "dumpxml", name]) or "")
+        found += [f"{name}={cid}" for cid in cids]
+    return Check("libvirt", INFO, "guests with <vsock>: " + (", ".join(found) or "none"))
+
+
+def check_sockets() -> Check:
+    try:
+        found = vsock_sockets()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
+            return Check("vsock sockets", INFO,
+                         "vsock_diag not available (CONFIG_VSOCKETS_DIAG)", "modprobe vsock_diag")
+        return Check("vsock sockets", INFO, f"sock_diag failed: {e.strerror or e}")
+    listening = sorted({f"{s.type}:{s.local[1]}" for s in found if s.state == "listening"})
+    connected = sum(s.state == "established" for s in found)
+    text = f"{len(found)} open, {connected} connected"
+    if listening:
+        text += ", listening: " + " ".join(listening)
+    return Check("vsock sockets", OK, text)
+
+
+def run_checks(probe: bool = False) -> list[Check]:
+    """All checks, in report order."""
+    modules_text = _read("/proc/modules")
+    modules = parse_modules(modules_text) if modules_text is not None else None
+    steps: list[Callable[[], Check | Iterator[Check]]] = [
+        check_kernel,
+        lambda: check_configs(modules),
+        lambda: check_modules(modules),
+        check_capabilities,
+        check_packet_sockets,
+        check_link,
+        check_devices,
+        lambda: check_local_cid(probe),
+        check_sockets,
+        check_qemu,
+        check_libvirt,
+    ]
+    out: list[Check] = []
+    for step in steps:
+        result = step()
+        out += [result] if isinstance(result, Check) else list(result)
+    return out
+
+
+def capture_ready(checks: list[Check]) -> bool:
+    return not any(c.prereq and c.status == FAIL for c in checks)
+
+
+def as_dict(checks: list[Check]) -> dict[str, object]:
+    return {"capture_ready": capture_ready(checks), "checks": [asdict(c) for c in checks]}

@@ -1,0 +1,419 @@
+"""An echo server and a measuring echo client over vsock: traffic to capture and to test with.
+
+The client sends messages whose every byte is known (:func:`message`), checks that each comes
+back unchanged, and measures throughput, messages per second and round-trip latency. The
+server echoes STREAM bytes, SEQPACKET messages and DGRAM datagrams for many clients at once
+(a thread each), survives peers that vanish mid-message, and can read slowly
+(``read_delay``) or with a small buffer to provoke credit stalls for fixtures.
+
+Stays cheap to import (stdlib only): in the lab VM every import costs seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+VMADDR_CID_ANY = 0xFFFFFFFF
+TYPES = {
+    "stream": socket.SOCK_STREAM,
+    "seqpacket": socket.SOCK_SEQPACKET,
+    "dgram": socket.SOCK_DGRAM,
+}
+MAX_MESSAGE = 1 << 20
+"""Largest SEQPACKET message or datagram the server echoes whole."""
+_PATTERN_PERIOD = 251  # prime: consecutive messages start at different pattern offsets
+
+
+class EchoError(Exception):
+    """A failure to report in one line (no vsock, refused connection, bad echo …)."""
+
+
+def message(worker: int, index: int, size: int) -> bytes:
+    """The bytes of message ``index`` of connection ``worker``: a shifted 0…250 ramp, so a
+    lost, repeated or reordered chunk shows, and tests can rebuild every sent byte."""
+    start = (worker * 7919 + index) % _PATTERN_PERIOD
+    reps = (start + size) // _PATTERN_PERIOD + 1
+    return (bytes(range(_PATTERN_PERIOD)) * reps)[start:start + size]
+
+
+def open_socket(kind: str) -> socket.socket:
+    """An AF_VSOCK socket of ``kind`` (stream, seqpacket, dgram), with one-line errors."""
+    try:
+        return socket.socket(socket.AF_VSOCK, TYPES[kind])
+    except OSError as e:
+        if e.errno == errno.ENODEV and kind == "dgram":
+            raise EchoError("this kernel has no vsock datagram transport: socket(AF_VSOCK, "
+                            "SOCK_DGRAM) failed with ENODEV; use --type stream or seqpacket"
+                            ) from None
+        if e.errno in (errno.EAFNOSUPPORT, errno.ENODEV):
+            raise EchoError(f"no vsock {kind} support here ({e.strerror}): load vsock and a "
+                            "transport (vsock_loopback, vmw_vsock_virtio_transport, "
+                            "vhost_vsock)") from None
+        raise EchoError(f"cannot create a vsock {kind} socket: {e.strerror}") from None
+
+
+def set_buffer_size(sock: socket.socket, size: int) -> None:
+    """Set the receive buffer (SO_VM_SOCKETS_BUFFER_SIZE) — what the peer sees as buf_alloc.
+
+    The kernel clamps the size into [MIN, MAX], so widen those first.
+    """
+    level = socket.AF_VSOCK
+    try:
+        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE,
+                        max(size, _get_u64(sock, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE)
+                            ).to_bytes(8, "little"))
+        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MIN_SIZE,
+                        min(size, _get_u64(sock, socket.SO_VM_SOCKETS_BUFFER_MIN_SIZE)
+                            ).to_bytes(8, "little"))
+        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_SIZE, size.to_bytes(8, "little"))
+    except OSError as e:
+        raise EchoError(f"cannot set the vsock buffer size to {size}: {e.strerror}") from None
+
+
+def _get_u64(sock: socket.socket, opt: int) -> int:
+    return int.from_bytes(sock.getsockopt(socket.AF_VSOCK, opt, 8), "little")
+
+
+def addr_text(cid: int, port: int) -> str:
+    return f"{'ANY' if cid == VMADDR_CID_ANY else cid}:{port}"
+
+
+# -- server ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    active: int = 0
+    bytes: int = 0
+    messages: int = 0
+    resets: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"connections": self.connections, "bytes": self.bytes,
+                "messages": self.messages, "resets": self.resets}
+
+
+class EchoServer:
+    """Echoes everything back. Bind and listen in the constructor (errors surface at once),
+    then :meth:`serve` until :meth:`close` or an exception (KeyboardInterrupt) in the caller.
+    """
+
+    def __init__(self, port: int, kind: str = "stream", cid: int = VMADDR_CID_ANY,
+                 buffer_size: int | None = None, read_delay: float = 0.0,
+                 sock: socket.socket | None = None) -> None:
+        self.kind, self.read_delay = kind, read_delay
+        self.stats = ServerStats()
+        if sock is not None:  # already bound and listening (the tests' AF_UNIX sockets)
+            self.sock, self.port = sock, port
+            return
+        self.sock = open_socket(kind)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if buffer_size is not None:
+                set_buffer_size(self.sock, buffer_size)  # accepted sockets inherit it
+            self.sock.bind((cid, port))
+            if kind != "dgram":
+                self.sock.listen(128)
+        except OSError as e:
+            self.sock.close()
+            raise EchoError(f"cannot listen on vsock {addr_text(cid, port)} ({kind}): "
+                            f"{e.strerror}") from None
+        except EchoError:
+            self.sock.close()
+            raise
+        self.port = self.sock.getsockname()[1]
+
+    def serve(self) -> None:
+        if self.kind == "dgram":
+            self._serve_datagrams()
+            return
+        while True:
+            try:
+                conn, _peer = self.sock.accept()
+            except OSError as e:
+                if self.sock.fileno() < 0:  # closed by close()
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EINTR):
+                    continue
+                raise EchoError(f"accept failed: {e.strerror}") from None
+            with self.stats.lock:
+                self.stats.connections += 1
+                self.stats.active += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        buf = bytearray(MAX_MESSAGE)
+        view = memoryview(buf)
+        seqpacket = self.kind == "seqpacket"
+        total = msgs = 0
+        try:
+            while True:
+                if self.read_delay:
+                    time.sleep(self.read_delay)
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                if seqpacket:
+                    conn.send(view[:n])
+                else:
+                    conn.sendall(view[:n])
+                total += n
+                msgs += 1
+        except OSError:  # reset, broken pipe, timeout: the peer went away abruptly
+            with self.stats.lock:
+                self.stats.resets += 1
+        finally:
+            conn.close()
+            with self.stats.lock:
+                self.stats.active -= 1
+                self.stats.bytes += total
+                self.stats.messages += msgs
+
+    def _serve_datagrams(self) -> None:
+        buf = bytearray(MAX_MESSAGE)
+        while True:
+            try:
+                n, peer = self.sock.recvfrom_into(buf)
+                self.sock.sendto(memoryview(buf)[:n], peer)
+            except OSError:
+                if self.sock.fileno() < 0:
+                    return
+                continue
+            with self.stats.lock:
+                self.stats.bytes += n
+                self.stats.messages += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- client ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientOptions:
+    cid: int
+    port: int
+    kind: str = "stream"
+    count: int | None = None
+    """Messages in total over all connections (None: until ``duration``)."""
+    size: int = 64
+    concurrency: int = 1
+    duration: float | None = None
+    rate: float | None = None
+    """Messages per second over all connections (None: as fast as possible)."""
+    buffer_size: int | None = None
+    timeout: float = 10.0
+    eor: bool = False
+    """SEQPACKET: send with MSG_EOR (the packets then also carry SEQ_EOR)."""
+
+
+@dataclass
+class WorkerResult:
+    messages: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    mismatches: int = 0
+    error: str | None = None
+
+
+@dataclass
+class ClientReport:
+    options: ClientOptions
+    seconds: float
+    results: list[WorkerResult]
+
+    @property
+    def messages(self) -> int:
+        return sum(r.messages for r in self.results)
+
+    @property
+    def mismatches(self) -> int:
+        return sum(r.mismatches for r in self.results)
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.results if r.error]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.mismatches and self.messages > 0
+
+    def as_dict(self) -> dict[str, object]:
+        lat = sorted(x for r in self.results for x in r.latencies_ns)
+        sent = self.messages * self.options.size
+        secs = self.seconds or 1e-9
+        return {
+            "type": self.options.kind,
+            "cid": self.options.cid,
+            "port": self.options.port,
+            "connections": self.options.concurrency,
+            "size": self.options.size,
+            "messages": self.messages,
+            "bytes": sent,
+            "seconds": round(self.seconds, 6),
+            "mb_per_s": round(sent / secs / 1e6, 3),
+            "msgs_per_s": round(self.messages / secs, 1),
+            "latency_us": {
+                "p50": _percentile_us(lat, 50),
+                "p99": _percentile_us(lat, 99),
+                "max": round(lat[-1] / 1000, 1) if lat else None,
+            },
+            "verified": self.mismatches == 0 and self.messages > 0,
+            "mismatches": self.mismatches,
+            "errors": self.errors,
+        }
+
+
+def _percentile_us(sorted_ns: list[int], pct: float) -> float | None:
+    """Nearest-rank percentile (no statistics import: it is slow to import in the lab)."""
+    if not sorted_ns:
+        return None
+    rank = max(1, -(-len(sorted_ns) * pct // 100))
+    return round(sorted_ns[int(rank) - 1] / 1000, 1)
+
+
+def connect_vsock(opts: ClientOptions) -> socket.socket:
+    """A socket connected to ``opts.cid:opts.port``, with one-line errors."""
+    sock = open_socket(opts.kind)
+    try:
+        if opts.buffer_size is not None:
+            set_buffer_size(sock, opts.buffer_size)
+        sock.settimeout(opts.timeout)
+        sock.connect((opts.cid, opts.port))
+    except OSError as e:
+        sock.close()
+        where = addr_text(opts.cid, opts.port)
+        if e.errno == errno.ECONNRESET:
+            raise EchoError(f"connect to {where}: reset (nothing listens there, or not with "
+                            f"type {opts.kind})") from None
+        if isinstance(e, TimeoutError) or e.errno == errno.ETIMEDOUT:
+            raise EchoError(f"connect to {where}: timed out (is the peer's transport up?)"
+                            ) from None
+        raise EchoError(f"connect to {where}: {e.strerror or e}") from None
+    except EchoError:
+        sock.close()
+        raise
+    return sock
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, size: int) -> None:
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:size])
+        if not n:
+            raise EchoError(f"the server closed the connection after {got} of {size} bytes")
+        got += n
+
+
+Connect = Callable[[ClientOptions], socket.socket]
+
+
+def _run_worker(worker: int, opts: ClientOptions, connect: Connect, quota: int | None,
+                deadline: float | None, result: WorkerResult) -> None:
+    size = opts.size
+    buf = bytearray(max(size, 1) + 1)
+    view = memoryview(buf)
+    interval = opts.concurrency / opts.rate if opts.rate else 0.0
+    stream = opts.kind == "stream"
+    flags = socket.MSG_EOR if opts.eor else 0
+    clock = time.perf_counter_ns
+    try:
+        sock = connect(opts)
+    except EchoError as e:
+        result.error = str(e)
+        return
+    try:
+        next_at = time.monotonic()
+        index = 0
+        while quota is None or index < quota:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if interval:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                next_at += interval
+            msg = message(worker, index, size)
+            t0 = clock()
+            if stream:
+                sock.sendall(msg)
+                _recv_exact(sock, view, size)
+                same = buf[:size] == msg
+            else:
+                sock.send(msg, flags)
+                n = sock.recv_into(buf)
+                same = n == size and buf[:n] == msg
+            result.latencies_ns.append(clock() - t0)
+            if not same:
+                result.mismatches += 1
+            result.messages += 1
+            index += 1
+        _close_cleanly(sock, stream)
+    except (OSError, EchoError) as e:
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        result.error = f"connection {worker}: {text} after {result.messages} messages"
+    finally:
+        sock.close()
+
+
+def _close_cleanly(sock: socket.socket, stream: bool) -> None:
+    """Half-close and wait for the server's EOF, so both sides see an orderly SHUTDOWN."""
+    if not stream:
+        return
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(4096):
+        pass
+
+
+def run_client(opts: ClientOptions, connect: Connect = connect_vsock) -> ClientReport:
+    """Run ``opts.concurrency`` connections at once and collect what they measured."""
+    if opts.size < 1:
+        raise EchoError("--size must be at least 1")
+    if opts.count is None and opts.duration is None:
+        opts.count = 10
+    if opts.kind == "dgram" and connect is connect_vsock:
+        open_socket("dgram").close()  # the kernel's answer, in one line, before threads
+    quotas: list[int | None] = [None] * opts.concurrency
+    if opts.count is not None:
+        base, extra = divmod(opts.count, opts.concurrency)
+        quotas = [base + (i < extra) for i in range(opts.concurrency)]
+    results = [WorkerResult() for _ in range(opts.concurrency)]
+    start = time.monotonic()
+    deadline = start + opts.duration if opts.duration else None
+    threads = [threading.Thread(target=_run_worker, daemon=True,
+                                args=(i, opts, connect, quotas[i], deadline, results[i]))
+               for i in range(opts.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    return ClientReport(opts, time.monotonic() - start, results)
+
+
+def format_report(report: ClientReport) -> str:
+    """The measurements as a small aligned table."""
+    d = report.as_dict()
+    lat = d["latency_us"]
+    rows = [
+        ("type", d["type"]),
+        ("peer", f"{d['cid']}:{d['port']}"),
+        ("connections", d["connections"]),
+        ("messages", f"{d['messages']} x {d['size']} B"),
+        ("seconds", f"{d['seconds']:.3f}"),
+        ("throughput", f"{d['mb_per_s']:.3f} MB/s each way"),
+        ("rate", f"{d['msgs_per_s']:.1f} msgs/s"),
+        ("latency p50", f"{lat['p50']} µs"),  # type: ignore[index]
+        ("latency p99", f"{lat['p99']} µs"),  # type: ignore[index]
+        ("verified", "yes, every byte" if d["verified"] else f"NO ({d['mismatches']} bad)"),
+    ]
+    rows += [("error", e) for e in report.errors]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
