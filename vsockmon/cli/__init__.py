@@ -13,6 +13,9 @@ import click
 from vsockmon import __version__
 
 COMMANDS: dict[str, str] = {
+    "timeline": "vsockmon.cli.timeline:timeline",
+    "stats": "vsockmon.cli.stats:stats",
+    "follow": "vsockmon.cli.follow:follow",
     "capture": "vsockmon.cli.capture:capture",
     "doctor": "vsockmon.cli.doctor:doctor",
     "echo": "vsockmon.cli.echo:echo",

@@ -79,6 +79,12 @@ def analyse(path: str, *visitors: Visitor) -> Analysis:
                     first, last)
 
 
+def check_output(path: str | None, force: bool) -> None:
+    """Refuse an existing output file before the analysis, not after minutes of it."""
+    if path and path != "-" and not force and os.path.exists(path):
+        raise click.ClickException(f"{path}: exists; use --force to overwrite")
+
+
 def write_output(path: str, data: bytes, force: bool) -> None:
     """Write a report file, refusing to replace one without ``--force``."""
     from vsockmon.pcapio import create_output

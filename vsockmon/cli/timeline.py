@@ -1,0 +1,72 @@
+"""``vsockmon timeline``: ladder diagrams of connections, in the terminal, HTML or PNG."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import click
+
+from vsockmon import timeline as tl
+from vsockmon.cli.analysis import analyse, check_output, write_output
+from vsockmon.conntrack import StreamRows
+
+
+@click.command()
+@click.argument("file", metavar="FILE")
+@click.option("--conn", "streams", type=click.IntRange(min=0), multiple=True, metavar="N",
+              help="Stream to draw (repeatable); default: the first --limit streams.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Streams drawn when --conn is not given.")
+@click.option("--max-rows", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Packets drawn per connection (the first and last halves beyond that).")
+@click.option("--html", "html_out", metavar="OUT",
+              help="Write one self-contained HTML page: sequence diagrams and credit plots.")
+@click.option("--png", "png_out", metavar="OUT", help="Write a PNG (matplotlib).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
+             html_out: str | None, png_out: str | None, force: bool) -> None:
+    """Draw connections as ladders: arrows between client and server with relative time,
+    op, length and credit, and a plot of bytes in flight against the peer's buffer.
+
+    \b
+    Examples:
+      vsockmon timeline capture.pcap --conn 0
+      vsockmon timeline capture.pcap --conn 3 --html conn3.html
+      vsockmon timeline capture.pcap --png timeline.png --limit 2
+    """
+    for out in (html_out, png_out):
+        check_output(out, force)
+    rows = StreamRows(streams or None, first=limit)
+    analysis = analyse(file, rows)
+    table = analysis.table
+    missing = [s for s in streams if s >= len(table)]
+    if missing:
+        raise click.ClickException(f"{analysis.name}: no stream {missing[0]} "
+                                   f"(streams 0-{len(table) - 1})" if len(table)
+                                   else f"{analysis.name}: no connection in this capture")
+    chosen = list(streams) if streams else list(range(min(limit, len(table))))
+    ladders = [tl.ladder(table[s], rows.columns(s)) for s in chosen]
+    notes = []
+    if not streams and len(table) > limit:
+        notes.append(f"the first {limit} of {len(table)} connections; use --conn or --limit")
+    if html_out:
+        page = tl.html_page(f"vsockmon timeline — {analysis.name}", ladders, max_rows, notes)
+        write_output(html_out, page.encode(), force)
+    if png_out:
+        buf = io.BytesIO()
+        tl.figure(ladders, min(max_rows, 40)).savefig(buf, format="png")
+        write_output(png_out, buf.getvalue(), force)
+    if html_out or png_out:
+        return
+    style = click.style if sys.stdout.isatty() else None
+    try:
+        for lad in ladders:
+            click.echo("\n".join(tl.text_lines(lad, max_rows, style)) + "\n")
+        for note in notes:
+            click.echo(note, err=True)
+        if not ladders:
+            click.echo("no connection in this capture", err=True)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        sys.stderr.close()
