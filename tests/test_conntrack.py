@@ -1,0 +1,271 @@
+"""Connection tracking on synthetic captures: streams, roles, closes, messages, credit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conntrack_scenarios import MS, Conv, echo_capture, write
+from helpers import T0, frame
+
+from vsockmon.conntrack import (
+    CLIENT,
+    RECORD_FIELDS,
+    SERVER,
+    Close,
+    ConnTable,
+    ConnTracker,
+    StreamRows,
+    Violation,
+    track,
+)
+from vsockmon.decode import decode_batches
+from vsockmon.pcapio import CaptureReader
+from vsockmon.protocol import Op, ShutdownFlag, SockType
+
+
+def analyse(path: Path, chunk: int = 1 << 20) -> ConnTable:
+    with CaptureReader(str(path), chunk=chunk) as reader:
+        return track(decode_batches(reader.batches()))
+
+
+@pytest.fixture
+def echo(tmp_path: Path) -> ConnTable:
+    return analyse(echo_capture(tmp_path / "echo.pcap"))
+
+
+def test_every_connection_found_with_its_close(echo: ConnTable) -> None:
+    got = [(c.stream, c.type_name, c.client.addr, c.server.addr, c.close) for c in echo]
+    assert got == [
+        (0, "STREAM", "1:50000", "1:1234", Close.GRACEFUL),
+        (1, "STREAM", "1:50000", "1:1234", Close.RESET_BY_SERVER),
+        (2, "STREAM", "1:50001", "1:5999", Close.REFUSED),
+        (3, "SEQPACKET", "3:60000", "2:5002", Close.GRACEFUL),
+        (4, "STREAM", "1:50002", "1:5006", Close.HALF_CLOSED),
+        (5, "STREAM", "3:50003", "2:1024", Close.UNANSWERED),
+        (6, "STREAM", "2:1500000", "3:5007", Close.OPEN),
+    ]
+
+
+def test_counts_bytes_packets_and_key_frames(echo: ConnTable) -> None:
+    c = echo[0]
+    assert (c.client.bytes, c.server.bytes) == (12, 12)
+    assert (c.client.packets, c.server.packets) == (4, 5)
+    assert (c.client.rw_packets, c.client.credit_updates) == (1, 1)
+    assert (c.request_frame, c.response_frame) == (1, 2)
+    assert (c.client.first_rw_frame, c.server.last_rw_frame) == (3, 5)
+    assert (c.client.shutdown_flags, c.client.shutdown_frame) == (3, 7)
+    assert (c.server.rst_count, c.server.rst_frame) == (2, 8)
+    assert (c.close_frame, c.close_by) == (8, "server")
+    assert c.handshake_ns == 1000
+    assert [e.op_name for e in c.events] == ["REQUEST", "RESPONSE", "SHUTDOWN", "RST", "RST"]
+    assert [e.sender_role for e in c.events] == ["client", "server", "client", "server",
+                                                 "server"]
+    assert c.start_seen and c.client.messages is None
+    assert (c.client.buf_alloc, c.server.fwd_cnt) == (262144, 12)
+    assert (c.client.max_in_flight, c.client.min_credit) == (12, 262144 - 12)
+
+
+def test_refused_has_handshake_to_the_rst(echo: ConnTable) -> None:
+    c = echo[2]
+    assert c.handshake_ns == 1000 and c.response_frame is None
+    assert c.server.buf_alloc is None  # an RST carries no credit
+
+
+def test_seqpacket_messages_and_records(echo: ConnTable) -> None:
+    c = echo[3]
+    assert (c.client.messages, c.client.records, c.server.messages) == (3, 1, 1)
+    assert c.client.rw_packets == 4 and c.client.bytes == 18
+
+
+def test_mid_capture_guesses_roles_by_port(echo: ConnTable) -> None:
+    c = echo[6]
+    assert not c.start_seen and c.request_frame is None and c.handshake_ns is None
+    assert (c.server.bytes, c.client.bytes) == (100, 100)
+    # Counting starts at the peer's first advertisement: the server's 100 bytes went out
+    # before the client's first packet, so they are not known to be in flight (a lower
+    # bound, never a false stall); the client's 100 bytes are.
+    assert (c.client.max_in_flight, c.server.max_in_flight) == (100, 0)
+    assert (c.client.fwd_cnt, c.server.fwd_cnt) == (4100, 7100)
+
+
+def test_mid_capture_response_sender_is_the_server(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out, client=(3, 80), server=(2, 9000))  # ports would say otherwise
+    c.send(1, Op.RESPONSE)
+    c.data(0, b"hi")
+    t = analyse(write(tmp_path / "r.pcap", out))
+    assert (t[0].client.addr, t[0].server.addr) == ("3:80", "2:9000")
+
+
+def test_closing_and_reset_by_client(tmp_path: Path) -> None:
+    out: list = []
+    a = Conv(out)
+    a.open()
+    a.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    a.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND)  # both directions shut, no RST yet
+    b = Conv(out, client=(1, 50001))
+    b.open()
+    b.data(0, b"abc")
+    b.send(0, Op.RST)  # abrupt: no shutdown first
+    t = analyse(write(tmp_path / "c.pcap", out))
+    assert [c.close for c in t] == [Close.CLOSING, Close.RESET_BY_CLIENT]
+    assert t[0].close_frame == 4 and t[0].close_by == "server"
+
+
+def test_rst_after_half_close_is_a_reset(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.send(1, Op.RST)
+    assert analyse(write(tmp_path / "h.pcap", out))[0].close == Close.RESET_BY_SERVER
+
+
+def test_stream_numbering_rule(tmp_path: Path) -> None:
+    """REQUEST starts a new stream of its key; anything else joins the key's current one;
+    numbers follow first frames; the socket type is part of the key."""
+    a, b, s = (1, 40000), (1, 40001), (1, 1234)
+    frames = [
+        frame(Op.RW, b"x", src=b, dst=s),                     # 0: b's key, no stream yet
+        frame(Op.REQUEST, src=a, dst=s),                      # 1
+        frame(Op.RESPONSE, src=s, dst=a),                     # 1
+        frame(Op.REQUEST, src=a, dst=s),                      # 2: same key, new stream
+        frame(Op.RW, b"y", src=s, dst=b),                     # 0
+        frame(Op.RST, src=s, dst=a),                          # 2
+        frame(Op.RST, src=s, dst=a),                          # 2 (after close: joins)
+        frame(Op.RW, b"z", src=a, dst=s, type_=SockType.SEQPACKET),  # 3: other type
+        b"\x00" * 10,                                         # no virtio header: -1
+        frame(Op.REQUEST, src=s, dst=a),                      # 4: reversed ends, same key
+    ]
+    path = tmp_path / "n.pcap"
+    write(path, [(T0 + i, f) for i, f in enumerate(frames)])
+    want = [0, 1, 1, 2, 0, 2, 2, 3, -1, 4]
+    for chunk in (40, 200, 1 << 20):  # batch edges must not matter
+        tracker = ConnTracker()
+        got: list[int] = []
+        with CaptureReader(str(path), chunk=chunk) as reader:
+            for fb in decode_batches(reader.batches()):
+                got += tracker.feed(fb).stream.tolist()
+        assert got == want
+        table = tracker.finish()
+        assert [c.first_frame for c in table] == [1, 2, 4, 8, 10]
+        assert tracker.frames_without_stream == 1
+    assert table[4].client.addr == "1:1234"  # the REQUEST's sender
+
+
+def test_credit_stall_counted_with_its_duration(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    for i in range(3):  # each 4096-byte write fills the server's 4 KiB buffer
+        c.send(0, Op.RW, b"d" * 4096)
+        c.fwd[1] += 4096
+        c.send(1, Op.CREDIT_UPDATE, delay=(i + 1) * MS)
+    c.send(0, Op.RW, b"d" * 4096)  # the last one is still waiting at the end
+    t = analyse(write(tmp_path / "s.pcap", out))
+    st = t[0].client.stalls
+    assert st.count == 4 and st.open
+    assert st.max_ns == 3 * MS and st.total_ns == 6 * MS
+    assert st.first_frame == 3 and st.longest_frame == 7
+    assert t[0].client.min_credit == 0 and not t[0].client.violations
+    rec = t.records()[0]
+    assert rec["credit_stalls"] == 4 and rec["stall_time"] == pytest.approx(0.006)
+
+
+def test_delayed_older_fwd_cnt_never_takes_credit_back(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out, buf=[262144, 8192])
+    c.open()
+    c.data(0, b"a" * 8192)  # fills, then the update gives it all back
+    c.send(1, Op.RW, b"late", fwd=0)  # a delayed packet with the old fwd_cnt
+    c.data(0, b"b" * 100)
+    t = analyse(write(tmp_path / "d.pcap", out))
+    side = t[0].client
+    assert side.stalls.count == 1 and not side.stalls.open
+    assert not side.violations and side.fwd_cnt == 0
+    assert t[0].server.fwd_cnt == 8292
+
+
+def test_fwd_cnt_wraps_around_u32(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out, buf=[262144, 4096])
+    c.fwd = [0, (1 << 32) - 100]  # mid-capture, the server's counter about to wrap
+    c.send(1, Op.CREDIT_UPDATE)
+    for _ in range(3):
+        c.data(0, b"w" * 1000)
+    t = analyse(write(tmp_path / "w.pcap", out))
+    side = t[0].client
+    assert not side.violations and side.stalls.count == 0
+    assert side.max_in_flight == 1000
+    assert t[0].server.fwd_cnt == ((1 << 32) - 100 + 3000) % (1 << 32)
+
+
+def test_violations_with_first_and_last_frames(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out, buf=[262144, 1000])
+    c.send(0, Op.REQUEST)
+    c.send(0, Op.RW, b"early")                             # 2: before the RESPONSE
+    c.send(1, Op.RESPONSE)
+    c.send(0, Op.RW, b"x" * 1200)                          # 4: beyond the 995 left
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.send(0, Op.RW, b"late")                              # 6: after SHUTDOWN(SEND)
+    c.send(1, Op.RW, b"t" * 10, captured=b"t" * 50)        # 7: tap-length anomaly
+    c.send(1, Op.RW, b"u" * 10, captured=b"u" * 40)        # 8
+    t = analyse(write(tmp_path / "v.pcap", out))
+    v = t[0].client.violations
+    assert {k: (e.count, e.first_frame, e.last_frame) for k, e in v.items()} == {
+        Violation.BEFORE_RESPONSE: (1, 2, 2), Violation.BEYOND_CREDIT: (2, 4, 6),
+        Violation.AFTER_SHUTDOWN: (1, 6, 6)}
+    tap = t[0].server.violations[Violation.TAP_LENGTH]
+    assert (tap.count, tap.first_frame, tap.last_frame) == (2, 7, 8)
+    assert t[0].server.bytes == 20  # the header's len, not the captured length
+    rec = t.records()[0]
+    assert (rec["violations"], rec["tap_length"], rec["first_violation_frame"]) == (6, 2, 2)
+
+
+def test_tags_give_stream_sender_and_credit_per_row(tmp_path: Path) -> None:
+    out: list = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.data(0, b"a" * 1000)
+    tracker = ConnTracker()
+    with CaptureReader(str(write(tmp_path / "t.pcap", out))) as reader:
+        tags = tracker.feed(next(decode_batches(reader.batches())))
+    assert tags.sender.tolist() == [CLIENT, SERVER, CLIENT, SERVER]
+    assert tags.in_flight[:, CLIENT].tolist() == [-1, 0, 1000, 0]
+    assert tags.limit[:, CLIENT].tolist() == [-1, 4096, 4096, 4096]
+    assert tags.in_flight[:, SERVER].tolist() == [0, 0, 0, 0]
+
+
+def test_stream_rows_keep_payloads_and_tags(tmp_path: Path) -> None:
+    path = echo_capture(tmp_path / "e.pcap")
+    rows = StreamRows([3], payloads=True)
+    with CaptureReader(str(path), chunk=300) as reader:
+        tracker = ConnTracker()
+        for fb in decode_batches(reader.batches()):
+            rows(fb, tracker.feed(fb))
+    cols = rows.columns(3)
+    assert rows.streams == [3]
+    rw = cols["op"] == Op.RW
+    assert [p for p, r in zip(rows.payload(3), rw, strict=True) if r] == [
+        b"one", b"two-a", b"two-b", b"three", b"ack"]
+    assert np.all(np.diff(cols["frame"]) > 0)
+
+
+def test_records_have_every_field(echo: ConnTable) -> None:
+    recs = echo.records()
+    assert [list(r) for r in recs] == [[f.name for f in RECORD_FIELDS]] * len(echo)
+    r = recs[0]
+    assert (r["client"], r["server"], r["bytes_c2s"], r["bytes_s2c"]) == ("1:50000", "1:1234",
+                                                                          12, 12)
+    assert (r["close"], r["shutdown_client"], r["rst_server"]) == ("graceful", "RCV|SEND", 2)
+    assert recs[3]["messages_c2s"] == 3 and recs[0]["messages_c2s"] is None
+
+
+def test_empty_capture_has_no_connection(tmp_path: Path) -> None:
+    t = analyse(write(tmp_path / "empty.pcap", []))
+    assert len(t) == 0 and t.records() == [] and list(t) == []
+    with pytest.raises(IndexError):
+        t[0]
