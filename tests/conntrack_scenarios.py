@@ -28,6 +28,7 @@ class Conv:
     type_: int = SockType.STREAM
     buf: list[int] = field(default_factory=lambda: [262144, 262144])
     fwd: list[int] = field(default_factory=lambda: [0, 0])
+    unread: list[int] = field(default_factory=lambda: [0, 0])
 
     def send(self, side: int, op: Op, payload: bytes = b"", *, flags: int = 0,
              delay: int = 1000, fwd: int | None = None, buf: int | None = None,
@@ -51,10 +52,13 @@ class Conv:
 
     def data(self, side: int, payload: bytes, *, flags: int = 0, consume: bool = True,
              update: bool = True) -> None:
-        """An RW, then (if ``consume``) the peer reads it and says so with a CREDIT_UPDATE."""
+        """An RW, then (if ``consume``) the peer reads all it has and says so with a
+        CREDIT_UPDATE."""
         self.send(side, Op.RW, payload, flags=flags)
+        self.unread[1 - side] += len(payload)
         if consume:
-            self.fwd[1 - side] += len(payload)
+            self.fwd[1 - side] += self.unread[1 - side]
+            self.unread[1 - side] = 0
             if update:
                 self.send(1 - side, Op.CREDIT_UPDATE)
 
