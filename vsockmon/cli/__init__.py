@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "conns": "vsockmon.cli.conns:conns",
     "decode": "vsockmon.cli.decode:decode",
     "lab": "vsockmon.cli.lab:lab",
+    "export": "vsockmon.cli.export:export",
+    "wireshark": "vsockmon.cli.wireshark:wireshark",
 }
 """Command name → ``module:attribute`` of its click command."""
 

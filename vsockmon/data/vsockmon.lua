@@ -1,0 +1,1 @@
+../../dissectors/vsockmon.lua

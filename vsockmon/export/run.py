@@ -1,0 +1,223 @@
+"""Exports of one capture, or of many in parallel: annotated pcapng, or tables on disk.
+
+This is the file-handling layer of the export package: it opens captures, runs the decoder
+and the tracker, and writes files through :mod:`~vsockmon.export.sinks` and pcapio's
+writers. Errors a user can fix come out as :class:`ExportError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vsockmon.conntrack import ConnTracker
+from vsockmon.decode import FrameBatch, decode_batch
+from vsockmon.export.comments import Annotator
+from vsockmon.export.sinks import FORMATS, TableFile
+from vsockmon.export.tables import (
+    CONNECTION_COLUMNS,
+    connections_table,
+    packet_batch,
+    packet_schema,
+    schema,
+)
+from vsockmon.pcapio import (
+    Batch,
+    CaptureError,
+    CaptureReader,
+    PcapngWriter,
+    create_output,
+    open_capture,
+)
+from vsockmon.protocol import LINKTYPE_VSOCK
+
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".pcap.gz", ".pcapng.gz", ".cap")
+
+
+class ExportError(Exception):
+    """An export that cannot be done: the message is one line for the user."""
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote."""
+
+    source: str
+    outputs: list[str] = field(default_factory=list)
+    packets: int = 0
+    connections: int = 0
+    skipped: int = 0
+    """Frames left out of a pcapng export: not of the vsock link type."""
+    stopped: str | None = None
+    """Why reading ended early (a damaged capture), as the reader says it."""
+    error: str | None = None
+    """For one of many captures: why its export failed."""
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@contextmanager
+def _seekable(source: str) -> Iterator[str]:
+    """A path that can be read twice: the file itself, or stdin spooled to a temporary file."""
+    if source != "-":
+        yield source
+        return
+    with tempfile.NamedTemporaryFile(prefix="vsockmon-", suffix=".pcap") as tmp:
+        shutil.copyfileobj(sys.stdin.buffer, tmp)
+        tmp.flush()
+        yield tmp.name
+
+
+def export_pcapng(source: str, out: str, force: bool = False,
+                  extra: Mapping[int, Sequence[str]] | None = None, payload: bool = True
+                  ) -> ExportResult:
+    """Copy ``source`` to a pcapng with a comment on every packet (connection, state, credit,
+    anomalies, payload summary, then ``extra[frame]``), shown by Wireshark as frame.comment.
+
+    Two passes: the first tracks every connection, so a packet's comment can say how its
+    connection ends and which packets the tracker singles out.
+    """
+    if out != "-" and os.path.exists(out) and not force:  # before minutes of reading
+        raise ExportError(f"{out}: exists; use --force to overwrite")
+    result = ExportResult(source, [out])
+    with _seekable(source) as path:
+        try:
+            tracker = ConnTracker()
+            with open_capture(path) as reader:
+                for _, fb in _decoded(reader):
+                    tracker.feed(fb)
+            table = tracker.finish()
+            result.connections = len(table)
+            annotator = Annotator(table, extra)
+            fp = create_output(out, force)
+        except CaptureError as e:
+            raise ExportError(str(e)) from None
+        try:
+            writer = PcapngWriter(fp)
+            tracker = ConnTracker()
+            with open_capture(path) as reader:
+                for batch, fb in _decoded(reader):
+                    tags = tracker.feed(fb)
+                    for i, comment in enumerate(annotator.comments(fb, tags, payload)):
+                        if batch.linktypes and batch.linktypes[i] != LINKTYPE_VSOCK:
+                            result.skipped += 1
+                            continue
+                        start = batch.offsets[i]
+                        writer.write(batch.ts_ns[i], batch.buf[start:start + batch.caplens[i]],
+                                     batch.orig_lens[i], comment or None)
+                        result.packets += 1
+                result.stopped = reader.stopped
+            writer.flush()
+        except CaptureError as e:
+            raise ExportError(str(e)) from None
+        finally:
+            if fp is not sys.stdout.buffer:
+                fp.close()
+    return result
+
+
+def _decoded(reader: CaptureReader) -> Iterator[tuple[Batch, FrameBatch]]:
+    """Each batch of the reader with its decoded columns, frames numbered from 1."""
+    first = 1
+    for batch in reader.batches():
+        fb = decode_batch(batch, first)
+        first += len(fb)
+        yield batch, fb
+
+
+def table_paths(outdir: Path, fmt: str) -> tuple[Path, Path]:
+    suffix = FORMATS[fmt]
+    return outdir / f"packets{suffix}", outdir / f"connections{suffix}"
+
+
+def export_tables(source: str, outdir: Path, fmt: str, force: bool = False,
+                  payload: bool = False, capture: str | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> ExportResult:
+    """Write ``outdir/packets.EXT`` (streamed, one batch at a time) and
+    ``outdir/connections.EXT`` for one capture. ``capture`` names it in the tables."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown table format {fmt!r}; choose {', '.join(FORMATS)}")
+    name = capture or ("<stdin>" if source == "-" else os.path.basename(source))
+    paths = table_paths(outdir, fmt)
+    for p in paths:
+        if p.exists() and not force:
+            raise ExportError(f"{p}: exists; use --force to overwrite")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{outdir}: cannot create: {e.strerror}") from None
+    result = ExportResult(source, [str(p) for p in paths])
+    packets = TableFile(paths[0], fmt, packet_schema(payload))
+    try:
+        tracker = ConnTracker()
+        with open_capture(source) as reader:
+            for _, fb in _decoded(reader):
+                packets.write(packet_batch(fb, tracker.feed(fb), name, payload))
+                if on_batch is not None:
+                    on_batch(len(fb))
+            result.stopped = reader.stopped
+        conns = TableFile(paths[1], fmt, schema(CONNECTION_COLUMNS))
+        table = connections_table(tracker.finish(), name)
+        try:
+            conns.write(table)
+        except BaseException:
+            conns.abort()
+            raise
+        packets.commit()
+        conns.commit()
+    except CaptureError as e:
+        packets.abort()
+        raise ExportError(str(e)) from None
+    except BaseException:
+        packets.abort()
+        raise
+    result.packets, result.connections = packets.rows, table.num_rows
+    return result
+
+
+def find_captures(directory: Path) -> list[Path]:
+    """Capture files under ``directory`` (recursively, by suffix), in a stable order."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p.name.endswith(CAPTURE_SUFFIXES))
+
+
+def _one(args: tuple[str, str, str, bool, bool, str]) -> ExportResult:
+    source, outdir, fmt, force, payload, capture = args
+    try:
+        return export_tables(source, Path(outdir), fmt, force, payload, capture)
+    except ExportError as e:
+        return ExportResult(source, error=str(e))
+
+
+def export_many(directory: Path, outdir: Path, fmt: str, force: bool = False,
+                payload: bool = False, jobs: int | None = None,
+                on_done: Callable[[ExportResult], None] | None = None) -> list[ExportResult]:
+    """Export every capture under ``directory`` in parallel processes, each into
+    ``outdir/<its relative path>/``; one failure does not stop the others."""
+    captures = find_captures(directory)
+    if not captures:
+        raise ExportError(f"{directory}: no capture files ({', '.join(CAPTURE_SUFFIXES)})")
+    work = [(str(p), str(outdir / p.relative_to(directory)), fmt, force, payload,
+             str(p.relative_to(directory))) for p in captures]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
+    results: list[ExportResult] = []
+    if jobs == 1:
+        for item in work:
+            results.append(_one(item))
+            if on_done:
+                on_done(results[-1])
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for fut in as_completed([pool.submit(_one, item) for item in work]):
+                results.append(fut.result())
+                if on_done:
+                    on_done(results[-1])
+    return sorted(results, key=lambda r: r.source)
