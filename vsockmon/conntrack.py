@@ -898,6 +898,7 @@ class ConnTable:
         self._lists: tuple[dict[str, list], tuple[dict[str, list], ...]] | None = None
         self._ev_rows: list[Event] | None = None
         self._records: dict[str, np.ndarray | list] | None = None
+        self._record_lists: list[list] | None = None
 
     def __len__(self) -> int:
         return self._n
@@ -983,7 +984,9 @@ class ConnTable:
     def records(self, rows: Iterable[int] | None = None) -> list[dict[str, object]]:
         """The flat records of ``rows`` (default: all), in that order."""
         cols = self.columns()
-        lists = [_as_list(cols[f.name]) for f in RECORD_FIELDS]
+        if self._record_lists is None:
+            self._record_lists = [_as_list(cols[f.name]) for f in RECORD_FIELDS]
+        lists = self._record_lists
         names = [f.name for f in RECORD_FIELDS]
         idx = range(self._n) if rows is None else rows
         return [dict(zip(names, (col[i] for col in lists), strict=True)) for i in idx]

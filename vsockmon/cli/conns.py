@@ -14,6 +14,8 @@ from vsockmon.cli.analysis import Analysis, analyse
 from vsockmon.conntrack import CLOSES, RECORD_FIELDS, ConnTable
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
+CHUNK = 20000
+"""Connections formatted at a time: output memory stays bounded."""
 _KINDS = {f.name: f.kind for f in RECORD_FIELDS}
 
 
@@ -145,14 +147,15 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         rows = rows[:limit]
     try:
         if as_json:
-            lines = json_lines(table, rows)
-            if lines:
+            for start in range(0, len(rows), CHUNK):  # bounded memory on huge captures
+                lines = json_lines(table, rows[start : start + CHUNK])
                 sys.stdout.write("\n".join(lines) + "\n")
         elif as_csv:
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(FIELD_NAMES)
-            for rec in table.records(rows.tolist()):
-                writer.writerow(["" if v is None else v for v in rec.values()])
+            for start in range(0, len(rows), CHUNK):
+                for rec in table.records(rows[start : start + CHUNK].tolist()):
+                    writer.writerow(["" if v is None else v for v in rec.values()])
         else:
             from tabulate import tabulate
 
