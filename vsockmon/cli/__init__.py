@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "lab": "vsockmon.cli.lab:lab",
     "export": "vsockmon.cli.export:export",
     "wireshark": "vsockmon.cli.wireshark:wireshark",
+    "diagnose": "vsockmon.cli.diagnose:diagnose",
 }
 """Command name → ``module:attribute`` of its click command."""
 

@@ -1,0 +1,152 @@
+"""``vsockmon diagnose``: what went wrong in a capture, why, and how to fix it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+from dataclasses import fields
+from typing import Any
+
+import click
+
+from vsockmon.cli.analysis import analyse
+from vsockmon.diagnose import (
+    RULES,
+    Digest,
+    Finding,
+    Severity,
+    Thresholds,
+    evaluate,
+    select,
+)
+
+EXIT_FINDINGS = 1
+"""Exit status when a finding at WARNING or above is reported."""
+EXIT_ERROR = 2
+"""Exit status when the capture cannot be read (or the options make no sense)."""
+
+_STYLE = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+
+class DiagnoseError(click.ClickException):
+    exit_code = EXIT_ERROR
+
+
+def _option_name(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def _threshold_options(command: Any) -> Any:
+    """One option per :class:`Thresholds` field, with its unit and doc as help."""
+    for f in reversed(fields(Thresholds)):
+        unit = f.metadata["unit"]
+        command = click.option(
+            _option_name(f.name), f.name, type=float if unit == "s" else int,
+            default=f.default, show_default=True,
+            metavar="SECONDS" if unit == "s" else unit.upper(),
+            help=f.metadata["doc"] + ".")(command)
+    return command
+
+
+def _rule_ids() -> list[str]:
+    ids = []
+    for rule in RULES.values():
+        ids.append(rule.id)
+        ids += [f"{rule.id}/{kind}" for kind in rule.kinds]
+    return ids
+
+
+@click.command()
+@click.argument("file", metavar="FILE")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON Lines: one finding per line (rule, kind, severity, stream, streams, "
+                   "frames, time_ns, t, connection, message, cause, fix, evidence).")
+@click.option("--rule", "rules", multiple=True, type=click.Choice(_rule_ids()),
+              metavar="RULE", help="Only this rule (or rule/kind); repeatable. "
+              "Rules: " + ", ".join(RULES) + ".")
+@click.option("--min-severity", type=click.Choice([str(s) for s in Severity]), default="info",
+              show_default=True, help="Leave out findings below this severity.")
+@_threshold_options
+def diagnose(file: str, as_json: bool, rules: tuple[str, ...], min_severity: str,
+             **limits: Any) -> None:
+    """Find what went wrong in a capture, explain it and say how to fix it.
+
+    Findings are grouped by connection (stream), the most severe first, each with the
+    frames that show it, the numbers that matter, its likely cause and the fix. Exit
+    status: 0 when nothing at warning or above is reported, 1 when something is, 2 when the
+    capture cannot be read — usable in CI scripts. See docs/diagnose.md for every rule.
+
+    \b
+    Examples:
+      vsockmon diagnose capture.pcap
+      vsockmon diagnose capture.pcap --min-severity warning
+      vsockmon diagnose capture.pcap --json | jq -r '.rule + " " + .message'
+      vsockmon diagnose capture.pcap --rule no-listener --rule window-full
+      vsockmon diagnose capture.pcap --stall 5 --half-close 10
+    """
+    thresholds = Thresholds(**limits)
+    digest = Digest(thresholds)
+    try:
+        analysis = analyse(file, digest.feed)
+    except click.ClickException as e:
+        raise DiagnoseError(e.message) from None
+    found = evaluate(analysis.table, digest, thresholds)
+    shown = select(found, rules, Severity.parse(min_severity))
+    try:
+        if as_json:
+            for f in shown:
+                click.echo(f.to_json(digest.start_ns))
+        else:
+            _print_report(analysis.name, analysis.frames, len(analysis.table), digest, shown,
+                          hidden=len(found) - len(shown))
+    except BrokenPipeError:
+        sys.stderr.close()
+    if any(f.severity >= Severity.WARNING for f in shown):
+        sys.exit(EXIT_FINDINGS)
+
+
+def _print_report(name: str, frames: int, connections: int, digest: Digest,
+                  shown: list[Finding], hidden: int) -> None:
+    start = digest.start_ns
+    span = ((digest.end_ns or 0) - (start or 0)) / 1e9
+    click.echo(f"{name}: {frames} frames, {connections} connections, {span:.3f} s")
+    width = min(shutil.get_terminal_size((100, 24)).columns, 100)
+    groups: dict[int | None, list[Finding]] = {}
+    for f in shown:  # ranked already: the first group is the most severe
+        groups.setdefault(f.stream, []).append(f)
+    for stream, group in groups.items():
+        click.echo()
+        head = "capture" if stream is None else f"stream {stream}  {group[0].connection}"
+        click.secho(head, bold=True)
+        for f in group:
+            _print_finding(f, start, width)
+    click.echo()
+    click.echo(_verdict(shown, connections, hidden))
+
+
+def _print_finding(f: Finding, start: int | None, width: int) -> None:
+    when = f"at {(f.time_ns - start) / 1e9:.6f} s, " if f.time_ns is not None and start else ""
+    frames = ", ".join(map(str, f.frames))
+    others = [s for s in f.streams if s != f.stream]
+    if others:
+        frames += "; also stream " + ", ".join(map(str, others))
+    click.echo("  " + click.style(str(f.severity).upper(), fg=_STYLE[f.severity], bold=True)
+               + f" {f.rule_id}  ({when}frames {frames})")
+    wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
+    click.echo(wrap.fill(f.message))
+    for title, text in (("cause", f.cause), ("fix", f.fix)):
+        wrap = textwrap.TextWrapper(width=width, initial_indent=f"    {title}: ",
+                                    subsequent_indent="    " + " " * (len(title) + 2))
+        click.echo(wrap.fill(text))
+
+
+def _verdict(shown: list[Finding], connections: int, hidden: int) -> str:
+    counts = {s: sum(f.severity == s for f in shown) for s in Severity}
+    notes = f"; {counts[Severity.INFO]} note(s)" if counts[Severity.INFO] else ""
+    left_out = f"; {hidden} finding(s) left out by the filters" if hidden else ""
+    if not counts[Severity.ERROR] and not counts[Severity.WARNING]:
+        return f"verdict: no problems found in {connections} connection(s){notes}{left_out}."
+    parts = [f"{counts[s]} {s}(s)" for s in (Severity.ERROR, Severity.WARNING) if counts[s]]
+    return f"verdict: {', '.join(parts)}{notes}{left_out}."
+
