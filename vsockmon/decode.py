@@ -198,10 +198,9 @@ def _gather(buf: np.ndarray, starts: np.ndarray, width: int, dtype: np.dtype) ->
     """Fixed-size headers at arbitrary offsets, as one structured array (zero past the end)."""
     if len(starts) == 0:
         return np.zeros(0, dtype=dtype)
-    idx = starts[:, None] + np.arange(width, dtype=np.int64)
     padded = np.concatenate([buf, np.zeros(width, dtype=np.uint8)])
-    np.minimum(idx, len(padded) - 1, out=idx)
-    return np.ascontiguousarray(padded[idx]).view(dtype).reshape(-1)
+    rows = np.lib.stride_tricks.sliding_window_view(padded, width)  # row i: bytes from i
+    return rows[np.minimum(starts, len(buf))].view(dtype).reshape(-1)
 
 
 def decode_batch(batch: Batch, first: int) -> FrameBatch:
@@ -256,7 +255,7 @@ def _anomalies(batch: Batch, mon: np.ndarray, virtio: np.ndarray, has_mon: np.nd
     flag(has_mon & ~np.isin(transport, [int(t) for t in Transport]), Anomaly.UNKNOWN_TRANSPORT)
     flag(has_mon & (transport == Transport.VIRTIO) & (mon["trans_len"] != VIRTIO_HDR_LEN),
          Anomaly.TRANS_LEN)
-    if batch.linktypes and any(lt != LINKTYPE_VSOCK for lt in batch.linktypes):
+    if set(batch.linktypes) - {LINKTYPE_VSOCK}:
         flag(np.asarray(batch.linktypes) != LINKTYPE_VSOCK, Anomaly.LINKTYPE)
 
     op, vtype = virtio["op"], virtio["type"]
