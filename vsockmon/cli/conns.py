@@ -59,16 +59,18 @@ def json_lines(table: ConnTable, rows: np.ndarray) -> list[str]:
 
 
 def _encode(col: np.ndarray | list, rows: np.ndarray, kind: type) -> list[str]:
-    values = col[rows].tolist() if isinstance(col, np.ndarray) else [col[i] for i in rows]
+    """JSON texts of one column's values at ``rows`` (numpy columns have no missing value)."""
+    if isinstance(col, np.ndarray):
+        values = col[rows]
+        if kind is bool:
+            return np.where(values, "true", "false").tolist()
+        return list(map(float.__repr__ if kind is float else int.__repr__, values.tolist()))
+    picked = [col[i] for i in rows.tolist()]
     if kind is str:
         seen: dict[str, str] = {}
         return ["null" if v is None else seen.get(v) or seen.setdefault(v, json.dumps(v))
-                for v in values]
-    if kind is bool:
-        return ["null" if v is None else "true" if v else "false" for v in values]
-    if kind is float:
-        return ["null" if v is None else json.dumps(v) for v in values]
-    return ["null" if v is None else str(v) for v in values]
+                for v in picked]
+    return ["null" if v is None else repr(v) for v in picked]
 
 
 TABLE_HEADERS = ("stream", "type", "client", "server", "start", "duration", "handshake",
