@@ -195,8 +195,6 @@ class Stall:
     """The credit came back because the peer's fwd_cnt advanced (not its buf_alloc)."""
     peer_packets: int = 0
     """Packets the peer sent during the stall that gave no credit back."""
-    credit_requests: list[tuple[int, int]] = field(default_factory=list)
-    """(frame, time) of the sender's CREDIT_REQUESTs during the stall."""
     unanswered: list[tuple[int, int, int | None]] = field(default_factory=list)
     """CREDIT_REQUESTs and the peer's first packet after each: (frame, time, reply time)."""
 
@@ -404,6 +402,8 @@ class Digest:
             return
         st.end_frame, st.end_ns, st.ended_by = frame, ts, op
         st.freed_by_fwd = int(r.limit[i, d]) <= st.limit
+        st.unanswered = [(f, t, reply if reply is not None else ts)
+                         for f, t, reply in st.unanswered]  # the credit is an answer too
         del self.open_stalls[key]
         if st.seconds(ts) >= min(self.t.stall_s, self.t.credit_reply_s):
             self.stalls.append(st)

@@ -1,0 +1,372 @@
+"""The diagnose rules: each fires on its fixture with the right stream and frames, none fires
+on healthy traffic (every capture under fixtures/, found by glob), and the Linux behaviours
+that look odd but are normal stay quiet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conntrack_scenarios import MS, Conv, write
+
+from vsockmon.decode import decode_batches
+from vsockmon.diagnose import (
+    RULES,
+    Finding,
+    LiveDiagnosis,
+    Report,
+    Severity,
+    Thresholds,
+    diagnose_batches,
+    findings_by_frame,
+    findings_by_stream,
+    select,
+    worst_by_stream,
+)
+from vsockmon.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.protocol import Op, ShutdownFlag, SockType
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
+    # real captures from the lab (fixtures/diagnose/lab_traffic.py)
+    "diagnose/no-listener.pcap": [("no-listener", 2, (20, 21))],
+    "diagnose/no-listener-vhost.pcap": [("no-listener", 1, (11, 12)),
+                                        ("no-listener", 3, (20, 21))],
+    "diagnose/dial-retry.pcap": [("no-listener", 0, tuple(range(1, 11))),
+                                 ("dial-retry", 0, (1, 3, 5, 7, 9))],
+    "diagnose/seqpacket-refused.pcap": [("seqpacket-refused", 1, (10, 11)),
+                                        ("seqpacket-refused", 2, (12, 13))],
+    "diagnose/abrupt-close.pcap": [("abrupt-close/unread", 0, (4, 5))],
+    "diagnose/window-full.pcap": [("window-full/not-reading", 0, (6,))],
+    "diagnose/window-full-deadlock.pcap": [("window-full/deadlock", 0, (8, 10))],
+    "diagnose/half-close-hang.pcap": [("half-close-hang", 0, (4, 5))],
+    "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
+    "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
+    # synthetic (fixtures/diagnose/generate.py)
+    "diagnose/no-transport.pcap": [("no-transport/no-transport", 0, (1,)),
+                                   ("mid-capture/end", 1, (2,))],
+    "diagnose/cid-mismatch.pcap": [("cid-mismatch/not-host", 1, (11, 12))],
+    "diagnose/cid-mismatch-reply.pcap": [("cid-mismatch/reply-cid", 0, (1, 2))],
+    "diagnose/window-full-no-credit-update.pcap": [("window-full/no-credit-update", 0, (6, 7))],
+    "diagnose/window-full-credit-request.pcap": [
+        ("window-full/credit-request-unanswered", 0, (4, 5))],
+    "diagnose/credit-violation.pcap": [("credit-violation", 0, (4, 5))],
+    "diagnose/small-packet-reset.pcap": [("small-packet-reset", 0, (83,))],
+    "diagnose/state-lost.pcap": [("state-lost", 1, (6, 7))],
+    "diagnose/abrupt-close-reset.pcap": [("abrupt-close/reset", 0, (8,))],
+    # other owners' fixtures that hold a deliberate fault
+    "synthetic/stream-all-ops.pcap": [("no-listener", 1, (23, 24))],
+    "synthetic/stream-all-ops.pcap.gz": [("no-listener", 1, (23, 24))],
+    "real/no-listener.pcap": [("no-listener", 0, (1, 2))],
+}
+"""Every finding (info included) of the captures that are not healthy, exactly."""
+
+NOT_VSOCK = {"synthetic/ethernet.pcap"}
+"""Captures of another link type: diagnose refuses them with one line."""
+
+
+def captures() -> list[str]:
+    found = {p for pattern in ("*.pcap", "*.pcapng", "*.pcap.gz", "*.pcapng.gz")
+             for p in FIXTURES.rglob(pattern)}
+    return sorted(str(p.relative_to(FIXTURES)) for p in found)
+
+
+def diagnose_file(path: Path, chunk: int | None = None,
+                  thresholds: Thresholds | None = None) -> Report:
+    reader = open_capture(str(path)) if chunk is None else CaptureReader(str(path), chunk=chunk)
+    with reader:
+        return diagnose_batches(decode_batches(reader.batches()), thresholds)
+
+
+def summary(findings: list[Finding]) -> list[tuple[str, int | None, tuple[int, ...]]]:
+    return [(f.rule_id, f.stream, f.frames) for f in findings]
+
+
+@pytest.mark.parametrize("name", captures())
+def test_every_fixture_diagnoses_as_expected(name: str) -> None:
+    """Healthy captures give nothing at warning or above; the others exactly their table."""
+    path = FIXTURES / name
+    if name in NOT_VSOCK:
+        with pytest.raises(CaptureError):
+            diagnose_file(path)
+        return
+    report = diagnose_file(path)
+    if name in EXPECTED:
+        assert sorted(summary(report.findings)) == sorted(EXPECTED[name])
+    else:
+        loud = [f for f in report.findings if f.severity >= Severity.WARNING]
+        assert loud == [], f"false alarm on healthy {name}: {summary(loud)}"
+
+
+def test_the_expectations_name_existing_files() -> None:
+    """A renamed fixture must not silently drop out of the table (real/* lands separately)."""
+    missing = {n for n in EXPECTED if not (FIXTURES / n).exists() and not n.startswith("real/")}
+    assert not missing
+
+
+def test_every_rule_has_a_fixture() -> None:
+    fired = {rule.split("/")[0] for found in EXPECTED.values() for rule, _, _ in found}
+    assert fired == set(RULES)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED if n.startswith("diagnose/")))
+def test_tiny_batches_change_nothing(name: str) -> None:
+    """The digest carries state across batch edges: one packet per batch gives the same."""
+    whole = diagnose_file(FIXTURES / name)
+    tiny = diagnose_file(FIXTURES / name, chunk=64)
+    assert summary(tiny.findings) == summary(whole.findings)
+    assert [f.evidence for f in tiny.findings] == [f.evidence for f in whole.findings]
+
+
+def findings_of(tmp_path: Path, frames: list[tuple[int, bytes]],
+                thresholds: Thresholds | None = None) -> list[Finding]:
+    return diagnose_file(write(tmp_path / "t.pcap", frames), thresholds=thresholds).findings
+
+
+def loud(findings: list[Finding]) -> list[tuple[str, int | None, tuple[int, ...]]]:
+    return summary([f for f in findings if f.severity >= Severity.WARNING])
+
+
+# -- the evidence ----------------------------------------------------------------------------
+
+
+def test_no_listener_gives_the_rst_delay_and_the_fix() -> None:
+    (f,) = diagnose_file(FIXTURES / "diagnose/no-listener.pcap").findings
+    assert f.severity == Severity.ERROR and f.connection.endswith("→ 1:5101 STREAM")
+    assert f.evidence["target"] == "1:5101" and 0 < f.evidence["rst_delay_ms"] < 100
+    assert "5101" in f.message and "start the service" in f.fix.lower()
+    record = json.loads(f.to_json())
+    assert {"rule", "severity", "stream", "frames", "message", "fix"} <= set(record)
+
+
+def test_window_full_says_how_long_fwd_cnt_stayed_frozen() -> None:
+    (f,) = diagnose_file(FIXTURES / "diagnose/window-full.pcap").findings
+    assert (f.evidence["in_flight"], f.evidence["buf_alloc"]) == (4096, 4096)
+    assert 2.5 < f.evidence["seconds"] < 4
+    assert "until the capture ended" in f.message
+
+
+def test_deadlock_reports_both_directions() -> None:
+    (f,) = diagnose_file(FIXTURES / "diagnose/window-full-deadlock.pcap").findings
+    assert f.severity == Severity.ERROR
+    assert f.evidence["client_in_flight"] == f.evidence["client_limit"] == 4096
+    assert f.evidence["server_in_flight"] == f.evidence["server_limit"] == 4096
+
+
+def test_unread_data_at_close_is_counted() -> None:
+    (f,) = diagnose_file(FIXTURES / "diagnose/abrupt-close.pcap").findings
+    assert f.evidence["client_unconsumed"] == 10240
+
+
+def test_seqpacket_refusal_tells_a_stream_only_service_from_no_service() -> None:
+    a, b = diagnose_file(FIXTURES / "diagnose/seqpacket-refused.pcap").findings
+    assert "STREAM only" in a.message and "STREAM only" not in b.message
+    assert "SOCK_STREAM" in a.fix
+
+
+def test_thresholds_are_options(tmp_path: Path) -> None:
+    for name, thresholds in (("window-full", Thresholds(stall_s=10)),
+                             ("half-close-hang", Thresholds(half_close_s=5))):
+        found = diagnose_file(FIXTURES / f"diagnose/{name}.pcap", thresholds=thresholds)
+        last = found.connections[0].last_frame
+        assert summary(found.findings) == [("mid-capture/end", 0, (last,))]
+
+
+# -- healthy Linux behaviour stays quiet ------------------------------------------------------
+
+
+def test_port_reuse_after_a_close_is_normal(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    for _ in range(3):  # same client port three times, each closed properly
+        c = Conv(out)
+        c.open()
+        c.data(0, b"ping")
+        c.data(1, b"pong")
+        c.close()
+    assert findings_of(tmp_path, out) == []
+
+
+def test_delayed_packet_with_an_older_fwd_cnt_is_normal(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    for _ in range(4):
+        c.data(0, bytes(4096))
+    c.send(1, Op.CREDIT_UPDATE, fwd=4096)  # a late packet carrying an old fwd_cnt
+    c.data(0, bytes(100))
+    c.close()
+    assert findings_of(tmp_path, out) == []
+
+
+def test_short_stalls_of_a_bulk_transfer_are_flow_control(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 65536])
+    c.open()
+    for _ in range(64):  # every packet fills the window; the reader frees it 5 ms later
+        c.send(0, Op.RW, bytes(65536))
+        c.unread[1] += 65536
+        c.fwd[1] += 65536
+        c.unread[1] = 0
+        c.send(1, Op.CREDIT_UPDATE, delay=5 * MS)
+    c.close()
+    assert findings_of(tmp_path, out) == []
+
+
+def test_half_close_that_completes_and_closes_from_both_sides(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.data(0, b"request")
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.send(1, Op.RW, b"answer after EOF", delay=2000 * MS)
+    c.unread[0] += 16
+    c.fwd[0] += 16
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV)
+    c.send(0, Op.RST)
+    c.send(0, Op.RST)
+    assert findings_of(tmp_path, out) == []
+
+
+def test_sender_closing_right_after_its_data_is_not_data_loss(tmp_path: Path) -> None:
+    """sd_notify style: write, close at once; the receiver reads after the SHUTDOWN."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, type_=SockType.SEQPACKET)
+    c.open()
+    c.send(0, Op.RW, b"READY=1")
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV)
+    c.send(1, Op.RST, fwd=7, delay=3 * MS)
+    assert findings_of(tmp_path, out) == []
+
+
+def test_close_with_unread_data_that_waited_is_reported(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(1, Op.SHUTDOWN, flags=3, delay=200 * MS)  # fwd_cnt still 0
+    c.send(0, Op.RST)
+    assert loud(findings_of(tmp_path, out)) == [("abrupt-close/unread", 0, (4, 5))]
+
+
+def test_reset_without_shutdown_is_abrupt(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.data(0, b"hello")
+    c.send(0, Op.RST)
+    assert loud(findings_of(tmp_path, out)) == [("abrupt-close/reset", 0, (5,))]
+
+
+def test_a_refusal_then_success_is_a_late_service_not_an_error(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    refused = Conv(out, client=(3, 50000), server=(2, 1024))
+    refused.send(0, Op.REQUEST)
+    refused.send(1, Op.RST, buf=0)
+    ok = Conv(out, client=(3, 50001), server=(2, 1024))
+    ok.open()
+    ok.close()
+    (f,) = findings_of(tmp_path, out)
+    assert (f.rule, f.severity) == ("no-listener", Severity.WARNING)
+    assert "started late" in f.message
+
+
+def test_dial_retry_that_finally_connects(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    for port in (50000, 50001, 50002):
+        c = Conv(out, client=(3, port), server=(2, 1024))
+        c.send(0, Op.REQUEST, delay=500 * MS)
+        c.send(1, Op.RST, buf=0)
+    c = Conv(out, client=(3, 50003), server=(2, 1024))
+    c.open()
+    c.close()
+    retry = [f for f in findings_of(tmp_path, out) if f.rule == "dial-retry"]
+    assert [(f.evidence["attempts"], f.evidence["connected"]) for f in retry] == [(4, True)]
+
+
+def test_many_healthy_connections_to_one_port_are_not_retries(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    for port in range(50000, 50010):
+        c = Conv(out, client=(3, port), server=(2, 1024))
+        c.open()
+        c.data(0, b"x")
+        c.close()
+    assert findings_of(tmp_path, out) == []
+
+
+def test_a_request_unanswered_for_less_than_the_threshold_is_just_cut_off(tmp_path: Path
+                                                                          ) -> None:
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(3, 50000), server=(2, 1024)).send(0, Op.REQUEST)
+    (f,) = findings_of(tmp_path, out)
+    assert (f.rule_id, f.severity) == ("mid-capture/end", Severity.INFO)
+
+
+def test_peer_that_spoke_before_but_does_not_answer(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(2, 40000), server=(3, 1024))
+    c.open()
+    c.close()
+    Conv(out, client=(2, 40001), server=(3, 1024)).send(0, Op.REQUEST, delay=MS)
+    Conv(out, client=(2, 40002), server=(3, 1025)).send(0, Op.REQUEST, delay=3000 * MS)
+    found = [f for f in findings_of(tmp_path, out) if f.rule == "no-transport"]
+    assert [(f.kind, f.stream) for f in found] == [("peer-silent", 1)]
+
+
+def test_loopback_and_host_pairs_are_valid_cids(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    for client, server in (((1, 50000), (1, 1024)), ((3, 50000), (3, 1024)),
+                           ((2, 50000), (7, 1024)), ((7, 50000), (2, 1024))):
+        c = Conv(out, client=client, server=server)
+        c.open()
+        c.close()
+    assert findings_of(tmp_path, out) == []
+
+
+# -- live use and the API others build on ----------------------------------------------------
+
+
+def test_live_diagnosis_reports_each_finding_once_when_it_becomes_certain() -> None:
+    path = FIXTURES / "diagnose/window-full.pcap"
+    live = LiveDiagnosis()
+    with CaptureReader(str(path), chunk=64) as reader:
+        batches = list(decode_batches(reader.batches()))
+    reported: list[Finding] = []
+    for fb in batches:
+        live.feed(fb)
+        if len(fb):
+            reported += live.update(int(fb.ts_ns[-1]))
+    assert [f.rule_id for f in reported] == ["window-full/not-reading"]
+    assert live.update(int(batches[-1].ts_ns[-1])) == []
+    assert live.close() == []
+
+
+def test_live_no_transport_fires_once_the_wait_has_passed() -> None:
+    live = LiveDiagnosis()
+    with CaptureReader(str(FIXTURES / "diagnose/no-transport.pcap"), chunk=64) as reader:
+        fbs = list(decode_batches(reader.batches()))
+    live.feed(fbs[0])
+    first_ts = int(fbs[0].ts_ns[0])
+    assert [f.rule for f in live.update(first_ts + 100 * MS)] == []
+    later = live.update(first_ts + 10_000 * MS)
+    assert {f.rule_id for f in later} >= {"no-transport/no-transport"}
+    assert {f.rule for f in live.close()} <= {"mid-capture"}
+
+
+def test_findings_by_stream_and_frame() -> None:
+    findings = diagnose_file(FIXTURES / "diagnose/dial-retry.pcap").findings
+    by_stream = findings_by_stream(findings)
+    assert [f.rule for f in by_stream[0]] == ["no-listener", "dial-retry"]
+    assert set(by_stream) == {0, 1, 2, 3, 4}
+    by_frame = findings_by_frame(findings)
+    assert [f.rule for f in by_frame[1]] == ["no-listener", "dial-retry"]
+    assert [f.rule for f in by_frame[2]] == ["no-listener"]
+    assert worst_by_stream(findings)[3].rule == "no-listener"
+
+
+def test_select_by_rule_kind_and_severity() -> None:
+    findings = diagnose_file(FIXTURES / "diagnose/no-transport.pcap").findings
+    assert [f.rule for f in select(findings, ["no-transport"])] == ["no-transport"]
+    assert [f.rule for f in select(findings, ["mid-capture/end"])] == ["mid-capture"]
+    assert [f.rule for f in select(findings, min_severity=Severity.WARNING)] == ["no-transport"]

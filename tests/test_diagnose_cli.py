@@ -1,0 +1,125 @@
+"""``vsockmon diagnose``: report, JSON Lines, filters, thresholds, exit status, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from conntrack_scenarios import Conv, write
+
+from vsockmon.cli import main
+from vsockmon.protocol import Op
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["diagnose", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_a_refused_connection_among_healthy_ones_is_reported_alone() -> None:
+    code, out, _ = run(str(FIXTURES / "diagnose/no-listener.pcap"))
+    assert code == 1
+    assert "4 connections" in out
+    assert out.count("ERROR") == 1 and "no-listener" in out
+    assert "stream 2  1:" in out and "→ 1:5101 STREAM" in out
+    assert "cause:" in out and "fix:" in out
+    assert out.strip().splitlines()[-1] == "verdict: 1 error(s)."
+
+
+def test_json_lines_one_finding_per_line() -> None:
+    code, out, _ = run(str(FIXTURES / "diagnose/no-listener.pcap"), "--json")
+    assert code == 1
+    (line,) = out.splitlines()
+    record = json.loads(line)
+    assert (record["rule"], record["severity"], record["stream"], record["frames"]) == (
+        "no-listener", "error", 2, [20, 21])
+    assert record["message"] and record["fix"] and record["cause"]
+    assert record["t"] > 0 and record["evidence"]["target"] == "1:5101"
+
+
+def test_a_clean_capture_says_so_and_exits_0() -> None:
+    code, out, _ = run(str(FIXTURES / "synthetic/seqpacket-ns.pcapng"))
+    assert code == 0
+    assert out.strip().splitlines()[-1] == "verdict: no problems found in 1 connection(s)."
+
+
+def test_notes_alone_do_not_fail_the_run() -> None:
+    code, out, _ = run(str(FIXTURES / "diagnose/tap-length.pcap"))
+    assert code == 0
+    assert "INFO tap-length" in out and "no problems found" in out and "1 note(s)" in out
+
+
+def test_rule_and_severity_filters() -> None:
+    path = str(FIXTURES / "diagnose/dial-retry.pcap")
+    code, out, _ = run(path, "--json", "--rule", "dial-retry")
+    assert code == 1 and [json.loads(x)["rule"] for x in out.splitlines()] == ["dial-retry"]
+    code, out, _ = run(path, "--json", "--min-severity", "error")
+    assert [json.loads(x)["rule"] for x in out.splitlines()] == ["no-listener"]
+    code, out, _ = run(str(FIXTURES / "diagnose/no-transport.pcap"), "--rule", "mid-capture")
+    assert code == 0 and "left out by the filters" in out
+
+
+def test_rule_kind_filter() -> None:
+    code, out, _ = run(str(FIXTURES / "diagnose/window-full-deadlock.pcap"), "--json",
+                       "--rule", "window-full/not-reading")
+    assert (code, out) == (0, "")
+    code, out, _ = run(str(FIXTURES / "diagnose/window-full-deadlock.pcap"), "--json",
+                       "--rule", "window-full/deadlock")
+    assert code == 1 and json.loads(out)["kind"] == "deadlock"
+
+
+def test_threshold_options() -> None:
+    path = str(FIXTURES / "diagnose/window-full.pcap")
+    assert run(path)[0] == 1
+    code, out, _ = run(path, "--stall", "10")
+    assert code == 0 and "window-full/" not in out
+    _, help_text, _ = run("--help")
+    for option in ("--no-transport", "--stall", "--credit-reply", "--half-close",
+                   "--unread-grace", "--small-rw-bytes", "--small-rw-count", "--retry-count",
+                   "--retry-gap"):
+        assert option in help_text
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing.pcap", FIXTURES / "synthetic/ethernet.pcap"):
+        code, out, err = run(str(path))
+        assert code == 2 and out == ""
+        assert len(err.strip().splitlines()) == 1 and err.startswith("Error: ")
+    (tmp_path / "junk.pcap").write_bytes(b"not a capture at all")
+    code, _, err = run(str(tmp_path / "junk.pcap"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    code, _, _ = run(str(FIXTURES / "diagnose/no-listener.pcap"), "--rule", "no-such-rule")
+    assert code == 2
+
+
+def test_truncated_capture_is_diagnosed_up_to_where_it_ends() -> None:
+    code, out, err = run(str(FIXTURES / "synthetic/truncated.pcap"))
+    assert code == 0 and "warning" in err and "mid-capture/end" in out
+
+
+def test_gzip_and_stdin(tmp_path: Path) -> None:
+    raw = (FIXTURES / "diagnose/no-listener.pcap").read_bytes()
+    (tmp_path / "c.pcap.gz").write_bytes(gzip.compress(raw))
+    code, out, _ = run(str(tmp_path / "c.pcap.gz"), "--json")
+    assert code == 1 and json.loads(out)["rule"] == "no-listener"
+    result = CliRunner().invoke(main, ["diagnose", "-", "--json"], input=raw)
+    assert result.exit_code == 1 and json.loads(result.stdout)["stream"] == 2
+
+
+def test_findings_grouped_by_connection_most_severe_first(tmp_path: Path) -> None:
+    out_frames: list[tuple[int, bytes]] = []
+    reset = Conv(out_frames, client=(3, 50000), server=(2, 1024))
+    reset.open()
+    reset.data(0, b"hi")
+    reset.send(1, Op.RST)  # warning: abrupt
+    refused = Conv(out_frames, client=(3, 50001), server=(2, 2000))
+    refused.send(0, Op.REQUEST)
+    refused.send(1, Op.RST, buf=0)  # error: no listener
+    code, out, _ = run(str(write(tmp_path / "t.pcap", out_frames)))
+    assert code == 1
+    assert out.index("stream 1") < out.index("stream 0")
+    assert out.strip().splitlines()[-1] == "verdict: 1 error(s), 1 warning(s)."
