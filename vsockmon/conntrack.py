@@ -366,6 +366,33 @@ def _last_per(keys: np.ndarray, values: np.ndarray, size: int, init: int = 0) ->
     return out
 
 
+def _keys(v: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Sort keys of the connection key (type, {lower end, higher end}) and whether each
+    row's source is the lower end. An end is packed as ``cid << 32 | port`` (one compare per
+    end) unless a CID does not fit 32 bits; then each part is its own key."""
+    scid, dcid = v["src_cid"], v["dst_cid"]
+    sport, dport = v["src_port"], v["dst_port"]
+    if len(v) and max(int(scid.max()), int(dcid.max())) <= 0xFFFFFFFF:
+        src = (scid << np.uint64(32)) | sport
+        dst = (dcid << np.uint64(32)) | dport
+        return (v["type"], np.minimum(src, dst), np.maximum(src, dst)), src <= dst
+    src_lo = (scid < dcid) | ((scid == dcid) & (sport <= dport))
+    return (v["type"], np.where(src_lo, scid, dcid), np.where(src_lo, sport, dport),
+            np.where(src_lo, dcid, scid), np.where(src_lo, dport, sport)), src_lo
+
+
+def _key_tuples(keys: list[np.ndarray]) -> list[tuple[int, ...]]:
+    """The dictionary keys of the groups: always the packed form when the CIDs fit, so
+    a connection's key does not depend on the other rows of its batch."""
+    if len(keys) == 3:
+        return list(zip(*(k.tolist() for k in keys), strict=True))
+    out: list[tuple[int, ...]] = []
+    for typ, lc, lp, hc, hp in zip(*(k.tolist() for k in keys), strict=True):
+        out.append((typ, lc << 32 | lp, hc << 32 | hp) if max(lc, hc) <= 0xFFFFFFFF
+                   else (typ, lc, lp, hc, hp))
+    return out
+
+
 class _Batch:
     """The rows of one batch that carry a virtio header, sorted by stream (then frame)."""
 
@@ -410,7 +437,7 @@ class ConnTracker:
 
     def __init__(self) -> None:
         self._t = _Table()
-        self._current: dict[tuple[int, int, int, int, int], int] = {}
+        self._current: dict[tuple[int, ...], int] = {}
         self._events: list[tuple[np.ndarray, ...]] = []
         self.frames = 0
         self.frames_without_stream = 0
@@ -450,13 +477,7 @@ class ConnTracker:
         """Sort the rows by connection key and give each row its stream (new ones numbered
         in order of their first frame)."""
         v = fb.virtio[rows]
-        scid, dcid = v["src_cid"], v["dst_cid"]
-        sport, dport = v["src_port"], v["dst_port"]
-        src_lo = (scid < dcid) | ((scid == dcid) & (sport <= dport))
-        lo_cid, hi_cid = np.where(src_lo, scid, dcid), np.where(src_lo, dcid, scid)
-        lo_port, hi_port = np.where(src_lo, sport, dport), np.where(src_lo, dport, sport)
-        typ = v["type"]
-        keys = (typ, lo_cid, lo_port, hi_cid, hi_port)
+        keys, src_lo = _keys(v)
         order = np.lexsort(keys[::-1])  # stable: rows of one key stay in frame order
         b = _Batch(fb, rows, order, v, src_lo)
         m = b.m
@@ -467,7 +488,7 @@ class ConnTracker:
             change[1:] |= k[1:] != k[:-1]
         gpos = np.flatnonzero(change)
         gend = np.r_[gpos[1:] - 1, m - 1]
-        key_list = list(zip(*(k[gpos].tolist() for k in skeys), strict=True))
+        key_list = _key_tuples([k[gpos] for k in skeys])
         current = self._current
         cur = np.fromiter((current.get(k, -1) for k in key_list), dtype=np.int64,
                           count=len(key_list))
