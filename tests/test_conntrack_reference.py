@@ -253,7 +253,8 @@ def random_capture(rng: random.Random, path: Path, n: int) -> Path:
             frames.append(b"\x00" * rng.randrange(0, 40))  # no virtio header
             continue
         if not live or r < 0.15:
-            c = {"c": (rng.choice([1, 2, 3]), rng.choice([50000, 50001, 70000, 1025])),
+            c = {"c": (rng.choice([1, 2, 3, 1 << 40]),  # a CID beyond 32 bits: other keys
+                       rng.choice([50000, 50001, 70000, 1025])),
                  "s": (rng.choice([1, 2, 3]), rng.choice(ports)),
                  "type": rng.choice([SockType.STREAM, SockType.SEQPACKET]),
                  "fwd": [rng.choice([0, U32 - 100, rng.randrange(U32)]) for _ in range(2)],
