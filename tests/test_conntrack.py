@@ -269,3 +269,15 @@ def test_empty_capture_has_no_connection(tmp_path: Path) -> None:
     assert len(t) == 0 and t.records() == [] and list(t) == []
     with pytest.raises(IndexError):
         t[0]
+
+
+def test_user_guide_documents_every_field_and_close() -> None:
+    root = Path(__file__).resolve().parent.parent
+    guide = (root / "docs" / "analysis.md").read_text()
+    for f in RECORD_FIELDS:
+        assert f"`{f.name}`" in guide, f.name
+    for kind in Close:
+        assert f"`{kind.value}`" in guide, kind
+    assert "A **REQUEST** always starts a new stream for its key." in guide
+    image = root / "docs" / "img" / "timeline.png"
+    assert "img/timeline.png" in guide and image.stat().st_size < 200_000

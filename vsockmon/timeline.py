@@ -69,7 +69,8 @@ class Step:
         if names:
             parts.append("|".join(names))
         if self.op == Op.RW and self.credit is not None:
-            parts.append(f"credit={self.credit}" if self.credit > 0 else "NO CREDIT")
+            note = "" if self.credit > 0 else " stall" if self.credit == 0 else " OVER"
+            parts.append(f"credit={self.credit}{note}")
         elif self.op in (Op.CREDIT_UPDATE, Op.CREDIT_REQUEST, Op.REQUEST, Op.RESPONSE):
             parts.append(f"buf={self.buf_alloc} fwd={self.fwd_cnt}")
         if self.anomalies & Anomaly.PAYLOAD_LEN:
