@@ -135,11 +135,16 @@ def _run(argv: Sequence[str | Path], cwd: Path | None = None) -> str:
 
 
 def apt_reason(error: subprocess.CalledProcessError) -> str:
-    """The gist of a failed apt command: its last ``E:`` line, else its last line."""
+    """The gist of a failed apt command: its last ``E:`` line, else its last line.
+
+    "Failed to fetch URL  WHY" becomes WHY: the URL makes the line long and says little.
+    """
     lines = [ln.strip() for ln in f"{error.stdout or ''}\n{error.stderr or ''}".splitlines()]
     errors = [ln.removeprefix("E:").strip() for ln in lines if ln.startswith("E:")]
     rest = [ln for ln in lines if ln]
-    return errors[-1] if errors else rest[-1] if rest else f"exit status {error.returncode}"
+    reason = errors[-1] if errors else rest[-1] if rest else f"exit status {error.returncode}"
+    fetch, sep, why = reason.partition("  ")
+    return why.strip() if sep and fetch.startswith("Failed to fetch") else reason
 
 
 class _StaleLists(Exception):

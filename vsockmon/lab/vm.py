@@ -109,7 +109,9 @@ def job_script(job: Job) -> str:
     tty (``setsid -c``) and the host terminal's size.
     """
     q = shlex.quote
-    command = ["/lab/bin/env", "-i", *(f"{k}={v}" for k, v in job.env.items()), *job.argv]
+    # The host's env, not busybox's: busybox runs its own applets in place of commands
+    # of the same name (its sh and ip would shadow the host's).
+    command = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in job.env.items()), *job.argv]
     body = "exec " + shlex.join(command)
     if job.shell:
         body = "exec /lab/bin/setsid -c " + shlex.join(command)
