@@ -578,11 +578,7 @@ def _unanswered(ctx: _Context) -> None:
                     f"The REQUEST from {c.client.addr} to {c.server.addr} (frame "
                     f"{c.request_frame}) got neither RESPONSE nor RST for {_s(waited)}, and "
                     f"CID {cid} sent nothing earlier in the capture.",
-                    f"No vsock transport answers at CID {cid}: the guest's virtio-vsock driver "
-                    f"(vmw_vsock_virtio_transport) is not loaded, the guest is still booting, "
-                    f"or the VMM has no vsock device for that CID.",
-                    "Load the transport in the guest and wait for the guest to boot before "
-                    "dialling; give connect() a timeout longer than the boot.",
+                    *_no_transport_text(cid),
                     kind="no-transport", **common)
         else:
             ctx.add("no-transport", c, [c.request_frame, spoke[0]],
@@ -595,6 +591,21 @@ def _unanswered(ctx: _Context) -> None:
                     "device (or reboot the guest) and reconnect.",
                     kind="peer-silent", severity=Severity.WARNING,
                     cid_first_frame=spoke[0], **common)
+
+
+def _no_transport_text(cid: int) -> tuple[str, str]:
+    """Cause and fix of an unanswered REQUEST, for the host or for a guest."""
+    if cid == HOST_CID:
+        return ("Nothing answers for the host (CID 2): the host end of the vsock device is not "
+                "running — vhost_vsock not loaded, or a user-space VMM device (Firecracker, "
+                "Cloud Hypervisor, libkrun) whose vsock backend is stopped or stuck.",
+                "Load vhost_vsock on the host, or start (or restart) the VMM's vsock backend; "
+                "give connect() a timeout and report its failure.")
+    return (f"No vsock transport answers at CID {cid}: the guest's virtio-vsock driver "
+            f"(vmw_vsock_virtio_transport) is not loaded, the guest is still booting, or no VM "
+            f"has that CID.",
+            "Load the transport in the guest and wait for it to boot before dialling; give "
+            "connect() a timeout longer than the boot.")
 
 
 def _cid_mismatch(ctx: _Context) -> None:
