@@ -1,0 +1,167 @@
+"""Connection analysis of the real lab captures (fixtures/real, made by traffic.py in the lab
+VM with Debian's kernel): what the tracker finds must be what the traffic script did.
+
+Timing, ports and the number of CREDIT_UPDATEs change from one generation to the next; the
+assertions hold only what the script fixes: bytes, messages, closes, roles.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+from click.testing import CliRunner
+
+from vsockmon.cli import main
+from vsockmon.conntrack import Close, ConnTable, StreamRows, Violation
+from vsockmon.decode import decode_batches
+from vsockmon.pcapio import open_capture
+from vsockmon.reassembly import chunks, direction_bytes, segments
+
+REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
+
+
+def traffic() -> ModuleType:
+    """The generator script itself, for its payload patterns."""
+    spec = importlib.util.spec_from_file_location("traffic", REAL / "traffic.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def analyse(name: str, *streams: int) -> tuple[ConnTable, StreamRows]:
+    from vsockmon.conntrack import ConnTracker
+
+    rows = StreamRows(streams, payloads=True)
+    tracker = ConnTracker()
+    with open_capture(str(REAL / name)) as reader:
+        for fb in decode_batches(reader.batches()):
+            rows(fb, tracker.feed(fb))
+        assert reader.stopped is None
+    return tracker.finish(), rows
+
+
+def sent(rows: StreamRows, stream: int, side: int) -> bytes:
+    data, missing = direction_bytes(chunks(rows.columns(stream), rows.payload(stream)), side)
+    assert missing == 0
+    return data
+
+
+def test_source_constants_still_hold() -> None:
+    """The numbers below mirror traffic.py; if it changes, so must they."""
+    src = (REAL / "traffic.py").read_text()
+    for line in ("total = 128 * 1024", "buffer_size=16 * 1024", "time.sleep(0.01)",
+                 "pattern(10000, 11)", "for i in range(3, 6):", "count: int = 8"):
+        assert line in src, line
+
+
+def test_stream_echo() -> None:
+    table, rows = analyse("stream-echo.pcap", 0)
+    assert len(table) == 1
+    c = table[0]
+    message = b"hello vsock\n" + traffic().pattern(1000) + b"bye\n"
+    assert (c.type_name, c.close, c.start_seen, c.server.port) == ("STREAM", Close.GRACEFUL,
+                                                                   True, 5001)
+    assert c.client.bytes == c.server.bytes == len(message) == 1016
+    assert sent(rows, 0, 0) == sent(rows, 0, 1) == message
+    assert c.handshake_ns is not None and c.handshake_ns > 0
+    assert c.server.rst_count >= 1 and not c.client.violations and not c.server.violations
+
+
+def test_seqpacket_messages() -> None:
+    table, rows = analyse("seqpacket-echo.pcap", 0)
+    c = table[0]
+    want = [b"one", b"two", traffic().pattern(5000, 7), b"last"]
+    assert (c.type_name, c.close) == ("SEQPACKET", Close.GRACEFUL)
+    assert (c.client.messages, c.server.messages) == (4, 4)
+    assert (c.client.records, c.server.records) == (2, 2)  # the two sent with MSG_EOR
+    msgs = segments(chunks(rows.columns(0), rows.payload(0)), seqpacket=True)
+    assert [bytes(m.data) for m in msgs if m.sender == 0] == want
+    assert [bytes(m.data) for m in msgs if m.sender == 1] == want
+    assert [m.eor for m in msgs if m.sender == 0] == [False, True, False, True]
+
+
+def test_no_listener_is_refused() -> None:
+    table, _ = analyse("no-listener.pcap")
+    c = table[0]
+    assert (len(table), c.close, c.server.port, c.close_by) == (1, Close.REFUSED, 5999,
+                                                                "server")
+    assert [e.op_name for e in c.events] == ["REQUEST", "RST"]
+    assert c.handshake_ns is not None and c.response_frame is None
+
+
+def test_credit_stall_has_plausible_stalls() -> None:
+    table, rows = analyse("credit-stall.pcap", 0)
+    c = table[0]
+    assert c.client.bytes == 128 * 1024 and sent(rows, 0, 0) == traffic().pattern(128 * 1024,
+                                                                                 3)
+    assert c.server.buf_alloc == 16 * 1024
+    assert c.client.max_in_flight == 16 * 1024 and c.client.min_credit == 0
+    st = c.client.stalls
+    # the reader drains 4 KiB per 10 ms: a full 16 KiB buffer takes tens of milliseconds
+    assert st.count >= 2
+    assert 5e6 <= st.max_ns <= 2e9 and st.count * 5e6 <= st.total_ns < c.duration_ns
+    assert Violation.BEYOND_CREDIT not in c.client.violations
+    assert c.server.stalls.count == 0 and c.close == Close.GRACEFUL
+    rec = json.loads(CliRunner().invoke(main, ["conns", str(REAL / "credit-stall.pcap"),
+                                               "--json"]).stdout)
+    assert rec["credit_stalls"] == st.count and rec["stall_time"] > 0
+
+
+def test_many_connections() -> None:
+    table, _ = analyse("many-connections.pcap")
+    sizes = sorted(len(f"client {i} says hello\n".encode()) * (i + 1) for i in range(8))
+    assert len(table) == 8
+    assert sorted(c.client.bytes for c in table) == sizes
+    assert all(c.server.bytes == c.client.bytes for c in table)
+    assert {c.server.addr for c in table} == {"1:5005"}
+    assert len({c.client.port for c in table}) == 8
+    assert {c.close for c in table} == {Close.GRACEFUL}
+    assert [c.stream for c in table] == list(range(8))
+    assert [c.first_frame for c in table] == sorted(c.first_frame for c in table)
+
+
+def test_half_close() -> None:
+    table, rows = analyse("half-close.pcap", 0)
+    c = table[0]
+    assert sent(rows, 0, 0) == b"request, then SHUT_WR\n"
+    assert sent(rows, 0, 1) == b"got 22 bytes, closing now\n"
+    first_shutdown = next(e for e in c.events if e.op_name == "SHUTDOWN")
+    assert first_shutdown.sender_role == "client" and first_shutdown.flags == 2  # SEND only
+    assert c.server.first_rw_frame > first_shutdown.frame  # the answer came after it
+    assert Violation.AFTER_SHUTDOWN not in c.client.violations
+
+
+def test_mid_connection_capture_has_an_unknown_start() -> None:
+    table, rows = analyse("mid-connection.pcap", 0)
+    c = table[0]
+    assert len(table) == 1 and not c.start_seen and c.request_frame is None
+    assert c.server.port == 5007 and c.client.port != 5007  # roles guessed by port
+    pat = traffic().pattern
+    assert sent(rows, 0, 0) == sent(rows, 0, 1) == b"".join(pat(100, i) for i in range(3, 6))
+    result = CliRunner().invoke(main, ["conns", str(REAL / "mid-connection.pcap")])
+    assert result.exit_code == 0 and "?" in result.stdout.splitlines()[2]
+
+
+def test_host_guest_over_vhost_is_tracked_like_loopback() -> None:
+    """CID 2 (the lab VM) and 3 (its nested guest): vhost splits host→guest packets into
+    3732-byte fragments and its tap keeps the rest of the packet after each one."""
+    table, rows = analyse("host-guest.pcap", 0, 1, 3)
+    assert [(c.type_name, c.client.cid, c.server.cid, c.close) for c in table] == [
+        ("STREAM", 2, 3, Close.GRACEFUL), ("SEQPACKET", 2, 3, Close.GRACEFUL),
+        ("STREAM", 2, 3, Close.GRACEFUL), ("STREAM", 3, 2, Close.GRACEFUL)]
+    data = traffic().pattern(10000, 11)
+    c = table[0]
+    assert c.client.bytes == c.server.bytes == 10000
+    assert sent(rows, 0, 0) == sent(rows, 0, 1) == data  # first len bytes of each frame
+    assert c.client.violations[Violation.TAP_LENGTH].count >= 1
+    seq = table[1]
+    assert (seq.client.messages, seq.client.records) == (2, 1)
+    assert sent(rows, 1, 0) == b"seq oneseq two"
+    assert table[2].client.bytes == len(b"7000\n")
+    guest = table[3]
+    assert guest.server.addr == "2:7000" and guest.start_seen
+    assert sent(rows, 3, 1) == sent(rows, 3, 0) == b"hello guest, echo this\n"
