@@ -12,10 +12,12 @@ Stays cheap to import (stdlib only): in the lab VM every import costs seconds.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 VMADDR_CID_ANY = 0xFFFFFFFF
@@ -60,23 +62,19 @@ def open_socket(kind: str) -> socket.socket:
 def set_buffer_size(sock: socket.socket, size: int) -> None:
     """Set the receive buffer (SO_VM_SOCKETS_BUFFER_SIZE) — what the peer sees as buf_alloc.
 
-    The kernel clamps the size into [MIN, MAX], so widen those first.
+    The kernel clamps the size into [MIN, MAX], so widen those first. (Python passes vsock
+    options as 64-bit integers: no byte strings here.)
     """
     level = socket.AF_VSOCK
     try:
-        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE,
-                        max(size, _get_u64(sock, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE)
-                            ).to_bytes(8, "little"))
-        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MIN_SIZE,
-                        min(size, _get_u64(sock, socket.SO_VM_SOCKETS_BUFFER_MIN_SIZE)
-                            ).to_bytes(8, "little"))
-        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_SIZE, size.to_bytes(8, "little"))
+        high = max(size, sock.getsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE))
+        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE, high)
+        low = min(size, sock.getsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MIN_SIZE))
+        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_MIN_SIZE, low)
+        sock.setsockopt(level, socket.SO_VM_SOCKETS_BUFFER_SIZE, size)
     except OSError as e:
-        raise EchoError(f"cannot set the vsock buffer size to {size}: {e.strerror}") from None
-
-
-def _get_u64(sock: socket.socket, opt: int) -> int:
-    return int.from_bytes(sock.getsockopt(socket.AF_VSOCK, opt, 8), "little")
+        raise EchoError(f"cannot set the vsock buffer size to {size}: {e.strerror or e}"
+                        ) from None
 
 
 def addr_text(cid: int, port: int) -> str:
@@ -303,10 +301,27 @@ def connect_vsock(opts: ClientOptions) -> socket.socket:
     return sock
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, size: int) -> None:
-    got = 0
+def _exchange(sock: socket.socket, poller: select.poll, msg: bytes, view: memoryview,
+              size: int, timeout_ms: int) -> None:
+    """Send ``msg`` and read ``size`` echoed bytes at the same time.
+
+    Sending all before reading would deadlock once the message outgrows the buffers: the
+    server blocks writing the echo into our full receive window while we block writing into
+    its full one. The socket is non-blocking; poll only when neither side can move.
+    """
+    out = memoryview(msg)
+    sent = got = 0
     while got < size:
-        n = sock.recv_into(view[got:size])
+        if sent < size:
+            with suppress(BlockingIOError):
+                sent += sock.send(out[sent:])
+        try:
+            n = sock.recv_into(view[got:size])
+        except BlockingIOError:
+            poller.modify(sock, select.POLLIN | (select.POLLOUT if sent < size else 0))
+            if not poller.poll(timeout_ms):
+                raise TimeoutError(f"no echo for {timeout_ms / 1000:g} s") from None
+            continue
         if not n:
             raise EchoError(f"the server closed the connection after {got} of {size} bytes")
         got += n
@@ -329,6 +344,11 @@ def _run_worker(worker: int, opts: ClientOptions, connect: Connect, quota: int |
     except EchoError as e:
         result.error = str(e)
         return
+    timeout_ms = int(opts.timeout * 1000)
+    poller = select.poll()
+    if stream:
+        sock.setblocking(False)
+        poller.register(sock, select.POLLIN)
     try:
         next_at = time.monotonic()
         index = 0
@@ -343,8 +363,7 @@ def _run_worker(worker: int, opts: ClientOptions, connect: Connect, quota: int |
             msg = message(worker, index, size)
             t0 = clock()
             if stream:
-                sock.sendall(msg)
-                _recv_exact(sock, view, size)
+                _exchange(sock, poller, msg, view, size, timeout_ms)
                 same = buf[:size] == msg
             else:
                 sock.send(msg, flags)
@@ -355,7 +374,7 @@ def _run_worker(worker: int, opts: ClientOptions, connect: Connect, quota: int |
                 result.mismatches += 1
             result.messages += 1
             index += 1
-        _close_cleanly(sock, stream)
+        _close_cleanly(sock, stream, opts.timeout)
     except (OSError, EchoError) as e:
         text = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         result.error = f"connection {worker}: {text} after {result.messages} messages"
@@ -363,10 +382,11 @@ def _run_worker(worker: int, opts: ClientOptions, connect: Connect, quota: int |
         sock.close()
 
 
-def _close_cleanly(sock: socket.socket, stream: bool) -> None:
+def _close_cleanly(sock: socket.socket, stream: bool, timeout: float) -> None:
     """Half-close and wait for the server's EOF, so both sides see an orderly SHUTDOWN."""
     if not stream:
         return
+    sock.settimeout(timeout)
     sock.shutdown(socket.SHUT_WR)
     while sock.recv(4096):
         pass
