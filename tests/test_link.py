@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,11 @@ def test_a_link_of_another_kind_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     FakeKernel(monkeypatch, LinkState("vsockmon0", 3, 1, "dummy", True, 1500))
     with pytest.raises(LinkError, match="not a vsockmon link"), link.managed_link():
         pass
+
+
+def test_rtnetlink_lookup_of_real_links() -> None:
+    """The same requests that manage vsockmon0, read-only on the host's loopback."""
+    lo = link.get_link("lo")
+    assert lo is not None and lo.name == "lo" and lo.ifi_type == 772 and lo.up
+    assert lo.mtu > 0 and lo.index == socket.if_nametoindex("lo") and not lo.is_vsockmon
+    assert link.get_link("no-such-link0") is None

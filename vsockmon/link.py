@@ -1,4 +1,4 @@
-"""The vsockmon0 tap link: create, raise, delete and inspect it through rtnetlink (pyroute2).
+"""The vsockmon0 tap link: create, raise, delete and inspect it through rtnetlink.
 
 A capture needs the link only while it runs, so :func:`managed_link` creates it on entry and
 deletes it on the way out — normal return, exception, SIGINT, SIGTERM or SIGHUP — but only if
@@ -7,7 +7,7 @@ cannot clean up, so the creator leaves a marker (``/run/vsockmon/NAME.pid``) and
 :func:`link_status` can tell a link left behind by a dead run from one in use.
 
 Also here: the few kernel facts needed to explain a failure in one line (capabilities, kernel
-config, module support), which :mod:`vsockmon.doctor` reuses. pyroute2 is imported lazily.
+config, module support), which :mod:`vsockmon.doctor` reuses.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import os
 import platform
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
 
 from vsockmon.protocol import ARPHRD_VSOCKMON
 
@@ -145,32 +146,87 @@ class LinkState:
         return self.ifi_type == ARPHRD_VSOCKMON
 
 
-def _iproute() -> Any:
-    try:
-        from pyroute2 import IPRoute
-    except ImportError as e:  # pragma: no cover - a broken install
-        raise LinkError(f"pyroute2 is not importable ({e}); reinstall vsockmon") from None
-    return IPRoute()
+# -- rtnetlink ------------------------------------------------------------------------------
+# Four requests (get, add, set up/down, delete) over a NETLINK_ROUTE socket. pyroute2 would do
+# it too, but importing it costs 2-8 s in the lab VM on every capture start.
+
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLMSG_ERROR = 2
+IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 4, 18, 1
+_NLMSG = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_RTA = struct.Struct("=HH")
 
 
-def _state(msg: Any) -> LinkState:
-    kind = None
-    info = msg.get_attr("IFLA_LINKINFO")
-    if info is not None:
-        kind = info.get_attr("IFLA_INFO_KIND")
-    return LinkState(msg.get_attr("IFLA_IFNAME"), msg["index"], msg["ifi_type"], kind,
-                     bool(msg["flags"] & IFF_UP), msg.get_attr("IFLA_MTU") or 0)
+class NetlinkError(OSError):
+    """The kernel's errno for a request (``.errno``)."""
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    raw = _RTA.pack(_RTA.size + len(data), kind) + data
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _attrs(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
+    out = {}
+    while pos + _RTA.size <= end:
+        length, kind = _RTA.unpack_from(buf, pos)
+        if length < _RTA.size:
+            break
+        out[kind & 0x3FFF] = buf[pos + _RTA.size:pos + length]  # without NLA_F_NESTED
+        pos += (length + 3) & ~3
+    return out
+
+
+def _request(msg_type: int, flags: int, index: int = 0, ifflags: int = 0, change: int = 0,
+             attrs: bytes = b"") -> bytes | None:
+    """Send one request; the payload of the kernel's RTM_NEWLINK answer, None for an ACK."""
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, ifflags, change) + attrs
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | flags, 1, 0)
+                  + body)
+        while True:
+            data = sock.recv(65536)
+            pos = 0
+            while pos + _NLMSG.size <= len(data):
+                length, kind, _f, _seq, _pid = _NLMSG.unpack_from(data, pos)
+                payload = data[pos + _NLMSG.size:pos + length]
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise NetlinkError(code, os.strerror(code))
+                    return None
+                if kind == RTM_NEWLINK:
+                    return payload
+                pos += max((length + 3) & ~3, _NLMSG.size)
+
+
+def _parse_link(payload: bytes) -> LinkState:
+    _family, ifi_type, index, flags, _change = _IFINFO.unpack_from(payload)
+    attrs = _attrs(payload, _IFINFO.size, len(payload))
+    info = _attrs(attrs.get(IFLA_LINKINFO, b""), 0, len(attrs.get(IFLA_LINKINFO, b"")))
+    kind = info.get(IFLA_INFO_KIND)
+    mtu = attrs.get(IFLA_MTU)
+    return LinkState(attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(), index, ifi_type,
+                     kind.rstrip(b"\0").decode() if kind else None, bool(flags & IFF_UP),
+                     struct.unpack("=I", mtu)[0] if mtu else 0)
+
+
+def _name_attr(name: str) -> bytes:
+    return _attr(IFLA_IFNAME, name.encode() + b"\0")
 
 
 def get_link(name: str = DEFAULT_LINK) -> LinkState | None:
     """The link called ``name``, or None."""
-    with _iproute() as ip:
-        found = ip.link_lookup(ifname=name)
-        return _state(ip.get_links(found[0])[0]) if found else None
-
-
-def _netlink_code(e: Exception) -> int | None:
-    return getattr(e, "code", None)
+    try:
+        payload = _request(RTM_GETLINK, 0, attrs=_name_attr(name))
+    except NetlinkError as e:
+        if e.errno == errno.ENODEV:
+            return None
+        raise LinkError(f"cannot look up {name}: {e.strerror}") from None
+    return _parse_link(payload) if payload else None
 
 
 def require_net_admin(action: str) -> None:
@@ -224,53 +280,57 @@ def load_module(name: str = MODULE) -> str | None:
 def create_link(name: str = DEFAULT_LINK) -> LinkState:
     """Create the vsockmon link ``name`` and bring it up; loads the module when needed."""
     require_net_admin(f"creating {name}")
-    with _iproute() as ip:
-        err = _try_add(ip, name)
-        if _netlink_code(err) == errno.EOPNOTSUPP:
-            # The kernel knows no "vsockmon" kind: its own module autoload did not help.
-            problem = None
-            if modules_supported() and not module_loaded(MODULE):
-                problem = load_module()
-                if problem is None:
-                    err = _try_add(ip, name)
-            if problem is not None or _netlink_code(err) == errno.EOPNOTSUPP:
-                raise LinkError(f"cannot create {name}: {_explain_missing_kind(problem)}")
-        if err is not None:
-            raise _link_error(f"cannot create {name}", err)
-        index = ip.link_lookup(ifname=name)[0]
-        try:
-            ip.link("set", index=index, state="up")
-        except Exception as e:
-            with suppress(Exception):
-                ip.link("del", index=index)
-            raise _link_error(f"cannot bring {name} up", e) from None
-        return _state(ip.get_links(index)[0])
-
-
-def _try_add(ip: Any, name: str) -> Exception | None:
+    err = _try_add(name)
+    if err is not None and err.errno == errno.EOPNOTSUPP:
+        # The kernel knows no "vsockmon" kind: its own module autoload did not help.
+        problem = None
+        if modules_supported() and not module_loaded(MODULE):
+            problem = load_module()
+            if problem is None:
+                err = _try_add(name)
+        if problem is not None or (err is not None and err.errno == errno.EOPNOTSUPP):
+            raise LinkError(f"cannot create {name}: {_explain_missing_kind(problem)}")
+    if err is not None:
+        raise _link_error(f"cannot create {name}", err)
+    state = get_link(name)
+    if state is None:
+        raise LinkError(f"{name} vanished right after it was created")
     try:
-        ip.link("add", ifname=name, kind="vsockmon")
-    except Exception as e:  # pyroute2's NetlinkError carries the errno as .code
+        _set_flags(state.index, up=True)
+    except NetlinkError as e:
+        with suppress(NetlinkError):
+            _request(RTM_DELLINK, NLM_F_ACK, index=state.index)
+        raise _link_error(f"cannot bring {name} up", e) from None
+    return get_link(name) or state
+
+
+def _try_add(name: str) -> NetlinkError | None:
+    kind = _attr(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"vsockmon"))
+    try:
+        _request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+                 attrs=_name_attr(name) + kind)
+    except NetlinkError as e:
         return e
     return None
 
 
-def _link_error(what: str, e: Exception) -> LinkError:
-    code = _netlink_code(e)
-    if code in (errno.EPERM, errno.EACCES):
+def _set_flags(index: int, up: bool) -> None:
+    _request(RTM_NEWLINK, NLM_F_ACK, index=index, ifflags=IFF_UP if up else 0, change=IFF_UP)
+
+
+def _link_error(what: str, e: NetlinkError) -> LinkError:
+    if e.errno in (errno.EPERM, errno.EACCES):
         return LinkError(f"{what}: permission denied; needs CAP_NET_ADMIN (run as root)")
-    if code == errno.EEXIST:
+    if e.errno == errno.EEXIST:
         return LinkError(f"{what}: a link with that name already exists")
-    reason = os.strerror(code) if isinstance(code, int) else str(e)
-    return LinkError(f"{what}: {reason}")
+    return LinkError(f"{what}: {e.strerror}")
 
 
 def set_up(state: LinkState, up: bool) -> None:
-    with _iproute() as ip:
-        try:
-            ip.link("set", index=state.index, state="up" if up else "down")
-        except Exception as e:
-            raise _link_error(f"cannot set {state.name} {'up' if up else 'down'}", e) from None
+    try:
+        _set_flags(state.index, up)
+    except NetlinkError as e:
+        raise _link_error(f"cannot set {state.name} {'up' if up else 'down'}", e) from None
 
 
 def delete_link(name: str = DEFAULT_LINK) -> bool:
@@ -282,12 +342,11 @@ def delete_link(name: str = DEFAULT_LINK) -> bool:
     if not state.is_vsockmon:
         raise LinkError(f"{name} is not a vsockmon link (type {state.ifi_type}); not deleting it")
     require_net_admin(f"deleting {name}")
-    with _iproute() as ip:
-        try:
-            ip.link("del", index=state.index)
-        except Exception as e:
-            if _netlink_code(e) != errno.ENODEV:
-                raise _link_error(f"cannot delete {name}", e) from None
+    try:
+        _request(RTM_DELLINK, NLM_F_ACK, index=state.index)
+    except NetlinkError as e:
+        if e.errno != errno.ENODEV:
+            raise _link_error(f"cannot delete {name}", e) from None
     clear_marker(name)
     return True
 
