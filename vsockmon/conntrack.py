@@ -561,8 +561,11 @@ class ConnTracker:
         t, s = self._t, b.seg_sid
         ev = _EVENT_OPS[b.op]
         if ev.any():
-            self._events.append((b.sid[ev], b.frame[ev], b.ts[ev], b.op[ev], b.sender[ev],
-                                 b.flags[ev], b.len[ev], b.buf[ev], b.fwd[ev]))
+            # the only per-packet memory kept: narrow types (the wire's widths)
+            self._events.append((
+                b.sid[ev], b.frame[ev], b.ts[ev], b.op[ev].astype(np.uint16),
+                b.sender[ev].astype(np.int8), *(c[ev].astype(np.uint32) for c in
+                                                (b.flags, b.len, b.buf, b.fwd))))
         resp = b.op == Op.RESPONSE
         if resp.any():
             t.response_frame[s] = np.minimum(t.response_frame[s],
@@ -739,6 +742,7 @@ class ConnTracker:
                                                          strict=True)}
             order = np.lexsort((ev["frame"], ev["sid"]))
             ev = {k: c[order] for k, c in ev.items()}
+            self._events = [tuple(ev.values())]  # one sorted copy, not two
         else:
             ev = {k: np.zeros(0, dtype=np.int64) for k in names}
         _end_stalls(cols)
