@@ -239,3 +239,20 @@ def test_stats_text(echo: Path) -> None:
     out, _, _ = run("stats", str(echo), "--bins", "5")
     assert "40 frames" in out and "packets by op and socket type" in out
     assert "top server ports" in out and "throughput" in out
+
+
+def test_progress_bar_only_on_a_terminal(echo: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Big files on a terminal get a (transient) rich progress bar on stderr; nothing else
+    changes, and pipes never see one."""
+    import sys
+
+    from vsockmon.cli import analysis
+
+    monkeypatch.setattr(analysis, "PROGRESS_MIN_BYTES", 0)
+    plain = analysis.analyse(str(echo))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = analysis.analyse(str(echo))
+    assert "reading" in capsys.readouterr().err
+    assert shown.table.records() == plain.table.records()
