@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from vsockmon.conntrack import CLIENT, SERVER, Close, Connection, ConnTracker, Tags, Violation
-from vsockmon.decode import Anomaly, FrameBatch
+from vsockmon.decode import Anomaly, FrameBatch, decode_batch
+from vsockmon.pcapio import Batch
 from vsockmon.protocol import VMADDR_CID_ANY, Op, ShutdownFlag, SockType, enum_name
 
 HOST_CID = 2
@@ -1114,6 +1115,24 @@ class LiveDiagnosis(Diagnosis):
     def __init__(self, thresholds: Thresholds | None = None) -> None:
         super().__init__(thresholds)
         self._seen: set[tuple[str, str | None, int | None]] = set()
+        self._next_frame = 1
+
+    def feed(self, fb: FrameBatch) -> Tags:
+        self._next_frame = fb.first + len(fb)
+        return super().feed(fb)
+
+    def feed_frames(self, frames: Sequence[tuple[int, bytes, int]]) -> Tags:
+        """Feed captured ``(ts_ns, frame bytes, length on the wire)`` tuples, numbered on
+        from the last frame fed (the live capture's frames, in the order it writes them)."""
+        batch = Batch(b"".join(data for _, data, _ in frames))
+        offset = 0
+        for ts, data, orig in frames:
+            batch.offsets.append(offset)
+            batch.caplens.append(len(data))
+            batch.orig_lens.append(orig)
+            batch.ts_ns.append(ts)
+            offset += len(data)
+        return self.feed(decode_batch(batch, self._next_frame))
 
     def update(self, now_ns: int) -> list[Finding]:
         return self._new(self.findings(now_ns, final=False))

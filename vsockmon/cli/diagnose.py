@@ -15,6 +15,7 @@ from vsockmon.diagnose import (
     RULES,
     Digest,
     Finding,
+    LiveDiagnosis,
     Severity,
     Thresholds,
     evaluate,
@@ -149,4 +150,46 @@ def _verdict(shown: list[Finding], connections: int, hidden: int) -> str:
         return f"verdict: no problems found in {connections} connection(s){notes}{left_out}."
     parts = [f"{counts[s]} {s}(s)" for s in (Severity.ERROR, Severity.WARNING) if counts[s]]
     return f"verdict: {', '.join(parts)}{notes}{left_out}."
+
+
+class LiveReport:
+    """``capture --diagnose``: wraps the capture's sink, feeds every batch it writes to a
+    :class:`LiveDiagnosis` and prints each finding on stderr once it is certain; what only
+    the capture's end can tell comes at :meth:`close`. Frame numbers are those of the
+    written file (of its first file when a ring rotates)."""
+
+    def __init__(self, sink: Any, thresholds: Thresholds | None = None) -> None:
+        self.sink = sink
+        self.live = LiveDiagnosis(thresholds)
+        self.reported: list[Finding] = []
+
+    def write(self, batch: Any) -> None:
+        self.sink.write(batch)
+        self.live.feed_frames(batch)
+        self.tick()
+
+    def tick(self) -> None:
+        import time
+
+        self._print(self.live.update(time.time_ns()))
+
+    def close(self) -> None:
+        import time
+
+        try:
+            self.sink.close()
+        finally:
+            self._print(self.live.close(time.time_ns()))
+            counts = {s: sum(f.severity == s for f in self.reported) for s in Severity}
+            click.echo(f"diagnose: {counts[Severity.ERROR]} error(s), "
+                       f"{counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} "
+                       f"note(s)", err=True)
+
+    def _print(self, findings: list[Finding]) -> None:
+        for f in findings:
+            self.reported.append(f)
+            where = f"stream {f.stream}, " if f.stream is not None else ""
+            frames = ",".join(map(str, f.frames))
+            click.echo(f"diagnose: {str(f.severity).upper()} {f.rule_id} ({where}frames "
+                       f"{frames}): {f.message} Fix: {f.fix}", err=True)
 

@@ -1,0 +1,79 @@
+"""``capture --diagnose`` on a real kernel: findings reported live, then the same findings
+from ``vsockmon diagnose`` on the file it wrote. One lab boot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vsockmon.cli import main
+from vsockmon.lab import Lab
+
+pytestmark = pytest.mark.lab
+
+HALF_CLOSE = r"""
+import socket, time
+lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+lst.bind((socket.VMADDR_CID_ANY, 5300)); lst.listen()
+c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); c.connect((1, 5300))
+s, _ = lst.accept()
+c.sendall(b"request"); c.shutdown(socket.SHUT_WR)
+while s.recv(100): pass
+open("half_close.ready", "w").close()
+time.sleep(8)  # the server neither answers nor closes while the capture runs
+"""
+
+SCRIPT = r"""
+set -u
+wait_for() {
+  i=0
+  while ! grep -q "$2" "$1" 2> /dev/null; do
+    i=$((i + 1)); [ $i -gt 300 ] && { echo "timeout: $2 in $1" >&2; return 1; }
+    sleep 0.1
+  done
+}
+vsockmon echo server --port 9999 2> server.err &
+vsockmon capture -w live.pcap --diagnose -q 2> capture.err & CAP=$!
+wait_for server.err listening; wait_for capture.err listening
+vsockmon echo client --cid 1 --port 9999 --count 5 --size 100 > /dev/null
+vsockmon echo client --cid 1 --port 7777 --count 1 2> /dev/null
+python3 half_close.py & PY=$!
+until [ -e half_close.ready ]; do sleep 0.1; done; sleep 2.5
+vsockmon echo client --cid 1 --port 9999 --count 1 > /dev/null  # life goes on elsewhere
+sleep 0.5
+kill -INT $CAP; wait $CAP; echo $? > capture.rc
+wait $PY
+"""
+
+
+@pytest.fixture(scope="module")
+def run(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("diagnose-lab")
+    (work / "half_close.py").write_text(HALF_CLOSE)
+    result = lab.run(["sh", "-c", SCRIPT], cwd=work, timeout=300)
+    assert result.returncode == 0, result.output
+    return work
+
+
+def test_capture_reports_findings_live(run: Path) -> None:
+    lines = (run / "capture.err").read_text().splitlines()
+    live = [ln for ln in lines if ln.startswith("diagnose: ") and "(" in ln]
+    assert any(ln.startswith("diagnose: ERROR no-listener (stream ") for ln in live), lines
+    assert any(ln.startswith("diagnose: WARNING half-close-hang ") for ln in live), lines
+    assert "diagnose: 1 error(s), 1 warning(s)" in "\n".join(lines)
+    assert (run / "capture.rc").read_text().strip() == "0"
+
+
+def test_the_file_gives_the_same_findings(run: Path) -> None:
+    out = CliRunner().invoke(main, ["diagnose", str(run / "live.pcap"), "--json",
+                                    "--min-severity", "warning"])
+    assert out.exit_code == 1, out.output
+    found = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(f["rule"] for f in found) == ["half-close-hang", "no-listener"]
+    live = (run / "capture.err").read_text()
+    for f in found:  # the live report named the same stream and frames
+        frames = ",".join(map(str, f["frames"]))
+        assert f"{f['rule']} (stream {f['stream']}, frames {frames})" in live
