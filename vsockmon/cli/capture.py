@@ -82,11 +82,14 @@ def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]
 @click.option("-q", "--quiet", is_flag=True, help="No status line and no summary.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the final statistics as one JSON object on stderr.")
+@click.option("--diagnose", is_flag=True,
+              help="Report problems live on stderr as they become certain (the rules of "
+                   "'vsockmon diagnose', docs/diagnose.md).")
 def capture(ifname: str, path: str | None, count: int | None, duration: float | None,
             ring_files: int | None, ring_size: float | None, snaplen: int,
             cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
             ops: tuple[str, ...], force: bool, user: str | None, buffer_mb: int,
-            no_mmap: bool, quiet: bool, as_json: bool) -> None:
+            no_mmap: bool, quiet: bool, as_json: bool, diagnose: bool) -> None:
     """Capture vsock traffic from a vsockmon link, like tcpdump.
 
     Needs CAP_NET_ADMIN (to create the link) and CAP_NET_RAW (to read it): run as root.
@@ -100,6 +103,7 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
       vsockmon capture -w - | wireshark -k -i -
       vsockmon capture --cid 3 --port 1024 --op rw -w agent.pcapng
       vsockmon capture -w ring.pcap --ring 5 --ring-size 100
+      vsockmon capture -w t.pcap --diagnose
     """
     frame_filter = _filter(cid, port, types, ops, snaplen)
     if (ring_files or ring_size) and not path:
@@ -118,10 +122,10 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
                     if code:
                         sys.exit(code)
                     return
-                _child(live, held, sink_args, count, duration, quiet, as_json)
+                _child(live, held, sink_args, count, duration, quiet, as_json, diagnose)
             if user is not None:
                 drop_privileges(user)
-            _capture(live, held, sink_args, count, duration, quiet, as_json)
+            _capture(live, held, sink_args, count, duration, quiet, as_json, diagnose)
     except (CaptureError, LinkError) as e:
         raise click.ClickException(str(e)) from None
     except Terminated:
@@ -129,12 +133,13 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
 
 
 def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
-           count: int | None, duration: float | None, quiet: bool, as_json: bool) -> None:
+           count: int | None, duration: float | None, quiet: bool, as_json: bool,
+           diagnose: bool) -> None:
     """The unprivileged child of ``-Z``: capture, then leave without running the parent's
     cleanup (the parent removes the link)."""
     code = 0
     try:
-        _capture(live, held, sink_args, count, duration, quiet, as_json)
+        _capture(live, held, sink_args, count, duration, quiet, as_json, diagnose)
     except CaptureError as e:
         click.echo(f"Error: {e}", err=True)
         code = 1
@@ -145,9 +150,14 @@ def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
 
 
 def _capture(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
-             count: int | None, duration: float | None, quiet: bool, as_json: bool) -> None:
+             count: int | None, duration: float | None, quiet: bool, as_json: bool,
+             diagnose: bool = False) -> None:
     path = sink_args["path"]
     sink = FileSink(**sink_args) if path else LineSink(sys.stdout)  # type: ignore[arg-type]
+    if diagnose:  # imported here: the plain capture path stays free of numpy
+        from vsockmon.cli.diagnose import LiveReport
+
+        sink = LiveReport(sink)
     if duration is not None:
         import time
 
@@ -158,6 +168,14 @@ def _capture(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
                f"{live.method}{target}", err=True)
     stats = CaptureStats()
     printer = _status_printer(quiet or not path)
+    if diagnose:  # findings that time alone makes certain need a tick while idle
+        status = printer
+
+        def printer(st: CaptureStats) -> None:
+            sink.tick()  # type: ignore[union-attr]
+            if status is not None:
+                status(st)
+
     try:
         reason = run(live, sink, stats, count, printer)
     finally:
