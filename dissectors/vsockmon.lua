@@ -106,6 +106,7 @@ local F = {
     payload_proto = ProtoField.string("vsockmon.payload_proto", "Payload protocol"),
     reassembled_in = ProtoField.framenum("vsockmon.reassembled_in", "Reassembled in frame"),
     segment = ProtoField.bytes("vsockmon.segment", "Message segment"),
+    segments = ProtoField.string("vsockmon.segments", "Message reassembled from frames"),
 }
 vsm.fields = {}
 for _, field in pairs(F) do table.insert(vsm.fields, field) end
@@ -650,7 +651,11 @@ local function ttrpc_feed(s, rec, dir, data, cut, number)
                 r.need, r.pieces = TTRPC_HEADER + length, { hdr }
             end
             if r.need ~= nil and r.have == r.need then
-                table.insert(rec.ttrpc.rebuilt, { bytes = table.concat(r.pieces), start = r.start })
+                local parts = { r.start }
+                for _, f in ipairs(r.mids) do table.insert(parts, f) end
+                table.insert(parts, number)
+                table.insert(rec.ttrpc.rebuilt, { bytes = table.concat(r.pieces),
+                                                  frames = table.concat(parts, ",") })
                 for _, f in ipairs(r.mids) do frames[f].reassembled_in = number end
                 frames[r.start].reassembled_in = number
                 r.pieces, r.have, r.need, r.mids = {}, 0, nil, {}
@@ -784,6 +789,7 @@ local function show_payload(s, rec, h, tvb, ptvb, pinfo, tree, item)
                                               rec.ttrpc.matches))
         end
         for _, m in ipairs(rec.ttrpc.rebuilt) do
+            item:add(F.segments, m.frames):set_generated()
             local rtvb = ByteArray.new(m.bytes, true):tvb("Reassembled ttrpc")
             table.insert(parts, ttrpc_dissect(rtvb, pinfo, tree, rec.ttrpc.matches))
         end

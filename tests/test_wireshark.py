@@ -167,7 +167,7 @@ def test_names_wireshark_gets_wrong(tmp_path: Path) -> None:
                              check=True).stdout
     assert "Unknown (2)" in builtin and "Credit response" in builtin
     # display filters work on our fields
-    assert column(pcap, "frame.number", extra=("-Y", "vsockmon.flags.seq_eor")) == ["3"]
+    assert column(pcap, "frame.number", extra=("-Y", "vsockmon.flags.seq_eor == 1")) == ["3"]
     info = tshark(pcap)
     assert "SEQPACKET CREDIT_REQUEST" in info and "SEQPACKET RW EOM|EOR len=1" in info
     plain = tshark(pcap, "-o", "vsockmon.rewrite_info:FALSE")
@@ -260,6 +260,7 @@ def test_ttrpc_reassembly_and_method_matching(tmp_path: Path) -> None:
                        "", "", "", "ttrpc"]
     assert rows[5] == ["grpc.AgentService/StatsContainer|grpc.AgentService/CopyFile", "3|1",
                        "0|5", "", "5|5", "ttrpc"]
+    assert column(pcap, "vsockmon.segments")[4] == "3,4,5"
     info = tshark(pcap).splitlines()
     assert info[4].endswith("| request #3 grpc.AgentService/StatsContainer; "
                             "request #1 grpc.AgentService/CopyFile")
