@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import click
 import numpy as np
@@ -81,11 +81,15 @@ def _encode(col: np.ndarray | list, rows: np.ndarray, kind: type) -> list[str]:
 
 
 TABLE_HEADERS = ("stream", "type", "client", "server", "start", "duration", "handshake",
-                 "pkts c→s/s→c", "bytes c→s/s→c", "msgs", "close", "stalls", "violations")
+                 "pkts c→s/s→c", "bytes c→s/s→c", "msgs", "close", "stalls", "violations",
+                 "diagnosis")
 
 
-def table_rows(analysis: Analysis, rows: np.ndarray) -> list[tuple[object, ...]]:
-    """Human rows: times relative to the capture's first frame, guessed clients marked '?'."""
+def table_rows(analysis: Analysis, rows: np.ndarray,
+               diagnosis: Mapping[int, str] | None = None) -> list[tuple[object, ...]]:
+    """Human rows: times relative to the capture's first frame, guessed clients marked '?';
+    ``diagnosis`` is the diagnose column, by stream."""
+    diagnosis = diagnosis or {}
     t0 = (analysis.first_ts_ns or 0) / 1e9
     out = []
     for r in analysis.table.records(rows.tolist()):
@@ -95,7 +99,8 @@ def table_rows(analysis: Analysis, rows: np.ndarray) -> list[tuple[object, ...]]
             r["stream"], r["type"], r["client"] + ("" if r["start_seen"] else "?"), r["server"],
             f"+{r['start'] - t0:.6f}", f"{r['duration']:.6f}", hs,
             f"{r['packets_c2s']}/{r['packets_s2c']}", f"{r['bytes_c2s']}/{r['bytes_s2c']}",
-            msgs, r["close"], _stalls(r), r["violations"] or ""))
+            msgs, r["close"], _stalls(r), r["violations"] or "",
+            diagnosis.get(r["stream"], "")))
     return out
 
 
@@ -149,7 +154,10 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
     """
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    analysis = analyse(file)
+    if as_json or as_csv:
+        analysis, diagnosis = analyse(file), {}
+    else:
+        analysis, diagnosis = _diagnosed(file)
     table = analysis.table
     rows = order(table, select(table, cids, ports, sock_type, closes, streams), sort_by)
     if limit is not None:
@@ -168,7 +176,7 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         else:
             from tabulate import tabulate
 
-            click.echo(tabulate(table_rows(analysis, rows), headers=TABLE_HEADERS,
+            click.echo(tabulate(table_rows(analysis, rows, diagnosis), headers=TABLE_HEADERS,
                                 disable_numparse=True))
             click.echo(f"{len(rows)} of {len(table)} connections; {analysis.frames} frames"
                        + (f", {analysis.frames_without_stream} without a virtio header"
@@ -176,3 +184,20 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         sys.stdout.flush()
     except BrokenPipeError:
         sys.stderr.close()
+
+
+def _diagnosed(file: str) -> tuple[Analysis, dict[int, str]]:
+    """The analysis, and each connection's most severe problem (warning and up) as
+    ``severity rule`` (``+N`` more): ``vsockmon diagnose FILE`` tells the whole story."""
+    from vsockmon.diagnose import Digest, Severity, Thresholds, evaluate, findings_by_stream
+
+    digest = Digest(Thresholds())
+    analysis = analyse(file, digest.feed)
+    found = [f for f in evaluate(analysis.table, digest) if f.severity >= Severity.WARNING]
+    column = {}
+    for stream, findings in findings_by_stream(found).items():
+        if stream is not None:
+            more = f" +{len(findings) - 1}" if len(findings) > 1 else ""
+            column[stream] = f"{findings[0].severity} {findings[0].rule_id}{more}"
+    return analysis, column
+
