@@ -123,3 +123,12 @@ def test_findings_grouped_by_connection_most_severe_first(tmp_path: Path) -> Non
     assert code == 1
     assert out.index("stream 1") < out.index("stream 0")
     assert out.strip().splitlines()[-1] == "verdict: 1 error(s), 1 warning(s)."
+
+
+def test_conns_has_a_diagnosis_column() -> None:
+    result = CliRunner().invoke(main, ["conns", str(FIXTURES / "diagnose/no-listener.pcap")])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].rstrip().endswith("diagnosis")
+    flagged = [ln.split()[0] for ln in lines[2:] if "error no-listener" in ln]
+    assert flagged == ["2"]
