@@ -256,3 +256,8 @@ def test_progress_bar_only_on_a_terminal(echo: Path, monkeypatch: pytest.MonkeyP
     shown = analysis.analyse(str(echo))
     assert "reading" in capsys.readouterr().err
     assert shown.table.records() == plain.table.records()
+
+
+def test_timeline_png_stacks_at_most_six(echo: Path, tmp_path: Path) -> None:
+    _, err, _ = run("timeline", str(echo), "--png", str(tmp_path / "all.png"))
+    assert "the PNG shows the first 6 of 7 connections" in err

@@ -10,6 +10,10 @@ import click
 from vsockmon import timeline as tl
 from vsockmon.cli.analysis import analyse, check_output, write_output
 from vsockmon.conntrack import StreamRows
+from vsockmon.diagnose import Digest, Thresholds, evaluate, frame_notes
+
+PNG_MAX = 6
+"""Connections stacked in one PNG: more would make a picture nobody can read."""
 
 
 @click.command()
@@ -38,7 +42,8 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
     for out in (html_out, png_out):
         check_output(out, force)
     rows = StreamRows(streams or None, first=limit)
-    analysis = analyse(file, rows)
+    digest = Digest(Thresholds())
+    analysis = analyse(file, rows, digest.feed)
     table = analysis.table
     missing = [s for s in streams if s >= len(table)]
     if missing:
@@ -47,6 +52,10 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
                                    else f"{analysis.name}: no connection in this capture")
     chosen = list(streams) if streams else list(range(min(limit, len(table))))
     ladders = [tl.ladder(table[s], rows.columns(s)) for s in chosen]
+    notes_at = frame_notes(evaluate(table, digest))  # diagnose's findings as markers
+    for lad in ladders:
+        lad.marks = {step.frame: notes_at[step.frame] for step in lad.steps
+                     if step.frame in notes_at}
     notes = []
     if not streams and len(table) > limit:
         notes.append(f"the first {limit} of {len(table)} connections; use --conn or --limit")
@@ -54,8 +63,11 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
         page = tl.html_page(f"vsockmon timeline — {analysis.name}", ladders, max_rows, notes)
         write_output(html_out, page.encode(), force)
     if png_out:
+        if len(ladders) > PNG_MAX:
+            click.echo(f"vsockmon: the PNG shows the first {PNG_MAX} of {len(ladders)} "
+                       "connections; choose others with --conn", err=True)
         buf = io.BytesIO()
-        tl.figure(ladders, min(max_rows, 40)).savefig(buf, format="png")
+        tl.figure(ladders[:PNG_MAX], min(max_rows, 40)).savefig(buf, format="png")
         write_output(png_out, buf.getvalue(), force)
     if html_out or png_out:
         return
