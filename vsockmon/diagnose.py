@@ -1168,6 +1168,28 @@ def findings_by_frame(findings: Iterable[Finding]) -> dict[int, list[Finding]]:
     return dict(out)
 
 
+def frame_notes(findings: Iterable[Finding]) -> dict[int, list[str]]:
+    """One line per finding at each of its frames — ``ERROR no-listener: <message>`` — for
+    timeline markers and packet comments."""
+    out: dict[int, list[str]] = defaultdict(list)
+    for f in rank(findings):
+        for n in f.frames:
+            out[n].append(f"{str(f.severity).upper()} {f.rule_id}: {f.message}")
+    return dict(out)
+
+
+def markers(findings: Iterable[Finding], shown: Iterable[int]) -> dict[int, list[str]]:
+    """Each finding once, at the last of its frames among ``shown`` (a drawing's frames):
+    the line of :func:`frame_notes`, where the pattern has become visible."""
+    frames = set(shown)
+    out: dict[int, list[str]] = defaultdict(list)
+    for f in rank(findings):
+        mine = [n for n in f.frames if n in frames]
+        if mine:
+            out[max(mine)].append(f"{str(f.severity).upper()} {f.rule_id}: {f.message}")
+    return dict(out)
+
+
 def worst_by_stream(findings: Iterable[Finding]) -> dict[int, Finding]:
     """The most severe finding of each connection: for a one-column summary (``conns``)."""
     return {s: fs[0] for s, fs in findings_by_stream(findings).items() if s is not None}
