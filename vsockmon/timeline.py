@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,8 @@ class Ladder:
     """(n, 2): bytes in flight per direction (client→server, server→client); -1 unknown."""
     limit: np.ndarray
     """(n, 2): the receiving end's buffer size per direction; -1 unknown."""
+    marks: dict[int, list[str]] = field(default_factory=dict)
+    """Notes to show at frames, by frame number (e.g. the findings of vsockmon.diagnose)."""
 
     @property
     def title(self) -> str:
@@ -164,6 +166,8 @@ def text_lines(lad: Ladder, max_rows: int = 200,
         stalled = step.credit is not None and step.credit <= 0 and step.op == Op.RW
         arrow = paint(arrow, fg="red" if stalled else colour, bold=stalled)
         out.append(f"{seconds(step.t_ns):>10} {step.frame:>7}  |{arrow}|")
+        out += [paint(f"{'':>10} {'':>7}  ⚑ {note}", fg="yellow", bold=True)
+                for note in lad.marks.get(step.frame, [])]
     return out
 
 
@@ -188,6 +192,10 @@ def html_page(title: str, ladders: list[Ladder], max_rows: int = 200,
         c = lad.conn
         body.append(f'<h2 id="stream-{c.stream}">{html.escape(lad.title)}</h2>')
         body.append(f'<p class="meta">{html.escape(_summary(c))}</p>')
+        if lad.marks:
+            body.append("<ul>" + "".join(
+                f"<li>⚑ frame {frame}: {html.escape(note)}</li>"
+                for frame, notes in sorted(lad.marks.items()) for note in notes) + "</ul>")
         body.append(sequence_svg(lad, max_rows))
         body.append(credit_svg(lad))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -248,6 +256,10 @@ def sequence_svg(lad: Ladder, max_rows: int = 200) -> str:
         out.append(f'<text x="10" y="{y + 10}" fill="#555">{seconds(step.t_ns)}</text>')
         out.append(f'<text x="{width - 10}" y="{y + 10}" text-anchor="end" fill="#555">'
                    f"{step.frame}</text>")
+        if step.frame in lad.marks:
+            tip = html.escape("; ".join(lad.marks[step.frame]))
+            out.append(f'<text x="{width - 60}" y="{y + 10}" fill="#c62828">⚑<title>{tip}'
+                       "</title></text>")
     out.append("</svg>")
     return "\n".join(out)
 

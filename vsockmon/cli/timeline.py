@@ -10,7 +10,7 @@ import click
 from vsockmon import timeline as tl
 from vsockmon.cli.analysis import analyse, check_output, write_output
 from vsockmon.conntrack import StreamRows
-from vsockmon.diagnose import Digest, Thresholds, evaluate, frame_notes
+from vsockmon.diagnose import Digest, Thresholds, evaluate, markers
 
 PNG_MAX = 6
 """Connections stacked in one PNG: more would make a picture nobody can read."""
@@ -52,10 +52,9 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
                                    else f"{analysis.name}: no connection in this capture")
     chosen = list(streams) if streams else list(range(min(limit, len(table))))
     ladders = [tl.ladder(table[s], rows.columns(s)) for s in chosen]
-    notes_at = frame_notes(evaluate(table, digest))  # diagnose's findings as markers
+    findings = evaluate(table, digest)  # diagnose's findings, as markers
     for lad in ladders:
-        lad.marks = {step.frame: notes_at[step.frame] for step in lad.steps
-                     if step.frame in notes_at}
+        lad.marks = markers(findings, (step.frame for step in lad.steps))
     notes = []
     if not streams and len(table) > limit:
         notes.append(f"the first {limit} of {len(table)} connections; use --conn or --limit")
