@@ -56,7 +56,8 @@ def export(source: str, output: str, fmt: str | None, payload: bool | None, jobs
 
     pcapng: every packet with a comment Wireshark shows (frame.comment): its connection,
     direction, state, bytes in flight, anomalies, what the tracker singles out (handshake
-    time, close, first/last violation, stalls) and a payload summary.
+    time, close, first/last violation, stalls), a payload summary and the findings of
+    'vsockmon diagnose' at their evidence frames.
 
     Tables: OUT/packets.EXT (one row per packet, streamed) and OUT/connections.EXT (one row
     per connection); for a directory, OUT/<capture's relative path>/… for each capture,
@@ -77,7 +78,8 @@ def export(source: str, output: str, fmt: str | None, payload: bool | None, jobs
         if fmt == "pcapng":
             if is_dir:
                 raise click.UsageError("a pcapng export takes one capture, not a directory")
-            results = [export_pcapng(source, output, force, payload=payload is not False)]
+            results = [export_pcapng(source, output, force, payload=payload is not False,
+                                     diagnose=True)]
         elif is_dir:
             results = _many(Path(source), Path(output), fmt, force, bool(payload), jobs)
         else:

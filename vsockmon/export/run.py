@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vsockmon.conntrack import ConnTracker
 from vsockmon.decode import FrameBatch, decode_batch
+from vsockmon.diagnose import Digest, Finding, Thresholds, evaluate, frame_notes
 from vsockmon.export.comments import Annotator
 from vsockmon.export.sinks import FORMATS, TableFile
 from vsockmon.export.tables import (
@@ -77,13 +78,14 @@ def _seekable(source: str) -> Iterator[str]:
 
 
 def export_pcapng(source: str, out: str, force: bool = False,
-                  extra: Mapping[int, Sequence[str]] | None = None, payload: bool = True
-                  ) -> ExportResult:
+                  extra: Mapping[int, Sequence[str]] | None = None, payload: bool = True,
+                  diagnose: bool = False) -> ExportResult:
     """Copy ``source`` to a pcapng with a comment on every packet (connection, state, credit,
-    anomalies, payload summary, then ``extra[frame]``), shown by Wireshark as frame.comment.
+    anomalies, payload summary, with ``diagnose`` the findings of vsockmon.diagnose at their
+    evidence frames, then ``extra[frame]``), shown by Wireshark as frame.comment.
 
-    Two passes: the first tracks every connection, so a packet's comment can say how its
-    connection ends and which packets the tracker singles out.
+    Two passes: the first tracks every connection (and diagnoses the capture), so a packet's
+    comment can say how its connection ends and which packets the tracker singles out.
     """
     if out != "-" and os.path.exists(out) and not force:  # before minutes of reading
         raise ExportError(f"{out}: exists; use --force to overwrite")
@@ -91,11 +93,14 @@ def export_pcapng(source: str, out: str, force: bool = False,
     with _seekable(source) as path:
         try:
             tracker = ConnTracker()
+            digest = Digest(Thresholds())
             with open_capture(path) as reader:
                 for _, fb in _decoded(reader):
-                    tracker.feed(fb)
+                    digest.feed(fb, tracker.feed(fb))
             table = tracker.finish()
             result.connections = len(table)
+            if diagnose:
+                extra = _with_findings(evaluate(table, digest), extra)
             annotator = Annotator(table, extra)
             fp = create_output(out, force)
         except CaptureError as e:
@@ -122,6 +127,17 @@ def export_pcapng(source: str, out: str, force: bool = False,
             if fp is not sys.stdout.buffer:
                 fp.close()
     return result
+
+
+def _with_findings(findings: list[Finding], extra: Mapping[int, Sequence[str]] | None
+                   ) -> dict[int, list[str]]:
+    """The caller's extra lines after a ``diagnose …`` line per finding at each of its
+    frames."""
+    lines = {frame: [f"diagnose: {note}" for note in notes]
+             for frame, notes in frame_notes(findings).items()}
+    for frame, more in (extra or {}).items():
+        lines.setdefault(frame, []).extend(more)
+    return lines
 
 
 def _decoded(reader: CaptureReader) -> Iterator[tuple[Batch, FrameBatch]]:
