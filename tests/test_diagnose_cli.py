@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conntrack_scenarios import Conv, write
 
@@ -132,3 +134,25 @@ def test_conns_has_a_diagnosis_column() -> None:
     assert lines[0].rstrip().endswith("diagnosis")
     flagged = [ln.split()[0] for ln in lines[2:] if "error no-listener" in ln]
     assert flagged == ["2"]
+
+
+def test_timeline_marks_the_finding_once_at_its_last_frame() -> None:
+    result = CliRunner().invoke(main, ["timeline", str(FIXTURES / "diagnose/no-listener.pcap"),
+                                       "--conn", "2"])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    marks = [i for i, ln in enumerate(lines) if "⚑ ERROR no-listener:" in ln]
+    assert len(marks) == 1 and " 21  |" in lines[marks[0] - 1]
+
+
+@pytest.mark.tshark
+def test_export_puts_findings_in_packet_comments(tmp_path: Path) -> None:
+    out = tmp_path / "annotated.pcapng"
+    result = CliRunner().invoke(main, ["export", str(FIXTURES / "diagnose/no-listener.pcap"),
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    fields = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.number",
+                             "-e", "frame.comment"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    flagged = [ln.split("\t")[0] for ln in fields if "diagnose: ERROR no-listener:" in ln]
+    assert flagged == ["20", "21"]
