@@ -442,13 +442,6 @@ local function sd_notify_dissect(tvb, pinfo, tree)
     return summary
 end
 
-function sdn.dissector(tvb, pinfo, tree)
-    if not sd_notify_detect(tvb:raw()) then return 0 end
-    sd_notify_dissect(tvb, pinfo, tree)
-    pinfo.cols.protocol:set("sd_notify")
-    return tvb:len()
-end
-
 -- Printable text: UTF-8 without control bytes other than tab, CR and LF.
 local function printable(s)
     return #s > 0 and not s:find("[%z\1-\8\11\12\14-\31\127]") and s:find("%S") ~= nil
@@ -494,8 +487,8 @@ local function new_side()
              shut_rcv = false, known = false, fwd_raw = 0, fwd_unw = 0, fwd_max = 0, buf = 0 }
 end
 
-local function new_stream(h, number, ts)
-    local s = { index = #streams, first = number, state = nil, shutdown = false,
+local function new_stream(h)
+    local s = { index = #streams, state = nil, shutdown = false,
                 side = { c2s = new_side(), s2c = new_side() },
                 reasm = {}, mode = {}, ttrpc_requests = {} }
     -- Who is the client: the REQUEST's sender; a RESPONSE's receiver; else the lower port
@@ -749,7 +742,7 @@ local function first_pass(h, number, ts, trusted, cut)
             expert_add(rec, E.dup_request, string.format(
                 "REQUEST while stream %d on this address pair is still %s", s.index, s.state))
         end
-        s = new_stream(h, number, ts)
+        s = new_stream(h)
         current[key] = s
     end
     rec.stream = s.index
@@ -778,7 +771,7 @@ local function flag_text(h)
     return table.concat(names, "|")
 end
 
-local function show_payload(s, rec, h, tvb, ptvb, pinfo, tree, item)
+local function show_payload(rec, ptvb, pinfo, tree, item)
     if rec.proto == nil or ptvb == nil then return nil end
     item:add(F.payload_proto, rec.proto):set_generated()
     if rec.proto == "ttrpc" then
@@ -920,7 +913,7 @@ local function analyse(tvb, pinfo, tree)
             pinfo.cols.info:fence()
         end
     end
-    local summary = show_payload(s, rec, h, tvb, ptvb, pinfo, tree, t)
+    local summary = show_payload(rec, ptvb, pinfo, tree, t)
     if summary and summary ~= "" then
         t:append_text(", " .. summary)
         -- Set after the sub-dissector ran, so what it appended (JSON does) is replaced.
