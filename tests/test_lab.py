@@ -169,22 +169,26 @@ tcpdump -i vsockmon0 -Z root -w nested.pcap 2> tcpdump.err &
 tcpdump=$!
 until grep -q listening tcpdump.err; do sleep 0.1; done
 python3 - <<'EOF'
-import os, socket
+import ctypes, os, socket, struct
 cid, port = int(os.environ["VSOCKMON_LAB_GUEST_CID"]), int(os.environ["VSOCKMON_LAB_GUEST_PORT"])
+def vsock(kind):  # a connect timeout above Linux's 2 s: the guest is slow on a busy host
+    s = socket.socket(socket.AF_VSOCK, kind)  # SO_VM_SOCKETS_CONNECT_TIMEOUT takes a timeval
+    ctypes.CDLL(None).setsockopt(s.fileno(), 40, 6, struct.pack("@ll", 60, 0), 16)
+    return s
 data = bytes(range(256)) * 40  # 10240 bytes: split by vhost into fragments for the guest
-with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as c:
+with vsock(socket.SOCK_STREAM) as c:
     c.connect((cid, port))
     c.sendall(data)
     c.shutdown(socket.SHUT_WR)
     echoed = b"".join(iter(lambda: c.recv(65536), b""))
 print("stream echo", "ok" if echoed == data else f"BAD {len(echoed)}")
-with socket.socket(socket.AF_VSOCK, socket.SOCK_SEQPACKET) as c:
+with vsock(socket.SOCK_SEQPACKET) as c:
     c.connect((cid, port + 1))
     c.send(b"first"); c.send(b"second", socket.MSG_EOR)
     print("seqpacket echo", c.recv(100), c.recv(100))
 with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as listener:
     listener.bind((socket.VMADDR_CID_ANY, 7000)); listener.listen()
-    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as c:
+    with vsock(socket.SOCK_STREAM) as c:
         c.connect((cid, port + 2)); c.sendall(b"7000\n")
     conn, peer = listener.accept()
     conn.sendall(b"ping"); conn.shutdown(socket.SHUT_WR)

@@ -20,12 +20,14 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
 #define BUF_SIZE (256 * 1024)
 
 static char buf[BUF_SIZE];
+static const struct timeval connect_timeout = { .tv_sec = 60 };
 
 static void say(const char *fmt, ...)
 {
@@ -118,6 +120,9 @@ static unsigned long long dial_back(int fd)
 		return 0;
 	addr.svm_port = strtoul(line, NULL, 10);
 	out = socket(AF_VSOCK, SOCK_STREAM, 0);
+	/* Linux gives up a connect after 2 s: too short under nested emulation on a busy host. */
+	setsockopt(out, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &connect_timeout,
+		   sizeof(connect_timeout));
 	if (out < 0 || connect(out, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
 		say("dial-back to cid 2 port %u: %s", addr.svm_port, strerror(errno));
 		return 0;

@@ -158,6 +158,8 @@ class Lab:
         if guest_cid is not None and not 3 <= guest_cid < 0xFFFFFFFF:
             raise LabError(f"guest CID {guest_cid} is reserved; use 3 or more")
         size = os.get_terminal_size(0) if shell and os.isatty(0) else None
+        if size is not None and 0 in size:  # a terminal that never said its size
+            size = None
         return Job(
             argv=tuple(cmd),
             cwd=cwd,
