@@ -15,16 +15,17 @@ TABLE_FORMATS = ("parquet", "csv", "json")
 
 
 @contextmanager
-def _progress(total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    """A callback advancing a rich bar on stderr by N units; silent when not on a terminal."""
+def _progress(total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
+    """A callback advancing a rich bar on stderr by N units (a counter when the total is
+    unknown); silent when stderr is not a terminal."""
     if not sys.stderr.isatty():
         yield lambda _n: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    with Progress("exporting", BarColumn(), MofNCompleteColumn(), unit,
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+    with Progress("exporting", BarColumn(), MofNCompleteColumn(), unit, TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("export", total=total)
         yield lambda n: bar.update(task, advance=n)
 
@@ -78,12 +79,15 @@ def export(source: str, output: str, fmt: str | None, payload: bool | None, jobs
         if fmt == "pcapng":
             if is_dir:
                 raise click.UsageError("a pcapng export takes one capture, not a directory")
-            results = [export_pcapng(source, output, force, payload=payload is not False,
-                                     diagnose=True)]
+            with _progress(None, "packets (two passes)") as advance:
+                results = [export_pcapng(source, output, force, payload=payload is not False,
+                                         diagnose=True, on_batch=advance)]
         elif is_dir:
             results = _many(Path(source), Path(output), fmt, force, bool(payload), jobs)
         else:
-            results = [export_tables(source, Path(output), fmt, force, bool(payload))]
+            with _progress(None, "packets") as advance:
+                results = [export_tables(source, Path(output), fmt, force, bool(payload),
+                                         on_batch=advance)]
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     _print(results, as_json)

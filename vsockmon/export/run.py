@@ -79,13 +79,15 @@ def _seekable(source: str) -> Iterator[str]:
 
 def export_pcapng(source: str, out: str, force: bool = False,
                   extra: Mapping[int, Sequence[str]] | None = None, payload: bool = True,
-                  diagnose: bool = False) -> ExportResult:
+                  diagnose: bool = False, on_batch: Callable[[int], None] | None = None
+                  ) -> ExportResult:
     """Copy ``source`` to a pcapng with a comment on every packet (connection, state, credit,
     anomalies, payload summary, with ``diagnose`` the findings of vsockmon.diagnose at their
     evidence frames, then ``extra[frame]``), shown by Wireshark as frame.comment.
 
     Two passes: the first tracks every connection (and diagnoses the capture), so a packet's
     comment can say how its connection ends and which packets the tracker singles out.
+    ``on_batch`` hears the number of packets of each batch, in both passes.
     """
     if out != "-" and os.path.exists(out) and not force:  # before minutes of reading
         raise ExportError(f"{out}: exists; use --force to overwrite")
@@ -93,13 +95,17 @@ def export_pcapng(source: str, out: str, force: bool = False,
     with _seekable(source) as path:
         try:
             tracker = ConnTracker()
-            digest = Digest(Thresholds())
+            digest = Digest(Thresholds()) if diagnose else None
             with open_capture(path) as reader:
                 for _, fb in _decoded(reader):
-                    digest.feed(fb, tracker.feed(fb))
+                    tags = tracker.feed(fb)
+                    if digest is not None:
+                        digest.feed(fb, tags)
+                    if on_batch is not None:
+                        on_batch(len(fb))
             table = tracker.finish()
             result.connections = len(table)
-            if diagnose:
+            if digest is not None:
                 extra = _with_findings(evaluate(table, digest), extra)
             annotator = Annotator(table, extra)
             fp = create_output(out, force)
@@ -119,6 +125,8 @@ def export_pcapng(source: str, out: str, force: bool = False,
                         writer.write(batch.ts_ns[i], batch.buf[start:start + batch.caplens[i]],
                                      batch.orig_lens[i], comment or None)
                         result.packets += 1
+                    if on_batch is not None:
+                        on_batch(len(fb))
                 result.stopped = reader.stopped
             writer.flush()
         except CaptureError as e:
@@ -158,7 +166,8 @@ def export_tables(source: str, outdir: Path, fmt: str, force: bool = False,
                   payload: bool = False, capture: str | None = None,
                   on_batch: Callable[[int], None] | None = None) -> ExportResult:
     """Write ``outdir/packets.EXT`` (streamed, one batch at a time) and
-    ``outdir/connections.EXT`` for one capture. ``capture`` names it in the tables."""
+    ``outdir/connections.EXT`` for one capture. ``capture`` names it in the tables;
+    ``on_batch`` hears the number of packets of each batch written."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown table format {fmt!r}; choose {', '.join(FORMATS)}")
     name = capture or ("<stdin>" if source == "-" else os.path.basename(source))

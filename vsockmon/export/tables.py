@@ -144,7 +144,7 @@ def packet_batch(fb: FrameBatch, tags: Tags, capture: str, payload: bool = False
     n = len(fb)
     no_mon, no_virtio = ~fb.has_mon, ~fb.has_virtio
     arrays: list[pa.Array] = [
-        pa.array([capture] * n, type=pa.string()) if n else pa.array([], pa.string()),
+        pa.repeat(pa.scalar(capture, pa.string()), n),
         pa.array(fb.first + np.arange(n, dtype=np.int64)),
         pa.array(fb.ts_ns),
         pa.array(fb.ts_ns).cast(TIME_TYPE),
@@ -185,7 +185,7 @@ def connections_table(table: ConnTable, capture: str) -> pa.Table:
     """The connections table: one row per stream, the tracker's record fields."""
     cols = table.columns()
     n = len(table)
-    arrays = [pa.array([capture] * n, type=pa.string())]
+    arrays = [pa.repeat(pa.scalar(capture, pa.string()), n)]
     for f in RECORD_FIELDS:
         values = cols[f.name]
         kind = _KIND[f.kind]
