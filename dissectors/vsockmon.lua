@@ -136,6 +136,14 @@ local E = {
                                   expert.group.PROTOCOL, expert.severity.WARN),
     framing = ProtoExpert.new("vsockmon.framing_lost", "Payload framing lost",
                               expert.group.MALFORMED, expert.severity.WARN),
+    -- Findings of `vsockmon diagnose`, read from the comments `vsockmon export` writes.
+    diagnose_error = ProtoExpert.new("vsockmon.diagnose.error", "vsockmon diagnose: error",
+                                     expert.group.SEQUENCE, expert.severity.ERROR),
+    diagnose_warning = ProtoExpert.new("vsockmon.diagnose.warning",
+                                       "vsockmon diagnose: warning",
+                                       expert.group.SEQUENCE, expert.severity.WARN),
+    diagnose_info = ProtoExpert.new("vsockmon.diagnose.info", "vsockmon diagnose: note",
+                                    expert.group.SEQUENCE, expert.severity.NOTE),
 }
 vsm.experts = {}
 for _, e in pairs(E) do table.insert(vsm.experts, e) end
@@ -831,6 +839,24 @@ local function read_headers(tvb)
     return h, MON_HDR.size + field(tvb, 0, MON_HDR, "trans_len")
 end
 
+-- `vsockmon export` writes each finding of `vsockmon diagnose` into the packet comment of its
+-- evidence frames as "diagnose: SEVERITY rule: message" (parts joined by "; ").
+local f_comment = Field.new("frame.comment")
+local DIAGNOSE_EXPERT = { ERROR = "diagnose_error", WARNING = "diagnose_warning",
+                          INFO = "diagnose_info" }
+
+local function diagnose_experts(t)
+    for _, fi in ipairs({ f_comment() }) do
+        local text = tostring(fi.value)
+        for severity, rule, from in text:gmatch("diagnose: (%u+) ([%w/%-]+): ()") do
+            local stop = text:find("; diagnose: ", from, true)
+            local message = text:sub(from, stop and stop - 1 or -1)
+            local e = E[DIAGNOSE_EXPERT[severity] or "diagnose_info"]
+            t:add_proto_expert_info(e, rule .. ": " .. message)
+        end
+    end
+end
+
 local function analyse(tvb, pinfo, tree)
     local h, payload_off = read_headers(tvb)
     if h == nil then return end
@@ -896,6 +922,7 @@ local function analyse(tvb, pinfo, tree)
             captured, h.len))
     end
     for _, e in ipairs(rec.experts or {}) do t:add_proto_expert_info(e[1], e[2]) end
+    diagnose_experts(t)
 
     local info = nil
     if vsm.prefs.rewrite_info then
