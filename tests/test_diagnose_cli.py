@@ -156,3 +156,16 @@ def test_export_puts_findings_in_packet_comments(tmp_path: Path) -> None:
                             check=True).stdout.splitlines()
     flagged = [ln.split("\t")[0] for ln in fields if "diagnose: ERROR no-listener:" in ln]
     assert flagged == ["20", "21"]
+
+
+@pytest.mark.tshark
+def test_wireshark_plugin_shows_exported_findings_as_expert_info(tmp_path: Path) -> None:
+    out = tmp_path / "annotated.pcapng"
+    CliRunner().invoke(main, ["export", str(FIXTURES / "diagnose/no-listener.pcap"), "-o",
+                              str(out)])
+    plugin = FIXTURES.parent / "dissectors/vsockmon.lua"
+    rows = subprocess.run(["tshark", "-n", "-X", f"lua_script:{plugin}", "-r", str(out),
+                           "-Y", "vsockmon.diagnose.error", "-T", "fields", "-e",
+                           "frame.number"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert rows == ["20", "21"]
