@@ -46,18 +46,24 @@ class PayloadDissector:
 
 @dataclass
 class Registry:
-    """Dissectors by name, with the port table and the heuristic order derived from them."""
+    """Dissectors by name, with the port table and the heuristic order derived from them
+    (once per change, not per payload: export dissects millions)."""
 
     dissectors: dict[str, PayloadDissector] = field(default_factory=dict)
     load_entry_points: bool = True
+    _order: list[PayloadDissector] | None = field(default=None, init=False, repr=False)
+    _ports: dict[int, list[PayloadDissector]] = field(default_factory=dict, init=False,
+                                                      repr=False)
 
     def register(self, dissector: PayloadDissector) -> PayloadDissector:
         """Add (or replace, by name) a dissector; returns it so it can be used as a value."""
         self.dissectors[dissector.name] = dissector
+        self._order = None
         return dissector
 
     def unregister(self, name: str) -> None:
         self.dissectors.pop(name, None)
+        self._order = None
 
     def _plugins(self) -> None:
         """Load the entry points once; a broken plugin is a warning, not a failure."""
@@ -74,10 +80,17 @@ class Registry:
     def all(self) -> list[PayloadDissector]:
         """Every dissector, port-table ones and heuristics, in heuristic order."""
         self._plugins()
-        return sorted(self.dissectors.values(), key=lambda d: (d.priority, d.name))
+        if self._order is None:
+            self._order = sorted(self.dissectors.values(), key=lambda d: (d.priority, d.name))
+            self._ports = {}
+            for d in self._order:
+                for port in d.ports:
+                    self._ports.setdefault(port, []).append(d)
+        return self._order
 
     def for_port(self, port: int) -> list[PayloadDissector]:
-        return [d for d in self.all() if port in d.ports]
+        self.all()
+        return self._ports.get(port, [])
 
     def dissect(self, payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
         """The first dissection of ``payload``: by the destination port's dissectors, then
@@ -108,7 +121,7 @@ def _safely(fn: Callable[[bytes], T], payload: bytes) -> T | None:
 
 
 def _as_dissectors(obj: object) -> Iterable[PayloadDissector]:
-    if callable(obj) and not isinstance(obj, PayloadDissector):
+    if callable(obj):
         obj = obj()
     if isinstance(obj, PayloadDissector):
         return [obj]
