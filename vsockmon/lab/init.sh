@@ -23,7 +23,7 @@ marker() { [ -n "$nonce" ] && printf '@@VSOCKMON-LAB-%s:%s:%s@@' "$1" "$nonce" "
 # stty applies its settings with TCSADRAIN: it returns once the UART has sent everything,
 # so the last output and the EXIT marker are not lost in the power-off.
 drain() { stty -F /dev/ttyS0 raw -echo; stty -F /dev/ttyS1 raw -echo; }
-fail() { marker ERROR "$*"; drain; poweroff -f; }
+fail() { marker ERROR "$(echo "$*" | tr -d @)"; drain; poweroff -f; }
 
 marker BOOT ""
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import termios
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +134,15 @@ def _venv() -> str | None:
     return sys.prefix if sys.prefix != sys.base_prefix else None
 
 
+@contextlib.contextmanager
+def _job_file(job: Job) -> Iterator[str]:
+    """The job file in a private directory the guest reads through the share of ``/``."""
+    with tempfile.TemporaryDirectory(prefix="vsockmon-lab-") as tmp:
+        path = Path(tmp, "job.sh")
+        path.write_text(job_script(job))
+        yield str(path)
+
+
 class Lab:
     """A built lab: boots its kernel under qemu to run commands on the host's userland."""
 
@@ -211,17 +220,14 @@ class Lab:
         say = notify or (lambda _: None)
         out: list[bytes] = []
         err: list[bytes] = []
-        accels = _accels(accel)
-        with tempfile.TemporaryDirectory(prefix="vsockmon-lab-") as tmp:
-            job_path = Path(tmp, "job.sh")
-            job_path.write_text(job_script(job))
-            for attempt in accels:
+        with _job_file(job) as job_path:
+            for attempt in _accels(accel):
                 watchdog = KVM_BOOT_WATCHDOG if attempt == "kvm" and accel == "auto" else None
                 try:
                     code, boot, seconds = self._boot(
                         job,
                         attempt,
-                        str(job_path),
+                        job_path,
                         timeout,
                         watchdog,
                         stdout or out.append,
@@ -263,7 +269,7 @@ class Lab:
         os.close(err_w)
         console = ConsoleFilter(nonce)
         try:
-            qemu_says, booted_at, timed_out = _pump(
+            qemu_says, started_at, timed_out = _pump(
                 proc, console, err_r, start + timeout, watchdog and start + watchdog, out, err
             )
         finally:
@@ -274,7 +280,7 @@ class Lab:
                     pipe.close()
         seconds = time.monotonic() - start
         if console.exit_code is not None:
-            return console.exit_code, booted_at - start, seconds
+            return console.exit_code, started_at - start, seconds
         if console.error is not None:
             raise LabError(f"the lab VM failed: {console.error}")
         if timed_out:
@@ -294,17 +300,16 @@ class Lab:
     ) -> int:
         """An interactive login shell in the lab VM on this terminal; returns qemu's status.
 
-        Ctrl-C goes to the guest; ``exit`` (or Ctrl-D) powers the VM off.
+        Ctrl-C goes to the guest; ``exit`` (or Ctrl-D) powers the VM off. ``auto`` means
+        TCG here: a console gives the boot watchdog no marker to wait for.
         """
         term = os.environ.get("TERM", "linux")
         job = self._job(
             ("/bin/bash", "-l"), _shared_cwd(cwd), env or {}, term, guest_cid, shell=True
         )
         saved = termios.tcgetattr(0) if os.isatty(0) else None
-        with tempfile.TemporaryDirectory(prefix="vsockmon-lab-") as tmp:
-            job_path = Path(tmp, "job.sh")
-            job_path.write_text(job_script(job))
-            machine = self._machine(job, _accels(accel)[-1], kernel_args(None, str(job_path)), None)
+        with _job_file(job) as job_path:
+            machine = self._machine(job, _accels(accel)[-1], kernel_args(None, job_path), None)
             proc = _spawn(qemu_argv(machine))
             try:
                 return proc.wait()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 SHARED_DIRS: tuple[str, ...] = ("usr", "etc", "root", "home", "opt", "srv", "var", "work")
@@ -72,7 +72,7 @@ class Job:
     """The host's qemu, which the lab VM runs to boot the nested guest."""
     guest_cid: int | None = None
     shell: bool = False
-    terminal_size: tuple[int, int] | None = field(default=None)
+    terminal_size: tuple[int, int] | None = None
 
 
 def guest_env(
@@ -112,12 +112,10 @@ def job_script(job: Job) -> str:
     # The host's env, not busybox's: busybox runs its own applets in place of commands
     # of the same name (its sh and ip would shadow the host's).
     command = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in job.env.items()), *job.argv]
-    body = "exec " + shlex.join(command)
-    if job.shell:
-        body = "exec /lab/bin/setsid -c " + shlex.join(command)
-        if job.terminal_size:
-            rows, cols = job.terminal_size
-            body = f"/lab/bin/stty rows {rows} cols {cols}\n  {body}"
+    body = ("exec /lab/bin/setsid -c " if job.shell else "exec ") + shlex.join(command)
+    if job.shell and job.terminal_size:
+        rows, cols = job.terminal_size
+        body = f"/lab/bin/stty rows {rows} cols {cols}\n  {body}"
     lines = [
         f"LAB_MODE={'shell' if job.shell else 'run'}",
         f"LAB_CWD={q(job.cwd)}",
