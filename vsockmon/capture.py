@@ -57,6 +57,7 @@ TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 ETH_P_ALL = 0x0003
 SO_TIMESTAMPNS = 35
+SO_RCVBUFFORCE = 33
 
 _REQ3 = struct.Struct("=7I")  # struct tpacket_req3
 _BLOCK_HDR = struct.Struct("=III")  # tpacket_hdr_v1: block_status, num_pkts, offset_to_first_pkt
@@ -83,10 +84,14 @@ class CaptureError(Exception):
 
 
 class Frame(NamedTuple):
-    """One captured frame: nanosecond timestamp, captured bytes, length on the wire."""
+    """One captured frame: nanosecond timestamp, captured bytes, length on the wire.
+
+    From a live capture ``data`` is a memoryview into the kernel's ring (or the receive
+    arena), valid until the next batch is read: copy it (``bytes(data)``) to keep it.
+    """
 
     ts_ns: int
-    data: bytes
+    data: bytes | memoryview
     orig_len: int
 
 
@@ -147,7 +152,12 @@ class Stop:
 
 
 class _RingReader:
-    """Frames from a TPACKET_V3 receive ring: blocks of frames the kernel hands over whole."""
+    """Frames from a TPACKET_V3 receive ring: blocks of frames the kernel hands over whole.
+
+    Frames are memoryviews into the ring, not copies (a copy of every 64 KiB frame costs more
+    than the rest of the path in the lab VM); the blocks they lie in go back to the kernel
+    at the next :meth:`drain`, so a batch is valid until the next one is asked for.
+    """
 
     def __init__(self, sock: socket.socket, buffer_bytes: int) -> None:
         self.blocks = max(2, buffer_bytes // BLOCK_SIZE)
@@ -158,41 +168,62 @@ class _RingReader:
         sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         self.map = mmap.mmap(sock.fileno(), BLOCK_SIZE * self.blocks,
                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
         self.current = 0
+        self.held: list[int] = []
+
+    def _release(self) -> None:
+        for base in self.held:
+            struct.pack_into("=I", self.map, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+        self.held.clear()
 
     def drain(self) -> Batch:
-        """All frames of the blocks the kernel has handed over; returns the blocks to it."""
-        mm, out = self.map, []
-        unpack_block, unpack_pkt = _BLOCK_HDR.unpack_from, _PKT_HDR.unpack_from
-        for _ in range(self.blocks):
-            base = self.current * BLOCK_SIZE
-            status, count, first = unpack_block(mm, base + _BLOCK_STATUS_OFF)
-            if not status & TP_STATUS_USER:
-                break
-            pos = base + first
-            for _ in range(count):
-                nxt, sec, nsec, snap, length, _st, mac = unpack_pkt(mm, pos)
-                start = pos + mac
-                out.append(Frame(sec * 1_000_000_000 + nsec, mm[start:start + snap], length))
-                pos += nxt
-            struct.pack_into("=I", mm, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
-            self.current = (self.current + 1) % self.blocks
+        """The frames of the next block the kernel has handed over, after returning the
+        previous one. One block at a time, as libpcap does: holding several while writing
+        them would leave the kernel no room, and it drops what it cannot store."""
+        self._release()
+        mm, view, out = self.map, self.view, []
+        base = self.current * BLOCK_SIZE
+        status, count, first = _BLOCK_HDR.unpack_from(mm, base + _BLOCK_STATUS_OFF)
+        if not status & TP_STATUS_USER:
+            return out
+        unpack_pkt = _PKT_HDR.unpack_from
+        pos = base + first
+        for _ in range(count):
+            nxt, sec, nsec, snap, length, _st, mac = unpack_pkt(mm, pos)
+            start = pos + mac
+            out.append(Frame(sec * 1_000_000_000 + nsec, view[start:start + snap], length))
+            pos += nxt
+        self.held.append(base)
+        self.current = (self.current + 1) % self.blocks
         return out
 
     def close(self) -> None:
-        self.map.close()
+        self.view.release()
+        with suppress(BufferError):  # a consumer still holds a frame: the GC unmaps later
+            self.map.close()
 
 
 class _RecvReader:
-    """Frames by non-blocking ``recvmsg``, up to :data:`RECV_BATCH` per wake-up.
+    """Frames by non-blocking ``recvmsg_into``, up to :data:`RECV_BATCH` per wake-up.
 
-    Works on any datagram socket (the tests feed it a socketpair); on a packet socket the
-    kernel's timestamp and original length come as control messages.
+    Frames are received into one preallocated arena (no allocation per frame) and handed out
+    as memoryviews valid until the next :meth:`drain`. Works on any datagram socket (the
+    tests feed it a socketpair); on a packet socket the kernel's timestamp and original
+    length come as control messages.
     """
 
-    def __init__(self, sock: socket.socket, snaplen: int) -> None:
+    def __init__(self, sock: socket.socket, snaplen: int, buffer_bytes: int) -> None:
         self.sock = sock
         self.bufsize = min(snaplen, 1 << 18)
+        # The socket's receive queue is this reader's kernel buffer (default ~200 KB: three
+        # 64 KiB frames); as root, raise it past net.core.rmem_max like tcpdump's -B.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_bytes)
+        except OSError:
+            with suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+        self.arena = memoryview(bytearray(max(4 << 20, 4 * self.bufsize)))
         self.ancsize = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(32)
         sock.setblocking(False)
         if sock.family == socket.AF_PACKET:
@@ -201,20 +232,23 @@ class _RecvReader:
 
     def drain(self) -> Batch:
         out = []
-        recvmsg = self.sock.recvmsg
-        for _ in range(RECV_BATCH):
+        recvmsg_into, arena, bufsize, ancsize = (self.sock.recvmsg_into, self.arena,
+                                                 self.bufsize, self.ancsize)
+        pos, end = 0, len(arena) - bufsize
+        while len(out) < RECV_BATCH and pos <= end:
             try:
-                data, anc, _flags, _addr = recvmsg(self.bufsize, self.ancsize)
+                n, anc, _flags, _addr = recvmsg_into([arena[pos:pos + bufsize]], ancsize)
             except (BlockingIOError, InterruptedError):
                 break
-            ts, orig = 0, len(data)
+            ts, orig = 0, n
             for level, kind, value in anc:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                     sec, nsec = _TIMESPEC.unpack_from(value)
                     ts = sec * 1_000_000_000 + nsec
                 elif level == SOL_PACKET and kind == PACKET_AUXDATA:
                     orig = _AUXDATA.unpack_from(value)[1]
-            out.append(Frame(ts or time.time_ns(), data, orig))
+            out.append(Frame(ts or time.time_ns(), arena[pos:pos + n], orig))
+            pos += n
         return out
 
     def close(self) -> None:
@@ -227,8 +261,8 @@ class LiveCapture:
     Use as a context manager: it opens the socket (the link must exist and be up; see
     :func:`vsockmon.link.managed_link`) and, in the main thread, turns SIGINT/SIGTERM/SIGHUP
     into a clean stop. :meth:`batches` yields lists of :class:`Frame` (an empty list when a
-    tick passes without frames, so callers can refresh a status line); :meth:`frames` yields
-    ``(ts_ns, bytes)`` for consumers that want one frame at a time.
+    tick passes without frames, so callers can refresh a status line), each list valid until
+    the next is asked for; :meth:`frames` yields ``(ts_ns, bytes)`` one at a time.
     """
 
     def __init__(self, ifname: str = "vsockmon0", frame_filter: bpf.FrameFilter | None = None,
@@ -254,7 +288,7 @@ class LiveCapture:
         if self.sock is None:
             self.sock = self._open_packet_socket()
         if self._reader is None:
-            self._reader = _RecvReader(self.sock, self.filter.snaplen)
+            self._reader = _RecvReader(self.sock, self.filter.snaplen, self.buffer_bytes)
         self.stop.install()
         return self
 
@@ -333,10 +367,11 @@ class LiveCapture:
             yield []
 
     def frames(self) -> Iterator[tuple[int, bytes]]:
-        """``(ts_ns, frame bytes)`` one at a time: the hook for live analyses."""
+        """``(ts_ns, frame bytes)`` one at a time: the hook for live analyses. The bytes are
+        the consumer's to keep (copied out of the ring)."""
         for batch in self.batches():
             for frame in batch:
-                yield frame.ts_ns, frame.data
+                yield frame.ts_ns, bytes(frame.data)
 
     def kernel_stats(self) -> tuple[int, int] | None:
         """(frames the socket saw, frames dropped for want of room), cumulative, or None
@@ -376,30 +411,36 @@ class OutputClosed(Exception):
 
 
 class _Spool:
-    """A file-like object that collects a batch and writes it with one ``write`` call, so
-    the file on disk only ever grows by whole records (valid up to the last batch)."""
+    """A file-like object that collects a batch and writes it with ``writev`` — the frames
+    straight from the ring, no copy in Python — so the file only ever grows by whole
+    records (valid up to the last batch, even after a kill)."""
 
     def __init__(self, fp: BinaryIO) -> None:
         self.fp = fp
-        self.parts: list[bytes] = []
+        self.fd = fp.fileno()
+        self.parts: list[bytes | memoryview] = []
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.parts.append(data)
         self.size += len(data)
         return len(data)
 
+    def extend(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        self.parts.extend(parts)
+        self.size += sum(map(len, parts))
+
     def flush(self) -> None:
-        if self.parts:
-            data = b"".join(self.parts)
-            self.parts.clear()
-            try:
-                self.fp.write(data)
-                self.fp.flush()
-            except BrokenPipeError:
-                raise OutputClosed() from None
-            except OSError as e:
-                raise CaptureError(f"write failed: {e.strerror}") from None
+        if not self.parts:
+            return
+        try:
+            _writev_all(self.fd, self.parts)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as e:
+            raise CaptureError(f"write failed: {e.strerror}") from None
+        finally:
+            self.parts = []
 
     def close(self) -> None:
         try:
@@ -407,6 +448,48 @@ class _Spool:
         finally:
             if self.fp is not sys.stdout.buffer:
                 self.fp.close()
+
+
+IOV_MAX = 1024
+
+
+def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write every part, in order, however the kernel splits the writes."""
+    while parts:
+        chunk = parts[:IOV_MAX]
+        written = os.writev(fd, chunk)
+        done = 0
+        for part in chunk:
+            if written < len(part):
+                break
+            written -= len(part)
+            done += 1
+        parts = parts[done:]
+        if written:
+            parts[0] = memoryview(parts[0])[written:]
+
+
+_PCAP_RECORD = struct.Struct("<IIII")
+_EPB_HEAD = struct.Struct("<IIIIIII")  # type, length, interface, ts high, ts low, cap, orig
+_EPB_TYPE = 6
+_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
+
+
+def _pcap_parts(ts_ns: int, data: bytes | memoryview, orig: int
+                ) -> tuple[bytes | memoryview, ...]:
+    """A nanosecond pcap record as (header, frame), as :class:`pcapio.PcapWriter` writes it."""
+    sec, nsec = divmod(ts_ns, 1_000_000_000)
+    return _PCAP_RECORD.pack(sec, nsec, len(data), orig), data
+
+
+def _pcapng_parts(ts_ns: int, data: bytes | memoryview, orig: int
+                  ) -> tuple[bytes | memoryview, ...]:
+    """An enhanced packet block on interface 0, as :class:`pcapio.PcapngWriter` writes it."""
+    n = len(data)
+    pad = -n % 4
+    total = _EPB_HEAD.size + n + pad + 4
+    head = _EPB_HEAD.pack(_EPB_TYPE, total, 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, n, orig)
+    return head, data, _PAD[pad] + total.to_bytes(4, "little")
 
 
 def ring_paths(path: str, files: int | None) -> list[str]:
@@ -460,8 +543,12 @@ class FileSink:
         except pcapio.CaptureError as e:
             raise CaptureError(str(e)) from None
         self.spool = _Spool(fp)
-        self.writer = pcapio.writer_for(self.path, self.spool,  # type: ignore[arg-type]
-                                        snaplen=self.snaplen)
+        # pcapio writes the file header; the records are framed here (same bytes, checked
+        # by the tests) so each frame goes from the ring to the file without a copy.
+        writer = pcapio.writer_for(self.path, self.spool,  # type: ignore[arg-type]
+                                   snaplen=self.snaplen)
+        self.frame_parts = (_pcapng_parts if isinstance(writer, pcapio.PcapngWriter)
+                            else _pcap_parts)
         self.in_file = 0
         if path not in self.written:
             self.written.append(path)
@@ -474,15 +561,15 @@ class FileSink:
         self._open(force=True)  # our own earlier file of the ring, or a checked name
 
     def write(self, batch: Batch) -> None:
-        writer, limit = self.writer, self.rotate_bytes
+        spool, parts_of, limit = self.spool, self.frame_parts, self.rotate_bytes
         for ts, data, orig in batch:
-            if limit is not None and self.in_file and self.spool.size + len(data) + 32 > limit:
-                self.spool.flush()
+            if limit is not None and self.in_file and spool.size + len(data) + 36 > limit:
+                spool.flush()
                 self._rotate()
-                writer = self.writer
-            writer.write(ts, data, orig)
+                spool, parts_of = self.spool, self.frame_parts
+            spool.extend(parts_of(ts, data, orig))
             self.in_file += 1
-        self.spool.flush()
+        spool.flush()
 
     def close(self) -> None:
         self.spool.close()

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Live capture under load: ``vsockmon capture`` against tcpdump, in the lab VM, same run.
+
+On the host this boots the lab and runs itself there (``--in-lab``). In the lab, for each
+write size (64 KiB and 64 B) and each of our reading methods (TPACKET_V3 mmap ring, batched
+recvmsg), it starts an echo server, then ``vsockmon capture`` and ``tcpdump -i vsockmon0``
+side by side on the same link, drives the echo client at full speed for ``--seconds``, stops
+both with SIGINT and reads their own statistics: frames written, frames the kernel handed to
+the socket, frames it dropped for want of buffer room, and the CPU time each capturer used
+per frame written while capturing (from its "listening" line on). Both get the same kernel buffer
+(``-B``) and write a bounded ring of files into the VM's tmpfs (not the 9p share), so the
+comparison is about reading, not about the disk. Prints a table; ``--json`` for scripts.
+
+Usage: ``benchmarks/bench_capture.py [--seconds S] [--buffer-mb MB] [--json]``
+Goal: our drop ratio no worse than tcpdump's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = (65536, 64)
+METHODS = ("mmap", "recvmsg")
+PORT = 9999
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[0]} exited early: {path.read_text()[-500:]}")
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {text!r} in {path}")
+
+
+def _cpu_seconds(proc: subprocess.Popen) -> float:
+    """User + system CPU the process has used so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop(proc: subprocess.Popen) -> float:
+    """Stop with SIGINT; the CPU seconds it used while capturing."""
+    cpu = _cpu_seconds(proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    return cpu
+
+
+def _tcpdump_stats(text: str) -> dict[str, int]:
+    def grab(what: str) -> int:
+        m = re.search(rf"(\d+) packets? {what}", text)
+        return int(m.group(1)) if m else -1
+
+    return {"written": grab("captured"), "kernel_seen": grab("received by filter"),
+            "kernel_drops": grab("dropped by kernel")}
+
+
+def one_round(work: Path, size: int, method: str, seconds: float, buffer_mb: int) -> dict:
+    """Both capturers on one link while the echo client runs flat out for ``seconds``."""
+    tag = f"{size}-{method}"
+    ours_err, td_err = work / f"ours-{tag}.err", work / f"tcpdump-{tag}.err"
+    ring_mb = 40
+    ours = subprocess.Popen(
+        ["vsockmon", "capture", "-w", f"/tmp/ours-{tag}.pcap", "--ring", "2",
+         "--ring-size", str(ring_mb), "-B", str(buffer_mb), "--json", "--force",
+         *(["--no-mmap"] if method == "recvmsg" else [])],
+        stderr=ours_err.open("w"))
+    _wait_for(ours_err, "listening on", ours)
+    our_start = _cpu_seconds(ours)
+    tcpdump = subprocess.Popen(
+        ["tcpdump", "-i", "vsockmon0", "-w", f"/tmp/td-{tag}.pcap", "-C", str(ring_mb),
+         "-W", "2", "-B", str(buffer_mb * 1024), "-Z", "root"],
+        stderr=td_err.open("w"))
+    _wait_for(td_err, "listening on", tcpdump)
+    td_start = _cpu_seconds(tcpdump)
+    client = subprocess.run(
+        ["vsockmon", "echo", "client", "--cid", "1", "--port", str(PORT), "--size", str(size),
+         "--duration", str(seconds), "--json"], capture_output=True, text=True)
+    time.sleep(1.0)  # let both drain what is queued
+    td_cpu = _stop(tcpdump)
+    our_cpu = _stop(ours)
+    report = json.loads(client.stdout) if client.returncode == 0 else {"errors": [client.stderr]}
+    stats = json.loads(ours_err.read_text().strip().splitlines()[-1])
+    for f in Path("/tmp").glob(f"*-{tag}.pcap*"):
+        f.unlink()
+    return {
+        "size": size, "method": method, "seconds": report.get("seconds"),
+        "client_msgs_per_s": report.get("msgs_per_s"), "client_mb_per_s": report.get("mb_per_s"),
+        "vsockmon": {"written": stats["packets"], "kernel_seen": stats["kernel_seen"],
+                     "kernel_drops": stats["kernel_drops"], "cpu_s": our_cpu - our_start},
+        "tcpdump": {**_tcpdump_stats(td_err.read_text()), "cpu_s": td_cpu - td_start},
+    }
+
+
+def in_lab(seconds: float, buffer_mb: int) -> list[dict]:
+    work = Path.cwd()
+    server = subprocess.Popen(["vsockmon", "echo", "server", "--port", str(PORT)],
+                              stderr=(work / "server.err").open("w"))
+    _wait_for(work / "server.err", "listening", server)
+    try:
+        return [one_round(work, size, method, seconds, buffer_mb)
+                for size in SIZES for method in METHODS]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+
+
+def _ratio(d: dict) -> float:
+    return d["kernel_drops"] / d["kernel_seen"] * 100 if d["kernel_seen"] > 0 else 0.0
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'write':>6} {'client msg/s':>12} {'capturer':>18} {'written':>9} "
+            f"{'written/s':>10} {'kernel seen':>11} {'dropped':>8} {'drop %':>7} "
+            f"{'CPU µs/frame':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        secs = (r["seconds"] or 0) + 1.0
+        for who, label in (("vsockmon", f"vsockmon {r['method']}"), ("tcpdump", "tcpdump")):
+            d = r[who]
+            lines.append(
+                f"{r['size']:>6} {r['client_msgs_per_s'] or 0:>12.0f} {label:>18} "
+                f"{d['written']:>9} {d['written'] / secs:>10.0f} {d['kernel_seen']:>11} "
+                f"{d['kernel_drops']:>8} {_ratio(d):>6.2f}% "
+                f"{d['cpu_s'] / max(d['written'], 1) * 1e6:>12.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="client run per round")
+    ap.add_argument("--buffer-mb", type=int, default=8, help="kernel buffer of both capturers")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--in-lab", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.in_lab:
+        rows = in_lab(args.seconds, args.buffer_mb)
+        print(json.dumps(rows))
+        return
+
+    from vsockmon.lab import Lab
+
+    with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
+        done = Lab.build().run(
+            ["python3", str(Path(__file__).resolve()), "--in-lab", "--seconds",
+             str(args.seconds), "--buffer-mb", str(args.buffer_mb)],
+            cwd=tmp, timeout=1800)
+        if done.returncode != 0:
+            sys.exit(f"bench_capture: the lab run failed:\n{done.output[-2000:]}")
+        rows = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"vsockmon capture vs tcpdump on vsockmon0 in the lab VM (qemu TCG, loopback CID 1), "
+          f"{args.seconds:g} s per round, both with a {args.buffer_mb} MiB kernel buffer; "
+          f"load average {os.getloadavg()[0]:.1f} on the host")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
