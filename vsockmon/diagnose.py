@@ -455,7 +455,6 @@ class _Context:
         """Streams whose missing end a finding already explains (no mid-capture for them)."""
         self.unestablished: set[int] = set()
         """Streams whose failure a finding already explains (no refusal or reset for them)."""
-        self.bad_cid_streams = set(digest.bad_cids)
 
     def add(self, rule: str, conn: Connection | None, frames: Iterable[int], message: str,
             cause: str, fix: str, *, kind: str | None = None, severity: Severity | None = None,
@@ -564,8 +563,8 @@ def _unanswered(ctx: _Context) -> None:
     for c in ctx.conns:
         if c.close != Close.UNANSWERED or c.request_frame is None:
             continue
-        if c.stream in ctx.bad_cid_streams or c.stream in ctx.unestablished:
-            continue  # cid-mismatch explains it
+        if c.stream in ctx.unestablished:
+            continue  # cid-mismatch or state-lost explains it
         asked = _request_ts(c)
         waited = (ctx.end_ns - asked) / 1e9
         if waited < ctx.t.no_transport_s:
@@ -619,6 +618,7 @@ def _cid_mismatch(ctx: _Context) -> None:
         sid, first = found[0]
         packets = sum(count.count for _, count in found)
         ctx.open_end_explained.update(s for s, _ in found)
+        ctx.unestablished.update(s for s, _ in found)  # dropped: nothing can answer
         ctx.add("cid-mismatch", ctx.conns[sid],
                 [f for _, count in found for f in count.frames][:EXAMPLE_FRAMES],
                 f"{packets} packet(s) from CID {src} to CID {dst} (first at frame "
