@@ -101,3 +101,11 @@ def test_verify_with_pyshark_names_wireshark_errors() -> None:
 def test_help_has_examples() -> None:
     out = run("decode", "--help")
     assert "Examples:" in out.stdout and "-Y 'cid == 3 and op == RW'" in out.stdout
+
+
+def test_payload_dissectors_in_lines_and_tree() -> None:
+    ttrpc = str(ROOT / "fixtures" / "payload" / "ttrpc-agent.pcap.gz")
+    lines = run("decode", ttrpc, "-Y", "frame == 7").stdout
+    assert "ttrpc: request #3 grpc.AgentService/CreateContainer" in lines
+    tree = run("decode", ttrpc, "-V", "-Y", "frame == 7").stdout
+    assert "grpc.AgentService/CreateContainer" in tree.split("payload:")[1]

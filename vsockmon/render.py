@@ -33,7 +33,7 @@ def preview(data: bytes, limit: int = PREVIEW_BYTES) -> str:
     head = data[:limit]
     more = "…" if len(data) > limit else ""
     if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        text = head.decode("ascii").encode("unicode_escape").decode("ascii")
+        text = head.decode("ascii").encode("unicode_escape").decode("ascii").replace('"', '\\"')
         return f'"{text}"{more}'
     return head.hex() + more
 
@@ -59,8 +59,9 @@ def row(frame: Frame, t0_ns: int) -> tuple[object, ...]:
             preview(frame.payload[: v["len"]]) if v["len"] else "")
 
 
-def summary_line(frame: Frame, t0_ns: int) -> str:
-    """One tcpdump-like line: time, ends, type, op, len, flags, credit, payload preview."""
+def summary_line(frame: Frame, t0_ns: int, payload_summary: str | None = None) -> str:
+    """One tcpdump-like line: time, ends, type, op, len, flags, credit, a preview of the
+    payload and, after ``|``, what a payload dissector made of it."""
     no, rel, src, dst, typ, op, length, flags, buf, fwd, pay = row(frame, t0_ns)
     parts = [f"{no:>6} {rel:>12}  {src} → {dst}  {typ} {op}"]
     if length != "-":
@@ -71,6 +72,8 @@ def summary_line(frame: Frame, t0_ns: int) -> str:
         parts.append(f"buf_alloc={buf} fwd_cnt={fwd}")
     if pay:
         parts.append(str(pay))
+    if payload_summary:
+        parts.append(f"| {payload_summary}")
     if frame.anomalies:
         parts.append("!" + ",".join(frame.anomalies))
     return " ".join(parts)

@@ -9,8 +9,9 @@ from typing import TextIO
 import click
 
 from vsockmon import render
-from vsockmon.decode import FrameBatch, decode_batches
+from vsockmon.decode import Frame, FrameBatch, decode_batches
 from vsockmon.filter import FilterError, compile_filter
+from vsockmon.payload import dissect_frame
 from vsockmon.pcapio import CaptureError, CaptureReader, open_capture
 
 TABLE_ROWS = 5000
@@ -54,9 +55,18 @@ def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, ta
                 click.echo(tabulate(rows, headers=render.TABLE_HEADERS, disable_numparse=True))
         elif verbose:
             for f in frames:
-                click.echo("\n".join(render.tree(f)) + "\n")
+                info = dissect_frame(f)
+                click.echo("\n".join(render.tree(f, info.lines() if info else None)) + "\n")
         else:
-            click.echo("\n".join(render.summary_line(f, t0) for f in frames))
+            click.echo("\n".join(render.summary_line(f, t0, _summary(f)) for f in frames))
+
+
+def _summary(frame: Frame) -> str | None:
+    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of the frame's payload."""
+    info = dissect_frame(frame) if frame.has_virtio and frame.virtio["len"] else None
+    if info is None or info.protocol == "text":  # plain text: the preview already shows it
+        return None
+    return f"{info.protocol}: {info.summary}"
 
 
 @click.command()
