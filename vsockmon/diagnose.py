@@ -1089,9 +1089,6 @@ class Report:
     start_ns: int | None
     end_ns: int | None
 
-    def worst(self) -> Severity | None:
-        return max((f.severity for f in self.findings), default=None)
-
 
 def diagnose_batches(batches: Iterable[FrameBatch], thresholds: Thresholds | None = None,
                      end_ns: int | None = None) -> Report:

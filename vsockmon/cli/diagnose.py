@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import textwrap
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -169,13 +170,9 @@ class LiveReport:
         self.tick()
 
     def tick(self) -> None:
-        import time
-
         self._print(self.live.update(time.time_ns()))
 
     def close(self) -> None:
-        import time
-
         try:
             self.sink.close()
         finally:
