@@ -162,47 +162,44 @@ def test_build_of_an_unknown_package_says_so_in_one_line(
     assert "Traceback" not in done.stderr
 
 
-NESTED_SCRIPT = r"""
-set -e
-ip link add type vsockmon && ip link set vsockmon0 up
-tcpdump -i vsockmon0 -Z root -w nested.pcap 2> tcpdump.err &
-tcpdump=$!
-until grep -q listening tcpdump.err; do sleep 0.1; done
-python3 - <<'EOF'
-import ctypes, os, socket, struct
-cid, port = int(os.environ["VSOCKMON_LAB_GUEST_CID"]), int(os.environ["VSOCKMON_LAB_GUEST_PORT"])
-def vsock(kind):  # a connect timeout above Linux's 2 s: the guest is slow on a busy host
-    s = socket.socket(socket.AF_VSOCK, kind)  # SO_VM_SOCKETS_CONNECT_TIMEOUT takes a timeval
-    ctypes.CDLL(None).setsockopt(s.fileno(), 40, 6, struct.pack("@ll", 60, 0), 16)
-    return s
+NESTED_SCRIPT = """
+import os, socket
+from pathlib import Path
+from vsockmon.lab.inside import add_link, capture, vsock_socket
+
+cid = int(os.environ["VSOCKMON_LAB_GUEST_CID"])
+port = int(os.environ["VSOCKMON_LAB_GUEST_PORT"])
 data = bytes(range(256)) * 40  # 10240 bytes: split by vhost into fragments for the guest
-with vsock(socket.SOCK_STREAM) as c:
-    c.connect((cid, port))
-    c.sendall(data)
-    c.shutdown(socket.SHUT_WR)
-    echoed = b"".join(iter(lambda: c.recv(65536), b""))
-print("stream echo", "ok" if echoed == data else f"BAD {len(echoed)}")
-with vsock(socket.SOCK_SEQPACKET) as c:
-    c.connect((cid, port + 1))
-    c.send(b"first"); c.send(b"second", socket.MSG_EOR)
-    print("seqpacket echo", c.recv(100), c.recv(100))
-with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as listener:
-    listener.bind((socket.VMADDR_CID_ANY, 7000)); listener.listen()
-    with vsock(socket.SOCK_STREAM) as c:
-        c.connect((cid, port + 2)); c.sendall(b"7000\n")
-    conn, peer = listener.accept()
-    conn.sendall(b"ping"); conn.shutdown(socket.SHUT_WR)
-    print("dial-back from cid", peer[0], conn.recv(100))
-    conn.close()
-EOF
-sleep 1.5  # tcpdump sees a partly filled ring block after 1 s
-kill -INT $tcpdump; wait $tcpdump
-cat "$VSOCKMON_LAB_GUEST_LOG"
+add_link()
+with capture(Path("nested.pcap")):
+    with vsock_socket() as c:
+        c.connect((cid, port))
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        echoed = b"".join(iter(lambda: c.recv(65536), b""))
+    print("stream echo", "ok" if echoed == data else f"BAD {len(echoed)}")
+    with vsock_socket(socket.SOCK_SEQPACKET) as c:
+        c.connect((cid, port + 1))
+        c.send(b"first")
+        c.send(b"second", socket.MSG_EOR)
+        print("seqpacket echo", c.recv(100), c.recv(100))
+    with vsock_socket() as listener:
+        listener.bind((socket.VMADDR_CID_ANY, 7000))
+        listener.listen()
+        with vsock_socket() as c:
+            c.connect((cid, port + 2))
+            c.sendall(b"7000\\n")
+        conn, peer = listener.accept()
+        conn.sendall(b"ping")
+        conn.shutdown(socket.SHUT_WR)
+        print("dial-back from cid", peer[0], conn.recv(100))
+        conn.close()
+print(Path(os.environ["VSOCKMON_LAB_GUEST_LOG"]).read_text())
 """
 
 
 def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> None:
-    result = lab.run(NESTED_SCRIPT, cwd=tmp_path, guest_cid=3, timeout=480)
+    result = lab.run(["python3", "-c", NESTED_SCRIPT], cwd=tmp_path, guest_cid=3, timeout=480)
     assert result.returncode == 0, result.output
     assert "stream echo ok" in result.stdout
     assert "seqpacket echo b'first' b'second'" in result.stdout
