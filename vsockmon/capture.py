@@ -67,10 +67,12 @@ _AUXDATA = struct.Struct("=III")  # tpacket_auxdata: tp_status, tp_len, tp_snapl
 _TIMESPEC = struct.Struct("=qq")
 _STATS_V3 = struct.Struct("=III")
 
-BLOCK_SIZE = 1 << 20
-"""Ring block size: must hold the largest frame (64 KiB payload + headers) with room."""
-BLOCK_TIMEOUT_MS = 50
-"""A partly filled block is handed over after this long: the live view's latency."""
+BLOCK_SIZE = 1 << 19
+"""Ring block size: holds seven of the largest frames (64 KiB payload + headers). Smaller
+blocks mean less of the ring held back while one is written (libpcap's choice too)."""
+BLOCK_TIMEOUT_MS = 100
+"""A partly filled block is handed over after this long: the live view's latency, and the
+idle capture's wake-up rate."""
 TICK_S = 0.5
 """How often an idle capture wakes to update the status line and check its deadline."""
 RECV_BATCH = 256
