@@ -12,7 +12,8 @@ per frame written while capturing (from its "listening" line on). Both get the s
 (``-B``) and write a bounded ring of files into the VM's tmpfs (not the 9p share), so the
 comparison is about reading, not about the disk. Prints a table; ``--json`` for scripts.
 
-Usage: ``benchmarks/bench_capture.py [--seconds S] [--reps N] [--buffer-mb MB] [--json]``
+Usage: ``benchmarks/bench_capture.py [--seconds S] [--reps N] [--concurrency C]
+[--buffer-mb MB] [--json]``
 Goal: our drop ratio no worse than tcpdump's.
 """
 
@@ -75,7 +76,8 @@ CONFIGS = {
 }
 
 
-def one_round(work: Path, size: int, config: str, seconds: float, buffer_mb: int) -> dict:
+def one_round(work: Path, size: int, config: str, seconds: float, buffer_mb: int,
+              concurrency: int) -> dict:
     """Both capturers on one link while the echo client runs flat out for ``seconds``."""
     tag = f"{size}-{config}"
     ours_err, td_err = work / f"ours-{tag}.err", work / f"tcpdump-{tag}.err"
@@ -96,7 +98,8 @@ def one_round(work: Path, size: int, config: str, seconds: float, buffer_mb: int
     td_start = _cpu_seconds(tcpdump)
     client = subprocess.run(
         ["vsockmon", "echo", "client", "--cid", "1", "--port", str(PORT), "--size", str(size),
-         "--duration", str(seconds), "--json"], capture_output=True, text=True)
+         "--duration", str(seconds), "--concurrency", str(concurrency), "--json"],
+        capture_output=True, text=True)
     time.sleep(1.0)  # let both drain what is queued
     td_cpu = _stop(tcpdump)
     our_cpu = _stop(ours)
@@ -123,13 +126,13 @@ def _merge(rounds: list[dict]) -> dict:
     return out
 
 
-def in_lab(seconds: float, buffer_mb: int, reps: int) -> list[dict]:
+def in_lab(seconds: float, buffer_mb: int, reps: int, concurrency: int) -> list[dict]:
     work = Path.cwd()
     server = subprocess.Popen(["vsockmon", "echo", "server", "--port", str(PORT)],
                               stderr=(work / "server.err").open("w"))
     _wait_for(work / "server.err", "listening", server)
     try:
-        return [_merge([one_round(work, size, config, seconds, buffer_mb)
+        return [_merge([one_round(work, size, config, seconds, buffer_mb, concurrency)
                         for _ in range(reps)])
                 for size in SIZES for config in CONFIGS]
     finally:
@@ -165,11 +168,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="client run per round")
     ap.add_argument("--buffer-mb", type=int, default=8, help="kernel buffer of both capturers")
     ap.add_argument("--reps", type=int, default=2, help="rounds per size and config, summed")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="echo connections at once (more: overload the VM)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--in-lab", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_lab:
-        rows = in_lab(args.seconds, args.buffer_mb, args.reps)
+        rows = in_lab(args.seconds, args.buffer_mb, args.reps, args.concurrency)
         print(json.dumps(rows))
         return
 
@@ -178,7 +183,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
         done = Lab.build().run(
             ["python3", str(Path(__file__).resolve()), "--in-lab", "--seconds",
-             str(args.seconds), "--buffer-mb", str(args.buffer_mb), "--reps", str(args.reps)],
+             str(args.seconds), "--buffer-mb", str(args.buffer_mb), "--reps", str(args.reps),
+             "--concurrency", str(args.concurrency)],
             cwd=tmp, timeout=1800)
         if done.returncode != 0:
             sys.exit(f"bench_capture: the lab run failed:\n{done.output[-2000:]}")
@@ -187,7 +193,8 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(f"vsockmon capture vs tcpdump on vsockmon0 in the lab VM (qemu TCG, loopback CID 1): "
-          f"{args.reps} x {args.seconds:g} s per row, a {args.buffer_mb} MiB kernel buffer for "
+          f"{args.reps} x {args.seconds:g} s per row, {args.concurrency} echo connection(s), "
+          f"a {args.buffer_mb} MiB kernel buffer for "
           f"both unless 'defaults'; host load average {os.getloadavg()[0]:.1f}")
     print(table(rows))
 
