@@ -10,7 +10,8 @@ Scenarios (files prefixed by their number):
   s4  overwrite refused; s5 kernel filter, count, snap length, live decode
   s6  ring of files, duration, ``-w -`` to a pipe; s7 ``-Z nobody``
   s8  interop with socat and with the C programs in tests/c
-  s9  DGRAM's clear error; s10 small buffer + slow reader (credit); s11 link and doctor
+  s9  DGRAM's clear error; s10 small buffer + slow reader (credit); s11 link by hand (and
+      deleted under a running capture), doctor
   s12 concurrent clients; the server's exit on SIGINT
 """
 
@@ -163,7 +164,10 @@ echo "s10 $(now)" >> timing
 # s11: link by hand, doctor
 $V link up > s11.up.out; echo $? > s11.up.rc
 $V link status --json > s11.status.json
+$V capture -w gone.pcap 2> s11.gone.err & CAP=$!
+wait_for s11.gone.err listening
 $V link down > s11.down.out
+wait $CAP; echo $? > s11.gone.rc
 link_state > s11.link
 $V doctor --json --probe > s11.doctor.json; echo $? > s11.doctor.rc
 echo "s11 $(now)" >> timing
@@ -364,6 +368,12 @@ def test_link_by_hand_and_doctor_in_the_lab(results: Path) -> None:
     assert status["exists"] and status["up"] and status["vsockmon"] and status["mtu"] == 65568
     assert status["creator_pid"] is None  # deliberate: no marker, not "left behind"
     assert _read(results, "s11.link").strip() == "absent"
+    # a capture on a link deleted under it stops in one line, its file intact
+    assert _read(results, "s11.gone.rc").strip() == "1"
+    assert _read(results, "s11.gone.err").splitlines()[-1] == (
+        "Error: vsockmon0 went away while capturing (Network is down); what was captured "
+        "until then is written")
+    assert _frames(results / "gone.pcap") == []
     doctor = json.loads(_read(results, "s11.doctor.json"))
     assert _read(results, "s11.doctor.rc").strip() == "0" and doctor["capture_ready"]
     checks = {c["name"]: c for c in doctor["checks"]}

@@ -354,6 +354,7 @@ class LiveCapture:
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self.stop.fileno(), select.POLLIN)
         drain = self._reader.drain
+        sock_fd = self.sock.fileno()
         while self.stop.reason is None:
             batch = drain()
             if batch:
@@ -365,8 +366,18 @@ class LiveCapture:
                 if timeout <= 0:
                     self.stop.request("duration")
                     break
-            poller.poll(timeout * 1000)
+            for fd, events in poller.poll(timeout * 1000):
+                if fd == sock_fd and events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._link_gone()
             yield []
+
+    def _link_gone(self) -> None:
+        """The socket reports an error: the link was deleted (or went down) under us."""
+        assert self.sock is not None
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        why = os.strerror(code) if code else "socket error"
+        raise CaptureError(f"{self.ifname} went away while capturing ({why}); "
+                           "what was captured until then is written")
 
     def frames(self) -> Iterator[tuple[int, bytes]]:
         """``(ts_ns, frame bytes)`` one at a time: the hook for live analyses. The bytes are
