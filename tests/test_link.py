@@ -174,3 +174,25 @@ def test_rtnetlink_lookup_of_real_links() -> None:
     assert lo is not None and lo.name == "lo" and lo.ifi_type == 772 and lo.up
     assert lo.mtu > 0 and lo.index == socket.if_nametoindex("lo") and not lo.is_vsockmon
     assert link.get_link("no-such-link0") is None
+
+
+@pytest.mark.parametrize(
+    ("config", "modules", "modprobe", "tree", "expected"),
+    [
+        ({}, True, "modprobe: FATAL: Module vsockmon not found in directory /lib/modules/x",
+         None, "cannot load module vsockmon: modprobe: FATAL: Module vsockmon not found in "
+               "directory /lib/modules/x (no /lib/modules/"),
+        ({"CONFIG_VSOCKETS": "y"}, True, None, True, "is built without CONFIG_VSOCKMON (per "),
+        ({"CONFIG_VSOCKETS": "y"}, False, None, None,
+         "is built without CONFIG_VSOCKMON (and cannot load modules)"),
+    ],
+    ids=["container", "no-config-option", "no-modules"],
+)
+def test_why_the_link_kind_is_missing(monkeypatch: pytest.MonkeyPatch, config: dict,
+                                      modules: bool, modprobe: str | None, tree: bool | None,
+                                      expected: str) -> None:
+    monkeypatch.setattr(link, "kernel_config",
+                        lambda *a: (config, "/boot/config-x" if config else None))
+    monkeypatch.setattr(link, "modules_supported", lambda: modules)
+    monkeypatch.setattr(link, "module_available", lambda *a: tree)
+    assert expected in link._explain_missing_kind(modprobe)
