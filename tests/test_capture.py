@@ -313,6 +313,9 @@ def test_cli_refuses_to_overwrite_before_touching_the_link(tmp_path: Path) -> No
 def test_cli_usage_errors(tmp_path: Path) -> None:
     done = _cli("capture", "--op", "bogus", cwd=tmp_path)
     assert done.returncode == 2 and "unknown op 'bogus'" in done.stderr
+    many = ",".join(str(c) for c in range(100, 200))
+    done = _cli("capture", "--cid", many, cwd=tmp_path)
+    assert done.returncode == 2 and "filter too long" in done.stderr
     done = _cli("capture", "--ring", "3", cwd=tmp_path)
     assert done.returncode == 2 and "need -w FILE" in done.stderr
     done = _cli("capture", "-w", "x.pcap", "--ring", "3", cwd=tmp_path)

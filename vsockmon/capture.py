@@ -304,7 +304,10 @@ class LiveCapture:
             raise CaptureError(f"cannot open a packet socket: {e.strerror}") from None
         try:
             # Filter and ring before bind: no frame may slip in unfiltered or outside the ring.
-            bpf.attach(sock, self.filter.bytecode())
+            try:
+                bpf.attach(sock, self.filter.bytecode())
+            except bpf.FilterError as e:
+                raise CaptureError(str(e)) from None
             if self.use_mmap:
                 try:
                     self._reader = _RingReader(sock, self.buffer_bytes)

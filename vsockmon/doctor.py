@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from vsockmon import link
+from vsockmon.echo import TYPES
+from vsockmon.protocol import CID_NAMES
 
 OK, FAIL, INFO = "ok", "fail", "info"
 SYMBOLS = {OK: "✓", FAIL: "✗", INFO: "-"}
@@ -85,8 +87,7 @@ def parse_vsock_cids(xml_text: str) -> list[int]:
 
 VSOCK_DIAG_MSG = struct.Struct("=BBBBIIIII8s")
 """struct vsock_diag_msg: family, type, state, shutdown, src cid/port, dst cid/port, inode."""
-SOCK_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
-              socket.SOCK_SEQPACKET: "seqpacket"}
+SOCK_TYPES = {number: name for name, number in TYPES.items()}
 TCP_STATES = {1: "established", 2: "connecting", 7: "closed", 10: "listening", 11: "closing"}
 
 
@@ -242,11 +243,7 @@ def check_local_cid(probe: bool) -> Check:
     finally:
         os.close(fd)
     cid = struct.unpack("=I", raw)[0]
-    return Check("local CID", OK, f"{cid} ({link_cid_role(cid)})")
-
-
-def link_cid_role(cid: int) -> str:
-    return {0: "hypervisor", 1: "local", 2: "host"}.get(cid, "guest")
+    return Check("local CID", OK, f"{cid} ({CID_NAMES.get(cid, 'guest')})")
 
 
 def check_capabilities() -> Iterator[Check]:

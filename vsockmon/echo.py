@@ -20,7 +20,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-VMADDR_CID_ANY = 0xFFFFFFFF
+from vsockmon.protocol import VMADDR_CID_ANY
+
 TYPES = {
     "stream": socket.SOCK_STREAM,
     "seqpacket": socket.SOCK_SEQPACKET,

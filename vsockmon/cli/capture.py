@@ -27,12 +27,14 @@ from vsockmon.protocol import Op, SockType
 def _filter(cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
             ops: tuple[str, ...], snaplen: int) -> bpf.FrameFilter:
     try:
-        return bpf.FrameFilter(
+        flt = bpf.FrameFilter(
             cids=bpf.parse_ints(cid, "cid"), ports=bpf.parse_ints(port, "port"),
             types=bpf.parse_enum(types, SockType), ops=bpf.parse_enum(ops, Op),
             snaplen=snaplen or bpf.DEFAULT_SNAPLEN)
+        flt.bytecode()  # compiles now: a filter too long fails before the link is touched
     except bpf.FilterError as e:
         raise click.UsageError(str(e)) from None
+    return flt
 
 
 def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]

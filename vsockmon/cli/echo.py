@@ -10,7 +10,6 @@ import click
 
 from vsockmon.echo import (
     TYPES,
-    VMADDR_CID_ANY,
     ClientOptions,
     EchoError,
     EchoServer,
@@ -18,6 +17,7 @@ from vsockmon.echo import (
     format_report,
     run_client,
 )
+from vsockmon.protocol import VMADDR_CID_ANY
 
 _TYPE = click.Choice(sorted(TYPES), case_sensitive=False)
 
