@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from tests.test_capture import VSOCKMON
 from vsockmon.echo import message
 from vsockmon.lab import Lab
 from vsockmon.pcapio import open_capture
@@ -42,6 +42,7 @@ from vsockmon.protocol import (
 pytestmark = pytest.mark.lab
 
 C_DIR = Path(__file__).with_name("c")
+VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 
 SCENARIOS = r"""
 set -u
