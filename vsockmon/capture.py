@@ -749,7 +749,12 @@ def fork_unprivileged(user: str) -> int | None:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        drop_privileges(user)
+        try:
+            drop_privileges(user)
+        except CaptureError as e:  # leave without the parent's cleanup: it owns the link
+            sys.stderr.write(f"Error: {e}\n")
+            sys.stderr.flush()
+            os._exit(1)
         return None
 
     def forward(signum: int, _frame: object) -> None:
