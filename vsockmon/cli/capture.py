@@ -139,12 +139,12 @@ def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
            diagnose: bool) -> None:
     """The unprivileged child of ``-Z``: capture, then leave without running the parent's
     cleanup (the parent removes the link)."""
-    code = 0
+    code = 1
     try:
         _capture(live, held, sink_args, count, duration, quiet, as_json, diagnose)
+        code = 0
     except CaptureError as e:
         click.echo(f"Error: {e}", err=True)
-        code = 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
