@@ -485,29 +485,6 @@ def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
             parts[0] = memoryview(parts[0])[written:]
 
 
-_PCAP_RECORD = struct.Struct("<IIII")
-_EPB_HEAD = struct.Struct("<IIIIIII")  # type, length, interface, ts high, ts low, cap, orig
-_EPB_TYPE = 6
-_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
-
-
-def _pcap_parts(ts_ns: int, data: bytes | memoryview, orig: int
-                ) -> tuple[bytes | memoryview, ...]:
-    """A nanosecond pcap record as (header, frame), as :class:`pcapio.PcapWriter` writes it."""
-    sec, nsec = divmod(ts_ns, 1_000_000_000)
-    return _PCAP_RECORD.pack(sec, nsec, len(data), orig), data
-
-
-def _pcapng_parts(ts_ns: int, data: bytes | memoryview, orig: int
-                  ) -> tuple[bytes | memoryview, ...]:
-    """An enhanced packet block on interface 0, as :class:`pcapio.PcapngWriter` writes it."""
-    n = len(data)
-    pad = -n % 4
-    total = _EPB_HEAD.size + n + pad + 4
-    head = _EPB_HEAD.pack(_EPB_TYPE, total, 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, n, orig)
-    return head, data, _PAD[pad] + total.to_bytes(4, "little")
-
-
 def ring_paths(path: str, files: int | None) -> list[str]:
     """The names of a ring of ``files`` capture files (FILE.0 …), or ``[path]``."""
     return [path] if files is None else [f"{path}.{i}" for i in range(files)]
@@ -559,12 +536,11 @@ class FileSink:
         except pcapio.CaptureError as e:
             raise CaptureError(str(e)) from None
         self.spool = _Spool(fp)
-        # pcapio writes the file header; the records are framed here (same bytes, checked
-        # by the tests) so each frame goes from the ring to the file without a copy.
+        # pcapio frames every record as pieces, so each frame goes from the ring to the
+        # file through writev without a copy.
         writer = pcapio.writer_for(self.path, self.spool,  # type: ignore[arg-type]
                                    snaplen=self.snaplen)
-        self.frame_parts = (_pcapng_parts if isinstance(writer, pcapio.PcapngWriter)
-                            else _pcap_parts)
+        self.frame_parts = writer.record_parts
         self.in_file = 0
         if path not in self.written:
             self.written.append(path)

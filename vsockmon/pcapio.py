@@ -350,25 +350,39 @@ def open_capture(path: str, require_linktype: int | None = LINKTYPE_VSOCK) -> Ca
 # -- writing ------------------------------------------------------------------------------
 
 
+Part = bytes | memoryview
+_PCAP_RECORD = struct.Struct("<IIII")
+_EPB_HEAD = struct.Struct("<IIIIIII")  # type, length, interface, ts high, ts low, cap, orig
+_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
+
+
 class PcapWriter:
-    """Writes a nanosecond pcap; each packet is written whole so a killed writer's file is
-    valid up to its last flush."""
+    """Writes a nanosecond pcap. Each record is written whole, so the file of a writer that
+    is killed is valid up to its last flush."""
 
     def __init__(self, fp: BinaryIO, linktype: int = LINKTYPE_VSOCK, snaplen: int = 262144):
         self.fp = fp
         fp.write(struct.pack("<IHHiIII", PCAP_MAGIC_NS, 2, 4, 0, 0, snaplen, linktype))
 
+    @staticmethod
+    def record_parts(ts_ns: int, data: Part, orig_len: int, comment: str | None = None
+                     ) -> tuple[Part, ...]:
+        """A record as pieces to write in order: the packet itself is not copied, so a live
+        capture can hand frames from the kernel's ring straight to ``writev``. Classic pcap
+        has no comments; ``comment`` is ignored."""
+        sec, nsec = divmod(ts_ns, 1_000_000_000)
+        return _PCAP_RECORD.pack(sec, nsec, len(data), orig_len), data
+
     def write(self, ts_ns: int, data: bytes, orig_len: int | None = None,
               comment: str | None = None) -> None:
-        sec, nsec = divmod(ts_ns, 1_000_000_000)
         orig = len(data) if orig_len is None else orig_len
-        self.fp.write(struct.pack("<IIII", sec, nsec, len(data), orig) + data)
+        self.fp.write(b"".join(self.record_parts(ts_ns, data, orig, comment)))
 
     def flush(self) -> None:
         self.fp.flush()
 
 
-class PcapngWriter:
+class PcapngWriter(PcapWriter):
     """Writes pcapng with one interface (ns resolution) and optional per-packet comments."""
 
     def __init__(self, fp: BinaryIO, linktype: int = LINKTYPE_VSOCK, snaplen: int = 262144,
@@ -379,16 +393,16 @@ class PcapngWriter:
         fp.write(_block(_IDB, struct.pack("<HHI", linktype, 0, snaplen)
                         + _options([(2, ifname.encode()), (9, bytes([9]))])))
 
-    def write(self, ts_ns: int, data: bytes, orig_len: int | None = None,
-              comment: str | None = None) -> None:
-        orig = len(data) if orig_len is None else orig_len
-        pad = b"\0" * (-len(data) % 4)
+    @staticmethod
+    def record_parts(ts_ns: int, data: Part, orig_len: int, comment: str | None = None
+                     ) -> tuple[Part, ...]:
+        """An enhanced packet block on interface 0, as pieces (see PcapWriter's)."""
+        n = len(data)
+        pad = -n % 4
         opts = _options([(1, comment.encode())]) if comment else b""
-        body = struct.pack("<IIIII", 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data), orig)
-        self.fp.write(_block(_EPB, body + data + pad + opts))
-
-    def flush(self) -> None:
-        self.fp.flush()
+        total = _EPB_HEAD.size + n + pad + len(opts) + 4
+        head = _EPB_HEAD.pack(_EPB, total, 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, n, orig_len)
+        return head, data, _PAD[pad] + opts + total.to_bytes(4, "little")
 
 
 def _options(opts: list[tuple[int, bytes]]) -> bytes:
