@@ -114,6 +114,7 @@ def test_regenerated_in_the_lab(lab: Lab, tmp_path: Path) -> None:
     result = lab.run([sys.executable, str(PAYLOAD / "generate.py"), str(tmp_path)],
                      cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.output
-    drops = re.findall(r"(\d+) packets? dropped by kernel", result.output)
-    assert drops == ["0"] * len(NAMES), result.output
+    # the lab's capture helper fails the run if tcpdump missed a frame the link tapped
+    done = re.findall(r"^(\S+)\.pcap: \d+ frames$", result.output, re.MULTILINE)
+    assert sorted(done) == sorted(NAMES), result.output
     check_captures(tmp_path)
