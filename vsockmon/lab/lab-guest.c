@@ -6,8 +6,10 @@
  * on every CID (one forked process per connection):
  *   P      STREAM echo: echoes each connection's bytes until the peer shuts down, then closes.
  *   P + 1  SEQPACKET echo: echoes each message, keeping its boundary and MSG_EOR.
- *   P + 2  dial-back: the client sends "PORT\n"; the guest closes that connection, then
- *          connects to CID 2 (the lab VM) on PORT and echoes that connection as on P.
+ *   P + 2  dial-back: the client sends "PORT\n" or "CID:PORT\n"; the guest closes that
+ *          connection, then connects to CID (default 2, the lab VM) on PORT and echoes that
+ *          connection as on P. Any CID is dialled as given, so a test can make the guest
+ *          dial a CID that does not exist.
  * It prints "vsockmon-lab-guest: ready ..." on the console once all three listen, and one
  * line per connection.
  */
@@ -106,11 +108,25 @@ static unsigned long long echo_seqpacket(int fd)
 	return total;
 }
 
-/* The dial-back service: read the port, then call the lab VM on it. */
+/* "PORT" or "CID:PORT" (CID 2 when omitted) into addr's CID and port. */
+static void parse_target(const char *line, struct sockaddr_vm *addr)
+{
+	char *end;
+	unsigned long first = strtoul(line, &end, 10);
+
+	if (*end == ':') {
+		addr->svm_cid = first;
+		addr->svm_port = strtoul(end + 1, NULL, 10);
+	} else {
+		addr->svm_port = first;
+	}
+}
+
+/* The dial-back service: read the target, then call it (the lab VM unless told otherwise). */
 static unsigned long long dial_back(int fd)
 {
 	struct sockaddr_vm addr = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST };
-	char line[16] = "";
+	char line[32] = "";
 	unsigned long long total;
 	ssize_t n = read(fd, line, sizeof(line) - 1);
 	int out;
@@ -118,18 +134,19 @@ static unsigned long long dial_back(int fd)
 	close(fd);
 	if (n <= 0)
 		return 0;
-	addr.svm_port = strtoul(line, NULL, 10);
+	parse_target(line, &addr);
 	out = socket(AF_VSOCK, SOCK_STREAM, 0);
 	/* Linux gives up a connect after 2 s: too short under nested emulation on a busy host. */
 	setsockopt(out, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &connect_timeout,
 		   sizeof(connect_timeout));
 	if (out < 0 || connect(out, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
-		say("dial-back to cid 2 port %u: %s", addr.svm_port, strerror(errno));
+		say("dial-back to cid %u port %u: %s", addr.svm_cid, addr.svm_port,
+		    strerror(errno));
 		return 0;
 	}
 	total = echo_stream(out);
 	close(out);
-	say("dial-back to cid 2 port %u echoed %llu bytes", addr.svm_port, total);
+	say("dial-back to cid %u port %u echoed %llu bytes", addr.svm_cid, addr.svm_port, total);
 	return total;
 }
 
