@@ -130,6 +130,18 @@ def test_job_script_for_a_shell_takes_the_terminal() -> None:
     assert "exec /lab/bin/setsid -c /usr/bin/env -i" in script
 
 
+def test_job_script_tells_the_init_whether_the_nested_guest_loads_its_transport(
+    tmp_path: Path,
+) -> None:
+    """init.sh passes it on as vsockmon_lab.transport=on|off; guest-init.sh skips the driver."""
+    for job, expected in ((_job(guest_cid=3), "on"),
+                          (_job(guest_cid=3, guest_transport=False), "off")):
+        (tmp_path / "job.sh").write_text(vm.job_script(job))
+        done = subprocess.run(["sh", "-c", '. ./job.sh; echo "$LAB_GUEST_TRANSPORT"'],
+                              cwd=tmp_path, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected
+
+
 def test_guest_env_puts_the_venv_first_and_names_the_nested_guest() -> None:
     env = vm.guest_env("/work/main/.venv", "dumb", 3, {"FOO": "bar"})
     assert env["PATH"].startswith("/work/main/.venv/bin:/usr/local/sbin")

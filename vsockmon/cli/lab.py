@@ -124,6 +124,11 @@ def _shared_options(func: Callable[..., None]) -> Callable[..., None]:
             help="Boot a nested guest with this CID (3+) first; see docs/lab.md.",
         ),
         click.option(
+            "--guest-no-transport",
+            is_flag=True,
+            help="Boot the nested guest without its vsock transport driver.",
+        ),
+        click.option(
             "--accel",
             type=ACCELS,
             default="tcg",
@@ -155,7 +160,12 @@ def _shared_options(func: Callable[..., None]) -> Callable[..., None]:
 @_shared_options
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
-    timeout: float, guest_cid: int | None, accel: str, env: Sequence[str], cmd: Sequence[str]
+    timeout: float,
+    guest_cid: int | None,
+    guest_no_transport: bool,
+    accel: str,
+    env: Sequence[str],
+    cmd: Sequence[str],
 ) -> None:
     """Run CMD as root in a fresh lab VM, in this directory; exit with its status.
 
@@ -169,6 +179,7 @@ def run(
             env=_environment(env),
             timeout=timeout,
             guest_cid=guest_cid,
+            guest_transport=not guest_no_transport,
             accel=accel,
             stdout=_stream(sys.stdout.buffer),
             stderr=_stream(sys.stderr.buffer),
@@ -179,10 +190,17 @@ def run(
 
 @lab.command()
 @_shared_options
-def shell(guest_cid: int | None, accel: str, env: Sequence[str]) -> None:
+def shell(guest_cid: int | None, guest_no_transport: bool, accel: str, env: Sequence[str]) -> None:
     """An interactive root shell in the lab VM on this terminal (exit powers it off).
 
     Ctrl-C goes to the guest; Ctrl-A X kills the VM from outside.
     """
     with _errors("lab shell"):
-        sys.exit(_lab("lab shell").shell(env=_environment(env), guest_cid=guest_cid, accel=accel))
+        sys.exit(
+            _lab("lab shell").shell(
+                env=_environment(env),
+                guest_cid=guest_cid,
+                guest_transport=not guest_no_transport,
+                accel=accel,
+            )
+        )

@@ -163,9 +163,12 @@ class Lab:
         term: str,
         guest_cid: int | None,
         shell: bool = False,
+        guest_transport: bool = True,
     ) -> Job:
         if guest_cid is not None and not 3 <= guest_cid < 0xFFFFFFFF:
             raise LabError(f"guest CID {guest_cid} is reserved; use 3 or more")
+        if not guest_transport and guest_cid is None:
+            raise LabError("a nested guest without transport needs a guest CID")
         size = os.get_terminal_size(0) if shell and os.isatty(0) else None
         if size is not None and 0 in size:  # a terminal that never said its size
             size = None
@@ -177,6 +180,7 @@ class Lab:
             kernel_root=str(self.files.kernel_root),
             qemu=self.qemu,
             guest_cid=guest_cid,
+            guest_transport=guest_transport,
             shell=shell,
             terminal_size=(size.lines, size.columns) if size else None,
         )
@@ -203,6 +207,7 @@ class Lab:
         env: Mapping[str, str] | None = None,
         timeout: float = 600.0,
         guest_cid: int | None = None,
+        guest_transport: bool = True,
         accel: str = "tcg",
         stdout: Sink | None = None,
         stderr: Sink | None = None,
@@ -213,10 +218,18 @@ class Lab:
         ``cmd`` is an argv, or a string for ``sh -c``. It runs in ``cwd`` (default: the
         current directory), which the guest shares read-write: files it writes there are
         on the host when this returns. ``guest_cid`` boots a nested guest with that CID
-        first (see docs/lab.md). Output goes to the sinks as it comes, else into the
-        result. Raises LabTimeout after ``timeout`` seconds, LabError when the VM fails.
+        first (see docs/lab.md); ``guest_transport=False`` boots it without its vsock
+        transport driver. Output goes to the sinks as it comes, else into the result.
+        Raises LabTimeout after ``timeout`` seconds, LabError when the VM fails.
         """
-        job = self._job(command_argv(cmd), _shared_cwd(cwd), env or {}, "dumb", guest_cid)
+        job = self._job(
+            command_argv(cmd),
+            _shared_cwd(cwd),
+            env or {},
+            "dumb",
+            guest_cid,
+            guest_transport=guest_transport,
+        )
         say = notify or (lambda _: None)
         out: list[bytes] = []
         err: list[bytes] = []
@@ -296,6 +309,7 @@ class Lab:
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         guest_cid: int | None = None,
+        guest_transport: bool = True,
         accel: str = "tcg",
     ) -> int:
         """An interactive login shell in the lab VM on this terminal; returns qemu's status.
@@ -305,7 +319,13 @@ class Lab:
         """
         term = os.environ.get("TERM", "linux")
         job = self._job(
-            ("/bin/bash", "-l"), _shared_cwd(cwd), env or {}, term, guest_cid, shell=True
+            ("/bin/bash", "-l"),
+            _shared_cwd(cwd),
+            env or {},
+            term,
+            guest_cid,
+            shell=True,
+            guest_transport=guest_transport,
         )
         saved = termios.tcgetattr(0) if os.isatty(0) else None
         with _job_file(job) as job_path:

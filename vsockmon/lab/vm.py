@@ -71,6 +71,8 @@ class Job:
     qemu: str
     """The host's qemu, which the lab VM runs to boot the nested guest."""
     guest_cid: int | None = None
+    guest_transport: bool = True
+    """False: the nested guest does not load its vsock transport driver."""
     shell: bool = False
     terminal_size: tuple[int, int] | None = None
 
@@ -125,6 +127,7 @@ def job_script(job: Job) -> str:
         f"LAB_QEMU={q(job.qemu)}",
         f"LAB_GUEST_CID={'' if job.guest_cid is None else job.guest_cid}",
         f"LAB_GUEST_PORT={GUEST_PORT}",
+        f"LAB_GUEST_TRANSPORT={'on' if job.guest_transport else 'off'}",
         "lab_command() {",
         f"  {body}",
         "}",
