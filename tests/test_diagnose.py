@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conntrack_scenarios import MS, Conv, write
 
+from vsockmon.conntrack import Close
 from vsockmon.decode import decode_batches
 from vsockmon.diagnose import (
     RULES,
@@ -44,6 +45,7 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/half-close-hang.pcap": [("half-close-hang", 0, (4, 5))],
     "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
     "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
+    "diagnose/cid-mismatch-vhost.pcap": [("cid-mismatch/not-host", 3, (25,))],
     # synthetic (fixtures/diagnose/generate.py)
     "diagnose/no-transport.pcap": [("no-transport/no-transport", 0, (1,)),
                                    ("mid-capture/end", 1, (2,))],
@@ -164,6 +166,19 @@ def test_seqpacket_refusal_tells_a_stream_only_service_from_no_service() -> None
     a, b = diagnose_file(FIXTURES / "diagnose/seqpacket-refused.pcap").findings
     assert "STREAM only" in a.message and "STREAM only" not in b.message
     assert "SOCK_STREAM" in a.fix
+
+
+def test_a_guest_dialling_a_cid_that_does_not_exist_across_vhost() -> None:
+    """Real: vhost tapped the guest's REQUEST to CID 7 and dropped it; the guest's healthy
+    dial-back to the host just before is a clean connection."""
+    report = diagnose_file(FIXTURES / "diagnose/cid-mismatch-vhost.pcap")
+    (f,) = report.findings
+    assert (f.evidence["src_cid"], f.evidence["dst_cid"]) == (3, 7)
+    assert f.connection.endswith("→ 7:7002 STREAM")
+    dial_back = report.connections[1]
+    assert (dial_back.client.cid, dial_back.server.cid, dial_back.server.port) == (3, 2, 7002)
+    assert dial_back.client.bytes == dial_back.server.bytes == 20
+    assert dial_back.close == Close.GRACEFUL
 
 
 def test_thresholds_are_options(tmp_path: Path) -> None:
