@@ -207,3 +207,12 @@ def test_apt_reason_takes_the_last_error_line() -> None:
     no_package = subprocess.CalledProcessError(100, ["apt-cache"], "", "E: No packages found\n")
     assert apt_reason(no_package) == "No packages found"
     assert apt_reason(subprocess.CalledProcessError(1, ["x"], "", "")) == "exit status 1"
+
+
+def test_paths_outside_the_shared_dirs_are_bound_too() -> None:
+    """A clone in /tmp (as CI makes) must still give the guest its venv and vsockmon."""
+    layout = vm.host_layout({"usr": None, "work": None},
+                            ["/tmp/ci", "/tmp/ci/.venv", "/work/main/.venv", "/builds/x"])
+    assert layout.extra == ("/builds/x", "/tmp/ci")
+    script = vm.job_script(_job(layout=layout))
+    assert "LAB_EXTRA_BINDS='/builds/x /tmp/ci'" in script

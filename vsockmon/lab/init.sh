@@ -49,6 +49,9 @@ mkdir -p /dev/pts /dev/shm /lab/kernel /run/vsockmon-lab
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount --bind "/host$LAB_KERNEL_ROOT" /lab/kernel || fail "cannot bind the kernel tree"
+for path in $LAB_EXTRA_BINDS; do
+  mkdir -p "$path" && mount --bind "/host$path" "$path" || fail "cannot bind $path"
+done
 mkdir -p "$LAB_CWD"
 mount -t 9p -o "$p9,cache=none" cwd "$LAB_CWD" || fail "cannot mount $LAB_CWD over 9p"
 # Nothing in the guest may reach the host's /dev, /proc or /sys through the share.

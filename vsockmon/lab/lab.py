@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import vsockmon
 from vsockmon.lab import build as lab_build
 from vsockmon.lab.errors import LabError, LabTimeout
 from vsockmon.lab.vm import (
@@ -129,6 +130,19 @@ def _shared_cwd(cwd: str | os.PathLike[str] | None) -> str:
     return str(path)
 
 
+def _needed_paths() -> list[str]:
+    """What the guest must see wherever it lives: the venv, and the tree vsockmon is
+    imported from (an editable install's source). The init splits the list on spaces."""
+    paths = [str(Path(vsockmon.__file__).resolve().parents[1])]
+    venv = _venv()
+    if venv:
+        paths.append(str(Path(venv).resolve()))
+    for path in paths:
+        if any(c.isspace() for c in path):
+            raise LabError(f"{path}: the lab cannot share a path with white space in it")
+    return paths
+
+
 def _venv() -> str | None:
     """The running venv, which the guest puts first on PATH (it sees it read-only)."""
     return sys.prefix if sys.prefix != sys.base_prefix else None
@@ -176,7 +190,7 @@ class Lab:
             argv=tuple(cmd),
             cwd=cwd,
             env=guest_env(_venv(), term, guest_cid, env),
-            layout=host_layout(_top_level()),
+            layout=host_layout(_top_level(), _needed_paths()),
             kernel_root=str(self.files.kernel_root),
             qemu=self.qemu,
             guest_cid=guest_cid,

@@ -37,14 +37,19 @@ class HostLayout:
 
     binds: tuple[str, ...]
     links: tuple[tuple[str, str], ...]
+    extra: tuple[str, ...] = ()
+    """Absolute paths outside ``binds``, bound read-only at the same place: the venv and
+    vsockmon's own tree when they live elsewhere (a clone in /tmp, a CI work directory)."""
 
 
-def host_layout(top_level: Mapping[str, str | None]) -> HostLayout:
+def host_layout(top_level: Mapping[str, str | None], needed: Sequence[str] = ()
+                ) -> HostLayout:
     """The guest's view of the host's ``/``, from its top-level directories and symlinks.
 
     ``top_level`` maps a name in ``/`` to its symlink target, or None for a directory.
     Only a known list is shared: the host's ``/dev``, ``/proc`` and whatever else lives in
-    ``/`` stay out of the guest.
+    ``/`` stay out of the guest — except the resolved absolute paths in ``needed`` that
+    the shared directories do not already hold.
     """
     binds = [name for name in SHARED_DIRS if name in top_level and top_level[name] is None]
     links = []
@@ -56,7 +61,18 @@ def host_layout(top_level: Mapping[str, str | None]) -> HostLayout:
             binds.append(name)
         else:
             links.append((name, target))
-    return HostLayout(tuple(binds), tuple(links))
+    return HostLayout(tuple(binds), tuple(links), _outside(needed, binds))
+
+
+def _outside(needed: Sequence[str], binds: Sequence[str]) -> tuple[str, ...]:
+    """The paths of ``needed`` not under a bound top-level directory, without ones that
+    lie inside another (binding the outer one shows both)."""
+    paths = sorted({Path(p) for p in needed if Path(p).parts[1:2] not in [(b,) for b in binds]})
+    kept: list[Path] = []
+    for path in paths:
+        if not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return tuple(str(p) for p in kept)
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,7 @@ def job_script(job: Job) -> str:
         f"LAB_CWD={q(job.cwd)}",
         f"LAB_BINDS={q(' '.join(job.layout.binds))}",
         f"LAB_LINKS={q(' '.join(f'{name}:{target}' for name, target in job.layout.links))}",
+        f"LAB_EXTRA_BINDS={q(' '.join(job.layout.extra))}",
         f"LAB_KERNEL_ROOT={q(job.kernel_root)}",
         f"LAB_QEMU={q(job.qemu)}",
         f"LAB_GUEST_CID={'' if job.guest_cid is None else job.guest_cid}",
