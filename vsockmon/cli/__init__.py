@@ -51,7 +51,10 @@ def main() -> None:
 
     \b
     Examples:
-      vsockmon decode capture.pcap
-      vsockmon decode capture.pcap --json | head
       vsockmon decode capture.pcap -Y 'cid == 3 and op == RW'
+      vsockmon conns capture.pcap
+      vsockmon diagnose capture.pcap
+      vsockmon timeline capture.pcap --conn 0 --html out.html
+      sudo vsockmon capture -w out.pcapng
+      vsockmon lab run -- vsockmon doctor
     """
