@@ -33,9 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from vsockmon.decode import decode_batches  # noqa: E402
-from vsockmon.pcapio import open_capture  # noqa: E402
-from vsockmon.protocol import MON_HDR_LEN, VIRTIO_HEADER, VSOCKMON_HEADER, Op  # noqa: E402
+from vsockmon.decode.frames import decode_batches  # noqa: E402
+from vsockmon.wire.pcapio import open_capture  # noqa: E402
+from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HEADER, VSOCKMON_HEADER, Op  # noqa: E402
 
 EPHEMERAL = 10000
 """Ports at or above this are clients' (Linux picks random ones above 1024; the lab's and
@@ -43,9 +43,9 @@ the scenarios' services listen below): each copy moves them, so its connections 
 
 SCAPY = """
 import sys
-import vsockmon.layers
+import vsockmon.wire.layers
 from scapy.utils import rdpcap
-from vsockmon.layers import VirtioVsock
+from vsockmon.wire.layers import VirtioVsock
 n = 0
 for pkt in rdpcap(sys.argv[1]):
     v = pkt[VirtioVsock]
@@ -165,7 +165,7 @@ def measure(cmd: list[str], out: Path | None = None) -> tuple[float, float, floa
 
 def count(path: Path) -> tuple[int, int]:
     """Packets and connections, by vsockmon itself (to label the results)."""
-    from vsockmon.conntrack import ConnTracker
+    from vsockmon.conntrack.tracker import ConnTracker
 
     tracker = ConnTracker()
     with open_capture(str(path)) as reader:

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import T0, frame  # noqa: E402
 
-from vsockmon.pcapio import PcapWriter  # noqa: E402
-from vsockmon.protocol import Op  # noqa: E402
-from vsockmon.verify import TSHARK_FIELDS  # noqa: E402
+from vsockmon.decode.verify import TSHARK_FIELDS  # noqa: E402
+from vsockmon.wire.pcapio import PcapWriter  # noqa: E402
+from vsockmon.wire.protocol import Op  # noqa: E402
 
 
 def build(path: Path, n: int) -> None:
@@ -67,7 +67,7 @@ def timed(cmd: list[str]) -> float:
 SCAPY_READ = """
 import sys, vsockmon
 from scapy.utils import PcapReader
-from vsockmon.layers import VirtioVsock
+from vsockmon.wire.layers import VirtioVsock
 n = 0
 for pkt in PcapReader(sys.argv[1]):
     v = pkt[VirtioVsock]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the field-table block of vsockmon.lua from vsockmon/protocol.py.
+"""Regenerate the field-table block of vsockmon.lua from vsockmon/wire/protocol.py.
 
 The plugin reads the headers from the frame's bytes itself (Wireshark builds no protocol
 tree on a first pass without filters, so the built-in dissector's fields are not always
@@ -14,7 +14,7 @@ import sys
 from enum import IntEnum
 from pathlib import Path
 
-from vsockmon.protocol import (
+from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
     Header,
@@ -26,7 +26,7 @@ from vsockmon.protocol import (
 )
 
 PLUGIN = Path(__file__).resolve().parent / "vsockmon.lua"
-BEGIN = "-- BEGIN field tables: generated from vsockmon/protocol.py by gen_lua_tables.py"
+BEGIN = "-- BEGIN field tables: generated from vsockmon/wire/protocol.py by gen_lua_tables.py"
 END = "-- END field tables"
 
 

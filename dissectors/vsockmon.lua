@@ -35,7 +35,7 @@ local TWO32 = 4294967296
 local TTRPC_HEADER = 10
 local TTRPC_MAX = 4 * 1024 * 1024
 
--- BEGIN field tables: generated from vsockmon/protocol.py by gen_lua_tables.py
+-- BEGIN field tables: generated from vsockmon/wire/protocol.py by gen_lua_tables.py
 local MON_HDR = { size = 32, fields = {
     src_cid = { 0, 8 },
     dst_cid = { 8, 8 },

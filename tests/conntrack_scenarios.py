@@ -12,8 +12,8 @@ from pathlib import Path
 
 from helpers import T0, frame
 
-from vsockmon.pcapio import PcapWriter
-from vsockmon.protocol import Op, SeqFlag, ShutdownFlag, SockType
+from vsockmon.wire.pcapio import PcapWriter
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 
 MS = 1_000_000
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vsockmon.pcapio import PcapWriter
-from vsockmon.protocol import MON_OP_OF, VIRTIO_HEADER, VSOCKMON_HEADER, Op, Transport
+from vsockmon.wire.pcapio import PcapWriter
+from vsockmon.wire.protocol import MON_OP_OF, VIRTIO_HEADER, VSOCKMON_HEADER, Op, Transport
 
 T0 = 1_700_000_000_000_000_000
 

@@ -18,20 +18,21 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import frame
-from vsockmon import capture, pcapio
-from vsockmon.bpf import FrameFilter
-from vsockmon.capture import (
-    CaptureError,
+from vsockmon.live import capture
+from vsockmon.live.bpf import FrameFilter
+from vsockmon.live.capture import (
     CaptureStats,
     FileSink,
-    Frame,
     LineSink,
     LiveCapture,
+    LiveCaptureError,
+    LiveFrame,
     format_frame,
     run,
 )
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, Op, SockType
+from vsockmon.wire import pcapio
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, Op, SockType
 
 ROOT = Path(__file__).resolve().parents[1]
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
@@ -90,7 +91,7 @@ def test_ring_of_files_keeps_the_newest_frames(tmp_path: Path) -> None:
     base = str(tmp_path / "ring.pcap")
     sink = FileSink(base, rotate_bytes=1000, files=3)
     for i in range(0, 60, 4):  # several batches, rotating inside some of them
-        sink.write([Frame(i + k, f, len(f)) for k, f in enumerate(frames[i:i + 4])])
+        sink.write([LiveFrame(i + k, f, len(f)) for k, f in enumerate(frames[i:i + 4])])
     sink.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"ring.pcap.{i}" for i in range(3)]
     kept = []
@@ -108,7 +109,7 @@ def test_ring_of_files_keeps_the_newest_frames(tmp_path: Path) -> None:
 
 def test_size_rotation_without_a_ring_numbers_files_on(tmp_path: Path) -> None:
     sink = FileSink(str(tmp_path / "c.pcap"), rotate_bytes=250)
-    sink.write([Frame(i, f, len(f)) for i, f in enumerate(_frames(12))])
+    sink.write([LiveFrame(i, f, len(f)) for i, f in enumerate(_frames(12))])
     sink.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) > 3 and names[0] == "c.pcap.0" and "c.pcap" not in names
@@ -116,10 +117,10 @@ def test_size_rotation_without_a_ring_numbers_files_on(tmp_path: Path) -> None:
 
 def test_existing_files_are_refused_without_force(tmp_path: Path) -> None:
     (tmp_path / "t.pcap").write_bytes(b"keep")
-    with pytest.raises(CaptureError, match=r"t\.pcap: exists; use --force"):
+    with pytest.raises(LiveCaptureError, match=r"t\.pcap: exists; use --force"):
         FileSink(str(tmp_path / "t.pcap"))
     (tmp_path / "r.pcap.1").write_bytes(b"keep")
-    with pytest.raises(CaptureError, match=r"r.pcap.1: exists"):
+    with pytest.raises(LiveCaptureError, match=r"r.pcap.1: exists"):
         FileSink(str(tmp_path / "r.pcap"), rotate_bytes=1000, files=2)
     assert (tmp_path / "t.pcap").read_bytes() == b"keep"
     FileSink(str(tmp_path / "t.pcap"), force=True).close()
@@ -135,7 +136,7 @@ def test_existing_files_are_refused_without_force(tmp_path: Path) -> None:
     ],
 )
 def test_impossible_outputs_are_refused(kwargs: dict, message: str) -> None:
-    with pytest.raises(CaptureError, match=message):
+    with pytest.raises(LiveCaptureError, match=message):
         FileSink.check(**kwargs)
 
 
@@ -171,8 +172,8 @@ _CHILD = textwrap.dedent("""
     import socket, sys, threading
     sys.path.insert(0, {root!r})
     from tests.helpers import frame
-    from vsockmon.capture import CaptureStats, FileSink, LiveCapture, run
-    from vsockmon.protocol import Op
+    from vsockmon.live.capture import CaptureStats, FileSink, LiveCapture, run
+    from vsockmon.wire.protocol import Op
     rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     def feed():
         i = 0
@@ -251,7 +252,7 @@ def test_live_line_decode() -> None:
 
 def test_status_line_counts_ops_and_drops() -> None:
     stats = CaptureStats()
-    stats.add([Frame(0, f, len(f)) for f in (frame(Op.RW, b"ab"), frame(Op.RW),
+    stats.add([LiveFrame(0, f, len(f)) for f in (frame(Op.RW, b"ab"), frame(Op.RW),
                                              frame(Op.CREDIT_UPDATE), b"short")])
     stats.kernel = (200, 3)
     assert stats.line() == ("4 packets, 235 B (RW 2 CREDIT_UPDATE 1); "
@@ -274,7 +275,7 @@ def test_packet_socket_readers_on_loopback(use_mmap: bool) -> None:
         live.deadline = time.monotonic() + 5
         ours = []
         for batch in live.batches():  # frames are views into the ring: copy to keep
-            copies = [Frame(f.ts_ns, bytes(f.data), f.orig_len) for f in batch]
+            copies = [LiveFrame(f.ts_ns, bytes(f.data), f.orig_len) for f in batch]
             ours += [f for f in copies if marker in f.data and f.data[23] == 17]  # not ICMP
             if len({f.orig_len for f in ours}) == 3:
                 break
@@ -289,7 +290,7 @@ def test_packet_socket_readers_on_loopback(use_mmap: bool) -> None:
 def test_capture_and_echo_paths_stay_light() -> None:
     """In the lab VM every import costs seconds: no numpy, scapy, rich or pyroute2 at import."""
     code = ("import sys, vsockmon.cli, vsockmon.cli.capture, vsockmon.cli.echo, "
-            "vsockmon.cli.link, vsockmon.capture, vsockmon.echo, vsockmon.link; "
+            "vsockmon.cli.link, vsockmon.live.capture, vsockmon.live.echo, vsockmon.live.link; "
             "print(sorted(m for m in ('numpy', 'scapy', 'rich', 'matplotlib', 'pyroute2', "
             "'pyarrow', 'tabulate', 'ctypes') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -338,7 +339,7 @@ def test_records_are_byte_for_byte_pcapios(tmp_path: Path, name: str) -> None:
     bytes must stay exactly those of pcapio's writers."""
     frames = [frame(Op.RW, b"p" * n) for n in (0, 1, 2, 3, 4, 5, 700)]
     sink = FileSink(str(tmp_path / name))
-    sink.write([Frame(1_700_000_000_123_456_789 + i, memoryview(f), len(f) + i)
+    sink.write([LiveFrame(1_700_000_000_123_456_789 + i, memoryview(f), len(f) + i)
                 for i, f in enumerate(frames)])
     sink.close()
     with open(tmp_path / f"ref-{name}", "wb") as fp:

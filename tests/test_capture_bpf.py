@@ -9,9 +9,9 @@ import socket
 import pytest
 
 from tests.helpers import frame
-from vsockmon import bpf
-from vsockmon.bpf import FilterError, FrameFilter
-from vsockmon.protocol import Op, SockType
+from vsockmon.live import bpf
+from vsockmon.live.bpf import BpfFilterError, FrameFilter
+from vsockmon.wire.protocol import Op, SockType
 
 BIG_CID = 0x1_0000_0003  # differs from CID 3 only in the high 32 bits
 
@@ -91,7 +91,7 @@ def test_little_endian_fields_are_compared_as_big_endian_pieces() -> None:
 
 
 def test_too_many_values_for_8_bit_jumps_is_a_clear_error() -> None:
-    with pytest.raises(FilterError, match="too long"):
+    with pytest.raises(BpfFilterError, match="too long"):
         FrameFilter(cids=tuple(range(100, 200))).program()
 
 
@@ -106,9 +106,9 @@ def test_option_parsing() -> None:
         Op.RW, Op.CREDIT_UPDATE, Op.RST, Op.RST)
     assert bpf.parse_enum(["seqpacket"], SockType) == (SockType.SEQPACKET,)
     assert bpf.parse_ints(["3,0x10", "7"], "cid") == (3, 16, 7)
-    with pytest.raises(FilterError, match="unknown op 'bogus'"):
+    with pytest.raises(BpfFilterError, match="unknown op 'bogus'"):
         bpf.parse_enum(["bogus"], Op)
-    with pytest.raises(FilterError, match="bad port 'x'"):
+    with pytest.raises(BpfFilterError, match="bad port 'x'"):
         bpf.parse_ints(["x"], "port")
-    with pytest.raises(FilterError, match="does not fit"):
+    with pytest.raises(BpfFilterError, match="does not fit"):
         FrameFilter(ports=(1 << 32,))

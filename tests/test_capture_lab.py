@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon.echo import message
 from vsockmon.lab import Lab
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import (
+from vsockmon.live.echo import message
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import (
     MON_HDR_LEN,
     VIRTIO_HDR_LEN,
     VIRTIO_HEADER,

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from conntrack_scenarios import Conv, echo_capture, write
 
 from vsockmon.cli import main
-from vsockmon.conntrack import RECORD_FIELDS
-from vsockmon.protocol import Op, SeqFlag, SockType
+from vsockmon.conntrack.tracker import RECORD_FIELDS
+from vsockmon.wire.protocol import Op, SeqFlag, SockType
 
 
 def run(*args: str, ok: bool = True) -> tuple[str, str, int]:

@@ -9,7 +9,7 @@ import pytest
 from conntrack_scenarios import MS, Conv, echo_capture, write
 from helpers import T0, frame
 
-from vsockmon.conntrack import (
+from vsockmon.conntrack.tracker import (
     CLIENT,
     RECORD_FIELDS,
     SERVER,
@@ -20,9 +20,9 @@ from vsockmon.conntrack import (
     Violation,
     track,
 )
-from vsockmon.decode import decode_batches
-from vsockmon.pcapio import CaptureReader
-from vsockmon.protocol import Op, ShutdownFlag, SockType
+from vsockmon.decode.frames import decode_batches
+from vsockmon.wire.pcapio import CaptureReader
+from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 
 def analyse(path: Path, chunk: int = 1 << 20) -> ConnTable:

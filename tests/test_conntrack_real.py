@@ -14,11 +14,11 @@ from types import ModuleType
 
 from click.testing import CliRunner
 
+from vsockmon.analysis.reassembly import chunks, direction_bytes, segments
 from vsockmon.cli import main
-from vsockmon.conntrack import Close, ConnTable, StreamRows, Violation
-from vsockmon.decode import decode_batches
-from vsockmon.pcapio import open_capture
-from vsockmon.reassembly import chunks, direction_bytes, segments
+from vsockmon.conntrack.tracker import Close, ConnTable, StreamRows, Violation
+from vsockmon.decode.frames import decode_batches
+from vsockmon.wire.pcapio import open_capture
 
 REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
 
@@ -33,7 +33,7 @@ def traffic() -> ModuleType:
 
 
 def analyse(name: str, *streams: int) -> tuple[ConnTable, StreamRows]:
-    from vsockmon.conntrack import ConnTracker
+    from vsockmon.conntrack.tracker import ConnTracker
 
     rows = StreamRows(streams, payloads=True)
     tracker = ConnTracker()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.conntrack import (
+from vsockmon.conntrack.tracker import (
     CLIENT,
     SERVER,
     Close,
@@ -26,9 +26,9 @@ from vsockmon.conntrack import (
     Stalls,
     Violation,
 )
-from vsockmon.decode import decode_batches
-from vsockmon.pcapio import CaptureReader
-from vsockmon.protocol import Op, SeqFlag, ShutdownFlag, SockType
+from vsockmon.decode.frames import decode_batches
+from vsockmon.wire.pcapio import CaptureReader
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 
 U32 = 1 << 32
 CREDIT_OPS = {Op.REQUEST, Op.RESPONSE, Op.SHUTDOWN, Op.RW, Op.CREDIT_UPDATE, Op.CREDIT_REQUEST}

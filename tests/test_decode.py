@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.decode import decode_batches, frames
-from vsockmon.filter import FilterError, compile_filter
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import Op
+from vsockmon.decode.filter import FilterError, compile_filter
+from vsockmon.decode.frames import decode_batches, frames
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import Op
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "synthetic"
 
@@ -56,7 +56,7 @@ def test_names_next_to_numbers() -> None:
 def test_snaplen_cut_is_not_a_tap_bug(tmp_path: Path) -> None:
     full = frame(Op.RW, b"x" * 100)
     path = tmp_path / "snap.pcap"
-    from vsockmon.pcapio import PcapWriter
+    from vsockmon.wire.pcapio import PcapWriter
 
     with open(path, "wb") as fp:
         PcapWriter(fp).write(0, full[:90], orig_len=len(full))
@@ -66,7 +66,7 @@ def test_snaplen_cut_is_not_a_tap_bug(tmp_path: Path) -> None:
 
 def test_frame_numbers_continue_across_batches(tmp_path: Path) -> None:
     path = write_pcap(tmp_path / "n.pcap", [frame(Op.RW, b"a" * 1000)] * 300)
-    from vsockmon.pcapio import CaptureReader
+    from vsockmon.wire.pcapio import CaptureReader
 
     with CaptureReader(str(path), chunk=4096) as r:
         batches = list(decode_batches(r.batches()))
@@ -135,7 +135,7 @@ def test_mutated_files_end_in_a_clear_error_or_a_clean_stop(tmp_path: Path) -> N
     """No byte sequence crashes the reader or the decoder: flip bytes of real captures."""
     import random
 
-    from vsockmon.pcapio import CaptureError
+    from vsockmon.wire.pcapio import CaptureError
 
     rnd = random.Random(11)
     sources = [(FIXTURES / n).read_bytes() for n in ("stream-all-ops.pcap", "seqpacket-ns.pcapng")]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conntrack_scenarios import MS, Conv, write
 
-from vsockmon.conntrack import Close
-from vsockmon.decode import decode_batches
-from vsockmon.diagnose import (
+from vsockmon.conntrack.tracker import Close
+from vsockmon.decode.frames import decode_batches
+from vsockmon.diagnose.engine import (
     RULES,
     Finding,
     LiveDiagnosis,
@@ -25,8 +25,8 @@ from vsockmon.diagnose import (
     select,
     worst_by_stream,
 )
-from vsockmon.pcapio import CaptureError, CaptureReader, open_capture
-from vsockmon.protocol import Op, ShutdownFlag, SockType
+from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

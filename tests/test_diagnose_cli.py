@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conntrack_scenarios import Conv, write
 
 from vsockmon.cli import main
-from vsockmon.protocol import Op
+from vsockmon.wire.protocol import Op
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

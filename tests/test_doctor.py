@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon import doctor, link
+from vsockmon.live import doctor, link
 
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 

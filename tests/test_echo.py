@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon import echo
-from vsockmon.echo import ClientOptions, ClientReport, EchoError, EchoServer, WorkerResult
+from vsockmon.live import echo
+from vsockmon.live.echo import ClientOptions, ClientReport, EchoError, EchoServer, WorkerResult
 
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 UNIX_TYPES = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET}

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from helpers import frame, write_pcap
 
 from vsockmon.cli import main
-from vsockmon.conntrack import track
-from vsockmon.decode import decode_batches
+from vsockmon.conntrack.tracker import track
+from vsockmon.decode.frames import decode_batches
 from vsockmon.export import (
     CONNECTION_COLUMNS,
     PACKET_COLUMNS,
@@ -29,8 +29,8 @@ from vsockmon.export import (
     export_tables,
 )
 from vsockmon.payload import ttrpc
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import Op, SockType
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import Op, SockType
 
 ROOT = Path(__file__).resolve().parent.parent
 C, S = (3, 50000), (2, 1024)

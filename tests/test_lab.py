@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from vsockmon.lab import Lab, LabTimeout
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, VSOCKMON_HEADER, Op
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, VSOCKMON_HEADER, Op
 
 pytestmark = pytest.mark.lab
 

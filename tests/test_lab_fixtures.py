@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import LINKTYPE_VSOCK, MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, Op
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import LINKTYPE_VSOCK, MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, Op
 
 REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
 EXPECTED = {

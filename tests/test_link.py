@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon import link
-from vsockmon.link import LinkError, LinkState, LinkStatus, Marker, Terminated
+from vsockmon.live import link
+from vsockmon.live.link import LinkError, LinkState, LinkStatus, Marker, Terminated
 
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon.verify import build_report, our_records, tshark_records
+from vsockmon.decode.verify import build_report, our_records, tshark_records
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_VSOCK = {"ethernet.pcap", "truncated.pcap"}
@@ -57,8 +57,8 @@ def test_fast_json_equals_records(path: Path) -> None:
     """``decode --json`` uses a template fast path; it must equal the reference dicts."""
     import json
 
-    from vsockmon.decode import decode_batches
-    from vsockmon.pcapio import open_capture
+    from vsockmon.decode.frames import decode_batches
+    from vsockmon.wire.pcapio import open_capture
 
     with open_capture(str(path)) as reader:
         for fb in decode_batches(reader.batches()):

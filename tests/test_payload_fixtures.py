@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from vsockmon.decode import frames
+from vsockmon.decode.frames import frames
 from vsockmon.lab import Lab
 from vsockmon.payload import dissect_frame
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import Op
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import Op
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = ROOT / "fixtures" / "payload"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import T0, frame, write_pcap
 
-from vsockmon.pcapio import (
+from vsockmon.wire.pcapio import (
     CaptureError,
     CaptureReader,
     PcapngWriter,
@@ -21,7 +21,7 @@ from vsockmon.pcapio import (
     open_capture,
     writer_for,
 )
-from vsockmon.protocol import Op
+from vsockmon.wire.protocol import Op
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "synthetic"
 
@@ -81,7 +81,7 @@ def test_gzip_and_stdin() -> None:
         want = [x.data for x in r.records()]
     with open_capture(str(FIXTURES / "stream-all-ops.pcap.gz")) as r:
         assert [x.data for x in r.records()] == want
-    code = ("import sys; from vsockmon.pcapio import open_capture\n"
+    code = ("import sys; from vsockmon.wire.pcapio import open_capture\n"
             "r = open_capture('-'); print(sum(1 for _ in r.records()), r.stopped)")
     for data in (plain.read_bytes(), gzip.compress(plain.read_bytes())):
         out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 import vsockmon  # noqa: F401 - registers the layers when scapy is imported
-from vsockmon import protocol as p
+from vsockmon.wire import protocol as p
 
 
 def test_tables_match_the_kernel_layouts() -> None:
@@ -57,7 +57,7 @@ FLAGS_FOR = {p.Op.SHUTDOWN: (0, 1, 2, 3), p.Op.RW: (0, 1, 2, 3)}
 def test_scapy_round_trip_every_op_type_and_flag(op: p.Op, type_: int) -> None:
     from scapy.compat import raw
 
-    from vsockmon.layers import VirtioVsock, VsockMon
+    from vsockmon.wire.layers import VirtioVsock, VsockMon
 
     for flags in FLAGS_FOR.get(op, (0,)):
         payload = b"data" if op == p.Op.RW else b""
@@ -80,7 +80,7 @@ def test_scapy_round_trip_every_op_type_and_flag(op: p.Op, type_: int) -> None:
 
 
 def test_scapy_names_flags_by_op() -> None:
-    from vsockmon.layers import VirtioVsock, VsockMon
+    from vsockmon.wire.layers import VirtioVsock, VsockMon
 
     shut = VsockMon(bytes(VsockMon() / VirtioVsock(op="SHUTDOWN", flags=3)))
     seq = VsockMon(bytes(VsockMon() / VirtioVsock(op="RW", type="SEQPACKET", flags=1) / b"m"))
@@ -91,7 +91,7 @@ def test_scapy_names_flags_by_op() -> None:
 def test_scapy_trusts_len_over_surplus_tap_bytes() -> None:
     from scapy.packet import Padding
 
-    from vsockmon.layers import VirtioVsock, VsockMon
+    from vsockmon.wire.layers import VirtioVsock, VsockMon
 
     data = bytes(VsockMon() / VirtioVsock(op="RW") / b"abc") + b"surplus"
     pkt = VsockMon(data)
@@ -102,7 +102,7 @@ def test_scapy_trusts_len_over_surplus_tap_bytes() -> None:
 def test_scapy_no_info_transport_is_header_plus_payload() -> None:
     from scapy.packet import Raw
 
-    from vsockmon.layers import VsockMon
+    from vsockmon.wire.layers import VsockMon
 
     data = p.VSOCKMON_HEADER.pack(src_cid=1, dst_cid=1, transport=1, op=4) + b"opaque"
     pkt = VsockMon(data)
@@ -113,7 +113,7 @@ def test_rdpcap_decodes_after_import(tmp_path) -> None:  # type: ignore[no-untyp
     from scapy.config import conf
     from scapy.utils import rdpcap
 
-    from vsockmon.layers import VirtioVsock, VsockMon
+    from vsockmon.wire.layers import VirtioVsock, VsockMon
 
     path = tmp_path / "one.pcap"
     frame = bytes(VsockMon() / VirtioVsock(op="REQUEST", src_cid=3, dst_cid=2))

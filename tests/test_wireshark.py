@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.conntrack import ConnTracker
-from vsockmon.decode import decode_batches, frames
+from vsockmon.conntrack.tracker import ConnTracker
+from vsockmon.decode.frames import decode_batches, frames
 from vsockmon.payload import ttrpc
-from vsockmon.pcapio import CaptureError, open_capture
-from vsockmon.protocol import Op, SockType
+from vsockmon.wire.pcapio import CaptureError, open_capture
+from vsockmon.wire.protocol import Op, SockType
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "dissectors" / "vsockmon.lua"

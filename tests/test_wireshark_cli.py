@@ -14,7 +14,7 @@ from helpers import frame, write_pcap
 
 from vsockmon.cli import main
 from vsockmon.cli.wireshark import packaged_plugin, personal_plugin_dir
-from vsockmon.protocol import Op
+from vsockmon.wire.protocol import Op
 
 ROOT = Path(__file__).resolve().parent.parent
 

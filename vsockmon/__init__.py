@@ -34,13 +34,13 @@ class _RegisterAfterScapy(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             original(module)
-            importlib.import_module("vsockmon.layers")
+            importlib.import_module("vsockmon.wire.layers")
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
 if _TRIGGER in sys.modules:
-    importlib.import_module("vsockmon.layers")
+    importlib.import_module("vsockmon.wire.layers")
 else:
     sys.meta_path.insert(0, _RegisterAfterScapy())

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import click
 
-from vsockmon.conntrack import ConnTable, ConnTracker, Tags
-from vsockmon.decode import FrameBatch, decode_batches
-from vsockmon.pcapio import CaptureError, open_capture
+from vsockmon.conntrack.tracker import ConnTable, ConnTracker, Tags
+from vsockmon.decode.frames import FrameBatch, decode_batches
+from vsockmon.wire.pcapio import CaptureError, open_capture
 
 PROGRESS_MIN_BYTES = 32 << 20
 """Files smaller than this finish before a progress bar would be worth drawing."""
@@ -87,7 +87,7 @@ def check_output(path: str | None, force: bool) -> None:
 
 def write_output(path: str, data: bytes, force: bool) -> None:
     """Write a report file, refusing to replace one without ``--force``."""
-    from vsockmon.pcapio import create_output
+    from vsockmon.wire.pcapio import create_output
 
     try:
         fp = create_output(path, force)

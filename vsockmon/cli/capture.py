@@ -8,20 +8,20 @@ import sys
 
 import click
 
-from vsockmon import bpf
-from vsockmon.capture import (
-    CaptureError,
+from vsockmon.live import bpf
+from vsockmon.live.capture import (
     CaptureStats,
     FileSink,
     LineSink,
     LiveCapture,
+    LiveCaptureError,
     drop_privileges,
     fork_unprivileged,
     live_capture,
     run,
 )
-from vsockmon.link import DEFAULT_LINK, HeldLink, LinkError, Terminated
-from vsockmon.protocol import Op, SockType
+from vsockmon.live.link import DEFAULT_LINK, HeldLink, LinkError, Terminated
+from vsockmon.wire.protocol import Op, SockType
 
 
 def _filter(cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
@@ -32,7 +32,7 @@ def _filter(cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
             types=bpf.parse_enum(types, SockType), ops=bpf.parse_enum(ops, Op),
             snaplen=snaplen or bpf.DEFAULT_SNAPLEN)
         flt.bytecode()  # compiles now: a filter too long fails before the link is touched
-    except bpf.FilterError as e:
+    except bpf.BpfFilterError as e:
         raise click.UsageError(str(e)) from None
     return flt
 
@@ -128,7 +128,7 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
             if user is not None:
                 drop_privileges(user)
             _capture(live, held, sink_args, count, duration, quiet, as_json, diagnose)
-    except (CaptureError, LinkError) as e:
+    except (LiveCaptureError, LinkError) as e:
         raise click.ClickException(str(e)) from None
     except Terminated:
         sys.exit(143)
@@ -143,7 +143,7 @@ def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
     try:
         _capture(live, held, sink_args, count, duration, quiet, as_json, diagnose)
         code = 0
-    except CaptureError as e:
+    except LiveCaptureError as e:
         click.echo(f"Error: {e}", err=True)
     finally:
         sys.stdout.flush()

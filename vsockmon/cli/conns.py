@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from vsockmon.cli.analysis import Analysis, analyse
-from vsockmon.conntrack import CLOSES, RECORD_FIELDS, ConnTable
+from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
 CHUNK = 20000
@@ -189,7 +189,7 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
 def _diagnosed(file: str) -> tuple[Analysis, dict[int, str]]:
     """The analysis, and each connection's most severe problem (warning and up) as
     ``severity rule`` (``+N`` more): ``vsockmon diagnose FILE`` tells the whole story."""
-    from vsockmon.diagnose import Digest, Severity, Thresholds, evaluate, findings_by_stream
+    from vsockmon.diagnose.engine import Digest, Severity, Thresholds, evaluate, findings_by_stream
 
     digest = Digest(Thresholds())
     analysis = analyse(file, digest.feed)

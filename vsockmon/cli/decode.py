@@ -8,11 +8,11 @@ from typing import TextIO
 
 import click
 
-from vsockmon import render
-from vsockmon.decode import Frame, FrameBatch, decode_batches
-from vsockmon.filter import FilterError, compile_filter
+from vsockmon.decode import render
+from vsockmon.decode.filter import FilterError, compile_filter
+from vsockmon.decode.frames import Frame, FrameBatch, decode_batches
 from vsockmon.payload import dissect_frame
-from vsockmon.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
 
 TABLE_ROWS = 5000
 """A table is rendered per this many rows, so memory stays bounded on big captures."""
@@ -113,7 +113,7 @@ def decode(file: str, count: int | None, expr: str | None, verbose: bool, table:
 
 
 def _verify(file: str, count: int | None) -> None:
-    from vsockmon.verify import VerifyError, verify_with_pyshark
+    from vsockmon.decode.verify import VerifyError, verify_with_pyshark
 
     if file == "-":
         raise click.ClickException("--verify needs a file name, not stdin")

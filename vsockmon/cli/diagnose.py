@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from vsockmon.cli.analysis import analyse
-from vsockmon.diagnose import (
+from vsockmon.diagnose.engine import (
     RULES,
     Digest,
     Finding,

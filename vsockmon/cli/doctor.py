@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from vsockmon.doctor import as_dict, capture_ready, run_checks
+from vsockmon.live.doctor import as_dict, capture_ready, run_checks
 
 
 @click.command()

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from vsockmon.echo import (
+from vsockmon.live.echo import (
     TYPES,
     ClientOptions,
     EchoError,
@@ -17,7 +17,7 @@ from vsockmon.echo import (
     format_report,
     run_client,
 )
-from vsockmon.protocol import VMADDR_CID_ANY
+from vsockmon.wire.protocol import VMADDR_CID_ANY
 
 _TYPE = click.Choice(sorted(TYPES), case_sensitive=False)
 

@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from vsockmon import reassembly as ra
+from vsockmon.analysis import reassembly as ra
 from vsockmon.cli.analysis import analyse
-from vsockmon.conntrack import StreamRows
-from vsockmon.protocol import SockType
+from vsockmon.conntrack.tracker import StreamRows
+from vsockmon.wire.protocol import SockType
 
 ARROWS = ("client→server", "server→client")
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vsockmon.link import (
+from vsockmon.live.link import (
     DEFAULT_LINK,
     LinkError,
     clear_marker,

@@ -7,9 +7,9 @@ import sys
 
 import click
 
+from vsockmon.analysis.stats import Stats, StatsCollector
 from vsockmon.cli.analysis import analyse
-from vsockmon.protocol import Op
-from vsockmon.stats import Stats, StatsCollector
+from vsockmon.wire.protocol import Op
 
 BAR = 40
 """Characters of the longest throughput bar."""

@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from vsockmon import timeline as tl
+from vsockmon.analysis import timeline as tl
 from vsockmon.cli.analysis import analyse, check_output, write_output
-from vsockmon.conntrack import StreamRows
-from vsockmon.diagnose import Digest, Thresholds, evaluate, markers
+from vsockmon.conntrack.tracker import StreamRows
+from vsockmon.diagnose.engine import Digest, Thresholds, evaluate, markers
 
 PNG_MAX = 6
 """Connections stacked in one PNG: more would make a picture nobody can read."""

@@ -12,10 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vsockmon.conntrack import CLIENT, ROLES, Close, Connection, ConnTable, Tags
-from vsockmon.decode import Frame, FrameBatch
+from vsockmon.conntrack.tracker import CLIENT, ROLES, Close, Connection, ConnTable, Tags
+from vsockmon.decode.frames import Frame, FrameBatch
 from vsockmon.payload import dissect_frame
-from vsockmon.protocol import Op, ShutdownFlag
+from vsockmon.wire.protocol import Op, ShutdownFlag
 
 DIRS = ("c2s", "s2c")
 
@@ -23,7 +23,7 @@ DIRS = ("c2s", "s2c")
 def _states(conn: Connection) -> list[tuple[int, str]]:
     """(frame, state after it) for each control event of a connection.
 
-    The names follow :class:`~vsockmon.conntrack.Close` once the connection is over:
+    The names follow :class:`~vsockmon.conntrack.tracker.Close` once the connection is over:
     requested → established → half-closed → closing → graceful / reset-by-… / refused.
     """
     out: list[tuple[int, str]] = []

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsockmon.conntrack import ConnTracker
-from vsockmon.decode import FrameBatch, decode_batch
-from vsockmon.diagnose import Digest, Finding, Thresholds, evaluate, frame_notes
+from vsockmon.conntrack.tracker import ConnTracker
+from vsockmon.decode.frames import FrameBatch, decode_batch
+from vsockmon.diagnose.engine import Digest, Finding, Thresholds, evaluate, frame_notes
+from vsockmon.errors import VsockmonError
 from vsockmon.export.comments import Annotator
 from vsockmon.export.sinks import FORMATS, TableFile
 from vsockmon.export.tables import (
@@ -29,7 +30,7 @@ from vsockmon.export.tables import (
     packet_schema,
     schema,
 )
-from vsockmon.pcapio import (
+from vsockmon.wire.pcapio import (
     Batch,
     CaptureError,
     CaptureReader,
@@ -37,12 +38,12 @@ from vsockmon.pcapio import (
     create_output,
     open_capture,
 )
-from vsockmon.protocol import LINKTYPE_VSOCK
+from vsockmon.wire.protocol import LINKTYPE_VSOCK
 
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".pcap.gz", ".pcapng.gz", ".cap")
 
 
-class ExportError(Exception):
+class ExportError(VsockmonError):
     """An export that cannot be done: the message is one line for the user."""
 
 
@@ -82,7 +83,7 @@ def export_pcapng(source: str, out: str, force: bool = False,
                   diagnose: bool = False, on_batch: Callable[[int], None] | None = None
                   ) -> ExportResult:
     """Copy ``source`` to a pcapng with a comment on every packet (connection, state, credit,
-    anomalies, payload summary, with ``diagnose`` the findings of vsockmon.diagnose at their
+    anomalies, payload summary, with ``diagnose`` the findings of vsockmon.diagnose.engine at their
     evidence frames, then ``extra[frame]``), shown by Wireshark as frame.comment.
 
     Two passes: the first tracks every connection (and diagnoses the capture), so a packet's

@@ -3,7 +3,8 @@
 A packet batch comes straight from the decoder's numpy columns (and the tracker's per-row
 tags) with no Python object per packet, so exporting a capture of millions of packets costs
 little more than decoding it and memory stays at one batch. Column names and types derive
-from the field tables in :mod:`vsockmon.protocol` and :data:`vsockmon.conntrack.RECORD_FIELDS`;
+from the field tables in :mod:`vsockmon.wire.protocol` and
+:data:`vsockmon.conntrack.tracker.RECORD_FIELDS`;
 :data:`PACKET_COLUMNS` documents them (docs/export.md is checked against it). No I/O here.
 """
 
@@ -16,10 +17,10 @@ from enum import IntEnum
 import numpy as np
 import pyarrow as pa
 
-from vsockmon.conntrack import RECORD_FIELDS, ConnTable, Tags
-from vsockmon.decode import FrameBatch, anomaly_names
+from vsockmon.conntrack.tracker import RECORD_FIELDS, ConnTable, Tags
+from vsockmon.decode.frames import FrameBatch, anomaly_names
 from vsockmon.payload import dissect_frame
-from vsockmon.protocol import (
+from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
     Field,
@@ -69,7 +70,7 @@ PACKET_COLUMNS: tuple[Column, ...] = (
                                 "EOM|EOR (SEQPACKET RW); empty when none"),
     Column("payload_len", pa.int64(), "payload bytes captured (the virtio `len` is the truth: "
                                       "the kernel's tap-length bug)"),
-    Column("anomalies", pa.uint16(), "anomaly bits (vsockmon.decode.Anomaly)"),
+    Column("anomalies", pa.uint16(), "anomaly bits (vsockmon.decode.frames.Anomaly)"),
     Column("anomaly_names", _DICT, "anomaly names, comma-separated; empty when none"),
     Column("stream", pa.int64(), "connection index, as `vsockmon conns` and the Wireshark "
                                  "plugin's vsockmon.stream; null without a virtio header"),

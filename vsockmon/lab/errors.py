@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from vsockmon.errors import VsockmonError
 
-class LabError(Exception):
+
+class LabError(VsockmonError):
     """The lab could not be built or booted; ``str(error)`` is one line for the user."""
 
 

@@ -1,9 +1,9 @@
 """Diagnosis: find what went wrong in a vsock capture, explain it, and say how to fix it.
 
-The rules read the connection tracker's output (:mod:`vsockmon.conntrack`: connections, their
-control events, per-side credit and stalls) plus a :class:`Digest` of the few per-packet facts
-the tracker does not keep (first packet of each CID, addressing errors, zero-credit periods
-with their times, small writes, pending data). Each rule turns a pattern into a
+The rules read the connection tracker's output (:mod:`vsockmon.conntrack.tracker`:
+connections, their control events, per-side credit and stalls) plus a :class:`Digest` of the
+few per-packet facts the tracker does not keep (first packet of each CID, addressing errors,
+zero-credit periods with their times, small writes, pending data). Each rule turns a pattern into a
 :class:`Finding`: a stable rule id, a severity, the stream and frames that prove it, the
 numbers that matter, a plain-language finding, the likely cause and the fix.
 
@@ -26,10 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from vsockmon.conntrack import CLIENT, SERVER, Close, Connection, ConnTracker, Tags, Violation
-from vsockmon.decode import Anomaly, FrameBatch, decode_batch
-from vsockmon.pcapio import Batch
-from vsockmon.protocol import VMADDR_CID_ANY, Op, ShutdownFlag, SockType, enum_name
+from vsockmon.conntrack.tracker import (
+    CLIENT,
+    SERVER,
+    Close,
+    Connection,
+    ConnTracker,
+    Tags,
+    Violation,
+)
+from vsockmon.decode.frames import Anomaly, FrameBatch, decode_batch
+from vsockmon.wire.pcapio import Batch
+from vsockmon.wire.protocol import VMADDR_CID_ANY, Op, ShutdownFlag, SockType, enum_name
 
 HOST_CID = 2
 _U32 = 1 << 32
@@ -253,7 +261,7 @@ EXAMPLE_FRAMES = 20
 class Digest:
     """Per-packet facts for the rules, accumulated batch by batch beside the tracker.
 
-    Fed each batch with the tracker's :class:`~vsockmon.conntrack.Tags` for it; memory stays
+    Fed each batch with the tracker's :class:`~vsockmon.conntrack.tracker.Tags` for it; memory stays
     O(connections) plus the stalls long enough to matter.
     """
 
@@ -1092,7 +1100,7 @@ class Report:
 
 def diagnose_batches(batches: Iterable[FrameBatch], thresholds: Thresholds | None = None,
                      end_ns: int | None = None) -> Report:
-    """Diagnose a capture's decoded batches (see :func:`vsockmon.decode.decode_batches`)."""
+    """Diagnose a capture's decoded batches (see :func:`vsockmon.decode.frames.decode_batches`)."""
     d = Diagnosis(thresholds)
     for fb in batches:
         d.feed(fb)

@@ -7,7 +7,7 @@ cannot clean up, so the creator leaves a marker (``/run/vsockmon/NAME.pid``) and
 :func:`link_status` can tell a link left behind by a dead run from one in use.
 
 Also here: the few kernel facts needed to explain a failure in one line (capabilities, kernel
-config, module support), which :mod:`vsockmon.doctor` reuses.
+config, module support), which :mod:`vsockmon.live.doctor` reuses.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-from vsockmon.protocol import ARPHRD_VSOCKMON
+from vsockmon.errors import VsockmonError
+from vsockmon.wire.protocol import ARPHRD_VSOCKMON
 
 DEFAULT_LINK = "vsockmon0"
 MODULE = "vsockmon"
@@ -36,7 +37,7 @@ RUN_DIR_ENV = "VSOCKMON_RUN_DIR"
 IFF_UP = 1
 
 
-class LinkError(Exception):
+class LinkError(VsockmonError):
     """A link operation that failed; the message is one line for the user."""
 
 

@@ -1,13 +1,13 @@
 """Live capture from a vsockmon link: an AF_PACKET socket, a TPACKET_V3 ring, file writing.
 
-Frames flow as *batches* of :class:`Frame` (timestamp, captured bytes, original length):
+Frames flow as *batches* of :class:`LiveFrame` (timestamp, captured bytes, original length):
 :class:`LiveCapture` reads them — from a TPACKET_V3 ring shared with the kernel (one poll and
 no copy per block of frames) or, as a fallback, with batched non-blocking ``recvmsg`` — and a
 sink consumes them: :class:`FileSink` writes pcap/pcapng (rotating a ring of files if asked,
 one ``write`` per batch so a killed capture leaves a valid file), :class:`LineSink` prints a
 cheap one-line decode. :class:`CaptureStats` counts packets, bytes, ops and kernel drops.
 
-Filtering and snap length run in the kernel (:mod:`vsockmon.bpf`). Signals stop a capture
+Filtering and snap length run in the kernel (:mod:`vsockmon.live.bpf`). Signals stop a capture
 between batches, never inside a write. This module must stay cheap to import in the lab VM:
 no numpy, scapy or rich here.
 
@@ -30,9 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import BinaryIO, NamedTuple, TextIO
 
-from vsockmon import bpf, pcapio
-from vsockmon.link import HeldLink, managed_link
-from vsockmon.protocol import (
+from vsockmon.errors import VsockmonError
+from vsockmon.live import bpf
+from vsockmon.live.link import HeldLink, managed_link
+from vsockmon.wire import pcapio
+from vsockmon.wire.protocol import (
     ARPHRD_VSOCKMON,
     MON_HDR_LEN,
     VIRTIO_HDR_LEN,
@@ -81,11 +83,11 @@ _HDRS_LEN = MON_HDR_LEN + VIRTIO_HDR_LEN
 _OP_OFFSET = MON_HDR_LEN + next(f.offset for f in VIRTIO_HEADER.fields if f.name == "op")
 
 
-class CaptureError(Exception):
+class LiveCaptureError(VsockmonError):
     """A capture that cannot start or go on; the message is one line for the user."""
 
 
-class Frame(NamedTuple):
+class LiveFrame(NamedTuple):
     """One captured frame: nanosecond timestamp, captured bytes, length on the wire.
 
     From a live capture ``data`` is a memoryview into the kernel's ring (or the receive
@@ -97,7 +99,7 @@ class Frame(NamedTuple):
     orig_len: int
 
 
-Batch = list[Frame]
+Batch = list[LiveFrame]
 
 
 # -- stopping -----------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class _RingReader:
         for _ in range(count):
             nxt, sec, nsec, snap, length, _st, mac = unpack_pkt(mm, pos)
             start = pos + mac
-            out.append(Frame(sec * 1_000_000_000 + nsec, view[start:start + snap], length))
+            out.append(LiveFrame(sec * 1_000_000_000 + nsec, view[start:start + snap], length))
             pos += nxt
         self.held.append(base)
         self.current = (self.current + 1) % self.blocks
@@ -249,7 +251,7 @@ class _RecvReader:
                     ts = sec * 1_000_000_000 + nsec
                 elif level == SOL_PACKET and kind == PACKET_AUXDATA:
                     orig = _AUXDATA.unpack_from(value)[1]
-            out.append(Frame(ts or time.time_ns(), arena[pos:pos + n], orig))
+            out.append(LiveFrame(ts or time.time_ns(), arena[pos:pos + n], orig))
             pos += n
         return out
 
@@ -261,8 +263,8 @@ class LiveCapture:
     """Frames from a vsockmon link, filtered in the kernel.
 
     Use as a context manager: it opens the socket (the link must exist and be up; see
-    :func:`vsockmon.link.managed_link`) and, in the main thread, turns SIGINT/SIGTERM/SIGHUP
-    into a clean stop. :meth:`batches` yields lists of :class:`Frame` (an empty list when a
+    :func:`vsockmon.live.link.managed_link`) and, in the main thread, turns SIGINT/SIGTERM/SIGHUP
+    into a clean stop. :meth:`batches` yields lists of :class:`LiveFrame` (an empty list when a
     tick passes without frames, so callers can refresh a status line), each list valid until
     the next is asked for; :meth:`frames` yields ``(ts_ns, bytes)`` one at a time.
     """
@@ -298,16 +300,16 @@ class LiveCapture:
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         except PermissionError:
-            raise CaptureError("opening a packet socket needs CAP_NET_RAW (run as root)"
+            raise LiveCaptureError("opening a packet socket needs CAP_NET_RAW (run as root)"
                                ) from None
         except OSError as e:
-            raise CaptureError(f"cannot open a packet socket: {e.strerror}") from None
+            raise LiveCaptureError(f"cannot open a packet socket: {e.strerror}") from None
         try:
             # Filter and ring before bind: no frame may slip in unfiltered or outside the ring.
             try:
                 bpf.attach(sock, self.filter.bytecode())
-            except bpf.FilterError as e:
-                raise CaptureError(str(e)) from None
+            except bpf.BpfFilterError as e:
+                raise LiveCaptureError(str(e)) from None
             if self.use_mmap:
                 try:
                     self._reader = _RingReader(sock, self.buffer_bytes)
@@ -316,10 +318,10 @@ class LiveCapture:
             try:
                 sock.bind((self.ifname, ETH_P_ALL))
             except OSError as e:
-                raise CaptureError(f"cannot capture on {self.ifname}: {e.strerror}") from None
+                raise LiveCaptureError(f"cannot capture on {self.ifname}: {e.strerror}") from None
             hatype = sock.getsockname()[3]
             if self.expect_hatype is not None and hatype != self.expect_hatype:
-                raise CaptureError(f"{self.ifname} is not a vsockmon link (hardware type "
+                raise LiveCaptureError(f"{self.ifname} is not a vsockmon link (hardware type "
                                    f"{hatype}, expected {self.expect_hatype})")
         except BaseException:
             if self._reader is not None:
@@ -379,7 +381,7 @@ class LiveCapture:
         assert self.sock is not None
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         why = os.strerror(code) if code else "socket error"
-        raise CaptureError(f"{self.ifname} went away while capturing ({why}); "
+        raise LiveCaptureError(f"{self.ifname} went away while capturing ({why}); "
                            "what was captured until then is written")
 
     def frames(self) -> Iterator[tuple[int, bytes]]:
@@ -454,7 +456,7 @@ class _Spool:
         except BrokenPipeError:
             raise OutputClosed() from None
         except OSError as e:
-            raise CaptureError(f"write failed: {e.strerror}") from None
+            raise LiveCaptureError(f"write failed: {e.strerror}") from None
         finally:
             self.parts = []
 
@@ -510,21 +512,21 @@ class FileSink:
     @staticmethod
     def check(path: str, force: bool = False, snaplen: int = bpf.DEFAULT_SNAPLEN,
               rotate_bytes: int | None = None, files: int | None = None) -> None:
-        """Raise :class:`CaptureError` for options that cannot work or files that would be
+        """Raise :class:`LiveCaptureError` for options that cannot work or files that would be
         overwritten without ``force`` — before anything (the link) is changed."""
         if files is not None and rotate_bytes is None:
-            raise CaptureError("a ring of files (--ring) needs a file size (--ring-size)")
+            raise LiveCaptureError("a ring of files (--ring) needs a file size (--ring-size)")
         if rotate_bytes is not None and path == "-":
-            raise CaptureError("cannot rotate files when writing to stdout")
+            raise LiveCaptureError("cannot rotate files when writing to stdout")
         if path.endswith(".gz"):
-            raise CaptureError(f"{path}: live captures are written uncompressed; "
+            raise LiveCaptureError(f"{path}: live captures are written uncompressed; "
                                "compress the file afterwards")
         if force or path == "-":
             return
         names = [path] if rotate_bytes is None else ring_paths(path, files or 1)
         for name in names:
             if os.path.exists(name):
-                raise CaptureError(f"{name}: exists; use --force to overwrite")
+                raise LiveCaptureError(f"{name}: exists; use --force to overwrite")
 
     def _current_path(self) -> str:
         return self.path if self.rotate_bytes is None else f"{self.path}.{self.index}"
@@ -533,8 +535,8 @@ class FileSink:
         path = self._current_path()
         try:
             fp = pcapio.create_output(path, force)
-        except pcapio.CaptureError as e:
-            raise CaptureError(str(e)) from None
+        except pcapio.LiveCaptureError as e:
+            raise LiveCaptureError(str(e)) from None
         self.spool = _Spool(fp)
         # pcapio frames every record as pieces, so each frame goes from the ring to the
         # file through writev without a copy.
@@ -699,13 +701,13 @@ def drop_privileges(user: str) -> None:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise CaptureError(f"-Z {user}: no such user") from None
+        raise LiveCaptureError(f"-Z {user}: no such user") from None
     try:
         os.initgroups(entry.pw_name, entry.pw_gid)
         os.setgid(entry.pw_gid)
         os.setuid(entry.pw_uid)
     except PermissionError:
-        raise CaptureError(f"-Z {user}: cannot change user (not root?)") from None
+        raise LiveCaptureError(f"-Z {user}: cannot change user (not root?)") from None
 
 
 def fork_unprivileged(user: str) -> int | None:
@@ -720,14 +722,14 @@ def fork_unprivileged(user: str) -> int | None:
     try:
         pwd.getpwnam(user)
     except KeyError:
-        raise CaptureError(f"-Z {user}: no such user") from None
+        raise LiveCaptureError(f"-Z {user}: no such user") from None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         try:
             drop_privileges(user)
-        except CaptureError as e:  # leave without the parent's cleanup: it owns the link
+        except LiveCaptureError as e:  # leave without the parent's cleanup: it owns the link
             sys.stderr.write(f"Error: {e}\n")
             sys.stderr.flush()
             os._exit(1)

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from vsockmon.conntrack import ConnTable, Tags
-from vsockmon.decode import ANOMALY_NAMES, Anomaly, FrameBatch
-from vsockmon.protocol import Op, SockType, cid_label, enum_name
+from vsockmon.conntrack.tracker import ConnTable, Tags
+from vsockmon.decode.frames import ANOMALY_NAMES, Anomaly, FrameBatch
+from vsockmon.wire.protocol import Op, SockType, cid_label, enum_name
 
 MAX_BUCKETS = 4096
 

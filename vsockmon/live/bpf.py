@@ -7,7 +7,7 @@ frames to the snap length, which is how tcpdump implements ``-s`` on a mmap ring
 BPF loads are big-endian while every vsockmon field is little-endian: rather than swapping at
 run time, each comparison is split into the big-endian words, half-words and bytes that the
 field's little-endian bytes form, so the program compares raw bytes exactly. Offsets and sizes
-come from the field tables in :mod:`vsockmon.protocol`. No I/O here except :func:`attach`.
+come from the field tables in :mod:`vsockmon.wire.protocol`. No I/O here except :func:`attach`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vsockmon.protocol import (
+from vsockmon.errors import VsockmonError
+from vsockmon.wire.protocol import (
     MON_HDR_LEN,
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
@@ -45,7 +46,7 @@ DEFAULT_SNAPLEN = 262144
 _INSN = struct.Struct("=HBBI")
 
 
-class FilterError(ValueError):
+class BpfFilterError(VsockmonError, ValueError):
     """A filter that cannot be expressed or compiled: one line for the user."""
 
 
@@ -83,7 +84,7 @@ def _virtio(name: str) -> Field:
 
 def _check(f: Field, value: int) -> Check:
     if not 0 <= value < 1 << (8 * f.size):
-        raise FilterError(f"{f.name} {value} does not fit in {f.size} bytes")
+        raise BpfFilterError(f"{f.name} {value} does not fit in {f.size} bytes")
     return Check(f.offset, f.size, value)
 
 
@@ -101,7 +102,7 @@ class FrameFilter:
 
     def __post_init__(self) -> None:
         if self.snaplen <= 0:
-            raise FilterError(f"snap length must be positive, not {self.snaplen}")
+            raise BpfFilterError(f"snap length must be positive, not {self.snaplen}")
         groups: list[list[Alternative]] = []
         if self.cids:
             groups.append([(_check(_mon(end), c),) for c in self.cids
@@ -173,7 +174,7 @@ def _jump(labels: dict[object, int], at: int, target: object) -> int:
         return 0
     offset = labels[target] - (at + 1)
     if not 0 <= offset <= MAX_JUMP:
-        raise FilterError("filter too long for classic BPF jumps; use fewer values")
+        raise BpfFilterError("filter too long for classic BPF jumps; use fewer values")
     return offset
 
 
@@ -189,7 +190,7 @@ def attach(sock: socket.socket, code: bytes) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
     except OSError as e:
-        raise FilterError(f"kernel refused the capture filter: {e.strerror}") from None
+        raise BpfFilterError(f"kernel refused the capture filter: {e.strerror}") from None
 
 
 def parse_values(values: Iterable[str]) -> list[str]:
@@ -208,7 +209,7 @@ def parse_enum(values: Iterable[str], enum: type[Op] | type[SockType]) -> tuple:
             out.append(enum(int(v)))
         else:
             names = ", ".join(m.name.lower() for m in enum)
-            raise FilterError(f"unknown {enum.__name__.lower()} {v!r} (one of: {names})")
+            raise BpfFilterError(f"unknown {enum.__name__.lower()} {v!r} (one of: {names})")
     return tuple(out)
 
 
@@ -219,5 +220,5 @@ def parse_ints(values: Iterable[str], what: str) -> tuple[int, ...]:
         try:
             out.append(int(v, 0))
         except ValueError:
-            raise FilterError(f"bad {what} {v!r}: not a number") from None
+            raise BpfFilterError(f"bad {what} {v!r}: not a number") from None
     return tuple(out)

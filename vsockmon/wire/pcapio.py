@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
 
-from vsockmon.protocol import LINKTYPE_NAMES, LINKTYPE_VSOCK
+from vsockmon.errors import VsockmonError
+from vsockmon.wire.protocol import LINKTYPE_NAMES, LINKTYPE_VSOCK
 
 CHUNK = 4 << 20
 """Bytes read at a time: the memory a reader holds, plus at most one oversized packet."""
@@ -34,7 +35,7 @@ PCAPNG_BOM = 0x1A2B3C4D
 _IDB, _SPB, _EPB, _PB = 1, 3, 6, 2
 
 
-class CaptureError(Exception):
+class CaptureError(VsockmonError):
     """A capture that cannot be read: the message is one line for the user."""
 
 

@@ -19,9 +19,9 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from vsockmon import link
-from vsockmon.echo import TYPES
-from vsockmon.protocol import CID_NAMES
+from vsockmon.live import link
+from vsockmon.live.echo import TYPES
+from vsockmon.wire.protocol import CID_NAMES
 
 OK, FAIL, INFO = "ok", "fail", "info"
 SYMBOLS = {OK: "✓", FAIL: "✗", INFO: "-"}

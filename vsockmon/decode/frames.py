@@ -1,6 +1,6 @@
 """Frames from capture records: header fields, payload bounds and anomalies, in bulk.
 
-One decoder, vectorised with numpy over a :class:`~vsockmon.pcapio.Batch`: a capture of a
+One decoder, vectorised with numpy over a :class:`~vsockmon.wire.pcapio.Batch`: a capture of a
 million packets becomes columns without a Python object per packet. The per-packet view
 (:class:`Frame`) reads one row of those columns, so the text, JSON and tree outputs and the
 bulk analyses can never disagree about a field. No I/O here.
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vsockmon.pcapio import Batch
-from vsockmon.protocol import (
+from vsockmon.wire.pcapio import Batch
+from vsockmon.wire.protocol import (
     LINKTYPE_VSOCK,
     MON_HDR_LEN,
     MON_OP_OF,

@@ -1,6 +1,6 @@
 """Text views of decoded frames: the one-line summary, the table row and the ``-V`` tree.
 
-Pure functions from a :class:`~vsockmon.decode.Frame` to strings; the CLI prints them.
+Pure functions from a :class:`~vsockmon.decode.frames.Frame` to strings; the CLI prints them.
 Names come from the protocol enums, so SEQPACKET, CREDIT_REQUEST (op 7) and the flag bits
 are shown by name where Wireshark and tcpdump show numbers or get them wrong.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from vsockmon.decode import Frame
-from vsockmon.protocol import (
+from vsockmon.decode.frames import Frame
+from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
     Field,

@@ -30,7 +30,7 @@ from scapy.fields import (
 )
 from scapy.packet import Packet, Raw, bind_layers
 
-from vsockmon import protocol as p
+from vsockmon.wire import protocol as p
 
 _SCAPY_INT = {2: LEShortField, 4: LEIntField, 8: LELongField}
 

@@ -1,6 +1,6 @@
 """Connection tracking for virtio-vsock: streams, ends, closes and flow credit, in bulk.
 
-A :class:`ConnTracker` is fed :class:`~vsockmon.decode.FrameBatch` columns and follows every
+A :class:`ConnTracker` is fed :class:`~vsockmon.decode.frames.FrameBatch` columns and follows every
 connection through REQUEST → RESPONSE (or RST) → data → SHUTDOWN → RST. It never builds a
 Python object per packet: each batch is grouped by connection with numpy (one sort), and
 counters, first/last frames, violations and the credit arithmetic are segmented cumulative
@@ -32,8 +32,8 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from vsockmon.decode import Anomaly, FrameBatch
-from vsockmon.protocol import Op, SeqFlag, ShutdownFlag, SockType, enum_name
+from vsockmon.decode.frames import Anomaly, FrameBatch
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType, enum_name
 
 CLIENT, SERVER = 0, 1
 """Side indexes: the client is the end that sent the REQUEST (or is guessed to have)."""

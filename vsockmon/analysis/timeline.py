@@ -2,8 +2,9 @@
 
 Three renderings of one model: lines for the terminal, one self-contained HTML page (inline
 SVG made here, no script, no CDN), and a matplotlib figure. Everything is computed from a
-:class:`~vsockmon.conntrack.Connection` and its packets (:class:`~vsockmon.conntrack.
-StreamRows` columns); nothing here reads files or knows about terminals.
+:class:`~vsockmon.conntrack.tracker.Connection` and its packets
+(:class:`~vsockmon.conntrack.tracker.StreamRows` columns); nothing here reads files or knows
+about terminals.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from vsockmon.conntrack import CLIENT, SERVER, Connection
-from vsockmon.decode import Anomaly
-from vsockmon.protocol import Op, enum_name, flag_names
+from vsockmon.conntrack.tracker import CLIENT, SERVER, Connection
+from vsockmon.decode.frames import Anomaly
+from vsockmon.wire.protocol import Op, enum_name, flag_names
 
 ARROW_WIDTH = 56
 """Characters between the two lifelines of the terminal ladder."""
@@ -91,7 +92,7 @@ class Ladder:
     limit: np.ndarray
     """(n, 2): the receiving end's buffer size per direction; -1 unknown."""
     marks: dict[int, list[str]] = field(default_factory=dict)
-    """Notes to show at frames, by frame number (e.g. the findings of vsockmon.diagnose)."""
+    """Notes to show at frames, by frame number (e.g. the findings of vsockmon.diagnose.engine)."""
 
     @property
     def title(self) -> str:

@@ -14,9 +14,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vsockmon.decode import decode_batches
-from vsockmon.pcapio import open_capture
-from vsockmon.protocol import VIRTIO_HEADER, VSOCKMON_HEADER, Op, SockType
+from vsockmon.decode.frames import decode_batches
+from vsockmon.errors import VsockmonError
+from vsockmon.wire.pcapio import open_capture
+from vsockmon.wire.protocol import VIRTIO_HEADER, VSOCKMON_HEADER, Op, SockType
 
 WS_OF_KEY: dict[str, str] = {
     f.json_key: f.wireshark for h in (VSOCKMON_HEADER, VIRTIO_HEADER) for f in h.fields
@@ -26,7 +27,7 @@ WS_PAYLOAD = "vsock.payload"
 TSHARK_FIELDS = ("frame.number", *WS_OF_KEY.values(), WS_PAYLOAD)
 
 
-class VerifyError(Exception):
+class VerifyError(VsockmonError):
     """Wireshark could not be run on the file (one line)."""
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vsockmon.conntrack import CLIENT, SERVER
-from vsockmon.protocol import Op, SeqFlag
+from vsockmon.conntrack.tracker import CLIENT, SERVER
+from vsockmon.wire.protocol import Op, SeqFlag
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Display filters over frame fields: ``cid == 3 and op == RW``, ``flags has EOM``, ….
 
-A filter compiles once into a function from a :class:`~vsockmon.decode.FrameBatch` to a
+A filter compiles once into a function from a :class:`~vsockmon.decode.frames.FrameBatch` to a
 boolean mask, so it costs a few numpy operations per batch, not Python work per packet.
 
 Grammar (case-insensitive keywords and names)::
@@ -27,8 +27,9 @@ from enum import IntEnum
 
 import numpy as np
 
-from vsockmon.decode import ANOMALY_NAMES, FrameBatch
-from vsockmon.protocol import (
+from vsockmon.decode.frames import ANOMALY_NAMES, FrameBatch
+from vsockmon.errors import VsockmonError
+from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
     MonOp,
@@ -43,7 +44,7 @@ Mask = np.ndarray
 Column = Callable[[FrameBatch], np.ndarray]
 
 
-class FilterError(ValueError):
+class FilterError(VsockmonError, ValueError):
     """A filter that does not parse or names an unknown field or value (one line)."""
 
 

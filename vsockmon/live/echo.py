@@ -20,7 +20,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from vsockmon.protocol import VMADDR_CID_ANY
+from vsockmon.errors import VsockmonError
+from vsockmon.wire.protocol import VMADDR_CID_ANY
 
 TYPES = {
     "stream": socket.SOCK_STREAM,
@@ -32,7 +33,7 @@ MAX_MESSAGE = 1 << 20
 _PATTERN_PERIOD = 251  # prime: consecutive messages start at different pattern offsets
 
 
-class EchoError(Exception):
+class EchoError(VsockmonError):
     """A failure to report in one line (no vsock, refused connection, bad echo …)."""
 
 

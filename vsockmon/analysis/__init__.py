@@ -1,0 +1,2 @@
+"""Views computed from tracked connections: the analysis pass, stats, timelines, reassembly.
+"""

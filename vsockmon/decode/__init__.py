@@ -1,0 +1,2 @@
+"""Frames from records: the bulk decoder, display filters, per-frame rendering, the tshark check.
+"""

@@ -1,0 +1,2 @@
+"""Rules over connections and frames that turn a capture into findings with evidence and fixes.
+"""
