@@ -85,9 +85,9 @@ def test_empty_filter_is_a_single_accept() -> None:
 
 
 def test_little_endian_fields_are_compared_as_big_endian_pieces() -> None:
-    pieces = bpf.Check(0, 8, 0x0000_0001_0000_0003).loads()
+    pieces = bpf.BpfCheck(0, 8, 0x0000_0001_0000_0003).loads()
     assert pieces == [(0, 4, 0x0300_0000), (4, 4, 0x0100_0000)]
-    assert bpf.Check(62, 2, 6).loads() == [(62, 2, 0x0600)]
+    assert bpf.BpfCheck(62, 2, 6).loads() == [(62, 2, 0x0600)]
 
 
 def test_too_many_values_for_8_bit_jumps_is_a_clear_error() -> None:

@@ -107,8 +107,8 @@ def test_sock_diag_replies_are_parsed() -> None:
 
 
 def test_check_lines() -> None:
-    check = doctor.Check("CAP_NET_RAW", doctor.FAIL, "missing", "run as root", prereq=True)
+    check = doctor.DoctorCheck("CAP_NET_RAW", doctor.FAIL, "missing", "run as root", prereq=True)
     assert check.line() == "✗ CAP_NET_RAW: missing  → fix: run as root"
-    assert doctor.Check("x", doctor.OK, "fine", "unused").line() == "✓ x: fine"
+    assert doctor.DoctorCheck("x", doctor.OK, "fine", "unused").line() == "✓ x: fine"
     assert not doctor.capture_ready([check])
-    assert doctor.capture_ready([doctor.Check("x", doctor.FAIL, "not needed")])
+    assert doctor.capture_ready([doctor.DoctorCheck("x", doctor.FAIL, "not needed")])

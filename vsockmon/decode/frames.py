@@ -1,6 +1,6 @@
 """Frames from capture records: header fields, payload bounds and anomalies, in bulk.
 
-One decoder, vectorised with numpy over a :class:`~vsockmon.wire.pcapio.Batch`: a capture of a
+One decoder, vectorised with numpy over a :class:`~vsockmon.wire.pcapio.RecordBatch`: a capture of a
 million packets becomes columns without a Python object per packet. The per-packet view
 (:class:`Frame`) reads one row of those columns, so the text, JSON and tree outputs and the
 bulk analyses can never disagree about a field. No I/O here.
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vsockmon.wire.pcapio import Batch
+from vsockmon.wire.pcapio import RecordBatch
 from vsockmon.wire.protocol import (
     LINKTYPE_VSOCK,
     MON_HDR_LEN,
@@ -203,7 +203,7 @@ def _gather(buf: np.ndarray, starts: np.ndarray, width: int, dtype: np.dtype) ->
     return rows[np.minimum(starts, len(buf))].view(dtype).reshape(-1)
 
 
-def decode_batch(batch: Batch, first: int) -> FrameBatch:
+def decode_batch(batch: RecordBatch, first: int) -> FrameBatch:
     """Decode every packet of ``batch``; ``first`` is the 1-based number of its first packet."""
     raw = np.frombuffer(batch.buf, dtype=np.uint8)
     offs = np.asarray(batch.offsets, dtype=np.int64)
@@ -239,7 +239,7 @@ def decode_batch(batch: Batch, first: int) -> FrameBatch:
     )
 
 
-def _anomalies(batch: Batch, mon: np.ndarray, virtio: np.ndarray, has_mon: np.ndarray,
+def _anomalies(batch: RecordBatch, mon: np.ndarray, virtio: np.ndarray, has_mon: np.ndarray,
                has_virtio: np.ndarray, cap: np.ndarray, orig: np.ndarray, hdrs: np.ndarray,
                payload_len: np.ndarray) -> np.ndarray:
     """The anomaly bits of every frame, computed column-wise."""
@@ -306,7 +306,7 @@ def _janomalies(bits: int) -> str:
     return _json(anomaly_names(bits))
 
 
-def decode_batches(batches: Iterable[Batch]) -> Iterator[FrameBatch]:
+def decode_batches(batches: Iterable[RecordBatch]) -> Iterator[FrameBatch]:
     """Decode a stream of batches, numbering frames from 1 across them."""
     number = 1
     for batch in batches:
@@ -381,7 +381,7 @@ class Frame:
         return self._b.records(self._i, self._i + 1)[0]
 
 
-def frames(batches: Iterable[Batch]) -> Iterator[Frame]:
+def frames(batches: Iterable[RecordBatch]) -> Iterator[Frame]:
     """Every frame of a capture, in order."""
     for fb in decode_batches(batches):
         yield from fb.frames()

@@ -36,7 +36,7 @@ from vsockmon.conntrack.tracker import (
     Violation,
 )
 from vsockmon.decode.frames import Anomaly, FrameBatch, decode_batch
-from vsockmon.wire.pcapio import Batch
+from vsockmon.wire.pcapio import RecordBatch
 from vsockmon.wire.protocol import VMADDR_CID_ANY, Op, ShutdownFlag, SockType, enum_name
 
 HOST_CID = 2
@@ -1129,7 +1129,7 @@ class LiveDiagnosis(Diagnosis):
     def feed_frames(self, frames: Sequence[tuple[int, bytes, int]]) -> Tags:
         """Feed captured ``(ts_ns, frame bytes, length on the wire)`` tuples, numbered on
         from the last frame fed (the live capture's frames, in the order it writes them)."""
-        batch = Batch(b"".join(data for _, data, _ in frames))
+        batch = RecordBatch(b"".join(data for _, data, _ in frames))
         offset = 0
         for ts, data, orig in frames:
             batch.offsets.append(offset)

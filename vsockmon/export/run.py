@@ -31,10 +31,10 @@ from vsockmon.export.tables import (
     schema,
 )
 from vsockmon.wire.pcapio import (
-    Batch,
     CaptureError,
     CaptureReader,
     PcapngWriter,
+    RecordBatch,
     create_output,
     open_capture,
 )
@@ -149,7 +149,7 @@ def _with_findings(findings: list[Finding], extra: Mapping[int, Sequence[str]] |
     return lines
 
 
-def _decoded(reader: CaptureReader) -> Iterator[tuple[Batch, FrameBatch]]:
+def _decoded(reader: CaptureReader) -> Iterator[tuple[RecordBatch, FrameBatch]]:
     """Each batch of the reader with its decoded columns, frames numbered from 1."""
     first = 1
     for batch in reader.batches():

@@ -51,7 +51,7 @@ class BpfFilterError(VsockmonError, ValueError):
 
 
 @dataclass(frozen=True)
-class Check:
+class BpfCheck:
     """``frame[offset:offset+size]`` holds ``value`` as a little-endian integer."""
 
     offset: int
@@ -69,7 +69,7 @@ class Check:
         return pieces
 
 
-Alternative = tuple[Check, ...]
+Alternative = tuple[BpfCheck, ...]
 """Checks that must all hold."""
 
 
@@ -82,10 +82,10 @@ def _virtio(name: str) -> Field:
     return Field(f.name, MON_HDR_LEN + f.offset, f.size, f.json_key, f.wireshark, f.enum)
 
 
-def _check(f: Field, value: int) -> Check:
+def _check(f: Field, value: int) -> BpfCheck:
     if not 0 <= value < 1 << (8 * f.size):
         raise BpfFilterError(f"{f.name} {value} does not fit in {f.size} bytes")
-    return Check(f.offset, f.size, value)
+    return BpfCheck(f.offset, f.size, value)
 
 
 @dataclass(frozen=True)

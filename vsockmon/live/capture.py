@@ -99,7 +99,7 @@ class LiveFrame(NamedTuple):
     orig_len: int
 
 
-Batch = list[LiveFrame]
+LiveBatch = list[LiveFrame]
 
 
 # -- stopping -----------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class _RingReader:
             struct.pack_into("=I", self.map, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
         self.held.clear()
 
-    def drain(self) -> Batch:
+    def drain(self) -> LiveBatch:
         """The frames of the next block the kernel has handed over, after returning the
         previous one. One block at a time, as libpcap does: holding several while writing
         them would leave the kernel no room, and it drops what it cannot store."""
@@ -234,7 +234,7 @@ class _RecvReader:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
 
-    def drain(self) -> Batch:
+    def drain(self) -> LiveBatch:
         out = []
         recvmsg_into, arena, bufsize, ancsize = (self.sock.recvmsg_into, self.arena,
                                                  self.bufsize, self.ancsize)
@@ -352,7 +352,7 @@ class LiveCapture:
 
     # -- reading
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[LiveBatch]:
         """Batches until :attr:`stop` is requested or :attr:`deadline` (monotonic) passes."""
         assert self.sock is not None and self._reader is not None, "open() first"
         poller = select.poll()
@@ -554,7 +554,7 @@ class FileSink:
             self.index %= self.files
         self._open(force=True)  # our own earlier file of the ring, or a checked name
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: LiveBatch) -> None:
         spool, parts_of, limit = self.spool, self.frame_parts, self.rotate_bytes
         for ts, data, orig in batch:
             if limit is not None and self.in_file and spool.size + len(data) + 36 > limit:
@@ -601,7 +601,7 @@ class LineSink:
     def __init__(self, out: TextIO) -> None:
         self.out = out
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: LiveBatch) -> None:
         try:
             self.out.write("".join(format_frame(f.ts_ns, f.data) + "\n" for f in batch))
             self.out.flush()
@@ -625,7 +625,7 @@ class CaptureStats:
         self.kernel: tuple[int, int] | None = None
         self.started = time.monotonic()
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: LiveBatch) -> None:
         ops, unpack, hdrs = self.ops, struct.unpack_from, _HDRS_LEN
         for frame in batch:
             data = frame.data

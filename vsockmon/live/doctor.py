@@ -34,7 +34,7 @@ MIN_QEMU = (2, 8)
 
 
 @dataclass(frozen=True)
-class Check:
+class DoctorCheck:
     """One line of the report. ``prereq`` checks decide the exit status."""
 
     name: str
@@ -162,13 +162,13 @@ def _read(path: str) -> str | None:
         return None
 
 
-def check_kernel() -> Check:
+def check_kernel() -> DoctorCheck:
     release = link.kernel_release()
     version = parse_version(release)
     if version is not None and version < MIN_KERNEL:
-        return Check("kernel", FAIL, f"{release}: vsockmon needs Linux >= 4.12",
+        return DoctorCheck("kernel", FAIL, f"{release}: vsockmon needs Linux >= 4.12",
                      "boot a newer kernel", prereq=True)
-    return Check("kernel", OK, release)
+    return DoctorCheck("kernel", OK, release)
 
 
 _CONFIG_ROLES = {
@@ -179,7 +179,7 @@ _CONFIG_ROLES = {
 }
 
 
-def check_configs(modules: dict[str, int] | None) -> Iterator[Check]:
+def check_configs(modules: dict[str, int] | None) -> Iterator[DoctorCheck]:
     config, source = link.kernel_config()
     module_of = {"CONFIG_VSOCKMON": "vsockmon", "CONFIG_VHOST_VSOCK": "vhost_vsock",
                  "CONFIG_VIRTIO_VSOCKETS": "vmw_vsock_virtio_transport",
@@ -192,31 +192,31 @@ def check_configs(modules: dict[str, int] | None) -> Iterator[Check]:
         if value in ("y", "m"):
             how = "built in" if value == "y" else ("module, loaded" if loaded
                                                    else "module, not loaded")
-            yield Check(option, OK, f"{value} ({how}): {role}")
+            yield DoctorCheck(option, OK, f"{value} ({how}): {role}")
         elif source is not None:
-            yield Check(option, FAIL if prereq else INFO,
+            yield DoctorCheck(option, FAIL if prereq else INFO,
                         f"not set in {source}: no {role}",
                         f"use a kernel built with {option}={'m' if modules is not None else 'y'}",
                         prereq)
         elif loaded or link.module_available(mod):
-            yield Check(option, OK, f"module {mod} {'loaded' if loaded else 'available'} "
+            yield DoctorCheck(option, OK, f"module {mod} {'loaded' if loaded else 'available'} "
                                     f"(kernel config not readable): {role}")
         else:
-            yield Check(option, FAIL if prereq else INFO,
+            yield DoctorCheck(option, FAIL if prereq else INFO,
                         f"unknown (no /boot/config-{link.kernel_release()} or "
                         f"/proc/config.gz) and module {mod} not found: {role}",
                         f"modprobe {mod}", prereq)
 
 
-def check_modules(modules: dict[str, int] | None) -> Check:
+def check_modules(modules: dict[str, int] | None) -> DoctorCheck:
     if modules is None:
-        return Check("modules", INFO, "this kernel has no loadable modules (all built in)")
+        return DoctorCheck("modules", INFO, "this kernel has no loadable modules (all built in)")
     present = [m for m in VSOCK_MODULES if m in modules]
-    return Check("modules", INFO, "loaded: " + (", ".join(present) if present else
+    return DoctorCheck("modules", INFO, "loaded: " + (", ".join(present) if present else
                                                  "no vsock modules"))
 
 
-def check_devices() -> Iterator[Check]:
+def check_devices() -> Iterator[DoctorCheck]:
     for path, present, absent, fix in (
         ("/dev/vsock", "present: vsock sockets work here",
          "absent: no vsock transport loaded", "modprobe vsock_loopback (or a virtio/vhost one)"),
@@ -224,109 +224,109 @@ def check_devices() -> Iterator[Check]:
          "absent: this machine cannot give QEMU guests vsock", "modprobe vhost_vsock"),
     ):
         exists = os.path.exists(path)  # stat only: never open these here
-        yield Check(path, OK if exists else INFO, present if exists else absent, fix)
+        yield DoctorCheck(path, OK if exists else INFO, present if exists else absent, fix)
 
 
-def check_local_cid(probe: bool) -> Check:
+def check_local_cid(probe: bool) -> DoctorCheck:
     if not probe:
-        return Check("local CID", INFO, "not probed (--probe opens /dev/vsock to ask)")
+        return DoctorCheck("local CID", INFO, "not probed (--probe opens /dev/vsock to ask)")
     import fcntl
 
     try:
         fd = os.open("/dev/vsock", os.O_RDONLY)
     except OSError as e:
-        return Check("local CID", INFO, f"cannot open /dev/vsock: {e.strerror}")
+        return DoctorCheck("local CID", INFO, f"cannot open /dev/vsock: {e.strerror}")
     try:
         raw = fcntl.ioctl(fd, socket.IOCTL_VM_SOCKETS_GET_LOCAL_CID, bytes(4))
     except OSError as e:
-        return Check("local CID", INFO, f"ioctl failed: {e.strerror}")
+        return DoctorCheck("local CID", INFO, f"ioctl failed: {e.strerror}")
     finally:
         os.close(fd)
     cid = struct.unpack("=I", raw)[0]
-    return Check("local CID", OK, f"{cid} ({CID_NAMES.get(cid, 'guest')})")
+    return DoctorCheck("local CID", OK, f"{cid} ({CID_NAMES.get(cid, 'guest')})")
 
 
-def check_capabilities() -> Iterator[Check]:
+def check_capabilities() -> Iterator[DoctorCheck]:
     caps = link.capabilities()
     for cap, name, why in ((link.CAP_NET_ADMIN, "CAP_NET_ADMIN", "create the vsockmon link"),
                            (link.CAP_NET_RAW, "CAP_NET_RAW", "read it (packet socket)")):
         have = link.has_capability(cap, caps)
-        yield Check(name, OK if have else FAIL,
+        yield DoctorCheck(name, OK if have else FAIL,
                     f"{'present' if have else 'missing'}: needed to {why}",
                     "run as root (sudo vsockmon …), or add the capability to the container",
                     prereq=True)
 
 
-def check_packet_sockets() -> Check:
+def check_packet_sockets() -> DoctorCheck:
     if os.path.exists("/proc/net/packet"):
-        return Check("AF_PACKET", OK, "packet sockets available")
-    return Check("AF_PACKET", FAIL, "no packet sockets (CONFIG_PACKET)", "modprobe af_packet",
+        return DoctorCheck("AF_PACKET", OK, "packet sockets available")
+    return DoctorCheck("AF_PACKET", FAIL, "no packet sockets (CONFIG_PACKET)", "modprobe af_packet",
                  prereq=True)
 
 
-def check_link(name: str = link.DEFAULT_LINK) -> Check:
+def check_link(name: str = link.DEFAULT_LINK) -> DoctorCheck:
     kind = _read(f"/sys/class/net/{name}/type")
     marker = link.read_marker(name)
     if kind is None:
-        return Check(name, INFO, "absent (vsockmon capture creates it)")
+        return DoctorCheck(name, INFO, "absent (vsockmon capture creates it)")
     if int(kind) != 826:
-        return Check(name, FAIL, f"exists but is not a vsockmon link (type {kind.strip()})",
+        return DoctorCheck(name, FAIL, f"exists but is not a vsockmon link (type {kind.strip()})",
                      "capture with another name: vsockmon capture -i vsockmon1", prereq=True)
     if marker is not None and not marker.running:
-        return Check(name, FAIL, f"left behind by pid {marker.pid} (not running)",
+        return DoctorCheck(name, FAIL, f"left behind by pid {marker.pid} (not running)",
                      f"vsockmon link down -i {name}")
-    return Check(name, OK, "present")
+    return DoctorCheck(name, OK, "present")
 
 
-def check_qemu() -> Check:
+def check_qemu() -> DoctorCheck:
     binaries = [b for b in ("qemu-system-x86_64", "qemu-system-aarch64", "qemu-kvm")
                 if shutil.which(b)]
     if not binaries:
-        return Check("qemu", INFO, "not installed (only needed to run guests here)")
+        return DoctorCheck("qemu", INFO, "not installed (only needed to run guests here)")
     out = _run([binaries[0], "--version"]) or ""
     version = parse_version(out.partition("version")[2] or out)
     if version is None:
-        return Check("qemu", INFO, f"{binaries[0]}: version unknown")
+        return DoctorCheck("qemu", INFO, f"{binaries[0]}: version unknown")
     text = f"{binaries[0]} {version[0]}.{version[1]}"
     if version < MIN_QEMU:
-        return Check("qemu", FAIL, f"{text}: vhost-vsock-pci needs >= 2.8", "upgrade qemu")
-    return Check("qemu", OK, f"{text} (vhost-vsock-pci: -device vhost-vsock-pci,guest-cid=N)")
+        return DoctorCheck("qemu", FAIL, f"{text}: vhost-vsock-pci needs >= 2.8", "upgrade qemu")
+    return DoctorCheck("qemu", OK, f"{text} (vhost-vsock-pci: -device vhost-vsock-pci,guest-cid=N)")
 
 
-def check_libvirt() -> Check:
+def check_libvirt() -> DoctorCheck:
     if not shutil.which("virsh"):
-        return Check("libvirt", INFO, "virsh not installed")
+        return DoctorCheck("libvirt", INFO, "virsh not installed")
     names = _run(["virsh", "-r", "list", "--all", "--name"])
     if names is None:
-        return Check("libvirt", INFO, "virsh cannot list domains (libvirtd not running?)")
+        return DoctorCheck("libvirt", INFO, "virsh cannot list domains (libvirtd not running?)")
     found = []
     for name in filter(None, (n.strip() for n in names.splitlines())):
         cids = parse_vsock_cids(_run(["virsh", "-r", "dumpxml", name]) or "")
         found += [f"{name}={cid}" for cid in cids]
-    return Check("libvirt", INFO, "guests with <vsock>: " + (", ".join(found) or "none"))
+    return DoctorCheck("libvirt", INFO, "guests with <vsock>: " + (", ".join(found) or "none"))
 
 
-def check_sockets() -> Check:
+def check_sockets() -> DoctorCheck:
     try:
         found = vsock_sockets()
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
-            return Check("vsock sockets", INFO,
+            return DoctorCheck("vsock sockets", INFO,
                          "vsock_diag not available (CONFIG_VSOCKETS_DIAG)", "modprobe vsock_diag")
-        return Check("vsock sockets", INFO, f"sock_diag failed: {e.strerror or e}")
+        return DoctorCheck("vsock sockets", INFO, f"sock_diag failed: {e.strerror or e}")
     listening = sorted({f"{s.type}:{s.local[1]}" for s in found if s.state == "listening"})
     connected = sum(s.state == "established" for s in found)
     text = f"{len(found)} open, {connected} connected"
     if listening:
         text += ", listening: " + " ".join(listening)
-    return Check("vsock sockets", OK, text)
+    return DoctorCheck("vsock sockets", OK, text)
 
 
-def run_checks(probe: bool = False) -> list[Check]:
+def run_checks(probe: bool = False) -> list[DoctorCheck]:
     """All checks, in report order."""
     modules_text = _read("/proc/modules")
     modules = parse_modules(modules_text) if modules_text is not None else None
-    steps: list[Callable[[], Check | Iterator[Check]]] = [
+    steps: list[Callable[[], DoctorCheck | Iterator[DoctorCheck]]] = [
         check_kernel,
         lambda: check_configs(modules),
         lambda: check_modules(modules),
@@ -339,16 +339,16 @@ def run_checks(probe: bool = False) -> list[Check]:
         check_qemu,
         check_libvirt,
     ]
-    out: list[Check] = []
+    out: list[DoctorCheck] = []
     for step in steps:
         result = step()
-        out += [result] if isinstance(result, Check) else list(result)
+        out += [result] if isinstance(result, DoctorCheck) else list(result)
     return out
 
 
-def capture_ready(checks: list[Check]) -> bool:
+def capture_ready(checks: list[DoctorCheck]) -> bool:
     return not any(c.prereq and c.status == FAIL for c in checks)
 
 
-def as_dict(checks: list[Check]) -> dict[str, object]:
+def as_dict(checks: list[DoctorCheck]) -> dict[str, object]:
     return {"capture_ready": capture_ready(checks), "checks": [asdict(c) for c in checks]}

@@ -49,7 +49,7 @@ class Record(NamedTuple):
 
 
 @dataclass
-class Batch:
+class RecordBatch:
     """Packets of one chunk: ``buf[offsets[i]:offsets[i]+caplens[i]]`` is packet i.
 
     Lists, not arrays: the reader stays free of numpy; the bulk decoder converts them.
@@ -154,7 +154,7 @@ class CaptureReader:
             self._fill(want)
             if self._eof and len(self._pending) < want:
                 raise CaptureError(f"{self.name}: pcapng file without an interface description")
-            want = self._parse_pcapng(Batch(b""), stop_after_idb=True) or want
+            want = self._parse_pcapng(RecordBatch(b""), stop_after_idb=True) or want
             if self.stopped:
                 raise CaptureError(f"{self.name}: corrupt pcapng file ({self.stopped})")
         return self._interfaces[0][0]
@@ -173,7 +173,7 @@ class CaptureReader:
             have += len(more)
         self._pending = b"".join(parts)
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[RecordBatch]:
         """Batches of packets in file order; stops at the first damaged record."""
         parse = self._parse_pcap if self.format == "pcap" else self._parse_pcapng
         want = self._chunk
@@ -181,7 +181,7 @@ class CaptureReader:
             self._fill(want)
             if not self._pending:
                 return
-            batch = Batch(b"")
+            batch = RecordBatch(b"")
             want = parse(batch)
             self.packets += len(batch)
             if len(batch):
@@ -205,12 +205,12 @@ class CaptureReader:
         self._pending = b""
         return 0
 
-    def _consume(self, batch: Batch, buf: bytes, off: int) -> None:
+    def _consume(self, batch: RecordBatch, buf: bytes, off: int) -> None:
         batch.buf = buf
         self._pending = buf[off:]
         self.offset += off
 
-    def _parse_pcap(self, batch: Batch) -> int:
+    def _parse_pcap(self, batch: RecordBatch) -> int:
         """Walk the whole records of ``_pending`` into ``batch``.
 
         Returns 0 when nothing is left over, else the bytes needed to complete the next record.
@@ -240,7 +240,7 @@ class CaptureReader:
         self._consume(batch, buf, off)
         return want
 
-    def _parse_pcapng(self, batch: Batch, stop_after_idb: bool = False) -> int:
+    def _parse_pcapng(self, batch: RecordBatch, stop_after_idb: bool = False) -> int:
         """Walk the whole blocks of ``_pending``; packets go to ``batch``.
 
         Returns 0 when nothing is left over, else the bytes needed to complete the next block.
@@ -273,7 +273,7 @@ class CaptureReader:
         self._consume(batch, buf, off)
         return want
 
-    def _parse_block(self, batch: Batch, buf: bytes, btype: int, off: int, blen: int) -> bool:
+    def _parse_block(self, batch: RecordBatch, buf: bytes, btype: int, off: int, blen: int) -> bool:
         body, limit = off + 8, off + blen - 4
         if btype == _EPB and blen >= 32:
             iface, hi, lo, cap, orig = struct.unpack_from(self._endian + "IIIII", buf, body)
@@ -287,7 +287,7 @@ class CaptureReader:
             self._interfaces.append(self._parse_idb(buf, body, limit))
         return True
 
-    def _add_packet(self, batch: Batch, iface: int, ts: int | None, data: int, cap: int,
+    def _add_packet(self, batch: RecordBatch, iface: int, ts: int | None, data: int, cap: int,
                     orig: int, limit: int) -> bool:
         if iface >= len(self._interfaces):
             return bool(self._corrupt(f"packet on undeclared interface {iface}"))
