@@ -50,11 +50,14 @@ POLL_S = 0.1
                    "(the language of 'vsockmon decode -Y'); '/' changes it on screen.")
 @click.option("--linger", type=click.FloatRange(min=0), default=5.0, show_default=True,
               metavar="SECS", help="How long closed connections stay (dimmed).")
+@click.option("--keep", "keep_mb", type=click.FloatRange(min=0), default=256, show_default=True,
+              metavar="MB", help="Million bytes of frames kept (in $TMPDIR) for w to save; "
+                                 "beyond, w saves the first ones.")
 @click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2), default=8,
               show_default=True, help="Kernel capture buffer (ring) in MiB.")
 def top(ifname: str, path: str | None, at_once: bool, delay: float, batch: bool,
         iterations: int | None, as_json: bool, expr: str | None, linger: float,
-        buffer_mb: int) -> None:
+        keep_mb: float, buffer_mb: int) -> None:
     """Watch every vsock connection live: ends, state, bytes and rates each way, the
     receiver's free credit, stalls, the last op and the worst finding.
 
@@ -62,7 +65,7 @@ def top(ifname: str, path: str | None, at_once: bool, delay: float, batch: bool,
     removes it on exit, Ctrl-C and SIGTERM. Keys on screen: s/S sort (next column /
     reverse), / filter, p pause, Enter the selected connection's recent ladder and findings,
     w write what was captured so far to a pcap (never over an existing file), q quit.
-    Frames captured meanwhile are kept in a temporary pcap for w (in $TMPDIR).
+    The frames are kept in a temporary pcap for w (in $TMPDIR, up to --keep).
 
     \b
     Examples:
@@ -76,16 +79,17 @@ def top(ifname: str, path: str | None, at_once: bool, delay: float, batch: bool,
     batch = batch or as_json
     if at_once and not path:
         raise click.UsageError("--at-once needs -r FILE")
+    keep = int(keep_mb * 1_000_000)
     try:
         if path:
-            feed = ReplayFeed(path, pace=not at_once).start()
+            feed = ReplayFeed(path, pace=not at_once, spool_limit=keep).start()
             try:
                 _show(feed, batch, as_json, iterations, delay, expr, linger, started)
             finally:
                 feed.stop()
             return
         with live_capture(ifname, None, buffer_mb << 20) as (held, live):
-            live_feed = LiveFeed(live).start()
+            live_feed = LiveFeed(live, keep).start()
             origin = "created; removed on exit" if held.created else "existing"
             click.echo(f"listening on {live.ifname} ({origin}), {live.method}, "
                        f"{time.monotonic() - started:.2f} s after start", err=True)
@@ -113,7 +117,8 @@ def _show(feed: Feed, batch: bool, as_json: bool, iterations: int | None, delay:
     model = TopModel(linger_s=linger)
     model.set_filter(expr)
     if batch:
-        click.echo(f"top: ready {time.monotonic() - started:.2f} s after start", err=True)
+        if feed.live:
+            click.echo(f"top: ready {time.monotonic() - started:.2f} s after start", err=True)
         _batch(feed, model, as_json, iterations, delay)
         return
     from vsockmon.top.view import TopApp

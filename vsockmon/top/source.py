@@ -28,6 +28,8 @@ from vsockmon.live.capture import CaptureStats, FileSink, LiveCapture, LiveFrame
 from vsockmon.wire.pcapio import open_capture
 
 Frame = tuple[int, bytes, int]
+SPOOL_LIMIT = 256_000_000
+"""Bytes of frames kept for ``w`` (default): beyond, ``w`` saves the first ones only."""
 MAX_SNAPLEN = 262144
 """The spool's snap length when replaying: keep every frame whole."""
 
@@ -36,6 +38,7 @@ class Feed(Protocol):
     """What the view asks of a source (:class:`LiveFeed` or :class:`ReplayFeed`)."""
 
     error: str | None
+    spool: Spool
     live: bool
     """A live capture (its end is a stop), not a file (its end is the end of the file)."""
 
@@ -49,7 +52,6 @@ class Feed(Protocol):
 
     def now_ns(self) -> int: ...
 
-    def save(self, dest: str) -> int: ...
 
     def stop(self, reason: str = "quit") -> None: ...
 
@@ -58,23 +60,43 @@ class SaveError(VsockmonError):
     """``w`` could not write the file (one line for the screen)."""
 
 
-class _Spool:
+class Spool:
     """A temporary pcap of every frame handed out, and how much of it is whole records."""
 
-    def __init__(self, snaplen: int) -> None:
+    def __init__(self, snaplen: int, limit: int = SPOOL_LIMIT) -> None:
         fd, self.path = tempfile.mkstemp(prefix="vsockmon-top-", suffix=".pcap")
         os.close(fd)
         self.sink = FileSink(self.path, force=True, snaplen=snaplen)
         self.size = os.path.getsize(self.path)
+        self.limit = limit
         self.frames = 0
+        self.full = False
+        """The spool reached its limit (or the disk is full): it keeps the first frames."""
 
     def write(self, batch: list[LiveFrame]) -> None:
-        self.sink.write(batch)  # flushed whole: the file ends on a record after each batch
+        if self.full:
+            return
+        room, fits = self.limit - self.size, 0
+        for f in batch:
+            room -= len(f.data) + 16  # a pcap record header, then the frame
+            if room < 0:
+                self.full = True
+                break
+            fits += 1
+        batch = batch if fits == len(batch) else batch[:fits]
+        if not batch:
+            return
+        try:
+            self.sink.write(batch)  # flushed whole: the file ends on a record after a batch
+        except VsockmonError:  # no room left on the disk: the capture itself goes on
+            self.full = True
+            return
         self.frames += len(batch)
         self.size = os.path.getsize(self.path)
 
     def save(self, dest: str) -> int:
-        """Copy the whole records so far to ``dest`` (never over an existing file)."""
+        """Copy the whole records so far to ``dest`` (never over an existing file); returns
+        how many frames it holds."""
         size, frames = self.size, self.frames
         try:
             with open(self.path, "rb") as src, open(dest, "xb") as out:
@@ -101,9 +123,9 @@ class _Spool:
 class LiveFeed:
     """A live capture in a background thread, its frames queued for the model."""
 
-    def __init__(self, capture: LiveCapture) -> None:
+    def __init__(self, capture: LiveCapture, spool_limit: int = SPOOL_LIMIT) -> None:
         self.capture = capture
-        self.spool = _Spool(capture.filter.snaplen)
+        self.spool = Spool(capture.filter.snaplen, spool_limit)
         self.stats = CaptureStats()
         self._queue: deque[list[Frame]] = deque()
         self.done = threading.Event()
@@ -153,9 +175,6 @@ class LiveFeed:
     def finished(self) -> bool:
         return self.done.is_set()
 
-    def save(self, dest: str) -> int:
-        return self.spool.save(dest)
-
     def stop(self, reason: str = "quit") -> None:
         """Stop capturing (the rest of the ring is still written), then drop the spool."""
         self.capture.stop.request(reason)
@@ -167,12 +186,13 @@ class LiveFeed:
 class ReplayFeed:
     """A capture file replayed at its own pace (``pace``) or handed out at once."""
 
-    def __init__(self, path: str, pace: bool = True, speed: float = 1.0) -> None:
+    def __init__(self, path: str, pace: bool = True, speed: float = 1.0,
+                 spool_limit: int = SPOOL_LIMIT) -> None:
         self._reader = open_capture(path)
         self._records: Iterator[Frame] = ((r.ts_ns, r.data, r.orig_len)
                                           for r in self._reader.records())
         self.pace, self.speed = pace, speed
-        self.spool = _Spool(MAX_SNAPLEN)
+        self.spool = Spool(MAX_SNAPLEN, spool_limit)
         self.drops: int | None = None
         self.error: str | None = None
         self.live = False
@@ -214,9 +234,6 @@ class ReplayFeed:
         if self._next is None and self._reader.stopped:
             self.error = f"{self._reader.name}: {self._reader.stopped}"
         return out
-
-    def save(self, dest: str) -> int:
-        return self.spool.save(dest)
 
     def stop(self, reason: str = "quit") -> None:
         self._reader.close()

@@ -262,8 +262,10 @@ class TopApp(App[None]):
                 self.message = ""
             elif what == "save" and event.value.strip():
                 name = event.value.strip()
-                frames = self.feed.save(name)
-                self.message = f"wrote {frames} frames to {name}"
+                frames = self.feed.spool.save(name)
+                full = " (the first ones: the spool is full, see --keep)" \
+                    if self.feed.spool.full else ""
+                self.message = f"wrote {frames} frames to {name}{full}"
         except VsockmonError as e:
             self.message = str(e)
         self._redraw()
