@@ -65,7 +65,7 @@ for sig in INT TERM; do
 done
 
 # t4: the full screen, w, SIGTERM
-tmux new-session -d -s top -c "$PWD" -x 200 -y 40 "echo \$\$ > t4.pid; exec $V top -d 1 2> t4.err"
+tmux new-session -d -s top -c "$PWD" -x 200 -y 40 "echo \$\$ > t4.pid; exec $V top -d 1"
 wait_screen ':9999'
 sleep 2.5
 link_state > t4.link_during
@@ -79,7 +79,7 @@ kill -TERM "$(cat t4.pid)"; gone "$(cat t4.pid)"
 link_state > t4.link
 
 # t5: the full screen, Ctrl-C
-tmux new-session -d -s top -c "$PWD" -x 200 -y 40 "echo \$\$ > t5.pid; exec $V top -d 1 2> t5.err"
+tmux new-session -d -s top -c "$PWD" -x 200 -y 40 "echo \$\$ > t5.pid; exec $V top -d 1"
 wait_screen ':9999'
 link_state > t5.link_during
 tmux send-keys -t top C-c

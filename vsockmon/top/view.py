@@ -50,13 +50,13 @@ COLUMNS = (
     Column("type", "type", lambda r: r.type, lambda r: r.type),
     Column("state", "state", lambda r: r.state, lambda r: r.state),
     Column("age", "age", lambda r: f"{r.age_s:.1f}s", lambda r: r.age_s),
-    Column("bytes_c2s", "bytes c→s", lambda r: str(r.bytes_c2s), lambda r: r.bytes_c2s),
-    Column("bytes_s2c", "bytes s→c", lambda r: str(r.bytes_s2c), lambda r: r.bytes_s2c),
-    Column("rate_c2s", "rate/s c→s", lambda r: rate(r.rate_c2s), lambda r: r.rate_c2s),
-    Column("rate_s2c", "rate/s s→c", lambda r: rate(r.rate_s2c), lambda r: r.rate_s2c),
-    Column("free_c2s", "free:buf c→s", lambda r: credit(r.peer_free_c2s, r.buf_alloc_c2s),
+    Column("bytes_c2s", "c→s B", lambda r: str(r.bytes_c2s), lambda r: r.bytes_c2s),
+    Column("bytes_s2c", "s→c B", lambda r: str(r.bytes_s2c), lambda r: r.bytes_s2c),
+    Column("rate_c2s", "c→s B/s", lambda r: rate(r.rate_c2s), lambda r: r.rate_c2s),
+    Column("rate_s2c", "s→c B/s", lambda r: rate(r.rate_s2c), lambda r: r.rate_s2c),
+    Column("free_c2s", "c→s free", lambda r: credit(r.peer_free_c2s, r.buf_alloc_c2s),
            lambda r: _opt(r.peer_free_c2s)),
-    Column("free_s2c", "free:buf s→c", lambda r: credit(r.peer_free_s2c, r.buf_alloc_s2c),
+    Column("free_s2c", "s→c free", lambda r: credit(r.peer_free_s2c, r.buf_alloc_s2c),
            lambda r: _opt(r.peer_free_s2c)),
     Column("stall", "stall", lambda r: f"{r.stall_ms:.0f}ms" if r.stall_ms else "-",
            lambda r: r.stall_ms),
@@ -77,8 +77,8 @@ class TopApp(App[None]):
     #table { height: 1fr; }
     #detail { height: 45%; border-top: solid $accent; display: none; }
     #detail.open { display: block; }
-    Input { display: none; }
-    Input.open { display: block; }
+    #ask { display: none; }
+    #ask.open { display: block; }
     """
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("q", "quit", "quit"),
