@@ -13,8 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from helpers import T0, frame
+
 from vsockmon.decode.filter import FilterError
 from vsockmon.top.model import JSON_KEYS, TopModel
 from vsockmon.top.source import ReplayFeed, SaveError

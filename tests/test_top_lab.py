@@ -149,8 +149,16 @@ def test_done_when_batch_json_shows_the_echo_connection(results: Path) -> None:
         assert b["time"] - a["time"] == pytest.approx(2, abs=0.5)
     assert _read(results, "t1.link").strip() == "absent"
     err = _read(results, "t1.err")
-    assert "listening on vsockmon0 (created; removed on exit)" in err
-    assert re.search(r"top: ready [\d.]+ s after start", err)
+    listening = re.search(r"listening on vsockmon0 \(created; removed on exit\).* ([\d.]+) s "
+                          r"after start", err)
+    ready = re.search(r"top: ready ([\d.]+) s after start", err)
+    assert listening and ready, err
+    # frames captured while the model was importing count: the first snapshot (taken 2 s
+    # after "ready") reaches back to the first frame, captured right after "listening"
+    first = min(f["time_ns"] for f in snaps[0]["findings"] if f["rule"] == "mid-capture")
+    waited = float(ready.group(1)) - float(listening.group(1))
+    assert snaps[0]["time"] - first / 1e9 >= waited + 2 - 0.5
+    print(f"listening {listening.group(1)} s, ready {ready.group(1)} s after start")
 
 
 @pytest.mark.parametrize(("sig", "code"), [("INT", 0), ("TERM", 143)])

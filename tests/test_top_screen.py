@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from vsockmon.top.model import TopModel
 from vsockmon.top.source import ReplayFeed
 from vsockmon.top.view import TopApp
@@ -188,8 +186,8 @@ def test_the_real_command_in_a_terminal(tmp_path: Path) -> None:
             time.sleep(0.1)
         raise AssertionError(f"{text!r} never shown:\n{pane()}")
 
-    subprocess.run([*tmux, "-f", "/dev/null", "new-session", "-d", "-s", session, "-x", "180", "-y", "40",
-                    "-c", str(tmp_path),
+    subprocess.run([*tmux, "-f", "/dev/null", "new-session", "-d", "-s", session,
+                    "-x", "180", "-y", "40", "-c", str(tmp_path),
                     # the size is the pane's: a COLUMNS from the test's environment would win
                     f"env -u COLUMNS -u LINES {VSOCKMON} top -r {fixture} --at-once --linger 1e9; "
                     "echo exited $?; sleep 30"], check=True)
