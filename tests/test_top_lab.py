@@ -47,7 +47,7 @@ link_state() { ip link show vsockmon0 > /dev/null 2>&1 && echo present || echo a
 
 $V echo server --port 9999 2> server.err & SRV=$!
 wait_for server.err listening
-$V echo client --cid 1 --port 9999 --size 1000 --duration 600 --json > client.json \
+$V echo client --cid 1 --port 9999 --size 1000 --duration 900 --json > client.json \
   2> client.err & CLI=$!
 sleep 2
 
@@ -91,7 +91,7 @@ $V capture -w /tmp/cap.pcap --duration 8 --json -q 2> t6.capture.err
 rm -f /tmp/cap.pcap
 $V top -b -n 4 -d 2 --json > t6.jsonl 2> t6.top.err
 
-kill -INT $CLI; wait $CLI
+kill -TERM $CLI; wait $CLI
 kill -INT $SRV; wait $SRV
 ls vsockmon-top-*.pcap > saved.name
 exit 0
@@ -138,7 +138,9 @@ def test_done_when_batch_json_shows_the_echo_connection(results: Path) -> None:
     assert len({e["stream"] for e in echo}) == 1  # one connection all along
     for e in echo:
         assert e["bytes_c2s"] > 0 and e["rate_c2s"] > 0
-        assert 0 < e["bytes_s2c"] <= e["bytes_c2s"]  # an echo returns what it was sent
+        # an echo returns what it was sent; the client waits for each 1000-byte echo before
+        # the next, and the capture began mid-connection: the counts differ by one at most
+        assert e["bytes_s2c"] > 0 and abs(e["bytes_c2s"] - e["bytes_s2c"]) <= 1000
         assert 0 <= e["peer_free_c2s"] <= 262144  # Linux's default buf_alloc
     # the rate is the bytes sent between two snapshots over the time between them
     for a, b, ea, eb in zip(snaps, snaps[1:], echo, echo[1:], strict=False):

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGHUP": 129}
 """Exit status when a signal stopped a live ``top`` (SIGINT is a normal way out: 0)."""
+BUFFER_MB = 32
+"""The ring, 4× capture's: it holds what arrives while numpy and Textual import, when loading
+their C extensions keeps the capture thread from running (measured in the lab VM: the first
+seconds dropped frames with 8 MiB at the echo client's full rate, none after)."""
 POLL_S = 0.1
 """How often frames move from the capture to the model between snapshots."""
 
@@ -53,8 +57,10 @@ POLL_S = 0.1
 @click.option("--keep", "keep_mb", type=click.FloatRange(min=0), default=256, show_default=True,
               metavar="MB", help="Million bytes of frames kept (in $TMPDIR) for w to save; "
                                  "beyond, w saves the first ones.")
-@click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2), default=8,
-              show_default=True, help="Kernel capture buffer (ring) in MiB.")
+@click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2),
+              default=BUFFER_MB, show_default=True,
+              help="Kernel capture buffer (ring) in MiB; it holds the frames while the "
+                   "screen starts.")
 def top(ifname: str, path: str | None, at_once: bool, delay: float, batch: bool,
         iterations: int | None, as_json: bool, expr: str | None, linger: float,
         keep_mb: float, buffer_mb: int) -> None:
