@@ -49,9 +49,10 @@ def table_rows(lines: list[str]) -> list[list[str]]:
 
 
 async def _settle(pilot: object, app: TopApp) -> None:
-    await pilot.pause(0.2)  # type: ignore[attr-defined]
+    """Let the keys take effect, then take a snapshot as the timer would."""
+    await pilot.pause()  # type: ignore[attr-defined]
     app.refresh_view()
-    await pilot.pause(0.1)  # type: ignore[attr-defined]
+    await pilot.pause()  # type: ignore[attr-defined]
 
 
 def run(coro: object) -> None:
