@@ -139,8 +139,10 @@ def _batch(feed: Feed, model: TopModel, as_json: bool, iterations: int | None,
     from vsockmon.top.model import text_table
 
     done = 0
+    until = time.monotonic()
     while iterations is None or done < iterations:
-        until = time.monotonic() + delay
+        # on a fixed schedule, like top: the time a snapshot takes does not add up
+        until = max(until + delay, time.monotonic())
         while not feed.finished and time.monotonic() < until:
             model.feed(feed.take())
             time.sleep(min(POLL_S, max(until - time.monotonic(), 0)))
