@@ -50,7 +50,9 @@ class Feed(Protocol):
 
     def take(self) -> list[Frame]: ...
 
-    def now_ns(self) -> int: ...
+    def now_ns(self) -> int:
+        """The time up to which :meth:`take` has handed out frames."""
+        ...
 
 
     def stop(self, reason: str = "quit") -> None: ...
@@ -133,6 +135,7 @@ class LiveFeed:
         self.error: str | None = None
         self.reason: str | None = None
         self.live = True
+        self._taken_ns = time.time_ns()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
 
     def start(self) -> LiveFeed:
@@ -159,13 +162,16 @@ class LiveFeed:
 
     def take(self) -> list[Frame]:
         """Every frame captured since the last call, in order."""
+        self._taken_ns = time.time_ns()
         out: list[Frame] = []
         while self._queue:
             out += self._queue.popleft()
         return out
 
     def now_ns(self) -> int:
-        return time.time_ns()
+        """When :meth:`take` last handed out what had been captured: the time a snapshot
+        made from those frames describes (not when the model finished counting them)."""
+        return self._taken_ns
 
     @property
     def drops(self) -> int | None:
