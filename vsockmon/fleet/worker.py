@@ -5,10 +5,17 @@ written — so any process with vsockmon installed can serve a fleet run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+
+from vsockmon.wire.pcapio import CaptureError
+
+if TYPE_CHECKING:
+    from vsockmon.api import Capture
 
 WANTS = frozenset({"connections", "packets", "findings", "stats"})
 """What a run can ask of each capture."""
@@ -38,44 +45,53 @@ class CaptureResult:
     """Why reading stopped before the end of a damaged capture (what came before counts)."""
 
 
+@contextmanager
+def _opened(source: str) -> Iterator[Capture]:
+    """The capture at a local path, or through fsspec at a URL (s3://, gcs://, http://…)."""
+    import vsockmon
+
+    if "://" not in source:
+        with vsockmon.open(source) as cap:
+            yield cap
+        return
+    import fsspec
+
+    try:
+        fp = fsspec.open(source, "rb").open()
+    except (OSError, ValueError, ImportError) as e:
+        raise CaptureError(f"{source}: cannot open: {e}") from None
+    try:
+        with vsockmon.open(fp) as cap:
+            yield cap
+    finally:
+        fp.close()
+
+
 def analyse_capture(source: str, request: Request) -> CaptureResult:
-    """Analyse the capture at ``source`` (a path or an fsspec URL, read on this worker).
+    """Analyse the capture at ``source`` (a path or an fsspec URL, read on this worker)
+    with the library API, in one pass over the file.
 
     Raises :class:`~vsockmon.errors.VsockmonError` (one line naming the capture) when the
     capture cannot be read; the client reports it and goes on with the others.
     """
-    from vsockmon.analysis.stats import StatsCollector
-    from vsockmon.conntrack.tracker import ConnTracker
-    from vsockmon.decode.frames import decode_batches
-    from vsockmon.diagnose.engine import Digest, Severity, Thresholds, evaluate, select
+    from vsockmon.diagnose.engine import Severity, select
     from vsockmon.export.tables import connections_table, packet_batch, packet_schema
-    from vsockmon.wire.pcapio import open_capture
 
     want = request.want
-    tracker = ConnTracker()
-    digest = Digest(Thresholds()) if "findings" in want else None
-    collector = StatsCollector() if "stats" in want else None
-    batches: list[pa.RecordBatch] = []
-    with open_capture(source) as reader:
-        for fb in decode_batches(reader.batches()):
-            tags = tracker.feed(fb)
-            if digest is not None:
-                digest.feed(fb, tags)
-            if collector is not None:
-                collector(fb, tags)
-            if "packets" in want:
-                batches.append(packet_batch(fb, tags, reader.name))
-        stopped = reader.stopped
-    table = tracker.finish()
-    result = CaptureResult(warning=stopped)
-    if "connections" in want:
-        result.connections = connections_table(table, source)
-    if "packets" in want:
-        result.packets = pa.Table.from_batches(batches, schema=packet_schema())
-    if digest is not None:
-        found = select(evaluate(table, digest), request.rules,
-                       Severity.parse(request.min_severity))
-        result.findings = [f.to_dict(digest.start_ns) for f in found]
-    if collector is not None:
-        result.stats = collector.finish(table).to_dict()
+    result = CaptureResult()
+    with _opened(source) as cap:
+        if "packets" in want:  # the tables of `vsockmon export`: one pass gives both
+            batches: list[pa.RecordBatch] = []
+            analysis = cap.analyse(lambda fb, tags: batches.append(
+                packet_batch(fb, tags, cap.name)))
+            result.packets = pa.Table.from_batches(batches, schema=packet_schema())
+            result.connections = connections_table(analysis.table, None)
+        elif "connections" in want:
+            result.connections = cap.connections()
+        if "findings" in want:
+            found = select(cap.findings(), request.rules, Severity.parse(request.min_severity))
+            result.findings = [f.to_dict(cap.start_ns) for f in found]
+        if "stats" in want:
+            result.stats = cap.stats().to_dict()
+        result.warning = cap.stopped
     return result
