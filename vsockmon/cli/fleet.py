@@ -42,11 +42,15 @@ Common = dict[str, Any]
 
 
 class FleetFailure(click.ClickException):
-    """One line on stderr; the exit status the command documents."""
+    """One line on stderr, exit status 1 (conns, stats, export)."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_FAILED
+
+
+class DiagnoseFailure(FleetFailure):
+    """One line on stderr, exit status 2 (diagnose, as ``vsockmon diagnose``)."""
+
+    exit_code = EXIT_ERROR
 
 
 def _common(command: Callable[..., None]) -> Callable[..., None]:
@@ -93,7 +97,7 @@ def _captures(common: Common) -> list[Capture]:
     try:
         return expand(common["sources"], common["host_from"])
     except FleetError as e:
-        raise FleetFailure(str(e), common["exit_error"]) from None
+        raise common["failure"](str(e)) from None
 
 
 @contextmanager
@@ -131,7 +135,7 @@ def _run(common: Common, captures: list[Capture], request: Request,
                     on_result(outcome.capture, outcome.result)
                 outcomes.append(outcome)
     except FleetError as e:
-        raise FleetFailure(str(e), common["exit_error"]) from None
+        raise common["failure"](str(e)) from None
     order = {c: i for i, c in enumerate(captures)}
     outcomes.sort(key=lambda o: order[o.capture])
     for o in outcomes:
@@ -146,7 +150,7 @@ def _run(common: Common, captures: list[Capture], request: Request,
 def _check_failures(common: Common, outcomes: list[Outcome]) -> None:
     failed = sum(o.error is not None for o in outcomes)
     if failed:
-        raise FleetFailure(f"{failed} of {len(outcomes)} captures failed", common["exit_error"])
+        raise common["failure"](f"{failed} of {len(outcomes)} captures failed")
 
 
 def _dataset(out: str, table: str, fmt: str, captures: list[Capture], force: bool,
@@ -156,7 +160,7 @@ def _dataset(out: str, table: str, fmt: str, captures: list[Capture], force: boo
     try:
         return Dataset(Path(out), table, fmt, captures, force)
     except FleetError as e:
-        raise FleetFailure(str(e), common["exit_error"]) from None
+        raise common["failure"](str(e)) from None
 
 
 def _writer(*sinks: tuple[Any, str]) -> Callable[[Capture, CaptureResult], None]:
@@ -211,7 +215,7 @@ def conns(output: str | None, fmt: str, force: bool, as_json: bool, **common: An
                  hive_partitioning=true) where close = 'refused' group by 1"
       vsockmon fleet conns 's3://bucket/captures/*/*.pcap' --json --scheduler tcp://dask:8786
     """
-    common["exit_error"] = EXIT_FAILED
+    common["failure"] = FleetFailure
     captures = _captures(common)
     request = Request(frozenset({"connections"}))
     if output:
@@ -289,7 +293,7 @@ def diagnose(as_json: bool, rules: tuple[str, ...], min_severity: str, examples:
     """
     from vsockmon.fleet.findings import group, tagged
 
-    common["exit_error"] = EXIT_ERROR
+    common["failure"] = DiagnoseFailure
     captures = _captures(common)
     outcomes = _run(common, captures,
                     Request(frozenset({"findings"}), tuple(rules), min_severity))
@@ -345,7 +349,7 @@ def stats(as_json: bool, **common: Any) -> None:
       vsockmon fleet stats captures/
       vsockmon fleet stats captures/ --json | jq -c '{host, capture, closes}'
     """
-    common["exit_error"] = EXIT_FAILED
+    common["failure"] = FleetFailure
     captures = _captures(common)
     outcomes = _run(common, captures, Request(frozenset({"stats"})))
     done = [(o.capture, o.result.stats) for o in outcomes
@@ -406,7 +410,7 @@ def export(output: str, fmt: str, force: bool, **common: Any) -> None:
       duckdb -c "select host, op_name, count(*) from read_parquet('tables/packets/**/*.parquet',
                  hive_partitioning=true) group by all"
     """
-    common["exit_error"] = EXIT_FAILED
+    common["failure"] = FleetFailure
     captures = _captures(common)
     packets = _dataset(str(Path(output) / "packets"), "packets", fmt, captures, force, common)
     conns_ = _dataset(str(Path(output) / "connections"), "connections", fmt, captures, force,

@@ -46,8 +46,11 @@ def connect(scheduler: str | None = None, workers: int | None = None,
 
     if scheduler is None:
         n = workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
+        # No dashboard; its HTTP server (which the scheduler starts anyway) on any free
+        # port of 127.0.0.1, not a warning when 8787 is taken.
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None, silence_logs=logging.CRITICAL,
+                          scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
                 Client(cluster) as client:
             yield client
         return
