@@ -302,3 +302,28 @@ def test_findings_grouped_by_rule_most_severe_then_most_widespread() -> None:
     assert [(g.rule, g.findings, len(g.captures), g.hosts) for g in groups] == [
         ("no-listener", 1, 1, 1), ("dial-retry", 3, 2, 1), ("mid-capture/end", 2, 2, 2)]
     assert [cap for cap, _ in groups[1].examples(1)] == [b]
+
+
+def test_a_task_that_raises_fails_its_capture_only(scheduler: str, hosts: Path) -> None:
+    """A bug on a worker (here: a severity the engine does not know) becomes that capture's
+    failure, with its path and the exception; a capture that cannot be read gets its
+    reason; the run goes on."""
+    from distributed import Client
+
+    from vsockmon.fleet import run
+
+    captures = expand([str(hosts / "node-b")])
+    with Client(scheduler, timeout="30s") as client:
+        seen: list[str] = []
+        outcomes = list(run(client, captures, Request(frozenset({"findings"}),
+                                                      min_severity="bogus"),
+                            on_done=lambda o: seen.append(o.capture.name)))
+        assert sorted(seen) == sorted(c.name for c in captures)
+        by_name = {o.capture.name: o for o in outcomes}
+        bad = by_name.pop("bad.pcap")
+        assert bad.result is None
+        assert bad.error == f"{bad.capture.source}: not a pcap or pcapng file (magic 74686973)"
+        for o in by_name.values():
+            assert o.result is None and o.error == f"{o.capture.source}: KeyError: 'BOGUS'"
+        ok = list(run(client, captures[1:], Request(frozenset({"stats"}))))
+        assert all(o.error is None and o.result and o.result.stats for o in ok)

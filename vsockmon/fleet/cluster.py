@@ -87,15 +87,22 @@ def run(client: Client, captures: Sequence[Capture], request: Request,
                          pure=False, key=[f"vsockmon-{i}-{c.name}" for i, c in
                                           enumerate(captures)])
     capture_of = {f.key: c for f, c in zip(futures, captures, strict=True)}
-    for future in as_completed(futures):
+    # Results are gathered as tasks finish, concurrently, not one round trip at a time.
+    for future, value in as_completed(futures, with_results=True, raise_errors=False):
         capture = capture_of.pop(future.key)
-        try:
-            done = future.result()
-            outcome = Outcome(capture, error=_reason(capture, done)) if isinstance(done, str) \
-                else Outcome(capture, result=done)
-        except Exception as e:
-            outcome = Outcome(capture, error=_reason(capture, e))
         future.release()
+        outcome = Outcome(capture, result=value) if isinstance(value, CaptureResult) \
+            else Outcome(capture, error=_reason(capture, _failure(value)))
         if on_done is not None:
             on_done(outcome)
         yield outcome
+
+
+def _failure(value: object) -> BaseException | str:
+    """What a task that did not return a result gave instead: our one-line reason, or the
+    exception (Dask hands a failed task's as ``(type, exception, traceback)``)."""
+    if isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], BaseException):
+        return value[1]
+    if isinstance(value, BaseException | str):
+        return value
+    return f"unexpected task result {value!r}"
