@@ -29,6 +29,7 @@ from vsockmon.fleet.dataset import Dataset
 from vsockmon.fleet.findings import group
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "fleet.md"
 
 
 def _free_port() -> int:
@@ -237,6 +238,55 @@ def test_diagnose_text_groups_rules_across_captures_and_hosts(scheduler: str,
     assert more == "  … and 2 more captures"
 
 
+def _doc_blocks(lang: str) -> list[str]:
+    parts = DOC.read_text().split("```")
+    return [p[len(lang) + 1:] for p in parts[1::2] if p.startswith(lang + "\n")]
+
+
+def _doc_layout(root: Path) -> Path:
+    """The captures of docs/fleet.md's walk-through, made of fixtures."""
+    layout = {"node-a/2026-11-30T10.pcap": "real/credit-stall.pcap",
+              "node-a/2026-11-30T11.pcap": "real/many-connections.pcap",
+              "node-b/2026-11-30T10.pcap": "diagnose/no-listener.pcap",
+              "node-b/2026-11-30T11.pcap.gz": "diagnose/dial-retry.pcap",
+              "node-c/2026-11-30T10.pcap": "diagnose/window-full.pcap"}
+    for dst, src in layout.items():
+        (root / dst).parent.mkdir(parents=True, exist_ok=True)
+        data = (FIXTURES / src).read_bytes()
+        (root / dst).write_bytes(gzip.compress(data) if dst.endswith(".gz") else data)
+    (root / "node-c" / "2026-11-30T11.pcap").write_bytes(b"garbage")
+    return root
+
+
+def test_docs_workflow(scheduler: str, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/fleet.md's walk-through: its outputs, its query and its chart code."""
+    monkeypatch.chdir(tmp_path)
+    _doc_layout(tmp_path / "captures")
+    doc = DOC.read_text()
+    code, out, err = _fleet("diagnose", "captures/", "--min-severity", "warning",
+                            "--scheduler", scheduler)
+    assert code == 2
+    shown = (err.splitlines()[0] + "\n" + out + err.splitlines()[-1]).replace(
+        str(tmp_path), "/srv/fleet")
+    assert shown in doc
+    code, _, err = _fleet("conns", "captures/", "-o", "conns/", "--scheduler", scheduler)
+    assert code == 1 and err.splitlines()[1] in doc
+    (query,) = [b for b in _doc_blocks("sql") if "conns/" in b]
+    got = duckdb.sql(query).fetchall()
+    refused: dict[str, list[str]] = {}
+    for path in sorted((tmp_path / "captures").rglob("*.pcap*")):
+        _, text = _single("conns", str(path), "--json")
+        refused.setdefault(path.parent.name, []).extend(
+            path.name for r in _lines(text) if r["close"] == "refused")
+    want = [(h, len(c), len(set(c))) for h, c in refused.items() if c]
+    assert got == want == [("node-b", 6, 2)]
+    assert "│ node-b  │       6 │        2 │" in doc
+    (chart,) = _doc_blocks("python")[:1]
+    exec(compile(chart, str(DOC), "exec"), {})
+    assert (tmp_path / "refused-by-host.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -- the parts ---------------------------------------------------------------------------
 
 
@@ -278,16 +328,27 @@ def test_worker_reads_an_fsspec_url_like_a_path(hosts: Path) -> None:
 
 
 def test_dataset_refuses_to_overwrite_and_percent_encodes(tmp_path: Path) -> None:
+    out = tmp_path / "d"
     cap = Capture("/x/rack 1/a b.pcap", "rack/1", "a b.pcap")
     table = pa.table({"capture": ["dropped"], "v": [1]})
-    Dataset(tmp_path, "t", "parquet", [cap]).write(cap, table)
-    assert (tmp_path / "host=rack%2F1" / "capture=a%20b.pcap" / "t.parquet").exists()
-    assert duckdb.sql(f"select host, capture, v from read_parquet('{tmp_path}/**/*.parquet', "
+    Dataset(out, "t", "parquet", [cap]).write(cap, table)
+    assert (out / "host=rack%2F1" / "capture=a%20b.pcap" / "t.parquet").exists()
+    assert duckdb.sql(f"select host, capture, v from read_parquet('{out}/**/*.parquet', "
                       f"hive_partitioning=true)").fetchall() == [("rack/1", "a b.pcap", 1)]
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(out, partitioning="hive").to_table().to_pylist() == [
+        {"v": 1, "host": "rack/1", "capture": "a b.pcap"}]
+    day = Capture("/x/2026-11-30", "h", "2026-11-30")
+    Dataset(tmp_path / "days", "t", "parquet", [day]).write(day, pa.table({"v": [1]}))
+    glob = f"read_parquet('{tmp_path}/days/**/*.parquet', hive_partitioning=true"
+    assert duckdb.sql(f"select typeof(capture) from {glob})").fetchall() == [("DATE",)]
+    assert duckdb.sql(f"select typeof(capture) from {glob}, hive_types_autocast=false)"
+                      ).fetchall() == [("VARCHAR",)]
     with pytest.raises(FleetError, match="exists; use --force"):
-        Dataset(tmp_path, "t", "parquet", [cap])
-    Dataset(tmp_path, "t", "parquet", [cap], force=True).write(cap, pa.table({"v": [2]}))
-    assert duckdb.sql(f"select v from read_parquet('{tmp_path}/**/*.parquet')").fetchall() \
+        Dataset(out, "t", "parquet", [cap])
+    Dataset(out, "t", "parquet", [cap], force=True).write(cap, pa.table({"v": [2]}))
+    assert duckdb.sql(f"select v from read_parquet('{out}/**/*.parquet')").fetchall() \
         == [(2,)]
 
 

@@ -176,6 +176,11 @@ def _writer(*sinks: tuple[Any, str]) -> Callable[[Capture, CaptureResult], None]
     return write
 
 
+def _n(count: int, noun: str) -> str:
+    """``1 capture``, ``2 captures``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _print_lines(lines: Iterator[str]) -> None:
     try:
         for line in lines:
@@ -186,7 +191,7 @@ def _print_lines(lines: Iterator[str]) -> None:
 
 
 def _wrote(dataset: Any, what: str) -> None:
-    click.echo(f"wrote {dataset.rows} {what} of {dataset.files} captures to {dataset.out}/ "
+    click.echo(f"wrote {dataset.rows} {what} of {_n(dataset.files, 'capture')} to {dataset.out}/ "
                f"(host=…/capture=…/{dataset.file_name})", err=True)
 
 
@@ -253,7 +258,8 @@ def _conns_text(done: list[tuple[Capture, Any]], total: int) -> Iterator[str]:
                                   "bytes c→s/s→c", "close", "stalls", "violations"),
                    disable_numparse=True)
     hosts = len({c.host for c, _ in done})
-    yield f"{len(rows)} connections in {len(done)} of {total} captures on {hosts} hosts"
+    yield (f"{_n(len(rows), 'connection')} in {len(done)} of {_n(total, 'capture')} on "
+           f"{_n(hosts, 'host')}")
 
 
 # -- diagnose ------------------------------------------------------------------------------
@@ -313,23 +319,23 @@ _STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
 
 def _diagnose_text(groups: list[Any], analysed: int, examples: int) -> Iterator[str]:
     if not groups:
-        yield f"no findings in {analysed} captures."
+        yield f"no findings in {_n(analysed, 'capture')}."
         return
     for g in groups:
         sev = str(g.severity)
         yield (click.style(sev.upper(), fg=_STYLE[sev], bold=True)
                + click.style(f" {g.rule}", bold=True)
-               + f"  {g.findings} findings in {len(g.captures)} of {analysed} captures on "
-                 f"{g.hosts} hosts")
+               + f"  {_n(g.findings, 'finding')} in {len(g.captures)} of "
+                 f"{_n(analysed, 'capture')} on {_n(g.hosts, 'host')}")
         for capture, found in g.examples(examples):
             first = found[0]
             where = "" if first["stream"] is None else f"stream {first['stream']}: "
             yield f"  {capture.host}  {capture.name}  ×{len(found)}  {where}{first['message']}"
         more = len(g.captures) - examples
         if more > 0:
-            yield f"  … and {more} more captures"
+            yield f"  … and {_n(more, 'more capture')}"
         yield ""
-    yield f"{len(groups)} rules fired in {analysed} captures."
+    yield f"{_n(len(groups), 'rule')} fired in {_n(analysed, 'capture')}."
 
 
 # -- stats ---------------------------------------------------------------------------------
@@ -380,7 +386,7 @@ def _stats_text(done: list[tuple[Capture, dict[str, Any]]]) -> Iterator[str]:
     closes: Counter[str] = Counter()
     for _, s in done:
         closes.update(s["closes"])
-    yield (f"total: {len(done)} captures on {len({c.host for c, _ in done})} hosts, "
+    yield (f"total: {_n(len(done), 'capture')} on {_n(len({c.host for c, _ in done}), 'host')}, "
            f"{sum(s['frames'] for _, s in done)} frames, "
            f"{sum(s['connections'] for _, s in done)} connections, "
            f"{sum(s['payload_bytes'] for _, s in done)} payload bytes"
