@@ -12,7 +12,8 @@ times, in one run, each as its own process (imports included):
 - tables: ``vsockmon fleet export DIR -o OUT`` (Parquet, Hive-partitioned),
   ``vsockmon export DIR --format parquet -o OUT -j CORES`` (a process pool) and a serial
   loop of the same library calls writing the same files;
-- the local cluster alone: start and stop with no capture, the fixed cost of a run.
+- the local cluster alone: start and stop with no capture, the fixed cost of a run; and
+  the diagnose tasks alone on a cluster already up (its workers' imports done).
 
 Checks that each run gives the same findings (or row counts) as the serial one, and prints
 seconds and the ratios.
@@ -23,6 +24,7 @@ Usage: ``benchmarks/bench_fleet.py [--captures N] [--keep DIR]``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +59,18 @@ for c in caps:
     packets.write(c, r.packets)
     conns.write(c, r.connections)
 print(packets.rows, conns.rows)
+"""
+
+WARM_DIAGNOSE = """
+import sys, time
+from vsockmon.fleet import Request, connect, expand, run
+if __name__ == "__main__":
+    caps = expand([sys.argv[1]])
+    with connect(None) as client:
+        list(run(client, caps[:4], Request(frozenset({"findings"}))))  # workers' imports
+        start = time.perf_counter()
+        done = list(run(client, caps, Request(frozenset({"findings"}))))
+        print(time.perf_counter() - start, sum(len(o.result.findings) for o in done))
 """
 
 CLUSTER_ONLY = """
@@ -106,13 +120,21 @@ def main() -> None:
         t_cluster, _ = timed([sys.executable, "-c", CLUSTER_ONLY])
         t_serial, serial = timed([sys.executable, "-c", SERIAL_DIAGNOSE, str(caps)])
         t_fleet, fleet = timed([VSOCKMON, "fleet", "diagnose", str(caps), "--json"])
-        same = sorted(serial.splitlines()) == sorted(fleet.splitlines())
+        warm = work / "warm.py"
+        warm.write_text(WARM_DIAGNOSE)
+        _, warm_out = timed([sys.executable, str(warm), str(caps)])
+        t_warm, warm_findings = float(warm_out.split()[0]), int(warm_out.split()[1])
+        same = sorted(map(json.loads, serial.splitlines()), key=json.dumps) == \
+            sorted(map(json.loads, fleet.splitlines()), key=json.dumps)
         findings = len(fleet.splitlines())
         print(f"\ndiagnose ({findings} findings; fleet equals serial: {same})")
         print(f"  serial, one process          {t_serial:7.2f} s")
         print(f"  vsockmon fleet diagnose      {t_fleet:7.2f} s   "
               f"{t_serial / t_fleet:.2f}× the serial speed")
         print(f"  local cluster start + stop   {t_cluster:7.2f} s   (in the fleet figure)")
+        print(f"  the tasks alone (cluster up) {t_warm:7.2f} s   "
+              f"{t_serial / t_warm:.2f}× the serial speed ({warm_findings} findings; "
+              "the serial figure includes its imports)")
 
         t_serial_x, rows = timed([sys.executable, "-c", SERIAL_EXPORT, str(caps),
                                   str(work / "serial")])

@@ -22,6 +22,12 @@ from vsockmon.fleet.worker import CaptureResult, Request, analyse_capture
 if TYPE_CHECKING:
     from distributed import Client
 
+LOCAL_CONFIG = {"distributed.worker.profile.enabled": False,
+                "distributed.worker.multiprocessing-method": "forkserver"}
+"""Dask settings of the local cluster. No statistical profiler on the workers: sampling
+the stack every 10 ms made each capture's analysis several times slower. Workers forked
+from a clean server process rather than spawned: they start and stop in about half the
+time, without forking a process that has threads (benchmarks/bench_fleet.py)."""
 CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a scheduler: a wrong address fails in this time, not Dask's 30 s."""
 
@@ -42,15 +48,18 @@ def connect(scheduler: str | None = None, workers: int | None = None,
     """A Dask client: on the scheduler at ``scheduler`` (``tcp://HOST:PORT``), or on a
     local cluster of ``workers`` single-threaded processes (one per core by default) that
     lives as long as the context. Our analysis holds the GIL: processes, not threads."""
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler is None:
         n = workers or os.cpu_count() or 1
         # No dashboard; its HTTP server (which the scheduler starts anyway) on any free
         # port of 127.0.0.1, not a warning when 8787 is taken.
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs=logging.CRITICAL,
-                          scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
+        with dask.config.set(LOCAL_CONFIG), \
+                LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                             host="127.0.0.1", dashboard_address=None,
+                             silence_logs=logging.CRITICAL,
+                             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
                 Client(cluster) as client:
             yield client
         return
