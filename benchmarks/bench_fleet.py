@@ -18,7 +18,9 @@ times, in one run, each as its own process (imports included):
 Checks that each run gives the same findings (or row counts) as the serial one, and prints
 seconds and the ratios.
 
-Usage: ``benchmarks/bench_fleet.py [--captures N] [--keep DIR]``
+Usage: ``benchmarks/bench_fleet.py [--captures N] [--repeat K] [--keep DIR]`` (``--repeat``
+makes each capture K times its fixture: fewer, bigger captures show the cost per capture
+apart from the work).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,76 +83,104 @@ with connect(None) as client:
 """
 
 
-def fleet_dir(root: Path, n: int) -> Path:
-    """``n`` captures under ``root/node-XXX/``, five per host, copied from the fixtures."""
+def fleet_dir(root: Path, n: int, repeat: int = 1) -> Path:
+    """``n`` captures under ``root/node-XXX/``, five per host, made of the fixtures: each
+    one's packets ``repeat`` times over, one second apart (bigger captures, same kind)."""
+    from vsockmon.wire.pcapio import PcapWriter, open_capture
+
     sources = [p for d in ("real", "diagnose") for p in sorted((ROOT / "fixtures" / d)
                                                                   .glob("*.pcap"))]
     for i in range(n):
         src = sources[i % len(sources)]
         host = root / f"node-{i // 5:03d}"
         host.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, host / f"{i:04d}-{src.name}")
+        dst = host / f"{i:04d}-{src.name}"
+        if repeat == 1:
+            shutil.copy(src, dst)
+            continue
+        with open_capture(str(src)) as reader:
+            records = list(reader.records())
+        span = records[-1].ts_ns - records[0].ts_ns + 1_000_000_000
+        with open(dst, "wb") as fp:
+            writer = PcapWriter(fp)
+            for k in range(repeat):
+                for r in records:
+                    writer.write(r.ts_ns + k * span, r.data, r.orig_len)
     return root
 
 
-def timed(cmd: list[str], out: Path | None = None) -> tuple[float, str]:
+def timed(cmd: list[str], out: Path | None = None) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system, the process and all it started) and the
+    standard output of a command. On a shared machine the CPU figure is the steadier one."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode not in (0, 1):  # 1: diagnose found problems, as it should here
         sys.exit(f"{' '.join(cmd[:3])}… failed ({done.returncode}): {done.stderr.strip()}")
     if out is not None:
         out.write_text(done.stdout)
-    return took, done.stdout
+    return took, cpu, done.stdout
+
+
+def line(what: str, wall: float, cpu: float, serial: tuple[float, float] | None) -> str:
+    ratio = "" if serial is None else \
+        f"   {serial[0] / wall:5.2f}× the serial speed, {cpu / serial[1]:5.2f}× its CPU"
+    return f"  {what:<30}{wall:7.2f} s {cpu:7.2f} s CPU{ratio}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captures", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Make each capture its fixture's packets this many times over.")
     parser.add_argument("--keep", type=Path, help="Build the captures here and keep them.")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="vsockmon-fleet-") as tmp:
         work = args.keep or Path(tmp)
-        caps = fleet_dir(work / "captures", args.captures)
+        caps = fleet_dir(work / "captures", args.captures, args.repeat)
         size = sum(p.stat().st_size for p in caps.rglob("*.pcap"))
         hosts = len(list(caps.iterdir()))
         print(f"{args.captures} captures on {hosts} hosts, {size / 1e6:.1f} MB in all; "
               f"{cores} cores; local cluster: {cores} worker processes")
 
-        t_cluster, _ = timed([sys.executable, "-c", CLUSTER_ONLY])
-        t_serial, serial = timed([sys.executable, "-c", SERIAL_DIAGNOSE, str(caps)])
-        t_fleet, fleet = timed([VSOCKMON, "fleet", "diagnose", str(caps), "--json"])
+        t_cluster, c_cluster, _ = timed([sys.executable, "-c", CLUSTER_ONLY])
+        t_serial, c_serial, serial = timed([sys.executable, "-c", SERIAL_DIAGNOSE, str(caps)])
+        t_fleet, c_fleet, fleet = timed([VSOCKMON, "fleet", "diagnose", str(caps), "--json"])
         warm = work / "warm.py"
         warm.write_text(WARM_DIAGNOSE)
-        _, warm_out = timed([sys.executable, str(warm), str(caps)])
+        _, _, warm_out = timed([sys.executable, str(warm), str(caps)])
         t_warm, warm_findings = float(warm_out.split()[0]), int(warm_out.split()[1])
         same = sorted(map(json.loads, serial.splitlines()), key=json.dumps) == \
             sorted(map(json.loads, fleet.splitlines()), key=json.dumps)
         findings = len(fleet.splitlines())
+        base = (t_serial, c_serial)
         print(f"\ndiagnose ({findings} findings; fleet equals serial: {same})")
-        print(f"  serial, one process          {t_serial:7.2f} s")
-        print(f"  vsockmon fleet diagnose      {t_fleet:7.2f} s   "
-              f"{t_serial / t_fleet:.2f}× the serial speed")
-        print(f"  local cluster start + stop   {t_cluster:7.2f} s   (in the fleet figure)")
-        print(f"  the tasks alone (cluster up) {t_warm:7.2f} s   "
-              f"{t_serial / t_warm:.2f}× the serial speed ({warm_findings} findings; "
-              "the serial figure includes its imports)")
+        print(line("serial, one process", t_serial, c_serial, None))
+        print(line("vsockmon fleet diagnose", t_fleet, c_fleet, base))
+        print(line("local cluster start + stop", t_cluster, c_cluster, None)
+              + "   (in the fleet figure)")
+        print(f"  the tasks alone, cluster up  {t_warm:7.2f} s          "
+              f"{t_serial / t_warm:5.2f}× the serial speed ({warm_findings} findings; the "
+              "serial figure includes its imports)")
 
-        t_serial_x, rows = timed([sys.executable, "-c", SERIAL_EXPORT, str(caps),
-                                  str(work / "serial")])
-        t_fleet_x, _ = timed([VSOCKMON, "fleet", "export", str(caps), "-o",
-                              str(work / "fleet")])
-        t_pool_x, _ = timed([VSOCKMON, "export", str(caps), "--format", "parquet", "-o",
-                             str(work / "pool"), "-j", str(cores), "--json"])
+        t_serial_x, c_serial_x, rows = timed([sys.executable, "-c", SERIAL_EXPORT, str(caps),
+                                              str(work / "serial")])
+        t_fleet_x, c_fleet_x, _ = timed([VSOCKMON, "fleet", "export", str(caps), "-o",
+                                         str(work / "fleet")])
+        t_pool_x, c_pool_x, _ = timed([VSOCKMON, "export", str(caps), "--format", "parquet",
+                                       "-o", str(work / "pool"), "-j", str(cores), "--json"])
         got = fleet_rows(work / "fleet")
+        base = (t_serial_x, c_serial_x)
         print(f"\nexport to Parquet (packets, connections: serial {rows.strip()}, "
               f"fleet {got[0]} {got[1]})")
-        print(f"  serial, one process          {t_serial_x:7.2f} s")
-        print(f"  vsockmon fleet export        {t_fleet_x:7.2f} s   "
-              f"{t_serial_x / t_fleet_x:.2f}× the serial speed")
-        print(f"  vsockmon export -j {cores}         {t_pool_x:7.2f} s   "
-              f"{t_serial_x / t_pool_x:.2f}× the serial speed")
+        print(line("serial, one process", t_serial_x, c_serial_x, None))
+        print(line("vsockmon fleet export", t_fleet_x, c_fleet_x, base))
+        print(line(f"vsockmon export -j {cores}", t_pool_x, c_pool_x, base))
+        print(f"\nload average during the run: {os.getloadavg()[1]:.1f} on {cores} cores")
         if not same or rows.split() != [str(n) for n in got]:
             sys.exit("the fleet's results differ from the serial ones")
 
