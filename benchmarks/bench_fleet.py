@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -109,26 +108,20 @@ def fleet_dir(root: Path, n: int, repeat: int = 1) -> Path:
     return root
 
 
-def timed(cmd: list[str], out: Path | None = None) -> tuple[float, float, str]:
-    """Wall seconds, CPU seconds (user + system, the process and all it started) and the
-    standard output of a command. On a shared machine the CPU figure is the steadier one."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds and standard output of a command. (CPU seconds would be steadier on a
+    shared machine, but a Dask worker's are not reported to the command that started it.)"""
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     took = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode not in (0, 1):  # 1: diagnose found problems, as it should here
         sys.exit(f"{' '.join(cmd[:3])}… failed ({done.returncode}): {done.stderr.strip()}")
-    if out is not None:
-        out.write_text(done.stdout)
-    return took, cpu, done.stdout
+    return took, done.stdout
 
 
-def line(what: str, wall: float, cpu: float, serial: tuple[float, float] | None) -> str:
-    ratio = "" if serial is None else \
-        f"   {serial[0] / wall:5.2f}× the serial speed, {cpu / serial[1]:5.2f}× its CPU"
-    return f"  {what:<30}{wall:7.2f} s {cpu:7.2f} s CPU{ratio}"
+def line(what: str, wall: float, serial: float | None = None) -> str:
+    ratio = "" if serial is None else f"   {serial / wall:5.2f}× the serial speed"
+    return f"  {what:<30}{wall:7.2f} s{ratio}"
 
 
 def main() -> None:
@@ -147,39 +140,35 @@ def main() -> None:
         print(f"{args.captures} captures on {hosts} hosts, {size / 1e6:.1f} MB in all; "
               f"{cores} cores; local cluster: {cores} worker processes")
 
-        t_cluster, c_cluster, _ = timed([sys.executable, "-c", CLUSTER_ONLY])
-        t_serial, c_serial, serial = timed([sys.executable, "-c", SERIAL_DIAGNOSE, str(caps)])
-        t_fleet, c_fleet, fleet = timed([VSOCKMON, "fleet", "diagnose", str(caps), "--json"])
+        t_cluster, _ = timed([sys.executable, "-c", CLUSTER_ONLY])
+        t_serial, serial = timed([sys.executable, "-c", SERIAL_DIAGNOSE, str(caps)])
+        t_fleet, fleet = timed([VSOCKMON, "fleet", "diagnose", str(caps), "--json"])
         warm = work / "warm.py"
         warm.write_text(WARM_DIAGNOSE)
-        _, _, warm_out = timed([sys.executable, str(warm), str(caps)])
+        _, warm_out = timed([sys.executable, str(warm), str(caps)])
         t_warm, warm_findings = float(warm_out.split()[0]), int(warm_out.split()[1])
         same = sorted(map(json.loads, serial.splitlines()), key=json.dumps) == \
             sorted(map(json.loads, fleet.splitlines()), key=json.dumps)
         findings = len(fleet.splitlines())
-        base = (t_serial, c_serial)
         print(f"\ndiagnose ({findings} findings; fleet equals serial: {same})")
-        print(line("serial, one process", t_serial, c_serial, None))
-        print(line("vsockmon fleet diagnose", t_fleet, c_fleet, base))
-        print(line("local cluster start + stop", t_cluster, c_cluster, None)
-              + "   (in the fleet figure)")
-        print(f"  the tasks alone, cluster up  {t_warm:7.2f} s          "
-              f"{t_serial / t_warm:5.2f}× the serial speed ({warm_findings} findings; the "
-              "serial figure includes its imports)")
+        print(line("serial, one process", t_serial))
+        print(line("vsockmon fleet diagnose", t_fleet, t_serial))
+        print(line("local cluster start + stop", t_cluster) + "   (in the fleet figure)")
+        print(line("the tasks alone, cluster up", t_warm, t_serial)
+              + f" ({warm_findings} findings; the serial figure includes its imports)")
 
-        t_serial_x, c_serial_x, rows = timed([sys.executable, "-c", SERIAL_EXPORT, str(caps),
+        t_serial_x, rows = timed([sys.executable, "-c", SERIAL_EXPORT, str(caps),
                                               str(work / "serial")])
-        t_fleet_x, c_fleet_x, _ = timed([VSOCKMON, "fleet", "export", str(caps), "-o",
+        t_fleet_x, _ = timed([VSOCKMON, "fleet", "export", str(caps), "-o",
                                          str(work / "fleet")])
-        t_pool_x, c_pool_x, _ = timed([VSOCKMON, "export", str(caps), "--format", "parquet",
+        t_pool_x, _ = timed([VSOCKMON, "export", str(caps), "--format", "parquet",
                                        "-o", str(work / "pool"), "-j", str(cores), "--json"])
         got = fleet_rows(work / "fleet")
-        base = (t_serial_x, c_serial_x)
         print(f"\nexport to Parquet (packets, connections: serial {rows.strip()}, "
               f"fleet {got[0]} {got[1]})")
-        print(line("serial, one process", t_serial_x, c_serial_x, None))
-        print(line("vsockmon fleet export", t_fleet_x, c_fleet_x, base))
-        print(line(f"vsockmon export -j {cores}", t_pool_x, c_pool_x, base))
+        print(line("serial, one process", t_serial_x))
+        print(line("vsockmon fleet export", t_fleet_x, t_serial_x))
+        print(line(f"vsockmon export -j {cores}", t_pool_x, t_serial_x))
         print(f"\nload average during the run: {os.getloadavg()[1]:.1f} on {cores} cores")
         if not same or rows.split() != [str(n) for n in got]:
             sys.exit("the fleet's results differ from the serial ones")
