@@ -388,3 +388,29 @@ def test_a_task_that_raises_fails_its_capture_only(scheduler: str, hosts: Path) 
             assert o.result is None and o.error == f"{o.capture.source}: KeyError: 'BOGUS'"
         ok = list(run(client, captures[1:], Request(frozenset({"stats"}))))
         assert all(o.error is None and o.result and o.result.stats for o in ok)
+
+
+def test_progress_on_a_terminal(scheduler: str, hosts: Path) -> None:
+    """On a terminal, stderr shows captures done of the total and the failures so far."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("vsockmon")), "fleet",
+                             "stats", str(hosts), "--scheduler", scheduler],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    out, _ = proc.communicate(timeout=120)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 1 and b"node-a" in out
+    assert "5/5" in text and "1 failed" in text, text
+    assert "1 of 5 captures failed" in text

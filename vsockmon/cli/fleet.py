@@ -94,6 +94,9 @@ def fleet() -> None:
 
 
 def _captures(common: Common) -> list[Capture]:
+    if common["scheduler"] and common["workers"]:
+        raise click.UsageError("--workers is for the local cluster; an existing one (at "
+                               "--scheduler) has the workers it has")
     try:
         return expand(common["sources"], common["host_from"])
     except FleetError as e:
