@@ -414,3 +414,46 @@ def test_progress_on_a_terminal(scheduler: str, hosts: Path) -> None:
     assert proc.returncode == 1 and b"node-a" in out
     assert "5/5" in text and "1 failed" in text, text
     assert "1 of 5 captures failed" in text
+
+
+def test_the_worker_side_is_the_library_without_click() -> None:
+    """What a worker runs imports neither click nor the CLI's renderers (nor Dask)."""
+    code = ("import sys\n"
+            "from vsockmon.fleet.worker import Request, WANTS, analyse_capture\n"
+            f"r = analyse_capture({str(FIXTURES / 'real' / 'credit-stall.pcap')!r}, "
+            "Request(WANTS))\n"
+            "assert r.packets.num_rows == 20 and r.connections.num_rows == 1\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'click', 'tabulate', 'rich', 'dask', 'distributed'}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_sources_at_fsspec_urls_are_listed_and_read_through_fsspec(hosts: Path) -> None:
+    """A URL source is listed with fsspec on the client and opened with fsspec where the
+    task runs (here fsspec's in-memory filesystem, in this process)."""
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for path in sorted((hosts / "node-a").glob("*.pcap")):
+        mem.pipe(f"/fleet/node-a/{path.name}", path.read_bytes())
+    mem.pipe("/fleet/node-a/notes.txt", b"not a capture")
+    try:
+        caps = expand(["memory://fleet/"])
+        assert [(c.source, c.host, c.name) for c in caps] == [
+            ("memory:///fleet/node-a/credit-stall.pcap", "node-a", "credit-stall.pcap"),
+            ("memory:///fleet/node-a/many-connections.pcap", "node-a",
+             "many-connections.pcap")]
+        assert [c.name for c in expand(["memory://fleet/*/*.pcap"])] == [c.name for c in caps]
+        want = Request(frozenset({"connections", "findings"}))
+        for c in caps:
+            by_url = analyse_capture(c.source, want)
+            by_path = analyse_capture(str(hosts / "node-a" / c.name), want)
+            assert by_url.connections is not None and by_url.connections.num_rows > 0
+            assert by_url.connections.equals(by_path.connections)
+            assert by_url.findings == by_path.findings
+        with pytest.raises(FleetError, match="no such file or directory"):
+            expand(["memory://fleet/none/"])
+    finally:
+        mem.rm("/fleet", recursive=True)

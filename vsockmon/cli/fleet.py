@@ -223,6 +223,8 @@ def conns(output: str | None, fmt: str, force: bool, as_json: bool, **common: An
                  hive_partitioning=true) where close = 'refused' group by 1"
       vsockmon fleet conns 's3://bucket/captures/*/*.pcap' --json --scheduler tcp://dask:8786
     """
+    if output and as_json:
+        raise click.UsageError("choose one of -o (a dataset) and --json (JSON Lines on stdout)")
     common["failure"] = FleetFailure
     captures = _captures(common)
     request = Request(frozenset({"connections"}))
