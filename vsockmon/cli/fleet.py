@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,6 +28,9 @@ from vsockmon.fleet import (
     expand,
     run,
 )
+
+if TYPE_CHECKING:
+    from vsockmon.fleet.dataset import Dataset
 
 EXIT_FAILED = 1
 """conns, stats, export: some capture could not be analysed (the others were)."""
@@ -157,7 +160,7 @@ def _check_failures(common: Common, outcomes: list[Outcome]) -> None:
 
 
 def _dataset(out: str, table: str, fmt: str, captures: list[Capture], force: bool,
-             common: Common) -> Any:
+             common: Common) -> Dataset:
     from vsockmon.fleet.dataset import Dataset
 
     try:
@@ -166,7 +169,7 @@ def _dataset(out: str, table: str, fmt: str, captures: list[Capture], force: boo
         raise common["failure"](str(e)) from None
 
 
-def _writer(*sinks: tuple[Any, str]) -> Callable[[Capture, CaptureResult], None]:
+def _writer(*sinks: tuple[Dataset, str]) -> Callable[[Capture, CaptureResult], None]:
     """Write each result's tables into their datasets as the results arrive."""
 
     def write(capture: Capture, result: CaptureResult) -> None:
@@ -193,7 +196,7 @@ def _print_lines(lines: Iterator[str]) -> None:
         sys.stderr.close()
 
 
-def _wrote(dataset: Any, what: str) -> None:
+def _wrote(dataset: Dataset, what: str) -> None:
     click.echo(f"wrote {dataset.rows} {what} of {_n(dataset.files, 'capture')} to {dataset.out}/ "
                f"(host=…/capture=…/{dataset.file_name})", err=True)
 
