@@ -457,3 +457,20 @@ def test_sources_at_fsspec_urls_are_listed_and_read_through_fsspec(hosts: Path) 
             expand(["memory://fleet/none/"])
     finally:
         mem.rm("/fleet", recursive=True)
+
+
+def test_exit_status_and_other_formats(scheduler: str, hosts: Path, tmp_path: Path) -> None:
+    code, out, err = _fleet("diagnose", str(hosts / "node-a"), "--scheduler", scheduler)
+    assert (code, out, err) == (0, "no findings in 2 captures.\n", "")
+    code, out, _ = _fleet("diagnose", str(hosts / "node-b" / "no-listener.pcap.gz"),
+                          "--scheduler", scheduler, "--json")
+    assert code == 1 and [f["rule"] for f in _lines(out)] == ["no-listener"]
+    out_dir = tmp_path / "csv"
+    code, _, _ = _fleet("conns", str(hosts / "node-a"), "-o", str(out_dir), "--format", "csv",
+                        "--scheduler", scheduler)
+    assert code == 0
+    got = duckdb.sql(f"select capture, count(*) from read_csv('{out_dir}/**/*.csv', "
+                     f"hive_partitioning=true) group by all order by all").fetchall()
+    assert got == [(p.name, len(_lines(_single("conns", str(p), "--json")[1])))
+                   for p in sorted((hosts / "node-a").glob("*.pcap"))]
+    assert got[1][1] > 1
