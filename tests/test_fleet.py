@@ -150,7 +150,7 @@ def test_bad_scheduler_address_is_one_line() -> None:
 def test_conns_on_the_local_cluster_to_parquet_read_by_duckdb(hosts: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, _, err = _fleet("conns", str(hosts), "-o", str(out), "--workers", "2")
+    code, _, err = _fleet("conns", str(hosts), "-o", str(out))  # the local default
     bad = hosts / "node-b" / "bad.pcap"
     assert code == 1 and "1 of 5 captures failed" in err
     assert f"vsockmon: {bad}: " in err and "not a pcap or pcapng file" in err
@@ -474,3 +474,29 @@ def test_exit_status_and_other_formats(scheduler: str, hosts: Path, tmp_path: Pa
     assert got == [(p.name, len(_lines(_single("conns", str(p), "--json")[1])))
                    for p in sorted((hosts / "node-a").glob("*.pcap"))]
     assert got[1][1] > 1
+
+
+def test_local_cluster_is_one_process_per_core_and_is_stopped_after() -> None:
+    import time
+
+    import psutil
+
+    from vsockmon.fleet import connect
+
+    with connect(None) as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert len(workers) == os.cpu_count()
+        assert all(w["nthreads"] == 1 for w in workers)
+        pids = set(client.run(os.getpid).values())
+    assert len(pids) == os.cpu_count() and os.getpid() not in pids
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, pids))
