@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "wireshark": "vsockmon.cli.wireshark:wireshark",
     "diagnose": "vsockmon.cli.diagnose:diagnose",
     "top": "vsockmon.cli.top:top",
+    "fleet": "vsockmon.cli.fleet:fleet",
 }
 """Command name → ``module:attribute`` of its click command."""
 
