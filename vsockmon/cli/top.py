@@ -26,8 +26,9 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGHUP": 129}
 """Exit status when a signal stopped a live ``top`` (SIGINT is a normal way out: 0)."""
 BUFFER_MB = 32
 """The ring, 4× capture's: it holds what arrives while numpy and Textual import, when loading
-their C extensions keeps the capture thread from running (measured in the lab VM: the first
-seconds dropped frames with 8 MiB at the echo client's full rate, none after)."""
+their C extensions keeps the capture thread from running (measured in the lab VM at the echo
+client's full rate: thousands of frames dropped while starting with 8 MiB, none or a few
+hundred with 32; docs/top.md)."""
 POLL_S = 0.1
 """How often frames move from the capture to the model between snapshots."""
 
