@@ -69,16 +69,18 @@ class Spool:
         fd, self.path = tempfile.mkstemp(prefix="vsockmon-top-", suffix=".pcap")
         os.close(fd)
         self.sink = FileSink(self.path, force=True, snaplen=snaplen)
-        self.size = os.path.getsize(self.path)
         self.limit = limit
-        self.frames = 0
+        self.whole = (os.path.getsize(self.path), 0)
+        """(bytes, frames) of the spool that are whole records, set in one assignment: the
+        capture thread writes while ``w`` reads it."""
         self.full = False
         """The spool reached its limit (or the disk is full): it keeps the first frames."""
 
     def write(self, batch: list[LiveFrame]) -> None:
         if self.full:
             return
-        room, fits = self.limit - self.size, 0
+        size, frames = self.whole
+        room, fits = self.limit - size, 0
         for f in batch:
             room -= len(f.data) + 16  # a pcap record header, then the frame
             if room < 0:
@@ -93,13 +95,12 @@ class Spool:
         except VsockmonError:  # no room left on the disk: the capture itself goes on
             self.full = True
             return
-        self.frames += len(batch)
-        self.size = os.path.getsize(self.path)
+        self.whole = (os.path.getsize(self.path), frames + len(batch))
 
     def save(self, dest: str) -> int:
         """Copy the whole records so far to ``dest`` (never over an existing file); returns
         how many frames it holds."""
-        size, frames = self.size, self.frames
+        size, frames = self.whole
         try:
             with open(self.path, "rb") as src, open(dest, "xb") as out:
                 left = size
