@@ -17,7 +17,7 @@ import click
 from vsockmon.errors import VsockmonError
 from vsockmon.live.capture import LiveCaptureError, live_capture
 from vsockmon.live.link import DEFAULT_LINK, LinkError, Terminated
-from vsockmon.top.source import Feed, LiveFeed, ReplayFeed
+from vsockmon.top.source import FEED_EVERY_S, Feed, LiveFeed, ReplayFeed
 
 if TYPE_CHECKING:
     from vsockmon.top.model import TopModel
@@ -29,8 +29,6 @@ BUFFER_MB = 32
 their C extensions keeps the capture thread from running (measured in the lab VM at the echo
 client's full rate: thousands of frames dropped while starting with 8 MiB, none or a few
 hundred with 32; docs/top.md)."""
-POLL_S = 0.1
-"""How often frames move from the capture to the model between snapshots."""
 
 
 @click.command()
@@ -146,7 +144,7 @@ def _batch(feed: Feed, model: TopModel, as_json: bool, iterations: int | None,
         until = max(until + delay, time.monotonic())
         while not feed.finished and time.monotonic() < until:
             model.feed(feed.take())
-            time.sleep(min(POLL_S, max(until - time.monotonic(), 0)))
+            time.sleep(min(FEED_EVERY_S, max(until - time.monotonic(), 0)))
         if feed.live and feed.finished:
             return  # stopped by a signal (or the link went away): no half snapshot
         model.feed(feed.take())

@@ -28,6 +28,10 @@ from vsockmon.live.capture import CaptureStats, FileSink, LiveCapture, LiveFrame
 from vsockmon.wire.pcapio import open_capture
 
 Frame = tuple[int, bytes, int]
+FEED_EVERY_S = 0.5
+"""How often queued frames go to the model between snapshots. The model's cost is mostly per
+call (numpy), so batches of a few thousand frames keep up where 0.1 s batches did not: in
+the lab VM at the echo client's full rate, snapshots due every 2 s came every 3 s."""
 SPOOL_LIMIT = 256_000_000
 """Bytes of frames kept for ``w`` (default): beyond, ``w`` saves the first ones only."""
 MAX_SNAPLEN = 262144

@@ -5,9 +5,9 @@ a scrolling selectable table and an input line, which rich.live leaves to the ca
 Textual's pilot drives the real app in tests, keystroke by keystroke, and renders its screen
 to SVG for the documentation's screenshot.
 
-Two timers: every :data:`POLL_S` frames move from the feed into the model (so the capture's
-queue stays short whatever ``-d`` is); every ``delay`` seconds a snapshot redraws the table
-(unless paused).
+Two timers: every :data:`~vsockmon.top.source.FEED_EVERY_S` frames move from the feed into
+the model (so the capture's queue stays short whatever ``-d`` is); every ``delay`` seconds a
+snapshot redraws the table (unless paused).
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from vsockmon.errors import VsockmonError
 from vsockmon.top.model import Row, Snapshot, TopModel, credit, rate
-from vsockmon.top.source import Feed, save_name
-
-POLL_S = 0.1
+from vsockmon.top.source import FEED_EVERY_S, Feed, save_name
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ class TopApp(App[None]):
     def on_mount(self) -> None:
         if self.ready_s is not None:
             self.message = f"ready {self.ready_s:.2f} s after start"
-        self.set_interval(POLL_S, self.poll)
+        self.set_interval(FEED_EVERY_S, self.poll)
         self.set_interval(self.delay, self.refresh_view)
         self.poll()
         self.refresh_view()
