@@ -148,9 +148,9 @@ def test_done_when_batch_json_shows_the_echo_connection(results: Path) -> None:
         expected = (eb["bytes_c2s"] - ea["bytes_c2s"]) / (b["time"] - a["time"])
         assert eb["rate_c2s"] == pytest.approx(expected, rel=0.01)
         assert b["frames"] > a["frames"]
-    # -d 2 on a fixed schedule: one snapshot can come late in the loaded VM (counting a
-    # backlog), the next one sooner, but the four span three intervals
-    assert snaps[-1]["time"] - snaps[0]["time"] == pytest.approx(6, abs=1.5)
+    # -d 2 on a fixed schedule, never sooner: in the VM at full rate a snapshot may come
+    # late (the model digesting what queued up while it imported), not early
+    assert snaps[-1]["time"] - snaps[0]["time"] >= 6 - 1.5
     assert _read(results, "t1.link").strip() == "absent"
     err = _read(results, "t1.err")
     listening = re.search(r"listening on vsockmon0 \(created; removed on exit\).* ([\d.]+) s "
