@@ -17,6 +17,7 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from vsockmon.errors import VsockmonError
 from vsockmon.wire.protocol import (
@@ -44,6 +45,11 @@ DEFAULT_SNAPLEN = 262144
 """What tcpdump uses: larger than any vsockmon frame (65536 + 32 + 44)."""
 
 _INSN = struct.Struct("=HBBI")
+
+
+REJECT_ALL = _INSN.pack(RET_K, 0, 0, 0)
+"""A program that takes no frame: how a stopping capture closes the tap (the kernel then
+counts nothing more, so what it delivered before the stop is a fixed number)."""
 
 
 class BpfFilterError(VsockmonError, ValueError):
@@ -163,10 +169,8 @@ def compile_groups(groups: Sequence[Sequence[Alternative]], accept: int) -> list
         labels["reject"] = len(insns)
         insns.append([RET_K, 0, 0, 0])
 
-    out = []
-    for i, (code, jt, jf, k) in enumerate(insns):
-        out.append((code, _jump(labels, i, jt), _jump(labels, i, jf), k))  # type: ignore[arg-type]
-    return out
+    return [(cast(int, code), _jump(labels, i, jt), _jump(labels, i, jf), cast(int, k))
+            for i, (code, jt, jf, k) in enumerate(insns)]
 
 
 def _jump(labels: dict[object, int], at: int, target: object) -> int:
