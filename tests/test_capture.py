@@ -355,3 +355,33 @@ def test_records_are_byte_for_byte_pcapios(tmp_path: Path, name: str) -> None:
         for i, f in enumerate(frames):
             ref.write(1_700_000_000_123_456_789 + i, f, len(f) + i)
     assert (tmp_path / name).read_bytes() == (tmp_path / f"ref-{name}").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["t.pcap", "t.pcapng"])
+def test_the_file_header_is_written_at_open(tmp_path: Path, name: str) -> None:
+    """A capture killed before its first batch leaves a valid, empty file (issue 20)."""
+    sink = FileSink(str(tmp_path / name))
+    with open_capture(str(tmp_path / name)) as reader:  # before any write or close
+        assert reader.format == name.split(".")[1] and list(reader.records()) == []
+        assert reader.stopped is None
+    sink.close()
+
+
+def test_a_stop_drains_what_is_already_queued(tmp_path: Path) -> None:
+    """Frames queued before the stop are written (the socketpair has no kernel counts, so
+    the drain ends when nothing is left); a second signal (urgent) skips the drain."""
+    for urgent, expected in ((False, 100), (True, 0)):
+        rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        frames = _frames(100)  # fits in the socket buffer: send() never blocks
+        for f in frames:
+            tx.send(f)
+        sink = FileSink(str(tmp_path / f"{urgent}.pcap"))
+        stats = CaptureStats()
+        with tx, LiveCapture(sock=rx) as live:
+            live.stop.request("SIGINT")
+            live.stop.urgent = urgent
+            assert run(live, sink, stats) == "SIGINT"
+        sink.close()
+        with open_capture(str(tmp_path / f"{urgent}.pcap")) as reader:
+            assert [r.data for r in reader.records()] == frames[:expected]
+        assert stats.packets == expected
