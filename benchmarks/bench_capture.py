@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import signal
@@ -75,6 +76,12 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
 def _tapped() -> int:
     """Frames the link has tapped so far (vsockmon counts each as received)."""
     return int(Path(f"/sys/class/net/{LINK}/statistics/rx_packets").read_text())
+
+
+def _cpu_seconds(proc: subprocess.Popen) -> float:
+    """User + system CPU the process has used so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tcpdump_stats(text: str) -> dict[str, int]:
@@ -126,9 +133,11 @@ def one_round(work: Path, name: str, w: Workload, our_opts: list[str]) -> dict:
     ours = subprocess.Popen(["vsockmon", "capture", "-w", ours_out, "--json", "--force",
                              *our_opts], stderr=ours_err.open("w"))
     _wait_for(ours_err, "listening on", ours)
+    our_cpu = _cpu_seconds(ours)
     tcpdump = subprocess.Popen(["tcpdump", "-i", LINK, "-w", td_out, "-Z", "root"],
                                stderr=td_err.open("w"))
     _wait_for(td_err, "listening on", tcpdump)
+    td_cpu = _cpu_seconds(tcpdump)
     before = _tapped()
     got: list[int] = []
     reader = threading.Thread(target=_receiver, args=(server, w.stall, got))
@@ -140,6 +149,7 @@ def one_round(work: Path, name: str, w: Workload, our_opts: list[str]) -> dict:
         reader.join()
     time.sleep(w.stop_after)
     at_stop = _tapped() - before
+    our_cpu, td_cpu = _cpu_seconds(ours) - our_cpu, _cpu_seconds(tcpdump) - td_cpu
     tcpdump.send_signal(signal.SIGINT)
     ours.send_signal(signal.SIGINT)
     tcpdump.wait(timeout=300)
@@ -150,8 +160,9 @@ def one_round(work: Path, name: str, w: Workload, our_opts: list[str]) -> dict:
         f.unlink()
     return {"workload": name, "sent_bytes": sent, "received_bytes": got[0] if got else -1,
             "send_s": round(send_s, 3), "tapped_at_stop": at_stop,
-            "vsockmon": {**_our_stats(ours_err.read_text()), "rc": ours.returncode},
-            "tcpdump": _tcpdump_stats(td_err.read_text())}
+            "vsockmon": {**_our_stats(ours_err.read_text()), "rc": ours.returncode,
+                         "cpu_s": our_cpu},
+            "tcpdump": {**_tcpdump_stats(td_err.read_text()), "cpu_s": td_cpu}}
 
 
 def in_lab(names: list[str], reps: int, bulk_mib: int, our_opts: list[str]) -> list[dict]:
@@ -164,7 +175,8 @@ def in_lab(names: list[str], reps: int, bulk_mib: int, our_opts: list[str]) -> l
 
 def table(rows: list[dict]) -> str:
     head = (f"{'workload':>9} {'send s':>7} {'tapped':>8} {'capturer':>9} {'written':>8} "
-            f"{'seen':>8} {'dropped':>8} {'lost at stop':>12} {'written/tapped':>14}")
+            f"{'seen':>8} {'dropped':>8} {'lost at stop':>12} {'written/tapped':>14} "
+            f"{'CPU µs/frame':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         for who in ("vsockmon", "tcpdump"):
@@ -174,7 +186,8 @@ def table(rows: list[dict]) -> str:
                 f"{r['workload']:>9} {r['send_s']:>7.1f} {r['tapped_at_stop']:>8} {who:>9} "
                 f"{d['written']:>8} {d['kernel_seen']:>8} {d['kernel_drops']:>8} "
                 f"{'' if lost in ('', -1) else lost:>12} "
-                f"{d['written'] / max(r['tapped_at_stop'], 1) * 100:>13.2f}%")
+                f"{d['written'] / max(r['tapped_at_stop'], 1) * 100:>13.2f}% "
+                f"{d['cpu_s'] / max(d['written'], 1) * 1e6:>12.1f}")
     return "\n".join(lines)
 
 
