@@ -93,10 +93,13 @@ def _tcpdump_stats(text: str) -> dict[str, int]:
             "kernel_drops": grab("dropped by kernel")}
 
 
-def _our_stats(text: str) -> dict[str, int]:
-    stats = json.loads(text.strip().splitlines()[-1])
+def _our_stats(text: str) -> dict[str, int | str]:
+    """vsockmon's --json summary, and its loss warning if any."""
+    lines = text.strip().splitlines()
+    stats = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
     return {"written": stats["packets"], "kernel_seen": stats["kernel_seen"],
-            "kernel_drops": stats["kernel_drops"], "lost_at_stop": stats.get("lost_at_stop", -1)}
+            "kernel_drops": stats["kernel_drops"], "lost_at_stop": stats.get("lost_at_stop", -1),
+            "warning": next((ln for ln in lines if ln.startswith("warning:")), "")}
 
 
 def _receiver(server: socket.socket, stall: float, got: list[int]) -> None:

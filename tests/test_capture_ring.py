@@ -5,6 +5,7 @@ read outside the block. The blocks are laid out here as the kernel lays them out
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import subprocess
@@ -49,28 +50,64 @@ def _frames(n: int) -> list[tuple[int, bytes, int]]:
     return out
 
 
+def _batch(blk: bytearray | bytes, fmt: int, limit: int = -1) -> LiveBatch:
+    heads, index, ops, count, nbytes, damaged = _ring.block(blk, fmt, limit, _OP_OFFSET,
+                                                            _HDRS_LEN)
+    assert not damaged
+    return LiveBatch(fmt, heads, index, blk, count, nbytes, ops)
+
+
+def _written(batch: LiveBatch, tmp_path: Path, first: int = 0, last: int | None = None
+             ) -> bytes:
+    with open(tmp_path / "out", "wb") as fp:
+        batch.write_to(fp.fileno(), first, last)
+    return (tmp_path / "out").read_bytes()
+
+
+def _pcapio(writer: type[PcapWriter], frames: list[tuple[int, bytes, int]]) -> bytes:
+    return b"".join(b"".join(writer.record_parts(ts, d, o)) for ts, d, o in frames)
+
+
 @pytest.mark.parametrize(("fmt", "writer"), [(PCAP, PcapWriter), (PCAPNG, PcapngWriter)])
-def test_records_index_and_ops_match_pcapio(fmt: int, writer: type[PcapWriter]) -> None:
-    frames = _frames(120)
-    records, index, ops, count, nbytes, damaged = _ring.block(
-        block_of(frames), fmt, -1, _OP_OFFSET, _HDRS_LEN)
-    assert not damaged and count == len(frames)
-    assert records == b"".join(b"".join(writer.record_parts(ts, d, o)) for ts, d, o in frames)
-    assert nbytes == sum(len(d) for _t, d, _o in frames)
-    assert ops == {Op.RW: 30, Op.CREDIT_UPDATE: 30, Op.REQUEST: 30, Op.RST: 30}
-    batch = LiveBatch(fmt, records, index, count, nbytes, ops)
+def test_records_index_and_ops_match_pcapio(fmt: int, writer: type[PcapWriter],
+                                            tmp_path: Path) -> None:
+    frames = _frames(1200)  # more than IOV_MAX pieces: several writev calls
+    batch = _batch(block_of(frames, size=1 << 19), fmt)
+    assert batch.count == len(frames)
+    assert _written(batch, tmp_path) == _pcapio(writer, frames)
+    assert _written(batch, tmp_path, 5, 9) == _pcapio(writer, frames[5:9])
+    assert batch.nbytes == sum(len(d) for _t, d, _o in frames)
+    assert batch.ops == {Op.RW: 300, Op.CREDIT_UPDATE: 300, Op.REQUEST: 300, Op.RST: 300}
     assert [(f.ts_ns, bytes(f.data), f.orig_len) for f in batch] == frames
     ends = list(batch.record_ends())
-    assert ends[-1] == len(records) and ends == sorted(ends)
+    assert ends[-1] == len(_pcapio(writer, frames)) and ends == sorted(ends)
 
 
-def test_limit_takes_the_first_frames() -> None:
+def test_limit_takes_the_first_frames(tmp_path: Path) -> None:
     frames = _frames(10)
-    records, index, ops, count, _n, damaged = _ring.block(block_of(frames), PCAP, 3,
-                                                          _OP_OFFSET, _HDRS_LEN)
-    assert count == 3 and not damaged and len(index) == 3 * 40
-    assert records == b"".join(b"".join(PcapWriter.record_parts(*f)) for f in frames[:3])
-    assert sum(ops.values()) == 3
+    batch = _batch(block_of(frames), PCAP, 3)
+    assert batch.count == 3 and len(batch.index) == 3 * 40
+    assert _written(batch, tmp_path) == _pcapio(PcapWriter, frames[:3])
+    assert sum(batch.ops.values()) == 3
+
+
+def test_writev_refuses_an_index_outside_its_buffers(tmp_path: Path) -> None:
+    batch = _batch(block_of(_frames(5)), PCAPNG)
+    with open(tmp_path / "out", "wb") as fp:
+        for heads, source, first, last in ((batch.heads[:-1], batch.source, 0, 6),
+                                           (batch.heads, batch.source[:200], 0, 6),
+                                           (batch.heads, batch.source, 0, 7),
+                                           (batch.heads, batch.source, 4, 3)):
+            with pytest.raises(ValueError):
+                _ring.writev(fp.fileno(), PCAPNG, heads, source, batch.index, first, last)
+    assert (tmp_path / "out").read_bytes() == b""
+    with pytest.raises(BrokenPipeError):  # as os.writev reports it: the sink's OutputClosed
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            batch.write_to(w)
+        finally:
+            os.close(w)
 
 
 def test_an_empty_block_and_large_op_values() -> None:
@@ -81,25 +118,28 @@ def test_an_empty_block_and_large_op_values() -> None:
                        _HDRS_LEN)[2] == {4242: 2}
 
 
-def test_the_python_framing_agrees_with_the_compiled_one() -> None:
+def test_the_python_framing_agrees_with_the_compiled_one(tmp_path: Path) -> None:
     """``LiveBatch.of_frames`` (the recvmsg path) and ``_ring.block`` make the same batch."""
     frames = _frames(50)
     for fmt in (PCAP, PCAPNG):
-        records, index, ops, count, nbytes, _d = _ring.block(block_of(frames), fmt, -1,
-                                                             _OP_OFFSET, _HDRS_LEN)
-        ours = LiveBatch(fmt, records, index, count, nbytes, ops)
+        ours = _batch(block_of(frames), fmt)
         theirs = LiveBatch.of_frames((LiveFrame(*f) for f in frames), fmt)
-        assert (ours.records, ours.index, ours.ops, ours.count, ours.nbytes) == (
-            theirs.records, theirs.index, theirs.ops, theirs.count, theirs.nbytes)
+        assert (ours.heads, ours.ops, ours.count, ours.nbytes) == (
+            theirs.heads, theirs.ops, theirs.count, theirs.nbytes)
+        assert list(ours) == list(theirs)
+        assert list(ours.record_ends()) == list(theirs.record_ends())
+        assert _written(ours, tmp_path) == _written(theirs, tmp_path)
 
 
 def _check_bounded(buf: bytes | bytearray) -> None:
     for fmt in (PCAP, PCAPNG):
-        records, index, _ops, count, nbytes, _d = _ring.block(buf, fmt, -1, _OP_OFFSET,
-                                                             _HDRS_LEN)
+        heads, index, _ops, count, nbytes, _d = _ring.block(buf, fmt, -1, _OP_OFFSET,
+                                                           _HDRS_LEN)
         # frames never overlap: their data fit in the block once
         assert nbytes <= len(buf) and len(index) == 40 * count
-        assert len(records) <= nbytes + 36 * count
+        assert len(heads) <= 35 * count
+        with open("/dev/null", "wb") as fp:  # and what was found can be written
+            _ring.writev(fp.fileno(), fmt, heads, buf, index, 0, count)
 
 
 def test_damage_is_reported_never_read_past() -> None:

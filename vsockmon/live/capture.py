@@ -99,6 +99,13 @@ class LiveCaptureError(VsockmonError):
     """A capture that cannot start or go on; the message is one line for the user."""
 
 
+def _need_ring() -> None:
+    if _ring is None:
+        raise LiveCaptureError("vsockmon's compiled part (vsockmon/live/_ring.c) is not "
+                               "built: reinstall with 'pip install -e .' (needs gcc and "
+                               "python3-dev)")
+
+
 class LiveFrame(NamedTuple):
     """One captured frame: nanosecond timestamp, captured bytes, length on the wire."""
 
@@ -108,63 +115,72 @@ class LiveFrame(NamedTuple):
 
 
 PCAP, PCAPNG = 0, 1
-"""Record formats of a :class:`LiveBatch` (the values ``_ring.block`` takes)."""
+"""Record formats of a :class:`LiveBatch` (the values ``_ring`` takes)."""
 _RECORD_PARTS = {PCAP: pcapio.PcapWriter.record_parts, PCAPNG: pcapio.PcapngWriter.record_parts}
 _INDEX = struct.Struct("=5Q")
-"""Per frame in :attr:`LiveBatch.index`: timestamp, end of its record, offset of its data in
-the records, captured length, original length."""
+"""Per frame in :attr:`LiveBatch.index`: timestamp, end of its record in the output, offset
+of its bytes in :attr:`LiveBatch.source`, captured length, original length."""
 
 
 class LiveBatch:
-    """The frames of one ring block (or one round of ``recvmsg``), already framed as capture
-    file records: what the file sink writes in one ``write``, with the counts the statistics
-    need, and no Python object per frame until someone iterates (the line view,
-    ``--diagnose``). Iterating yields :class:`LiveFrame` whose data are views of
-    :attr:`records`: they stay valid as long as they are kept.
+    """The frames of one ring block (or one round of ``recvmsg``), framed as capture file
+    records without a Python object per frame: the record headers of all of them
+    (:attr:`heads`, built at once), where each frame lies in :attr:`source` (the kernel's
+    ring block), and the counts the statistics need. :meth:`write_to` writes them with
+    ``writev``, the frames straight from the ring. Iterating yields :class:`LiveFrame`
+    (the line view, ``--diagnose``); their data are views of the ring, valid until the
+    next batch is asked for: copy them (``bytes(data)``) to keep them.
     """
 
-    __slots__ = ("count", "fmt", "index", "nbytes", "ops", "records")
+    __slots__ = ("count", "fmt", "heads", "index", "nbytes", "ops", "source")
 
-    def __init__(self, fmt: int, records: bytes, index: bytes, count: int, nbytes: int,
-                 ops: dict[int, int]) -> None:
-        self.fmt, self.records, self.index = fmt, records, index
+    def __init__(self, fmt: int, heads: bytes, index: bytes, source: bytes | memoryview,
+                 count: int, nbytes: int, ops: dict[int, int]) -> None:
+        self.fmt, self.heads, self.index, self.source = fmt, heads, index, source
         self.count, self.nbytes, self.ops = count, nbytes, ops
 
     @classmethod
     def of_frames(cls, frames: Iterable[LiveFrame], fmt: int = PCAP) -> LiveBatch:
         """A batch from frames one by one (the ``recvmsg`` reader, tests), framed by pcapio."""
         parts_of = _RECORD_PARTS[fmt]
-        pieces: list[bytes | memoryview] = []
+        heads: list[bytes | memoryview] = []
+        datas: list[bytes | memoryview] = []
         index = bytearray()
         ops: dict[int, int] = {}
-        pos = nbytes = count = 0
+        end = at = count = 0
         for ts, data, orig in frames:
-            parts = parts_of(ts, data, orig)
-            data_at = pos + len(parts[0])
-            pos += sum(map(len, parts))
-            index += _INDEX.pack(ts, pos, data_at, len(data), orig)
-            pieces += parts
-            nbytes += len(data)
+            head, _data, *tail = parts_of(ts, data, orig)
+            end += len(head) + len(data) + sum(map(len, tail))
+            index += _INDEX.pack(ts, end, at, len(data), orig)
+            heads += (head, *tail)
+            datas.append(data)
+            at += len(data)
             count += 1
             if len(data) >= _HDRS_LEN:
                 op = _OP.unpack_from(data, _OP_OFFSET)[0]
                 ops[op] = ops.get(op, 0) + 1
-        return cls(fmt, b"".join(pieces), bytes(index), count, nbytes, ops)
+        return cls(fmt, b"".join(heads), bytes(index), b"".join(datas), count, at, ops)
 
     def __len__(self) -> int:
         return self.count
 
     def __iter__(self) -> Iterator[LiveFrame]:
-        view = memoryview(self.records)
+        view = memoryview(self.source)
         for ts, _end, at, cap, orig in _INDEX.iter_unpack(self.index):
             yield LiveFrame(ts, view[at:at + cap], orig)
 
     def record_ends(self) -> Sequence[int]:
-        """Where each frame's record ends in :attr:`records`."""
+        """Where each frame's record ends in the output."""
         return memoryview(self.index).cast("Q")[1::5]
 
+    def write_to(self, fd: int, first: int = 0, last: int | None = None) -> None:
+        """Write the records of frames ``first`` … ``last - 1`` (all by default)."""
+        assert _ring is not None, "checked when the sink was made"
+        _ring.writev(fd, self.fmt, self.heads, self.source, self.index, first,
+                     self.count if last is None else last)
 
-_NO_FRAMES = LiveBatch(PCAP, b"", b"", 0, 0, {})
+
+_NO_FRAMES = LiveBatch(PCAP, b"", b"", b"", 0, 0, {})
 
 
 # -- stopping -----------------------------------------------------------------------------------
@@ -228,15 +244,13 @@ class _RingReader:
     """Frames from a TPACKET_V3 receive ring: blocks of frames the kernel hands over whole.
 
     Each block becomes a :class:`LiveBatch` in one call to the compiled ``_ring.block`` (no
-    Python work per frame; the records are a copy) and goes straight back to the kernel, so
-    the reader never holds a block the kernel could fill while the batch is written.
+    Python work per frame) whose frames stay in the ring; the block goes back to the kernel
+    at the next :meth:`drain`, once the batch is written. One block at a time, as libpcap
+    does: holding several while writing them would leave the kernel no room.
     """
 
     def __init__(self, sock: socket.socket, buffer_bytes: int) -> None:
-        if _ring is None:
-            raise LiveCaptureError("vsockmon's compiled ring reader (vsockmon/live/_ring.c) is "
-                                   "not built: reinstall with 'pip install -e .', or use "
-                                   "--no-mmap")
+        _need_ring()
         self.blocks = max(2, buffer_bytes // BLOCK_SIZE)
         frame_size = 1 << 11
         req = _REQ3.pack(BLOCK_SIZE, self.blocks, frame_size,
@@ -247,26 +261,35 @@ class _RingReader:
                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
         self.current = 0
+        self.held: int | None = None
         self.damaged = 0
         """Blocks whose numbers did not add up (never seen from a real kernel)."""
 
+    def _release(self) -> None:
+        if self.held is not None:
+            _U32.pack_into(self.map, self.held + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+            self.held = None
+
     def drain(self, fmt: int, limit: int) -> LiveBatch | None:
-        """The next block the kernel has handed over (at most ``limit`` of its frames, the
-        rest dropped with it), or None. One block at a time, in ring order."""
+        """The next block the kernel has handed over (at most ``limit`` of its frames), or
+        None; the previous one goes back to the kernel first."""
+        self._release()
         base = self.current * BLOCK_SIZE
         if not _U32.unpack_from(self.map, base + _BLOCK_STATUS_OFF)[0] & TP_STATUS_USER:
             return None
         assert _ring is not None
-        records, index, ops, count, nbytes, damaged = _ring.block(
-            self.view[base:base + BLOCK_SIZE], fmt, limit, _OP_OFFSET, _HDRS_LEN)
-        _U32.pack_into(self.map, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+        block = self.view[base:base + BLOCK_SIZE]
+        heads, index, ops, count, nbytes, damaged = _ring.block(block, fmt, limit, _OP_OFFSET,
+                                                                _HDRS_LEN)
+        self.held = base
         self.current = (self.current + 1) % self.blocks
         self.damaged += damaged
-        return LiveBatch(fmt, records, index, count, nbytes, ops)
+        return LiveBatch(fmt, heads, index, block, count, nbytes, ops)
 
     def close(self) -> None:
         self.view.release()
-        self.map.close()
+        with suppress(BufferError):  # a consumer still holds a frame: the GC unmaps later
+            self.map.close()
 
 
 class _RecvReader:
@@ -585,6 +608,7 @@ class FileSink:
               rotate_bytes: int | None = None, files: int | None = None) -> None:
         """Raise :class:`LiveCaptureError` for options that cannot work or files that would be
         overwritten without ``force`` — before anything (the link) is changed."""
+        _need_ring()
         if files is not None and rotate_bytes is None:
             raise LiveCaptureError("a ring of files (--ring) needs a file size (--ring-size)")
         if rotate_bytes is not None and path == "-":
@@ -632,11 +656,10 @@ class FileSink:
         if batch.fmt != self.record_format:
             raise ValueError("batch framed for another file format")
         if self.rotate_bytes is None:
-            _write_all(self.fd, batch.records)
-            self.size += len(batch.records)
+            self._records(batch, 0, batch.count)
             self.in_file += batch.count
             return
-        ends, records = batch.record_ends(), memoryview(batch.records)
+        ends = batch.record_ends()
         i, start = 0, 0
         while i < batch.count:
             # the records that still fit in this file
@@ -647,10 +670,18 @@ class FileSink:
                     continue
                 j = i + 1  # a record larger than a whole file goes alone into a fresh one
             stop = ends[j - 1]
-            _write_all(self.fd, records[start:stop])
+            self._records(batch, i, j)
             self.size += stop - start
             self.in_file += j - i
             i, start = j, stop
+
+    def _records(self, batch: LiveBatch, first: int, last: int) -> None:
+        try:
+            batch.write_to(self.fd, first, last)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as e:
+            raise LiveCaptureError(f"write failed: {e.strerror}") from None
 
     def _close_file(self) -> None:
         if self.fp is not sys.stdout.buffer:
