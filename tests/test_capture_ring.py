@@ -192,3 +192,14 @@ def test_the_extension_compiles_without_a_warning(tmp_path: Path) -> None:
         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert sys.modules["vsockmon.live._ring"] is _ring
+
+
+@pytest.mark.parametrize(("fmt", "writer"), [(PCAP, PcapWriter), (PCAPNG, PcapngWriter)])
+def test_long_frames_are_written_from_the_ring_as_well(fmt: int, writer: type[PcapWriter],
+                                                       tmp_path: Path) -> None:
+    """Frames past the copy threshold go out as their own pieces, between gathered runs."""
+    sizes = [10, 5000, 2047, 2048, 2049, 65536, 1, 65536, 3]
+    frames = [(i, frame(Op.RW, bytes([i]) * n), 76 + n) for i, n in enumerate(sizes)]
+    batch = _batch(block_of(frames, size=1 << 19), fmt)
+    assert _written(batch, tmp_path) == _pcapio(writer, frames)
+    assert _written(batch, tmp_path, 1, 6) == _pcapio(writer, frames[1:6])
