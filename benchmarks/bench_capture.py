@@ -201,6 +201,7 @@ def main() -> None:
                     default=list(workloads(1)), help="workloads to run")
     ap.add_argument("--bulk-mib", type=int, default=2048, help="MiB the bulk workload sends")
     ap.add_argument("--vsockmon-opts", default="", help="extra options for vsockmon capture")
+    ap.add_argument("--kernel", default=None, help="lab kernel series (default: the lab's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--in-lab", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,7 +213,8 @@ def main() -> None:
     from vsockmon.lab import Lab
 
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
-        done = Lab.build().run(
+        lab = Lab.build(kernel=args.kernel) if args.kernel else Lab.build()
+        done = lab.run(
             ["python3", str(Path(__file__).resolve()), "--in-lab", "--reps", str(args.reps),
              "--bulk-mib", str(args.bulk_mib), "--vsockmon-opts", args.vsockmon_opts,
              "--only", *args.only],
@@ -223,7 +225,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("vsockmon capture vs tcpdump on vsockmon0 in the lab VM (qemu TCG, loopback CID 1), "
+    print(f"vsockmon capture vs tcpdump on vsockmon0 in the lab VM ({lab.kernel}, qemu TCG, "
+          "loopback CID 1), "
           f"both with their defaults{' + ' + args.vsockmon_opts if args.vsockmon_opts else ''}; "
           "'tapped': the link's own counter from ready to SIGINT")
     print(table(rows))

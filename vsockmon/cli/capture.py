@@ -12,6 +12,7 @@ import click
 
 from vsockmon.live import bpf
 from vsockmon.live.capture import (
+    DEFAULT_BUFFER,
     CaptureStats,
     FileSink,
     LineSink,
@@ -82,7 +83,8 @@ def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]
 @click.option("-Z", "--user", metavar="USER",
               help="Drop privileges to USER once the socket is open (files are created as "
                    "USER).")
-@click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2), default=8,
+@click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2),
+              default=DEFAULT_BUFFER >> 20,
               show_default=True, help="Kernel capture buffer (ring) in MiB.")
 @click.option("--no-mmap", is_flag=True,
               help="Read with batched recvmsg instead of the TPACKET_V3 mmap ring.")

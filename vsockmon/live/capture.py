@@ -79,6 +79,10 @@ _STATS_V3 = struct.Struct("=III")
 BLOCK_SIZE = 1 << 19
 """Ring block size: holds seven of the largest frames (64 KiB payload + headers). Smaller
 blocks mean less of the ring held back while one is written (libpcap's choice too)."""
+DEFAULT_BUFFER = 32 << 20
+"""The kernel's ring (``-B``). In the lab a bulk transfer of 64 KiB frames outran an 8 MiB ring
+(0.6 s of traffic) in one run of two on a loaded host (3 % dropped) and never a 32 MiB one
+(benchmarks/bench_capture.py); small frames never came near either."""
 BLOCK_TIMEOUT_MS = 100
 """A partly filled block is handed over after this long: the live view's latency, and the
 idle capture's wake-up rate."""
@@ -354,7 +358,7 @@ class LiveCapture:
     """
 
     def __init__(self, ifname: str = "vsockmon0", frame_filter: bpf.FrameFilter | None = None,
-                 buffer_bytes: int = 8 << 20, use_mmap: bool = True,
+                 buffer_bytes: int = DEFAULT_BUFFER, use_mmap: bool = True,
                  expect_hatype: int | None = ARPHRD_VSOCKMON,
                  sock: socket.socket | None = None) -> None:
         self.ifname = ifname
@@ -546,7 +550,7 @@ class LiveCapture:
 
 @contextmanager
 def live_capture(ifname: str = "vsockmon0", frame_filter: bpf.FrameFilter | None = None,
-                 buffer_bytes: int = 8 << 20, use_mmap: bool = True
+                 buffer_bytes: int = DEFAULT_BUFFER, use_mmap: bool = True
                  ) -> Iterator[tuple[HeldLink, LiveCapture]]:
     """The link (created if missing, removed afterwards) and an open capture on it.
 
