@@ -87,8 +87,8 @@ BLOCK_TIMEOUT_MS = 100
 """A partly filled block is handed over after this long: the live view's latency, and the
 idle capture's wake-up rate."""
 STOP_GRACE_S = 2.0
-"""How long a stopping capture waits for the kernel to hand over the frames it already took
-(at least a block timeout); a second Ctrl-C cuts it short."""
+"""How long a stopping capture waits for the kernel's next block of the frames it already
+took (at least a block timeout); a second Ctrl-C cuts it short."""
 TICK_S = 0.5
 """How often an idle capture wakes to update the status line and check its deadline."""
 RECV_BATCH = 256
@@ -499,8 +499,10 @@ class LiveCapture:
 
         The filter is first swapped for one that takes nothing, so the frames to drain are
         a fixed set the kernel has counted. A partly filled ring block is handed over only
-        when its timer (:data:`BLOCK_TIMEOUT_MS`) fires, so this waits for it; what is still
-        unread when the grace period ends shows in the summary as lost at stop.
+        when its timer (:data:`BLOCK_TIMEOUT_MS`) fires, so this waits for it; what the
+        kernel has not handed over after :data:`STOP_GRACE_S` without a new block shows in
+        the summary as lost at stop. (Without kernel counts — a socketpair — it drains for
+        at most the grace period.)
         """
         self._cut()
         stats = self.kernel_stats()
@@ -512,6 +514,8 @@ class LiveCapture:
             batch = self._next(count)
             if batch is not None:
                 yield batch
+                if target is not None:  # a known, finite set: the grace is for the kernel,
+                    give_up = time.monotonic() + STOP_GRACE_S  # not for our own writing
             elif target is None or self.delivered >= target:
                 return
             else:
@@ -809,8 +813,8 @@ class CaptureStats:
             parts.append(f"{self.kernel[1]} dropped by the kernel for want of buffer room "
                          "(raise -B)")
         if self.lost_at_stop:
-            parts.append(f"{self.lost_at_stop} still unread when the stop's "
-                         f"{STOP_GRACE_S:g} s grace period ended")
+            parts.append(f"{self.lost_at_stop} still unread when the stop's grace period "
+                         f"({STOP_GRACE_S:g} s without a new block) ended")
         return f"warning: {self.lost} frames lost: " + ", ".join(parts)
 
     def as_dict(self) -> dict[str, object]:
