@@ -170,15 +170,13 @@ def _capture(live: LiveCapture, held: HeldLink, sink_args: Mapping[str, object],
         from vsockmon.cli.diagnose import LiveReport
 
         sink = LiveReport(sink)
-    if duration is not None:
-        import time
-
-        live.deadline = time.monotonic() + duration
+    stats = CaptureStats()
+    if duration is not None:  # counted from the summary's own start: its seconds >= duration
+        live.deadline = stats.started + duration
     origin = "created; removed on exit" if held.created else "existing"
     target = f", writing {path}" if path else ""
     click.echo(f"listening on {live.ifname} ({origin}), {live.filter.describe()}, "
                f"{live.method}{target}", err=True)
-    stats = CaptureStats()
     printer = _status_printer(quiet or not path)
     if diagnose:  # findings that time alone makes certain need a tick while idle
         status = printer
