@@ -153,3 +153,23 @@ def test_import_is_cheap_and_the_api_never_imports_click() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_the_notebook_session_of_the_docs_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md: its ``>>>`` session gives the outputs shown; its pandas and polars
+    blocks run too where those are installed (vsockmon needs neither)."""
+    import doctest
+    import importlib.util
+    import re
+
+    monkeypatch.chdir(ROOT)
+    result = doctest.testfile(str(ROOT / "docs" / "api.md"), module_relative=False,
+                              optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 20 and result.failed == 0
+    text = (ROOT / "docs" / "api.md").read_text()
+    plain = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if ">>>" not in b]
+    assert len(plain) == 2  # the pandas and the polars block
+    for block in plain:
+        needs = "polars" if "polars" in block else "pandas"
+        if importlib.util.find_spec(needs) is not None:
+            exec(block, {"cap": vsockmon.open("fixtures/diagnose/no-listener.pcap")})
