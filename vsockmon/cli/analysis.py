@@ -1,10 +1,8 @@
-"""The one reading pass the analysis commands (conns, timeline, stats, follow) share.
+"""How the analysis commands (conns, diagnose, stats, timeline, follow) read a capture.
 
-Opens the capture, decodes it batch by batch, feeds the connection tracker and hands every
-batch with its per-row tags to the command's own visitors. Errors become one line; a
-truncated capture is analysed up to its last whole packet, then a warning says where it
-stopped. A progress bar (rich, on stderr) shows on a terminal for big files only.
-The pass itself is :meth:`vsockmon.api.Capture.analyse`; this module only presents it.
+The reading is :mod:`vsockmon.api`'s; this module only presents it: a progress bar (rich,
+on stderr) on a terminal for big files, and a warning when a truncated capture was analysed
+up to its last whole packet.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import click
 
 from vsockmon import api
 from vsockmon.analysis.pipeline import Analysis, Visitor
-from vsockmon.wire.pcapio import CaptureError
+from vsockmon.api import Capture
 
 PROGRESS_MIN_BYTES = 32 << 20
 """Files smaller than this finish before a progress bar would be worth drawing."""
@@ -40,36 +38,20 @@ def _progress(path: str) -> Iterator[Callable[[int], None]]:
         yield lambda done: bar.update(task, completed=done)
 
 
+@contextmanager
+def opened(path: str) -> Iterator[Capture]:
+    """The capture a command reads (:func:`vsockmon.api.open`), with a progress bar while it
+    is read and, after, a warning when a damaged file stopped the reading early."""
+    cap = api.open(path)
+    with _progress(path) as advance:
+        cap.on_progress = advance
+        yield cap
+    if cap.stopped:
+        click.echo(f"vsockmon: warning: {cap.name}: {cap.stopped}; analysed the "
+                   f"{cap.analysis().frames} whole packets before it", err=True)
+
+
 def analyse(path: str, *visitors: Visitor) -> Analysis:
-    """The analysis pass of :mod:`vsockmon.api` over ``path``, with a progress bar, its
-    errors as one line and a warning when a damaged file stopped it early."""
-    try:
-        with _progress(path) as advance:
-            analysis = api.open(path).analyse(*visitors, on_progress=advance)
-    except CaptureError as e:
-        raise click.ClickException(str(e)) from None
-    if analysis.stopped:
-        click.echo(f"vsockmon: warning: {analysis.name}: {analysis.stopped}; analysed the "
-                   f"{analysis.frames} whole packets before it", err=True)
-    return analysis
-
-
-def check_output(path: str | None, force: bool) -> None:
-    """Refuse an existing output file before the analysis, not after minutes of it."""
-    if path and path != "-" and not force and os.path.exists(path):
-        raise click.ClickException(f"{path}: exists; use --force to overwrite")
-
-
-def write_output(path: str, data: bytes, force: bool) -> None:
-    """Write a report file, refusing to replace one without ``--force``."""
-    from vsockmon.wire.pcapio import create_output
-
-    try:
-        fp = create_output(path, force)
-        fp.write(data)
-        if path == "-":
-            fp.flush()
-        else:
-            fp.close()
-    except CaptureError as e:
-        raise click.ClickException(str(e)) from None
+    """One pass over ``path`` with the command's visitors (see :meth:`Capture.scan`)."""
+    with opened(path) as cap:
+        return cap.scan(*visitors)

@@ -48,29 +48,26 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
     conn = analysis.table[stream]
     parts = ra.chunks(rows.columns(stream), rows.payload(stream))
     only = ra.DIRECTIONS[direction] if direction else None
-    try:
-        if raw:
-            assert only is not None
-            data, missing = ra.direction_bytes(parts, only)
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-            if missing:
-                click.echo(f"vsockmon: warning: {missing} bytes were not captured "
-                           "(snap length); the output has gaps", err=True)
-            return
-        seq = conn.type == SockType.SEQPACKET
-        click.echo(f"stream {stream}  {conn.type_name}  client {conn.client.addr}  "
-                   f"server {conn.server.addr}  {conn.client.bytes} bytes client→server, "
-                   f"{conn.server.bytes} bytes server→client")
-        for number, seg in enumerate(ra.segments(parts, seq)):
-            if only is not None and seg.sender != only:
-                continue
-            click.echo(_header(seg, seq, number))
-            body = ra.hexdump(bytes(seg.data)) if as_hex else [ra.printable(bytes(seg.data))]
-            click.echo("\n".join(body))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stderr.close()
+    if raw:
+        assert only is not None
+        data, missing = ra.direction_bytes(parts, only)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        if missing:
+            click.echo(f"vsockmon: warning: {missing} bytes were not captured "
+                       "(snap length); the output has gaps", err=True)
+        return
+    seq = conn.type == SockType.SEQPACKET
+    click.echo(f"stream {stream}  {conn.type_name}  client {conn.client.addr}  "
+               f"server {conn.server.addr}  {conn.client.bytes} bytes client→server, "
+               f"{conn.server.bytes} bytes server→client")
+    for number, seg in enumerate(ra.segments(parts, seq)):
+        if only is not None and seg.sender != only:
+            continue
+        click.echo(_header(seg, seq, number))
+        body = ra.hexdump(bytes(seg.data)) if as_hex else [ra.printable(bytes(seg.data))]
+        click.echo("\n".join(body))
+    sys.stdout.flush()
 
 
 def _header(seg: ra.Segment, seq: bool, number: int) -> str:

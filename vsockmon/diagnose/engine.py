@@ -1200,6 +1200,19 @@ def worst_by_stream(findings: Iterable[Finding]) -> dict[int, Finding]:
     return {s: fs[0] for s, fs in findings_by_stream(findings).items() if s is not None}
 
 
+def stream_summary(findings: Iterable[Finding], min_severity: Severity = Severity.WARNING
+                   ) -> dict[int, str]:
+    """Each connection's most severe finding (at ``min_severity`` and up) as
+    ``severity rule`` plus ``+N`` for the N others: the diagnosis column of ``conns``."""
+    shown = [f for f in findings if f.severity >= min_severity]
+    out = {}
+    for stream, found in findings_by_stream(shown).items():
+        if stream is not None:
+            more = f" +{len(found) - 1}" if len(found) > 1 else ""
+            out[stream] = f"{found[0].severity} {found[0].rule_id}{more}"
+    return out
+
+
 def select(findings: Iterable[Finding], rules: Sequence[str] = (),
            min_severity: Severity = Severity.INFO) -> list[Finding]:
     """Findings of the given rules (``rule`` or ``rule/kind``) at or above a severity."""

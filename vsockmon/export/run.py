@@ -31,10 +31,10 @@ from vsockmon.export.tables import (
     packet_schema,
     schema,
 )
+from vsockmon.output import create_output, refuse_existing
 from vsockmon.wire.pcapio import (
     CaptureError,
     PcapngWriter,
-    create_output,
     open_capture,
 )
 from vsockmon.wire.protocol import LINKTYPE_VSOCK
@@ -89,8 +89,7 @@ def export_pcapng(source: str, out: str, force: bool = False,
     comment can say how its connection ends and which packets the tracker singles out.
     ``on_batch`` hears the number of packets of each batch, in both passes.
     """
-    if out != "-" and os.path.exists(out) and not force:  # before minutes of reading
-        raise ExportError(f"{out}: exists; use --force to overwrite")
+    refuse_existing(out, force, ExportError)  # before minutes of reading
     result = ExportResult(source, [out])
     with _seekable(source) as path:
         try:
@@ -104,7 +103,7 @@ def export_pcapng(source: str, out: str, force: bool = False,
             if digest is not None:
                 extra = _with_findings(evaluate(table, digest), extra)
             annotator = Annotator(table, extra)
-            fp = create_output(out, force)
+            fp = create_output(out, force, ExportError)
         except CaptureError as e:
             raise ExportError(str(e)) from None
         try:
@@ -157,9 +156,7 @@ def export_tables(source: str, outdir: Path, fmt: str, force: bool = False,
         raise ExportError(f"unknown table format {fmt!r}; choose {', '.join(FORMATS)}")
     name = capture or ("<stdin>" if source == "-" else os.path.basename(source))
     paths = table_paths(outdir, fmt)
-    for p in paths:
-        if p.exists() and not force:
-            raise ExportError(f"{p}: exists; use --force to overwrite")
+    refuse_existing(paths, force, ExportError)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
