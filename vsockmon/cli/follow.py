@@ -9,6 +9,7 @@ import click
 from vsockmon.analysis import reassembly as ra
 from vsockmon.cli.analysis import analyse
 from vsockmon.conntrack.tracker import StreamRows
+from vsockmon.decode.render import hexdump
 from vsockmon.wire.protocol import SockType
 
 ARROWS = ("client→server", "server→client")
@@ -65,7 +66,8 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
         if only is not None and seg.sender != only:
             continue
         click.echo(_header(seg, seq, number))
-        body = ra.hexdump(bytes(seg.data)) if as_hex else [ra.printable(bytes(seg.data))]
+        data = bytes(seg.data)
+        body = hexdump(data, None, 8) if as_hex else [ra.printable(data)]
         click.echo("\n".join(body))
     sys.stdout.flush()
 
