@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import vsockmon
 from vsockmon.cli import main
-from vsockmon.diagnose.engine import Thresholds
+from vsockmon.diagnose.model import Thresholds
 from vsockmon.errors import VsockmonError
 from vsockmon.wire.pcapio import CaptureError
 

@@ -12,17 +12,12 @@ from conntrack_scenarios import MS, Conv, write
 
 from vsockmon.conntrack.tracker import Close
 from vsockmon.decode.frames import decode_batches
-from vsockmon.diagnose.engine import (
-    RULES,
-    Finding,
-    LiveDiagnosis,
-    Report,
-    Severity,
-    Thresholds,
-    diagnose_batches,
+from vsockmon.diagnose.engine import RULES, LiveDiagnosis, Report, diagnose_batches
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.views import (
     findings_by_frame,
     findings_by_stream,
-    select,
+    matching_findings,
     worst_by_stream,
 )
 from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
@@ -382,6 +377,7 @@ def test_findings_by_stream_and_frame() -> None:
 
 def test_select_by_rule_kind_and_severity() -> None:
     findings = diagnose_file(FIXTURES / "diagnose/no-transport.pcap").findings
-    assert [f.rule for f in select(findings, ["no-transport"])] == ["no-transport"]
-    assert [f.rule for f in select(findings, ["mid-capture/end"])] == ["mid-capture"]
-    assert [f.rule for f in select(findings, min_severity=Severity.WARNING)] == ["no-transport"]
+    assert [f.rule for f in matching_findings(findings, ["no-transport"])] == ["no-transport"]
+    assert [f.rule for f in matching_findings(findings, ["mid-capture/end"])] == ["mid-capture"]
+    assert [f.rule for f in matching_findings(findings, min_severity=Severity.WARNING)] == [
+        "no-transport"]

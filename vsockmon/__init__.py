@@ -24,7 +24,7 @@ from vsockmon.errors import VsockmonError
 if TYPE_CHECKING:
     from vsockmon.analysis.stats import Stats
     from vsockmon.api import Capture, open
-    from vsockmon.diagnose.engine import Finding, Severity, Thresholds
+    from vsockmon.diagnose.model import Finding, Severity, Thresholds
     from vsockmon.wire.pcapio import CaptureError
 
 __version__ = "0.1.0"
@@ -33,8 +33,8 @@ __all__ = ["Capture", "CaptureError", "Finding", "Severity", "Stats", "Threshold
 
 _LAZY = {
     "open": "vsockmon.api", "Capture": "vsockmon.api",
-    "Finding": "vsockmon.diagnose.engine", "Severity": "vsockmon.diagnose.engine",
-    "Thresholds": "vsockmon.diagnose.engine", "Stats": "vsockmon.analysis.stats",
+    "Finding": "vsockmon.diagnose.model", "Severity": "vsockmon.diagnose.model",
+    "Thresholds": "vsockmon.diagnose.model", "Stats": "vsockmon.analysis.stats",
     "CaptureError": "vsockmon.wire.pcapio",
 }
 """Public name → the module defining it, imported on first access (PEP 562)."""

@@ -29,7 +29,9 @@ from vsockmon.analysis.pipeline import Analysis, Visitor, analyse, decoded
 from vsockmon.analysis.stats import Stats, StatsCollector
 from vsockmon.decode.filter import compile_filter
 from vsockmon.decode.frames import FrameBatch
-from vsockmon.diagnose.engine import Digest, Finding, Thresholds, evaluate
+from vsockmon.diagnose.digest import Digest
+from vsockmon.diagnose.engine import evaluate
+from vsockmon.diagnose.model import Finding, Thresholds
 from vsockmon.export.tables import FRAME_SCHEMA, connections_table, frames_batch
 from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
 

@@ -14,7 +14,7 @@ from vsockmon.analysis.pipeline import Analysis
 from vsockmon.cli.analysis import opened
 from vsockmon.conntrack.query import matching, order
 from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
-from vsockmon.diagnose.engine import stream_summary
+from vsockmon.diagnose.views import stream_summary
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
 CHUNK = 20000

@@ -13,14 +13,9 @@ import click
 
 from vsockmon.analysis.pipeline import Analysis
 from vsockmon.cli.analysis import opened
-from vsockmon.diagnose.engine import (
-    RULES,
-    Finding,
-    LiveDiagnosis,
-    Severity,
-    Thresholds,
-    select,
-)
+from vsockmon.diagnose.engine import RULES, LiveDiagnosis
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.views import matching_findings
 
 EXIT_FINDINGS = 1
 """Exit status when a finding at WARNING or above is reported (a capture that cannot be read
@@ -84,7 +79,7 @@ def diagnose(file: str, as_json: bool, rules: tuple[str, ...], min_severity: str
     with opened(file) as cap:
         found = cap.findings(Thresholds(**limits))
         analysis = cap.analysis()
-    shown = select(found, rules, Severity.parse(min_severity))
+    shown = matching_findings(found, rules, Severity.parse(min_severity))
     if as_json:
         for f in shown:
             click.echo(f.to_json(analysis.start_ns))

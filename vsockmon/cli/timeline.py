@@ -11,7 +11,7 @@ from vsockmon.analysis import timeline as tl
 from vsockmon.cli.analysis import opened
 from vsockmon.cli.output import force_option, refuse_existing, write_output
 from vsockmon.conntrack.tracker import StreamRows
-from vsockmon.diagnose.engine import markers
+from vsockmon.diagnose.views import markers
 
 PNG_MAX = 6
 """Connections stacked in one PNG: more would make a picture nobody can read."""

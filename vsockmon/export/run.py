@@ -20,7 +20,10 @@ from pathlib import Path
 from vsockmon.analysis.pipeline import Visitor, analyse, tracked
 from vsockmon.conntrack.tracker import ConnTracker, Tags
 from vsockmon.decode.frames import FrameBatch
-from vsockmon.diagnose.engine import Digest, Finding, Thresholds, evaluate, frame_notes
+from vsockmon.diagnose.digest import Digest
+from vsockmon.diagnose.engine import evaluate
+from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.diagnose.views import frame_notes
 from vsockmon.errors import VsockmonError
 from vsockmon.export.comments import Annotator
 from vsockmon.export.sinks import FORMATS, TableFile
