@@ -5,14 +5,18 @@ that look odd but are normal stay quiet."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conntrack_scenarios import MS, Conv, write
 
-from vsockmon.conntrack.tracker import Close
+import vsockmon
+from vsockmon.analysis.pipeline import analyse
+from vsockmon.conntrack.tracker import Close, Connection
 from vsockmon.decode.frames import decode_batches
-from vsockmon.diagnose.engine import RULES, LiveDiagnosis, Report, diagnose_batches
+from vsockmon.diagnose.digest import Digest
+from vsockmon.diagnose.engine import RULES, LiveDiagnosis, evaluate
 from vsockmon.diagnose.model import Finding, Severity, Thresholds
 from vsockmon.diagnose.views import (
     findings_by_frame,
@@ -20,7 +24,7 @@ from vsockmon.diagnose.views import (
     matching_findings,
     worst_by_stream,
 )
-from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.wire.pcapio import CaptureError, CaptureReader
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -70,11 +74,24 @@ def captures() -> list[str]:
     return sorted(str(p.relative_to(FIXTURES)) for p in found)
 
 
+@dataclass
+class Diagnosed:
+    findings: list[Finding]
+    connections: list[Connection]
+
+
 def diagnose_file(path: Path, chunk: int | None = None,
-                  thresholds: Thresholds | None = None) -> Report:
-    reader = open_capture(str(path)) if chunk is None else CaptureReader(str(path), chunk=chunk)
-    with reader:
-        return diagnose_batches(decode_batches(reader.batches()), thresholds)
+                  thresholds: Thresholds | None = None) -> Diagnosed:
+    """The findings of the analysis pass over ``path`` (read ``chunk`` bytes at a time:
+    small chunks put connections across batch edges) and its connections."""
+    if chunk is None:
+        cap = vsockmon.open(path)
+        return Diagnosed(cap.findings(thresholds), list(cap.analysis().table))
+    t = thresholds or Thresholds()
+    digest = Digest(t)
+    with CaptureReader(str(path), chunk=chunk) as reader:
+        table = analyse(reader, digest.feed).table
+    return Diagnosed(evaluate(table, digest, t), list(table))
 
 
 def summary(findings: list[Finding]) -> list[tuple[str, int | None, tuple[int, ...]]]:

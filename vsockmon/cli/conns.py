@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from vsockmon.analysis.pipeline import Analysis
-from vsockmon.cli.analysis import opened
+from vsockmon.cli.reading import opened
 from vsockmon.conntrack.query import matching, order
 from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
 from vsockmon.diagnose.views import stream_summary

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from vsockmon.analysis.pipeline import Analysis
-from vsockmon.cli.analysis import opened
+from vsockmon.cli.reading import opened
 from vsockmon.diagnose.engine import RULES, LiveDiagnosis
 from vsockmon.diagnose.model import Finding, Severity, Thresholds
 from vsockmon.diagnose.views import matching_findings

@@ -7,7 +7,7 @@ import sys
 import click
 
 from vsockmon.analysis import reassembly as ra
-from vsockmon.cli.analysis import analyse
+from vsockmon.cli.reading import analyse
 from vsockmon.conntrack.tracker import StreamRows
 from vsockmon.decode.render import hexdump
 from vsockmon.wire.protocol import SockType

@@ -8,7 +8,7 @@ import sys
 import click
 
 from vsockmon.analysis.stats import Stats
-from vsockmon.cli.analysis import opened
+from vsockmon.cli.reading import opened
 from vsockmon.wire.protocol import Op
 
 BAR = 40

@@ -8,8 +8,8 @@ import sys
 import click
 
 from vsockmon.analysis import timeline as tl
-from vsockmon.cli.analysis import opened
 from vsockmon.cli.output import force_option, refuse_existing, write_output
+from vsockmon.cli.reading import opened
 from vsockmon.conntrack.tracker import StreamRows
 from vsockmon.diagnose.views import markers
 

@@ -13,15 +13,14 @@ that vary, delayed packets carrying an older fwd_cnt and the SHUTDOWN-then-RST c
 normal and never reported. Every threshold is a named field of
 :class:`~vsockmon.diagnose.model.Thresholds`.
 
-No I/O here. Use :func:`diagnose_batches` for a capture, :class:`Diagnosis` to feed batches
-yourself, :class:`LiveDiagnosis` to report findings as they become certain during a capture
-(:mod:`vsockmon.api` does it for a file).
+No I/O here. :meth:`vsockmon.api.Capture.findings` diagnoses a file; :class:`Diagnosis`
+feeds batches yourself; :class:`LiveDiagnosis` reports findings as they become certain
+during a capture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import vsockmon.diagnose.rules  # noqa: F401 - registers every rule
 from vsockmon.conntrack.tracker import Connection, ConnTracker, Tags
@@ -31,7 +30,7 @@ from vsockmon.diagnose.model import Finding, Thresholds, rank
 from vsockmon.diagnose.registry import RULES, Context, in_order
 from vsockmon.wire.pcapio import RecordBatch
 
-__all__ = ["RULES", "Diagnosis", "LiveDiagnosis", "Report", "diagnose_batches", "evaluate"]
+__all__ = ["RULES", "Diagnosis", "LiveDiagnosis", "evaluate"]
 
 
 def evaluate(conns: Iterable[Connection], digest: Digest, thresholds: Thresholds | None = None,
@@ -71,28 +70,6 @@ class Diagnosis:
                  conns: Sequence[Connection] | None = None) -> list[Finding]:
         return evaluate(self.connections() if conns is None else conns, self.digest,
                         self.thresholds, end_ns, final)
-
-
-@dataclass(frozen=True)
-class Report:
-    """A whole capture's diagnosis."""
-
-    findings: list[Finding]
-    connections: list[Connection]
-    frames: int
-    start_ns: int | None
-    end_ns: int | None
-
-
-def diagnose_batches(batches: Iterable[FrameBatch], thresholds: Thresholds | None = None,
-                     end_ns: int | None = None) -> Report:
-    """Diagnose a capture's decoded batches (see :func:`vsockmon.decode.frames.decode_batches`)."""
-    d = Diagnosis(thresholds)
-    for fb in batches:
-        d.feed(fb)
-    conns = d.connections()
-    return Report(d.findings(end_ns, conns=conns), conns, d.digest.frames, d.digest.start_ns,
-                  d.digest.end_ns)
 
 
 class LiveDiagnosis(Diagnosis):
