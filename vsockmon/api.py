@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
@@ -52,9 +52,10 @@ class _Borrowed(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        data = self._fp.read(len(buf))
-        buf[: len(data)] = data
+    def readinto(self, buf: Any) -> int:  # any writable buffer, as RawIOBase's
+        view = memoryview(buf).cast("B")
+        data = self._fp.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
 
@@ -94,7 +95,7 @@ class Capture:
             return open_capture(self._path)
         if self._start >= 0:
             self._fp.seek(self._start)
-        return open_capture(_Borrowed(self._fp))  # type: ignore[arg-type]
+        return open_capture(io.BufferedReader(_Borrowed(self._fp)))
 
     def _reader(self) -> CaptureReader:
         """A reader at the first packet: the one :meth:`__init__` opened, then new ones."""
@@ -116,7 +117,11 @@ class Capture:
         key = thresholds or Thresholds()
         digest = Digest(key) if findings and key not in self._digests else None
         collector = StatsCollector() if stats and self._stats is None else None
-        extra = [v for v in (digest and digest.feed, collector) if v is not None]
+        extra: list[Visitor] = []
+        if digest is not None:
+            extra.append(digest.feed)
+        if collector is not None:
+            extra.append(collector)
         with self._reader() as reader:
             self._analysis = analyse(reader, *visitors, *extra, on_progress=self.on_progress)
         self.stopped = self._analysis.stopped

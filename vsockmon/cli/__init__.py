@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -43,6 +43,12 @@ ERROR_EXIT: dict[str, int] = {"diagnose": 2}
 (``diagnose`` keeps 1 for "found problems", so a capture it cannot read is 2)."""
 
 
+def fail(line: str, exit_code: int = 1) -> NoReturn:
+    """Print ``line`` on stderr and exit with ``exit_code``: how a command fails."""
+    click.echo(line, err=True)
+    raise click.exceptions.Exit(exit_code)
+
+
 class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command is used."""
 
@@ -60,9 +66,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except VsockmonError as e:
-            error = click.ClickException(str(e))
-            error.exit_code = ERROR_EXIT.get(ctx.invoked_subcommand or "", 1)
-            raise error from None
+            fail(f"Error: {e}", ERROR_EXIT.get(ctx.invoked_subcommand or "", 1))
         except BrokenPipeError:
             sys.stderr.close()  # the reader left (| head): no traceback, no message
 

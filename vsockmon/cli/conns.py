@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import click
 import numpy as np
@@ -64,7 +65,7 @@ def table_rows(analysis: Analysis, rows: np.ndarray,
     ``diagnosis`` is the diagnose column, by stream."""
     diagnosis = diagnosis or {}
     t0 = (analysis.first_ts_ns or 0) / 1e9
-    out = []
+    out: list[tuple[object, ...]] = []
     for r in analysis.table.records(rows.tolist()):
         msgs = "" if r["messages_c2s"] is None else f"{r['messages_c2s']}/{r['messages_s2c']}"
         hs = "" if r["handshake_ms"] is None else f"{r['handshake_ms']:.3f}ms"
@@ -77,7 +78,7 @@ def table_rows(analysis: Analysis, rows: np.ndarray,
     return out
 
 
-def _stalls(r: dict[str, object]) -> str:
+def _stalls(r: dict[str, Any]) -> str:
     if not r["credit_stalls"]:
         return ""
     return f"{r['credit_stalls']} ({r['stall_time'] * 1e3:.3f}ms)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -298,8 +299,9 @@ class ConnTable:
             self._records = _record_columns(self._c)
         return self._records
 
-    def records(self, rows: Iterable[int] | None = None) -> list[dict[str, object]]:
-        """The flat records of ``rows`` (default: all), in that order."""
+    def records(self, rows: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """The flat records of ``rows`` (default: all), in that order: JSON values (int,
+        float, str, bool or None, as :data:`RECORD_FIELDS` says)."""
         cols = self.columns()
         if self._record_lists is None:
             self._record_lists = [_as_list(cols[f.name]) for f in RECORD_FIELDS]

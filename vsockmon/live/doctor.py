@@ -103,7 +103,8 @@ class VsockSocket:
 def parse_diag_messages(data: bytes) -> tuple[list[VsockSocket], int | None, bool]:
     """Sockets in a NETLINK_SOCK_DIAG reply, the errno of an NLMSG_ERROR (or None), and
     whether NLMSG_DONE was seen."""
-    sockets, pos = [], 0
+    sockets: list[VsockSocket] = []
+    pos = 0
     while pos + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, pos)
         if length < 16:

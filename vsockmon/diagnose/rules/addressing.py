@@ -15,7 +15,7 @@ from vsockmon.wire.protocol import Op
 def cid_mismatch(ctx: Context) -> None:
     """cid-mismatch: packets between CIDs that cannot talk (one finding per CID pair), and
     answers from another CID than the one dialled."""
-    pairs: dict[tuple[int, int], list[tuple[int, Count]]] = defaultdict(list)
+    pairs: dict[tuple[int, ...], list[tuple[int, Count]]] = defaultdict(list)
     for sid, count in sorted(ctx.digest.bad_cids.items()):
         pairs[count.detail].append((sid, count))
     for (src, dst), found in pairs.items():

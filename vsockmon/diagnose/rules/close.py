@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vsockmon.conntrack.tracker import CLIENT, SERVER, Close, Connection
 from vsockmon.diagnose.digest import U32
 from vsockmon.diagnose.model import Severity
@@ -75,7 +77,7 @@ def abrupt_close(ctx: Context) -> None:
         by = c.sides[rst.sender]
         lost_text = "".join(f"; {n} bytes {c.sides[d].addr} sent were never consumed"
                             for d, n in lost)
-        evidence = {f"{c.sides[d].role}_unconsumed": n for d, n in lost}
+        evidence: dict[str, Any] = {f"{c.sides[d].role}_unconsumed": n for d, n in lost}
         if c.close != Close.GRACEFUL:
             ctx.add(c, [rst.frame],
                     f"{by.role} {by.addr} reset the connection (RST, frame {rst.frame}) "

@@ -147,7 +147,8 @@ def no_transport(ctx: Context) -> None:
         ctx.open_end_explained.add(c.stream)
         cid = c.server.cid
         spoke = ctx.digest.cid_first.get(cid)
-        common = dict(time_ns=asked, waited_s=round(waited, 3), dialled=c.server.addr)
+        common: dict[str, Any] = dict(time_ns=asked, waited_s=round(waited, 3),
+                                      dialled=c.server.addr)
         if spoke is None or spoke[1] >= asked:
             ctx.add(c, [c.request_frame],
                     f"The REQUEST from {c.client.addr} to {c.server.addr} (frame "
