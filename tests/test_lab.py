@@ -50,9 +50,13 @@ def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: floa
 
 
 def test_cli_run_creates_the_vsockmon_link_and_shares_cwd(lab: Lab, tmp_path: Path) -> None:
-    script = "ip link add type vsockmon && ip -d link show vsockmon0 && echo from-guest > out.txt"
-    done = _cli("lab", "run", "--", "sh", "-c", script, cwd=tmp_path)
+    script = ("uname -r && ip link add type vsockmon && ip -d link show vsockmon0 && "
+              "echo from-guest > out.txt")
+    series = ".".join(lab.kernel.split(".")[:2])  # 6.1 or 6.12: what the user would type
+    done = _cli("lab", "run", "--kernel", series, "--", "sh", "-c", script, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == lab.kernel
+    assert lab.kernel.startswith(series + ".")
     assert "vsockmon0" in done.stdout and "mtu 65568" in done.stdout
     assert (tmp_path / "out.txt").read_text() == "from-guest\n"
 
