@@ -185,3 +185,12 @@ def test_packets_with_a_filter_equal_decode_with_that_filter() -> None:
     assert {r["vsock.virtio.op_name"] for r in rows} == {"RW"}
     with pytest.raises(VsockmonError):
         vsockmon.open(path).packets(filter="op ==")
+
+
+def test_capture_diagnose_does_not_pay_for_the_tables() -> None:
+    """``capture --diagnose`` (inside the lab VM) imports the diagnose command for its live
+    report: that must not import pyarrow, which only the API's tables need."""
+    code = "import sys, vsockmon.cli.diagnose; print('pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"]

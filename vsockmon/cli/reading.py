@@ -11,12 +11,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
-from vsockmon import api
 from vsockmon.analysis.pipeline import Analysis, Visitor
-from vsockmon.api import Capture
+
+if TYPE_CHECKING:
+    from vsockmon.api import Capture
 
 PROGRESS_MIN_BYTES = 32 << 20
 """Files smaller than this finish before a progress bar would be worth drawing."""
@@ -42,6 +44,8 @@ def _progress(path: str) -> Iterator[Callable[[int], None]]:
 def opened(path: str) -> Iterator[Capture]:
     """The capture a command reads (:func:`vsockmon.api.open`), with a progress bar while it
     is read and, after, a warning when a damaged file stopped the reading early."""
+    from vsockmon import api  # pyarrow: not for `capture --diagnose`, which imports diagnose
+
     cap = api.open(path)
     with _progress(path) as advance:
         cap.on_progress = advance
