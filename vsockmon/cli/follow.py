@@ -7,7 +7,7 @@ import sys
 import click
 
 from vsockmon.analysis import reassembly as ra
-from vsockmon.cli.reading import analyse
+from vsockmon.cli.reading import scan
 from vsockmon.conntrack.tracker import StreamRows
 from vsockmon.decode.render import hexdump
 from vsockmon.wire.protocol import SockType
@@ -42,7 +42,7 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
     if raw and as_hex:
         raise click.UsageError("choose one of --raw and --hex")
     rows = StreamRows([stream], payloads=True)
-    analysis = analyse(file, rows)
+    analysis = scan(file, rows)
     if stream >= len(analysis.table):
         raise click.ClickException(f"{analysis.name}: no stream {stream} "
                                    f"({len(analysis.table)} in this capture)")

@@ -55,7 +55,7 @@ def opened(path: str) -> Iterator[Capture]:
                    f"{cap.analysis().frames} whole packets before it", err=True)
 
 
-def analyse(path: str, *visitors: Visitor) -> Analysis:
+def scan(path: str, *visitors: Visitor) -> Analysis:
     """One pass over ``path`` with the command's visitors (see :meth:`Capture.scan`)."""
     with opened(path) as cap:
         return cap.scan(*visitors)
