@@ -29,8 +29,6 @@ The tracker's results and the names most callers want are re-exported here
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 from vsockmon.conntrack.model import (
@@ -64,7 +62,7 @@ from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 __all__ = [
     "CLIENT", "CLOSES", "NONE", "RECORD_FIELDS", "ROLES", "SERVER", "Close", "ConnTable",
     "ConnTracker", "Connection", "Event", "Evidence", "RecordField", "Side", "Stalls",
-    "StreamRows", "Tags", "Violation", "track",
+    "StreamRows", "Tags", "Violation",
 ]
 
 # Lookup tables indexed by the u16 op.
@@ -449,11 +447,3 @@ class ConnTracker:
         else:
             ev = {k: np.zeros(0, dtype=np.int64) for k in names}
         return results(cols, ev, n)
-
-
-def track(batches: Iterable[FrameBatch]) -> ConnTable:
-    """Every connection of a stream of decoded batches."""
-    tracker = ConnTracker()
-    for fb in batches:
-        tracker.feed(fb)
-    return tracker.finish()

@@ -7,6 +7,7 @@ writers. Errors a user can fix come out as :class:`ExportError` with a one-line 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import sys
@@ -226,7 +227,10 @@ def export_many(directory: Path, outdir: Path, fmt: str, force: bool = False,
             if on_done:
                 on_done(results[-1])
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # forkserver, not fork: a fork of a process whose pyarrow or numpy threads are
+        # running (a notebook's, a test session's) can crash in the child
+        with ProcessPoolExecutor(max_workers=jobs,
+                                 mp_context=multiprocessing.get_context("forkserver")) as pool:
             for fut in as_completed([pool.submit(_one, item) for item in work]):
                 results.append(fut.result())
                 if on_done:
