@@ -61,6 +61,11 @@ class Violation(StrEnum):
 VIOLATIONS = tuple(Violation)
 """The violation kinds in a fixed order: the index of a kind in the violation columns."""
 
+PROTOCOL_VIOLATIONS = tuple(v for v in VIOLATIONS if v is not Violation.TAP_LENGTH)
+"""The kinds a peer is to blame for. A tap-length frame is the capturing kernel's artefact
+(diagnose calls it benign), tracked with the others for its evidence frames but never
+counted in a connection's ``violations``."""
+
 
 class Event(NamedTuple):
     """One control packet of a connection: REQUEST, RESPONSE, SHUTDOWN, RST, CREDIT_REQUEST,

@@ -16,6 +16,7 @@ import numpy as np
 from vsockmon.conntrack.model import (
     CLIENT,
     NONE,
+    PROTOCOL_VIOLATIONS,
     ROLES,
     SERVER,
     VIOLATIONS,
@@ -187,12 +188,13 @@ RECORD_FIELDS = _fields(
     ("stall_time", float, "total stalled time, both directions, seconds"),
     ("max_stall_ms", float, "longest stall, milliseconds"),
     ("stalled_at_end", bool, "a sender still had no credit at the connection's last frame"),
-    ("violations", int, "protocol violations, all kinds, both directions"),
+    ("violations", int, "protocol violations (beyond credit, after shutdown, before response), "
+                        "both directions; tap-length frames are not among them"),
     ("beyond_credit", int, "RW packets carrying more than the peer's free credit"),
     ("after_shutdown", int, "RW packets sent after the sender's own SHUTDOWN(SEND)"),
     ("before_response", int, "RW packets before the RESPONSE"),
     ("tap_length", int, "frames whose captured payload length differs from len (tap bug)"),
-    ("first_violation_frame", int, "first frame with a violation"),
+    ("first_violation_frame", int, "first frame with a protocol violation"),
 )
 """The keys of a connection record, in output order."""
 
@@ -393,8 +395,10 @@ def _record_columns(c: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
     out["max_stall_ms"] = c["stall_max"].max(axis=1) / 1e6
     out["stalled_at_end"] = np.asarray(c["stalled"].any(axis=1))
     counts = c["violation_count"].sum(axis=1)  # (n, kinds)
-    out["violations"] = counts.sum(axis=1)
+    protocol = [VIOLATIONS.index(kind) for kind in PROTOCOL_VIOLATIONS]
+    out["violations"] = counts[:, protocol].sum(axis=1)
     for j, kind in enumerate(VIOLATIONS):
         out[kind.value.replace("-", "_")] = counts[:, j]
-    out["first_violation_frame"] = _nullable(c["violation_first"].min(axis=(1, 2)), NONE)
+    first = c["violation_first"][:, :, protocol].min(axis=(1, 2))
+    out["first_violation_frame"] = _nullable(first, NONE)
     return out
