@@ -50,9 +50,12 @@ def dissect(payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
 
 
 class _FrameLike(Protocol):
-    has_virtio: bool
-    virtio: dict[str, int]
-    payload: bytes
+    @property
+    def has_virtio(self) -> bool: ...
+    @property
+    def virtio(self) -> dict[str, int]: ...
+    @property
+    def payload(self) -> bytes: ...
 
 
 def dissect_frame(frame: _FrameLike) -> PayloadInfo | None:
