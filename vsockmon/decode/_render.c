@@ -369,29 +369,8 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(preview_doc,
-"preview(data, limit) -> bytes\n\nrender.preview of one payload, as UTF-8 bytes.");
-
-static PyObject *preview(PyObject *self, PyObject *args)
-{
-    Py_buffer data;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "y*n", &data, &limit))
-        return NULL;
-    Out o = {0};
-    PyObject *result = NULL;
-    if (limit >= 0 && out_preview(&o, data.buf, data.len, limit) == 0)
-        result = PyBytes_FromStringAndSize(o.p ? o.p : "", o.n);
-    else if (!PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "limit must be >= 0");
-    PyMem_Free(o.p);
-    PyBuffer_Release(&data);
-    return result;
-}
-
 static PyMethodDef methods[] = {
     {"format_rows", format_rows, METH_VARARGS, format_rows_doc},
-    {"preview", preview, METH_VARARGS, preview_doc},
     {NULL, NULL, 0, NULL},
 };
 
