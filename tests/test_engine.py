@@ -114,7 +114,7 @@ def _read_everything(path: Path, chunk: int) -> list[tuple[int, bytes, int]]:
     out: list[tuple[int, bytes, int]] = []
     with CaptureReader(str(path), chunk=chunk) as r:
         for fb, batch in _decoded(r):
-            assert all(0 <= o and o + c <= len(batch.buf)
+            assert all(o >= 0 and o + c <= len(batch.buf)
                        for o, c in zip(batch.offsets, batch.caplens, strict=True))
             idx = np.arange(len(fb))
             assert render.summary_lines(fb, idx, 0).count(b"\n") == len(fb)
@@ -201,7 +201,7 @@ def _odd_frames(rng: random.Random, n: int) -> list[tuple[int, bytes, int]]:
              bytes(range(256)), "héllo".encode(), b"\x7f", b"READY=1\n", b'{"execute":"x"}',
              b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]
     out = []
-    for i in range(n):
+    for _ in range(n):
         payload = rng.choice(texts) if rng.random() < 0.7 else rng.randbytes(rng.randint(0, 40))
         f = frame(Op(rng.randrange(8)), payload, src=(rng.choice([1, 2, 3, 2**64 - 1]),
                                                       rng.randrange(2**32)),

@@ -152,7 +152,7 @@ class FrameBatch:
         numbers += [(f.json_key, (_render.K_UINT, vio[f.name].astype(np.uint64)))
                     for f in VIRTIO_HEADER.fields]
         op, typ = vio["op"].astype(np.int64), vio["type"].astype(np.int64)
-        names = [
+        names: list[tuple[str, tuple[object, ...]]] = [
             ("vsock.op_name", dictionary_column(mon["op"], _json_name(MonOp))),
             ("vsock.trans_name", dictionary_column(mon["transport"], _json_name(Transport))),
             ("vsock.virtio.type_name", dictionary_column(typ, _json_name(SockType))),
