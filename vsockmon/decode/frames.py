@@ -121,14 +121,21 @@ class FrameBatch:
         off = int(self.payload_off[i])
         return self.buf[off : off + int(self.payload_len[i])]
 
+    def rows(self, idx: np.ndarray) -> slice | np.ndarray:
+        """An index for the columns selecting rows ``idx`` (increasing, distinct): all of
+        them as a slice, which numpy serves without a copy, when ``idx`` is every row."""
+        return slice(None) if len(idx) == len(self) else idx
+
     def json_text(self, idx: np.ndarray) -> bytes:
-        """Rows ``idx`` as JSON Lines (UTF-8), each equal to ``json.dumps(records()[i])``.
+        """Rows ``idx`` (increasing) as JSON Lines (UTF-8), each equal to
+        ``json.dumps(records()[i])``.
 
         ``decode --json`` is a hot path: rows that carry both headers (nearly all) are
         formatted by compiled code from one template over the columns; the rest go through
         :meth:`records`. A test holds the two equal on every fixture.
         """
-        full = self.has_mon[idx] & self.has_virtio[idx]
+        sel = self.rows(idx)
+        full = self.has_mon[sel] & self.has_virtio[sel]
         templates = [self._json_template(idx)]
         if not full.all():
             slow = [None if ok else _json(self.records(i, i + 1)[0]).encode()
@@ -138,14 +145,15 @@ class FrameBatch:
 
     def _json_template(self, idx: np.ndarray) -> list[tuple[object, ...]]:
         """The JSON of a row with both headers, in the key order of :meth:`records`."""
-        mon, vio = self.mon[idx], self.virtio[idx]
-        ts = self.ts_ns[idx]
+        sel = self.rows(idx)
+        mon, vio = self.mon[sel], self.virtio[sel]
+        ts = self.ts_ns[sel]
         numbers: list[tuple[str, tuple[object, ...]]] = [
             ("frame.number", (_render.K_INT, (self.first + idx).astype(np.int64), 0)),
             ("frame.time_epoch", (_render.K_EPOCH, ts)),
             ("frame.time_ns", (_render.K_INT, ts, 0)),
-            ("frame.len", (_render.K_INT, self.orig_len[idx], 0)),
-            ("frame.cap_len", (_render.K_INT, self.caplen[idx], 0)),
+            ("frame.len", (_render.K_INT, self.orig_len[sel], 0)),
+            ("frame.cap_len", (_render.K_INT, self.caplen[sel], 0)),
         ]
         numbers += [(f.json_key, (_render.K_UINT, mon[f.name].astype(np.uint64)))
                     for f in VSOCKMON_HEADER.fields]
@@ -159,8 +167,8 @@ class FrameBatch:
             ("vsock.virtio.op_name", dictionary_column(op, _json_name(Op))),
             ("vsock.virtio.flags_names",
              dictionary_column(op << 48 | typ << 32 | vio["flags"], _json_flags)),
-            ("payload_len", (_render.K_INT, self.payload_len[idx], 0)),
-            ("anomalies", dictionary_column(self.anomalies[idx],
+            ("payload_len", (_render.K_INT, self.payload_len[sel], 0)),
+            ("anomalies", dictionary_column(self.anomalies[sel],
                                             lambda bits: _json(anomaly_names(bits)))),
         ]
         items: list[tuple[object, ...]] = []
@@ -304,9 +312,21 @@ def dictionary_column(keys: np.ndarray, text: Callable[[int], str]
                 ) -> tuple[int, np.ndarray, tuple[bytes, ...]]:
     """A string column for ``_render.format_rows``, dictionary-encoded: each distinct key
     is rendered by ``text`` once, whatever the number of rows."""
-    unique, codes = np.unique(keys.astype(np.int64), return_inverse=True)
+    keys = keys.astype(np.int64)
+    if len(keys) and 0 <= keys.min() and keys.max() < _SMALL_KEYS:
+        # u16 fields (op, type, anomalies): a lookup table, no sort
+        unique = np.flatnonzero(np.bincount(keys, minlength=1))
+        code_of = np.zeros(int(unique[-1]) + 1, dtype=np.int32)
+        code_of[unique] = np.arange(len(unique), dtype=np.int32)
+        codes = code_of[keys]
+    else:
+        unique, codes = np.unique(keys, return_inverse=True)
     strings = tuple(text(int(k)).encode() for k in unique)
     return _render.K_STR, codes.astype(np.int32).reshape(-1), strings
+
+
+_SMALL_KEYS = 1 << 17
+"""Keys below this are dictionary-encoded by a lookup table instead of a sort."""
 
 
 def decode_batches(batches: Iterable[RecordBatch]) -> Iterator[FrameBatch]:

@@ -144,25 +144,26 @@ _VIRTIO_ROW, _MON_ROW, _BARE_ROW = 0, 1, 2
 def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
                   payload_summary: Callable[[bytes, int, int], str | None] | None = None
                   ) -> bytes:
-    """:func:`summary_line` of the rows ``idx`` of ``fb``, each followed by a newline, as
+    """:func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a newline, as
     UTF-8, formatted by compiled code over the columns (a test holds the two equal on every
     fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about each payload
     the line would show, as :func:`summary_line`'s ``payload_summary``."""
-    v, m = fb.virtio[idx], fb.mon[idx]
-    hv, hm = fb.has_virtio[idx], fb.has_mon[idx]
+    sel = fb.rows(idx)
+    v, m = fb.virtio[sel], fb.mon[sel]
+    hv, hm = fb.has_virtio[sel], fb.has_mon[sel]
     which = np.where(hv, _VIRTIO_ROW, np.where(hm, _MON_ROW, _BARE_ROW)).astype(np.int8)
     ends = {name: np.where(hv, v[name], m[name]) for name in
             ("src_cid", "src_port", "dst_cid", "dst_port")}
     vlen = v["len"].astype(np.int64)
-    plen = fb.payload_len[idx]
+    plen = fb.payload_len[sel]
     shown = np.where(hv, np.where(vlen > 0, np.minimum(plen, vlen), 0), plen)
-    off = fb.payload_off[idx]
+    off = fb.payload_off[sel]
     label = dictionary_column(np.where(hv, v["type"].astype(np.int64) << 16 | v["op"],
                              np.where(hm, (1 << 32) | m["op"].astype(np.int64), 2 << 32)),
                     _label)
     flags = dictionary_column(v["op"].astype(np.int64) << 48 | v["type"].astype(np.int64) << 32
                     | v["flags"], _flags_text)
-    anomalies = dictionary_column(fb.anomalies[idx].astype(np.int64), _anomalies_text)
+    anomalies = dictionary_column(fb.anomalies[sel], _anomalies_text)
     summaries: list[bytes | None] = [None] * len(idx)
     if payload_summary is not None:
         sp, dp = v["src_port"].tolist(), v["dst_port"].tolist()
@@ -171,7 +172,7 @@ def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
             text = payload_summary(fb.buf[o : o + int(shown[i])], sp[i], dp[i])
             summaries[i] = text.encode() if text is not None else None
     head = [(_render.K_INT, np.ascontiguousarray(fb.first + idx, dtype=np.int64), 6),
-            (_render.K_LIT, b" "), (_render.K_REL, fb.ts_ns[idx], t0_ns, 12),
+            (_render.K_LIT, b" "), (_render.K_REL, fb.ts_ns[sel], t0_ns, 12),
             (_render.K_LIT, b"  ")]
     addr = [(_render.K_UINT, ends["src_cid"].astype(np.uint64)), (_render.K_LIT, b":"),
             (_render.K_INT, ends["src_port"].astype(np.int64), 0),
