@@ -38,10 +38,8 @@ typedef struct {
     Py_ssize_t n, cap;
 } Out;
 
-static int out_reserve(Out *o, Py_ssize_t more)
+static int out_grow(Out *o, Py_ssize_t more)
 {
-    if (o->n + more <= o->cap)
-        return 0;
     Py_ssize_t cap = o->cap ? o->cap : 1 << 16;
     while (cap < o->n + more)
         cap *= 2;
@@ -55,7 +53,12 @@ static int out_reserve(Out *o, Py_ssize_t more)
     return 0;
 }
 
-static int out_put(Out *o, const char *s, Py_ssize_t n)
+static inline int out_reserve(Out *o, Py_ssize_t more)
+{
+    return o->n + more <= o->cap ? 0 : out_grow(o, more);
+}
+
+static inline int out_put(Out *o, const char *s, Py_ssize_t n)
 {
     if (out_reserve(o, n) < 0)
         return -1;
@@ -64,7 +67,7 @@ static int out_put(Out *o, const char *s, Py_ssize_t n)
     return 0;
 }
 
-static int out_padded(Out *o, const char *s, Py_ssize_t n, Py_ssize_t width)
+static inline int out_padded(Out *o, const char *s, Py_ssize_t n, Py_ssize_t width)
 {
     if (out_reserve(o, (width > n ? width : n)) < 0)
         return -1;
@@ -234,7 +237,7 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
     return 0;
 }
 
-static int item_put(Out *o, Item *it, Py_ssize_t i)
+static inline int item_put(Out *o, Item *it, Py_ssize_t i)
 {
     char tmp[24];
     switch (it->kind) {
