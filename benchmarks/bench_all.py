@@ -15,8 +15,8 @@ and the anchor's wall and CPU time over the command's (above 1: vsockmon is fast
 anchors: ``cat`` (the floor: reading the file), ``tcpdump -nn -r`` for the one-line-per-packet
 output, ``tshark -T fields`` with the same fields for JSON and connections, scapy's
 ``PcapReader`` with vsockmon's layer (reading every header field) on ``--scapy-packets``
-packets, scaled to the file (it takes minutes on a million). Last, ``decode --json`` on the
-gzipped traffic with its read-ahead thread (``VSOCKMON_READ_AHEAD``) on and off, best of 3.
+packets, scaled to the file (it takes minutes on a million). Last, ``zcat`` and
+``decode --json`` on the gzipped traffic: what decompression adds.
 
 Usage: ``benchmarks/bench_all.py [--packets N] [--connections N] [--keep DIR] [--only WORD]``
 """
@@ -24,7 +24,6 @@ Usage: ``benchmarks/bench_all.py [--packets N] [--connections N] [--keep DIR] [-
 from __future__ import annotations
 
 import argparse
-import os
 import struct
 import subprocess
 import sys
@@ -80,14 +79,14 @@ def _move_client(data: bytes, by: int) -> bytes:
     return bytes(buf)
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+def measure(cmd: list[str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command, its
     output discarded, from GNU time (a child forked from this big Python would count its
     pages as the command's peak). Exit status 1 is a result (``diagnose`` found problems)."""
     with tempfile.NamedTemporaryFile("r") as report:
         proc = subprocess.run(["/usr/bin/time", "-q", "-o", report.name, "-f", "%e %U %S %M",
                                *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              check=False, env={**os.environ, **(env or {})})
+                              check=False)
         if proc.returncode not in (0, 1):
             raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
         wall, user, system, rss_kib = report.read().split()[-4:]
@@ -104,21 +103,12 @@ class Row:
     rss: float
 
 
-READ_AHEAD_OFF = {"VSOCKMON_READ_AHEAD": "0"}
-REPEATS = 3
-"""Runs of the read-ahead pair, whose best wall times are compared: one thread more only
-shows when a core is free, and on a shared machine that is not every run."""
-
-
 def run_rows(jobs: list[tuple[str, str, list[str], str | None]], scale: dict[str, float]
              ) -> list[Row]:
-    """Measure every (capture, label, command, anchor label) job once, in order (the
-    read-ahead pair: best of REPEATS)."""
+    """Measure every (capture, label, command, anchor label) job once, in order."""
     rows = []
     for capture, label, cmd, anchor in jobs:
-        env = READ_AHEAD_OFF if "read-ahead off" in label else None
-        runs = [measure(cmd, env) for _ in range(REPEATS if "read-ahead" in label else 1)]
-        wall, cpu, rss = min(runs)
+        wall, cpu, rss = measure(cmd)
         k = scale.get(label, 1.0)
         rows.append(Row(capture, label, anchor, wall * k, cpu * k, rss))
         print(f"  measured {label} on {capture}: {wall:.2f} s", file=sys.stderr, flush=True)
@@ -185,11 +175,8 @@ def main() -> None:
             subprocess.run(["gzip", "-1", "-c", str(traffic)], stdout=out, check=True)
         jobs += [
             (t, "zcat (gzip)", ["zcat", str(gz)], None),
-            (t, "vsockmon decode --json (gzip, read-ahead off)",
-             [VSOCKMON, "decode", str(gz), "--json"], None),
-            (t, "vsockmon decode --json (gzip, read-ahead)",
-             [VSOCKMON, "decode", str(gz), "--json"],
-             "vsockmon decode --json (gzip, read-ahead off)"),
+            (t, "vsockmon decode --json (gzip)", [VSOCKMON, "decode", str(gz), "--json"],
+             "tshark -T fields (decode's)"),
         ]
         sizes = {t: traffic.stat().st_size, "traffic gzip": gz.stat().st_size}
         if args.connections:

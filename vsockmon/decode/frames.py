@@ -313,7 +313,7 @@ def dictionary_column(keys: np.ndarray, text: Callable[[int], str]
     """A string column for ``_render.format_rows``, dictionary-encoded: each distinct key
     is rendered by ``text`` once, whatever the number of rows."""
     keys = keys.astype(np.int64)
-    if len(keys) and 0 <= keys.min() and keys.max() < _SMALL_KEYS:
+    if len(keys) and keys.min() >= 0 and keys.max() < _SMALL_KEYS:
         # u16 fields (op, type, anomalies): a lookup table, no sort
         unique = np.flatnonzero(np.bincount(keys, minlength=1))
         code_of = np.zeros(int(unique[-1]) + 1, dtype=np.int32)

@@ -144,7 +144,10 @@ _VIRTIO_ROW, _MON_ROW, _BARE_ROW = 0, 1, 2
 def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
                   payload_summary: Callable[[bytes, int, int], str | None] | None = None
                   ) -> bytes:
-    """:func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a newline, as
+    """:func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a
+    newline, as UTF-8, formatted by compiled code over the columns (a test holds the two
+    equal on every fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about
+    each payload the line would show, as :func:`summary_line`'s ``payload_summary``.""":func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a newline, as
     UTF-8, formatted by compiled code over the columns (a test holds the two equal on every
     fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about each payload
     the line would show, as :func:`summary_line`'s ``payload_summary``."""

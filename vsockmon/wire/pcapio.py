@@ -11,10 +11,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import queue
 import struct
 import sys
-import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,60 +84,6 @@ def linktype_label(linktype: int) -> str:
     return f"link type {linktype} ({name})" if name else f"link type {linktype}"
 
 
-class _ReadAhead:
-    """The source read one chunk ahead in a thread: reading and gunzipping release the GIL,
-    so they overlap the decoding and formatting of the chunk before (``bench_all.py``
-    measures what that saves; ``VSOCKMON_READ_AHEAD=0`` reads in the caller's thread).
-    Holds at most ``depth`` chunks: memory stays bounded. An error of the source is raised
-    by the :meth:`read` that reaches it."""
-
-    def __init__(self, fp: BinaryIO, chunk: int, depth: int = 2) -> None:
-        self._fp = fp
-        self._chunk = chunk
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
-        self._left = b""
-        self._eof = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vsockmon-read", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data: bytes | BaseException = self._fp.read(self._chunk)
-            except Exception as e:  # handed to the reader, which reports it in one line
-                data = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(data, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if not data or isinstance(data, BaseException):
-                return
-
-    def read(self, n: int) -> bytes:
-        parts, have = [self._left], len(self._left)
-        while have < n and not self._eof:
-            data = self._queue.get()
-            if isinstance(data, BaseException):
-                self._eof = True
-                raise data
-            if not data:
-                self._eof = True
-            parts.append(data)
-            have += len(data)
-        joined = b"".join(parts)
-        self._left = joined[n:]
-        return joined[:n]
-
-    def close(self, wait: bool) -> None:
-        """Stop reading; ``wait`` for the thread unless it may block on a pipe forever."""
-        self._stop.set()
-        if wait:
-            self._thread.join()
-
-
 def _open_source(path: str) -> tuple[BinaryIO, str]:
     """The file (or stdin for ``-``), transparently gunzipped, and a name for messages."""
     if path == "-":
@@ -175,9 +119,6 @@ class CaptureReader:
         self.path = path
         self._chunk = chunk
         self._fp, self.name = _open_source(path)
-        self._source: BinaryIO | _ReadAhead = (
-            _ReadAhead(self._fp, chunk) if os.environ.get("VSOCKMON_READ_AHEAD", "1") != "0"
-            else self._fp)
         self.stopped: str | None = None
         self.packets = 0
         self.offset = 0
@@ -196,7 +137,7 @@ class CaptureReader:
 
     def _read(self, n: int) -> bytes:
         try:
-            return self._source.read(n)
+            return self._fp.read(n)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise CaptureError(f"{self.name}: read error: {e}") from None
 
@@ -366,8 +307,6 @@ class CaptureReader:
         return linktype, tsresol, snaplen
 
     def close(self) -> None:
-        if isinstance(self._source, _ReadAhead):
-            self._source.close(wait=self.path != "-")
         if self._fp is not sys.stdin.buffer:
             self._fp.close()
 
