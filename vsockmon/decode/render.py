@@ -147,10 +147,7 @@ def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
     """:func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a
     newline, as UTF-8, formatted by compiled code over the columns (a test holds the two
     equal on every fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about
-    each payload the line would show, as :func:`summary_line`'s ``payload_summary``.""":func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a newline, as
-    UTF-8, formatted by compiled code over the columns (a test holds the two equal on every
-    fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about each payload
-    the line would show, as :func:`summary_line`'s ``payload_summary``."""
+    each payload the line would show, as :func:`summary_line`'s ``payload_summary``."""
     sel = fb.rows(idx)
     v, m = fb.virtio[sel], fb.mon[sel]
     hv, hm = fb.has_virtio[sel], fb.has_mon[sel]
