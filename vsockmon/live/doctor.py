@@ -10,6 +10,7 @@ are tested without the machine they describe.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from vsockmon.live import link
+from vsockmon.live import kernel_facts, link
 from vsockmon.live.echo import TYPES
 from vsockmon.wire.protocol import CID_NAMES
 
@@ -69,6 +70,56 @@ def parse_modules(text: str) -> dict[str, int]:
     return out
 
 
+@dataclass(frozen=True)
+class Guest:
+    """A running VM with a vsock device, as its process's command line shows it."""
+
+    pid: int
+    vmm: str
+    cid: int | None
+    tapped: bool
+    """Whether its vsock traffic passes the host kernel's vhost-vsock (and so vsockmon)."""
+
+    def describe(self) -> str:
+        cid = f"CID {self.cid}" if self.cid is not None else "CID set over its API"
+        where = ("vhost-vsock: on this host's vsockmon" if self.tapped else
+                 "vsock device in user space: this host's vsockmon sees nothing; "
+                 "capture inside the guest")
+        return f"{self.vmm} pid {self.pid}: {cid} ({where})"
+
+
+_GUEST_CID = re.compile(r"(?:^|,)guest-cid=(\d+)(?:,|$)")
+_CH_CID = re.compile(r"(?:^|,)cid=(\d+)(?:,|$)")
+
+
+def parse_guest(pid: int, argv: list[str]) -> Guest | None:
+    """The vsock guest a VMM's command line describes, or None for any other process.
+
+    QEMU names the CID of a kernel vhost-vsock device (``-device
+    vhost-vsock-pci,guest-cid=3``, what libvirt and Kata's QEMU pass); vhost-user-vsock,
+    Cloud Hypervisor (``--vsock cid=3,socket=…``) and Firecracker (configured over its API)
+    run the device in user space, where the host's tap never sees the traffic.
+    """
+    prog = os.path.basename(argv[0]) if argv else ""
+    if prog.startswith("qemu-system") or prog in ("qemu-kvm", "kvm"):
+        for arg in argv[1:]:
+            if "vhost-user-vsock" in arg:
+                m = _GUEST_CID.search(arg)
+                return Guest(pid, "qemu (vhost-user-vsock)", int(m[1]) if m else None, False)
+            if "vhost-vsock" in arg and (m := _GUEST_CID.search(arg)):
+                return Guest(pid, "qemu", int(m[1]), True)
+        return None
+    if prog == "cloud-hypervisor":
+        spec = next((b for a, b in itertools.pairwise(argv) if a == "--vsock"), None)
+        if spec is None:
+            return None
+        m = _CH_CID.search(spec)
+        return Guest(pid, "cloud-hypervisor", int(m[1]) if m else None, False)
+    if prog == "firecracker":
+        return Guest(pid, "firecracker", None, False)
+    return None
+
+
 def parse_vsock_cids(xml_text: str) -> list[int]:
     """CIDs of the ``<vsock><cid address=…/>`` devices in a libvirt domain XML."""
     import xml.etree.ElementTree as ET
@@ -103,7 +154,8 @@ class VsockSocket:
 def parse_diag_messages(data: bytes) -> tuple[list[VsockSocket], int | None, bool]:
     """Sockets in a NETLINK_SOCK_DIAG reply, the errno of an NLMSG_ERROR (or None), and
     whether NLMSG_DONE was seen."""
-    sockets, pos = [], 0
+    sockets: list[VsockSocket] = []
+    pos = 0
     while pos + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, pos)
         if length < 16:
@@ -167,8 +219,22 @@ def check_kernel() -> DoctorCheck:
     version = parse_version(release)
     if version is not None and version < MIN_KERNEL:
         return DoctorCheck("kernel", FAIL, f"{release}: vsockmon needs Linux >= 4.12",
-                     "boot a newer kernel", prereq=True)
+                           "boot a newer kernel", prereq=True)
     return DoctorCheck("kernel", OK, release)
+
+
+def check_kernel_defects() -> Iterator[DoctorCheck]:
+    """The running kernel's known tap and transport defects (vsockmon.live.kernel_facts):
+    information for reading its captures, never a reason to refuse one."""
+    version = kernel_facts.upstream_version(_read("/proc/version") or "", link.kernel_release())
+    for defect, has, why in kernel_facts.verdicts(version):
+        name = f"kernel: {defect.title}"
+        if has is False:
+            yield DoctorCheck(name, OK, f"not seen ({why})")
+        elif has:
+            yield DoctorCheck(name, INFO, f"PRESENT: {defect.shows} ({why})", defect.advice)
+        else:
+            yield DoctorCheck(name, INFO, why, defect.advice)
 
 
 _CONFIG_ROLES = {
@@ -194,18 +260,18 @@ def check_configs(modules: dict[str, int] | None) -> Iterator[DoctorCheck]:
                                                    else "module, not loaded")
             yield DoctorCheck(option, OK, f"{value} ({how}): {role}")
         elif source is not None:
+            build = "m" if modules is not None else "y"
             yield DoctorCheck(option, FAIL if prereq else INFO,
-                        f"not set in {source}: no {role}",
-                        f"use a kernel built with {option}={'m' if modules is not None else 'y'}",
-                        prereq)
+                              f"not set in {source}: no {role}",
+                              f"use a kernel built with {option}={build}", prereq)
         elif loaded or link.module_available(mod):
             yield DoctorCheck(option, OK, f"module {mod} {'loaded' if loaded else 'available'} "
-                                    f"(kernel config not readable): {role}")
+                                          f"(kernel config not readable): {role}")
         else:
             yield DoctorCheck(option, FAIL if prereq else INFO,
-                        f"unknown (no /boot/config-{link.kernel_release()} or "
-                        f"/proc/config.gz) and module {mod} not found: {role}",
-                        f"modprobe {mod}", prereq)
+                              f"unknown (no /boot/config-{link.kernel_release()} or "
+                              f"/proc/config.gz) and module {mod} not found: {role}",
+                              f"modprobe {mod}", prereq)
 
 
 def check_modules(modules: dict[str, int] | None) -> DoctorCheck:
@@ -252,16 +318,16 @@ def check_capabilities() -> Iterator[DoctorCheck]:
                            (link.CAP_NET_RAW, "CAP_NET_RAW", "read it (packet socket)")):
         have = link.has_capability(cap, caps)
         yield DoctorCheck(name, OK if have else FAIL,
-                    f"{'present' if have else 'missing'}: needed to {why}",
-                    "run as root (sudo vsockmon …), or add the capability to the container",
-                    prereq=True)
+                          f"{'present' if have else 'missing'}: needed to {why}",
+                          "run as root (sudo vsockmon …), or add the capability to the container",
+                          prereq=True)
 
 
 def check_packet_sockets() -> DoctorCheck:
     if os.path.exists("/proc/net/packet"):
         return DoctorCheck("AF_PACKET", OK, "packet sockets available")
     return DoctorCheck("AF_PACKET", FAIL, "no packet sockets (CONFIG_PACKET)", "modprobe af_packet",
-                 prereq=True)
+                       prereq=True)
 
 
 def check_link(name: str = link.DEFAULT_LINK) -> DoctorCheck:
@@ -271,10 +337,10 @@ def check_link(name: str = link.DEFAULT_LINK) -> DoctorCheck:
         return DoctorCheck(name, INFO, "absent (vsockmon capture creates it)")
     if int(kind) != 826:
         return DoctorCheck(name, FAIL, f"exists but is not a vsockmon link (type {kind.strip()})",
-                     "capture with another name: vsockmon capture -i vsockmon1", prereq=True)
+                           "capture with another name: vsockmon capture -i vsockmon1", prereq=True)
     if marker is not None and not marker.running:
         return DoctorCheck(name, FAIL, f"left behind by pid {marker.pid} (not running)",
-                     f"vsockmon link down -i {name}")
+                           f"vsockmon link down -i {name}")
     return DoctorCheck(name, OK, "present")
 
 
@@ -291,6 +357,36 @@ def check_qemu() -> DoctorCheck:
     if version < MIN_QEMU:
         return DoctorCheck("qemu", FAIL, f"{text}: vhost-vsock-pci needs >= 2.8", "upgrade qemu")
     return DoctorCheck("qemu", OK, f"{text} (vhost-vsock-pci: -device vhost-vsock-pci,guest-cid=N)")
+
+
+def running_guests() -> list[Guest]:
+    """Guests with a vsock device among this host's processes (reads /proc/*/cmdline)."""
+    found = []
+    for entry in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):
+        if not entry.isdigit():
+            continue
+        raw = _read_bytes(f"/proc/{entry}/cmdline")
+        guest = parse_guest(int(entry), [a.decode(errors="replace")
+                                         for a in raw.split(b"\0") if a]) if raw else None
+        if guest is not None:
+            found.append(guest)
+    return found
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def check_guests() -> DoctorCheck:
+    guests = running_guests()
+    if not guests:
+        return DoctorCheck("guests", INFO, "no running VM with a vsock device (qemu, "
+                           "cloud-hypervisor, firecracker)")
+    return DoctorCheck("guests", INFO, "; ".join(g.describe() for g in guests))
 
 
 def check_libvirt() -> DoctorCheck:
@@ -312,7 +408,8 @@ def check_sockets() -> DoctorCheck:
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
             return DoctorCheck("vsock sockets", INFO,
-                         "vsock_diag not available (CONFIG_VSOCKETS_DIAG)", "modprobe vsock_diag")
+                               "vsock_diag not available (CONFIG_VSOCKETS_DIAG)",
+                               "modprobe vsock_diag")
         return DoctorCheck("vsock sockets", INFO, f"sock_diag failed: {e.strerror or e}")
     listening = sorted({f"{s.type}:{s.local[1]}" for s in found if s.state == "listening"})
     connected = sum(s.state == "established" for s in found)
@@ -328,6 +425,7 @@ def run_checks(probe: bool = False) -> list[DoctorCheck]:
     modules = parse_modules(modules_text) if modules_text is not None else None
     steps: list[Callable[[], DoctorCheck | Iterator[DoctorCheck]]] = [
         check_kernel,
+        check_kernel_defects,
         lambda: check_configs(modules),
         lambda: check_modules(modules),
         check_capabilities,
@@ -337,6 +435,7 @@ def run_checks(probe: bool = False) -> list[DoctorCheck]:
         lambda: check_local_cid(probe),
         check_sockets,
         check_qemu,
+        check_guests,
         check_libvirt,
     ]
     out: list[DoctorCheck] = []
