@@ -9,6 +9,7 @@ import pytest
 from conntrack_scenarios import MS, Conv, echo_capture, write
 from helpers import T0, frame
 
+from vsockmon.analysis import pipeline
 from vsockmon.conntrack.tracker import (
     CLIENT,
     RECORD_FIELDS,
@@ -18,7 +19,6 @@ from vsockmon.conntrack.tracker import (
     ConnTracker,
     StreamRows,
     Violation,
-    track,
 )
 from vsockmon.decode.frames import decode_batches
 from vsockmon.wire.pcapio import CaptureReader
@@ -26,8 +26,10 @@ from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 
 def analyse(path: Path, chunk: int = 1 << 20) -> ConnTable:
+    """The analysis pass over ``path``, read ``chunk`` bytes at a time (small chunks put
+    connections across batch edges)."""
     with CaptureReader(str(path), chunk=chunk) as reader:
-        return track(decode_batches(reader.batches()))
+        return pipeline.analyse(reader).table
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from types import ModuleType
 
 from click.testing import CliRunner
 
+import vsockmon
 from vsockmon.analysis.reassembly import chunks, direction_bytes, segments
 from vsockmon.cli import main
 from vsockmon.conntrack.tracker import Close, ConnTable, StreamRows, Violation
-from vsockmon.decode.frames import decode_batches
-from vsockmon.wire.pcapio import open_capture
 
 REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
 
@@ -33,15 +32,11 @@ def traffic() -> ModuleType:
 
 
 def analyse(name: str, *streams: int) -> tuple[ConnTable, StreamRows]:
-    from vsockmon.conntrack.tracker import ConnTracker
-
     rows = StreamRows(streams, payloads=True)
-    tracker = ConnTracker()
-    with open_capture(str(REAL / name)) as reader:
-        for fb in decode_batches(reader.batches()):
-            rows(fb, tracker.feed(fb))
-        assert reader.stopped is None
-    return tracker.finish(), rows
+    cap = vsockmon.open(REAL / name)
+    table = cap.scan(rows).table
+    assert cap.stopped is None
+    return table, rows
 
 
 def sent(rows: StreamRows, stream: int, side: int) -> bytes:

@@ -238,3 +238,21 @@ def test_bulk_rendering_of_odd_frames(tmp_path: Path) -> None:
         fbs = list(decode_batches(reader.batches()))
     assert len(fbs) > 3
     _assert_same(fbs)
+
+
+def test_a_batch_built_by_hand_without_link_types_decodes_as_vsock() -> None:
+    """The live diagnose path appends packets to a RecordBatch and leaves out link types."""
+    from vsockmon.decode.frames import decode_batch
+    from vsockmon.wire.pcapio import RecordBatch
+
+    frames = [frame(Op.REQUEST), frame(Op.RW, b"abc")]
+    batch = RecordBatch(b"".join(frames))
+    for i, f in enumerate(frames):
+        batch.offsets.append(len(frames[0]) * i)
+        batch.caplens.append(len(f))
+        batch.orig_lens.append(len(f))
+        batch.ts_ns.append(T0 + i)
+    fb = decode_batch(batch, 1)
+    assert fb.anomalies.tolist() == [0, 0]
+    assert fb.virtio["op"].tolist() == [Op.REQUEST, Op.RW]
+    assert fb.payload(1) == b"abc"

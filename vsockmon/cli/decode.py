@@ -9,30 +9,14 @@ from typing import BinaryIO
 import click
 import numpy as np
 
+from vsockmon import api
 from vsockmon.decode import render
-from vsockmon.decode.filter import FilterError, compile_filter
-from vsockmon.decode.frames import FrameBatch, decode_batches
+from vsockmon.decode.frames import FrameBatch
 from vsockmon.payload import dissect, dissect_frame
-from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.wire.pcapio import CaptureError
 
 TABLE_ROWS = 5000
 """A table is rendered per this many rows, so memory stays bounded on big captures."""
-
-
-def selected(reader: CaptureReader, expr: str | None, count: int | None
-             ) -> Iterator[tuple[FrameBatch, list[int]]]:
-    """Each decoded batch with the row indices that pass the filter, at most ``count``."""
-    keep = compile_filter(expr) if expr else None
-    left = count
-    for fb in decode_batches(reader.batches()):
-        idx = keep(fb).nonzero()[0].tolist() if keep else list(range(len(fb)))
-        if left is not None:
-            idx = idx[:left]
-            left -= len(idx)
-        if idx:
-            yield fb, idx
-        if left == 0:
-            return
 
 
 def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> None:
@@ -100,30 +84,22 @@ def decode(file: str, count: int | None, expr: str | None, verbose: bool, table:
     if verify:
         _verify(file, count)
         return
-    try:
-        with open_capture(file) as reader:
-            items = selected(reader, expr, count)
-            if as_json:
-                _emit_json(items, sys.stdout.buffer)
-            else:
-                _emit_lines(items, verbose, table)
-            if reader.stopped:
-                raise CaptureError(f"{reader.name}: {reader.stopped}")
-    except (CaptureError, FilterError) as e:
-        raise click.ClickException(str(e)) from None
-    except BrokenPipeError:
-        sys.stderr.close()
+    cap = api.open(file)
+    items = cap.frames(expr, count)
+    if as_json:
+        _emit_json(items, sys.stdout.buffer)
+    else:
+        _emit_lines(items, verbose, table)
+    if cap.stopped:
+        raise CaptureError(f"{cap.name}: {cap.stopped}")
 
 
 def _verify(file: str, count: int | None) -> None:
-    from vsockmon.decode.verify import VerifyError, verify_with_pyshark
+    from vsockmon.decode.verify import verify_with_pyshark
 
     if file == "-":
         raise click.ClickException("--verify needs a file name, not stdin")
-    try:
-        report = verify_with_pyshark(file, count)
-    except (CaptureError, VerifyError) as e:
-        raise click.ClickException(str(e)) from None
+    report = verify_with_pyshark(file, count)
     for line in report.lines():
         click.echo(line)
     if report.disagreements:

@@ -124,15 +124,17 @@ def _field_lines(fields: tuple[Field, ...], values: dict[str, int],
     return lines
 
 
-def hexdump(data: bytes, limit: int = 256) -> list[str]:
-    """Classic 16-bytes-a-line hex dump of the first ``limit`` bytes."""
+def hexdump(data: bytes, limit: int | None = 256, offset_digits: int = 4) -> list[str]:
+    """Classic 16-bytes-a-line hex dump of the first ``limit`` bytes (all with None), the
+    offset in ``offset_digits`` hex digits (``follow --hex`` shows whole streams: 8)."""
+    end = len(data) if limit is None else min(len(data), limit)
     lines = []
-    for off in range(0, min(len(data), limit), 16):
+    for off in range(0, end, 16):
         chunk = data[off : off + 16]
         text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{off:04x}  {chunk.hex(' '):<47}  {text}")
-    if len(data) > limit:
-        lines.append(f"… {len(data) - limit} more bytes")
+        lines.append(f"{off:0{offset_digits}x}  {chunk.hex(' '):<47}  {text}")
+    if end < len(data):
+        lines.append(f"… {len(data) - end} more bytes")
     return lines
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import struct
 import sys
 from array import array
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple, cast
 
+from vsockmon import output
 from vsockmon.errors import VsockmonError
 from vsockmon.wire import _walk
 from vsockmon.wire.protocol import LINKTYPE_NAMES, LINKTYPE_VSOCK
@@ -412,12 +412,6 @@ def writer_for(path: str, fp: BinaryIO, **kw: object) -> PcapWriter | PcapngWrit
 
 
 def create_output(path: str, force: bool) -> BinaryIO:
-    """Open ``path`` for writing, refusing to replace an existing file without ``force``."""
-    if path == "-":
-        return sys.stdout.buffer
-    if not force and os.path.exists(path):
-        raise CaptureError(f"{path}: exists; use --force to overwrite")
-    try:
-        return open(path, "wb")
-    except OSError as e:
-        raise CaptureError(f"{path}: cannot write: {e.strerror}") from None
+    """Open ``path`` for writing, refusing to replace an existing file without ``force``:
+    :func:`vsockmon.output.create_output`, failing with a :class:`CaptureError`."""
+    return output.create_output(path, force, CaptureError)
