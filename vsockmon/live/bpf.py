@@ -17,7 +17,6 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from vsockmon.errors import VsockmonError
 from vsockmon.wire.protocol import (
@@ -151,7 +150,7 @@ def compile_groups(groups: Sequence[Sequence[Alternative]], accept: int) -> list
     Layout: each group is a run of alternatives; a failed piece jumps to the group's next
     alternative (or to the reject), a fully matched alternative jumps to the next group.
     """
-    insns: list[list[object]] = []
+    insns: list[tuple[int, object, object, int]] = []  # jumps still as labels
     labels: dict[object, int] = {}
     for gi, group in enumerate(groups):
         labels[("group", gi)] = len(insns)
@@ -160,16 +159,15 @@ def compile_groups(groups: Sequence[Sequence[Alternative]], accept: int) -> list
             fail: object = (gi, ai + 1) if ai + 1 < len(group) else "reject"
             pieces = [p for check in alt for p in check.loads()]
             for pi, (offset, width, k) in enumerate(pieces):
-                insns.append([_LOADS[width], 0, 0, offset])
+                insns.append((_LOADS[width], 0, 0, offset))
                 ok: object = "next" if pi + 1 < len(pieces) else ("group", gi + 1)
-                insns.append([JEQ_K, ok, fail, k])
+                insns.append((JEQ_K, ok, fail, k))
     labels[("group", len(groups))] = len(insns)
-    insns.append([RET_K, 0, 0, accept])
+    insns.append((RET_K, 0, 0, accept))
     if groups:  # nothing jumps to a reject without a condition
         labels["reject"] = len(insns)
-        insns.append([RET_K, 0, 0, 0])
-
-    return [(cast(int, code), _jump(labels, i, jt), _jump(labels, i, jf), cast(int, k))
+        insns.append((RET_K, 0, 0, 0))
+    return [(code, _jump(labels, i, jt), _jump(labels, i, jf), k)
             for i, (code, jt, jf, k) in enumerate(insns)]
 
 
