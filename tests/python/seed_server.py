@@ -5,6 +5,7 @@ It also echoes every chunk back (and ignores a client that does not read it), so
 ``vsockmon echo client`` can verify its bytes against it.
 """
 
+import contextlib
 import socket
 import sys
 
@@ -23,8 +24,6 @@ with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as server:
                 total += len(data)
                 print(f"received {len(data)} bytes from {peer_cid}:{peer_port}: {data!r}",
                       flush=True)
-                try:
+                with contextlib.suppress(OSError):  # a client that closed without reading
                     conn.sendall(data)
-                except OSError:
-                    pass  # the client closed without reading the echo
         print(f"connection from {peer_cid}:{peer_port} closed: {total} bytes", flush=True)
