@@ -54,7 +54,8 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
               help="On stderr: the bytes of every read (as Python prints bytes, the first 64) "
                    "and how each connection ended.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the final counts as JSON, with one entry per connection.")
+              help="Also print the final counts as JSON on stdout, with one entry per "
+                   "connection (peer, received, echoed, reads, end).")
 def server(port: int, cid: int, kind: str, buffer_size: int | None, read_delay: float,
            verbose: bool, as_json: bool) -> None:
     """Echo everything back to any number of clients until Ctrl-C or SIGTERM.
@@ -83,10 +84,9 @@ def server(port: int, cid: int, kind: str, buffer_size: int | None, read_delay: 
     stats = srv.stats.as_dict()
     if as_json:
         click.echo(json.dumps(stats))
-    else:
-        click.echo(f"served {stats['connections']} connections, {stats['messages']} reads, "
-                   f"{stats['bytes']} bytes received, {stats['echoed']} echoed, "
-                   f"{stats['resets']} ended abruptly", err=True)
+    click.echo(f"served {stats['connections']} connections, {stats['messages']} reads, "
+               f"{stats['bytes']} bytes received, {stats['echoed']} echoed, "
+               f"{stats['resets']} ended abruptly", err=True)
 
 
 def _log(line: str) -> None:
