@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.lab
 CLIENT_BYTES = b"".join(bytes(range(i, i + 13)) for i in range(3))
 """What ``vsockmon echo client --count 3 --size 13`` sends on its one connection."""
 SERVER_PORTS = {"python": 10001, "c": 10002, "go": 10003}
+VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 
 LOOPBACK = r"""
 set -u
@@ -69,9 +72,9 @@ kill -INT $CAP; wait $CAP; echo $? > cap.rc
 """
 
 NESTED = r"""
-import signal, subprocess, time
+import json, signal, subprocess, time
 from pathlib import Path
-from vsockmon.lab.inside import GuestProgram, add_link, capture
+from vsockmon.lab.inside import GuestProgram
 
 def wait_for(path, text, count=1, timeout=300):
     deadline = time.monotonic() + timeout
@@ -80,32 +83,38 @@ def wait_for(path, text, count=1, timeout=300):
         time.sleep(0.1)
 
 start = time.monotonic()
-add_link()
-with capture(Path("nested.pcap")):
-    with open("server.json", "w") as out, open("server.err", "w") as err:
-        srv = subprocess.Popen(["vsockmon", "echo", "server", "--port", "9999", "-v",
-                                "--json"], stdout=out, stderr=err)
-    wait_for("server.err", "listening")
-    for n, lang in enumerate(("c", "go"), 1):
-        with GuestProgram(Path(f"seed_client_{lang}"), ["2", "9999"]) as client:
-            code, output = client.wait()
-        Path(f"client_{lang}.out").write_text(output)
-        Path(f"client_{lang}.rc").write_text(f"{code}\n")
-        wait_for("server.err", "bytes received, ", n)
-    srv.send_signal(signal.SIGINT)
-    Path("server.rc").write_text(f"{srv.wait()}\n")
-    clients = time.monotonic()
-    for lang, port in (("c", "10002"), ("go", "10003")):
-        with GuestProgram(Path(f"seed_server_{lang}"), [port]) as server:
-            server.read_until("listening on")
-            done = subprocess.run(["vsockmon", "echo", "client", "--cid", "3", "--port", port,
-                                   "--count", "3", "--size", "13", "--timeout", "60",
-                                   "--json"], capture_output=True, text=True)
-            Path(f"client_to_{lang}.json").write_text(done.stdout + done.stderr)
-            Path(f"client_to_{lang}.rc").write_text(f"{done.returncode}\n")
-            server.read_until("closed:")
-            code, output = server.stop()
-        Path(f"server_{lang}.out").write_text(output)
+# Port 9999 only: the programs' uploads to the guest's run service stay out of the capture.
+with open("cap.err", "w") as err:
+    cap = subprocess.Popen(["vsockmon", "capture", "-w", "nested.pcap", "--port", "9999",
+                            "--json"], stderr=err)
+wait_for("cap.err", "listening")
+with open("server.json", "w") as out, open("server.err", "w") as err:
+    srv = subprocess.Popen(["vsockmon", "echo", "server", "--port", "9999", "-v", "--json"],
+                           stdout=out, stderr=err)
+wait_for("server.err", "listening")
+for n, lang in enumerate(("c", "go"), 1):
+    with GuestProgram(Path(f"seed_client_{lang}"), ["2", "9999"]) as client:
+        code, output = client.wait()
+    Path(f"client_{lang}.out").write_text(output)
+    Path(f"client_{lang}.rc").write_text(f"{code}\n")
+    wait_for("server.err", "bytes received, ", n)
+srv.send_signal(signal.SIGINT)
+Path("server.rc").write_text(f"{srv.wait()}\n")
+clients = time.monotonic()
+for lang in ("c", "go"):
+    with GuestProgram(Path(f"seed_server_{lang}"), ["9999"]) as server:
+        server.read_until("listening on")
+        done = subprocess.run(["vsockmon", "echo", "client", "--cid", "3", "--port", "9999",
+                               "--count", "3", "--size", "13", "--timeout", "60", "--json"],
+                              capture_output=True, text=True)
+        Path(f"client_to_{lang}.json").write_text(done.stdout + done.stderr)
+        Path(f"client_to_{lang}.rc").write_text(f"{done.returncode}\n")
+        server.read_until("closed:")
+        code, output = server.stop()
+    Path(f"server_{lang}.out").write_text(output)
+time.sleep(0.5)
+cap.send_signal(signal.SIGINT)
+Path("cap.rc").write_text(f"{cap.wait()}\n")
 end = time.monotonic()
 Path("timing").write_text(f"clients {clients - start:.1f}\nservers {end - clients:.1f}\n")
 """
@@ -201,19 +210,22 @@ def _check_clients_against_echo_server(d: Path, langs: tuple[str, ...], client_c
     assert summary and summary.groups() == (str(len(langs)), str(13 * len(langs)), "0")
 
 
-def _check_echo_client_against_seed_servers(d: Path, langs: tuple[str, ...],
+def _check_echo_client_against_seed_servers(d: Path, servers: dict[str, int],
                                             client_cid: int, server_cid: int,
                                             pcap: str) -> None:
-    """``vsockmon echo client`` → seed servers: every byte came back, the capture holds the
-    client's bytes both ways, and the seed server printed the 39 bytes it got."""
+    """``vsockmon echo client`` → seed servers (language → port, in the order they ran):
+    every byte came back, the capture holds the client's bytes both ways, and the seed
+    server printed the 39 bytes it got."""
     conns = _by_server_port(_connections(d / pcap))
-    for lang in langs:
-        port = SERVER_PORTS[lang]
+    for lang, port in servers.items():
         assert (d / f"client_to_{lang}.rc").read_text().strip() == "0"
         report = json.loads((d / f"client_to_{lang}.json").read_text())
         assert report["verified"] and report["messages"] == 3 and report["bytes"] == 39
-        (conn,) = conns[port]
-        assert conn["client"][0] == client_cid and conn["server"] == (server_cid, port)
+        ours = [c for c in conns[port] if c["server"] == (server_cid, port)]
+        sharing = [other for other, p in servers.items() if p == port]
+        assert len(ours) == len(sharing)
+        conn = ours[sharing.index(lang)]  # servers on one port ran one after another
+        assert conn["client"][0] == client_cid
         assert conn["to_server"] == CLIENT_BYTES and conn["to_client"] == CLIENT_BYTES
         out = (d / f"server_{lang}.out").read_text()
         assert f"connection from {client_cid}:{conn['client'][1]} closed: 39 bytes" in out
@@ -232,8 +244,7 @@ def test_the_seed_python_client_is_counted_as_13_bytes_received(loopback: Path) 
 
 
 def test_echo_client_against_seed_servers_on_loopback(loopback: Path) -> None:
-    _check_echo_client_against_seed_servers(loopback, ("python", "c", "go"), 1, 1,
-                                            "loop.pcap")
+    _check_echo_client_against_seed_servers(loopback, SERVER_PORTS, 1, 1, "loop.pcap")
     python_out = (loopback / "server_python.out").read_text()
     assert "received" in python_out and "b'\\x00\\x01\\x02" in python_out
 
@@ -242,7 +253,37 @@ def test_seed_go_clients_against_the_echo_server_across_the_nested_guest(nested:
                                                                         ) -> None:
     """CID 3 → 2: the seed's own topology, the C and Go clients in the nested guest."""
     _check_clients_against_echo_server(nested, ("c", "go"), 3, 2, "nested.pcap")
+    assert (nested / "cap.rc").read_text().strip() == "0"
+    stats = json.loads((nested / "cap.err").read_text().splitlines()[-1])
+    assert stats["kernel_drops"] == 0
 
 
 def test_echo_client_against_seed_go_servers_in_the_nested_guest(nested: Path) -> None:
-    _check_echo_client_against_seed_servers(nested, ("c", "go"), 2, 3, "nested.pcap")
+    _check_echo_client_against_seed_servers(nested, {"c": 9999, "go": 9999}, 2, 3,
+                                            "nested.pcap")
+
+
+def _read_back(pcap: Path, clients: int) -> None:
+    """The seed clients' bytes as tshark and the walkthrough's commands (``conns``,
+    ``follow``) read them from the capture, on the host."""
+    tshark = subprocess.run(
+        ["tshark", "-r", str(pcap), "-Y", "vsock.virtio.op == 5 && vsock.virtio.dst_prot == 9999",
+         "-T", "fields", "-e", "vsock.payload"], capture_output=True, text=True, check=True)
+    assert tshark.stdout.split() == [HELLO.hex()] * clients
+    conns = subprocess.run([VSOCKMON, "conns", str(pcap), "--json"], capture_output=True,
+                           text=True, check=True)
+    streams = [c["stream"] for c in map(json.loads, conns.stdout.splitlines())
+               if c["server_port"] == 9999]
+    assert len(streams) == clients
+    for stream in streams:
+        follow = subprocess.run([VSOCKMON, "follow", str(pcap), "--conn", str(stream), "--raw",
+                                 "--dir", "c2s"], capture_output=True, check=True)
+        assert follow.stdout == HELLO
+
+
+def test_the_loopback_capture_read_back(loopback: Path) -> None:
+    _read_back(loopback / "loop.pcap", 3)
+
+
+def test_the_nested_capture_read_back(nested: Path) -> None:
+    _read_back(nested / "nested.pcap", 2)

@@ -82,7 +82,7 @@ def set_buffer_size(sock: socket.socket, size: int) -> None:
 
 _END_TEXT = {
     "eof": "closed",
-    "left": "left without reading all of its echo",
+    "left": "left before its echo could reach it",
     "reset": "reset before sending anything",
     "open": "still open",
 }
@@ -122,10 +122,10 @@ def addr_text(cid: int, port: int) -> str:
 class ConnectionRecord:
     """What one client sent and how it went: the server's answer to "did my bytes arrive?".
 
-    ``end`` is ``eof`` (the client shut down its side in order), ``left`` (it went away —
-    closed or reset — after its data was read, without reading all of the echo: the shape
-    of a client that sends and closes) or ``reset`` (a reset before any of its data was
-    read: the only end counted as abrupt).
+    ``end`` is ``eof`` (the client shut down its side in order, every echo sent), ``left``
+    (it went away — closed or reset — after its data was read, while an echo could no
+    longer reach it: the usual shape of a client that sends and closes) or ``reset`` (a
+    reset before any of its data was read: the only end counted as abrupt).
     """
 
     peer: str
