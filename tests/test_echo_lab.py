@@ -190,7 +190,7 @@ def _check_clients_against_echo_server(d: Path, langs: tuple[str, ...], client_c
                                                                      ).read_text()
         assert f"sent 13 bytes to {server_cid}:9999" in (d / f"client_{lang}.out").read_text()
     assert (d / "server.rc").read_text().strip() == "0"
-    to_echo = _by_server_port(_connections(d / pcap))[9999]
+    to_echo = [c for c in _connections(d / pcap) if c["server"] == (server_cid, 9999)]
     assert [c["to_server"] for c in to_echo] == [HELLO] * len(langs)
     assert {c["client"][0] for c in to_echo} == {client_cid}
     assert {c["server"][0] for c in to_echo} == {server_cid}
@@ -263,27 +263,36 @@ def test_echo_client_against_seed_go_servers_in_the_nested_guest(nested: Path) -
                                             "nested.pcap")
 
 
-def _read_back(pcap: Path, clients: int) -> None:
-    """The seed clients' bytes as tshark and the walkthrough's commands (``conns``,
-    ``follow``) read them from the capture, on the host."""
-    tshark = subprocess.run(
-        ["tshark", "-r", str(pcap), "-Y", "vsock.virtio.op == 5 && vsock.virtio.dst_prot == 9999",
-         "-T", "fields", "-e", "vsock.payload"], capture_output=True, text=True, check=True)
+def _read_back(pcap: Path, clients: int, server_cid: int) -> None:
+    """The seed clients' bytes (to ``server_cid``:9999) as tshark and the walkthrough's
+    commands (``conns``, ``follow``) read them from the capture, on the host."""
+    rw_to_server = (f"vsock.virtio.op == 5 && vsock.virtio.dst_cid == {server_cid} && "
+                    "vsock.virtio.dst_prot == 9999")
+    tshark = subprocess.run(["tshark", "-r", str(pcap), "-Y", rw_to_server, "-T", "fields",
+                             "-e", "vsock.payload"], capture_output=True, text=True, check=True)
     assert tshark.stdout.split() == [HELLO.hex()] * clients
     conns = subprocess.run([VSOCKMON, "conns", str(pcap), "--json"], capture_output=True,
                            text=True, check=True)
     streams = [c["stream"] for c in map(json.loads, conns.stdout.splitlines())
-               if c["server_port"] == 9999]
+               if (c["server_cid"], c["server_port"]) == (server_cid, 9999)]
     assert len(streams) == clients
     for stream in streams:
         follow = subprocess.run([VSOCKMON, "follow", str(pcap), "--conn", str(stream), "--raw",
                                  "--dir", "c2s"], capture_output=True, check=True)
         assert follow.stdout == HELLO
+        shown = subprocess.run([VSOCKMON, "follow", str(pcap), "--conn", str(stream)],
+                               capture_output=True, text=True, check=True).stdout
+        assert shown.splitlines()[-1] == HELLO.decode()
+    table = subprocess.run([VSOCKMON, "conns", str(pcap)], capture_output=True, text=True,
+                           check=True).stdout
+    rows = [line.split() for line in table.splitlines() if f" {server_cid}:9999 " in line]
+    # bytes c→s/s→c: 13 from each client; the echo is there only when it beat the close
+    assert [row[8].split("/")[0] for row in rows] == ["13"] * clients
 
 
 def test_the_loopback_capture_read_back(loopback: Path) -> None:
-    _read_back(loopback / "loop.pcap", 3)
+    _read_back(loopback / "loop.pcap", 3, 1)
 
 
 def test_the_nested_capture_read_back(nested: Path) -> None:
-    _read_back(nested / "nested.pcap", 2)
+    _read_back(nested / "nested.pcap", 2, 2)
