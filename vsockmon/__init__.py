@@ -5,6 +5,10 @@ sockets) with our layers. Scapy is not imported for that: it costs half a second
 many seconds inside the lab VM, and the capture and echo paths never need it. If scapy is
 already loaded the layers register now; otherwise a one-shot import hook registers them as
 soon as the program itself imports scapy.
+
+The public API (:mod:`vsockmon.api`: ``vsockmon.open(path)`` and what it returns) loads on
+first use, so ``import vsockmon`` stays cheap for the live capture path inside the lab VM:
+numpy and pyarrow load when a capture is opened, and click never does.
 """
 
 from __future__ import annotations
@@ -13,8 +17,36 @@ import importlib.abc
 import importlib.machinery
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from vsockmon.errors import VsockmonError
+
+if TYPE_CHECKING:
+    from vsockmon.analysis.stats import Stats
+    from vsockmon.api import Capture, open
+    from vsockmon.diagnose.engine import Finding, Severity, Thresholds
+    from vsockmon.wire.pcapio import CaptureError
 
 __version__ = "0.1.0"
+__all__ = ["Capture", "CaptureError", "Finding", "Severity", "Stats", "Thresholds",
+           "VsockmonError", "open"]
+
+_LAZY = {
+    "open": "vsockmon.api", "Capture": "vsockmon.api",
+    "Finding": "vsockmon.diagnose.engine", "Severity": "vsockmon.diagnose.engine",
+    "Thresholds": "vsockmon.diagnose.engine", "Stats": "vsockmon.analysis.stats",
+    "CaptureError": "vsockmon.wire.pcapio",
+}
+"""Public name → the module defining it, imported on first access (PEP 562)."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vsockmon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 _TRIGGER = "scapy.packet"
 

@@ -4,6 +4,7 @@ Opens the capture, decodes it batch by batch, feeds the connection tracker and h
 batch with its per-row tags to the command's own visitors. Errors become one line; a
 truncated capture is analysed up to its last whole packet, then a warning says where it
 stopped. A progress bar (rich, on stderr) shows on a terminal for big files only.
+The pass itself is :meth:`vsockmon.api.Capture.analyse`; this module only presents it.
 """
 
 from __future__ import annotations
@@ -12,30 +13,15 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import click
 
-from vsockmon.conntrack.tracker import ConnTable, ConnTracker, Tags
-from vsockmon.decode.frames import FrameBatch, decode_batches
-from vsockmon.wire.pcapio import CaptureError, open_capture
+from vsockmon import api
+from vsockmon.analysis.pipeline import Analysis, Visitor
+from vsockmon.wire.pcapio import CaptureError
 
 PROGRESS_MIN_BYTES = 32 << 20
 """Files smaller than this finish before a progress bar would be worth drawing."""
-
-Visitor = Callable[[FrameBatch, Tags], None]
-
-
-@dataclass
-class Analysis:
-    """What one pass over a capture found."""
-
-    name: str
-    table: ConnTable
-    frames: int
-    frames_without_stream: int
-    first_ts_ns: int | None
-    last_ts_ns: int | None
 
 
 @contextmanager
@@ -55,28 +41,17 @@ def _progress(path: str) -> Iterator[Callable[[int], None]]:
 
 
 def analyse(path: str, *visitors: Visitor) -> Analysis:
-    """Track every connection of ``path``; each visitor sees each batch and its tags."""
-    tracker = ConnTracker()
-    first: int | None = None
-    last: int | None = None
+    """The analysis pass of :mod:`vsockmon.api` over ``path``, with a progress bar, its
+    errors as one line and a warning when a damaged file stopped it early."""
     try:
-        with open_capture(path) as reader, _progress(path) as advance:
-            for fb in decode_batches(reader.batches()):
-                tags = tracker.feed(fb)
-                for visit in visitors:
-                    visit(fb, tags)
-                if len(fb):
-                    first = int(fb.ts_ns[0]) if first is None else first
-                    last = int(fb.ts_ns[-1])
-                advance(reader.offset)
-            name, stopped = reader.name, reader.stopped
+        with _progress(path) as advance:
+            analysis = api.open(path).analyse(*visitors, on_progress=advance)
     except CaptureError as e:
         raise click.ClickException(str(e)) from None
-    if stopped:
-        click.echo(f"vsockmon: warning: {name}: {stopped}; analysed the "
-                   f"{tracker.frames} whole packets before it", err=True)
-    return Analysis(name, tracker.finish(), tracker.frames, tracker.frames_without_stream,
-                    first, last)
+    if analysis.stopped:
+        click.echo(f"vsockmon: warning: {analysis.name}: {analysis.stopped}; analysed the "
+                   f"{analysis.frames} whole packets before it", err=True)
+    return analysis
 
 
 def check_output(path: str | None, force: bool) -> None:

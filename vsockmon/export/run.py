@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsockmon.conntrack.tracker import ConnTracker
-from vsockmon.decode.frames import FrameBatch, decode_batch
+from vsockmon.analysis.pipeline import Visitor, analyse, tracked
+from vsockmon.conntrack.tracker import ConnTracker, Tags
+from vsockmon.decode.frames import FrameBatch
 from vsockmon.diagnose.engine import Digest, Finding, Thresholds, evaluate, frame_notes
 from vsockmon.errors import VsockmonError
 from vsockmon.export.comments import Annotator
@@ -32,9 +33,7 @@ from vsockmon.export.tables import (
 )
 from vsockmon.wire.pcapio import (
     CaptureError,
-    CaptureReader,
     PcapngWriter,
-    RecordBatch,
     create_output,
     open_capture,
 )
@@ -95,16 +94,12 @@ def export_pcapng(source: str, out: str, force: bool = False,
     result = ExportResult(source, [out])
     with _seekable(source) as path:
         try:
-            tracker = ConnTracker()
             digest = Digest(Thresholds()) if diagnose else None
+            visitors: list[Visitor] = [] if digest is None else [digest.feed]
+            if on_batch is not None:
+                visitors.append(lambda fb, _tags: on_batch(len(fb)))
             with open_capture(path) as reader:
-                for _, fb in _decoded(reader):
-                    tags = tracker.feed(fb)
-                    if digest is not None:
-                        digest.feed(fb, tags)
-                    if on_batch is not None:
-                        on_batch(len(fb))
-            table = tracker.finish()
+                table = analyse(reader, *visitors).table
             result.connections = len(table)
             if digest is not None:
                 extra = _with_findings(evaluate(table, digest), extra)
@@ -114,10 +109,8 @@ def export_pcapng(source: str, out: str, force: bool = False,
             raise ExportError(str(e)) from None
         try:
             writer = PcapngWriter(fp)
-            tracker = ConnTracker()
             with open_capture(path) as reader:
-                for batch, fb in _decoded(reader):
-                    tags = tracker.feed(fb)
+                for batch, fb, tags in tracked(reader, ConnTracker()):
                     for i, comment in enumerate(annotator.comments(fb, tags, payload)):
                         if batch.linktypes and batch.linktypes[i] != LINKTYPE_VSOCK:
                             result.skipped += 1
@@ -149,15 +142,6 @@ def _with_findings(findings: list[Finding], extra: Mapping[int, Sequence[str]] |
     return lines
 
 
-def _decoded(reader: CaptureReader) -> Iterator[tuple[RecordBatch, FrameBatch]]:
-    """Each batch of the reader with its decoded columns, frames numbered from 1."""
-    first = 1
-    for batch in reader.batches():
-        fb = decode_batch(batch, first)
-        first += len(fb)
-        yield batch, fb
-
-
 def table_paths(outdir: Path, fmt: str) -> tuple[Path, Path]:
     suffix = FORMATS[fmt]
     return outdir / f"packets{suffix}", outdir / f"connections{suffix}"
@@ -183,15 +167,16 @@ def export_tables(source: str, outdir: Path, fmt: str, force: bool = False,
     result = ExportResult(source, [str(p) for p in paths])
     packets = TableFile(paths[0], fmt, packet_schema(payload))
     try:
-        tracker = ConnTracker()
+        def write(fb: FrameBatch, tags: Tags) -> None:
+            packets.write(packet_batch(fb, tags, name, payload))
+            if on_batch is not None:
+                on_batch(len(fb))
+
         with open_capture(source) as reader:
-            for _, fb in _decoded(reader):
-                packets.write(packet_batch(fb, tracker.feed(fb), name, payload))
-                if on_batch is not None:
-                    on_batch(len(fb))
-            result.stopped = reader.stopped
+            analysis = analyse(reader, write)
+        result.stopped = analysis.stopped
         conns = TableFile(paths[1], fmt, schema(CONNECTION_COLUMNS))
-        table = connections_table(tracker.finish(), name)
+        table = connections_table(analysis.table, name)
         try:
             conns.write(table)
         except BaseException:

@@ -27,6 +27,7 @@ from vsockmon.wire.protocol import (
     MonOp,
     Op,
     SockType,
+    Transport,
     enum_name,
     flag_names,
 )
@@ -114,15 +115,19 @@ def _enum_names(enum: type[IntEnum]) -> Callable[[int], str]:
     return lambda v: enum_name(enum, v)
 
 
-def _flag_texts(virtio: np.ndarray, mask: np.ndarray) -> pa.Array:
-    """flag_names of each (op, type, flags) triple, computed once per distinct triple."""
-    key = (virtio["op"].astype(np.uint64) << np.uint64(48)) \
+def _flag_keys(virtio: np.ndarray) -> np.ndarray:
+    """(op, type, flags) of each row packed in one integer: flag names depend on all three."""
+    return (virtio["op"].astype(np.uint64) << np.uint64(48)) \
         | (virtio["type"].astype(np.uint64) << np.uint64(32)) | virtio["flags"].astype(np.uint64)
 
-    def name(k: int) -> str:
-        return "|".join(flag_names((k >> 48) & 0xFFFF, (k >> 32) & 0xFFFF, k & 0xFFFFFFFF))
 
-    return _named(key, name, mask)
+def _key_flag_names(k: int) -> list[str]:
+    return flag_names((k >> 48) & 0xFFFF, (k >> 32) & 0xFFFF, k & 0xFFFFFFFF)
+
+
+def _flag_texts(virtio: np.ndarray, mask: np.ndarray) -> pa.Array:
+    """flag_names of each (op, type, flags) triple, computed once per distinct triple."""
+    return _named(_flag_keys(virtio), lambda k: "|".join(_key_flag_names(k)), mask)
 
 
 def _payload_columns(fb: FrameBatch) -> list[pa.Array]:
@@ -182,14 +187,68 @@ def packet_batch(fb: FrameBatch, tags: Tags, capture: str, payload: bool = False
     return pa.RecordBatch.from_arrays(arrays, schema=packet_schema(payload))
 
 
-def connections_table(table: ConnTable, capture: str) -> pa.Table:
-    """The connections table: one row per stream, the tracker's record fields."""
+def connections_table(table: ConnTable, capture: str | None) -> pa.Table:
+    """The connections table: one row per stream, the tracker's record fields (the keys of
+    ``conns --json``), after a ``capture`` column naming the file unless ``capture`` is None."""
     cols = table.columns()
-    n = len(table)
-    arrays = [pa.repeat(pa.scalar(capture, pa.string()), n)]
+    arrays = []
     for f in RECORD_FIELDS:
         values = cols[f.name]
         kind = _KIND[f.kind]
         arrays.append(pa.array(values, type=kind) if isinstance(values, list)
                       else pa.array(np.asarray(values)).cast(kind))
+    if capture is None:
+        return pa.Table.from_arrays(arrays, schema=schema(CONNECTION_COLUMNS[1:]))
+    arrays.insert(0, pa.repeat(pa.scalar(capture, pa.string()), len(table)))
     return pa.Table.from_arrays(arrays, schema=schema(CONNECTION_COLUMNS))
+
+
+# -- the frames of ``decode --json`` as Arrow ------------------------------------------------
+
+_NAMES = pa.list_(pa.string())
+FRAME_SCHEMA = pa.schema(
+    [pa.field("frame.number", pa.int64()), pa.field("frame.time_epoch", pa.float64()),
+     pa.field("frame.time_ns", pa.int64()), pa.field("frame.len", pa.int64()),
+     pa.field("frame.cap_len", pa.int64())]
+    + [pa.field(f.json_key, _UINT[f.size]) for f in VSOCKMON_HEADER.fields]
+    + [pa.field(f.json_key, _UINT[f.size]) for f in VIRTIO_HEADER.fields]
+    + [pa.field("vsock.op_name", pa.string()), pa.field("vsock.trans_name", pa.string()),
+       pa.field("vsock.virtio.type_name", pa.string()),
+       pa.field("vsock.virtio.op_name", pa.string()),
+       pa.field("vsock.virtio.flags_names", _NAMES),
+       pa.field("payload_len", pa.int64()), pa.field("anomalies", _NAMES)])
+"""One column per key of ``vsockmon decode --json``, in its order; a header the frame lacks
+gives nulls where the JSON object leaves the keys out."""
+
+
+def _lookup(codes: np.ndarray, value: Callable[[int], object], kind: pa.DataType,
+            mask: np.ndarray | None = None) -> pa.Array:
+    """``value(code)`` for every code, computed once per distinct code; null where ``mask``."""
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    values = pa.array([value(int(u)) for u in uniq], type=kind)
+    return values.take(pa.array(inverse.astype(np.int64), mask=mask))
+
+
+def frames_batch(fb: FrameBatch) -> pa.RecordBatch:
+    """The rows of ``decode --json`` for a decoded batch, as one Arrow record batch, column
+    by column (no Python object per frame)."""
+    no_mon, no_virtio = ~fb.has_mon, ~fb.has_virtio
+    v = fb.virtio
+    arrays: list[pa.Array] = [
+        pa.array(fb.first + np.arange(len(fb), dtype=np.int64)),
+        pa.array(fb.ts_ns / 1e9),
+        pa.array(fb.ts_ns),
+        pa.array(fb.orig_len),
+        pa.array(fb.caplen),
+        *(pa.array(np.ascontiguousarray(fb.mon[n]), mask=no_mon)
+          for n in VSOCKMON_HEADER.names),
+        *(pa.array(np.ascontiguousarray(v[n]), mask=no_virtio) for n in VIRTIO_HEADER.names),
+        _lookup(fb.mon["op"], _enum_names(MonOp), pa.string(), no_mon),
+        _lookup(fb.mon["transport"], _enum_names(Transport), pa.string(), no_mon),
+        _lookup(v["type"], _enum_names(SockType), pa.string(), no_virtio),
+        _lookup(v["op"], _enum_names(Op), pa.string(), no_virtio),
+        _lookup(_flag_keys(v), _key_flag_names, _NAMES, no_virtio),
+        pa.array(fb.payload_len),
+        _lookup(fb.anomalies, anomaly_names, _NAMES),
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=FRAME_SCHEMA)

@@ -167,7 +167,7 @@ def check_kernel() -> DoctorCheck:
     version = parse_version(release)
     if version is not None and version < MIN_KERNEL:
         return DoctorCheck("kernel", FAIL, f"{release}: vsockmon needs Linux >= 4.12",
-                     "boot a newer kernel", prereq=True)
+                           "boot a newer kernel", prereq=True)
     return DoctorCheck("kernel", OK, release)
 
 
@@ -194,18 +194,18 @@ def check_configs(modules: dict[str, int] | None) -> Iterator[DoctorCheck]:
                                                    else "module, not loaded")
             yield DoctorCheck(option, OK, f"{value} ({how}): {role}")
         elif source is not None:
+            build = "m" if modules is not None else "y"
             yield DoctorCheck(option, FAIL if prereq else INFO,
-                        f"not set in {source}: no {role}",
-                        f"use a kernel built with {option}={'m' if modules is not None else 'y'}",
-                        prereq)
+                              f"not set in {source}: no {role}",
+                              f"use a kernel built with {option}={build}", prereq)
         elif loaded or link.module_available(mod):
             yield DoctorCheck(option, OK, f"module {mod} {'loaded' if loaded else 'available'} "
-                                    f"(kernel config not readable): {role}")
+                                          f"(kernel config not readable): {role}")
         else:
             yield DoctorCheck(option, FAIL if prereq else INFO,
-                        f"unknown (no /boot/config-{link.kernel_release()} or "
-                        f"/proc/config.gz) and module {mod} not found: {role}",
-                        f"modprobe {mod}", prereq)
+                              f"unknown (no /boot/config-{link.kernel_release()} or "
+                              f"/proc/config.gz) and module {mod} not found: {role}",
+                              f"modprobe {mod}", prereq)
 
 
 def check_modules(modules: dict[str, int] | None) -> DoctorCheck:
@@ -252,16 +252,16 @@ def check_capabilities() -> Iterator[DoctorCheck]:
                            (link.CAP_NET_RAW, "CAP_NET_RAW", "read it (packet socket)")):
         have = link.has_capability(cap, caps)
         yield DoctorCheck(name, OK if have else FAIL,
-                    f"{'present' if have else 'missing'}: needed to {why}",
-                    "run as root (sudo vsockmon …), or add the capability to the container",
-                    prereq=True)
+                          f"{'present' if have else 'missing'}: needed to {why}",
+                          "run as root (sudo vsockmon …), or add the capability to the container",
+                          prereq=True)
 
 
 def check_packet_sockets() -> DoctorCheck:
     if os.path.exists("/proc/net/packet"):
         return DoctorCheck("AF_PACKET", OK, "packet sockets available")
     return DoctorCheck("AF_PACKET", FAIL, "no packet sockets (CONFIG_PACKET)", "modprobe af_packet",
-                 prereq=True)
+                       prereq=True)
 
 
 def check_link(name: str = link.DEFAULT_LINK) -> DoctorCheck:
@@ -271,10 +271,10 @@ def check_link(name: str = link.DEFAULT_LINK) -> DoctorCheck:
         return DoctorCheck(name, INFO, "absent (vsockmon capture creates it)")
     if int(kind) != 826:
         return DoctorCheck(name, FAIL, f"exists but is not a vsockmon link (type {kind.strip()})",
-                     "capture with another name: vsockmon capture -i vsockmon1", prereq=True)
+                           "capture with another name: vsockmon capture -i vsockmon1", prereq=True)
     if marker is not None and not marker.running:
         return DoctorCheck(name, FAIL, f"left behind by pid {marker.pid} (not running)",
-                     f"vsockmon link down -i {name}")
+                           f"vsockmon link down -i {name}")
     return DoctorCheck(name, OK, "present")
 
 
@@ -312,7 +312,8 @@ def check_sockets() -> DoctorCheck:
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
             return DoctorCheck("vsock sockets", INFO,
-                         "vsock_diag not available (CONFIG_VSOCKETS_DIAG)", "modprobe vsock_diag")
+                               "vsock_diag not available (CONFIG_VSOCKETS_DIAG)",
+                               "modprobe vsock_diag")
         return DoctorCheck("vsock sockets", INFO, f"sock_diag failed: {e.strerror or e}")
     listening = sorted({f"{s.type}:{s.local[1]}" for s in found if s.state == "listening"})
     connected = sum(s.state == "established" for s in found)

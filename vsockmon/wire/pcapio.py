@@ -71,10 +71,14 @@ def linktype_label(linktype: int) -> str:
     return f"link type {linktype} ({name})" if name else f"link type {linktype}"
 
 
-def _open_source(path: str) -> tuple[BinaryIO, str]:
-    """The file (or stdin for ``-``), transparently gunzipped, and a name for messages."""
-    if path == "-":
-        raw: BinaryIO = sys.stdin.buffer
+def _open_source(path: str | BinaryIO) -> tuple[BinaryIO, str]:
+    """The file (or stdin for ``-``, or a binary file object read from where it stands),
+    transparently gunzipped, and a name for messages."""
+    raw: BinaryIO
+    if not isinstance(path, str):
+        raw, name = path, str(getattr(path, "name", "<file object>"))
+    elif path == "-":
+        raw = sys.stdin.buffer
         name = "<stdin>"
     else:
         name = path
@@ -101,7 +105,7 @@ class CaptureReader:
     file), or is ``None`` when the file was read to its end.
     """
 
-    def __init__(self, path: str, chunk: int = CHUNK) -> None:
+    def __init__(self, path: str | BinaryIO, chunk: int = CHUNK) -> None:
         self.path = path
         self._chunk = chunk
         self._fp, self.name = _open_source(path)
@@ -336,7 +340,8 @@ def _tsresol_ratio(code: int) -> tuple[int, int]:
     return 1, 10 ** (exp - 9)
 
 
-def open_capture(path: str, require_linktype: int | None = LINKTYPE_VSOCK) -> CaptureReader:
+def open_capture(path: str | BinaryIO, require_linktype: int | None = LINKTYPE_VSOCK
+                 ) -> CaptureReader:
     """Open a capture; with ``require_linktype``, refuse any other link type in one line."""
     reader = CaptureReader(path)
     if require_linktype is not None and reader.linktype != require_linktype:

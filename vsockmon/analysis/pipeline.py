@@ -1,0 +1,76 @@
+"""The one analysis pass: read a capture, decode it batch by batch, track its connections.
+
+Every analysis (``conns``, ``stats``, ``diagnose``, ``timeline``, ``follow``, the exports,
+:mod:`vsockmon.api`) is this pass plus *visitors*: callables that see each decoded batch with
+the tracker's per-row tags (a :class:`~vsockmon.analysis.stats.StatsCollector`, a diagnose
+:class:`~vsockmon.diagnose.engine.Digest`, a :class:`~vsockmon.conntrack.tracker.StreamRows`).
+Several analyses in one pass read the file once.
+
+No printing, no exit codes: a file that cannot be read raises
+:class:`~vsockmon.wire.pcapio.CaptureError`; a truncated one is analysed up to its last whole
+packet and :attr:`Analysis.stopped` says where it stopped, for the caller to report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from vsockmon.conntrack.tracker import ConnTable, ConnTracker, Tags
+from vsockmon.decode.frames import FrameBatch, decode_batch
+from vsockmon.wire.pcapio import CaptureReader, RecordBatch
+
+Visitor = Callable[[FrameBatch, Tags], None]
+"""Sees every decoded batch with the tracker's tags for its rows."""
+
+@dataclass
+class Analysis:
+    """What one pass over a capture found."""
+
+    name: str
+    """The capture's name for messages (its path, ``<stdin>``, a file object's name)."""
+    table: ConnTable
+    frames: int
+    frames_without_stream: int
+    first_ts_ns: int | None
+    last_ts_ns: int | None
+    stopped: str | None = None
+    """Why reading ended before the end of the file (truncated, corrupt), else None."""
+
+
+def decoded(reader: CaptureReader) -> Iterator[tuple[RecordBatch, FrameBatch]]:
+    """Each batch of the reader with its decoded columns, frames numbered from 1."""
+    first = 1
+    for batch in reader.batches():
+        fb = decode_batch(batch, first)
+        first += len(fb)
+        yield batch, fb
+
+
+def tracked(reader: CaptureReader, tracker: ConnTracker
+            ) -> Iterator[tuple[RecordBatch, FrameBatch, Tags]]:
+    """Each batch of the reader, decoded, with the tracker's tags for its rows."""
+    for batch, fb in decoded(reader):
+        yield batch, fb, tracker.feed(fb)
+
+
+def analyse(reader: CaptureReader, *visitors: Visitor,
+            on_progress: Callable[[int], None] | None = None) -> Analysis:
+    """Track every connection of the capture; each visitor sees each batch and its tags.
+
+    ``on_progress`` hears the bytes of the file consumed after each batch (for a progress
+    bar). Raises :class:`~vsockmon.wire.pcapio.CaptureError` when the file cannot be read.
+    """
+    tracker = ConnTracker()
+    first: int | None = None
+    last: int | None = None
+    for _, fb, tags in tracked(reader, tracker):
+        for visit in visitors:
+            visit(fb, tags)
+        if len(fb):
+            first = int(fb.ts_ns[0]) if first is None else first
+            last = int(fb.ts_ns[-1])
+        if on_progress is not None:
+            on_progress(reader.offset)
+    return Analysis(reader.name, tracker.finish(), tracker.frames,
+                    tracker.frames_without_stream, first, last, reader.stopped)
