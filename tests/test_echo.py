@@ -138,6 +138,22 @@ def test_a_client_that_reads_its_echo_ends_in_order(unix_server) -> None:  # typ
     assert (stats["bytes"], stats["echoed"], stats["resets"]) == (13, 13, 0)
 
 
+def test_the_totals_count_a_connection_still_open(unix_server) -> None:  # type: ignore[no-untyped-def]
+    """Stopping the server mid-connection must not lose what that client already sent."""
+    srv, connect = unix_server("stream")
+    with connect(ClientOptions(1, 1)) as s:
+        s.sendall(HELLO)
+        assert s.recv(100) == HELLO  # read and echoed; the connection stays open
+        deadline = time.monotonic() + 10
+        while srv.stats.echoed < 13:  # the echo can reach us before the count is updated
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stats = srv.stats.as_dict()
+    assert (stats["bytes"], stats["echoed"], stats["messages"], stats["resets"]) == (13, 13, 1, 0)
+    assert stats["clients"] == [
+        {"peer": "#1", "received": 13, "echoed": 13, "reads": 1, "end": "open"}]
+
+
 def test_a_reset_before_any_data_is_the_only_abrupt_end(tmp_path: Path) -> None:
     """A TCP reset on loopback (SO_LINGER 0): the server code does not care which family
     its listening socket has. A reset with no byte read is abrupt; one after the client's

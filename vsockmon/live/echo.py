@@ -80,14 +80,6 @@ def set_buffer_size(sock: socket.socket, size: int) -> None:
                         ) from None
 
 
-_END_TEXT = {
-    "eof": "closed",
-    "left": "left before its echo could reach it",
-    "reset": "reset before sending anything",
-    "open": "still open",
-}
-
-
 _SO_VM_SOCKETS_CONNECT_TIMEOUT = 6  # level AF_VSOCK, a struct timeval
 
 
@@ -144,7 +136,8 @@ class ServerStats:
     connections: int = 0
     active: int = 0
     bytes: int = 0
-    """Bytes received (whether or not their echo reached the client)."""
+    """Bytes received (whether or not their echo reached the client), counted as read:
+    the totals include connections still open when the server stops."""
     echoed: int = 0
     messages: int = 0
     resets: int = 0
@@ -160,6 +153,12 @@ class ServerStats:
 
 
 Log = Callable[[str], None]
+_END_TEXT = {
+    "eof": "closed",
+    "left": "left before its echo could reach it",
+    "reset": "reset before sending anything",
+    "open": "still open",
+}
 
 
 def peer_text(peer: object, index: int) -> str:
@@ -251,6 +250,8 @@ class EchoServer:
                 with self.stats.lock:
                     record.received += n
                     record.reads += 1
+                    self.stats.bytes += n
+                    self.stats.messages += 1
                 if self.log:
                     self.log(f"{record.peer} sent {n} bytes: {shown_bytes(view[:n])}")
                 if echoing:
@@ -258,6 +259,7 @@ class EchoServer:
                     if echoing:
                         with self.stats.lock:
                             record.echoed += n
+                            self.stats.echoed += n
         except OSError:  # reset, timeout: the peer went away abruptly
             record.end = "left" if record.received else "reset"
         finally:
@@ -279,9 +281,6 @@ class EchoServer:
     def _finish(self, record: ConnectionRecord) -> None:
         with self.stats.lock:
             self.stats.active -= 1
-            self.stats.bytes += record.received
-            self.stats.echoed += record.echoed
-            self.stats.messages += record.reads
             self.stats.resets += record.end == "reset"
         if self.log:
             self.log(f"{record.peer} {_END_TEXT[record.end]}: {record.received} bytes "
