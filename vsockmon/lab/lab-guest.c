@@ -169,7 +169,10 @@ static int read_header(int fd, char *line, size_t cap, unsigned long *size, char
 	while (len < cap - 1 && read(fd, line + len, 1) == 1 && line[len] != '\n')
 		len++;
 	line[len] = '\0';
-	*size = strtoul(strtok(line, " "), NULL, 10);
+	word = strtok(line, " ");
+	if (word == NULL)
+		return 0;
+	*size = strtoul(word, NULL, 10);
 	while (argc < max - 1 && (word = strtok(NULL, " ")) != NULL)
 		argv[argc++] = word;
 	argv[argc] = NULL;
