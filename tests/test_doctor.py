@@ -28,7 +28,10 @@ def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
-ALL_CHECKS = ("kernel", "CONFIG_VSOCKMON", "CONFIG_VHOST_VSOCK", "CONFIG_VIRTIO_VSOCKETS",
+ALL_CHECKS = ("kernel", "kernel: tap length of split packets",
+              "kernel: payload of non-linear packets in the tap",
+              "kernel: reset after many tiny packets", "CONFIG_VSOCKMON", "CONFIG_VHOST_VSOCK",
+              "CONFIG_VIRTIO_VSOCKETS",
               "CONFIG_VSOCKETS_LOOPBACK", "modules", "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET",
               "/dev/vsock", "/dev/vhost-vsock", "local CID", "vsock sockets", "qemu", "libvirt")
 
@@ -39,9 +42,9 @@ def _kernel(monkeypatch: pytest.MonkeyPatch, config: str, modules: str) -> None:
     monkeypatch.setattr(link, "kernel_config",
                         lambda *a: (link.parse_config(config), "/boot/config-6.1.0-test-amd64"))
     monkeypatch.setattr(link, "capabilities", lambda *a: 0x3000)  # NET_ADMIN + NET_RAW
+    given = {"/proc/modules": modules, "/proc/version": PROC_VERSION}
     real_read = doctor._read
-    monkeypatch.setattr(doctor, "_read",
-                        lambda path: modules if path == "/proc/modules" else real_read(path))
+    monkeypatch.setattr(doctor, "_read", lambda path: given.get(path) or real_read(path))
 
 
 def _run_doctor(*args: str) -> tuple[int, str]:
@@ -54,6 +57,9 @@ def _run_doctor(*args: str) -> tuple[int, str]:
     return done.exit_code, done.output
 
 
+PROC_VERSION = ("Linux version 6.1.0-test-amd64 (debian-kernel@lists.debian.org) (gcc-12 "
+                "(Debian 12.2.0-14+deb12u1) 12.2.0) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3 "
+                "(2026-10-20)\n")
 WITHOUT = "CONFIG_VSOCKETS=m\nCONFIG_VSOCKETS_LOOPBACK=m\n# CONFIG_VSOCKMON is not set\n"
 WITH = WITHOUT.replace("# CONFIG_VSOCKMON is not set", "CONFIG_VSOCKMON=m")
 LOADED = ("vsockmon 16384 0 - Live 0x0\nvsock_loopback 16384 0 - Live 0x0\n"
@@ -71,6 +77,13 @@ def test_a_kernel_without_vsockmon_is_not_ready(monkeypatch: pytest.MonkeyPatch)
     assert bad == ("✗ CONFIG_VSOCKMON: not set in /boot/config-6.1.0-test-amd64: no vsockmon "
                    "tap device (capture)  → fix: use a kernel built with CONFIG_VSOCKMON=m")
     assert lines[0] == "✓ kernel: 6.1.0-test-amd64"
+    # Debian 6.1.192 is a kernel the lab measured: the split-packet tap defect is present.
+    assert lines[1].startswith("- kernel: tap length of split packets: PRESENT: host→guest "
+                               "fragments captured with the rest of the packet")
+    assert lines[1].endswith("→ fix: trust the virtio header's len: vsockmon does, and flags "
+                             "payload-len-mismatch")
+    assert lines[2].startswith("✓ kernel: payload of non-linear packets in the tap: not seen "
+                               "(measured in the lab: SO_ZEROCOPY is refused")
     assert "✓ CONFIG_VSOCKETS_LOOPBACK: m (module, not loaded): local loopback, CID 1" in lines
     assert any(ln.startswith("✓ CAP_NET_RAW: present") for ln in lines)
     assert any(ln.startswith("- local CID: not probed") for ln in lines)

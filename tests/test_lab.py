@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vsockmon.lab import Lab, LabTimeout
+from vsockmon.live import kernel_facts
 from vsockmon.wire.pcapio import open_capture
 from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_HEADER, VSOCKMON_HEADER, Op
 
@@ -50,9 +51,13 @@ def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: floa
 
 
 def test_cli_run_creates_the_vsockmon_link_and_shares_cwd(lab: Lab, tmp_path: Path) -> None:
-    script = "ip link add type vsockmon && ip -d link show vsockmon0 && echo from-guest > out.txt"
-    done = _cli("lab", "run", "--", "sh", "-c", script, cwd=tmp_path)
+    script = ("uname -r && ip link add type vsockmon && ip -d link show vsockmon0 && "
+              "echo from-guest > out.txt")
+    series = ".".join(lab.kernel.split(".")[:2])  # 6.1 or 6.12: what the user would type
+    done = _cli("lab", "run", "--kernel", series, "--", "sh", "-c", script, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == lab.kernel
+    assert lab.kernel.startswith(series + ".")
     assert "vsockmon0" in done.stdout and "mtu 65568" in done.stdout
     assert (tmp_path / "out.txt").read_text() == "from-guest\n"
 
@@ -195,6 +200,7 @@ with capture(Path("nested.pcap")):
         print("dial-back from cid", peer[0], conn.recv(100))
         conn.close()
 print(Path(os.environ["VSOCKMON_LAB_GUEST_LOG"]).read_text())
+print(Path("/proc/version").read_text())
 """
 
 
@@ -221,5 +227,9 @@ def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> N
     assert sum(length for length, _ in to_guest) >= 10240
     assert len(to_guest) >= 3, "the 10240-byte packet should be split for the guest's buffers"
     # Debian's 6.1 taps the whole rest of the packet with each fragment (docs/lab.md);
-    # a fixed kernel taps exactly len bytes. Never fewer.
+    # a fixed kernel taps exactly len bytes. Never fewer. Which one this kernel is, the
+    # kernel table says (vsockmon/live/kernel_facts.py, what doctor reports).
     assert all(captured >= length for length, captured in to_guest)
+    version = kernel_facts.upstream_version(result.stdout, lab.kernel)
+    surplus = any(captured > length for length, captured in to_guest)
+    assert surplus is kernel_facts.MEASURED[version].has["split-tap-length"]

@@ -50,8 +50,68 @@ def test_extract_vmlinux_finds_the_xz_payload_through_the_boot_header() -> None:
     assert kernel.extract_vmlinux(_bzimage(xz)) == elf
     with pytest.raises(ValueError, match="not a bzImage"):
         kernel.extract_vmlinux(bytes(4096))
-    with pytest.raises(ValueError, match="not xz"):
+    with pytest.raises(ValueError, match="neither xz nor zstd"):
         kernel.extract_vmlinux(_bzimage(b"\x1f\x8b" + bytes(64)))
+
+
+def _unzstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+
+
+def test_extract_vmlinux_reads_a_zstd_payload_with_its_size_trailer() -> None:
+    # Debian 6.12's payload: a zstd frame, then the decompressed size as u32 LE (the
+    # kernel's size_append), which zstd itself refuses as trailing garbage.
+    elf = b"\x7fELF" + bytes(range(256)) * 8
+    frame = subprocess.run(["zstd", "-c", "-q"], input=elf, capture_output=True,
+                           check=True).stdout
+    assert frame.startswith(kernel.ZSTD_MAGIC)
+    payload = frame + struct.pack("<I", len(elf))
+    assert kernel.extract_vmlinux(_bzimage(payload), _unzstd) == elf
+    with pytest.raises(ValueError, match="no zstd was given"):
+        kernel.extract_vmlinux(_bzimage(payload))
+    with pytest.raises(ValueError, match="not the 9 it names"):
+        kernel.extract_vmlinux(_bzimage(frame + struct.pack("<I", 9)), _unzstd)
+
+
+# What `apt-cache pkgnames linux-image-` lists: flavours, dbg packages, old ABIs.
+PKGNAMES = [
+    "linux-image-amd64", "linux-image-6.1.0-56-amd64",
+    "linux-image-6.1.0-57-amd64", "linux-image-6.1.0-57-amd64-unsigned",
+    "linux-image-6.1.0-57-cloud-amd64", "linux-image-6.1.0-57-rt-amd64",
+    "linux-image-6.1.0-57-amd64-dbg", "linux-image-6.1.0-9-amd64",
+    "linux-image-6.12.9+deb12-amd64", "linux-image-6.12.117+deb12-amd64",
+    "linux-image-6.12.117+deb12-amd64-unsigned", "linux-image-6.12.115+deb12-amd64-unsigned",
+    "linux-image-6.12.117+deb12-cloud-amd64",
+]
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    # A series: its newest release first (117 > 115 > 9 as numbers, not as text), and for
+    # one release the signed package before the unsigned one.
+    ("6.12", ["linux-image-6.12.117+deb12-amd64", "linux-image-6.12.117+deb12-amd64-unsigned",
+              "linux-image-6.12.115+deb12-amd64-unsigned", "linux-image-6.12.9+deb12-amd64"]),
+    # "6.1" is not a prefix of 6.12; ABI 57 > 56 > 9.
+    ("6.1", ["linux-image-6.1.0-57-amd64", "linux-image-6.1.0-57-amd64-unsigned",
+             "linux-image-6.1.0-56-amd64", "linux-image-6.1.0-9-amd64"]),
+    ("6.12.115", ["linux-image-6.12.115+deb12-amd64-unsigned"]),
+    ("6.1.0-56-amd64", ["linux-image-6.1.0-56-amd64"]),
+    ("6.1.0-5", []),
+    ("5.10", []),
+])
+def test_image_packages_match_a_series_a_version_or_a_release(spec: str,
+                                                              expected: list[str]) -> None:
+    assert kernel.image_packages(spec, PKGNAMES) == expected
+
+
+def test_series_and_image_package_names() -> None:
+    assert kernel.series("6.12.117+deb12-amd64") == "6.12"
+    assert kernel.series("6.1.0-57-amd64") == "6.1"
+    assert kernel.is_image_package("linux-image-6.12.117+deb12-amd64")
+    assert kernel.is_image_package("linux-image-6.12.117+deb12-amd64-unsigned")
+    assert not kernel.is_image_package("linux-image-amd64")
+    assert not kernel.is_image_package("linux-image-6.1.0-57-cloud-amd64")
+    assert kernel.kernel_version("linux-image-6.12.117+deb12-amd64-unsigned") == \
+        "6.12.117+deb12-amd64"
 
 
 def test_is_static_elf() -> None:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "export": "vsockmon.cli.export:export",
     "wireshark": "vsockmon.cli.wireshark:wireshark",
     "diagnose": "vsockmon.cli.diagnose:diagnose",
+    "fleet": "vsockmon.cli.fleet:fleet",
 }
 """Command name → ``module:attribute`` of its click command."""
 

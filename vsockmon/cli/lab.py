@@ -22,21 +22,25 @@ class _Failed(click.ClickException):
         click.echo(self.message, err=True)
 
 
+class _TimedOut(_Failed):
+    exit_code = 124
+
+
+class _Interrupted(_Failed):
+    exit_code = 130
+
+
 @contextmanager
 def _errors(command: str) -> Iterator[None]:
     """Turns the lab's errors and Ctrl-C into one line and an exit status."""
     try:
         yield
     except LabTimeout as error:
-        failed = _Failed(f"{command}: {error}")
-        failed.exit_code = 124
-        raise failed from None
+        raise _TimedOut(f"{command}: {error}") from None
     except LabError as error:
         raise _Failed(f"{command}: {error}") from None
     except KeyboardInterrupt:
-        failed = _Failed(f"{command}: interrupted; qemu killed")
-        failed.exit_code = 130
-        raise failed from None
+        raise _Interrupted(f"{command}: interrupted; qemu killed") from None
 
 
 def _say(command: str) -> Callable[[str], None]:
@@ -61,9 +65,17 @@ def _environment(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _lab(command: str) -> Lab:
+def _lab(command: str, kernel: str | None) -> Lab:
     """The built lab; builds it first (with progress) when the cache lacks it."""
-    return Lab(lab_build.build(progress=_say(f"{command}: building the lab")))
+    return Lab.build(_say(f"{command}: building the lab"), kernel)
+
+
+_KERNEL = click.option(
+    "--kernel",
+    metavar="VERSION",
+    help="A Debian kernel: a series (6.1, 6.12), a version (6.12.117) or a release "
+         "(6.1.0-57-amd64); the newest match in Debian's archive. Default: Debian 12's.",
+)
 
 
 @click.group()
@@ -73,7 +85,10 @@ def lab() -> None:
     \b
     Examples:
       vsockmon lab build
+      vsockmon lab build --kernel 6.12
+      vsockmon lab kernels
       vsockmon lab run -- sh -c 'ip link add type vsockmon && ip -d link show vsockmon0'
+      vsockmon lab run --kernel 6.12 -- uname -r
       vsockmon lab run --guest-cid 3 -- python3 my_host_guest_test.py
       vsockmon lab shell
     """
@@ -84,10 +99,14 @@ def lab() -> None:
     "--package",
     default=lab_build.KERNEL_META_PACKAGE,
     show_default=True,
-    help="Debian package whose dependency names the kernel image package.",
+    help="A Debian image package, or a meta package whose dependency names one.",
 )
-def build(package: str) -> None:
-    """Download Debian's kernel and build the lab's images (cached; prints the cache dir)."""
+@_KERNEL
+def build(package: str, kernel: str | None) -> None:
+    """Download Debian's kernel and build the lab's images (cached; prints the cache dir).
+
+    Each kernel is cached side by side; building one leaves the others as they are.
+    """
     said: list[str] = []
 
     def progress(message: str) -> None:
@@ -95,17 +114,39 @@ def build(package: str) -> None:
         _say("lab build")(message)
 
     with _errors("lab build"):
-        files = lab_build.build(package, progress)
+        files = lab_build.build(package, progress, kernel)
     if not said:
         _say("lab build")(f"cached: kernel {files.kernel_version}")
     click.echo(files.dir)
 
 
 @lab.command()
-def status() -> None:
-    """Show what the cache holds for the current kernel; exit 1 if the lab is not built."""
+def kernels() -> None:
+    """List the kernel series Debian's archive has (newest of each) and the cached kernels.
+
+    \b
+    Example:
+      vsockmon lab kernels
+    """
+    with _errors("lab kernels"):
+        series = lab_build.available()
+        held = [(files, lab_build.fresh(files)) for files in lab_build.cached()]
+    click.echo("available (Debian's archive, newest of each series):")
+    for name, package in series.items():
+        click.echo(f"  {name:<6} {package}")
+    click.echo(f"cached ({lab_build.cache_root()}):")
+    for files, fresh in held:
+        click.echo(f"  {files.kernel_version:<24} {'built' if fresh else 'not built'}")
+    if not held:
+        click.echo("  none: vsockmon lab build [--kernel VERSION]")
+
+
+@lab.command()
+@_KERNEL
+def status(kernel: str | None) -> None:
+    """Show what the cache holds for a kernel; exit 1 if the lab is not built."""
     with _errors("lab status"):
-        files, fresh = lab_build.status()
+        files, fresh = lab_build.status(kernel_spec=kernel)
     click.echo(f"kernel:  {files.kernel_version}")
     click.echo(f"cache:   {files.dir}")
     for path in files.products():
@@ -118,6 +159,7 @@ def status() -> None:
 
 def _shared_options(func: Callable[..., None]) -> Callable[..., None]:
     options = [
+        _KERNEL,
         click.option(
             "--guest-cid",
             type=int,
@@ -161,6 +203,7 @@ def _shared_options(func: Callable[..., None]) -> Callable[..., None]:
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
     timeout: float,
+    kernel: str | None,
     guest_cid: int | None,
     guest_no_transport: bool,
     accel: str,
@@ -174,7 +217,7 @@ def run(
     work there. CMD's stdout and stderr stream here; its stdin is empty.
     """
     with _errors("lab run"):
-        result = _lab("lab run").run(
+        result = _lab("lab run", kernel).run(
             list(cmd),
             env=_environment(env),
             timeout=timeout,
@@ -190,14 +233,15 @@ def run(
 
 @lab.command()
 @_shared_options
-def shell(guest_cid: int | None, guest_no_transport: bool, accel: str, env: Sequence[str]) -> None:
+def shell(kernel: str | None, guest_cid: int | None, guest_no_transport: bool, accel: str,
+          env: Sequence[str]) -> None:
     """An interactive root shell in the lab VM on this terminal (exit powers it off).
 
     Ctrl-C goes to the guest; Ctrl-A X kills the VM from outside.
     """
     with _errors("lab shell"):
         sys.exit(
-            _lab("lab shell").shell(
+            _lab("lab shell", kernel).shell(
                 env=_environment(env),
                 guest_cid=guest_cid,
                 guest_transport=not guest_no_transport,

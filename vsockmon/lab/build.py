@@ -23,7 +23,8 @@ from vsockmon.lab import cpio, kernel
 from vsockmon.lab.errors import LabError
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
-"""The Debian package whose dependency names the current kernel image package."""
+"""The Debian package whose dependency names the current kernel image package: the lab's
+default kernel (Debian 12's 6.1) when no other is asked for."""
 
 REQUIRED_TOOLS: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
@@ -34,6 +35,7 @@ REQUIRED_TOOLS: dict[str, str] = {
     "depmod": "kmod",
     "modprobe": "kmod",
     "gcc": "gcc",
+    "zstd": "zstd",
 }
 """Commands the lab needs → the Debian package that provides each."""
 
@@ -167,7 +169,7 @@ class _StaleLists(Exception):
     """The package lists may be out of date: ``apt-get update`` and try once more."""
 
 
-def _resolve_package(meta: str) -> str:
+def _resolve_meta(meta: str) -> str:
     try:
         text = _run(["apt-cache", "depends", meta])
     except subprocess.CalledProcessError as error:
@@ -176,6 +178,68 @@ def _resolve_package(meta: str) -> str:
     if package is None:
         raise _StaleLists(f"cannot resolve {meta}: it depends on no linux-image-* package")
     return package
+
+
+def _archive_images(spec: str) -> list[str]:
+    """The archive's image packages matching ``spec``, newest first (see kernel.matches)."""
+    try:
+        names = _run(["apt-cache", "pkgnames", "linux-image-"]).split()
+    except subprocess.CalledProcessError as error:
+        raise _StaleLists(f"cannot list kernel packages: {apt_reason(error)}") from None
+    return kernel.image_packages(spec, names)
+
+
+def _downloadable(package: str) -> bool:
+    """Whether the archive serves ``package`` (a name can be listed with no version left)."""
+    try:
+        return "Filename:" in _run(["apt-cache", "show", "--no-all-versions", package])
+    except subprocess.CalledProcessError:
+        return False
+
+
+def _resolve_kernel(spec: str) -> str:
+    """The newest image package the archive serves for ``spec`` (``6.12``, ``6.1.0-57-amd64``)."""
+    for package in _archive_images(spec):
+        if _downloadable(package):
+            return package
+    raise _StaleLists(f"no Debian kernel image package matches {spec!r} "
+                      "(see `vsockmon lab kernels`)")
+
+
+def _resolve_package(meta: str, spec: str | None = None) -> str:
+    """The image package to boot: the one ``spec`` asks for, else ``meta`` itself if it is
+    an image package, else the image package the meta package depends on."""
+    if spec:
+        return _resolve_kernel(spec)
+    if kernel.is_image_package(meta):
+        return meta
+    return _resolve_meta(meta)
+
+
+def available() -> dict[str, str]:
+    """Kernel series → the newest image package the archive serves for it (6.1, 6.12, …)."""
+    newest: dict[str, str] = {}
+    for package in _archive_images(""):
+        release = kernel.kernel_version(package)
+        key = kernel.series(release)
+        if key not in newest and _downloadable(package):
+            newest[key] = package
+    return dict(sorted(newest.items(), key=lambda kv: kernel.release_key(kv[0])))
+
+
+def cached() -> list[LabFiles]:
+    """The kernels the cache holds, oldest series first, each with this recipe's images
+    (built or not: see :func:`fresh`). Needs the lab's tools (busybox is in the recipe)."""
+    root = cache_root()
+    dirs = [d for d in root.iterdir() if (d / "kernel").is_dir()] if root.is_dir() else []
+    tools = check_tools() if dirs else {}
+    return [LabFiles(d, d.name, _recipe_hash(tools, d.name))
+            for d in sorted(dirs, key=lambda d: kernel.release_key(d.name))]
+
+
+def fresh(files: LabFiles) -> bool:
+    """Whether ``files`` holds images built by this recipe."""
+    return _is_fresh(files)
 
 
 def _fetch_kernel(package: str, files: LabFiles, progress: Progress) -> None:
@@ -251,6 +315,11 @@ def _compile_guest_program(gcc: str, out: Path) -> None:
         ) from None
 
 
+def _unzstd(zstd: str, data: bytes) -> bytes:
+    """zstd-compressed bytes decompressed by Debian's ``zstd`` (6.12's kernel payload)."""
+    return subprocess.run([zstd, "-dc"], input=data, capture_output=True, check=True).stdout
+
+
 def _write(path: Path, data: bytes) -> None:
     """Writes a file whole or not at all (a reader never sees half an image)."""
     tmp = path.with_name(path.name + ".partial")
@@ -289,8 +358,9 @@ def _assemble(tools: dict[str, str], files: LabFiles, progress: Progress) -> Non
     guest_image = _gzip(cpio.newc_archive(guest))
     progress("extracting the nested guest's ELF kernel from vmlinuz")
     try:
-        vmlinux = kernel.extract_vmlinux(files.vmlinuz.read_bytes())
-    except ValueError as error:
+        vmlinux = kernel.extract_vmlinux(files.vmlinuz.read_bytes(),
+                                         lambda data: _unzstd(tools["zstd"], data))
+    except (ValueError, subprocess.CalledProcessError) as error:
         raise LabError(f"cannot extract the kernel from {files.vmlinuz}: {error}") from None
     # The nested guest's files ride along uncompressed: the lab VM unpacks them faster
     # than it could gunzip them or read them over 9p under emulation.
@@ -336,8 +406,8 @@ def _prune_images(files: LabFiles) -> None:
             shutil.rmtree(stamp.parent, ignore_errors=True)
 
 
-def _build(tools: dict[str, str], meta: str, progress: Progress) -> LabFiles:
-    package = _resolve_package(meta)
+def _build(tools: dict[str, str], meta: str, spec: str | None, progress: Progress) -> LabFiles:
+    package = _resolve_package(meta, spec)
     files = _files_for(tools, package)
     with _locked(cache_root()):
         if not files.kernel_root.is_dir():
@@ -351,8 +421,13 @@ def _build(tools: dict[str, str], meta: str, progress: Progress) -> LabFiles:
     return files
 
 
-def build(meta: str = KERNEL_META_PACKAGE, progress: Progress = _quiet) -> LabFiles:
+def build(meta: str = KERNEL_META_PACKAGE, progress: Progress = _quiet,
+          kernel_spec: str | None = None) -> LabFiles:
     """Builds the lab, or finds it cached, and says where it is.
+
+    The kernel is the newest Debian image package matching ``kernel_spec`` (a series such as
+    ``6.12``, a version, or a whole release) when given, else the one ``meta`` names (or
+    ``meta`` itself when it is an image package). Each kernel is cached in its own directory.
 
     ``progress`` hears of work only: a build that finds everything cached says nothing.
     When the kernel package cannot be resolved or downloaded, the package lists may be
@@ -360,7 +435,7 @@ def build(meta: str = KERNEL_META_PACKAGE, progress: Progress = _quiet) -> LabFi
     """
     tools = check_tools()
     try:
-        return _build(tools, meta, progress)
+        return _build(tools, meta, kernel_spec, progress)
     except _StaleLists as first:
         progress(f"{first}; running apt-get update")
     try:
@@ -368,16 +443,17 @@ def build(meta: str = KERNEL_META_PACKAGE, progress: Progress = _quiet) -> LabFi
     except subprocess.CalledProcessError as error:
         progress(f"apt-get update failed: {apt_reason(error)}")
     try:
-        return _build(tools, meta, progress)
+        return _build(tools, meta, kernel_spec, progress)
     except _StaleLists as error:
         raise LabError(str(error)) from None
 
 
-def status(meta: str = KERNEL_META_PACKAGE) -> tuple[LabFiles, bool]:
-    """Where the current kernel's lab is cached, and whether it is built and up to date."""
+def status(meta: str = KERNEL_META_PACKAGE, kernel_spec: str | None = None
+           ) -> tuple[LabFiles, bool]:
+    """Where a kernel's lab is cached, and whether it is built and up to date."""
     tools = check_tools()
     try:
-        files = _files_for(tools, _resolve_package(meta))
+        files = _files_for(tools, _resolve_package(meta, kernel_spec))
     except _StaleLists as error:
         raise LabError(str(error)) from None
     return files, _is_fresh(files)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import lzma
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 LAB_MODULES: tuple[str, ...] = (
     "virtio",
     "virtio_pci",
-    "netfs",
-    "fscache",
     "9pnet_virtio",
     "9p",
     "vsock",
@@ -28,12 +26,19 @@ LAB_MODULES: tuple[str, ...] = (
     "vhost_vsock",
 )
 """Modules the lab VM loads: virtio + 9p for the host's files, vsock over loopback, the
-vsockmon tap, vsock_diag for ``ss``, and vhost-vsock to act as the host of a nested guest."""
+vsockmon tap, vsock_diag for ``ss``, and vhost-vsock to act as the host of a nested guest.
+Their dependencies (netfs, and fscache where it is still a module of its own: 6.1 but not
+6.12) come from ``modprobe --show-depends``, so they are not named here."""
 
 GUEST_MODULES: tuple[str, ...] = ("virtio_pci", "vmw_vsock_virtio_transport")
 """Modules the nested guest loads: the virtio transport behind its vhost-vsock-pci device."""
 
 _DEPENDS = re.compile(r"^\s*Depends:\s*(linux-image-\S+)\s*$", re.MULTILINE)
+_IMAGE = re.compile(
+    r"^linux-image-(?P<release>\d+\.\d+\.\d+(?:-\d+)?(?:\+deb\d+)?-amd64)(?P<unsigned>-unsigned)?$"
+)
+"""Debian's amd64 image packages: ``linux-image-6.1.0-57-amd64``,
+``linux-image-6.12.117+deb12-amd64-unsigned`` (not the cloud, rt or dbg flavours)."""
 _INSMOD = re.compile(r"^insmod\s+(\S+\.ko(?:\.[xg]z|\.zst)?)\b", re.MULTILINE)
 
 
@@ -45,6 +50,39 @@ def versioned_package(apt_cache_depends: str) -> str | None:
     """
     match = _DEPENDS.search(apt_cache_depends)
     return match.group(1) if match else None
+
+
+def release_key(release: str) -> tuple[int, ...]:
+    """A release's numbers in order, for sorting newest last (6.1.0-57 < 6.1.0-58 < 6.12.1)."""
+    return tuple(int(n) for n in re.findall(r"\d+", release.removesuffix("-amd64")))
+
+
+def series(release: str) -> str:
+    """The kernel series a release belongs to: ``6.12.117+deb12-amd64`` → ``6.12``."""
+    return ".".join(release.split(".")[:2])
+
+
+def matches(spec: str, release: str) -> bool:
+    """Whether ``release`` is the kernel a user asked for with ``spec``: a series (``6.12``),
+    a version (``6.12.117``) or a whole release (``6.1.0-57-amd64``); ``""`` matches all."""
+    return not spec or release == spec or release.startswith((f"{spec}.", f"{spec}-", f"{spec}+"))
+
+
+def image_packages(spec: str, package_names: Iterable[str]) -> list[str]:
+    """The image packages among ``package_names`` whose release matches ``spec``, newest
+    release first, and for one release the signed package before the unsigned one (both
+    hold the same kernel and modules; either may be the one the archive still serves)."""
+    found = []
+    for name in package_names:
+        m = _IMAGE.match(name.strip())
+        if m and matches(spec, m["release"]):
+            found.append((release_key(m["release"]), m["unsigned"] is None, name.strip()))
+    return [name for *_, name in sorted(found, reverse=True)]
+
+
+def is_image_package(name: str) -> bool:
+    """Whether ``name`` is an image package itself, rather than a meta package naming one."""
+    return _IMAGE.match(name) is not None
 
 
 def kernel_version(package: str) -> str:
@@ -66,8 +104,13 @@ def load_order(show_depends: Iterable[str]) -> list[str]:
     return order
 
 
-def extract_vmlinux(bzimage: bytes) -> bytes:
-    """The uncompressed ELF kernel inside a bzImage (Debian's are xz-compressed).
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+def extract_vmlinux(bzimage: bytes, unzstd: Callable[[bytes], bytes] | None = None) -> bytes:
+    """The uncompressed ELF kernel inside a bzImage: Debian's 6.1 payload is xz (decompressed
+    here), 6.12's is zstd (decompressed by ``unzstd``: the standard library has no zstd).
 
     qemu boots that ELF directly (PVH), which spares the nested guest a decompression that
     costs ~35 s under nested emulation. The boot protocol header locates the payload:
@@ -79,9 +122,18 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
     payload = bzimage[start : start + length]
-    if not payload.startswith(b"\xfd7zXZ\x00"):
-        raise ValueError("the bzImage payload is not xz-compressed")
-    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    if payload.startswith(XZ_MAGIC):
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    elif payload.startswith(ZSTD_MAGIC):
+        if unzstd is None:
+            raise ValueError("the bzImage payload is zstd-compressed and no zstd was given")
+        # The kernel's build appends the decompressed size (u32 LE) after the zstd frame.
+        size = struct.unpack_from("<I", payload, len(payload) - 4)[0]
+        elf = unzstd(payload[:-4])
+        if len(elf) != size:
+            raise ValueError(f"the zstd payload gave {len(elf)} bytes, not the {size} it names")
+    else:
+        raise ValueError(f"the bzImage payload is neither xz nor zstd (magic {payload[:4].hex()})")
     if not elf.startswith(b"\x7fELF"):
         raise ValueError("the bzImage payload is not an ELF kernel")
     return elf

@@ -165,9 +165,15 @@ class Lab:
         self.qemu = lab_build.which("qemu-system-x86_64") or "qemu-system-x86_64"
 
     @classmethod
-    def build(cls, progress: Notify | None = None) -> Lab:
-        """Builds the lab, or finds it cached (see :func:`vsockmon.lab.build.build`)."""
-        return cls(lab_build.build(progress=progress or (lambda _: None)))
+    def build(cls, progress: Notify | None = None, kernel: str | None = None) -> Lab:
+        """Builds the lab, or finds it cached (see :func:`vsockmon.lab.build.build`);
+        ``kernel`` picks a Debian kernel by series or release (``6.12``), else Debian 12's."""
+        return cls(lab_build.build(progress=progress or (lambda _: None), kernel_spec=kernel))
+
+    @property
+    def kernel(self) -> str:
+        """The release the lab boots (``uname -r`` inside it)."""
+        return self.files.kernel_version
 
     def _job(
         self,

@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from vsockmon.live import link
+from vsockmon.live import kernel_facts, link
 from vsockmon.live.echo import TYPES
 from vsockmon.wire.protocol import CID_NAMES
 
@@ -103,7 +103,8 @@ class VsockSocket:
 def parse_diag_messages(data: bytes) -> tuple[list[VsockSocket], int | None, bool]:
     """Sockets in a NETLINK_SOCK_DIAG reply, the errno of an NLMSG_ERROR (or None), and
     whether NLMSG_DONE was seen."""
-    sockets, pos = [], 0
+    sockets: list[VsockSocket] = []
+    pos = 0
     while pos + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, pos)
         if length < 16:
@@ -169,6 +170,20 @@ def check_kernel() -> DoctorCheck:
         return DoctorCheck("kernel", FAIL, f"{release}: vsockmon needs Linux >= 4.12",
                            "boot a newer kernel", prereq=True)
     return DoctorCheck("kernel", OK, release)
+
+
+def check_kernel_defects() -> Iterator[DoctorCheck]:
+    """The running kernel's known tap and transport defects (vsockmon.live.kernel_facts):
+    information for reading its captures, never a reason to refuse one."""
+    version = kernel_facts.upstream_version(_read("/proc/version") or "", link.kernel_release())
+    for defect, has, why in kernel_facts.verdicts(version):
+        name = f"kernel: {defect.title}"
+        if has is False:
+            yield DoctorCheck(name, OK, f"not seen ({why})")
+        elif has:
+            yield DoctorCheck(name, INFO, f"PRESENT: {defect.shows} ({why})", defect.advice)
+        else:
+            yield DoctorCheck(name, INFO, why, defect.advice)
 
 
 _CONFIG_ROLES = {
@@ -329,6 +344,7 @@ def run_checks(probe: bool = False) -> list[DoctorCheck]:
     modules = parse_modules(modules_text) if modules_text is not None else None
     steps: list[Callable[[], DoctorCheck | Iterator[DoctorCheck]]] = [
         check_kernel,
+        check_kernel_defects,
         lambda: check_configs(modules),
         lambda: check_modules(modules),
         check_capabilities,
