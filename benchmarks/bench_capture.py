@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
 """Live capture under load: ``vsockmon capture`` against tcpdump, in the lab VM, same run.
 
-On the host this boots the lab and runs itself there (``--in-lab``). In the lab, for each
-write size (64 KiB and 64 B) and each configuration (our TPACKET_V3 mmap ring, our batched
-recvmsg — both with the same kernel buffer as tcpdump — and both tools' defaults), it starts
-an echo server, then ``vsockmon capture`` and ``tcpdump -i vsockmon0``
-side by side on the same link, drives the echo client at full speed for ``--seconds``, stops
-both with SIGINT and reads their own statistics: frames written, frames the kernel handed to
-the socket, frames it dropped for want of buffer room, and the CPU time each capturer used
-per frame written while capturing (from its "listening" line on). Both get the same kernel buffer
-(``-B``) and write a bounded ring of files into the VM's tmpfs (not the 9p share), so the
-comparison is about reading, not about the disk. Prints a table; ``--json`` for scripts.
+On the host this boots the lab and runs itself there (``--in-lab``). In the lab it creates
+``vsockmon0``, then for each one-way workload starts ``vsockmon capture`` and
+``tcpdump -i vsockmon0`` side by side on that link (each with its defaults, as a user runs
+them), drives the workload at full rate from one sender to one receiver over loopback
+(CID 1), stops both with SIGINT and reads their own statistics: frames written, frames the
+kernel handed to the socket ("seen"), frames it dropped for want of buffer room — next to
+the link's own counter of frames tapped (``/sys/class/net/vsockmon0/statistics``), the
+independent truth.
 
-Usage: ``benchmarks/bench_capture.py [--seconds S] [--reps N] [--concurrency C]
-[--buffer-mb MB] [--json]``
-Goal: our drop ratio no worse than tcpdump's.
+Workloads (``--only`` picks some):
+  burst    20,000 one-byte ``send()`` calls to a receiver that stalls reading for 6 s; both
+           capturers get SIGINT 3 s after the burst, while the receiver still stalls
+           (issue 17's scenario: a chatty agent, sd_notify or log lines)
+  small    200,000 sends of 64 B
+  bulk     ``--bulk-mib`` MiB in 64 KiB writes (2048 = 2 GiB; both write to /dev/null: the
+           lab VM has 1 GiB of RAM for its tmpfs)
+  seqpacket 20,000 SEQPACKET messages of 1,000 B
+
+Usage: ``benchmarks/bench_capture.py [--reps N] [--only NAME ...] [--bulk-mib MIB]
+[--vsockmon-opts '...'] [--json]``
+Goal: every frame the kernel saw written, at least as many frames as tcpdump.
 """
 
 from __future__ import annotations
@@ -23,40 +30,58 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-SIZES = (65536, 64)
 PORT = 9999
+LINK = "vsockmon0"
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+class Workload(NamedTuple):
+    kind: int  # socket.SOCK_STREAM or SOCK_SEQPACKET
+    size: int
+    count: int
+    stall: float  # seconds the receiver waits before its first read
+    stop_after: float  # seconds after the last send until both capturers get SIGINT
+
+
+def workloads(bulk_mib: int) -> dict[str, Workload]:
+    return {
+        "burst": Workload(socket.SOCK_STREAM, 1, 20_000, 6.0, 3.0),
+        "small": Workload(socket.SOCK_STREAM, 64, 200_000, 0.0, 2.0),
+        "bulk": Workload(socket.SOCK_STREAM, 65536, bulk_mib * 16, 0.0, 2.0),
+        "seqpacket": Workload(socket.SOCK_SEQPACKET, 1000, 20_000, 0.0, 2.0),
+    }
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if path.exists() and text in path.read_text(errors="replace"):
             return
         if proc.poll() is not None:
             raise SystemExit(f"{proc.args[0]} exited early: {path.read_text()[-500:]}")
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise SystemExit(f"timed out waiting for {text!r} in {path}")
+
+
+def _tapped() -> int:
+    """Frames the link has tapped so far (vsockmon counts each as received)."""
+    return int(Path(f"/sys/class/net/{LINK}/statistics/rx_packets").read_text())
 
 
 def _cpu_seconds(proc: subprocess.Popen) -> float:
     """User + system CPU the process has used so far (/proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _stop(proc: subprocess.Popen) -> float:
-    """Stop with SIGINT; the CPU seconds it used while capturing."""
-    cpu = _cpu_seconds(proc)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
-    return cpu
 
 
 def _tcpdump_stats(text: str) -> dict[str, int]:
@@ -68,134 +93,142 @@ def _tcpdump_stats(text: str) -> dict[str, int]:
             "kernel_drops": grab("dropped by kernel")}
 
 
-CONFIGS = {
-    # name: (our extra options, tcpdump's extra options); {mb} is --buffer-mb
-    "mmap": (["-B", "{mb}"], ["-B", "{kb}"]),
-    "recvmsg": (["-B", "{mb}", "--no-mmap"], ["-B", "{kb}"]),
-    "defaults": ([], []),  # as a user runs them: 8 MiB for vsockmon, 2 MiB for tcpdump
-}
+def _our_stats(text: str) -> dict[str, int | str]:
+    """vsockmon's --json summary, and its loss warning if any."""
+    lines = text.strip().splitlines()
+    stats = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
+    return {"written": stats["packets"], "kernel_seen": stats["kernel_seen"],
+            "kernel_drops": stats["kernel_drops"], "lost_at_stop": stats.get("lost_at_stop", -1),
+            "warning": next((ln for ln in lines if ln.startswith("warning:")), "")}
 
 
-def one_round(work: Path, size: int, config: str, seconds: float, buffer_mb: int,
-              concurrency: int) -> dict:
-    """Both capturers on one link while the echo client runs flat out for ``seconds``."""
-    tag = f"{size}-{config}"
-    ours_err, td_err = work / f"ours-{tag}.err", work / f"tcpdump-{tag}.err"
-    ours_opts, td_opts = (
-        [o.format(mb=buffer_mb, kb=buffer_mb * 1024) for o in opts] for opts in CONFIGS[config])
-    ring_mb = 40
-    ours = subprocess.Popen(
-        ["vsockmon", "capture", "-w", f"/tmp/ours-{tag}.pcap", "--ring", "2",
-         "--ring-size", str(ring_mb), "--json", "--force", *ours_opts],
-        stderr=ours_err.open("w"))
+def _receiver(server: socket.socket, stall: float, got: list[int]) -> None:
+    conn, _ = server.accept()
+    time.sleep(stall)
+    total = 0
+    while data := conn.recv(1 << 20):
+        total += len(data)
+    got.append(total)
+    conn.close()
+
+
+def _send(w: Workload) -> int:
+    """The workload's sends, as fast as the sender can; returns the bytes sent."""
+    s = socket.socket(socket.AF_VSOCK, w.kind)
+    s.connect((1, PORT))
+    buf = b"x" * w.size
+    send = s.sendall if w.size > 1 else s.send
+    for _ in range(w.count):
+        send(buf)
+    s.close()
+    return w.size * w.count
+
+
+def one_round(work: Path, name: str, w: Workload, our_opts: list[str]) -> dict:
+    """Both capturers on one link while ``w`` runs; their statistics and the link's count."""
+    to_null = name == "bulk"
+    ours_out = "/dev/null" if to_null else str(work / f"ours-{name}.pcap")
+    td_out = "/dev/null" if to_null else str(work / f"td-{name}.pcap")
+    ours_err, td_err = work / f"ours-{name}.err", work / f"tcpdump-{name}.err"
+    server = socket.socket(socket.AF_VSOCK, w.kind)
+    server.bind((socket.VMADDR_CID_ANY, PORT))
+    server.listen(1)
+    ours = subprocess.Popen(["vsockmon", "capture", "-w", ours_out, "--json", "--force",
+                             *our_opts], stderr=ours_err.open("w"))
     _wait_for(ours_err, "listening on", ours)
-    our_start = _cpu_seconds(ours)
-    tcpdump = subprocess.Popen(
-        ["tcpdump", "-i", "vsockmon0", "-w", f"/tmp/td-{tag}.pcap", "-C", str(ring_mb),
-         "-W", "2", "-Z", "root", *td_opts],
-        stderr=td_err.open("w"))
+    our_cpu = _cpu_seconds(ours)
+    tcpdump = subprocess.Popen(["tcpdump", "-i", LINK, "-w", td_out, "-Z", "root"],
+                               stderr=td_err.open("w"))
     _wait_for(td_err, "listening on", tcpdump)
-    td_start = _cpu_seconds(tcpdump)
-    client = subprocess.run(
-        ["vsockmon", "echo", "client", "--cid", "1", "--port", str(PORT), "--size", str(size),
-         "--duration", str(seconds), "--concurrency", str(concurrency), "--json"],
-        capture_output=True, text=True)
-    time.sleep(1.0)  # let both drain what is queued
-    td_cpu = _stop(tcpdump)
-    our_cpu = _stop(ours)
-    report = json.loads(client.stdout) if client.returncode == 0 else {}
-    stats = json.loads(ours_err.read_text().strip().splitlines()[-1])
-    for f in Path("/tmp").glob(f"*-{tag}.pcap*"):
+    td_cpu = _cpu_seconds(tcpdump)
+    before = _tapped()
+    got: list[int] = []
+    reader = threading.Thread(target=_receiver, args=(server, w.stall, got))
+    reader.start()
+    start = time.monotonic()
+    sent = _send(w)
+    send_s = time.monotonic() - start
+    if not w.stall:
+        reader.join()
+    time.sleep(w.stop_after)
+    at_stop = _tapped() - before
+    our_cpu, td_cpu = _cpu_seconds(ours) - our_cpu, _cpu_seconds(tcpdump) - td_cpu
+    tcpdump.send_signal(signal.SIGINT)
+    ours.send_signal(signal.SIGINT)
+    tcpdump.wait(timeout=300)
+    ours.wait(timeout=300)
+    reader.join()
+    server.close()
+    for f in work.glob(f"*-{name}.pcap"):
         f.unlink()
-    return {
-        "size": size, "config": config, "seconds": report.get("seconds", seconds),
-        "client_msgs": report.get("messages", 0),
-        "vsockmon": {"written": stats["packets"], "kernel_seen": stats["kernel_seen"],
-                     "kernel_drops": stats["kernel_drops"], "cpu_s": our_cpu - our_start},
-        "tcpdump": {**_tcpdump_stats(td_err.read_text()), "cpu_s": td_cpu - td_start},
-    }
+    return {"workload": name, "sent_bytes": sent, "received_bytes": got[0] if got else -1,
+            "send_s": round(send_s, 3), "tapped_at_stop": at_stop,
+            "vsockmon": {**_our_stats(ours_err.read_text()), "rc": ours.returncode,
+                         "cpu_s": our_cpu},
+            "tcpdump": {**_tcpdump_stats(td_err.read_text()), "cpu_s": td_cpu}}
 
 
-def _merge(rounds: list[dict]) -> dict:
-    """Repetitions of one size and config, summed."""
-    out = {**rounds[0], "reps": len(rounds)}
-    for key in ("seconds", "client_msgs"):
-        out[key] = sum(r[key] for r in rounds)
-    for who in ("vsockmon", "tcpdump"):
-        out[who] = {k: sum(r[who][k] for r in rounds) for k in rounds[0][who]}
-    return out
-
-
-def in_lab(seconds: float, buffer_mb: int, reps: int, concurrency: int) -> list[dict]:
+def in_lab(names: list[str], reps: int, bulk_mib: int, our_opts: list[str]) -> list[dict]:
+    subprocess.run(["ip", "link", "add", "name", LINK, "type", "vsockmon"], check=True)
+    subprocess.run(["ip", "link", "set", LINK, "up"], check=True)
     work = Path.cwd()
-    server = subprocess.Popen(["vsockmon", "echo", "server", "--port", str(PORT)],
-                              stderr=(work / "server.err").open("w"))
-    _wait_for(work / "server.err", "listening", server)
-    try:
-        return [_merge([one_round(work, size, config, seconds, buffer_mb, concurrency)
-                        for _ in range(reps)])
-                for size in SIZES for config in CONFIGS]
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
-
-
-def _ratio(d: dict) -> float:
-    return d["kernel_drops"] / d["kernel_seen"] * 100 if d["kernel_seen"] > 0 else 0.0
+    table = workloads(bulk_mib)
+    return [one_round(work, name, table[name], our_opts) for name in names for _ in range(reps)]
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'write':>6} {'client msg/s':>12} {'capturer':>18} {'written':>9} "
-            f"{'written/s':>10} {'kernel seen':>11} {'dropped':>8} {'drop %':>7} "
+    head = (f"{'workload':>9} {'send s':>7} {'tapped':>8} {'capturer':>9} {'written':>8} "
+            f"{'seen':>8} {'dropped':>8} {'lost at stop':>12} {'written/tapped':>14} "
             f"{'CPU µs/frame':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        secs = r["seconds"] + r["reps"]  # the client's time, plus the drain second
-        tail = " (defaults)" if r["config"] == "defaults" else ""
-        for who, label in (("vsockmon", f"vsockmon {r['config']}"),
-                           ("tcpdump", f"tcpdump{tail}")):
+        for who in ("vsockmon", "tcpdump"):
             d = r[who]
+            lost = d.get("lost_at_stop", "")
             lines.append(
-                f"{r['size']:>6} {r['client_msgs'] / r['seconds']:>12.0f} {label:>18} "
-                f"{d['written']:>9} {d['written'] / secs:>10.0f} {d['kernel_seen']:>11} "
-                f"{d['kernel_drops']:>8} {_ratio(d):>6.2f}% "
-                f"{d['cpu_s'] / max(d['written'], 1) * 1e6:>12.0f}")
+                f"{r['workload']:>9} {r['send_s']:>7.1f} {r['tapped_at_stop']:>8} {who:>9} "
+                f"{d['written']:>8} {d['kernel_seen']:>8} {d['kernel_drops']:>8} "
+                f"{'' if lost in ('', -1) else lost:>12} "
+                f"{d['written'] / max(r['tapped_at_stop'], 1) * 100:>13.2f}% "
+                f"{d['cpu_s'] / max(d['written'], 1) * 1e6:>12.1f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=8.0, help="client run per round")
-    ap.add_argument("--buffer-mb", type=int, default=8, help="kernel buffer of both capturers")
-    ap.add_argument("--reps", type=int, default=2, help="rounds per size and config, summed")
-    ap.add_argument("--concurrency", type=int, default=1,
-                    help="echo connections at once (more: overload the VM)")
+    ap.add_argument("--reps", type=int, default=1, help="rounds per workload")
+    ap.add_argument("--only", nargs="+", choices=list(workloads(1)),
+                    default=list(workloads(1)), help="workloads to run")
+    ap.add_argument("--bulk-mib", type=int, default=2048, help="MiB the bulk workload sends")
+    ap.add_argument("--vsockmon-opts", default="", help="extra options for vsockmon capture")
+    ap.add_argument("--kernel", default=None, help="lab kernel series (default: the lab's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--in-lab", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.in_lab:
-        rows = in_lab(args.seconds, args.buffer_mb, args.reps, args.concurrency)
+        rows = in_lab(args.only, args.reps, args.bulk_mib, shlex.split(args.vsockmon_opts))
         print(json.dumps(rows))
         return
 
     from vsockmon.lab import Lab
 
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
-        done = Lab.build().run(
-            ["python3", str(Path(__file__).resolve()), "--in-lab", "--seconds",
-             str(args.seconds), "--buffer-mb", str(args.buffer_mb), "--reps", str(args.reps),
-             "--concurrency", str(args.concurrency)],
-            cwd=tmp, timeout=1800)
+        lab = Lab.build(kernel=args.kernel) if args.kernel else Lab.build()
+        done = lab.run(
+            ["python3", str(Path(__file__).resolve()), "--in-lab", "--reps", str(args.reps),
+             "--bulk-mib", str(args.bulk_mib), "--vsockmon-opts", args.vsockmon_opts,
+             "--only", *args.only],
+            cwd=tmp, timeout=3600)
         if done.returncode != 0:
-            sys.exit(f"bench_capture: the lab run failed:\n{done.output[-2000:]}")
+            sys.exit(f"bench_capture: the lab run failed:\n{done.output[-3000:]}")
         rows = json.loads(done.stdout.strip().splitlines()[-1])
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"vsockmon capture vs tcpdump on vsockmon0 in the lab VM (qemu TCG, loopback CID 1): "
-          f"{args.reps} x {args.seconds:g} s per row, {args.concurrency} echo connection(s), "
-          f"a {args.buffer_mb} MiB kernel buffer for "
-          f"both unless 'defaults'; host load average {os.getloadavg()[0]:.1f}")
+    print(f"vsockmon capture vs tcpdump on vsockmon0 in the lab VM ({lab.kernel}, qemu TCG, "
+          "loopback CID 1), "
+          f"both with their defaults{' + ' + args.vsockmon_opts if args.vsockmon_opts else ''}; "
+          "'tapped': the link's own counter from ready to SIGINT")
     print(table(rows))
 
 

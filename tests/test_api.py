@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import vsockmon
 from vsockmon.cli import main
-from vsockmon.diagnose.engine import Thresholds
+from vsockmon.diagnose.model import Thresholds
 from vsockmon.errors import VsockmonError
 from vsockmon.wire.pcapio import CaptureError
 
@@ -121,8 +121,8 @@ def test_a_stream_is_read_once() -> None:
             return self._data.readinto(buf)
 
     cap = vsockmon.open(io.BufferedReader(Pipe(ECHO.read_bytes())))
-    assert cap.connections().num_rows == 1
-    assert cap.findings() == []  # from the same (kept) pass
+    assert cap.findings() == []
+    assert cap.connections().num_rows == 1  # kept from the findings' pass
     with pytest.raises(VsockmonError, match="read only once"):
         cap.packets()
 
@@ -153,3 +153,44 @@ def test_import_is_cheap_and_the_api_never_imports_click() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_the_notebook_session_of_the_docs_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md: its ``>>>`` session gives the outputs shown; its pandas and polars
+    blocks run too where those are installed (vsockmon needs neither)."""
+    import doctest
+    import importlib.util
+    import re
+
+    monkeypatch.chdir(ROOT)
+    result = doctest.testfile(str(ROOT / "docs" / "api.md"), module_relative=False,
+                              optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 20 and result.failed == 0
+    text = (ROOT / "docs" / "api.md").read_text()
+    plain = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if ">>>" not in b]
+    assert len(plain) == 2  # the pandas and the polars block
+    for block in plain:
+        needs = "polars" if "polars" in block else "pandas"
+        if importlib.util.find_spec(needs) is not None:
+            exec(block, {"cap": vsockmon.open("fixtures/diagnose/no-listener.pcap")})
+
+
+def test_packets_with_a_filter_equal_decode_with_that_filter() -> None:
+    path = ROOT / "fixtures" / "real" / "many-connections.pcap"
+    expr = "op == RW and port == 5005"
+    decoded, _ = cli("decode", str(path), "--json", "-Y", expr)
+    rows = vsockmon.open(path).packets(filter=expr).to_pylist()
+    assert 0 < len(rows) < vsockmon.open(path).packets().num_rows
+    assert [present(r) for r in rows] == [json.loads(x) for x in decoded]
+    assert {r["vsock.virtio.op_name"] for r in rows} == {"RW"}
+    with pytest.raises(VsockmonError):
+        vsockmon.open(path).packets(filter="op ==")
+
+
+def test_capture_diagnose_does_not_pay_for_the_tables() -> None:
+    """``capture --diagnose`` (inside the lab VM) imports the diagnose command for its live
+    report: that must not import pyarrow, which only the API's tables need."""
+    code = "import sys, vsockmon.cli.diagnose; print('pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"]

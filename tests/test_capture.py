@@ -24,6 +24,7 @@ from vsockmon.live.capture import (
     CaptureStats,
     FileSink,
     LineSink,
+    LiveBatch,
     LiveCapture,
     LiveCaptureError,
     LiveFrame,
@@ -91,7 +92,8 @@ def test_ring_of_files_keeps_the_newest_frames(tmp_path: Path) -> None:
     base = str(tmp_path / "ring.pcap")
     sink = FileSink(base, rotate_bytes=1000, files=3)
     for i in range(0, 60, 4):  # several batches, rotating inside some of them
-        sink.write([LiveFrame(i + k, f, len(f)) for k, f in enumerate(frames[i:i + 4])])
+        sink.write(LiveBatch.of_frames(LiveFrame(i + k, f, len(f))
+                                       for k, f in enumerate(frames[i:i + 4])))
     sink.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"ring.pcap.{i}" for i in range(3)]
     kept = []
@@ -109,7 +111,7 @@ def test_ring_of_files_keeps_the_newest_frames(tmp_path: Path) -> None:
 
 def test_size_rotation_without_a_ring_numbers_files_on(tmp_path: Path) -> None:
     sink = FileSink(str(tmp_path / "c.pcap"), rotate_bytes=250)
-    sink.write([LiveFrame(i, f, len(f)) for i, f in enumerate(_frames(12))])
+    sink.write(LiveBatch.of_frames(LiveFrame(i, f, len(f)) for i, f in enumerate(_frames(12))))
     sink.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) > 3 and names[0] == "c.pcap.0" and "c.pcap" not in names
@@ -143,11 +145,8 @@ def test_impossible_outputs_are_refused(kwargs: dict, message: str) -> None:
 def test_a_closed_pipe_stops_the_capture_quietly() -> None:
     r, w = os.pipe()
     os.close(r)  # the reader (wireshark) went away
-    with os.fdopen(w, "wb") as fp:
-        spool = capture._Spool(fp)
-        spool.write(b"x")
-        with pytest.raises(capture.OutputClosed):
-            spool.flush()
+    with os.fdopen(w, "wb") as fp, pytest.raises(capture.OutputClosed):
+        capture._write_all(fp.fileno(), b"x")
 
     class Closed:
         def write(self, data: str) -> int:
@@ -161,10 +160,10 @@ def test_a_closed_pipe_stops_the_capture_quietly() -> None:
 
 
 def test_partial_writes_are_completed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real = os.writev
-    monkeypatch.setattr(os, "writev", lambda fd, parts: real(fd, [bytes(parts[0])[:3]]))
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data)[:3]))
     with open(tmp_path / "out", "wb") as fp:
-        capture._writev_all(fp.fileno(), [b"abcdefg", memoryview(b"hij"), b"", b"klmnop"])
+        capture._write_all(fp.fileno(), b"abcdefghijklmnop")
     assert (tmp_path / "out").read_bytes() == b"abcdefghijklmnop"
 
 
@@ -252,12 +251,20 @@ def test_live_line_decode() -> None:
 
 def test_status_line_counts_ops_and_drops() -> None:
     stats = CaptureStats()
-    stats.add([LiveFrame(0, f, len(f)) for f in (frame(Op.RW, b"ab"), frame(Op.RW),
-                                             frame(Op.CREDIT_UPDATE), b"short")])
+    stats.add(LiveBatch.of_frames(LiveFrame(0, f, len(f)) for f in (
+        frame(Op.RW, b"ab"), frame(Op.RW), frame(Op.CREDIT_UPDATE), b"short")))
     stats.kernel = (200, 3)
     assert stats.line() == ("4 packets, 235 B (RW 2 CREDIT_UPDATE 1); "
                             "kernel: 200 seen, 3 dropped (1.50%)")
     assert stats.as_dict()["ops"] == {"RW": 2, "CREDIT_UPDATE": 1}
+    assert stats.loss_line() == ("warning: 3 frames lost: 3 dropped by the kernel for want "
+                                 "of buffer room (raise -B)")
+    # finished: the kernel saw 200, dropped 3, 4 were written: 193 never read
+    stats.finish("SIGINT", (200, 3))
+    assert stats.line().endswith("3 dropped (1.50%), 193 lost at stop")
+    assert stats.lost == 196 and "193 still unread" in str(stats.loss_line())
+    stats.finish("count", (200, 3))  # -c: the frames after the count were left on purpose
+    assert stats.lost_at_stop == 0 and stats.lost == 3
 
 
 @pytest.mark.parametrize("use_mmap", [True, False])
@@ -339,11 +346,42 @@ def test_records_are_byte_for_byte_pcapios(tmp_path: Path, name: str) -> None:
     bytes must stay exactly those of pcapio's writers."""
     frames = [frame(Op.RW, b"p" * n) for n in (0, 1, 2, 3, 4, 5, 700)]
     sink = FileSink(str(tmp_path / name))
-    sink.write([LiveFrame(1_700_000_000_123_456_789 + i, memoryview(f), len(f) + i)
-                for i, f in enumerate(frames)])
+    sink.write(LiveBatch.of_frames((LiveFrame(1_700_000_000_123_456_789 + i, memoryview(f),
+                                              len(f) + i) for i, f in enumerate(frames)),
+                                   sink.record_format))
     sink.close()
     with open(tmp_path / f"ref-{name}", "wb") as fp:
         ref = pcapio.writer_for(name, fp)
         for i, f in enumerate(frames):
             ref.write(1_700_000_000_123_456_789 + i, f, len(f) + i)
     assert (tmp_path / name).read_bytes() == (tmp_path / f"ref-{name}").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["t.pcap", "t.pcapng"])
+def test_the_file_header_is_written_at_open(tmp_path: Path, name: str) -> None:
+    """A capture killed before its first batch leaves a valid, empty file (issue 20)."""
+    sink = FileSink(str(tmp_path / name))
+    with open_capture(str(tmp_path / name)) as reader:  # before any write or close
+        assert reader.format == name.split(".")[1] and list(reader.records()) == []
+        assert reader.stopped is None
+    sink.close()
+
+
+def test_a_stop_drains_what_is_already_queued(tmp_path: Path) -> None:
+    """Frames queued before the stop are written (the socketpair has no kernel counts, so
+    the drain ends when nothing is left); a second signal (urgent) skips the drain."""
+    for urgent, expected in ((False, 100), (True, 0)):
+        rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        frames = _frames(100)  # fits in the socket buffer: send() never blocks
+        for f in frames:
+            tx.send(f)
+        sink = FileSink(str(tmp_path / f"{urgent}.pcap"))
+        stats = CaptureStats()
+        with tx, LiveCapture(sock=rx) as live:
+            live.stop.request("SIGINT")
+            live.stop.urgent = urgent
+            assert run(live, sink, stats) == "SIGINT"
+        sink.close()
+        with open_capture(str(tmp_path / f"{urgent}.pcap")) as reader:
+            assert [r.data for r in reader.records()] == frames[:expected]
+        assert stats.packets == expected

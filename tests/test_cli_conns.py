@@ -56,9 +56,9 @@ def test_conns_json_has_one_object_per_connection(echo: Path) -> None:
 
 def test_conns_json_equals_records(echo: Path) -> None:
     """The column-wise JSON writer says exactly what json.dumps of a record says."""
-    from vsockmon.cli.analysis import analyse
+    import vsockmon
 
-    table = analyse(str(echo)).table
+    table = vsockmon.open(echo).analysis().table
     out, _, _ = run("conns", str(echo), "--json")
     assert out.splitlines() == [json.dumps(r) for r in table.records()]
 
@@ -247,13 +247,13 @@ def test_progress_bar_only_on_a_terminal(echo: Path, monkeypatch: pytest.MonkeyP
     changes, and pipes never see one."""
     import sys
 
-    from vsockmon.cli import analysis
+    from vsockmon.cli import reading
 
-    monkeypatch.setattr(analysis, "PROGRESS_MIN_BYTES", 0)
-    plain = analysis.analyse(str(echo))
+    monkeypatch.setattr(reading, "PROGRESS_MIN_BYTES", 0)
+    plain = reading.scan(str(echo))
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    shown = analysis.analyse(str(echo))
+    shown = reading.scan(str(echo))
     assert "reading" in capsys.readouterr().err
     assert shown.table.records() == plain.table.records()
 

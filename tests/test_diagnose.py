@@ -5,27 +5,26 @@ that look odd but are normal stay quiet."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conntrack_scenarios import MS, Conv, write
 
-from vsockmon.conntrack.tracker import Close
+import vsockmon
+from vsockmon.analysis.pipeline import analyse
+from vsockmon.conntrack.tracker import Close, Connection
 from vsockmon.decode.frames import decode_batches
-from vsockmon.diagnose.engine import (
-    RULES,
-    Finding,
-    LiveDiagnosis,
-    Report,
-    Severity,
-    Thresholds,
-    diagnose_batches,
+from vsockmon.diagnose.digest import Digest
+from vsockmon.diagnose.engine import RULES, LiveDiagnosis, evaluate
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.views import (
     findings_by_frame,
     findings_by_stream,
-    select,
+    matching_findings,
     worst_by_stream,
 )
-from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.wire.pcapio import CaptureError, CaptureReader
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -75,11 +74,24 @@ def captures() -> list[str]:
     return sorted(str(p.relative_to(FIXTURES)) for p in found)
 
 
+@dataclass
+class Diagnosed:
+    findings: list[Finding]
+    connections: list[Connection]
+
+
 def diagnose_file(path: Path, chunk: int | None = None,
-                  thresholds: Thresholds | None = None) -> Report:
-    reader = open_capture(str(path)) if chunk is None else CaptureReader(str(path), chunk=chunk)
-    with reader:
-        return diagnose_batches(decode_batches(reader.batches()), thresholds)
+                  thresholds: Thresholds | None = None) -> Diagnosed:
+    """The findings of the analysis pass over ``path`` (read ``chunk`` bytes at a time:
+    small chunks put connections across batch edges) and its connections."""
+    if chunk is None:
+        cap = vsockmon.open(path)
+        return Diagnosed(cap.findings(thresholds), list(cap.analysis().table))
+    t = thresholds or Thresholds()
+    digest = Digest(t)
+    with CaptureReader(str(path), chunk=chunk) as reader:
+        table = analyse(reader, digest.feed).table
+    return Diagnosed(evaluate(table, digest, t), list(table))
 
 
 def summary(findings: list[Finding]) -> list[tuple[str, int | None, tuple[int, ...]]]:
@@ -382,6 +394,7 @@ def test_findings_by_stream_and_frame() -> None:
 
 def test_select_by_rule_kind_and_severity() -> None:
     findings = diagnose_file(FIXTURES / "diagnose/no-transport.pcap").findings
-    assert [f.rule for f in select(findings, ["no-transport"])] == ["no-transport"]
-    assert [f.rule for f in select(findings, ["mid-capture/end"])] == ["mid-capture"]
-    assert [f.rule for f in select(findings, min_severity=Severity.WARNING)] == ["no-transport"]
+    assert [f.rule for f in matching_findings(findings, ["no-transport"])] == ["no-transport"]
+    assert [f.rule for f in matching_findings(findings, ["mid-capture/end"])] == ["mid-capture"]
+    assert [f.rule for f in matching_findings(findings, min_severity=Severity.WARNING)] == [
+        "no-transport"]

@@ -15,7 +15,7 @@ from vsockmon.lab import Lab
 pytestmark = pytest.mark.lab
 
 HALF_CLOSE = r"""
-import socket, time
+import os, socket, time
 lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 lst.bind((socket.VMADDR_CID_ANY, 5300)); lst.listen()
 c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); c.connect((1, 5300))
@@ -23,7 +23,8 @@ s, _ = lst.accept()
 c.sendall(b"request"); c.shutdown(socket.SHUT_WR)
 while s.recv(100): pass
 open("half_close.ready", "w").close()
-time.sleep(8)  # the server neither answers nor closes while the capture runs
+while not os.path.exists("capture.rc"):  # the server neither answers nor closes
+    time.sleep(0.1)                        # until the capture has stopped, however slow
 """
 
 SCRIPT = r"""

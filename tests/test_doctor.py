@@ -33,7 +33,8 @@ ALL_CHECKS = ("kernel", "kernel: tap length of split packets",
               "kernel: reset after many tiny packets", "CONFIG_VSOCKMON", "CONFIG_VHOST_VSOCK",
               "CONFIG_VIRTIO_VSOCKETS",
               "CONFIG_VSOCKETS_LOOPBACK", "modules", "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET",
-              "/dev/vsock", "/dev/vhost-vsock", "local CID", "vsock sockets", "qemu", "libvirt")
+              "/dev/vsock", "/dev/vhost-vsock", "local CID", "vsock sockets", "qemu", "guests",
+              "libvirt")
 
 
 def _kernel(monkeypatch: pytest.MonkeyPatch, config: str, modules: str) -> None:
@@ -173,3 +174,34 @@ def test_check_lines() -> None:
     assert doctor.DoctorCheck("x", doctor.OK, "fine", "unused").line() == "✓ x: fine"
     assert not doctor.capture_ready([check])
     assert doctor.capture_ready([doctor.DoctorCheck("x", doctor.FAIL, "not needed")])
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    # libvirt's and Kata's QEMU: a kernel vhost-vsock device with its CID.
+    (["/usr/bin/qemu-system-x86_64", "-name", "g", "-device",
+      "vhost-vsock-pci,id=vsock0,guest-cid=42,vhostfd=30,bus=pci.0"], ("qemu", 42, True)),
+    (["qemu-system-aarch64", "-device", "vhost-vsock-device,guest-cid=3"], ("qemu", 3, True)),
+    # vhost-user-vsock: the device runs in a user-space daemon.
+    (["qemu-system-x86_64", "-device", "vhost-user-vsock-pci,chardev=c0,guest-cid=5"],
+     ("qemu (vhost-user-vsock)", 5, False)),
+    (["/usr/bin/cloud-hypervisor", "--kernel", "k", "--vsock", "cid=7,socket=/run/v.sock"],
+     ("cloud-hypervisor", 7, False)),
+    (["firecracker", "--api-sock", "/run/fc.sock"], ("firecracker", None, False)),
+    # Not a vsock guest: no device, another program, a CID only as a substring.
+    (["qemu-system-x86_64", "-kernel", "vmlinuz", "-m", "1G"], None),
+    (["qemu-system-x86_64", "-device", "virtio-net,my-guest-cid=3"], None),
+    (["cloud-hypervisor", "--kernel", "k"], None),
+    (["python3", "-c", "vhost-vsock-pci,guest-cid=3"], None),
+    ([], None),
+])
+def test_guests_from_command_lines(argv: list[str], expected: tuple | None) -> None:
+    guest = doctor.parse_guest(77, argv)
+    assert (None if guest is None else (guest.vmm, guest.cid, guest.tapped)) == expected
+
+
+def test_guest_lines_say_whether_the_tap_sees_them() -> None:
+    assert doctor.Guest(9, "qemu", 3, True).describe() == \
+        "qemu pid 9: CID 3 (vhost-vsock: on this host's vsockmon)"
+    assert doctor.Guest(8, "firecracker", None, False).describe() == (
+        "firecracker pid 8: CID set over its API (vsock device in user space: this host's "
+        "vsockmon sees nothing; capture inside the guest)")

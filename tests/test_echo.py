@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,12 @@ def unix_server(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Start an EchoServer on a Unix socket of the given kind; yields (server, connect)."""
     started: list[EchoServer] = []
 
-    def start(kind: str, read_delay: float = 0.0):  # type: ignore[no-untyped-def]
+    def start(kind: str, read_delay: float = 0.0, log=None):  # type: ignore[no-untyped-def]
         path = str(tmp_path / f"{kind}.sock")
         listener = socket.socket(socket.AF_UNIX, UNIX_TYPES[kind])
         listener.bind(path)
         listener.listen(16)
-        srv = EchoServer(0, kind, read_delay=read_delay, sock=listener)
+        srv = EchoServer(0, kind, read_delay=read_delay, sock=listener, log=log)
         threading.Thread(target=srv.serve, daemon=True).start()
         started.append(srv)
 
@@ -91,6 +93,88 @@ def test_the_server_survives_peers_that_vanish(unix_server) -> None:  # type: ig
         s.close()  # abortive close mid-echo
     report = echo.run_client(ClientOptions(1, 1, count=20, size=64), connect)
     assert report.ok and srv.stats.connections == 4
+
+
+def _served(srv: EchoServer, connections: int) -> dict:
+    """The server's counts once ``connections`` connections have come and gone."""
+    deadline = time.monotonic() + 10
+    while srv.stats.connections < connections or srv.stats.active:
+        assert time.monotonic() < deadline, srv.stats
+        time.sleep(0.01)
+    return srv.stats.as_dict()
+
+
+HELLO = b"Hello, world!"
+
+
+def test_a_client_that_sends_and_closes_is_counted(unix_server) -> None:  # type: ignore[no-untyped-def]
+    """The seed's client: connect, send "Hello, world!", close without reading. The server
+    reads only after the client has gone (read_delay), so every echo bounces."""
+    lines: list[str] = []
+    srv, connect = unix_server("stream", read_delay=0.2, log=lines.append)
+    for _ in range(3):
+        with connect(ClientOptions(1, 1)) as s:
+            s.sendall(HELLO)
+    stats = _served(srv, 3)
+    assert (stats["connections"], stats["bytes"], stats["messages"]) == (3, 3 * len(HELLO), 3)
+    assert stats["echoed"] == 0 and stats["resets"] == 0
+    assert stats["clients"] == [
+        {"peer": f"#{i}", "received": 13, "echoed": 0, "reads": 1, "end": "left"}
+        for i in (1, 2, 3)]
+    assert lines.count("#2 sent 13 bytes: b'Hello, world!'") == 1
+    assert "#3 left before its echo could reach it: 13 bytes received, 0 echoed" in lines
+
+
+def test_a_client_that_reads_its_echo_ends_in_order(unix_server) -> None:  # type: ignore[no-untyped-def]
+    srv, connect = unix_server("stream")
+    with connect(ClientOptions(1, 1)) as s:
+        s.sendall(HELLO)
+        assert s.recv(100) == HELLO
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""
+    stats = _served(srv, 1)
+    assert stats["clients"] == [
+        {"peer": "#1", "received": 13, "echoed": 13, "reads": 1, "end": "eof"}]
+    assert (stats["bytes"], stats["echoed"], stats["resets"]) == (13, 13, 0)
+
+
+def test_the_totals_count_a_connection_still_open(unix_server) -> None:  # type: ignore[no-untyped-def]
+    """Stopping the server mid-connection must not lose what that client already sent."""
+    srv, connect = unix_server("stream")
+    with connect(ClientOptions(1, 1)) as s:
+        s.sendall(HELLO)
+        assert s.recv(100) == HELLO  # read and echoed; the connection stays open
+        deadline = time.monotonic() + 10
+        while srv.stats.echoed < 13:  # the echo can reach us before the count is updated
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stats = srv.stats.as_dict()
+    assert (stats["bytes"], stats["echoed"], stats["messages"], stats["resets"]) == (13, 13, 1, 0)
+    assert stats["clients"] == [
+        {"peer": "#1", "received": 13, "echoed": 13, "reads": 1, "end": "open"}]
+
+
+def test_a_reset_before_any_data_is_the_only_abrupt_end(tmp_path: Path) -> None:
+    """A TCP reset on loopback (SO_LINGER 0): the server code does not care which family
+    its listening socket has. A reset with no byte read is abrupt; one after the client's
+    bytes were read is a client leaving."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    srv = EchoServer(0, "stream", read_delay=0.2, sock=listener)
+    threading.Thread(target=srv.serve, daemon=True).start()
+    try:
+        for payload in (b"", HELLO):
+            s = socket.create_connection(listener.getsockname())
+            s.sendall(payload)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            _served(srv, 1 + bool(payload))
+        stats = srv.stats.as_dict()
+    finally:
+        srv.close()
+    first, second = stats["clients"]
+    assert (first["received"], first["reads"], first["end"]) == (0, 0, "reset")
+    assert (second["received"], second["echoed"], second["end"]) == (13, 0, "left")
+    assert (stats["resets"], stats["bytes"]) == (1, 13)
 
 
 def test_duration_and_rate_bound_the_run(unix_server) -> None:  # type: ignore[no-untyped-def]

@@ -16,9 +16,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import frame, write_pcap
 
+import vsockmon
 from vsockmon.cli import main
-from vsockmon.conntrack.tracker import track
-from vsockmon.decode.frames import decode_batches
 from vsockmon.export import (
     CONNECTION_COLUMNS,
     PACKET_COLUMNS,
@@ -124,13 +123,11 @@ def test_tables_in_duckdb_equal_decoder_and_tracker(tmp_path: Path) -> None:
     assert rows[5][6:10] == (14, 21, "payload-len-mismatch", "ttrpc")
     assert rows[8][9] == "sd_notify"
     assert rows[6][5] == "RCV|SEND" and rows[8][4] == "SEQPACKET"
-    with open_capture(str(src)) as r:
-        fb = next(decode_batches(r.batches()))
+    fb, _ = next(vsockmon.open(src).frames())
     assert [row[6] for row in rows] == fb.virtio["len"].tolist()
     got = db.execute(f"select stream, close, client, server, bytes from '{conns}' "
                      f"order by stream").fetchall()
-    with open_capture(str(src)) as r:
-        table = track(decode_batches(r.batches()))
+    table = vsockmon.open(src).analysis().table
     assert got == [(c["stream"], c["close"], c["client"], c["server"], c["bytes"])
                    for c in table.records()]
     assert db.execute(f"select count(*) from '{packets}' p join '{conns}' c using (stream) "

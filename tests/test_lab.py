@@ -5,7 +5,9 @@ Boots are few and each checks several things: CI has 2 cores and one time budget
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +203,9 @@ with capture(Path("nested.pcap")):
         conn.close()
 print(Path(os.environ["VSOCKMON_LAB_GUEST_LOG"]).read_text())
 print(Path("/proc/version").read_text())
+import subprocess
+report = subprocess.run(["vsockmon", "doctor", "--json"], capture_output=True, text=True)
+print("DOCTOR " + report.stdout.replace("\\n", " "))
 """
 
 
@@ -230,6 +235,11 @@ def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> N
     # a fixed kernel taps exactly len bytes. Never fewer. Which one this kernel is, the
     # kernel table says (vsockmon/live/kernel_facts.py, what doctor reports).
     assert all(captured >= length for length, captured in to_guest)
+    # doctor, run in the lab VM (the nested guest's host), finds the guest's qemu and CID.
+    report = json.loads(next(ln for ln in result.stdout.splitlines()
+                             if ln.startswith("DOCTOR ")).removeprefix("DOCTOR "))
+    guests = next(c for c in report["checks"] if c["name"] == "guests")["detail"]
+    assert re.fullmatch(r"qemu pid \d+: CID 3 \(vhost-vsock: on this host's vsockmon\)", guests)
     version = kernel_facts.upstream_version(result.stdout, lab.kernel)
     surplus = any(captured > length for length, captured in to_guest)
     assert surplus is kernel_facts.MEASURED[version].has["split-tap-length"]

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.conntrack.tracker import ConnTracker
-from vsockmon.decode.frames import decode_batches, frames
+import vsockmon
+from vsockmon.conntrack.tracker import Tags
+from vsockmon.decode.frames import FrameBatch, frames
 from vsockmon.payload import ttrpc
 from vsockmon.wire.pcapio import CaptureError, open_capture
 from vsockmon.wire.protocol import Op, SockType
@@ -76,18 +77,18 @@ def reference_streams(path: Path) -> list[int | None]:
 
 def tracker_tags(path: Path) -> list[tuple[int | None, str, str]]:
     """Per frame: the Python tracker's stream, direction and sender's bytes in flight."""
-    tracker = ConnTracker()
     out: list[tuple[int | None, str, str]] = []
-    with open_capture(str(path)) as reader:
-        for fb in decode_batches(reader.batches()):
-            tags = tracker.feed(fb)
-            for stream, sender, flight in zip(tags.stream.tolist(), tags.sender.tolist(),
-                                              tags.in_flight.tolist(), strict=True):
-                if stream < 0:
-                    out.append((None, "", ""))
-                    continue
-                mine = flight[sender]
-                out.append((stream, ("c2s", "s2c")[sender], str(mine) if mine >= 0 else ""))
+
+    def visit(_fb: FrameBatch, tags: Tags) -> None:
+        for stream, sender, flight in zip(tags.stream.tolist(), tags.sender.tolist(),
+                                          tags.in_flight.tolist(), strict=True):
+            if stream < 0:
+                out.append((None, "", ""))
+                continue
+            mine = flight[sender]
+            out.append((stream, ("c2s", "s2c")[sender], str(mine) if mine >= 0 else ""))
+
+    vsockmon.open(path).scan(visit)
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from vsockmon.errors import VsockmonError
 if TYPE_CHECKING:
     from vsockmon.analysis.stats import Stats
     from vsockmon.api import Capture, open
-    from vsockmon.diagnose.engine import Finding, Severity, Thresholds
+    from vsockmon.diagnose.model import Finding, Severity, Thresholds
     from vsockmon.wire.pcapio import CaptureError
 
 __version__ = "0.1.0"
@@ -33,8 +34,8 @@ __all__ = ["Capture", "CaptureError", "Finding", "Severity", "Stats", "Threshold
 
 _LAZY = {
     "open": "vsockmon.api", "Capture": "vsockmon.api",
-    "Finding": "vsockmon.diagnose.engine", "Severity": "vsockmon.diagnose.engine",
-    "Thresholds": "vsockmon.diagnose.engine", "Stats": "vsockmon.analysis.stats",
+    "Finding": "vsockmon.diagnose.model", "Severity": "vsockmon.diagnose.model",
+    "Thresholds": "vsockmon.diagnose.model", "Stats": "vsockmon.analysis.stats",
     "CaptureError": "vsockmon.wire.pcapio",
 }
 """Public name → the module defining it, imported on first access (PEP 562)."""
@@ -54,11 +55,12 @@ _TRIGGER = "scapy.packet"
 class _RegisterAfterScapy(importlib.abc.MetaPathFinder):
     """Wraps the loader of ``scapy.packet`` so our layers register right after it loads."""
 
-    def find_spec(self, name: str, path: object, target: object = None) -> object:
+    def find_spec(self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+                  ) -> importlib.machinery.ModuleSpec | None:
         if name != _TRIGGER:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)  # type: ignore[arg-type]
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
         loader = spec.loader

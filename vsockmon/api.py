@@ -8,9 +8,9 @@
     cap.stats()          # Stats: what `vsockmon stats --json` prints (Stats.to_dict())
 
 The commands are this API plus rendering, so a script and the shell can never disagree.
-Every method is one pass of :mod:`vsockmon.analysis.pipeline` over the file; connections,
-findings and statistics come from one shared pass and are kept, so asking for all three reads
-the file once. Nothing here prints or exits: failures raise
+Every method is a pass of :mod:`vsockmon.analysis.pipeline` over the file that collects
+what it needs; what a pass found (the connections, the diagnose digest, the statistics) is
+kept. Nothing here prints or exits: failures raise
 :class:`~vsockmon.errors.VsockmonError` subclasses (:class:`~vsockmon.wire.pcapio.CaptureError`
 for a file that cannot be read), and a capture damaged part-way is analysed up to its last
 whole packet, with :attr:`Capture.stopped` saying where it stopped.
@@ -21,14 +21,17 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
 from vsockmon.analysis.pipeline import Analysis, Visitor, analyse, decoded
 from vsockmon.analysis.stats import Stats, StatsCollector
-from vsockmon.diagnose.engine import Digest, Finding, Thresholds, evaluate
+from vsockmon.decode.filter import compile_filter
+from vsockmon.decode.frames import FrameBatch
+from vsockmon.diagnose.digest import Digest
+from vsockmon.diagnose.engine import evaluate
+from vsockmon.diagnose.model import Finding, Thresholds
 from vsockmon.export.tables import FRAME_SCHEMA, connections_table, frames_batch
 from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
 
@@ -49,19 +52,11 @@ class _Borrowed(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        data = self._fp.read(len(buf))
-        buf[: len(data)] = data
+    def readinto(self, buf: Any) -> int:  # any writable buffer, as RawIOBase's
+        view = memoryview(buf).cast("B")
+        data = self._fp.read(len(view))
+        view[: len(data)] = data
         return len(data)
-
-
-@dataclass
-class _Pass:
-    """The shared pass: the connections, the diagnose digest and the statistics' counts."""
-
-    analysis: Analysis
-    digest: Digest
-    stats: StatsCollector
 
 
 class Capture:
@@ -86,7 +81,11 @@ class Capture:
         self.stopped: str | None = None
         """After a pass: why reading stopped before the end of the file (a truncated or
         corrupt capture), else None."""
-        self._passes: dict[Thresholds, _Pass] = {}
+        self.on_progress: Callable[[int], None] | None = None
+        """Called with the bytes of the file read so far, after each batch of every pass."""
+        self._analysis: Analysis | None = None
+        self._digests: dict[Thresholds, Digest] = {}
+        self._stats: StatsCollector | None = None
 
     # -- passes ---------------------------------------------------------------------------
 
@@ -96,7 +95,7 @@ class Capture:
             return open_capture(self._path)
         if self._start >= 0:
             self._fp.seek(self._start)
-        return open_capture(_Borrowed(self._fp))  # type: ignore[arg-type]
+        return open_capture(io.BufferedReader(_Borrowed(self._fp)))
 
     def _reader(self) -> CaptureReader:
         """A reader at the first packet: the one :meth:`__init__` opened, then new ones."""
@@ -108,72 +107,109 @@ class Capture:
                                "save it to a file to analyse it again")
         return self._open()
 
-    def analyse(self, *visitors: Visitor, on_progress: Callable[[int], None] | None = None
-                ) -> Analysis:
-        """One pass: track every connection, each visitor seeing each decoded batch and its
-        tags (see :mod:`vsockmon.analysis.pipeline`). The building block of the methods below
-        and of the commands; ``on_progress(bytes_read)`` is called after each batch."""
-        with self._reader() as reader:
-            result = analyse(reader, *visitors, on_progress=on_progress)
-        self.stopped = result.stopped
-        return result
-
-    def _pass(self, thresholds: Thresholds | None = None) -> _Pass:
+    def scan(self, *visitors: Visitor, findings: bool = False, stats: bool = False,
+             thresholds: Thresholds | None = None) -> Analysis:
+        """One pass of :func:`vsockmon.analysis.pipeline.analyse`: track every connection,
+        each visitor seeing each decoded batch with the tracker's tags. The building block
+        of the methods below, for analyses of your own; its result is kept as
+        :meth:`analysis`. With ``findings`` (and ``thresholds``) or ``stats``, the same pass
+        also collects what :meth:`findings` or :meth:`stats` need, so they read no more."""
         key = thresholds or Thresholds()
-        if key not in self._passes:
-            digest, stats = Digest(key), StatsCollector()
-            self._passes[key] = _Pass(self.analyse(digest.feed, stats), digest, stats)
-        return self._passes[key]
+        digest = Digest(key) if findings and key not in self._digests else None
+        collector = StatsCollector() if stats and self._stats is None else None
+        extra: list[Visitor] = []
+        if digest is not None:
+            extra.append(digest.feed)
+        if collector is not None:
+            extra.append(collector)
+        with self._reader() as reader:
+            self._analysis = analyse(reader, *visitors, *extra, on_progress=self.on_progress)
+        self.stopped = self._analysis.stopped
+        if digest is not None:
+            self._digests[key] = digest
+        self._stats = collector or self._stats
+        return self._analysis
+
+    def analysis(self) -> Analysis:
+        """The connections (a :class:`~vsockmon.conntrack.tracker.ConnTable`), frame counts
+        and times, from the last pass (running one if none ran yet)."""
+        return self._analysis or self.scan()
+
+    def frames(self, expr: str | None = None, count: int | None = None
+               ) -> Iterator[tuple[FrameBatch, list[int]]]:
+        """Each decoded batch (numpy columns; ``batch.frame(i)`` is one frame) with the rows
+        that pass the display filter ``expr`` (``vsockmon decode -Y``), at most ``count`` in
+        all. Raises :class:`~vsockmon.decode.filter.FilterError` for a bad filter."""
+        keep = compile_filter(expr) if expr else None
+        left = count
+        with self._reader() as reader:
+            for _, fb in decoded(reader):
+                idx = keep(fb).nonzero()[0].tolist() if keep else list(range(len(fb)))
+                if left is not None:
+                    idx = idx[:left]
+                    left -= len(idx)
+                if idx:
+                    yield fb, idx
+                if self.on_progress is not None:
+                    self.on_progress(reader.offset)
+                if left == 0:
+                    return
+            self.stopped = reader.stopped
 
     # -- the tables -----------------------------------------------------------------------
 
-    def iter_packets(self, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    def iter_packets(self, batch_size: int = 65536, filter: str | None = None
+                     ) -> Iterator[pa.RecordBatch]:
         """The rows of :meth:`packets` as record batches of ``batch_size`` rows (the last may
-        be shorter): memory stays at about one batch whatever the capture's size."""
+        be shorter): memory stays at about one batch whatever the capture's size. ``filter``
+        keeps the frames a display filter passes (``vsockmon decode -Y``)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        with self._reader() as reader:
-            pending: list[pa.RecordBatch] = []
-            rows = 0
-            for _, fb in decoded(reader):
-                pending.append(frames_batch(fb))
-                rows += len(fb)
-                while rows >= batch_size:
-                    table = pa.Table.from_batches(pending, FRAME_SCHEMA)
-                    yield from table.slice(0, batch_size).combine_chunks().to_batches()
-                    rest = table.slice(batch_size)
-                    pending, rows = rest.to_batches(), rest.num_rows
-            if rows:
-                yield from pa.Table.from_batches(pending, FRAME_SCHEMA).combine_chunks() \
-                    .to_batches()
-            self.stopped = reader.stopped
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for fb, idx in self.frames(filter):
+            batch = frames_batch(fb)
+            pending.append(batch if len(idx) == len(fb) else batch.take(pa.array(idx)))
+            rows += len(idx)
+            while rows >= batch_size:
+                table = pa.Table.from_batches(pending, FRAME_SCHEMA)
+                yield from table.slice(0, batch_size).combine_chunks().to_batches()
+                rest = table.slice(batch_size)
+                pending, rows = rest.to_batches(), rest.num_rows
+        if rows:
+            yield from pa.Table.from_batches(pending, FRAME_SCHEMA).combine_chunks().to_batches()
 
-    def packets(self) -> pa.Table:
-        """Every frame: one row per frame, one column per key of ``vsockmon decode --json``
-        (null where the JSON object leaves a key out: a frame without that header)."""
-        return pa.Table.from_batches(list(self.iter_packets()), FRAME_SCHEMA)
+    def packets(self, filter: str | None = None) -> pa.Table:
+        """Every frame (or those ``filter`` passes): one row per frame, one column per key of
+        ``vsockmon decode --json`` (null where the JSON object leaves a key out: a frame
+        without that header)."""
+        return pa.Table.from_batches(list(self.iter_packets(filter=filter)), FRAME_SCHEMA)
 
     def connections(self) -> pa.Table:
         """Every connection (stream), one row each, one column per key of
         ``vsockmon conns --json``, in stream order."""
-        return connections_table(self._pass().analysis.table, None)
+        return connections_table(self.analysis().table, None)
 
     def findings(self, thresholds: Thresholds | None = None) -> list[Finding]:
         """The diagnose findings, ranked as ``vsockmon diagnose`` ranks them (most severe
         first); ``f.to_dict(cap.start_ns)`` is the object ``diagnose --json`` prints."""
-        p = self._pass(thresholds)
-        return evaluate(p.analysis.table, p.digest, thresholds)
+        key = thresholds or Thresholds()
+        if key not in self._digests:
+            self.scan(findings=True, thresholds=key)
+        return evaluate(self.analysis().table, self._digests[key], key)
 
     def stats(self, top: int = 10, bins: int = 20) -> Stats:
         """What ``vsockmon stats`` shows; ``.to_dict()`` is the object of ``stats --json``."""
-        p = self._pass()
-        return p.stats.finish(p.analysis.table, top, bins)
+        if self._stats is None:
+            self.scan(stats=True)
+        assert self._stats is not None
+        return self._stats.finish(self.analysis().table, top, bins)
 
     @property
     def start_ns(self) -> int | None:
         """The capture's earliest timestamp: the origin of each finding's ``t`` (None for a
         capture without frames)."""
-        return self._pass().digest.start_ns
+        return self.analysis().start_ns
 
     # -- the file -------------------------------------------------------------------------
 

@@ -33,7 +33,13 @@ class Analysis:
     frames: int
     frames_without_stream: int
     first_ts_ns: int | None
+    """The time of the first frame (None without frames)."""
     last_ts_ns: int | None
+    """The time of the last frame."""
+    start_ns: int | None = None
+    """The earliest timestamp (a capture's frames are not always in time order)."""
+    end_ns: int | None = None
+    """The latest timestamp."""
     stopped: str | None = None
     """Why reading ended before the end of the file (truncated, corrupt), else None."""
 
@@ -62,15 +68,17 @@ def analyse(reader: CaptureReader, *visitors: Visitor,
     bar). Raises :class:`~vsockmon.wire.pcapio.CaptureError` when the file cannot be read.
     """
     tracker = ConnTracker()
-    first: int | None = None
-    last: int | None = None
+    first = last = low = high = None
     for _, fb, tags in tracked(reader, tracker):
         for visit in visitors:
             visit(fb, tags)
         if len(fb):
             first = int(fb.ts_ns[0]) if first is None else first
             last = int(fb.ts_ns[-1])
+            lo, hi = int(fb.ts_ns.min()), int(fb.ts_ns.max())
+            low = lo if low is None else min(low, lo)
+            high = hi if high is None else max(high, hi)
         if on_progress is not None:
             on_progress(reader.offset)
     return Analysis(reader.name, tracker.finish(), tracker.frames,
-                    tracker.frames_without_stream, first, last, reader.stopped)
+                    tracker.frames_without_stream, first, last, low, high, reader.stopped)

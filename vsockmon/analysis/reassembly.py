@@ -98,14 +98,3 @@ DIRECTIONS = {"c2s": CLIENT, "s2c": SERVER}
 def printable(data: bytes) -> str:
     """Text as is where it is printable ASCII (newlines and tabs kept), ``\\xNN`` elsewhere."""
     return "".join(chr(b) if 32 <= b < 127 or b in (9, 10) else f"\\x{b:02x}" for b in data)
-
-
-def hexdump(data: bytes, width: int = 16) -> list[str]:
-    """Offset, hex bytes and ASCII, ``width`` bytes a line."""
-    lines = []
-    for off in range(0, len(data), width):
-        row = data[off : off + width]
-        hexes = " ".join(f"{b:02x}" for b in row)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
-        lines.append(f"{off:08x}  {hexes:<{width * 3 - 1}}  {text}")
-    return lines

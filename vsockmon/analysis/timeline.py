@@ -320,9 +320,9 @@ def credit_svg(lad: Ladder) -> str:
         v = y_max * i / 4
         out.append(f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">'
                    f"{int(v)}</text>")
-        t = t_max * i / 4
-        out.append(f'<text x="{px(t):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
-                   f"{t / 1e9:.6f}s</text>")
+        tick = t_max * i / 4
+        out.append(f'<text x="{px(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+                   f"{tick / 1e9:.6f}s</text>")
     out.append(f'<text x="{left}" y="{height - 4}" fill="#555">time since the first frame; '
                "y: bytes</text>")
     for s in series:

@@ -2,15 +2,24 @@
 
 Commands are imported only when invoked: inside the lab VM (qemu TCG) every import costs
 seconds, and the capture and echo paths must not pay for scapy, numpy or matplotlib.
+
+Each command parses its options, calls the library (:mod:`vsockmon.api` for captures) and
+renders the result. Errors are turned into output here, in one place: a
+:class:`~vsockmon.errors.VsockmonError` becomes one line on stderr (``Error: <message>``)
+and the command's error status (:data:`ERROR_EXIT`), and a reader that goes away (``| head``)
+ends the output quietly.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any, NoReturn
 
 import click
 
 from vsockmon import __version__
+from vsockmon.errors import VsockmonError
 
 COMMANDS: dict[str, str] = {
     "timeline": "vsockmon.cli.timeline:timeline",
@@ -31,6 +40,16 @@ COMMANDS: dict[str, str] = {
 }
 """Command name → ``module:attribute`` of its click command."""
 
+ERROR_EXIT: dict[str, int] = {"diagnose": 2}
+"""Exit status of a command that fails with a :class:`VsockmonError`, where not 1
+(``diagnose`` keeps 1 for "found problems", so a capture it cannot read is 2)."""
+
+
+def fail(line: str, exit_code: int = 1) -> NoReturn:
+    """Print ``line`` on stderr and exit with ``exit_code``: how a command fails."""
+    click.echo(line, err=True)
+    raise click.exceptions.Exit(exit_code)
+
 
 class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command is used."""
@@ -44,6 +63,14 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VsockmonError as e:
+            fail(f"Error: {e}", ERROR_EXIT.get(ctx.invoked_subcommand or "", 1))
+        except BrokenPipeError:
+            sys.stderr.close()  # the reader left (| head): no traceback, no message
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
 from vsockmon.live import bpf
 from vsockmon.live.capture import (
+    DEFAULT_BUFFER,
     CaptureStats,
     FileSink,
     LineSink,
@@ -22,6 +25,9 @@ from vsockmon.live.capture import (
 )
 from vsockmon.live.link import DEFAULT_LINK, HeldLink, LinkError, Terminated
 from vsockmon.wire.protocol import Op, SockType
+
+LOSS_EXIT = 3
+"""Exit status of a capture that ended normally but misses frames the kernel saw."""
 
 
 def _filter(cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
@@ -77,7 +83,8 @@ def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]
 @click.option("-Z", "--user", metavar="USER",
               help="Drop privileges to USER once the socket is open (files are created as "
                    "USER).")
-@click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2), default=8,
+@click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2),
+              default=DEFAULT_BUFFER >> 20,
               show_default=True, help="Kernel capture buffer (ring) in MiB.")
 @click.option("--no-mmap", is_flag=True,
               help="Read with batched recvmsg instead of the TPACKET_V3 mmap ring.")
@@ -134,7 +141,7 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
         sys.exit(143)
 
 
-def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
+def _child(live: LiveCapture, held: HeldLink, sink_args: Mapping[str, object],
            count: int | None, duration: float | None, quiet: bool, as_json: bool,
            diagnose: bool) -> None:
     """The unprivileged child of ``-Z``: capture, then leave without running the parent's
@@ -143,6 +150,8 @@ def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
     try:
         _capture(live, held, sink_args, count, duration, quiet, as_json, diagnose)
         code = 0
+    except SystemExit as e:  # a capture that lost frames
+        code = e.code if isinstance(e.code, int) else 1
     except LiveCaptureError as e:
         click.echo(f"Error: {e}", err=True)
     finally:
@@ -151,30 +160,29 @@ def _child(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
         os._exit(code)
 
 
-def _capture(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
+def _capture(live: LiveCapture, held: HeldLink, sink_args: Mapping[str, object],
              count: int | None, duration: float | None, quiet: bool, as_json: bool,
              diagnose: bool = False) -> None:
     path = sink_args["path"]
-    sink = FileSink(**sink_args) if path else LineSink(sys.stdout)  # type: ignore[arg-type]
+    sink: Any = FileSink(**sink_args) if path else LineSink(sys.stdout)  # type: ignore[arg-type]
+    live.record_format = getattr(sink, "record_format", live.record_format)
     if diagnose:  # imported here: the plain capture path stays free of numpy
         from vsockmon.cli.diagnose import LiveReport
 
         sink = LiveReport(sink)
-    if duration is not None:
-        import time
-
-        live.deadline = time.monotonic() + duration
+    stats = CaptureStats()
+    if duration is not None:  # counted from the summary's own start: its seconds >= duration
+        live.deadline = stats.started + duration
     origin = "created; removed on exit" if held.created else "existing"
     target = f", writing {path}" if path else ""
     click.echo(f"listening on {live.ifname} ({origin}), {live.filter.describe()}, "
                f"{live.method}{target}", err=True)
-    stats = CaptureStats()
     printer = _status_printer(quiet or not path)
     if diagnose:  # findings that time alone makes certain need a tick while idle
         status = printer
 
         def printer(st: CaptureStats) -> None:
-            sink.tick()  # type: ignore[union-attr]
+            sink.tick()
             if status is not None:
                 status(st)
 
@@ -188,3 +196,7 @@ def _capture(live: LiveCapture, held: HeldLink, sink_args: dict[str, object],
     elif not quiet:
         clear = "\r\x1b[K" if printer else ""
         click.echo(f"{clear}{stats.line()} [stopped: {reason}]", err=True)
+    warning = stats.loss_line()
+    if warning is not None:  # even with -q: a capture that misses frames never looks whole
+        click.echo(warning, err=True)
+        sys.exit(LOSS_EXIT)

@@ -5,48 +5,22 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import click
 import numpy as np
 
-from vsockmon.cli.analysis import Analysis, analyse
+from vsockmon.analysis.pipeline import Analysis
+from vsockmon.cli.reading import opened
+from vsockmon.conntrack.query import matching, order
 from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
+from vsockmon.diagnose.views import stream_summary
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
 CHUNK = 20000
 """Connections formatted at a time: output memory stays bounded."""
 _KINDS = {f.name: f.kind for f in RECORD_FIELDS}
-
-
-def select(table: ConnTable, cids: Sequence[int], ports: Sequence[int], sock_type: str | None,
-           closes: Sequence[str], streams: Sequence[int]) -> np.ndarray:
-    """Indexes of the connections that pass every given filter (an empty filter passes)."""
-    cols = table.columns()
-    keep = np.ones(len(table), dtype=bool)
-    if cids:
-        keep &= np.isin(cols["client_cid"], cids) | np.isin(cols["server_cid"], cids)
-    if ports:
-        keep &= np.isin(cols["client_port"], ports) | np.isin(cols["server_port"], ports)
-    if sock_type:
-        keep &= np.asarray(cols["type"]) == sock_type.upper()
-    if closes:
-        keep &= np.isin(np.asarray(cols["close"]), closes)
-    if streams:
-        keep &= np.isin(cols["stream"], streams)
-    return np.flatnonzero(keep)
-
-
-def order(table: ConnTable, rows: np.ndarray, field: str) -> np.ndarray:
-    """``rows`` sorted by a record field ('-field': descending); missing values last."""
-    descending = field.startswith("-")
-    name = field.lstrip("-")
-    col = table.columns()[name]
-    values = col[rows].tolist() if isinstance(col, np.ndarray) else [col[i] for i in rows]
-    present = [i for i, v in enumerate(values) if v is not None]
-    missing = [i for i, v in enumerate(values) if v is None]
-    present.sort(key=values.__getitem__, reverse=descending)
-    return rows[present + missing]
 
 
 def json_lines(table: ConnTable, rows: np.ndarray) -> list[str]:
@@ -91,7 +65,7 @@ def table_rows(analysis: Analysis, rows: np.ndarray,
     ``diagnosis`` is the diagnose column, by stream."""
     diagnosis = diagnosis or {}
     t0 = (analysis.first_ts_ns or 0) / 1e9
-    out = []
+    out: list[tuple[object, ...]] = []
     for r in analysis.table.records(rows.tolist()):
         msgs = "" if r["messages_c2s"] is None else f"{r['messages_c2s']}/{r['messages_s2c']}"
         hs = "" if r["handshake_ms"] is None else f"{r['handshake_ms']:.3f}ms"
@@ -104,7 +78,7 @@ def table_rows(analysis: Analysis, rows: np.ndarray,
     return out
 
 
-def _stalls(r: dict[str, object]) -> str:
+def _stalls(r: dict[str, Any]) -> str:
     if not r["credit_stalls"]:
         return ""
     return f"{r['credit_stalls']} ({r['stall_time'] * 1e3:.3f}ms)"
@@ -154,50 +128,32 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
     """
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    if as_json or as_csv:
-        analysis, diagnosis = analyse(file), {}
-    else:
-        analysis, diagnosis = _diagnosed(file)
+    with opened(file) as cap:
+        # the table's diagnosis column costs a diagnose pass; JSON and CSV leave it out
+        diagnosis = {} if as_json or as_csv else stream_summary(cap.findings())
+        analysis = cap.analysis()
     table = analysis.table
-    rows = order(table, select(table, cids, ports, sock_type, closes, streams), sort_by)
+    rows = order(table, matching(table, cids, ports, sock_type, closes, streams), sort_by)
     if limit is not None:
         rows = rows[:limit]
-    try:
-        if as_json:
-            for start in range(0, len(rows), CHUNK):  # bounded memory on huge captures
-                lines = json_lines(table, rows[start : start + CHUNK])
-                sys.stdout.write("\n".join(lines) + "\n")
-        elif as_csv:
-            writer = csv.writer(sys.stdout, lineterminator="\n")
-            writer.writerow(FIELD_NAMES)
-            for start in range(0, len(rows), CHUNK):
-                for rec in table.records(rows[start : start + CHUNK].tolist()):
-                    writer.writerow(["" if v is None else v for v in rec.values()])
-        else:
-            from tabulate import tabulate
+    if as_json:
+        for start in range(0, len(rows), CHUNK):  # bounded memory on huge captures
+            lines = json_lines(table, rows[start : start + CHUNK])
+            sys.stdout.write("\n".join(lines) + "\n")
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(FIELD_NAMES)
+        for start in range(0, len(rows), CHUNK):
+            for rec in table.records(rows[start : start + CHUNK].tolist()):
+                writer.writerow(["" if v is None else v for v in rec.values()])
+    else:
+        from tabulate import tabulate
 
-            click.echo(tabulate(table_rows(analysis, rows, diagnosis), headers=TABLE_HEADERS,
-                                disable_numparse=True))
-            click.echo(f"{len(rows)} of {len(table)} connections; {analysis.frames} frames"
-                       + (f", {analysis.frames_without_stream} without a virtio header"
-                          if analysis.frames_without_stream else ""))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stderr.close()
+        click.echo(tabulate(table_rows(analysis, rows, diagnosis), headers=TABLE_HEADERS,
+                            disable_numparse=True))
+        click.echo(f"{len(rows)} of {len(table)} connections; {analysis.frames} frames"
+                   + (f", {analysis.frames_without_stream} without a virtio header"
+                      if analysis.frames_without_stream else ""))
+    sys.stdout.flush()
 
-
-def _diagnosed(file: str) -> tuple[Analysis, dict[int, str]]:
-    """The analysis, and each connection's most severe problem (warning and up) as
-    ``severity rule`` (``+N`` more): ``vsockmon diagnose FILE`` tells the whole story."""
-    from vsockmon.diagnose.engine import Digest, Severity, Thresholds, evaluate, findings_by_stream
-
-    digest = Digest(Thresholds())
-    analysis = analyse(file, digest.feed)
-    found = [f for f in evaluate(analysis.table, digest) if f.severity >= Severity.WARNING]
-    column = {}
-    for stream, findings in findings_by_stream(found).items():
-        if stream is not None:
-            more = f" +{len(findings) - 1}" if len(findings) > 1 else ""
-            column[stream] = f"{findings[0].severity} {findings[0].rule_id}{more}"
-    return analysis, column
 

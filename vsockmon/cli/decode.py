@@ -4,40 +4,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import BinaryIO
 
 import click
+import numpy as np
 
+from vsockmon import api
 from vsockmon.decode import render
-from vsockmon.decode.filter import FilterError, compile_filter
-from vsockmon.decode.frames import Frame, FrameBatch, decode_batches
-from vsockmon.payload import dissect_frame
-from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.decode.frames import FrameBatch
+from vsockmon.payload import dissect, dissect_frame
+from vsockmon.wire.pcapio import CaptureError
 
 TABLE_ROWS = 5000
 """A table is rendered per this many rows, so memory stays bounded on big captures."""
 
 
-def selected(reader: CaptureReader, expr: str | None, count: int | None
-             ) -> Iterator[tuple[FrameBatch, list[int]]]:
-    """Each decoded batch with the row indices that pass the filter, at most ``count``."""
-    keep = compile_filter(expr) if expr else None
-    left = count
-    for fb in decode_batches(reader.batches()):
-        idx = keep(fb).nonzero()[0].tolist() if keep else list(range(len(fb)))
-        if left is not None:
-            idx = idx[:left]
-            left -= len(idx)
-        if idx:
-            yield fb, idx
-        if left == 0:
-            return
-
-
-def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: TextIO) -> None:
+def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> None:
     for fb, idx in items:
-        lines = fb.json_lines()
-        out.write("\n".join(lines[i] for i in idx) + "\n")
+        out.write(fb.json_text(np.asarray(idx, dtype=np.int64)))
 
 
 def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
@@ -48,22 +32,25 @@ def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, ta
     for fb, idx in items:
         if t0 is None:
             t0 = int(fb.ts_ns[0])
+        if not (table or verbose):
+            lines = render.summary_lines(fb, np.asarray(idx, dtype=np.int64), t0,
+                                         _payload_summary)
+            sys.stdout.buffer.write(lines)
+            continue
         frames = [fb.frame(i) for i in idx]
         if table:
             for start in range(0, len(frames), TABLE_ROWS):
                 rows = [render.row(f, t0) for f in frames[start : start + TABLE_ROWS]]
                 click.echo(tabulate(rows, headers=render.TABLE_HEADERS, disable_numparse=True))
-        elif verbose:
+        else:
             for f in frames:
                 info = dissect_frame(f)
                 click.echo("\n".join(render.tree(f, info.lines() if info else None)) + "\n")
-        else:
-            click.echo("\n".join(render.summary_line(f, t0, _summary(f)) for f in frames))
 
 
-def _summary(frame: Frame) -> str | None:
-    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of the frame's payload."""
-    info = dissect_frame(frame) if frame.has_virtio and frame.virtio["len"] else None
+def _payload_summary(payload: bytes, src_port: int, dst_port: int) -> str | None:
+    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of a frame's payload."""
+    info = dissect(payload, src_port, dst_port)
     if info is None or info.protocol == "text":  # plain text: the preview already shows it
         return None
     return f"{info.protocol}: {info.summary}"
@@ -97,30 +84,22 @@ def decode(file: str, count: int | None, expr: str | None, verbose: bool, table:
     if verify:
         _verify(file, count)
         return
-    try:
-        with open_capture(file) as reader:
-            items = selected(reader, expr, count)
-            if as_json:
-                _emit_json(items, click.get_text_stream("stdout"))
-            else:
-                _emit_lines(items, verbose, table)
-            if reader.stopped:
-                raise CaptureError(f"{reader.name}: {reader.stopped}")
-    except (CaptureError, FilterError) as e:
-        raise click.ClickException(str(e)) from None
-    except BrokenPipeError:
-        sys.stderr.close()
+    cap = api.open(file)
+    items = cap.frames(expr, count)
+    if as_json:
+        _emit_json(items, sys.stdout.buffer)
+    else:
+        _emit_lines(items, verbose, table)
+    if cap.stopped:
+        raise CaptureError(f"{cap.name}: {cap.stopped}")
 
 
 def _verify(file: str, count: int | None) -> None:
-    from vsockmon.decode.verify import VerifyError, verify_with_pyshark
+    from vsockmon.decode.verify import verify_with_pyshark
 
     if file == "-":
         raise click.ClickException("--verify needs a file name, not stdin")
-    try:
-        report = verify_with_pyshark(file, count)
-    except (CaptureError, VerifyError) as e:
-        raise click.ClickException(str(e)) from None
+    report = verify_with_pyshark(file, count)
     for line in report.lines():
         click.echo(line)
     if report.disagreements:

@@ -11,28 +11,17 @@ from typing import Any
 
 import click
 
-from vsockmon.cli.analysis import analyse
-from vsockmon.diagnose.engine import (
-    RULES,
-    Digest,
-    Finding,
-    LiveDiagnosis,
-    Severity,
-    Thresholds,
-    evaluate,
-    select,
-)
+from vsockmon.analysis.pipeline import Analysis
+from vsockmon.cli.reading import opened
+from vsockmon.diagnose.engine import RULES, LiveDiagnosis
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.views import matching_findings
 
 EXIT_FINDINGS = 1
-"""Exit status when a finding at WARNING or above is reported."""
-EXIT_ERROR = 2
-"""Exit status when the capture cannot be read (or the options make no sense)."""
+"""Exit status when a finding at WARNING or above is reported (a capture that cannot be read
+gives 2: :data:`vsockmon.cli.ERROR_EXIT`)."""
 
 _STYLE = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
-
-
-class DiagnoseError(click.ClickException):
-    exit_code = EXIT_ERROR
 
 
 def _option_name(name: str) -> str:
@@ -87,32 +76,25 @@ def diagnose(file: str, as_json: bool, rules: tuple[str, ...], min_severity: str
       vsockmon diagnose capture.pcap --rule no-listener --rule window-full
       vsockmon diagnose capture.pcap --stall 5 --half-close 10
     """
-    thresholds = Thresholds(**limits)
-    digest = Digest(thresholds)
-    try:
-        analysis = analyse(file, digest.feed)
-    except click.ClickException as e:
-        raise DiagnoseError(e.message) from None
-    found = evaluate(analysis.table, digest, thresholds)
-    shown = select(found, rules, Severity.parse(min_severity))
-    try:
-        if as_json:
-            for f in shown:
-                click.echo(f.to_json(digest.start_ns))
-        else:
-            _print_report(analysis.name, analysis.frames, len(analysis.table), digest, shown,
-                          hidden=len(found) - len(shown))
-    except BrokenPipeError:
-        sys.stderr.close()
+    with opened(file) as cap:
+        found = cap.findings(Thresholds(**limits))
+        analysis = cap.analysis()
+    shown = matching_findings(found, rules, Severity.parse(min_severity))
+    if as_json:
+        for f in shown:
+            click.echo(f.to_json(analysis.start_ns))
+    else:
+        _print_report(analysis, shown, hidden=len(found) - len(shown))
     if any(f.severity >= Severity.WARNING for f in shown):
         sys.exit(EXIT_FINDINGS)
 
 
-def _print_report(name: str, frames: int, connections: int, digest: Digest,
-                  shown: list[Finding], hidden: int) -> None:
-    start = digest.start_ns
-    span = ((digest.end_ns or 0) - (start or 0)) / 1e9
-    click.echo(f"{name}: {frames} frames, {connections} connections, {span:.3f} s")
+def _print_report(analysis: Analysis, shown: list[Finding], hidden: int) -> None:
+    start = analysis.start_ns
+    span = ((analysis.end_ns or 0) - (start or 0)) / 1e9
+    connections = len(analysis.table)
+    click.echo(f"{analysis.name}: {analysis.frames} frames, {connections} connections, "
+               f"{span:.3f} s")
     width = min(shutil.get_terminal_size((100, 24)).columns, 100)
     groups: dict[int | None, list[Finding]] = {}
     for f in shown:  # ranked already: the first group is the most severe

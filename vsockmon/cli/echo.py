@@ -29,6 +29,7 @@ def echo() -> None:
     \b
     Examples:
       vsockmon echo server --port 9999
+      vsockmon echo server --port 9999 -v        # print what each client sends
       vsockmon echo client --cid 1 --port 9999 --count 50 --size 100 --json
       vsockmon echo client --cid 3 --port 9999 --size 65536 --duration 10 --concurrency 4
       vsockmon echo server --port 9999 --buffer-size 4096 --read-delay 0.01   # credit stalls
@@ -49,15 +50,23 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
                    "buf_alloc peers see. Small values provoke credit stalls.")
 @click.option("--read-delay", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Sleep before every read, so the window fills (credit stalls).")
-@click.option("--json", "as_json", is_flag=True, help="Print the final counts as JSON.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="On stderr: the bytes of every read (as Python prints bytes, the first 64) "
+                   "and how each connection ended.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Also print the final counts as JSON on stdout, with one entry per "
+                   "connection (peer, received, echoed, reads, end).")
 def server(port: int, cid: int, kind: str, buffer_size: int | None, read_delay: float,
-           as_json: bool) -> None:
+           verbose: bool, as_json: bool) -> None:
     """Echo everything back to any number of clients until Ctrl-C or SIGTERM.
 
-    A 'listening on' line on stderr says when clients may connect.
+    A 'listening on' line on stderr says when clients may connect. Bytes count as
+    received when they are read, so a client that sends and closes without reading its
+    echo is counted; only a reset before a client sent anything counts as abrupt.
     """
+    log = _log if verbose else None
     try:
-        srv = EchoServer(port, kind.lower(), cid, buffer_size, read_delay)
+        srv = EchoServer(port, kind.lower(), cid, buffer_size, read_delay, log=log)
     except EchoError as e:
         raise click.ClickException(str(e)) from None
     # Explicitly: a shell starts background jobs with SIGINT ignored.
@@ -75,9 +84,13 @@ def server(port: int, cid: int, kind: str, buffer_size: int | None, read_delay: 
     stats = srv.stats.as_dict()
     if as_json:
         click.echo(json.dumps(stats))
-    else:
-        click.echo(f"served {stats['connections']} connections, {stats['messages']} reads, "
-                   f"{stats['bytes']} bytes echoed, {stats['resets']} ended abruptly", err=True)
+    click.echo(f"served {stats['connections']} connections, {stats['messages']} reads, "
+               f"{stats['bytes']} bytes received, {stats['echoed']} echoed, "
+               f"{stats['resets']} ended abruptly", err=True)
+
+
+def _log(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @echo.command()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from vsockmon.cli.output import force_option
+
 TABLE_FORMATS = ("parquet", "csv", "json")
 
 
@@ -49,7 +51,7 @@ def _format(fmt: str | None, output: str) -> str:
                    "on), as payload_proto/payload_summary table columns (default off).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1),
               help="Parallel processes for a directory of captures (default: one per CPU).")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@force_option("Overwrite existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def export(source: str, output: str, fmt: str | None, payload: bool | None, jobs: int | None,
            force: bool, as_json: bool) -> None:
@@ -71,25 +73,22 @@ def export(source: str, output: str, fmt: str | None, payload: bool | None, jobs
       duckdb -c "select op_name, count(*) from 'out/packets.parquet' group by 1"
       vsockmon export captures/ --format parquet -o fleet/ -j 8
     """
-    from vsockmon.export import ExportError, export_pcapng, export_tables
+    from vsockmon.export import export_pcapng, export_tables
 
     fmt = _format(fmt, output)
     is_dir = source != "-" and os.path.isdir(source)
-    try:
-        if fmt == "pcapng":
-            if is_dir:
-                raise click.UsageError("a pcapng export takes one capture, not a directory")
-            with _progress(None, "packets (two passes)") as advance:
-                results = [export_pcapng(source, output, force, payload=payload is not False,
-                                         diagnose=True, on_batch=advance)]
-        elif is_dir:
-            results = _many(Path(source), Path(output), fmt, force, bool(payload), jobs)
-        else:
-            with _progress(None, "packets") as advance:
-                results = [export_tables(source, Path(output), fmt, force, bool(payload),
-                                         on_batch=advance)]
-    except ExportError as e:
-        raise click.ClickException(str(e)) from None
+    if fmt == "pcapng":
+        if is_dir:
+            raise click.UsageError("a pcapng export takes one capture, not a directory")
+        with _progress(None, "packets (two passes)") as advance:
+            results = [export_pcapng(source, output, force, payload=payload is not False,
+                                     diagnose=True, on_batch=advance)]
+    elif is_dir:
+        results = _many(Path(source), Path(output), fmt, force, bool(payload), jobs)
+    else:
+        with _progress(None, "packets") as advance:
+            results = [export_tables(source, Path(output), fmt, force, bool(payload),
+                                     on_batch=advance)]
     _print(results, as_json)
     failed = [r for r in results if r.error]
     if failed:

@@ -7,8 +7,9 @@ import sys
 import click
 
 from vsockmon.analysis import reassembly as ra
-from vsockmon.cli.analysis import analyse
+from vsockmon.cli.reading import scan
 from vsockmon.conntrack.tracker import StreamRows
+from vsockmon.decode.render import hexdump
 from vsockmon.wire.protocol import SockType
 
 ARROWS = ("client→server", "server→client")
@@ -41,36 +42,34 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
     if raw and as_hex:
         raise click.UsageError("choose one of --raw and --hex")
     rows = StreamRows([stream], payloads=True)
-    analysis = analyse(file, rows)
+    analysis = scan(file, rows)
     if stream >= len(analysis.table):
         raise click.ClickException(f"{analysis.name}: no stream {stream} "
                                    f"({len(analysis.table)} in this capture)")
     conn = analysis.table[stream]
     parts = ra.chunks(rows.columns(stream), rows.payload(stream))
     only = ra.DIRECTIONS[direction] if direction else None
-    try:
-        if raw:
-            assert only is not None
-            data, missing = ra.direction_bytes(parts, only)
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-            if missing:
-                click.echo(f"vsockmon: warning: {missing} bytes were not captured "
-                           "(snap length); the output has gaps", err=True)
-            return
-        seq = conn.type == SockType.SEQPACKET
-        click.echo(f"stream {stream}  {conn.type_name}  client {conn.client.addr}  "
-                   f"server {conn.server.addr}  {conn.client.bytes} bytes client→server, "
-                   f"{conn.server.bytes} bytes server→client")
-        for number, seg in enumerate(ra.segments(parts, seq)):
-            if only is not None and seg.sender != only:
-                continue
-            click.echo(_header(seg, seq, number))
-            body = ra.hexdump(bytes(seg.data)) if as_hex else [ra.printable(bytes(seg.data))]
-            click.echo("\n".join(body))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stderr.close()
+    if raw:
+        assert only is not None
+        data, missing = ra.direction_bytes(parts, only)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        if missing:
+            click.echo(f"vsockmon: warning: {missing} bytes were not captured "
+                       "(snap length); the output has gaps", err=True)
+        return
+    seq = conn.type == SockType.SEQPACKET
+    click.echo(f"stream {stream}  {conn.type_name}  client {conn.client.addr}  "
+               f"server {conn.server.addr}  {conn.client.bytes} bytes client→server, "
+               f"{conn.server.bytes} bytes server→client")
+    for number, seg in enumerate(ra.segments(parts, seq)):
+        if only is not None and seg.sender != only:
+            continue
+        click.echo(_header(seg, seq, number))
+        data = bytes(seg.data)
+        body = hexdump(data, None, 8) if as_hex else [ra.printable(data)]
+        click.echo("\n".join(body))
+    sys.stdout.flush()
 
 
 def _header(seg: ra.Segment, seq: bool, number: int) -> str:

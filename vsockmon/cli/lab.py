@@ -9,38 +9,25 @@ from typing import BinaryIO
 
 import click
 
+from vsockmon.cli import fail
 from vsockmon.lab import Lab, LabError, LabTimeout
 from vsockmon.lab import build as lab_build
 
 ACCELS = click.Choice(["tcg", "kvm", "auto"])
 
 
-class _Failed(click.ClickException):
-    """A one-line error, printed as is (it names the command) — never a traceback."""
-
-    def show(self, file: object = None) -> None:
-        click.echo(self.message, err=True)
-
-
-class _TimedOut(_Failed):
-    exit_code = 124
-
-
-class _Interrupted(_Failed):
-    exit_code = 130
-
-
 @contextmanager
 def _errors(command: str) -> Iterator[None]:
-    """Turns the lab's errors and Ctrl-C into one line and an exit status."""
+    """Turns the lab's errors and Ctrl-C into one line (naming the command, never a
+    traceback) and an exit status: 124 for a timeout, as timeout(1) does, 130 for Ctrl-C."""
     try:
         yield
     except LabTimeout as error:
-        raise _TimedOut(f"{command}: {error}") from None
+        fail(f"{command}: {error}", 124)
     except LabError as error:
-        raise _Failed(f"{command}: {error}") from None
+        fail(f"{command}: {error}")
     except KeyboardInterrupt:
-        raise _Interrupted(f"{command}: interrupted; qemu killed") from None
+        fail(f"{command}: interrupted; qemu killed", 130)
 
 
 def _say(command: str) -> Callable[[str], None]:

@@ -42,34 +42,28 @@ def link() -> None:
 def up(name: str) -> None:
     """Create the link (loading the vsockmon module if needed) and bring it up. It stays
     until `vsockmon link down`."""
-    try:
-        state = get_link(name)
-        if state is None:
-            state = create_link(name)
-            click.echo(f"{name}: created and up (index {state.index})")
-        elif not state.is_vsockmon:
-            raise LinkError(f"{name} exists but is not a vsockmon link (type {state.ifi_type})")
-        else:
-            if not state.up:
-                set_up(state, True)
-            note = ""
-            marker = read_marker(name)
-            if marker is not None and not marker.running:
-                clear_marker(name)  # adopted: from now on a deliberate, persistent link
-                note = f"; was left behind by pid {marker.pid}, now kept"
-            click.echo(f"{name}: up (it already existed{note})")
-    except LinkError as e:
-        raise click.ClickException(str(e)) from None
+    state = get_link(name)
+    if state is None:
+        state = create_link(name)
+        click.echo(f"{name}: created and up (index {state.index})")
+    elif not state.is_vsockmon:
+        raise LinkError(f"{name} exists but is not a vsockmon link (type {state.ifi_type})")
+    else:
+        if not state.up:
+            set_up(state, True)
+        note = ""
+        marker = read_marker(name)
+        if marker is not None and not marker.running:
+            clear_marker(name)  # adopted: from now on a deliberate, persistent link
+            note = f"; was left behind by pid {marker.pid}, now kept"
+        click.echo(f"{name}: up (it already existed{note})")
 
 
 @link.command()
 @_NAME
 def down(name: str) -> None:
     """Remove the link (only a vsockmon one)."""
-    try:
-        removed = delete_link(name)
-    except LinkError as e:
-        raise click.ClickException(str(e)) from None
+    removed = delete_link(name)
     click.echo(f"{name}: removed" if removed else f"{name}: absent, nothing to do")
 
 
@@ -79,10 +73,7 @@ def down(name: str) -> None:
 def status(name: str, as_json: bool) -> None:
     """Whether the link exists, is up, and who created it — including a link left behind by
     a capture that was killed (exit status 2 then)."""
-    try:
-        st = link_status(name)
-    except LinkError as e:
-        raise click.ClickException(str(e)) from None
+    st = link_status(name)
     click.echo(json.dumps(st.as_dict()) if as_json else st.describe())
     if st.as_dict()["left_behind"]:
         raise SystemExit(2)

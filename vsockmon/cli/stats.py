@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from vsockmon.analysis.stats import Stats, StatsCollector
-from vsockmon.cli.analysis import analyse
+from vsockmon.analysis.stats import Stats
+from vsockmon.cli.reading import opened
 from vsockmon.wire.protocol import Op
 
 BAR = 40
@@ -32,17 +32,13 @@ def stats(file: str, as_json: bool, top: int, bins: int) -> None:
       vsockmon stats capture.pcap --top 5 --bins 50
       vsockmon stats capture.pcap --json | jq .closes
     """
-    collector = StatsCollector()
-    analysis = analyse(file, collector)
-    result = collector.finish(analysis.table, top, bins)
-    try:
-        if as_json:
-            click.echo(json.dumps(result.to_dict(), indent=2))
-        else:
-            click.echo("\n".join(_text(analysis.name, result)))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stderr.close()
+    with opened(file) as cap:
+        result = cap.stats(top, bins)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo("\n".join(_text(cap.name, result)))
+    sys.stdout.flush()
 
 
 def _text(name: str, s: Stats) -> list[str]:

@@ -8,9 +8,10 @@ import sys
 import click
 
 from vsockmon.analysis import timeline as tl
-from vsockmon.cli.analysis import analyse, check_output, write_output
+from vsockmon.cli.output import force_option, refuse_existing, write_output
+from vsockmon.cli.reading import opened
 from vsockmon.conntrack.tracker import StreamRows
-from vsockmon.diagnose.engine import Digest, Thresholds, evaluate, markers
+from vsockmon.diagnose.views import markers
 
 PNG_MAX = 6
 """Connections stacked in one PNG: more would make a picture nobody can read."""
@@ -27,7 +28,7 @@ PNG_MAX = 6
 @click.option("--html", "html_out", metavar="OUT",
               help="Write one self-contained HTML page: sequence diagrams and credit plots.")
 @click.option("--png", "png_out", metavar="OUT", help="Write a PNG (matplotlib).")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@force_option()
 def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
              html_out: str | None, png_out: str | None, force: bool) -> None:
     """Draw connections as ladders: arrows between client and server with relative time,
@@ -39,11 +40,12 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
       vsockmon timeline capture.pcap --conn 3 --html conn3.html
       vsockmon timeline capture.pcap --png timeline.png --limit 2
     """
-    for out in (html_out, png_out):
-        check_output(out, force)
+    refuse_existing([out for out in (html_out, png_out) if out], force)
     rows = StreamRows(streams or None, first=limit)
-    digest = Digest(Thresholds())
-    analysis = analyse(file, rows, digest.feed)
+    with opened(file) as cap:
+        cap.scan(rows, findings=True)  # the chosen streams' packets, diagnose's findings
+        findings = cap.findings()  # as markers
+        analysis = cap.analysis()
     table = analysis.table
     missing = [s for s in streams if s >= len(table)]
     if missing:
@@ -52,7 +54,6 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
                                    else f"{analysis.name}: no connection in this capture")
     chosen = list(streams) if streams else list(range(min(limit, len(table))))
     ladders = [tl.ladder(table[s], rows.columns(s)) for s in chosen]
-    findings = evaluate(table, digest)  # diagnose's findings, as markers
     for lad in ladders:
         lad.marks = markers(findings, (step.frame for step in lad.steps))
     notes = []
@@ -71,13 +72,10 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
     if html_out or png_out:
         return
     style = click.style if sys.stdout.isatty() else None
-    try:
-        for lad in ladders:
-            click.echo("\n".join(tl.text_lines(lad, max_rows, style)) + "\n")
-        for note in notes:
-            click.echo(note, err=True)
-        if not ladders:
-            click.echo("no connection in this capture", err=True)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        sys.stderr.close()
+    for lad in ladders:
+        click.echo("\n".join(tl.text_lines(lad, max_rows, style)) + "\n")
+    for note in notes:
+        click.echo(note, err=True)
+    if not ladders:
+        click.echo("no connection in this capture", err=True)
+    sys.stdout.flush()

@@ -103,9 +103,10 @@ def _build_fields() -> dict[str, _Field]:
 
 FIELDS = _build_fields()
 
-_FLAG_OWNER: dict[str, tuple[int, int, Op, SockType | None]] = {
-    **{m.name.lower(): (int(m), Op.SHUTDOWN, None) for m in ShutdownFlag},  # type: ignore[misc]
-    **{m.name.lower(): (int(m), Op.RW, SockType.SEQPACKET) for m in SeqFlag},  # type: ignore[misc]
+_FLAG_OWNER: dict[str, tuple[int, Op, SockType | None]] = {
+    **{name.lower(): (int(m), Op.SHUTDOWN, None) for name, m in ShutdownFlag.__members__.items()},
+    **{name.lower(): (int(m), Op.RW, SockType.SEQPACKET)
+       for name, m in SeqFlag.__members__.items()},
 }
 """Flag name → (bit, the op it belongs to, the type it needs): EOM means nothing on SHUTDOWN."""
 _ANOMALY_BITS = {name: int(bit) for bit, name in ANOMALY_NAMES.items()}

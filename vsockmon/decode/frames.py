@@ -9,14 +9,15 @@ bulk analyses can never disagree about a field. No I/O here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
+from vsockmon.decode import _render
+from vsockmon.wire import _walk
 from vsockmon.wire.pcapio import RecordBatch
 from vsockmon.wire.protocol import (
     LINKTYPE_VSOCK,
@@ -120,36 +121,61 @@ class FrameBatch:
         off = int(self.payload_off[i])
         return self.buf[off : off + int(self.payload_len[i])]
 
-    def json_lines(self) -> list[str]:
-        """Every row as a JSON text equal to ``json.dumps(records()[i])``, made fast.
+    def rows(self, idx: np.ndarray) -> slice | np.ndarray:
+        """An index for the columns selecting rows ``idx`` (increasing, distinct): all of
+        them as a slice, which numpy serves without a copy, when ``idx`` is every row."""
+        return slice(None) if len(idx) == len(self) else idx
+
+    def json_text(self, idx: np.ndarray) -> bytes:
+        """Rows ``idx`` (increasing) as JSON Lines (UTF-8), each equal to
+        ``json.dumps(records()[i])``.
 
         ``decode --json`` is a hot path: rows that carry both headers (nearly all) are
-        formatted with one template; the rest go through :meth:`records`. A test holds the
-        two equal on every fixture.
+        formatted by compiled code from one template over the columns; the rest go through
+        :meth:`records`. A test holds the two equal on every fixture.
         """
-        full = (self.has_mon & self.has_virtio).tolist()
-        slow = {i: rec for i, rec in enumerate(self.records()) if not full[i]} \
-            if not all(full) else {}
-        mon_cols = [self.mon[n].tolist() for n in VSOCKMON_HEADER.names]
-        vio_cols = [self.virtio[n].tolist() for n in VIRTIO_HEADER.names]
-        m_op, m_tr = (mon_cols[VSOCKMON_HEADER.names.index(n)] for n in ("op", "transport"))
-        v_type, v_op, v_flags = (vio_cols[VIRTIO_HEADER.names.index(n)]
-                                 for n in ("type", "op", "flags"))
-        ts = self.ts_ns.tolist()
-        columns = zip(range(self.first, self.first + len(ts)), ts, self.orig_len.tolist(),
-                      self.caplen.tolist(), *mon_cols, *vio_cols, m_op, m_tr, v_type, v_op,
-                      v_flags, self.payload_len.tolist(), self.anomalies.tolist(), strict=True)
-        out = []
-        for i, row in enumerate(columns):
-            if not full[i]:
-                out.append(_json(slow[i]))
-                continue
-            *head, mop, mtr, typ, op, flags, plen, bits = row
-            out.append(_FULL_TEMPLATE % (
-                head[0], head[1] / 1e9, *head[1:], _jname(MonOp, mop), _jname(Transport, mtr),
-                _jname(SockType, typ), _jname(Op, op), _jflags(op, typ, flags), plen,
-                _janomalies(bits)))
-        return out
+        sel = self.rows(idx)
+        full = self.has_mon[sel] & self.has_virtio[sel]
+        templates = [self._json_template(idx)]
+        if not full.all():
+            slow = [None if ok else _json(self.records(i, i + 1)[0]).encode()
+                    for i, ok in zip(idx.tolist(), full.tolist(), strict=True)]
+            templates.append([(_render.K_OPT, slow, b"")])
+        return _render.format_rows(len(idx), np.where(full, 0, 1).astype(np.int8), templates)
+
+    def _json_template(self, idx: np.ndarray) -> list[tuple[object, ...]]:
+        """The JSON of a row with both headers, in the key order of :meth:`records`."""
+        sel = self.rows(idx)
+        mon, vio = self.mon[sel], self.virtio[sel]
+        ts = self.ts_ns[sel]
+        numbers: list[tuple[str, tuple[object, ...]]] = [
+            ("frame.number", (_render.K_INT, (self.first + idx).astype(np.int64), 0)),
+            ("frame.time_epoch", (_render.K_EPOCH, ts)),
+            ("frame.time_ns", (_render.K_INT, ts, 0)),
+            ("frame.len", (_render.K_INT, self.orig_len[sel], 0)),
+            ("frame.cap_len", (_render.K_INT, self.caplen[sel], 0)),
+        ]
+        numbers += [(f.json_key, (_render.K_UINT, mon[f.name].astype(np.uint64)))
+                    for f in VSOCKMON_HEADER.fields]
+        numbers += [(f.json_key, (_render.K_UINT, vio[f.name].astype(np.uint64)))
+                    for f in VIRTIO_HEADER.fields]
+        op, typ = vio["op"].astype(np.int64), vio["type"].astype(np.int64)
+        names: list[tuple[str, tuple[object, ...]]] = [
+            ("vsock.op_name", dictionary_column(mon["op"], _json_name(MonOp))),
+            ("vsock.trans_name", dictionary_column(mon["transport"], _json_name(Transport))),
+            ("vsock.virtio.type_name", dictionary_column(typ, _json_name(SockType))),
+            ("vsock.virtio.op_name", dictionary_column(op, _json_name(Op))),
+            ("vsock.virtio.flags_names",
+             dictionary_column(op << 48 | typ << 32 | vio["flags"], _json_flags)),
+            ("payload_len", (_render.K_INT, self.payload_len[sel], 0)),
+            ("anomalies", dictionary_column(self.anomalies[sel],
+                                            lambda bits: _json(anomaly_names(bits)))),
+        ]
+        items: list[tuple[object, ...]] = []
+        for i, (key, item) in enumerate(numbers + names):
+            items += [(_render.K_LIT, ("{" if i == 0 else ",").encode() + _json(key).encode()
+                       + b":"), item]
+        return [*items, (_render.K_LIT, b"}")]
 
     def records(self, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         """The flat JSON objects of rows ``start:stop``: Wireshark's vocabulary plus names.
@@ -194,31 +220,28 @@ class FrameBatch:
         return out
 
 
-def _gather(buf: np.ndarray, starts: np.ndarray, width: int, dtype: np.dtype) -> np.ndarray:
-    """Fixed-size headers at arbitrary offsets, as one structured array (zero past the end)."""
-    if len(starts) == 0:
-        return np.zeros(0, dtype=dtype)
-    padded = np.concatenate([buf, np.zeros(width, dtype=np.uint8)])
-    rows = np.lib.stride_tricks.sliding_window_view(padded, width)  # row i: bytes from i
-    return rows[np.minimum(starts, len(buf))].view(dtype).reshape(-1)
+_TRANSPORT_AT = next(f.offset for f in VSOCKMON_HEADER.fields if f.name == "transport")
 
 
 def decode_batch(batch: RecordBatch, first: int) -> FrameBatch:
-    """Decode every packet of ``batch``; ``first`` is the 1-based number of its first packet."""
-    raw = np.frombuffer(batch.buf, dtype=np.uint8)
-    offs = np.asarray(batch.offsets, dtype=np.int64)
-    cap = np.asarray(batch.caplens, dtype=np.int64)
-    orig = np.asarray(batch.orig_lens, dtype=np.int64)
-    mon = _gather(raw, offs, MON_HDR_LEN, MON_DTYPE)
-    virtio = _gather(raw, offs + MON_HDR_LEN, VIRTIO_HDR_LEN, VIRTIO_DTYPE)
+    """Decode every packet of ``batch``; ``first`` is the 1-based number of its first packet.
+
+    The headers are copied out of the chunk by compiled code (``_walk.gather``), which zeroes
+    a header the packet does not hold; everything else is a few numpy operations per column.
+    """
+    offs = np.frombuffer(batch.offsets, dtype=np.int64)
+    cap = np.frombuffer(batch.caplens, dtype=np.int64)
+    orig = np.frombuffer(batch.orig_lens, dtype=np.int64)
+    mon = np.empty(len(offs), dtype=MON_DTYPE)
+    virtio = np.empty(len(offs), dtype=VIRTIO_DTYPE)
+    _walk.gather(batch.buf, offs, cap, MON_HDR_LEN, mon, VIRTIO_HDR_LEN, virtio, _TRANSPORT_AT,
+                 Transport.VIRTIO)
 
     has_mon = cap >= MON_HDR_LEN
-    mon[~has_mon] = 0
     trans_len = mon["trans_len"].astype(np.int64)
     # Like Wireshark, read a VIRTIO header whenever one fits, whatever ``trans_len`` claims
     # (a wrong claim is flagged); the payload starts where ``trans_len`` says.
     has_virtio = has_mon & (mon["transport"] == Transport.VIRTIO) & (cap >= _HDRS_LEN)
-    virtio[~has_virtio] = 0
 
     hdrs = np.where(has_mon, MON_HDR_LEN + trans_len, 0)
     payload_len = np.where(has_mon, np.maximum(cap - hdrs, 0), 0)
@@ -226,7 +249,7 @@ def decode_batch(batch: RecordBatch, first: int) -> FrameBatch:
     return FrameBatch(
         first=first,
         buf=batch.buf,
-        ts_ns=np.asarray(batch.ts_ns, dtype=np.int64),
+        ts_ns=np.frombuffer(batch.ts_ns, dtype=np.int64),
         caplen=cap,
         orig_len=orig,
         mon=mon,
@@ -255,8 +278,9 @@ def _anomalies(batch: RecordBatch, mon: np.ndarray, virtio: np.ndarray, has_mon:
     flag(has_mon & ~np.isin(transport, [int(t) for t in Transport]), Anomaly.UNKNOWN_TRANSPORT)
     flag(has_mon & (transport == Transport.VIRTIO) & (mon["trans_len"] != VIRTIO_HDR_LEN),
          Anomaly.TRANS_LEN)
-    if set(batch.linktypes) - {LINKTYPE_VSOCK}:
-        flag(np.asarray(batch.linktypes) != LINKTYPE_VSOCK, Anomaly.LINKTYPE)
+    other = np.frombuffer(batch.linktypes, dtype=np.int64) != LINKTYPE_VSOCK
+    if other.any():  # no link types at all (a batch built by hand) means vsock
+        flag(other, Anomaly.LINKTYPE)
 
     op, vtype = virtio["op"], virtio["type"]
     hv = has_virtio
@@ -276,34 +300,34 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _full_template() -> str:
-    """The JSON text of a row with both headers, in the key order of :meth:`records`."""
-    keys = ["frame.number", "frame.time_epoch", "frame.time_ns", "frame.len", "frame.cap_len"]
-    keys += [f.json_key for f in VSOCKMON_HEADER.fields]
-    keys += [f.json_key for f in VIRTIO_HEADER.fields]
-    named = ["vsock.op_name", "vsock.trans_name", "vsock.virtio.type_name",
-             "vsock.virtio.op_name", "vsock.virtio.flags_names"]
-    numbers = ",".join(f'"{k}":%r' for k in keys)
-    names = ",".join(f'"{k}":%s' for k in named)
-    return "{" + numbers + "," + names + ',"payload_len":%d,"anomalies":%s}'
+def _json_name(enum: type[IntEnum]) -> Callable[[int], str]:
+    return lambda value: _json(enum_name(enum, value))
 
 
-_FULL_TEMPLATE = _full_template()
+def _json_flags(key: int) -> str:
+    """The JSON list of flag names of an ``op << 48 | type << 32 | flags`` key."""
+    return _json(flag_names(key >> 48, key >> 32 & 0xFFFF, key & 0xFFFFFFFF))
 
 
-@lru_cache(maxsize=4096)
-def _jname(enum: type[IntEnum], value: int) -> str:
-    return _json(enum_name(enum, value))
+def dictionary_column(keys: np.ndarray, text: Callable[[int], str]
+                ) -> tuple[int, np.ndarray, tuple[bytes, ...]]:
+    """A string column for ``_render.format_rows``, dictionary-encoded: each distinct key
+    is rendered by ``text`` once, whatever the number of rows."""
+    keys = keys.astype(np.int64)
+    if len(keys) and keys.min() >= 0 and keys.max() < _SMALL_KEYS:
+        # u16 fields (op, type, anomalies): a lookup table, no sort
+        unique = np.flatnonzero(np.bincount(keys, minlength=1))
+        code_of = np.zeros(int(unique[-1]) + 1, dtype=np.int32)
+        code_of[unique] = np.arange(len(unique), dtype=np.int32)
+        codes = code_of[keys]
+    else:
+        unique, codes = np.unique(keys, return_inverse=True)
+    strings = tuple(text(int(k)).encode() for k in unique)
+    return _render.K_STR, codes.astype(np.int32).reshape(-1), strings
 
 
-@lru_cache(maxsize=4096)
-def _jflags(op: int, sock_type: int, flags: int) -> str:
-    return _json(flag_names(op, sock_type, flags))
-
-
-@lru_cache(maxsize=1024)
-def _janomalies(bits: int) -> str:
-    return _json(anomaly_names(bits))
+_SMALL_KEYS = 1 << 17
+"""Keys below this are dictionary-encoded by a lookup table instead of a sort."""
 
 
 def decode_batches(batches: Iterable[RecordBatch]) -> Iterator[FrameBatch]:

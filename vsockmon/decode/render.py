@@ -7,9 +7,13 @@ are shown by name where Wireshark and tcpdump show numbers or get them wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 
-from vsockmon.decode.frames import Frame
+import numpy as np
+
+from vsockmon.decode import _render
+from vsockmon.decode.frames import Frame, FrameBatch, anomaly_names, dictionary_column
 from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
@@ -120,13 +124,89 @@ def _field_lines(fields: tuple[Field, ...], values: dict[str, int],
     return lines
 
 
-def hexdump(data: bytes, limit: int = 256) -> list[str]:
-    """Classic 16-bytes-a-line hex dump of the first ``limit`` bytes."""
+def hexdump(data: bytes, limit: int | None = 256, offset_digits: int = 4) -> list[str]:
+    """Classic 16-bytes-a-line hex dump of the first ``limit`` bytes (all with None), the
+    offset in ``offset_digits`` hex digits (``follow --hex`` shows whole streams: 8)."""
+    end = len(data) if limit is None else min(len(data), limit)
     lines = []
-    for off in range(0, min(len(data), limit), 16):
+    for off in range(0, end, 16):
         chunk = data[off : off + 16]
         text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{off:04x}  {chunk.hex(' '):<47}  {text}")
-    if len(data) > limit:
-        lines.append(f"… {len(data) - limit} more bytes")
+        lines.append(f"{off:0{offset_digits}x}  {chunk.hex(' '):<47}  {text}")
+    if end < len(data):
+        lines.append(f"… {len(data) - end} more bytes")
     return lines
+
+
+# -- the bulk path: summary lines of a whole batch without a Python object per frame --------
+
+_VIRTIO_ROW, _MON_ROW, _BARE_ROW = 0, 1, 2
+
+
+def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
+                  payload_summary: Callable[[bytes, int, int], str | None] | None = None
+                  ) -> bytes:
+    """:func:`summary_line` of the rows ``idx`` (increasing) of ``fb``, each followed by a
+    newline, as UTF-8, formatted by compiled code over the columns (a test holds the two
+    equal on every fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about
+    each payload the line would show, as :func:`summary_line`'s ``payload_summary``."""
+    sel = fb.rows(idx)
+    v, m = fb.virtio[sel], fb.mon[sel]
+    hv, hm = fb.has_virtio[sel], fb.has_mon[sel]
+    which = np.where(hv, _VIRTIO_ROW, np.where(hm, _MON_ROW, _BARE_ROW)).astype(np.int8)
+    ends = {name: np.where(hv, v[name], m[name]) for name in
+            ("src_cid", "src_port", "dst_cid", "dst_port")}
+    vlen = v["len"].astype(np.int64)
+    plen = fb.payload_len[sel]
+    shown = np.where(hv, np.where(vlen > 0, np.minimum(plen, vlen), 0), plen)
+    off = fb.payload_off[sel]
+    label = dictionary_column(np.where(hv, v["type"].astype(np.int64) << 16 | v["op"],
+                             np.where(hm, (1 << 32) | m["op"].astype(np.int64), 2 << 32)),
+                    _label)
+    flags = dictionary_column(v["op"].astype(np.int64) << 48 | v["type"].astype(np.int64) << 32
+                    | v["flags"], _flags_text)
+    anomalies = dictionary_column(fb.anomalies[sel], _anomalies_text)
+    summaries: list[bytes | None] = [None] * len(idx)
+    if payload_summary is not None:
+        sp, dp = v["src_port"].tolist(), v["dst_port"].tolist()
+        for i in np.flatnonzero(hv & (vlen > 0)).tolist():
+            o = int(off[i])
+            text = payload_summary(fb.buf[o : o + int(shown[i])], sp[i], dp[i])
+            summaries[i] = text.encode() if text is not None else None
+    head = [(_render.K_INT, np.ascontiguousarray(fb.first + idx, dtype=np.int64), 6),
+            (_render.K_LIT, b" "), (_render.K_REL, fb.ts_ns[sel], t0_ns, 12),
+            (_render.K_LIT, b"  ")]
+    addr = [(_render.K_UINT, ends["src_cid"].astype(np.uint64)), (_render.K_LIT, b":"),
+            (_render.K_INT, ends["src_port"].astype(np.int64), 0),
+            (_render.K_LIT, " → ".encode()),
+            (_render.K_UINT, ends["dst_cid"].astype(np.uint64)), (_render.K_LIT, b":"),
+            (_render.K_INT, ends["dst_port"].astype(np.int64), 0), (_render.K_LIT, b"  ")]
+    preview_item = (_render.K_PREVIEW, off, shown.astype(np.int64), fb.buf, PREVIEW_BYTES, b" ")
+    tail = [preview_item, (_render.K_OPT, summaries, b" | "), anomalies]
+    virtio_row = [*head, *addr, label, (_render.K_LIT, b" len="),
+                  (_render.K_INT, vlen, 0), flags, (_render.K_LIT, b" buf_alloc="),
+                  (_render.K_INT, v["buf_alloc"].astype(np.int64), 0),
+                  (_render.K_LIT, b" fwd_cnt="),
+                  (_render.K_INT, v["fwd_cnt"].astype(np.int64), 0), *tail]
+    mon_row = [*head, *addr, label, *tail]
+    bare_row = [*head, (_render.K_LIT, "? → ?  ".encode()), label, *tail]
+    return _render.format_rows(len(idx), which, [virtio_row, mon_row, bare_row])
+
+
+def _label(key: int) -> str:
+    """The ``type op`` of a line: names for a virtio row, ``- op`` for a vsockmon-only row."""
+    if key >> 32 == 0:
+        return f"{enum_name(SockType, key >> 16)} {enum_name(Op, key & 0xFFFF)}"
+    if key >> 32 == 1:
+        return f"- {enum_name(MonOp, key & 0xFFFF)}"
+    return "- -"
+
+
+def _flags_text(key: int) -> str:
+    names = flag_names(key >> 48, (key >> 32) & 0xFFFF, key & 0xFFFFFFFF)
+    return f" [{','.join(names)}]" if names else ""
+
+
+def _anomalies_text(bits: int) -> str:
+    return " !" + ",".join(anomaly_names(bits)) if bits else ""
+

@@ -7,6 +7,7 @@ writers. Errors a user can fix come out as :class:`ExportError` with a one-line 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import sys
@@ -20,7 +21,10 @@ from pathlib import Path
 from vsockmon.analysis.pipeline import Visitor, analyse, tracked
 from vsockmon.conntrack.tracker import ConnTracker, Tags
 from vsockmon.decode.frames import FrameBatch
-from vsockmon.diagnose.engine import Digest, Finding, Thresholds, evaluate, frame_notes
+from vsockmon.diagnose.digest import Digest
+from vsockmon.diagnose.engine import evaluate
+from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.diagnose.views import frame_notes
 from vsockmon.errors import VsockmonError
 from vsockmon.export.comments import Annotator
 from vsockmon.export.sinks import FORMATS, TableFile
@@ -31,10 +35,10 @@ from vsockmon.export.tables import (
     packet_schema,
     schema,
 )
+from vsockmon.output import create_output, refuse_existing
 from vsockmon.wire.pcapio import (
     CaptureError,
     PcapngWriter,
-    create_output,
     open_capture,
 )
 from vsockmon.wire.protocol import LINKTYPE_VSOCK
@@ -89,8 +93,7 @@ def export_pcapng(source: str, out: str, force: bool = False,
     comment can say how its connection ends and which packets the tracker singles out.
     ``on_batch`` hears the number of packets of each batch, in both passes.
     """
-    if out != "-" and os.path.exists(out) and not force:  # before minutes of reading
-        raise ExportError(f"{out}: exists; use --force to overwrite")
+    refuse_existing(out, force, ExportError)  # before minutes of reading
     result = ExportResult(source, [out])
     with _seekable(source) as path:
         try:
@@ -104,7 +107,7 @@ def export_pcapng(source: str, out: str, force: bool = False,
             if digest is not None:
                 extra = _with_findings(evaluate(table, digest), extra)
             annotator = Annotator(table, extra)
-            fp = create_output(out, force)
+            fp = create_output(out, force, ExportError)
         except CaptureError as e:
             raise ExportError(str(e)) from None
         try:
@@ -157,9 +160,7 @@ def export_tables(source: str, outdir: Path, fmt: str, force: bool = False,
         raise ExportError(f"unknown table format {fmt!r}; choose {', '.join(FORMATS)}")
     name = capture or ("<stdin>" if source == "-" else os.path.basename(source))
     paths = table_paths(outdir, fmt)
-    for p in paths:
-        if p.exists() and not force:
-            raise ExportError(f"{p}: exists; use --force to overwrite")
+    refuse_existing(paths, force, ExportError)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -226,7 +227,10 @@ def export_many(directory: Path, outdir: Path, fmt: str, force: bool = False,
             if on_done:
                 on_done(results[-1])
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # forkserver, not fork: a fork of a process whose pyarrow or numpy threads are
+        # running (a notebook's, a test session's) can crash in the child
+        with ProcessPoolExecutor(max_workers=jobs,
+                                 mp_context=multiprocessing.get_context("forkserver")) as pool:
             for fut in as_completed([pool.submit(_one, item) for item in work]):
                 results.append(fut.result())
                 if on_done:

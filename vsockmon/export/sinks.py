@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -78,8 +79,9 @@ class TableFile:
         self.path = path
         self._tmp = path.with_name(f".{path.name}.part")
         fp = open(self._tmp, "wb")  # noqa: SIM115 - closed by the sink
-        self._sink: Sink = {"parquet": _Parquet, "csv": _Csv, "json": _JsonLines}[fmt](
-            fp, schema)
+        sinks: dict[str, Callable[[BinaryIO, pa.Schema], Sink]] = {
+            "parquet": _Parquet, "csv": _Csv, "json": _JsonLines}
+        self._sink = sinks[fmt](fp, schema)
         self.rows = 0
 
     def write(self, data: pa.RecordBatch | pa.Table) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vsockmon.diagnose.engine import Severity
+from vsockmon.diagnose.model import Severity
 from vsockmon.fleet.sources import Capture
 
 EXAMPLES = 3

@@ -74,22 +74,25 @@ def analyse_capture(source: str, request: Request) -> CaptureResult:
     Raises :class:`~vsockmon.errors.VsockmonError` (one line naming the capture) when the
     capture cannot be read; the client reports it and goes on with the others.
     """
-    from vsockmon.diagnose.engine import Severity, select
+    from vsockmon.diagnose.model import Severity
+    from vsockmon.diagnose.views import matching_findings
     from vsockmon.export.tables import connections_table, packet_batch, packet_schema
 
     want = request.want
     result = CaptureResult()
     with _opened(source) as cap:
-        if "packets" in want:  # the tables of `vsockmon export`: one pass gives both
-            batches: list[pa.RecordBatch] = []
-            analysis = cap.analyse(lambda fb, tags: batches.append(
-                packet_batch(fb, tags, cap.name)))
+        batches: list[pa.RecordBatch] = []
+        visitors = [] if "packets" not in want else [  # the tables of `vsockmon export`
+            lambda fb, tags: batches.append(packet_batch(fb, tags, cap.name))]
+        # one pass gives the tables, the findings' digest and the statistics' counts
+        analysis = cap.scan(*visitors, findings="findings" in want, stats="stats" in want)
+        if "packets" in want:
             result.packets = pa.Table.from_batches(batches, schema=packet_schema())
+        if "packets" in want or "connections" in want:
             result.connections = connections_table(analysis.table, None)
-        elif "connections" in want:
-            result.connections = cap.connections()
         if "findings" in want:
-            found = select(cap.findings(), request.rules, Severity.parse(request.min_severity))
+            found = matching_findings(cap.findings(), request.rules,
+                                      Severity.parse(request.min_severity))
             result.findings = [f.to_dict(cap.start_ns) for f in found]
         if "stats" in want:
             result.stats = cap.stats().to_dict()

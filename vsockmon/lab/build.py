@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,12 +50,27 @@ def _quiet(_: str) -> None:
     """A progress callback that says nothing."""
 
 
+IMAGES_KEPT_UNUSED = 24 * 3600.0
+"""Seconds an image set no build has asked for stays in the cache."""
+
+
 @dataclass(frozen=True)
 class LabFiles:
-    """Where one kernel release's lab lives in the cache."""
+    """Where one kernel release's lab lives in the cache.
+
+    The images live in a directory of their own per recipe (``images/<hash>``): work trees
+    with different recipes sharing one cache (branches, parallel sessions) each keep their
+    own images instead of rebuilding them under each other's running tests.
+    """
 
     dir: Path
     kernel_version: str
+    recipe: str = ""
+    """The hash of what shapes the images (:func:`_recipe_hash`)."""
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "images" / self.recipe[:16]
 
     @property
     def kernel_root(self) -> Path:
@@ -68,25 +84,25 @@ class LabFiles:
     @property
     def initrd(self) -> Path:
         """The lab VM's initramfs: busybox, modules, /init."""
-        return self.dir / "initrd.img"
+        return self.images / "initrd.img"
 
     @property
     def nested_initrd(self) -> Path:
         """The lab VM's initramfs plus the nested guest's kernel and initramfs."""
-        return self.dir / "initrd-nested.img"
+        return self.images / "initrd-nested.img"
 
     @property
     def guest_initrd(self) -> Path:
-        return self.dir / "guest-initrd.img"
+        return self.images / "guest-initrd.img"
 
     @property
     def guest_program(self) -> Path:
-        return self.dir / "lab-guest"
+        return self.images / "lab-guest"
 
     @property
     def stamp(self) -> Path:
         """The recipe hash the images were built from; written last."""
-        return self.dir / "recipe.sha256"
+        return self.images / "recipe.sha256"
 
     def products(self) -> tuple[Path, ...]:
         return (
@@ -212,15 +228,18 @@ def available() -> dict[str, str]:
 
 
 def cached() -> list[LabFiles]:
-    """The kernels the cache holds, oldest series first (built or not: see :func:`fresh`)."""
+    """The kernels the cache holds, oldest series first, each with this recipe's images
+    (built or not: see :func:`fresh`). Needs the lab's tools (busybox is in the recipe)."""
     root = cache_root()
     dirs = [d for d in root.iterdir() if (d / "kernel").is_dir()] if root.is_dir() else []
-    return [LabFiles(d, d.name) for d in sorted(dirs, key=lambda d: kernel.release_key(d.name))]
+    tools = check_tools() if dirs else {}
+    return [LabFiles(d, d.name, _recipe_hash(tools, d.name))
+            for d in sorted(dirs, key=lambda d: kernel.release_key(d.name))]
 
 
 def fresh(files: LabFiles) -> bool:
-    """Whether ``files`` holds images built by this recipe (needs the lab's tools)."""
-    return _is_fresh(check_tools(), files)
+    """Whether ``files`` holds images built by this recipe."""
+    return _is_fresh(files)
 
 
 def _fetch_kernel(package: str, files: LabFiles, progress: Progress) -> None:
@@ -244,8 +263,8 @@ def _fetch_kernel(package: str, files: LabFiles, progress: Progress) -> None:
     shutil.rmtree(work)
 
 
-def _recipe_hash(tools: dict[str, str], files: LabFiles) -> str:
-    digest = hashlib.sha256(files.kernel_version.encode())
+def _recipe_hash(tools: dict[str, str], kernel_version: str) -> str:
+    digest = hashlib.sha256(kernel_version.encode())
     for name in _RECIPE:
         digest.update((_SOURCES / name).read_bytes())
     digest.update(Path(tools["busybox"]).read_bytes())
@@ -366,28 +385,39 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
 
 
-def _files_for(package: str) -> LabFiles:
+def _files_for(tools: dict[str, str], package: str) -> LabFiles:
     kver = kernel.kernel_version(package)
-    return LabFiles(cache_root() / kver, kver)
+    return LabFiles(cache_root() / kver, kver, _recipe_hash(tools, kver))
 
 
-def _is_fresh(tools: dict[str, str], files: LabFiles) -> bool:
-    """Whether the images exist and were built by this recipe from this busybox."""
+def _is_fresh(files: LabFiles) -> bool:
+    """Whether the images exist and were built by this recipe from this busybox (the
+    stamp is written last)."""
     stamp = files.stamp.read_text() if files.stamp.is_file() else ""
-    ready = all(p.is_file() for p in files.products())
-    return ready and stamp == _recipe_hash(tools, files)
+    return stamp == files.recipe and all(p.is_file() for p in files.products())
+
+
+def _prune_images(files: LabFiles) -> None:
+    """Remove the image sets no build has used for a day (their stamp's mtime says when
+    one last did); the current one is touched first."""
+    files.stamp.touch()
+    for stamp in files.images.parent.glob("*/recipe.sha256"):
+        if time.time() - stamp.stat().st_mtime > IMAGES_KEPT_UNUSED:
+            shutil.rmtree(stamp.parent, ignore_errors=True)
 
 
 def _build(tools: dict[str, str], meta: str, spec: str | None, progress: Progress) -> LabFiles:
     package = _resolve_package(meta, spec)
-    files = _files_for(package)
+    files = _files_for(tools, package)
     with _locked(cache_root()):
         if not files.kernel_root.is_dir():
             _fetch_kernel(package, files, progress)
-        if not _is_fresh(tools, files):
+        if not _is_fresh(files):
+            files.images.mkdir(parents=True, exist_ok=True)
             _assemble(tools, files, progress)
-            files.stamp.write_text(_recipe_hash(tools, files))
-            progress(f"built in {files.dir}")
+            files.stamp.write_text(files.recipe)
+            progress(f"built in {files.images}")
+        _prune_images(files)
     return files
 
 
@@ -423,7 +453,7 @@ def status(meta: str = KERNEL_META_PACKAGE, kernel_spec: str | None = None
     """Where a kernel's lab is cached, and whether it is built and up to date."""
     tools = check_tools()
     try:
-        files = _files_for(_resolve_package(meta, kernel_spec))
+        files = _files_for(tools, _resolve_package(meta, kernel_spec))
     except _StaleLists as error:
         raise LabError(str(error)) from None
-    return files, _is_fresh(tools, files)
+    return files, _is_fresh(files)

@@ -65,7 +65,7 @@ if [ -n "$LAB_GUEST_CID" ]; then
   "$LAB_QEMU" -M pc -accel tcg -cpu qemu64 -m 256M -smp 1 -nodefaults -no-reboot \
     -display none -serial "file:$log" -device "vhost-vsock-pci,guest-cid=$LAB_GUEST_CID" \
     -kernel /lab/l2/vmlinux -initrd /lab/l2/initrd.img \
-    -append "console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off nokaslr vsockmon_lab.port=$LAB_GUEST_PORT vsockmon_lab.transport=$LAB_GUEST_TRANSPORT" \
+    -append "console=ttyS0 quiet loglevel=0 panic=-1 no_timer_check mitigations=off nokaslr vsockmon_lab.port=$LAB_GUEST_PORT vsockmon_lab.transport=$LAB_GUEST_TRANSPORT" \
     < /dev/null > /run/vsockmon-lab/guest-qemu.log 2>&1 &
   guest_qemu=$!
   until grep -q 'vsockmon-lab-guest: ready' "$log"; do

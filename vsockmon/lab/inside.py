@@ -11,15 +11,16 @@ Standard library only, and only what the helpers use: under emulation every impo
 
 from __future__ import annotations
 
-import ctypes
+import os
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from vsockmon.live.echo import set_connect_timeout
 
 SETTLE = 1.5
 """Seconds between the traffic's end and stopping tcpdump. The kernel hands tcpdump a
@@ -28,7 +29,6 @@ it (its --immediate-mode dropped frames outright in the lab)."""
 CONNECT_TIMEOUT = 60.0
 """Seconds a connect waits for its answer. Linux's default of 2 s expires when the nested
 guest answers slowly under emulation on a busy host."""
-_SO_VM_SOCKETS_CONNECT_TIMEOUT = 6  # level AF_VSOCK, a struct timeval
 
 
 class IncompleteCapture(RuntimeError):
@@ -77,17 +77,75 @@ def capture(path: Path, link: str = "vsockmon0", settle: float = SETTLE) -> Iter
 def vsock_socket(
     kind: int = socket.SOCK_STREAM, connect_timeout: float = CONNECT_TIMEOUT
 ) -> socket.socket:
-    """An AF_VSOCK socket whose connect waits ``connect_timeout`` seconds.
-
-    Python's setsockopt sends every AF_VSOCK value as a u64; the connect timeout is a
-    struct timeval, so it goes through libc.
-    """
+    """An AF_VSOCK socket whose connect waits ``connect_timeout`` seconds."""
     sock = socket.socket(socket.AF_VSOCK, kind)
-    seconds = int(connect_timeout)
-    timeval = struct.pack("@ll", seconds, int((connect_timeout - seconds) * 1e6))
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = sock.fileno()
-    if libc.setsockopt(fd, socket.AF_VSOCK, _SO_VM_SOCKETS_CONNECT_TIMEOUT, timeval, 16) != 0:
+    try:
+        set_connect_timeout(sock, connect_timeout)
+    except OSError:
         sock.close()
-        raise OSError(ctypes.get_errno(), "setsockopt SO_VM_SOCKETS_CONNECT_TIMEOUT")
+        raise
     return sock
+
+
+RUN_SERVICE_OFFSET = 3
+"""The nested guest's run service listens on its base port + 3 (``lab-guest.c``)."""
+_EXIT_LINE = "vsockmon-lab-guest: exit "
+
+
+class GuestProgram:
+    """A static program the nested guest runs for the lab VM, through its run service.
+
+    The program's stdout and stderr come back over the connection. It runs until it exits
+    or :meth:`stop` kills it; either way :meth:`wait`/:meth:`stop` return its exit status
+    and output. Start it with the guest's CID and base port from the environment::
+
+        with GuestProgram(Path("seed_client"), ["2", "9999"]) as client:
+            status, output = client.wait()
+    """
+
+    def __init__(self, program: Path, args: list[str], cid: int | None = None,
+                 port: int | None = None, timeout: float = 300.0) -> None:
+        cid = int(os.environ["VSOCKMON_LAB_GUEST_CID"]) if cid is None else cid
+        port = int(os.environ["VSOCKMON_LAB_GUEST_PORT"]) if port is None else port
+        data = program.read_bytes()
+        self._output = b""
+        self._sock = vsock_socket()
+        try:
+            self._sock.connect((cid, port + RUN_SERVICE_OFFSET))
+            self._sock.settimeout(timeout)
+            header = " ".join([str(len(data)), program.name, *args])
+            self._sock.sendall(header.encode() + b"\n" + data)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> GuestProgram:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._sock.close()
+
+    def read_until(self, text: str) -> str:
+        """The output so far, once it holds ``text`` (a server's "listening" line)."""
+        while text.encode() not in self._output:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"the guest program ended without saying {text!r}: "
+                                   f"{self._output.decode(errors='replace')}")
+            self._output += chunk
+        return self._output.decode(errors="replace")
+
+    def wait(self) -> tuple[int, str]:
+        """Its exit status and whole output, once it has exited."""
+        while chunk := self._sock.recv(65536):
+            self._output += chunk
+        text = self._output.decode(errors="replace")
+        output, sep, status = text.rpartition(_EXIT_LINE)
+        if not sep:
+            raise RuntimeError(f"the guest's run service gave no exit status: {text}")
+        return int(status.split()[0]), output
+
+    def stop(self) -> tuple[int, str]:
+        """Kill it (a server), then return as :meth:`wait` does."""
+        self._sock.shutdown(socket.SHUT_WR)
+        return self.wait()

@@ -10,7 +10,12 @@
  *          connection, then connects to CID (default 2, the lab VM) on PORT and echoes that
  *          connection as on P. Any CID is dialled as given, so a test can make the guest
  *          dial a CID that does not exist.
- * It prints "vsockmon-lab-guest: ready ..." on the console once all three listen, and one
+ *   P + 3  run: the client sends "SIZE NAME ARG...\n" then SIZE bytes of a static program;
+ *          the guest stores it, runs it with the connection as its stdout and stderr, kills
+ *          it when the client shuts down its sending side, then sends
+ *          "vsockmon-lab-guest: exit N\n" and closes. So the lab VM can run programs of
+ *          its own (a test's C or Go client, a server) in the guest, as CID N.
+ * It prints "vsockmon-lab-guest: ready ..." on the console once all four listen, and one
  * line per connection.
  */
 #include <errno.h>
@@ -20,9 +25,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
@@ -150,6 +158,90 @@ static unsigned long long dial_back(int fd)
 	return total;
 }
 
+/* The run service's header: "SIZE NAME ARG...\n" into size and argv (at most max - 1). */
+static int read_header(int fd, char *line, size_t cap, unsigned long *size, char **argv,
+		       int max)
+{
+	size_t len = 0;
+	int argc = 0;
+	char *word;
+
+	while (len < cap - 1 && read(fd, line + len, 1) == 1 && line[len] != '\n')
+		len++;
+	line[len] = '\0';
+	word = strtok(line, " ");
+	if (word == NULL)
+		return 0;
+	*size = strtoul(word, NULL, 10);
+	while (argc < max - 1 && (word = strtok(NULL, " ")) != NULL)
+		argv[argc++] = word;
+	argv[argc] = NULL;
+	return argc;
+}
+
+/* Store SIZE bytes from fd as an executable at path. */
+static int receive_program(int fd, const char *path, unsigned long size)
+{
+	int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0755);
+
+	while (out >= 0 && size > 0) {
+		ssize_t n = read(fd, buf, size < sizeof(buf) ? size : sizeof(buf));
+
+		if (n <= 0 || write_all(out, buf, n) < 0) {
+			close(out);
+			return -1;
+		}
+		size -= n;
+	}
+	return out < 0 ? -1 : close(out);
+}
+
+/* Wait for the program; kill it once the client shuts down its sending side. */
+static int supervise(int fd, pid_t child)
+{
+	struct pollfd watch = { .fd = fd, .events = POLLIN };
+	int status, open_ = 1;
+
+	while (waitpid(child, &status, open_ ? WNOHANG : 0) == 0) {
+		if (poll(&watch, 1, 200) > 0 && read(fd, buf, sizeof(buf)) <= 0) {
+			kill(child, SIGKILL);
+			open_ = 0;
+		}
+	}
+	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static unsigned long long run_program(int fd)
+{
+	char line[512], path[64], *argv[32];
+	unsigned long size;
+	pid_t child;
+	int code;
+
+	signal(SIGCHLD, SIG_DFL); /* this process waits for its child itself */
+	if (read_header(fd, line, sizeof(line), &size, argv, 32) < 1)
+		return 0;
+	mkdir("/programs", 0755);
+	snprintf(path, sizeof(path), "/programs/%d", (int)getpid());
+	if (receive_program(fd, path, size) < 0) {
+		dprintf(fd, "vsockmon-lab-guest: cannot store %s: %s\n", argv[0], strerror(errno));
+		return 0;
+	}
+	child = fork();
+	if (child == 0) {
+		dup2(fd, 1);
+		dup2(fd, 2);
+		execv(path, argv);
+		dprintf(2, "vsockmon-lab-guest: cannot run %s: %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	code = child < 0 ? 127 : supervise(fd, child);
+	dprintf(fd, "vsockmon-lab-guest: exit %d\n", code);
+	unlink(path);
+	say("run %s: exit %d", argv[0], code);
+	return size;
+}
+
 static void serve(int listener, const char *name, unsigned long long (*handle)(int))
 {
 	for (;;) {
@@ -191,15 +283,18 @@ int main(int argc, char **argv)
 	int stream = listen_on(SOCK_STREAM, port);
 	int seqpacket = listen_on(SOCK_SEQPACKET, port + 1);
 	int dial = listen_on(SOCK_STREAM, port + 2);
+	int run = listen_on(SOCK_STREAM, port + 3);
 
 	setvbuf(stderr, NULL, _IOLBF, 0);
 	signal(SIGCHLD, SIG_IGN);
-	say("ready cid=%u stream-echo=%u seqpacket-echo=%u dial-back=%u", local_cid(), port,
-	    port + 1, port + 2);
+	say("ready cid=%u stream-echo=%u seqpacket-echo=%u dial-back=%u run=%u", local_cid(),
+	    port, port + 1, port + 2, port + 3);
 	if (fork() == 0)
 		serve(seqpacket, "seqpacket-echo", echo_seqpacket);
 	if (fork() == 0)
 		serve(dial, "dial-back", dial_back);
+	if (fork() == 0)
+		serve(run, "run", run_program);
 	serve(stream, "stream-echo", echo_stream);
 	return 0;
 }

@@ -87,12 +87,11 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return setup
 
 
-def _spawn(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+def _spawn(argv: Sequence[str], stdin: int | None = None, stdout: int | None = None,
+           stderr: int | None = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        argv,
-        start_new_session=True,  # type: ignore[call-overload]
-        preexec_fn=_die_with_parent(os.getpid()),
-        **kwargs,
+        argv, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=pass_fds,
+        start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
     )
 
 

@@ -46,6 +46,11 @@ DEFAULT_SNAPLEN = 262144
 _INSN = struct.Struct("=HBBI")
 
 
+REJECT_ALL = _INSN.pack(RET_K, 0, 0, 0)
+"""A program that takes no frame: how a stopping capture closes the tap (the kernel then
+counts nothing more, so what it delivered before the stop is a fixed number)."""
+
+
 class BpfFilterError(VsockmonError, ValueError):
     """A filter that cannot be expressed or compiled: one line for the user."""
 
@@ -145,7 +150,7 @@ def compile_groups(groups: Sequence[Sequence[Alternative]], accept: int) -> list
     Layout: each group is a run of alternatives; a failed piece jumps to the group's next
     alternative (or to the reject), a fully matched alternative jumps to the next group.
     """
-    insns: list[list[object]] = []
+    insns: list[tuple[int, object, object, int]] = []  # jumps still as labels
     labels: dict[object, int] = {}
     for gi, group in enumerate(groups):
         labels[("group", gi)] = len(insns)
@@ -154,19 +159,16 @@ def compile_groups(groups: Sequence[Sequence[Alternative]], accept: int) -> list
             fail: object = (gi, ai + 1) if ai + 1 < len(group) else "reject"
             pieces = [p for check in alt for p in check.loads()]
             for pi, (offset, width, k) in enumerate(pieces):
-                insns.append([_LOADS[width], 0, 0, offset])
+                insns.append((_LOADS[width], 0, 0, offset))
                 ok: object = "next" if pi + 1 < len(pieces) else ("group", gi + 1)
-                insns.append([JEQ_K, ok, fail, k])
+                insns.append((JEQ_K, ok, fail, k))
     labels[("group", len(groups))] = len(insns)
-    insns.append([RET_K, 0, 0, accept])
+    insns.append((RET_K, 0, 0, accept))
     if groups:  # nothing jumps to a reject without a condition
         labels["reject"] = len(insns)
-        insns.append([RET_K, 0, 0, 0])
-
-    out = []
-    for i, (code, jt, jf, k) in enumerate(insns):
-        out.append((code, _jump(labels, i, jt), _jump(labels, i, jf), k))  # type: ignore[arg-type]
-    return out
+        insns.append((RET_K, 0, 0, 0))
+    return [(code, _jump(labels, i, jt), _jump(labels, i, jf), k)
+            for i, (code, jt, jf, k) in enumerate(insns)]
 
 
 def _jump(labels: dict[object, int], at: int, target: object) -> int:

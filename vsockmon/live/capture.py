@@ -17,6 +17,8 @@ Other consumers (``capture --diagnose``) use :meth:`LiveCapture.frames`, an iter
 
 from __future__ import annotations
 
+import bisect
+import io
 import mmap
 import os
 import select
@@ -26,11 +28,16 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import BinaryIO, NamedTuple, TextIO
+from typing import NamedTuple, TextIO
 
 from vsockmon.errors import VsockmonError
+
+try:
+    from vsockmon.live import _ring
+except ImportError:  # not built: the ring reader says so, --no-mmap still works
+    _ring = None  # type: ignore[assignment]
 from vsockmon.live import bpf
 from vsockmon.live.link import HeldLink, managed_link
 from vsockmon.wire import pcapio
@@ -72,34 +79,112 @@ _STATS_V3 = struct.Struct("=III")
 BLOCK_SIZE = 1 << 19
 """Ring block size: holds seven of the largest frames (64 KiB payload + headers). Smaller
 blocks mean less of the ring held back while one is written (libpcap's choice too)."""
+DEFAULT_BUFFER = 32 << 20
+"""The kernel's ring (``-B``). In the lab a bulk transfer of 64 KiB frames outran an 8 MiB ring
+(0.6 s of traffic) in one run of two on a loaded host (3 % dropped) and never a 32 MiB one
+(benchmarks/bench_capture.py); small frames never came near either."""
 BLOCK_TIMEOUT_MS = 100
 """A partly filled block is handed over after this long: the live view's latency, and the
 idle capture's wake-up rate."""
+STOP_GRACE_S = 2.0
+"""How long a stopping capture waits for the kernel's next block of the frames it already
+took (at least a block timeout); a second Ctrl-C cuts it short."""
 TICK_S = 0.5
 """How often an idle capture wakes to update the status line and check its deadline."""
 RECV_BATCH = 256
 
 _HDRS_LEN = MON_HDR_LEN + VIRTIO_HDR_LEN
 _OP_OFFSET = MON_HDR_LEN + next(f.offset for f in VIRTIO_HEADER.fields if f.name == "op")
+_OP = struct.Struct("<H")
+_U32 = struct.Struct("=I")
 
 
 class LiveCaptureError(VsockmonError):
     """A capture that cannot start or go on; the message is one line for the user."""
 
 
-class LiveFrame(NamedTuple):
-    """One captured frame: nanosecond timestamp, captured bytes, length on the wire.
+def _need_ring() -> None:
+    if _ring is None:
+        raise LiveCaptureError("vsockmon's compiled part (vsockmon/live/_ring.c) is not "
+                               "built: reinstall with 'pip install -e .' (needs gcc and "
+                               "python3-dev)")
 
-    From a live capture ``data`` is a memoryview into the kernel's ring (or the receive
-    arena), valid until the next batch is read: copy it (``bytes(data)``) to keep it.
-    """
+
+class LiveFrame(NamedTuple):
+    """One captured frame: nanosecond timestamp, captured bytes, length on the wire."""
 
     ts_ns: int
     data: bytes | memoryview
     orig_len: int
 
 
-LiveBatch = list[LiveFrame]
+PCAP, PCAPNG = 0, 1
+"""Record formats of a :class:`LiveBatch` (the values ``_ring`` takes)."""
+_RECORD_PARTS = {PCAP: pcapio.PcapWriter.record_parts, PCAPNG: pcapio.PcapngWriter.record_parts}
+_INDEX = struct.Struct("=5Q")
+"""Per frame in :attr:`LiveBatch.index`: timestamp, end of its record in the output, offset
+of its bytes in :attr:`LiveBatch.source`, captured length, original length."""
+
+
+class LiveBatch:
+    """The frames of one ring block (or one round of ``recvmsg``), framed as capture file
+    records without a Python object per frame: the record headers of all of them
+    (:attr:`heads`, built at once), where each frame lies in :attr:`source` (the kernel's
+    ring block), and the counts the statistics need. :meth:`write_to` writes them with
+    ``writev``, the frames straight from the ring. Iterating yields :class:`LiveFrame`
+    (the line view, ``--diagnose``); their data are views of the ring, valid until the
+    next batch is asked for: copy them (``bytes(data)``) to keep them.
+    """
+
+    __slots__ = ("count", "fmt", "heads", "index", "nbytes", "ops", "source")
+
+    def __init__(self, fmt: int, heads: bytes, index: bytes, source: bytes | memoryview,
+                 count: int, nbytes: int, ops: dict[int, int]) -> None:
+        self.fmt, self.heads, self.index, self.source = fmt, heads, index, source
+        self.count, self.nbytes, self.ops = count, nbytes, ops
+
+    @classmethod
+    def of_frames(cls, frames: Iterable[LiveFrame], fmt: int = PCAP) -> LiveBatch:
+        """A batch from frames one by one (the ``recvmsg`` reader, tests), framed by pcapio."""
+        parts_of = _RECORD_PARTS[fmt]
+        heads: list[bytes | memoryview] = []
+        datas: list[bytes | memoryview] = []
+        index = bytearray()
+        ops: dict[int, int] = {}
+        end = at = count = 0
+        for ts, data, orig in frames:
+            head, _data, *tail = parts_of(ts, data, orig)
+            end += len(head) + len(data) + sum(map(len, tail))
+            index += _INDEX.pack(ts, end, at, len(data), orig)
+            heads += (head, *tail)
+            datas.append(data)
+            at += len(data)
+            count += 1
+            if len(data) >= _HDRS_LEN:
+                op = _OP.unpack_from(data, _OP_OFFSET)[0]
+                ops[op] = ops.get(op, 0) + 1
+        return cls(fmt, b"".join(heads), bytes(index), b"".join(datas), count, at, ops)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[LiveFrame]:
+        view = memoryview(self.source)
+        for ts, _end, at, cap, orig in _INDEX.iter_unpack(self.index):
+            yield LiveFrame(ts, view[at:at + cap], orig)
+
+    def record_ends(self) -> Sequence[int]:
+        """Where each frame's record ends in the output."""
+        return memoryview(self.index).cast("Q")[1::5]
+
+    def write_to(self, fd: int, first: int = 0, last: int | None = None) -> None:
+        """Write the records of frames ``first`` … ``last - 1`` (all by default)."""
+        assert _ring is not None, "checked when the sink was made"
+        _ring.writev(fd, self.fmt, self.heads, self.source, self.index, first,
+                     self.count if last is None else last)
+
+
+_NO_FRAMES = LiveBatch(PCAP, b"", b"", b"", 0, 0, {})
 
 
 # -- stopping -----------------------------------------------------------------------------------
@@ -109,11 +194,13 @@ class Stop:
     """Why a capture should stop, set by a signal handler or by the code itself.
 
     The handlers only record the signal and wake the poll through a pipe
-    (``signal.set_wakeup_fd``): the loop stops between batches, never inside a write.
+    (``signal.set_wakeup_fd``): the loop stops between batches, never inside a write. A
+    second signal sets :attr:`urgent`: stop now, without draining what the kernel holds.
     """
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.urgent = False
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -138,6 +225,8 @@ class Stop:
         self._old_wakeup = signal.set_wakeup_fd(self._w)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.reason is not None:
+            self.urgent = True
         self.request(signal.Signals(signum).name)
 
     def close(self) -> None:
@@ -158,12 +247,14 @@ class Stop:
 class _RingReader:
     """Frames from a TPACKET_V3 receive ring: blocks of frames the kernel hands over whole.
 
-    Frames are memoryviews into the ring, not copies (a copy of every 64 KiB frame costs more
-    than the rest of the path in the lab VM); the blocks they lie in go back to the kernel
-    at the next :meth:`drain`, so a batch is valid until the next one is asked for.
+    Each block becomes a :class:`LiveBatch` in one call to the compiled ``_ring.block`` (no
+    Python work per frame) whose frames stay in the ring; the block goes back to the kernel
+    at the next :meth:`drain`, once the batch is written. One block at a time, as libpcap
+    does: holding several while writing them would leave the kernel no room.
     """
 
     def __init__(self, sock: socket.socket, buffer_bytes: int) -> None:
+        _need_ring()
         self.blocks = max(2, buffer_bytes // BLOCK_SIZE)
         frame_size = 1 << 11
         req = _REQ3.pack(BLOCK_SIZE, self.blocks, frame_size,
@@ -174,33 +265,30 @@ class _RingReader:
                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
         self.current = 0
-        self.held: list[int] = []
+        self.held: int | None = None
+        self.damaged = 0
+        """Blocks whose numbers did not add up (never seen from a real kernel)."""
 
     def _release(self) -> None:
-        for base in self.held:
-            struct.pack_into("=I", self.map, base + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
-        self.held.clear()
+        if self.held is not None:
+            _U32.pack_into(self.map, self.held + _BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+            self.held = None
 
-    def drain(self) -> LiveBatch:
-        """The frames of the next block the kernel has handed over, after returning the
-        previous one. One block at a time, as libpcap does: holding several while writing
-        them would leave the kernel no room, and it drops what it cannot store."""
+    def drain(self, fmt: int, limit: int) -> LiveBatch | None:
+        """The next block the kernel has handed over (at most ``limit`` of its frames), or
+        None; the previous one goes back to the kernel first."""
         self._release()
-        mm, view, out = self.map, self.view, []
         base = self.current * BLOCK_SIZE
-        status, count, first = _BLOCK_HDR.unpack_from(mm, base + _BLOCK_STATUS_OFF)
-        if not status & TP_STATUS_USER:
-            return out
-        unpack_pkt = _PKT_HDR.unpack_from
-        pos = base + first
-        for _ in range(count):
-            nxt, sec, nsec, snap, length, _st, mac = unpack_pkt(mm, pos)
-            start = pos + mac
-            out.append(LiveFrame(sec * 1_000_000_000 + nsec, view[start:start + snap], length))
-            pos += nxt
-        self.held.append(base)
+        if not _U32.unpack_from(self.map, base + _BLOCK_STATUS_OFF)[0] & TP_STATUS_USER:
+            return None
+        assert _ring is not None
+        block = self.view[base:base + BLOCK_SIZE]
+        heads, index, ops, count, nbytes, damaged = _ring.block(block, fmt, limit, _OP_OFFSET,
+                                                                _HDRS_LEN)
+        self.held = base
         self.current = (self.current + 1) % self.blocks
-        return out
+        self.damaged += damaged
+        return LiveBatch(fmt, heads, index, block, count, nbytes, ops)
 
     def close(self) -> None:
         self.view.release()
@@ -211,10 +299,9 @@ class _RingReader:
 class _RecvReader:
     """Frames by non-blocking ``recvmsg_into``, up to :data:`RECV_BATCH` per wake-up.
 
-    Frames are received into one preallocated arena (no allocation per frame) and handed out
-    as memoryviews valid until the next :meth:`drain`. Works on any datagram socket (the
-    tests feed it a socketpair); on a packet socket the kernel's timestamp and original
-    length come as control messages.
+    Frames are received into one preallocated arena and framed into a :class:`LiveBatch`.
+    Works on any datagram socket (the tests feed it a socketpair); on a packet socket the
+    kernel's timestamp and original length come as control messages.
     """
 
     def __init__(self, sock: socket.socket, snaplen: int, buffer_bytes: int) -> None:
@@ -229,17 +316,18 @@ class _RecvReader:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
         self.arena = memoryview(bytearray(max(4 << 20, 4 * self.bufsize)))
         self.ancsize = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(32)
+        self.damaged = 0
         sock.setblocking(False)
         if sock.family == socket.AF_PACKET:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
 
-    def drain(self) -> LiveBatch:
-        out = []
+    def drain(self, fmt: int, limit: int) -> LiveBatch | None:
+        out: list[LiveFrame] = []
         recvmsg_into, arena, bufsize, ancsize = (self.sock.recvmsg_into, self.arena,
                                                  self.bufsize, self.ancsize)
-        pos, end = 0, len(arena) - bufsize
-        while len(out) < RECV_BATCH and pos <= end:
+        pos, end, most = 0, len(arena) - bufsize, min(RECV_BATCH, limit)
+        while len(out) < most and pos <= end:
             try:
                 n, anc, _flags, _addr = recvmsg_into([arena[pos:pos + bufsize]], ancsize)
             except (BlockingIOError, InterruptedError):
@@ -253,7 +341,7 @@ class _RecvReader:
                     orig = _AUXDATA.unpack_from(value)[1]
             out.append(LiveFrame(ts or time.time_ns(), arena[pos:pos + n], orig))
             pos += n
-        return out
+        return LiveBatch.of_frames(out, fmt) if out else None
 
     def close(self) -> None:
         pass
@@ -270,7 +358,7 @@ class LiveCapture:
     """
 
     def __init__(self, ifname: str = "vsockmon0", frame_filter: bpf.FrameFilter | None = None,
-                 buffer_bytes: int = 8 << 20, use_mmap: bool = True,
+                 buffer_bytes: int = DEFAULT_BUFFER, use_mmap: bool = True,
                  expect_hatype: int | None = ARPHRD_VSOCKMON,
                  sock: socket.socket | None = None) -> None:
         self.ifname = ifname
@@ -282,6 +370,10 @@ class LiveCapture:
         """A ready socket to read instead of opening one (tests pass a socketpair end)."""
         self.stop = Stop()
         self.deadline: float | None = None
+        self.record_format = PCAP
+        """How batches frame their records: the file sink's format (:data:`PCAPNG` …)."""
+        self.delivered = 0
+        """Frames handed out by :meth:`batches` so far."""
         self._reader: _RingReader | _RecvReader | None = None
         self._seen = 0
         self._drops = 0
@@ -352,17 +444,22 @@ class LiveCapture:
 
     # -- reading
 
-    def batches(self) -> Iterator[LiveBatch]:
-        """Batches until :attr:`stop` is requested or :attr:`deadline` (monotonic) passes."""
+    def batches(self, count: int | None = None) -> Iterator[LiveBatch]:
+        """Batches until ``count`` frames, a stop (signal, :attr:`deadline`, the link's end).
+
+        An empty batch comes when a tick passes without frames (callers refresh a status
+        line). After a stop other than the count, the frames the kernel had already taken
+        are drained first (:meth:`_drain_on_stop`); then a link that went away raises.
+        """
         assert self.sock is not None and self._reader is not None, "open() first"
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self.stop.fileno(), select.POLLIN)
-        drain = self._reader.drain
         sock_fd = self.sock.fileno()
+        gone: str | None = None
         while self.stop.reason is None:
-            batch = drain()
-            if batch:
+            batch = self._next(count)
+            if batch is not None:
                 yield batch
                 continue
             timeout = TICK_S
@@ -373,20 +470,71 @@ class LiveCapture:
                     break
             for fd, events in poller.poll(timeout * 1000):
                 if fd == sock_fd and events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                    self._link_gone()
-            yield []
+                    gone = self._why_gone()
+                    self.stop.request("link gone")
+            yield _NO_FRAMES
+        if self.stop.reason != "count":
+            yield from self._drain_on_stop(count)
+        if gone is not None:
+            raise LiveCaptureError(f"{self.ifname} went away while capturing ({gone}); "
+                                   "what was captured until then is written")
+        if self._reader.damaged:
+            raise LiveCaptureError(f"{self._reader.damaged} ring block(s) from the kernel did "
+                                   "not add up; the frames before the damage are written")
 
-    def _link_gone(self) -> None:
+    def _next(self, count: int | None) -> LiveBatch | None:
+        """The next batch the kernel has ready (cut to what ``count`` still allows)."""
+        assert self._reader is not None
+        left = -1 if count is None else count - self.delivered
+        batch = self._reader.drain(self.record_format, left if left >= 0 else 1 << 62)
+        if batch is None:
+            return None
+        self.delivered += batch.count
+        if count is not None and self.delivered >= count:
+            self.stop.request("count")
+        return batch
+
+    def _drain_on_stop(self, count: int | None) -> Iterator[LiveBatch]:
+        """Everything the kernel delivered before the stop, within :data:`STOP_GRACE_S`.
+
+        The filter is first swapped for one that takes nothing, so the frames to drain are
+        a fixed set the kernel has counted. A partly filled ring block is handed over only
+        when its timer (:data:`BLOCK_TIMEOUT_MS`) fires, so this waits for it; what the
+        kernel has not handed over after :data:`STOP_GRACE_S` without a new block shows in
+        the summary as lost at stop. (Without kernel counts — a socketpair — it drains for
+        at most the grace period.)
+        """
+        self._cut()
+        stats = self.kernel_stats()
+        target = None if stats is None else stats[0] - stats[1]
+        give_up = time.monotonic() + STOP_GRACE_S
+        while not self.stop.urgent and time.monotonic() < give_up:
+            if count is not None and self.delivered >= count:
+                return
+            batch = self._next(count)
+            if batch is not None:
+                yield batch
+                if target is not None:  # a known, finite set: the grace is for the kernel,
+                    give_up = time.monotonic() + STOP_GRACE_S  # not for our own writing
+            elif target is None or self.delivered >= target:
+                return
+            else:
+                time.sleep(0.01)
+
+    def _cut(self) -> None:
+        """Stop the kernel from delivering more frames to this socket."""
+        if self.sock is not None and self.sock.family == socket.AF_PACKET:
+            with suppress(bpf.BpfFilterError):  # then frames after the stop may be read too
+                bpf.attach(self.sock, bpf.REJECT_ALL)
+
+    def _why_gone(self) -> str:
         """The socket reports an error: the link was deleted (or went down) under us."""
         assert self.sock is not None
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        why = os.strerror(code) if code else "socket error"
-        raise LiveCaptureError(f"{self.ifname} went away while capturing ({why}); "
-                           "what was captured until then is written")
+        return os.strerror(code) if code else "socket error"
 
     def frames(self) -> Iterator[tuple[int, bytes]]:
-        """``(ts_ns, frame bytes)`` one at a time: the hook for live analyses. The bytes are
-        the consumer's to keep (copied out of the ring)."""
+        """``(ts_ns, frame bytes)`` one at a time: the hook for live analyses."""
         for batch in self.batches():
             for frame in batch:
                 yield frame.ts_ns, bytes(frame.data)
@@ -406,7 +554,7 @@ class LiveCapture:
 
 @contextmanager
 def live_capture(ifname: str = "vsockmon0", frame_filter: bpf.FrameFilter | None = None,
-                 buffer_bytes: int = 8 << 20, use_mmap: bool = True
+                 buffer_bytes: int = DEFAULT_BUFFER, use_mmap: bool = True
                  ) -> Iterator[tuple[HeldLink, LiveCapture]]:
     """The link (created if missing, removed afterwards) and an open capture on it.
 
@@ -428,63 +576,17 @@ class OutputClosed(Exception):
     """The reader of ``-w -`` went away (broken pipe): stop quietly."""
 
 
-class _Spool:
-    """A file-like object that collects a batch and writes it with ``writev`` — the frames
-    straight from the ring, no copy in Python — so the file only ever grows by whole
-    records (valid up to the last batch, even after a kill)."""
-
-    def __init__(self, fp: BinaryIO) -> None:
-        self.fp = fp
-        self.fd = fp.fileno()
-        self.parts: list[bytes | memoryview] = []
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.parts.append(data)
-        self.size += len(data)
-        return len(data)
-
-    def extend(self, parts: tuple[bytes | memoryview, ...]) -> None:
-        self.parts.extend(parts)
-        self.size += sum(map(len, parts))
-
-    def flush(self) -> None:
-        if not self.parts:
-            return
-        try:
-            _writev_all(self.fd, self.parts)
-        except BrokenPipeError:
-            raise OutputClosed() from None
-        except OSError as e:
-            raise LiveCaptureError(f"write failed: {e.strerror}") from None
-        finally:
-            self.parts = []
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            if self.fp is not sys.stdout.buffer:
-                self.fp.close()
-
-
-IOV_MAX = 1024
-
-
-def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
-    """Write every part, in order, however the kernel splits the writes."""
-    while parts:
-        chunk = parts[:IOV_MAX]
-        written = os.writev(fd, chunk)
-        done = 0
-        for part in chunk:
-            if written < len(part):
-                break
-            written -= len(part)
-            done += 1
-        parts = parts[done:]
-        if written:
-            parts[0] = memoryview(parts[0])[written:]
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` however the kernel splits the write; a closed pipe stops the
+    capture quietly, any other failure in one line."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        raise OutputClosed() from None
+    except OSError as e:
+        raise LiveCaptureError(f"write failed: {e.strerror}") from None
 
 
 def ring_paths(path: str, files: int | None) -> list[str]:
@@ -514,6 +616,7 @@ class FileSink:
               rotate_bytes: int | None = None, files: int | None = None) -> None:
         """Raise :class:`LiveCaptureError` for options that cannot work or files that would be
         overwritten without ``force`` — before anything (the link) is changed."""
+        _need_ring()
         if files is not None and rotate_bytes is None:
             raise LiveCaptureError("a ring of files (--ring) needs a file size (--ring-size)")
         if rotate_bytes is not None and path == "-":
@@ -534,46 +637,73 @@ class FileSink:
     def _open(self, force: bool) -> None:
         path = self._current_path()
         try:
-            fp = pcapio.create_output(path, force)
-        except pcapio.LiveCaptureError as e:
+            self.fp = pcapio.create_output(path, force)
+        except pcapio.CaptureError as e:
             raise LiveCaptureError(str(e)) from None
-        self.spool = _Spool(fp)
-        # pcapio frames every record as pieces, so each frame goes from the ring to the
-        # file through writev without a copy.
-        writer = pcapio.writer_for(self.path, self.spool,  # type: ignore[arg-type]
-                                   snaplen=self.snaplen)
-        self.frame_parts = writer.record_parts
+        self.fd = self.fp.fileno()
+        # The header goes out now: a capture killed before its first frame leaves a valid,
+        # empty file. pcapio writes it; the records come framed by the reader.
+        header = io.BytesIO()
+        writer = pcapio.writer_for(self.path, header, snaplen=self.snaplen)
+        self.record_format = PCAPNG if isinstance(writer, pcapio.PcapngWriter) else PCAP
+        _write_all(self.fd, header.getvalue())
+        self.size = header.tell()
         self.in_file = 0
         if path not in self.written:
             self.written.append(path)
 
     def _rotate(self) -> None:
-        self.spool.close()
+        self._close_file()
         self.index += 1
         if self.files is not None:
             self.index %= self.files
         self._open(force=True)  # our own earlier file of the ring, or a checked name
 
     def write(self, batch: LiveBatch) -> None:
-        spool, parts_of, limit = self.spool, self.frame_parts, self.rotate_bytes
-        for ts, data, orig in batch:
-            if limit is not None and self.in_file and spool.size + len(data) + 36 > limit:
-                spool.flush()
-                self._rotate()
-                spool, parts_of = self.spool, self.frame_parts
-            spool.extend(parts_of(ts, data, orig))
-            self.in_file += 1
-        spool.flush()
+        """The batch's records in one write (a few when the file rotates inside it)."""
+        if batch.fmt != self.record_format:
+            raise ValueError("batch framed for another file format")
+        if self.rotate_bytes is None:
+            self._records(batch, 0, batch.count)
+            self.in_file += batch.count
+            return
+        ends = batch.record_ends()
+        i, start = 0, 0
+        while i < batch.count:
+            # the records that still fit in this file
+            j = bisect.bisect_right(ends, start + self.rotate_bytes - self.size, i, batch.count)
+            if j == i:
+                if self.in_file:
+                    self._rotate()
+                    continue
+                j = i + 1  # a record larger than a whole file goes alone into a fresh one
+            stop = ends[j - 1]
+            self._records(batch, i, j)
+            self.size += stop - start
+            self.in_file += j - i
+            i, start = j, stop
+
+    def _records(self, batch: LiveBatch, first: int, last: int) -> None:
+        try:
+            batch.write_to(self.fd, first, last)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as e:
+            raise LiveCaptureError(f"write failed: {e.strerror}") from None
+
+    def _close_file(self) -> None:
+        if self.fp is not sys.stdout.buffer:
+            self.fp.close()
 
     def close(self) -> None:
-        self.spool.close()
+        self._close_file()
 
 
 _MON = VSOCKMON_HEADER.struct
 _VIRTIO = VIRTIO_HEADER.struct
 
 
-def format_frame(ts_ns: int, data: bytes) -> str:
+def format_frame(ts_ns: int, data: bytes | memoryview) -> str:
     """One line per frame in ``vsockmon decode``'s style, but cheap (struct, no numpy):
     wall-clock time, ends, type, op, len, flags, credit."""
     sec, nsec = divmod(ts_ns, 1_000_000_000)
@@ -602,6 +732,8 @@ class LineSink:
         self.out = out
 
     def write(self, batch: LiveBatch) -> None:
+        if not batch:
+            return
         try:
             self.out.write("".join(format_frame(f.ts_ns, f.data) + "\n" for f in batch))
             self.out.flush()
@@ -616,30 +748,49 @@ class LineSink:
 
 
 class CaptureStats:
-    """Packets, bytes and per-op counts of what was written, and the kernel's drop count."""
+    """What was written (packets, bytes, per-op counts) against what the kernel saw.
+
+    After :meth:`finish`, the frames the kernel delivered but the capture did not write are
+    counted as lost at stop — except after ``-c`` or a closed output, where leaving them is
+    what was asked.
+    """
 
     def __init__(self) -> None:
         self.packets = 0
         self.bytes = 0
         self.ops: dict[int, int] = {}
         self.kernel: tuple[int, int] | None = None
+        self.stopped: str | None = None
         self.started = time.monotonic()
 
     def add(self, batch: LiveBatch) -> None:
-        ops, unpack, hdrs = self.ops, struct.unpack_from, _HDRS_LEN
-        for frame in batch:
-            data = frame.data
-            if len(data) >= hdrs:
-                op = unpack("<H", data, _OP_OFFSET)[0]
-                ops[op] = ops.get(op, 0) + 1
-            self.bytes += len(data)
-        self.packets += len(batch)
+        ops = self.ops
+        for op, n in batch.ops.items():
+            ops[op] = ops.get(op, 0) + n
+        self.bytes += batch.nbytes
+        self.packets += batch.count
+
+    def finish(self, reason: str, kernel: tuple[int, int] | None) -> None:
+        self.stopped, self.kernel = reason, kernel
+
+    @property
+    def lost_at_stop(self) -> int:
+        if self.kernel is None or self.stopped in (None, "count", "output closed"):
+            return 0
+        seen, drops = self.kernel
+        return max(0, seen - drops - self.packets)
+
+    @property
+    def lost(self) -> int:
+        """Frames the kernel saw that are not in the output: its drops and the stop's."""
+        return (self.kernel[1] if self.kernel else 0) + self.lost_at_stop
 
     def op_counts(self) -> dict[str, int]:
         return {enum_name(Op, k): v for k, v in sorted(self.ops.items())}
 
     def line(self) -> str:
-        """The status line: packets, bytes, per-op counts, kernel drops."""
+        """The status line: packets, bytes, per-op counts, kernel drops (and, once finished,
+        the frames lost at the stop)."""
         ops = " ".join(f"{k} {v}" for k, v in self.op_counts().items())
         text = f"{self.packets} packets, {_human(self.bytes)}"
         if ops:
@@ -648,13 +799,29 @@ class CaptureStats:
             seen, drops = self.kernel
             ratio = drops / seen * 100 if seen else 0.0
             text += f"; kernel: {seen} seen, {drops} dropped ({ratio:.2f}%)"
+            if self.stopped is not None:
+                text += f", {self.lost_at_stop} lost at stop"
         return text
+
+    def loss_line(self) -> str | None:
+        """A warning when the output misses frames the kernel saw, else None."""
+        if not self.lost:
+            return None
+        assert self.kernel is not None
+        parts = []
+        if self.kernel[1]:
+            parts.append(f"{self.kernel[1]} dropped by the kernel for want of buffer room "
+                         "(raise -B)")
+        if self.lost_at_stop:
+            parts.append(f"{self.lost_at_stop} still unread when the stop's grace period "
+                         f"({STOP_GRACE_S:g} s without a new block) ended")
+        return f"warning: {self.lost} frames lost: " + ", ".join(parts)
 
     def as_dict(self) -> dict[str, object]:
         seen, drops = self.kernel or (None, None)
         return {"packets": self.packets, "bytes": self.bytes, "ops": self.op_counts(),
-                "kernel_seen": seen, "kernel_drops": drops,
-                "seconds": round(time.monotonic() - self.started, 3)}
+                "kernel_seen": seen, "kernel_drops": drops, "lost_at_stop": self.lost_at_stop,
+                "lost": self.lost, "seconds": round(time.monotonic() - self.started, 3)}
 
 
 def _human(n: int) -> str:
@@ -670,15 +837,14 @@ def _human(n: int) -> str:
 
 def run(capture: LiveCapture, sink: FileSink | LineSink, stats: CaptureStats,
         count: int | None = None, on_tick: object = None, tick_s: float = TICK_S) -> str:
-    """Move batches from ``capture`` to ``sink`` until a limit, a signal or the deadline;
-    returns why it stopped. ``on_tick(stats)`` is called at most every ``tick_s``."""
+    """Move batches from ``capture`` to ``sink`` until a limit, a signal, the deadline or the
+    link's end (having drained what the kernel already holds); returns why it stopped.
+    ``on_tick(stats)`` is called at most every ``tick_s``."""
+    capture.record_format = getattr(sink, "record_format", capture.record_format)
     last_tick = time.monotonic()
     try:
-        for batch in capture.batches():
+        for batch in capture.batches(count):
             if batch:
-                if count is not None and stats.packets + len(batch) >= count:
-                    batch = batch[:count - stats.packets]
-                    capture.stop.request("count")
                 sink.write(batch)
                 stats.add(batch)
             now = time.monotonic()
@@ -689,8 +855,9 @@ def run(capture: LiveCapture, sink: FileSink | LineSink, stats: CaptureStats,
     except OutputClosed:
         capture.stop.request("output closed")
     finally:
-        stats.kernel = capture.kernel_stats()
-    return capture.stop.reason or "end"
+        reason = capture.stop.reason or "end"
+        stats.finish(reason, capture.kernel_stats())
+    return reason
 
 
 def drop_privileges(user: str) -> None:

@@ -10,6 +10,7 @@ are tested without the machine they describe.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -67,6 +68,56 @@ def parse_modules(text: str) -> dict[str, int]:
         if len(parts) >= 3:
             out[parts[0]] = int(parts[2]) if parts[2].isdigit() else 0
     return out
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A running VM with a vsock device, as its process's command line shows it."""
+
+    pid: int
+    vmm: str
+    cid: int | None
+    tapped: bool
+    """Whether its vsock traffic passes the host kernel's vhost-vsock (and so vsockmon)."""
+
+    def describe(self) -> str:
+        cid = f"CID {self.cid}" if self.cid is not None else "CID set over its API"
+        where = ("vhost-vsock: on this host's vsockmon" if self.tapped else
+                 "vsock device in user space: this host's vsockmon sees nothing; "
+                 "capture inside the guest")
+        return f"{self.vmm} pid {self.pid}: {cid} ({where})"
+
+
+_GUEST_CID = re.compile(r"(?:^|,)guest-cid=(\d+)(?:,|$)")
+_CH_CID = re.compile(r"(?:^|,)cid=(\d+)(?:,|$)")
+
+
+def parse_guest(pid: int, argv: list[str]) -> Guest | None:
+    """The vsock guest a VMM's command line describes, or None for any other process.
+
+    QEMU names the CID of a kernel vhost-vsock device (``-device
+    vhost-vsock-pci,guest-cid=3``, what libvirt and Kata's QEMU pass); vhost-user-vsock,
+    Cloud Hypervisor (``--vsock cid=3,socket=…``) and Firecracker (configured over its API)
+    run the device in user space, where the host's tap never sees the traffic.
+    """
+    prog = os.path.basename(argv[0]) if argv else ""
+    if prog.startswith("qemu-system") or prog in ("qemu-kvm", "kvm"):
+        for arg in argv[1:]:
+            if "vhost-user-vsock" in arg:
+                m = _GUEST_CID.search(arg)
+                return Guest(pid, "qemu (vhost-user-vsock)", int(m[1]) if m else None, False)
+            if "vhost-vsock" in arg and (m := _GUEST_CID.search(arg)):
+                return Guest(pid, "qemu", int(m[1]), True)
+        return None
+    if prog == "cloud-hypervisor":
+        spec = next((b for a, b in itertools.pairwise(argv) if a == "--vsock"), None)
+        if spec is None:
+            return None
+        m = _CH_CID.search(spec)
+        return Guest(pid, "cloud-hypervisor", int(m[1]) if m else None, False)
+    if prog == "firecracker":
+        return Guest(pid, "firecracker", None, False)
+    return None
 
 
 def parse_vsock_cids(xml_text: str) -> list[int]:
@@ -308,6 +359,36 @@ def check_qemu() -> DoctorCheck:
     return DoctorCheck("qemu", OK, f"{text} (vhost-vsock-pci: -device vhost-vsock-pci,guest-cid=N)")
 
 
+def running_guests() -> list[Guest]:
+    """Guests with a vsock device among this host's processes (reads /proc/*/cmdline)."""
+    found = []
+    for entry in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):
+        if not entry.isdigit():
+            continue
+        raw = _read_bytes(f"/proc/{entry}/cmdline")
+        guest = parse_guest(int(entry), [a.decode(errors="replace")
+                                         for a in raw.split(b"\0") if a]) if raw else None
+        if guest is not None:
+            found.append(guest)
+    return found
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def check_guests() -> DoctorCheck:
+    guests = running_guests()
+    if not guests:
+        return DoctorCheck("guests", INFO, "no running VM with a vsock device (qemu, "
+                           "cloud-hypervisor, firecracker)")
+    return DoctorCheck("guests", INFO, "; ".join(g.describe() for g in guests))
+
+
 def check_libvirt() -> DoctorCheck:
     if not shutil.which("virsh"):
         return DoctorCheck("libvirt", INFO, "virsh not installed")
@@ -354,6 +435,7 @@ def run_checks(probe: bool = False) -> list[DoctorCheck]:
         lambda: check_local_cid(probe),
         check_sockets,
         check_qemu,
+        check_guests,
         check_libvirt,
     ]
     out: list[DoctorCheck] = []

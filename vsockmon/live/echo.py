@@ -12,6 +12,7 @@ Stays cheap to import (stdlib only): in the lab VM every import costs seconds.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import threading
@@ -79,6 +80,29 @@ def set_buffer_size(sock: socket.socket, size: int) -> None:
                         ) from None
 
 
+_SO_VM_SOCKETS_CONNECT_TIMEOUT = 6  # level AF_VSOCK, a struct timeval
+
+
+def set_connect_timeout(sock: socket.socket, seconds: float) -> None:
+    """Let a vsock connect wait ``seconds`` instead of Linux's 2 s (a nested guest under
+    emulation answers later than that).
+
+    Python's setsockopt sends every AF_VSOCK value as a u64; the option takes a struct
+    timeval, so it goes through libc (ctypes is imported here only: it costs time in the
+    lab VM, and only connecting needs it).
+    """
+    import ctypes
+    import struct
+
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setsockopt(sock.fileno(), socket.AF_VSOCK, _SO_VM_SOCKETS_CONNECT_TIMEOUT,
+                       timeval, len(timeval)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setsockopt SO_VM_SOCKETS_CONNECT_TIMEOUT: {os.strerror(err)}")
+
+
 def addr_text(cid: int, port: int) -> str:
     return f"{'ANY' if cid == VMADDR_CID_ANY else cid}:{port}"
 
@@ -87,28 +111,82 @@ def addr_text(cid: int, port: int) -> str:
 
 
 @dataclass
+class ConnectionRecord:
+    """What one client sent and how it went: the server's answer to "did my bytes arrive?".
+
+    ``end`` is ``eof`` (the client shut down its side in order, every echo sent), ``left``
+    (it went away — closed or reset — after its data was read, while an echo could no
+    longer reach it: the usual shape of a client that sends and closes) or ``reset`` (a
+    reset before any of its data was read: the only end counted as abrupt).
+    """
+
+    peer: str
+    received: int = 0
+    echoed: int = 0
+    reads: int = 0
+    end: str = "open"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"peer": self.peer, "received": self.received, "echoed": self.echoed,
+                "reads": self.reads, "end": self.end}
+
+
+@dataclass
 class ServerStats:
     connections: int = 0
     active: int = 0
     bytes: int = 0
+    """Bytes received (whether or not their echo reached the client), counted as read:
+    the totals include connections still open when the server stops."""
+    echoed: int = 0
     messages: int = 0
     resets: int = 0
+    clients: list[ConnectionRecord] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"connections": self.connections, "bytes": self.bytes,
-                "messages": self.messages, "resets": self.resets}
+    def as_dict(self) -> dict[str, object]:
+        with self.lock:
+            return {"connections": self.connections, "bytes": self.bytes,
+                    "echoed": self.echoed, "messages": self.messages,
+                    "resets": self.resets,
+                    "clients": [c.as_dict() for c in self.clients]}
+
+
+Log = Callable[[str], None]
+_END_TEXT = {
+    "eof": "closed",
+    "left": "left before its echo could reach it",
+    "reset": "reset before sending anything",
+    "open": "still open",
+}
+
+
+def peer_text(peer: object, index: int) -> str:
+    """A client as the server names it: ``CID:PORT`` for vsock, ``#N`` otherwise (the
+    tests' AF_UNIX peers have no address)."""
+    if isinstance(peer, tuple) and len(peer) == 2:
+        return f"{peer[0]}:{peer[1]}"
+    return f"#{index}"
+
+
+def shown_bytes(data: bytes | memoryview, limit: int = 64) -> str:
+    """Received bytes as the seed's server prints them (Python's ``bytes`` repr), cut to
+    ``limit`` bytes so a bulk transfer does not flood the terminal."""
+    text = repr(bytes(data[:limit]))
+    return text + (f" … (+{len(data) - limit} bytes)" if len(data) > limit else "")
 
 
 class EchoServer:
     """Echoes everything back. Bind and listen in the constructor (errors surface at once),
     then :meth:`serve` until :meth:`close` or an exception (KeyboardInterrupt) in the caller.
+
+    ``log`` (``-v``) hears every read's bytes and every connection's end.
     """
 
     def __init__(self, port: int, kind: str = "stream", cid: int = VMADDR_CID_ANY,
                  buffer_size: int | None = None, read_delay: float = 0.0,
-                 sock: socket.socket | None = None) -> None:
-        self.kind, self.read_delay = kind, read_delay
+                 sock: socket.socket | None = None, log: Log | None = None) -> None:
+        self.kind, self.read_delay, self.log = kind, read_delay, log
         self.stats = ServerStats()
         if sock is not None:  # already bound and listening (the tests' AF_UNIX sockets)
             self.sock, self.port = sock, port
@@ -136,7 +214,7 @@ class EchoServer:
             return
         while True:
             try:
-                conn, _peer = self.sock.accept()
+                conn, peer = self.sock.accept()
             except OSError as e:
                 if self.sock.fileno() < 0:  # closed by close()
                     return
@@ -146,35 +224,67 @@ class EchoServer:
             with self.stats.lock:
                 self.stats.connections += 1
                 self.stats.active += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+                record = ConnectionRecord(peer_text(peer, self.stats.connections))
+                self.stats.clients.append(record)
+            threading.Thread(target=self._echo, args=(conn, record), daemon=True).start()
 
-    def _echo(self, conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket, record: ConnectionRecord) -> None:
+        """Read until the client is done, echoing while it still listens.
+
+        Every byte is counted when it is read, before its echo: a client that sends and
+        closes (the seed's programs) has sent its bytes even though its echo bounces. Once
+        an echo fails the server keeps reading, only to count what else arrives.
+        """
         buf = bytearray(MAX_MESSAGE)
         view = memoryview(buf)
         seqpacket = self.kind == "seqpacket"
-        total = msgs = 0
+        echoing = True
         try:
             while True:
                 if self.read_delay:
                     time.sleep(self.read_delay)
                 n = conn.recv_into(buf)
                 if not n:
+                    record.end = "eof" if echoing else "left"
                     break
-                if seqpacket:
-                    conn.send(view[:n])
-                else:
-                    conn.sendall(view[:n])
-                total += n
-                msgs += 1
-        except OSError:  # reset, broken pipe, timeout: the peer went away abruptly
-            with self.stats.lock:
-                self.stats.resets += 1
+                with self.stats.lock:
+                    record.received += n
+                    record.reads += 1
+                    self.stats.bytes += n
+                    self.stats.messages += 1
+                if self.log:
+                    self.log(f"{record.peer} sent {n} bytes: {shown_bytes(view[:n])}")
+                if echoing:
+                    echoing = self._send_echo(conn, view[:n], seqpacket)
+                    if echoing:
+                        with self.stats.lock:
+                            record.echoed += n
+                            self.stats.echoed += n
+        except OSError:  # reset, timeout: the peer went away abruptly
+            record.end = "left" if record.received else "reset"
         finally:
             conn.close()
-            with self.stats.lock:
-                self.stats.active -= 1
-                self.stats.bytes += total
-                self.stats.messages += msgs
+            self._finish(record)
+
+    @staticmethod
+    def _send_echo(conn: socket.socket, data: memoryview, seqpacket: bool) -> bool:
+        """Echo ``data``; False when the client no longer takes it (closed, reset)."""
+        try:
+            if seqpacket:
+                conn.send(data)
+            else:
+                conn.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    def _finish(self, record: ConnectionRecord) -> None:
+        with self.stats.lock:
+            self.stats.active -= 1
+            self.stats.resets += record.end == "reset"
+        if self.log:
+            self.log(f"{record.peer} {_END_TEXT[record.end]}: {record.received} bytes "
+                     f"received, {record.echoed} echoed")
 
     def _serve_datagrams(self) -> None:
         buf = bytearray(MAX_MESSAGE)
@@ -188,6 +298,7 @@ class EchoServer:
                 continue
             with self.stats.lock:
                 self.stats.bytes += n
+                self.stats.echoed += n
                 self.stats.messages += 1
 
     def close(self) -> None:
@@ -285,6 +396,7 @@ def connect_vsock(opts: ClientOptions) -> socket.socket:
     try:
         if opts.buffer_size is not None:
             set_buffer_size(sock, opts.buffer_size)
+        set_connect_timeout(sock, opts.timeout)
         sock.settimeout(opts.timeout)
         sock.connect((opts.cid, opts.port))
     except OSError as e:

@@ -58,21 +58,22 @@ class Measured:
     how: dict[str, str]
 
 
+_NESTED = "a 10240-byte host→guest packet over the nested guest"
+_TINY = "20,000 one-byte writes over loopback to a stalled reader"
+
 MEASURED: dict[Version, Measured] = {
     (6, 1, 192): Measured(
         "6.1.0-57-amd64",
         {"split-tap-length": True, "nonlinear-tap": False, "skb-overhead-reset": False},
         zerocopy=False,
-        how={"split-tap-length": "a 10240-byte host→guest packet over the nested guest",
-             "nonlinear-tap": "SO_ZEROCOPY is refused (Operation not supported)",
-             "skb-overhead-reset": "20,000 one-byte writes over loopback to a stalled reader"}),
+        how={"split-tap-length": _NESTED, "skb-overhead-reset": _TINY,
+             "nonlinear-tap": "SO_ZEROCOPY is refused (Operation not supported)"}),
     (6, 12, 117): Measured(
         "6.12.117+deb12-amd64",
         {"split-tap-length": False, "nonlinear-tap": False, "skb-overhead-reset": False},
         zerocopy=True,
-        how={"split-tap-length": "a 10240-byte host→guest packet over the nested guest",
-             "nonlinear-tap": "64 KiB sent with MSG_ZEROCOPY over loopback, tapped byte-exact",
-             "skb-overhead-reset": "20,000 one-byte writes over loopback to a stalled reader"}),
+        how={"split-tap-length": _NESTED, "skb-overhead-reset": _TINY,
+             "nonlinear-tap": "64 KiB sent with MSG_ZEROCOPY over loopback, tapped byte-exact"}),
 }
 """Debian kernels the lab boots, keyed by the upstream version ``/proc/version`` names."""
 

@@ -81,7 +81,7 @@ def kernel_config(release: str | None = None) -> tuple[dict[str, str], str | Non
     for path in (f"/boot/config-{release}", "/proc/config.gz"):
         try:
             opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt") as f:  # type: ignore[operator]
+            with opener(path, "rt") as f:
                 text = f.read()
         except OSError:
             continue

@@ -15,6 +15,7 @@ priority order. Third parties add dissectors with :func:`register` or through th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from vsockmon.payload.model import Node, PayloadInfo
@@ -50,9 +51,16 @@ def dissect(payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
 
 
 class _FrameLike(Protocol):
-    has_virtio: bool
-    virtio: dict[str, int]
-    payload: bytes
+    """What :func:`dissect_frame` reads of a frame (a decoded Frame has these, read-only)."""
+
+    @property
+    def has_virtio(self) -> bool: ...
+
+    @property
+    def virtio(self) -> Mapping[str, int]: ...
+
+    @property
+    def payload(self) -> bytes: ...
 
 
 def dissect_frame(frame: _FrameLike) -> PayloadInfo | None:

@@ -22,7 +22,8 @@ def detect(payload: bytes) -> bool:
 
 def _values(text: str) -> tuple[list[Any], int]:
     """The complete JSON values in ``text`` and the offset where parsing stopped."""
-    values, pos = [], 0
+    values: list[Any] = []
+    pos = 0
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1

@@ -125,7 +125,9 @@ def _as_dissectors(obj: object) -> Iterable[PayloadDissector]:
         obj = obj()
     if isinstance(obj, PayloadDissector):
         return [obj]
-    items = list(obj)  # type: ignore[call-overload]
+    if not isinstance(obj, Iterable):
+        raise TypeError("entry point must give PayloadDissector objects")
+    items = list(obj)
     if not all(isinstance(d, PayloadDissector) for d in items):
         raise TypeError("entry point must give PayloadDissector objects")
     return items

@@ -13,6 +13,8 @@ from vsockmon.payload.model import Node, PayloadInfo, shorten
 from vsockmon.payload.registry import PayloadDissector
 
 _ASSIGNMENT = re.compile(r"[A-Z][A-Z0-9_]*=[^\n]*")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters other than tab, LF and CR (a regex: this runs on every payload)."""
 
 
 def _as_text(payload: bytes) -> str | None:
@@ -22,7 +24,7 @@ def _as_text(payload: bytes) -> str | None:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if any((ord(c) < 32 and c not in "\t\r\n") or ord(c) == 127 for c in text):
+    if _CONTROL.search(text):
         return None
     return text
 

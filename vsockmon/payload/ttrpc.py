@@ -135,7 +135,7 @@ def _response(body: bytes) -> tuple[int, str, int]:
 
 def describe(m: Message) -> tuple[str, Node, dict[str, object]]:
     """Summary text, tree node and flat fields of one message."""
-    flags = [f.name.lower() for f in MsgFlag if m.flags & f]  # type: ignore[union-attr]
+    flags = [str(f.name).lower() for f in MsgFlag if m.flags & f]
     kids = [
         Node(f"Length: {m.length}"),
         Node(f"Stream ID: {m.stream_id}"),

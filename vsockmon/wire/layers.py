@@ -16,6 +16,7 @@ from the payload, so a hand-built packet is what the kernel would tap.
 
 from __future__ import annotations
 
+from enum import IntEnum, IntFlag
 from typing import Any
 
 from scapy.config import conf
@@ -35,8 +36,8 @@ from vsockmon.wire import protocol as p
 _SCAPY_INT = {2: LEShortField, 4: LEIntField, 8: LELongField}
 
 
-def _enum_dict(enum: type) -> dict[int, str]:
-    return {int(m): m.name for m in enum}
+def _enum_dict(enum: type[IntEnum] | type[IntFlag]) -> dict[int, str]:
+    return {int(m): name for name, m in enum.__members__.items()}
 
 
 def _field(f: p.Field, default: int | None) -> Field[Any, Any]:
@@ -46,7 +47,7 @@ def _field(f: p.Field, default: int | None) -> Field[Any, Any]:
     return _SCAPY_INT[f.size](f.name, default)
 
 
-def _flags_field(f: p.Field) -> Field[Any, Any]:
+def _flags_field(f: p.Field) -> MultipleTypeField:
     """Flags whose bit names depend on the op (and type): SHUTDOWN RCV/SEND, SEQPACKET EOM/EOR.
 
     A negative size is scapy's way of saying little-endian.
@@ -125,7 +126,7 @@ def _derived(name: str, virtio: VirtioVsock | None) -> int:
     if name in _FROM_VIRTIO:
         return int(getattr(virtio, name))
     if name == "op":
-        return int(p.MON_OP_OF.get(virtio.op, p.MonOp.UNKNOWN))  # type: ignore[call-overload]
+        return int(p.MON_OP_OF.get(virtio.op, p.MonOp.UNKNOWN))
     return {"transport": p.Transport.VIRTIO, "trans_len": p.VIRTIO_HDR_LEN}.get(name, 0)
 
 

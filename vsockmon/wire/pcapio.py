@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import struct
 import sys
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
+from vsockmon import output
 from vsockmon.errors import VsockmonError
+from vsockmon.wire import _walk
 from vsockmon.wire.protocol import LINKTYPE_NAMES, LINKTYPE_VSOCK
 
 CHUNK = 4 << 20
@@ -48,22 +50,33 @@ class Record(NamedTuple):
     linktype: int
 
 
+def _column() -> array[int]:
+    return array("q")
+
+
 @dataclass
 class RecordBatch:
     """Packets of one chunk: ``buf[offsets[i]:offsets[i]+caplens[i]]`` is packet i.
 
-    Lists, not arrays: the reader stays free of numpy; the bulk decoder converts them.
+    Columns are native int64 ``array``s, not numpy: the reader stays free of numpy (the
+    live capture imports this module), and the bulk decoder views them without a copy.
     """
 
     buf: bytes
-    offsets: list[int] = field(default_factory=list)
-    caplens: list[int] = field(default_factory=list)
-    orig_lens: list[int] = field(default_factory=list)
-    ts_ns: list[int] = field(default_factory=list)
-    linktypes: list[int] = field(default_factory=list)
+    offsets: array[int] = field(default_factory=_column)
+    caplens: array[int] = field(default_factory=_column)
+    orig_lens: array[int] = field(default_factory=_column)
+    ts_ns: array[int] = field(default_factory=_column)
+    linktypes: array[int] = field(default_factory=_column)
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def extend(self, columns: list[bytes]) -> None:
+        """Append the walker's columns (offsets, caplens, orig_lens, ts_ns, linktypes)."""
+        for col, raw in zip((self.offsets, self.caplens, self.orig_lens, self.ts_ns,
+                             self.linktypes), columns, strict=True):
+            col.frombytes(raw)
 
 
 def linktype_label(linktype: int) -> str:
@@ -92,7 +105,8 @@ def _open_source(path: str | BinaryIO) -> tuple[BinaryIO, str]:
             raise CaptureError(f"{path}: permission denied") from None
         except OSError as e:
             raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    buffered = (raw if isinstance(raw, io.BufferedReader)
+                else io.BufferedReader(cast(io.RawIOBase, raw)))
     if buffered.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=buffered), name  # type: ignore[return-value]
     return buffered, name
@@ -115,7 +129,8 @@ class CaptureReader:
         """Bytes of the file consumed so far: where a damaged file stopped."""
         self._pending = b""
         self._eof = False
-        self._interfaces: list[tuple[int, tuple[int, int], int]] = []
+        self._interfaces: list[tuple[int, int, int]] = []
+        """(link type, ``if_tsresol`` code, snaplen) of each interface of the section."""
         try:
             self.format, self.linktype = self._read_file_header()
         except CaptureError:
@@ -215,109 +230,85 @@ class CaptureReader:
         self.offset += off
 
     def _parse_pcap(self, batch: RecordBatch) -> int:
-        """Walk the whole records of ``_pending`` into ``batch``.
+        """Walk the whole records of ``_pending`` into ``batch`` (compiled: ``_walk``).
 
         Returns 0 when nothing is left over, else the bytes needed to complete the next record.
         """
         buf = self._pending
-        rec = struct.Struct(self._endian + "IIII")
-        off, end, scale = 0, len(buf), self._ts_scale
-        offsets, caplens, origs, stamps = batch.offsets, batch.caplens, batch.orig_lens, batch.ts_ns
-        want = 0
-        while off < end:
-            if off + 16 > end:
-                want = 16
-                break
-            sec, frac, cap, orig = rec.unpack_from(buf, off)
-            if cap > MAX_RECORD:
-                self._consume(batch, buf, off)
-                return self._corrupt(f"corrupt record (captured length {cap})")
-            if off + 16 + cap > end:
-                want = 16 + cap
-                break
-            offsets.append(off + 16)
-            caplens.append(cap)
-            origs.append(orig)
-            stamps.append(sec * 1_000_000_000 + frac * scale)
-            off += 16 + cap
-        batch.linktypes = [self.linktype] * len(offsets)
+        _n, *columns, off, status, value = _walk.walk_pcap(
+            buf, self._endian == ">", self._ts_scale, self.linktype, MAX_RECORD)
+        batch.extend(columns)
         self._consume(batch, buf, off)
-        return want
+        if status == _walk.WALK_BAD_RECORD:
+            return self._corrupt(f"corrupt record (captured length {value})")
+        return int(value)
 
     def _parse_pcapng(self, batch: RecordBatch, stop_after_idb: bool = False) -> int:
         """Walk the whole blocks of ``_pending``; packets go to ``batch``.
 
+        Packet blocks are walked by ``_walk``, which stops at each section header and
+        interface description for this method to read.
         Returns 0 when nothing is left over, else the bytes needed to complete the next block.
         """
         buf = self._pending
-        off, end = 0, len(buf)
-        want = 0
-        while off < end:
-            if off + 12 > end:
-                want = 12
-                break
-            btype = struct.unpack_from(self._endian + "I", buf, off)[0]
-            if btype == PCAPNG_SHB:
-                bom = struct.unpack_from("<I", buf, off + 8)[0]
-                self._endian = "<" if bom == PCAPNG_BOM else ">"
-                self._interfaces = []
-            blen = struct.unpack_from(self._endian + "I", buf, off + 4)[0]
-            if blen < 12 or blen % 4 or blen > MAX_RECORD:
+        off = want = 0
+        while True:
+            _n, *columns, off, status, value = _walk.walk_pcapng(
+                buf, off, self._endian == ">", self._interfaces, MAX_RECORD)
+            batch.extend(columns)
+            if status == _walk.WALK_CONTROL:
+                blen = self._control_block_length(buf, off)
+                if blen < 12 or blen % 4 or blen > MAX_RECORD:
+                    self._consume(batch, buf, off)
+                    return self._corrupt(f"corrupt pcapng block (length {blen})")
+                if off + blen > len(buf):
+                    want = blen
+                    break
+                if struct.unpack_from(self._endian + "I", buf, off)[0] == _IDB and blen >= 20:
+                    self._interfaces.append(self._parse_idb(buf, off + 8, off + blen - 4))
+                off += blen
+                if stop_after_idb and self._interfaces:
+                    break
+                continue
+            if status == _walk.WALK_BAD_BLOCK:
                 self._consume(batch, buf, off)
-                return self._corrupt(f"corrupt pcapng block (length {blen})")
-            if off + blen > end:
-                want = blen
-                break
-            if not self._parse_block(batch, buf, btype, off, blen):
+                return self._corrupt(f"corrupt pcapng block (length {value})")
+            if status == _walk.WALK_BAD_IFACE:
+                self._corrupt(f"packet on undeclared interface {value}")
                 self._consume(batch, buf, off)
                 return 0
-            off += blen
-            if stop_after_idb and self._interfaces:
-                break
+            if status == _walk.WALK_BAD_PACKET:
+                self._corrupt(f"corrupt packet block (captured length {value})")
+                self._consume(batch, buf, off)
+                return 0
+            want = value
+            break
         self._consume(batch, buf, off)
-        return want
+        return int(want)
 
-    def _parse_block(self, batch: RecordBatch, buf: bytes, btype: int, off: int, blen: int) -> bool:
-        body, limit = off + 8, off + blen - 4
-        if btype == _EPB and blen >= 32:
-            iface, hi, lo, cap, orig = struct.unpack_from(self._endian + "IIIII", buf, body)
-            return self._add_packet(batch, iface, (hi << 32) | lo, body + 20, cap, orig, limit)
-        if btype == _SPB and blen >= 16:
-            orig = struct.unpack_from(self._endian + "I", buf, body)[0]
-            snap = self._interfaces[0][2] if self._interfaces else 0
-            cap = min(orig, snap) if snap else orig
-            return self._add_packet(batch, 0, None, body + 4, cap, orig, limit)
-        if btype == _IDB and blen >= 20:
-            self._interfaces.append(self._parse_idb(buf, body, limit))
-        return True
+    def _control_block_length(self, buf: bytes, off: int) -> int:
+        """The length of the section header or interface description at ``off``; a section
+        header first sets the byte order and forgets the interfaces of the last section."""
+        if struct.unpack_from("<I", buf, off)[0] == PCAPNG_SHB:
+            bom = struct.unpack_from("<I", buf, off + 8)[0]
+            self._endian = "<" if bom == PCAPNG_BOM else ">"
+            self._interfaces = []
+        length: int = struct.unpack_from(self._endian + "I", buf, off + 4)[0]
+        return length
 
-    def _add_packet(self, batch: RecordBatch, iface: int, ts: int | None, data: int, cap: int,
-                    orig: int, limit: int) -> bool:
-        if iface >= len(self._interfaces):
-            return bool(self._corrupt(f"packet on undeclared interface {iface}"))
-        if data + cap > limit:
-            return bool(self._corrupt(f"corrupt packet block (captured length {cap})"))
-        linktype, (num, den), _snap = self._interfaces[iface]
-        batch.offsets.append(data)
-        batch.caplens.append(cap)
-        batch.orig_lens.append(orig)
-        batch.ts_ns.append(0 if ts is None else min(ts * num // den, MAX_TS_NS))
-        batch.linktypes.append(linktype)
-        return True
-
-    def _parse_idb(self, buf: bytes, body: int, end: int) -> tuple[int, tuple[int, int], int]:
-        """(link type, ns-per-tick as a fraction, snaplen) of an interface description."""
+    def _parse_idb(self, buf: bytes, body: int, end: int) -> tuple[int, int, int]:
+        """(link type, ``if_tsresol`` code, snaplen) of an interface description."""
         linktype, _res, snaplen = struct.unpack_from(self._endian + "HHI", buf, body)
-        ratio = (1000, 1)  # default resolution: microseconds
+        tsresol = 6  # default resolution: microseconds
         opt = body + 8
         while opt + 4 <= end:
             code, length = struct.unpack_from(self._endian + "HH", buf, opt)
             if code == 0:
                 break
             if code == 9 and length >= 1:
-                ratio = _tsresol_ratio(buf[opt + 4])
+                tsresol = buf[opt + 4]
             opt += 4 + (length + 3) // 4 * 4
-        return linktype, ratio, snaplen
+        return linktype, tsresol, snaplen
 
     def close(self) -> None:
         if self._fp is not sys.stdin.buffer:
@@ -328,16 +319,6 @@ class CaptureReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _tsresol_ratio(code: int) -> tuple[int, int]:
-    """Nanoseconds per tick as (numerator, denominator) for an ``if_tsresol`` byte."""
-    exp = code & 0x7F
-    if code & 0x80:
-        return 1_000_000_000, 1 << exp
-    if exp <= 9:
-        return 10 ** (9 - exp), 1
-    return 1, 10 ** (exp - 9)
 
 
 def open_capture(path: str | BinaryIO, require_linktype: int | None = LINKTYPE_VSOCK
@@ -431,12 +412,6 @@ def writer_for(path: str, fp: BinaryIO, **kw: object) -> PcapWriter | PcapngWrit
 
 
 def create_output(path: str, force: bool) -> BinaryIO:
-    """Open ``path`` for writing, refusing to replace an existing file without ``force``."""
-    if path == "-":
-        return sys.stdout.buffer
-    if not force and os.path.exists(path):
-        raise CaptureError(f"{path}: exists; use --force to overwrite")
-    try:
-        return open(path, "wb")
-    except OSError as e:
-        raise CaptureError(f"{path}: cannot write: {e.strerror}") from None
+    """Open ``path`` for writing, refusing to replace an existing file without ``force``:
+    :func:`vsockmon.output.create_output`, failing with a :class:`CaptureError`."""
+    return output.create_output(path, force, CaptureError)

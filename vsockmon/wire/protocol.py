@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LINKTYPE_VSOCK = 271
 """pcap link type of vsockmon captures (``DLT_VSOCK``)."""
@@ -145,7 +149,7 @@ class Header:
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
-    def numpy_dtype(self) -> object:
+    def numpy_dtype(self) -> np.dtype[np.void]:
         """A packed numpy dtype with the same layout (numpy is imported only here)."""
         import numpy as np
 
@@ -221,18 +225,23 @@ def flag_names(op: int, sock_type: int, flags: int) -> list[str]:
     SHUTDOWN uses RCV/SEND; an RW on a SEQPACKET socket uses EOM/EOR. A bit that means nothing
     for that op is named by its value (``0x4``) rather than dropped, so nothing is hidden.
     """
-    kind: type[IntFlag] | None = None
+    known: Mapping[int, str] = {}
     if op == Op.SHUTDOWN:
-        kind = ShutdownFlag
+        known = _BIT_NAMES[ShutdownFlag]
     elif op == Op.RW and sock_type == SockType.SEQPACKET:
-        kind = SeqFlag
+        known = _BIT_NAMES[SeqFlag]
     names = []
     for bit in range(32):
         value = 1 << bit
         if flags & value:
-            known = kind is not None and value in kind._value2member_map_
-            names.append(kind(value).name if known else f"{value:#x}")  # type: ignore[misc]
+            names.append(known.get(value, f"{value:#x}"))
     return names
+
+
+_BIT_NAMES: Mapping[type[IntFlag], Mapping[int, str]] = {
+    kind: {int(member): name for name, member in kind.__members__.items()}
+    for kind in (ShutdownFlag, SeqFlag)
+}
 
 
 def cid_label(cid: int) -> str:

@@ -1,0 +1,400 @@
+/* Rows of text from columns, compiled: the bulk side of decode's line and JSON outputs.
+ *
+ * Formatting a million lines in Python costs tens of seconds, one object per field per packet.
+ * Here a *template* (a list of items: literal bytes, or a column to print) is applied to every
+ * row, into one bytes object. What to print stays in Python (render.py, frames.py): names,
+ * flag lists and anomaly lists arrive dictionary-encoded (a code per row and the strings), so
+ * no name or rule is defined twice. Every index is checked against its column.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum {
+    K_LIT = 0,     /* (K_LIT, bytes) */
+    K_INT = 1,     /* (K_INT, int64 column, width): decimal, right-aligned in width */
+    K_UINT = 2,    /* (K_UINT, uint64 column) */
+    K_REL = 3,     /* (K_REL, int64 ns column, t0, width): "%.6f" s since t0, right-aligned */
+    K_EPOCH = 4,   /* (K_EPOCH, int64 ns column): repr(ns / 1e9) */
+    K_STR = 5,     /* (K_STR, int32 code column, tuple of bytes) */
+    K_PREVIEW = 6, /* (K_PREVIEW, int64 offset column, int64 length column, buf, limit,
+                      prefix): render.preview of buf[off:off+len], after prefix, if any */
+    K_OPT = 7,     /* (K_OPT, list of bytes or None, prefix): prefix + text where not None */
+};
+
+typedef struct {
+    int kind;
+    Py_buffer col, col2, data;
+    int has_col, has_col2, has_data;
+    Py_ssize_t width;
+    long long t0;
+    PyObject *obj;   /* K_LIT: bytes; K_STR: tuple; K_OPT: list */
+    PyObject *prefix;
+} Item;
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} Out;
+
+static int out_grow(Out *o, Py_ssize_t more)
+{
+    Py_ssize_t cap = o->cap ? o->cap : 1 << 16;
+    while (cap < o->n + more)
+        cap *= 2;
+    char *p = PyMem_Realloc(o->p, (size_t)cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    o->p = p;
+    o->cap = cap;
+    return 0;
+}
+
+static inline int out_reserve(Out *o, Py_ssize_t more)
+{
+    return o->n + more <= o->cap ? 0 : out_grow(o, more);
+}
+
+static inline int out_put(Out *o, const char *s, Py_ssize_t n)
+{
+    if (out_reserve(o, n) < 0)
+        return -1;
+    memcpy(o->p + o->n, s, (size_t)n);
+    o->n += n;
+    return 0;
+}
+
+static inline int out_padded(Out *o, const char *s, Py_ssize_t n, Py_ssize_t width)
+{
+    if (out_reserve(o, (width > n ? width : n)) < 0)
+        return -1;
+    while (width-- > n)
+        o->p[o->n++] = ' ';
+    memcpy(o->p + o->n, s, (size_t)n);
+    o->n += n;
+    return 0;
+}
+
+/* Decimal digits of v into the end of tmp[24]; returns where they start (snprintf costs
+ * more than the rest of a line). */
+static char *u64_digits(uint64_t v, char *end)
+{
+    char *p = end;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
+}
+
+static int out_int(Out *o, int64_t v, Py_ssize_t width)
+{
+    char tmp[24], *end = tmp + sizeof tmp;
+    char *p = u64_digits(v < 0 ? 0 - (uint64_t)v : (uint64_t)v, end);
+    if (v < 0)
+        *--p = '-';
+    return out_padded(o, p, end - p, width);
+}
+
+/* "%.6f" of (ns - t0) / 1e9 as a double, right-aligned. Exact integer arithmetic gives the
+ * same digits when the difference is non-negative, below 2^50 ns (the double's error stays
+ * far below a microsecond's thousandth) and not a half-microsecond tie; else printf. */
+static int out_rel(Out *o, int64_t ns, int64_t t0, Py_ssize_t width)
+{
+    char tmp[48];
+    int64_t d = ns - t0;
+    if (d >= 0 && d < ((int64_t)1 << 50) && d % 1000 != 500) {
+        int64_t us = d / 1000 + (d % 1000 > 500);
+        char *end = tmp + sizeof tmp, *p = end;
+        int64_t frac = us % 1000000;
+        for (int k = 0; k < 6; k++) {
+            *--p = (char)('0' + frac % 10);
+            frac /= 10;
+        }
+        *--p = '.';
+        p = u64_digits((uint64_t)(us / 1000000), p);
+        return out_padded(o, p, end - p, width);
+    }
+    int n = snprintf(tmp, sizeof tmp, "%.6f", (double)d / 1e9);
+    return out_padded(o, tmp, n, width);
+}
+
+static const char ELLIPSIS[] = "\xe2\x80\xa6"; /* … */
+
+/* render.preview: printable ASCII (and tab, LF, CR) in quotes with unicode_escape's escapes
+ * and '"' escaped, else hex; "…" when the data is longer than limit. */
+static int out_preview(Out *o, const uint8_t *d, Py_ssize_t len, Py_ssize_t limit)
+{
+    Py_ssize_t head = len < limit ? len : limit;
+    int text = head > 0;
+    for (Py_ssize_t i = 0; i < head && text; i++)
+        text = (d[i] >= 32 && d[i] < 127) || d[i] == 9 || d[i] == 10 || d[i] == 13;
+    if (out_reserve(o, 2 * head + 8) < 0)
+        return -1;
+    char *p = o->p + o->n;
+    if (text) {
+        *p++ = '"';
+        for (Py_ssize_t i = 0; i < head; i++) {
+            uint8_t c = d[i];
+            switch (c) {
+            case '\\': *p++ = '\\'; *p++ = '\\'; break;
+            case '\t': *p++ = '\\'; *p++ = 't'; break;
+            case '\n': *p++ = '\\'; *p++ = 'n'; break;
+            case '\r': *p++ = '\\'; *p++ = 'r'; break;
+            case '"': *p++ = '\\'; *p++ = '"'; break;
+            default: *p++ = (char)c;
+            }
+        }
+        *p++ = '"';
+    } else {
+        static const char hex[] = "0123456789abcdef";
+        for (Py_ssize_t i = 0; i < head; i++) {
+            *p++ = hex[d[i] >> 4];
+            *p++ = hex[d[i] & 15];
+        }
+    }
+    if (len > limit) {
+        memcpy(p, ELLIPSIS, 3);
+        p += 3;
+    }
+    o->n = p - o->p;
+    return 0;
+}
+
+static void items_release(Item *items, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (items[i].has_col)
+            PyBuffer_Release(&items[i].col);
+        if (items[i].has_col2)
+            PyBuffer_Release(&items[i].col2);
+        if (items[i].has_data)
+            PyBuffer_Release(&items[i].data);
+    }
+}
+
+/* Parse one item; columns must hold at least `rows` values of their width. */
+static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
+{
+    memset(it, 0, sizeof *it);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 1) {
+        PyErr_SetString(PyExc_TypeError, "template item must be a tuple");
+        return -1;
+    }
+    it->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+    if (it->kind == -1 && PyErr_Occurred())
+        return -1;
+    int ok = 0, kind;
+    Py_ssize_t width8 = 8;
+    switch (it->kind) {
+    case K_LIT:
+        ok = PyArg_ParseTuple(t, "iS", &kind, &it->obj);
+        break;
+    case K_INT:
+        ok = PyArg_ParseTuple(t, "iy*n", &kind, &it->col, &it->width);
+        it->has_col = ok;
+        break;
+    case K_UINT:
+    case K_EPOCH:
+        ok = PyArg_ParseTuple(t, "iy*", &kind, &it->col);
+        it->has_col = ok;
+        break;
+    case K_REL:
+        ok = PyArg_ParseTuple(t, "iy*Ln", &kind, &it->col, &it->t0, &it->width);
+        it->has_col = ok;
+        break;
+    case K_STR:
+        ok = PyArg_ParseTuple(t, "iy*O!", &kind, &it->col, &PyTuple_Type, &it->obj);
+        it->has_col = ok;
+        width8 = 4;
+        break;
+    case K_PREVIEW:
+        ok = PyArg_ParseTuple(t, "iy*y*y*nS", &kind, &it->col, &it->col2, &it->data, &it->width,
+                              &it->prefix);
+        it->has_col = it->has_col2 = it->has_data = ok;
+        break;
+    case K_OPT:
+        ok = PyArg_ParseTuple(t, "iO!S", &kind, &PyList_Type, &it->obj, &it->prefix);
+        if (ok && PyList_GET_SIZE(it->obj) < rows) {
+            PyErr_SetString(PyExc_ValueError, "optional text column too short");
+            return -1;
+        }
+        break;
+    default:
+        PyErr_SetString(PyExc_ValueError, "unknown template item kind");
+        return -1;
+    }
+    if (!ok)
+        return -1;
+    if ((it->has_col && it->col.len < rows * width8)
+        || (it->has_col2 && it->col2.len < rows * 8)) {
+        PyErr_SetString(PyExc_ValueError, "column shorter than the rows");
+        return -1;
+    }
+    return 0;
+}
+
+static inline int item_put(Out *o, Item *it, Py_ssize_t i)
+{
+    char tmp[24];
+    switch (it->kind) {
+    case K_LIT:
+        return out_put(o, PyBytes_AS_STRING(it->obj), PyBytes_GET_SIZE(it->obj));
+    case K_INT:
+        return out_int(o, ((const int64_t *)it->col.buf)[i], it->width);
+    case K_UINT: {
+        char *end = tmp + sizeof tmp, *p = u64_digits(((const uint64_t *)it->col.buf)[i], end);
+        return out_put(o, p, end - p);
+    }
+    case K_REL:
+        return out_rel(o, ((const int64_t *)it->col.buf)[i], it->t0, it->width);
+    case K_EPOCH: {
+        double v = (double)((const int64_t *)it->col.buf)[i] / 1e9;
+        char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (!s)
+            return -1;
+        int r = out_put(o, s, (Py_ssize_t)strlen(s));
+        PyMem_Free(s);
+        return r;
+    }
+    case K_STR: {
+        int32_t code = ((const int32_t *)it->col.buf)[i];
+        if (code < 0 || code >= PyTuple_GET_SIZE(it->obj)) {
+            PyErr_SetString(PyExc_IndexError, "string code out of range");
+            return -1;
+        }
+        PyObject *s = PyTuple_GET_ITEM(it->obj, code);
+        if (!PyBytes_Check(s)) {
+            PyErr_SetString(PyExc_TypeError, "strings must be bytes");
+            return -1;
+        }
+        return out_put(o, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s));
+    }
+    case K_PREVIEW: {
+        int64_t off = ((const int64_t *)it->col.buf)[i], len = ((const int64_t *)it->col2.buf)[i];
+        if (len <= 0)
+            return 0;
+        if (off < 0 || off > it->data.len || len > it->data.len - off) {
+            PyErr_SetString(PyExc_IndexError, "payload outside the buffer");
+            return -1;
+        }
+        if (out_put(o, PyBytes_AS_STRING(it->prefix), PyBytes_GET_SIZE(it->prefix)) < 0)
+            return -1;
+        return out_preview(o, (const uint8_t *)it->data.buf + off, len, it->width);
+    }
+    case K_OPT: {
+        PyObject *s = PyList_GET_ITEM(it->obj, i);
+        if (s == Py_None)
+            return 0;
+        if (!PyBytes_Check(s)) {
+            PyErr_SetString(PyExc_TypeError, "optional text must be bytes or None");
+            return -1;
+        }
+        if (out_put(o, PyBytes_AS_STRING(it->prefix), PyBytes_GET_SIZE(it->prefix)) < 0)
+            return -1;
+        return out_put(o, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s));
+    }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(format_rows_doc,
+"format_rows(rows, which, templates) -> bytes\n\n"
+"Row i is written with templates[which[i]] (which: int8 column), each row followed by a\n"
+"newline. A template is a list of items (see the K_* constants).");
+
+static PyObject *format_rows(PyObject *self, PyObject *args)
+{
+    Py_ssize_t rows;
+    Py_buffer which;
+    PyObject *templates;
+    if (!PyArg_ParseTuple(args, "ny*O!", &rows, &which, &PyList_Type, &templates))
+        return NULL;
+    Py_ssize_t nt = PyList_GET_SIZE(templates);
+    Item **items = PyMem_Calloc((size_t)(nt ? nt : 1), sizeof(Item *));
+    Py_ssize_t *counts = PyMem_Calloc((size_t)(nt ? nt : 1), sizeof(Py_ssize_t));
+    Out o = {0};
+    PyObject *result = NULL;
+    if (!items || !counts) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (rows < 0 || which.len < rows) {
+        PyErr_SetString(PyExc_ValueError, "template choice column shorter than the rows");
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        PyObject *tmpl = PyList_GET_ITEM(templates, t);
+        if (!PyList_Check(tmpl)) {
+            PyErr_SetString(PyExc_TypeError, "a template is a list of items");
+            goto done;
+        }
+        Py_ssize_t k = PyList_GET_SIZE(tmpl);
+        items[t] = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Item));
+        if (!items[t]) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t j = 0; j < k; j++) {
+            counts[t] = j + 1; /* released on error too: item_parse marks what it holds */
+            if (item_parse(PyList_GET_ITEM(tmpl, j), &items[t][j], rows) < 0)
+                goto done;
+        }
+    }
+    const int8_t *w = which.buf;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (w[i] < 0 || w[i] >= nt) {
+            PyErr_SetString(PyExc_IndexError, "template choice out of range");
+            goto done;
+        }
+        Item *tmpl = items[w[i]];
+        for (Py_ssize_t j = 0; j < counts[w[i]]; j++)
+            if (item_put(&o, &tmpl[j], i) < 0)
+                goto done;
+        if (out_put(&o, "\n", 1) < 0)
+            goto done;
+    }
+    result = PyBytes_FromStringAndSize(o.p ? o.p : "", o.n);
+done:
+    if (items)
+        for (Py_ssize_t t = 0; t < nt; t++)
+            if (items[t]) {
+                items_release(items[t], counts[t]);
+                PyMem_Free(items[t]);
+            }
+    PyMem_Free(items);
+    PyMem_Free(counts);
+    PyMem_Free(o.p);
+    PyBuffer_Release(&which);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"format_rows", format_rows, METH_VARARGS, format_rows_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "vsockmon.decode._render",
+    "Rows of text from columns, compiled (see render.py).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__render(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    static const struct { const char *name; int value; } kinds[] = {
+        {"K_LIT", K_LIT}, {"K_INT", K_INT}, {"K_UINT", K_UINT}, {"K_REL", K_REL},
+        {"K_EPOCH", K_EPOCH}, {"K_STR", K_STR}, {"K_PREVIEW", K_PREVIEW}, {"K_OPT", K_OPT},
+    };
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (PyModule_AddIntConstant(m, kinds[i].name, kinds[i].value) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    return m;
+}

@@ -1,0 +1,14 @@
+"""Types of the compiled row formatter (``_render.c``)."""
+
+from typing import Any
+
+K_LIT: int
+K_INT: int
+K_UINT: int
+K_REL: int
+K_EPOCH: int
+K_STR: int
+K_PREVIEW: int
+K_OPT: int
+
+def format_rows(rows: int, which: Any, templates: list[list[tuple[Any, ...]]]) -> bytes: ...

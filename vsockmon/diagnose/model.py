@@ -1,0 +1,141 @@
+"""What a diagnosis is made of: severities, thresholds, rules and findings.
+
+Plain data, no analysis: the engine (:mod:`vsockmon.diagnose.engine`) runs the rules
+(:mod:`vsockmon.diagnose.rules`, registered in :mod:`vsockmon.diagnose.registry`) and every
+output (the CLI, the API, pcapng comments, timeline markers) reads these types.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vsockmon.diagnose.registry import Context
+
+
+class Severity(IntEnum):
+    """How bad a finding is; the CLI's exit code is 1 from WARNING up."""
+
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Severity:
+        return cls[text.upper()]
+
+
+def _limit(default: float, unit: str, doc: str) -> Any:
+    return field(default=default, metadata={"unit": unit, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every number a rule compares against; the defaults suit Linux peers.
+
+    Each field's ``metadata`` holds its unit and a one-line doc (the CLI's options are made
+    from them).
+    """
+
+    no_transport_s: float = _limit(
+        2.0, "s", "a REQUEST unanswered this long counts as never answered (Linux's own "
+        "connect timeout is 2 s)")
+    stall_s: float = _limit(
+        1.0, "s", "a full window whose receiver's fwd_cnt stays frozen this long is reported "
+        "(bulk transfers fill it for milliseconds all the time: flow control at work)")
+    credit_reply_s: float = _limit(
+        1.0, "s", "a CREDIT_REQUEST followed by nothing at all from the peer for this long is "
+        "unanswered")
+    half_close_s: float = _limit(
+        1.0, "s", "silence after a one-sided SHUTDOWN(SEND), up to the capture's end, that "
+        "makes a hang")
+    unread_grace_s: float = _limit(
+        0.01, "s", "bytes still unconsumed at a reset count as discarded only if they had "
+        "waited this long (younger ones may have crossed the close)")
+    small_rw_bytes: int = _limit(
+        1024, "bytes", "an RW with a smaller payload is a small write")
+    small_rw_count: int = _limit(
+        64, "packets", "this many small writes before a reset make the small-packet-reset "
+        "pattern")
+    retry_count: int = _limit(
+        3, "attempts", "attempts to one CID:port, all but the last failed, that make a retry "
+        "loop")
+    retry_gap_s: float = _limit(
+        60.0, "s", "attempts further apart than this belong to different retry loops")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule as data: its stable id, its usual severity, a one-line title, the variants it
+    reports (``kinds``), the check that finds it, and the rules whose conclusions the check
+    reads (``after``: they run before it)."""
+
+    id: str
+    severity: Severity
+    title: str
+    check: Callable[[Context], None] = field(repr=False, compare=False)
+    kinds: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosed problem with its proof, explanation and fix."""
+
+    rule: str
+    severity: Severity
+    stream: int | None
+    """The connection it concerns (the first one when it spans several); None: the capture."""
+    frames: tuple[int, ...]
+    """The frames that show it, in order."""
+    message: str
+    cause: str
+    fix: str
+    kind: str | None = None
+    """Which variant of the rule (see :attr:`Rule.kinds`)."""
+    streams: tuple[int, ...] = ()
+    """Every connection concerned, :attr:`stream` first."""
+    time_ns: int | None = None
+    """When it shows: the time of its first evidence frame."""
+    connection: str = ""
+    """The connection as ``client → server TYPE``."""
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    """The numbers that matter, by name (bytes, seconds, frame numbers)."""
+
+    @property
+    def rule_id(self) -> str:
+        """``rule/kind`` when the rule has variants, else the rule id."""
+        return f"{self.rule}/{self.kind}" if self.kind else self.rule
+
+    def to_dict(self, start_ns: int | None = None) -> dict[str, Any]:
+        """The JSON object of ``--json``; ``t`` is seconds since ``start_ns`` when given."""
+        out: dict[str, Any] = {
+            "rule": self.rule, "kind": self.kind, "severity": str(self.severity),
+            "stream": self.stream, "streams": list(self.streams or opt_tuple(self.stream)),
+            "frames": list(self.frames), "time_ns": self.time_ns,
+        }
+        if start_ns is not None and self.time_ns is not None:
+            out["t"] = round((self.time_ns - start_ns) / 1e9, 9)
+        out.update(connection=self.connection, message=self.message, cause=self.cause,
+                   fix=self.fix, evidence=dict(self.evidence))
+        return out
+
+    def to_json(self, start_ns: int | None = None) -> str:
+        return json.dumps(self.to_dict(start_ns), ensure_ascii=False)
+
+
+def opt_tuple(value: int | None) -> tuple[int, ...]:
+    return () if value is None else (value,)
+
+
+def rank(findings: Iterable[Finding]) -> list[Finding]:
+    """Most severe first; then by stream (capture-wide last) and first frame."""
+    return sorted(findings, key=lambda f: (-f.severity, f.stream is None, f.stream or 0,
+                                           f.frames[:1], f.rule))

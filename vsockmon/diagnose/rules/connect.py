@@ -1,0 +1,258 @@
+"""Rules about setting a connection up: refused, unanswered, retried, or lost on one side."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from vsockmon.conntrack.tracker import Close, Connection
+from vsockmon.diagnose.digest import HOST_CID
+from vsockmon.diagnose.model import Severity
+from vsockmon.diagnose.registry import Context, rule
+from vsockmon.diagnose.rules.common import (
+    FAILED,
+    OPEN_ENDS,
+    delay_text,
+    request_ts,
+    seconds_text,
+)
+from vsockmon.wire.protocol import SockType
+
+
+@dataclass
+class _Refused:
+    """The refused REQUESTs of one client CID to one target (CID, port, socket type)."""
+
+    conns: list[Connection]
+    cid: int
+    port: int
+    typ: int
+
+    @property
+    def first(self) -> Connection:
+        return self.conns[0]
+
+    @property
+    def frames(self) -> list[int]:
+        return [f for c in self.conns for f in (c.request_frame, c.close_frame) if f]
+
+    @property
+    def delays(self) -> list[int]:
+        return [c.handshake_ns for c in self.conns if c.handshake_ns is not None]
+
+    @property
+    def target(self) -> str:
+        return f"{self.cid}:{self.port}"
+
+    @property
+    def times(self) -> str:
+        return "" if len(self.conns) == 1 else f" {len(self.conns)} times"
+
+    def evidence(self) -> dict[str, Any]:
+        return dict(streams=[c.stream for c in self.conns], time_ns=request_ts(self.first),
+                    refusals=len(self.conns),
+                    rst_delay_ms=round(max(self.delays, default=0) / 1e6, 3), target=self.target)
+
+
+def _refused(ctx: Context, seqpacket: bool) -> list[_Refused]:
+    """Refused REQUESTs of one socket type that no earlier finding explains, by target."""
+    groups: dict[tuple[int, int, int, int], list[Connection]] = defaultdict(list)
+    for c in ctx.conns:
+        if (c.close == Close.REFUSED and c.stream not in ctx.unestablished
+                and (c.type == SockType.SEQPACKET) == seqpacket):
+            groups[(c.client.cid, c.server.cid, c.server.port, c.type)].append(c)
+    return [_Refused(conns, cid, port, typ) for (_, cid, port, typ), conns in groups.items()]
+
+
+@rule("no-listener", Severity.ERROR, "STREAM REQUEST refused by RST: nothing listens there",
+      after=("cid-mismatch", "state-lost"))
+def no_listener(ctx: Context) -> None:
+    """Refused STREAM REQUESTs, one finding per target."""
+    for group in _refused(ctx, seqpacket=False):
+        first, cid, port, typ = group.first, group.cid, group.port, group.typ
+        later = _accepted(ctx, cid, port, typ, after=first.request_frame or 0)
+        frames, delays, times, target = group.frames, group.delays, group.times, group.target
+        common = group.evidence()
+        message = (f"Nothing listens on {target}: the STREAM REQUEST from {first.client.addr} "
+                   f"(frame {first.request_frame}) was refused{times} by an RST within "
+                   f"{delay_text(max(delays, default=None))}.")
+        severity = None
+        fix = (f"Start the service on CID {cid} (or point the client at the port it really "
+               f"uses), and have the client report ECONNRESET from connect() instead of "
+               f"retrying silently.")
+        if later is not None:
+            severity = Severity.WARNING
+            message += (f" A later attempt (stream {later.stream}, frame "
+                        f"{later.response_frame}) was accepted: the service started late.")
+            fix = ("Start the client once the service listens (wait for its readiness "
+                   "notification) rather than racing it.")
+        ctx.add(first, frames, message,
+                f"No socket listens on port {port} at CID {cid}: the service is not started "
+                f"(yet), listens on another port, or has crashed. A client that retries turns "
+                f"this immediate refusal into a timeout.", fix, severity=severity, **common)
+
+
+def _accepted(ctx: Context, cid: int, port: int, typ: int, after: int) -> Connection | None:
+    return next((c for c in ctx.conns if c.server.cid == cid and c.server.port == port
+                 and c.type == typ and c.response_frame and c.response_frame > after), None)
+
+
+@rule("seqpacket-refused", Severity.ERROR, "SEQPACKET REQUEST refused by RST",
+      after=("cid-mismatch", "state-lost"))
+def seqpacket_refused(ctx: Context) -> None:
+    """Refused SEQPACKET REQUESTs, one finding per target: the port listens for STREAM only,
+    or the peer cannot do SEQPACKET."""
+    for group in _refused(ctx, seqpacket=True):
+        _seqpacket_refused(ctx, group.first, group.frames, group.target, group.times,
+                           group.delays, group.evidence())
+
+
+def _seqpacket_refused(ctx: Context, first: Connection, frames: list[int], target: str,
+                       times: str, delays: list[int], common: dict[str, Any]) -> None:
+    cid, port = first.server.cid, first.server.port
+    stream_ok = _accepted(ctx, cid, port, SockType.STREAM, after=0)
+    message = (f"The SEQPACKET REQUEST from {first.client.addr} to {target} (frame "
+               f"{first.request_frame}) was refused{times} by an RST within "
+               f"{delay_text(max(delays, default=None))}.")
+    if stream_ok is not None:
+        message += (f" A STREAM connection to the same port was accepted (stream "
+                    f"{stream_ok.stream}): the service listens for STREAM only.")
+        cause = ("The listener on that port is a SOCK_STREAM socket; Linux refuses a "
+                 "SEQPACKET REQUEST to a socket of another type.")
+        fix = "Connect with SOCK_STREAM, or make the service listen with SOCK_SEQPACKET."
+    else:
+        cause = ("Either nothing listens there for SEQPACKET, or the peer's transport does not "
+                 "support SEQPACKET at all (Linux before 5.14, or a VMM's vsock device "
+                 "without it).")
+        fix = ("Check that a SOCK_SEQPACKET service listens on that port; if the peer cannot do "
+               "SEQPACKET, use SOCK_STREAM with your own message framing, or upgrade the peer.")
+    ctx.add(first, frames, message, cause, fix, **common)
+
+
+@rule("no-transport", Severity.ERROR, "REQUEST never answered: the peer's vsock transport "
+      "is not running", kinds=("no-transport", "peer-silent"),
+      after=("cid-mismatch", "state-lost"))
+def no_transport(ctx: Context) -> None:
+    """no-transport: REQUESTs that got neither RESPONSE nor RST in time."""
+    for c in ctx.conns:
+        if c.close != Close.UNANSWERED or c.request_frame is None:
+            continue
+        if c.stream in ctx.unestablished:
+            continue  # cid-mismatch or state-lost explains it
+        asked = request_ts(c)
+        waited = (ctx.end_ns - asked) / 1e9
+        if waited < ctx.t.no_transport_s:
+            continue
+        ctx.open_end_explained.add(c.stream)
+        cid = c.server.cid
+        spoke = ctx.digest.cid_first.get(cid)
+        common: dict[str, Any] = dict(time_ns=asked, waited_s=round(waited, 3),
+                                      dialled=c.server.addr)
+        if spoke is None or spoke[1] >= asked:
+            ctx.add(c, [c.request_frame],
+                    f"The REQUEST from {c.client.addr} to {c.server.addr} (frame "
+                    f"{c.request_frame}) got neither RESPONSE nor RST for "
+                    f"{seconds_text(waited)}, and CID {cid} sent nothing earlier in the "
+                    f"capture.",
+                    *_no_transport_text(cid),
+                    kind="no-transport", **common)
+        else:
+            ctx.add(c, [c.request_frame, spoke[0]],
+                    f"The REQUEST from {c.client.addr} to {c.server.addr} (frame "
+                    f"{c.request_frame}) got neither RESPONSE nor RST for {seconds_text(waited)}, "
+                    f"although CID {cid} had sent packets before (first at frame {spoke[0]}).",
+                    f"CID {cid}'s vsock stack stopped answering: the guest hung, or its "
+                    f"transmit queue stalled (seen after a snapshot restore).",
+                    "Check the peer's kernel log; after a restore, re-initialise the vsock "
+                    "device (or reboot the guest) and reconnect.",
+                    kind="peer-silent", severity=Severity.WARNING,
+                    cid_first_frame=spoke[0], **common)
+
+
+def _no_transport_text(cid: int) -> tuple[str, str]:
+    """Cause and fix of an unanswered REQUEST, for the host or for a guest."""
+    if cid == HOST_CID:
+        return ("Nothing answers for the host (CID 2): the host end of the vsock device is not "
+                "running — vhost_vsock not loaded, or a user-space VMM device (Firecracker, "
+                "Cloud Hypervisor, libkrun) whose vsock backend is stopped or stuck.",
+                "Load vhost_vsock on the host, or start (or restart) the VMM's vsock backend; "
+                "give connect() a timeout and report its failure.")
+    return (f"No vsock transport answers at CID {cid}: the guest's virtio-vsock driver "
+            f"(vmw_vsock_virtio_transport) is not loaded, the guest is still booting, or no VM "
+            f"has that CID.",
+            "Load the transport in the guest and wait for it to boot before dialling; give "
+            "connect() a timeout longer than the boot.")
+
+
+@rule("dial-retry", Severity.WARNING, "repeated REQUESTs to a failing CID:port")
+def dial_retry(ctx: Context) -> None:
+    """Runs of failing attempts to one CID:port, each soon after the last."""
+    groups: dict[tuple[int, int, int, int], list[Connection]] = defaultdict(list)
+    for c in ctx.conns:
+        if c.request_frame is not None:
+            groups[(c.client.cid, c.server.cid, c.server.port, c.type)].append(c)
+    for attempts in groups.values():
+        run: list[Connection] = []
+        for c in attempts:
+            if run and (_failed(run[-1]) and
+                        (request_ts(c) - request_ts(run[-1])) / 1e9 <= ctx.t.retry_gap_s):
+                run.append(c)
+            else:
+                _report_retry(ctx, run)
+                run = [c]
+        _report_retry(ctx, run)
+
+
+def _failed(c: Connection) -> bool:
+    return c.close in FAILED or (c.request_frame is not None and c.response_frame is None
+                                  and c.close in (Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER))
+
+
+def _report_retry(ctx: Context, run: list[Connection]) -> None:
+    if len(run) < ctx.t.retry_count:
+        return
+    first, last = run[0], run[-1]
+    span = (request_ts(last) - request_ts(first)) / 1e9
+    connected = not _failed(last) and last.response_frame is not None
+    failures = run[:-1] if connected else run
+    how = sorted({str(c.close) for c in failures})
+    outcome = (f"the attempt at frame {last.request_frame} connected" if connected
+               else "none connected")
+    ctx.add(first, [c.request_frame for c in run if c.request_frame],
+            f"CID {first.client.cid} dialled {first.server.addr} {len(run)} times in "
+            f"{seconds_text(span)} ({len(failures)} {'/'.join(how)}); {outcome}.",
+            "The client retries a failing connect(). To its user a refusal (nothing listens) "
+            "then looks like a slow timeout, and the real error is never shown.",
+            "Log the connect() error of every attempt; wait for the service's readiness instead "
+            "of retrying blindly; fix the target (see the no-listener / no-transport findings).",
+            streams=[c.stream for c in run], time_ns=request_ts(first), attempts=len(run),
+            failures=len(failures), span_s=round(span, 3), connected=connected)
+
+
+@rule("state-lost", Severity.ERROR, "REQUEST on an address pair that is still connected")
+def state_lost(ctx: Context) -> None:
+    """A REQUEST reusing the address pair of a connection that never closed."""
+    previous: dict[tuple[int, frozenset[tuple[int, int]]], Connection] = {}
+    for c in ctx.conns:
+        key = (c.type, frozenset(((c.client.cid, c.client.port),
+                                  (c.server.cid, c.server.port))))
+        old = previous.get(key)
+        previous[key] = c
+        if old is None or c.request_frame is None or old.close not in OPEN_ENDS:
+            continue
+        if old.close == Close.UNANSWERED or (old.start_seen and old.response_frame is None):
+            continue
+        ctx.open_end_explained.add(old.stream)
+        ctx.unestablished.add(c.stream)
+        ctx.add(c, [old.last_frame, c.request_frame],
+                f"A REQUEST (frame {c.request_frame}) reuses the address pair of stream "
+                f"{old.stream}, which was still connected ({old.close}, last packet at frame "
+                f"{old.last_frame}, no RST).",
+                "One end lost the connection's state while the other kept it: typical after a "
+                "VM snapshot restore or live migration, or a VMM bug; the old connection will "
+                "never be closed properly.",
+                "After a resume or restore, close the old sockets and reconnect; check the "
+                "VMM's vsock handling of snapshots.",
+                streams=[c.stream, old.stream], time_ns=request_ts(c),
+                previous_stream=old.stream)

@@ -1,0 +1,6 @@
+_Buf = bytes | bytearray | memoryview
+
+def block(buf: _Buf, fmt: int, limit: int, op_offset: int, min_len: int, /
+          ) -> tuple[bytes, bytes, dict[int, int], int, int, bool]: ...
+def writev(fd: int, fmt: int, heads: _Buf, source: _Buf, index: _Buf, first: int, last: int,
+           /) -> None: ...

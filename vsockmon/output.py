@@ -1,0 +1,67 @@
+"""Output files: never replace one without ``force``, and say so before the work, not after.
+
+The one place of the "exists; use --force to overwrite" rule, for the commands and the
+library alike (exports, reports, pictures, captures). Only the standard library is imported:
+the live capture path uses it inside the lab VM, where every import costs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from vsockmon.errors import VsockmonError
+
+STDOUT = "-"
+"""The output name that means standard output (never "exists")."""
+
+
+class OutputError(VsockmonError):
+    """An output file that exists (without ``force``) or cannot be written."""
+
+
+Paths = str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None
+
+
+def refuse_existing(paths: Paths, force: bool,
+                    error: type[VsockmonError] = OutputError) -> None:
+    """Raise ``error`` for the first of ``paths`` that exists, unless ``force``.
+
+    Call it before a long analysis or before touching anything (a link), so a mistake costs
+    nothing. ``None`` and ``-`` (stdout) pass. ``error`` lets a caller keep its own error
+    class (an export's, a live capture's) for the same message.
+    """
+    if force or paths is None:
+        return
+    many = [paths] if isinstance(paths, str | os.PathLike) else paths
+    for path in many:
+        name = os.fspath(path)
+        if name != STDOUT and os.path.exists(name):
+            raise error(f"{name}: exists; use --force to overwrite")
+
+
+def create_output(path: str | os.PathLike[str], force: bool,
+                  error: type[VsockmonError] = OutputError) -> BinaryIO:
+    """``path`` opened for binary writing (stdout for ``-``), refusing to replace a file
+    without ``force``; failures raise ``error``."""
+    name = os.fspath(path)
+    if name == STDOUT:
+        return sys.stdout.buffer
+    refuse_existing(name, force, error)
+    try:
+        return open(name, "wb")
+    except OSError as e:
+        raise error(f"{name}: cannot write: {e.strerror}") from None
+
+
+def write_output(path: str | os.PathLike[str], data: bytes, force: bool) -> None:
+    """Write a whole report (HTML page, picture) to ``path`` or stdout."""
+    fp = create_output(path, force)
+    try:
+        fp.write(data)
+        fp.flush()
+    finally:
+        if fp is not sys.stdout.buffer:
+            fp.close()
