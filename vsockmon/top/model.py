@@ -24,17 +24,13 @@ from typing import Any
 import numpy as np
 
 from vsockmon.analysis import timeline as tl
-from vsockmon.conntrack.tracker import CLIENT, SERVER, Close, Connection, StreamRows, Tags
+from vsockmon.conntrack.model import CLIENT, SERVER, Close, Connection, Tags
+from vsockmon.conntrack.streams import StreamRows
 from vsockmon.decode.filter import compile_filter
 from vsockmon.decode.frames import FrameBatch
-from vsockmon.diagnose.engine import (
-    Finding,
-    LiveDiagnosis,
-    Severity,
-    Thresholds,
-    findings_by_stream,
-    markers,
-)
+from vsockmon.diagnose.engine import LiveDiagnosis
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.views import findings_by_stream, markers
 from vsockmon.wire.protocol import Op, enum_name
 
 RECENT_ROWS = 40

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from vsockmon.errors import VsockmonError
-from vsockmon.live.capture import CaptureStats, FileSink, LiveCapture, LiveFrame, run
+from vsockmon.live.capture import CaptureStats, FileSink, LiveBatch, LiveCapture, LiveFrame, run
 from vsockmon.wire.pcapio import open_capture
 
 Frame = tuple[int, bytes, int]
@@ -80,7 +80,7 @@ class Spool:
         self.full = False
         """The spool reached its limit (or the disk is full): it keeps the first frames."""
 
-    def write(self, batch: list[LiveFrame]) -> None:
+    def write(self, batch: LiveBatch) -> None:
         if self.full:
             return
         size, frames = self.whole
@@ -91,15 +91,16 @@ class Spool:
                 self.full = True
                 break
             fits += 1
-        batch = batch if fits == len(batch) else batch[:fits]
-        if not batch:
+        if not fits:
             return
+        if fits < len(batch):
+            batch = LiveBatch.of_frames(list(batch)[:fits], self.sink.record_format)
         try:
             self.sink.write(batch)  # flushed whole: the file ends on a record after a batch
         except VsockmonError:  # no room left on the disk: the capture itself goes on
             self.full = True
             return
-        self.whole = (os.path.getsize(self.path), frames + len(batch))
+        self.whole = (os.path.getsize(self.path), frames + fits)
 
     def save(self, dest: str) -> int:
         """Copy the whole records so far to ``dest`` (never over an existing file); returns
@@ -158,7 +159,7 @@ class LiveFeed:
             self.done.set()
 
     # the sink interface of run()
-    def write(self, batch: list[LiveFrame]) -> None:
+    def write(self, batch: LiveBatch) -> None:
         self.spool.write(batch)
         self._queue.append([(f.ts_ns, bytes(f.data), f.orig_len) for f in batch])
 
@@ -241,7 +242,7 @@ class ReplayFeed:
         elif out:
             self._clock = out[-1][0]
         if out:
-            self.spool.write([LiveFrame(*f) for f in out])
+            self.spool.write(LiveBatch.of_frames(LiveFrame(*f) for f in out))
         if self._next is None and self._reader.stopped:
             self.error = f"{self._reader.name}: {self._reader.stopped}"
         return out
