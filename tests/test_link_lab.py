@@ -20,7 +20,7 @@ from vsockmon.lab import Lab
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST_FACING = ("tests/test_link.py", "tests/test_doctor.py")
+HOST_FACING = ("tests/test_link.py", "tests/test_doctor.py", "tests/test_capture.py")
 
 # One boot for the whole sequence: the user's link first, then the host-facing tests beside
 # it, then a kernel that can no longer load vsockmon (module removed, no module tree).
@@ -36,6 +36,8 @@ vsockmon doctor > doctor-with.txt; echo "doctor with: $?"
 ip link del vsockmon0 && rmmod vsockmon
 vsockmon doctor > doctor-without.txt; echo "doctor without: $?"
 vsockmon link up 2> link-up.txt; echo "link up: $?"
+vsockmon capture -w t.pcap -c 1 2> capture.txt; echo "capture: $?"
+echo "capture file: $(ls t.pcap 2>/dev/null || echo none)"
 echo "links at the end: $(ls /sys/class/net | tr '\\n' ' ')"
 """
 
@@ -88,4 +90,9 @@ def test_a_kernel_that_cannot_load_vsockmon(run: tuple[dict[str, str], Path]) ->
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("Error: cannot create vsockmon0: cannot load module vsockmon: ")
     assert "in a container, load it on the host with `modprobe vsockmon`" in err
+    # capture says the same in one line, and writes no file.
+    err = (out / "capture.txt").read_text()
+    assert facts["capture"] == "1" and facts["capture file"] == "none"
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("Error: cannot create vsockmon0: cannot load module vsockmon: ")
     assert facts["links at the end"].split() == ["lo"]
