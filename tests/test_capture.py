@@ -174,17 +174,26 @@ _CHILD = textwrap.dedent("""
     from vsockmon.live.capture import CaptureStats, FileSink, LiveCapture, run
     from vsockmon.wire.protocol import Op
     rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    def feed():
+    done = threading.Event()
+    def feed():  # until the capture stops; its closed end ends the feed too
         i = 0
-        while True:
-            tx.send(frame(Op.RW, bytes([i % 256]) * (i % 700), src=(3, i % 65536)))
-            i += 1
-    threading.Thread(target=feed, daemon=True).start()
+        try:
+            while not done.is_set():
+                tx.send(frame(Op.RW, bytes([i % 256]) * (i % 700), src=(3, i % 65536)))
+                i += 1
+        except OSError:
+            pass
+    feeder = threading.Thread(target=feed)
+    feeder.start()
     sink = FileSink(sys.argv[1])
     stats = CaptureStats()
-    with LiveCapture(sock=rx) as live:
-        reason = run(live, sink, stats, on_tick=lambda s: print(s.packets, flush=True),
-                     tick_s=0)
+    try:
+        with LiveCapture(sock=rx) as live:
+            reason = run(live, sink, stats, on_tick=lambda s: print(s.packets, flush=True),
+                         tick_s=0)
+    finally:
+        done.set()
+        feeder.join()
     sink.close()
     print("stopped", reason, stats.packets, flush=True)
 """)
