@@ -172,6 +172,9 @@ def main(argv: list[str]) -> int:
     configure(files, args.tests)
     if not args.keep:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+        (ROOT / "mutants").mkdir()
+        # tests that run .venv/bin/vsockmon find it from the copy too (it runs unmutated code)
+        (ROOT / "mutants" / ".venv").symlink_to(ROOT / ".venv")
         run_mutmut(args.jobs)
     elif not (ROOT / "mutants").is_dir():
         raise SystemExit("error: --keep: no earlier run in mutants/")
