@@ -124,8 +124,9 @@ def _tokenize(text: str) -> list[str]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m:
-            raise FilterError(f"bad filter: unexpected {text[pos:].strip()[:10]!r} "
-                              f"at column {pos + 1}")
+            rest = text[pos:].lstrip()  # the column of the odd character, not of the blank
+            raise FilterError(f"bad filter: unexpected {rest[:10]!r} "
+                              f"at column {len(text) - len(rest) + 1}")
         tokens.append(m.group(1) or m.group(2))
         pos = m.end()
     return tokens
