@@ -219,8 +219,10 @@ class CaptureReader:
             ):
                 yield Record(ts, orig, b.buf[off : off + cap], lt)
 
-    def _corrupt(self, why: str) -> int:
-        self.stopped = f"{why} after packet {self.packets} (byte {self.offset})"
+    def _corrupt(self, batch: RecordBatch, why: str) -> int:
+        """Stop at damage: the message counts the packets of ``batch`` (read before it) too,
+        and the byte is where the damaged record starts (call after ``_consume``)."""
+        self.stopped = f"{why} after packet {self.packets + len(batch)} (byte {self.offset})"
         self._pending = b""
         return 0
 
@@ -240,7 +242,7 @@ class CaptureReader:
         batch.extend(columns)
         self._consume(batch, buf, off)
         if status == _walk.WALK_BAD_RECORD:
-            return self._corrupt(f"corrupt record (captured length {value})")
+            return self._corrupt(batch, f"corrupt record (captured length {value})")
         return int(value)
 
     def _parse_pcapng(self, batch: RecordBatch, stop_after_idb: bool = False) -> int:
@@ -260,7 +262,7 @@ class CaptureReader:
                 blen = self._control_block_length(buf, off)
                 if blen < 12 or blen % 4 or blen > MAX_RECORD:
                     self._consume(batch, buf, off)
-                    return self._corrupt(f"corrupt pcapng block (length {blen})")
+                    return self._corrupt(batch, f"corrupt pcapng block (length {blen})")
                 if off + blen > len(buf):
                     want = blen
                     break
@@ -272,15 +274,13 @@ class CaptureReader:
                 continue
             if status == _walk.WALK_BAD_BLOCK:
                 self._consume(batch, buf, off)
-                return self._corrupt(f"corrupt pcapng block (length {value})")
+                return self._corrupt(batch, f"corrupt pcapng block (length {value})")
             if status == _walk.WALK_BAD_IFACE:
-                self._corrupt(f"packet on undeclared interface {value}")
                 self._consume(batch, buf, off)
-                return 0
+                return self._corrupt(batch, f"packet on undeclared interface {value}")
             if status == _walk.WALK_BAD_PACKET:
-                self._corrupt(f"corrupt packet block (captured length {value})")
                 self._consume(batch, buf, off)
-                return 0
+                return self._corrupt(batch, f"corrupt packet block (captured length {value})")
             want = value
             break
         self._consume(batch, buf, off)
