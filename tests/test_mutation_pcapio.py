@@ -1,0 +1,312 @@
+"""pcap and pcapng reading at the edges the format allows: every timestamp resolution
+(``if_tsresol`` absent = 10^-6, powers of 10 and of 2), several interfaces and sections, both
+byte orders, record-length bounds, and the exact one-line messages.
+
+The files are built here byte by byte from the pcapng specification (draft-ietf-opsawg-pcapng)
+and the pcap file format, not with our writers; expected timestamps are computed in the test
+(ticks x 10^9 / resolution, floored). The writers are checked against tshark.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import T0, frame
+
+from vsockmon.wire.pcapio import (
+    MAX_RECORD,
+    CaptureError,
+    CaptureReader,
+    PcapngWriter,
+    PcapWriter,
+    linktype_label,
+    open_capture,
+    writer_for,
+)
+from vsockmon.wire.protocol import Op
+
+PKT = frame(Op.RW, b"hello")
+LINKTYPE = 271
+
+
+def option(code: int, value: bytes, e: str = "<") -> bytes:
+    return struct.pack(e + "HH", code, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def block(btype: int, body: bytes, e: str = "<") -> bytes:
+    n = 12 + len(body)
+    return struct.pack(e + "II", btype, n) + body + struct.pack(e + "I", n)
+
+
+def shb(e: str = "<") -> bytes:
+    return block(0x0A0D0D0A, struct.pack(e + "IHHq", 0x1A2B3C4D, 1, 0, -1), e)
+
+
+def idb(options: bytes = b"", linktype: int = LINKTYPE, e: str = "<") -> bytes:
+    return block(1, struct.pack(e + "HHI", linktype, 0, 262144) + options, e)
+
+
+def epb(ticks: int, data: bytes = PKT, iface: int = 0, e: str = "<") -> bytes:
+    body = struct.pack(e + "IIIII", iface, ticks >> 32, ticks & 0xFFFFFFFF, len(data), len(data))
+    return block(6, body + data + b"\0" * (-len(data) % 4), e)
+
+
+def read(tmp_path: Path, raw: bytes) -> tuple[list[int], CaptureReader]:
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(raw)
+    with open_capture(str(path)) as r:
+        stamps = [rec.ts_ns for rec in r.records()]
+    return stamps, r
+
+
+TICKS = 1_700_000_000_123_456_789  # fits 64 bits in every resolution below
+SECONDS = 1_700_000_123
+
+
+@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), [
+    (None, 1_700_000_000_123_456, 1_700_000_000_123_456_000),    # absent: microseconds
+    (bytes([6]), 1_700_000_000_123_456, 1_700_000_000_123_456_000),
+    (bytes([0]), SECONDS, SECONDS * 10**9),                        # seconds
+    (bytes([3]), 1_700_000_000_123, 1_700_000_000_123_000_000),   # milliseconds
+    (bytes([9]), TICKS, TICKS),
+    (bytes([10]), TICKS * 10 + 7, TICKS),                         # 10^-10: floored
+    (bytes([12]), 10**18 + 123_456_789_999, 10**15 + 123_456_789),  # 10^-12, floored
+    (bytes([0x80]), SECONDS, SECONDS * 10**9),                    # 2^0 = seconds
+    (bytes([0x80 | 10]), SECONDS * 1024 + 512, SECONDS * 10**9 + 500_000_000),
+    (bytes([0x80 | 20]), SECONDS * 2**20 + 1, SECONDS * 10**9 + 10**9 // 2**20),
+    (bytes([0x80 | 30]), (SECONDS << 30) + (1 << 29), SECONDS * 10**9 + 500_000_000),
+])
+def test_every_timestamp_resolution(tmp_path: Path, tsresol: bytes | None, ticks: int,
+                                    want_ns: int) -> None:
+    opts = option(9, tsresol) + option(0, b"") if tsresol is not None else b""
+    stamps, r = read(tmp_path, shb() + idb(opts) + epb(ticks) + epb(ticks + 0))
+    assert stamps == [want_ns, want_ns] and r.stopped is None and r.packets == 2
+
+
+def test_resolution_after_other_options_and_not_after_the_end(tmp_path: Path) -> None:
+    """Options are walked with their padding (a 9-byte name takes 12); an if_tsresol that
+    follows opt_endofopt is not an option; one with no value is ignored."""
+    after_name = option(2, b"vsockmon0") + option(9, bytes([9])) + option(0, b"")
+    stamps, _ = read(tmp_path, shb() + idb(after_name) + epb(TICKS))
+    assert stamps == [TICKS]
+    past_end = option(0, b"") + option(9, bytes([9]))
+    stamps, _ = read(tmp_path, shb() + idb(past_end) + epb(1_000_000))
+    assert stamps == [1_000_000 * 1000]  # still the microsecond default
+    empty = struct.pack("<HH", 9, 0) + option(0, b"")
+    stamps, _ = read(tmp_path, shb() + idb(empty) + epb(1_000_000))
+    assert stamps == [1_000_000 * 1000]
+
+
+def test_each_interface_keeps_its_resolution(tmp_path: Path) -> None:
+    raw = (shb() + idb(option(9, bytes([9]))) + idb() + idb(option(9, bytes([3])))
+           + epb(5, iface=0) + epb(5, iface=1) + epb(5, iface=2))
+    stamps, r = read(tmp_path, raw)
+    assert stamps == [5, 5_000, 5_000_000] and r.linktype == LINKTYPE
+
+
+def test_a_new_section_forgets_the_interfaces_of_the_last(tmp_path: Path) -> None:
+    good = shb() + idb(option(9, bytes([9]))) + epb(7) + shb() + idb() + epb(7)
+    stamps, r = read(tmp_path, good + epb(7, iface=1))
+    assert stamps == [7, 7_000]
+    assert r.stopped == f"packet on undeclared interface 1 after packet 2 (byte {len(good)})"
+
+
+def test_big_endian_sections(tmp_path: Path) -> None:
+    """A section's byte order is its own: a big-endian one after a little-endian one."""
+    be = shb(">") + idb(option(9, bytes([9]), ">"), e=">") + epb(TICKS, e=">")
+    stamps, r = read(tmp_path, be + shb() + idb() + epb(3))
+    assert stamps == [TICKS, 3_000] and r.stopped is None
+
+
+def test_big_endian_first_section_gives_the_link_type(tmp_path: Path) -> None:
+    raw = shb(">") + idb(linktype=LINKTYPE, e=">") + epb(1, e=">")
+    stamps, r = read(tmp_path, raw)
+    assert r.linktype == LINKTYPE and r.format == "pcapng" and stamps == [1_000]
+
+
+def test_blocks_the_reader_skips(tmp_path: Path) -> None:
+    """Unknown block types (here a Name Resolution Block, type 4) are stepped over."""
+    nrb = block(4, struct.pack("<HH", 0, 0))
+    stamps, r = read(tmp_path, shb() + nrb + idb() + nrb + epb(2) + nrb + epb(3))
+    assert stamps == [2_000, 3_000] and r.stopped is None
+
+
+@pytest.mark.parametrize("length", [8, 30, MAX_RECORD + 4])
+def test_impossible_block_lengths_are_corruption(tmp_path: Path, length: int) -> None:
+    """A block is at least 12 bytes, a multiple of 4, and bounded (memory)."""
+    bad = struct.pack("<II", 1, length) + b"\0" * 40
+    path = tmp_path / "c.pcapng"
+    good = shb() + idb() + epb(1)
+    path.write_bytes(good + bad)
+    with open_capture(str(path)) as r:
+        assert len(list(r.records())) == 1
+        assert r.stopped == (f"corrupt pcapng block (length {length}) after packet 1 "
+                             f"(byte {len(good)})")
+
+
+def test_pcapng_without_interface(tmp_path: Path) -> None:
+    path = tmp_path / "n.pcapng"
+    path.write_bytes(shb())
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: pcapng file without an interface description"
+
+
+def test_first_block_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "n.pcapng"
+    path.write_bytes(shb() + struct.pack("<II", 1, 13) + b"\0" * 20)
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == (f"{path}: corrupt pcapng file "
+                            f"(corrupt pcapng block (length 13) after packet 0 (byte {len(shb())}))")
+
+
+def pcap_header(magic: int = 0xA1B2C3D4, linktype: int = LINKTYPE, e: str = "<") -> bytes:
+    return struct.pack(e + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype)
+
+
+def test_pcap_microseconds_and_nanoseconds(tmp_path: Path) -> None:
+    for magic, frac, want in ((0xA1B2C3D4, 999_999, 5 * 10**9 + 999_999_000),
+                              (0xA1B23C4D, 999_999_999, 5 * 10**9 + 999_999_999)):
+        path = tmp_path / "p.pcap"
+        path.write_bytes(pcap_header(magic) + struct.pack("<IIII", 5, frac, len(PKT), 900)
+                         + PKT)
+        with open_capture(str(path)) as r:
+            (rec,) = list(r.records())
+        assert (rec.ts_ns, rec.orig_len, rec.data, rec.linktype) == (want, 900, PKT, LINKTYPE)
+
+
+def test_pcap_link_type_keeps_only_its_low_28_bits(tmp_path: Path) -> None:
+    """The top 4 bits of the pcap link-type word carry FCS information, not the type."""
+    path = tmp_path / "p.pcap"
+    path.write_bytes(pcap_header(linktype=0x10000000 | LINKTYPE))
+    with open_capture(str(path)) as r:
+        assert r.linktype == LINKTYPE and r.format == "pcap"
+
+
+def test_record_length_bound_is_exact(tmp_path: Path) -> None:
+    """A record may claim up to MAX_RECORD (16 MiB) bytes; one more is corruption."""
+    assert MAX_RECORD == 16 * 1024 * 1024
+    path = tmp_path / "p.pcap"
+    path.write_bytes(pcap_header() + struct.pack("<IIII", 0, 0, MAX_RECORD + 1, 10) + b"x")
+    with open_capture(str(path)) as r:
+        assert list(r.records()) == []
+        assert r.stopped == f"corrupt record (captured length {MAX_RECORD + 1}) after packet 0 " \
+                            "(byte 24)"
+    path.write_bytes(pcap_header() + struct.pack("<IIII", 0, 0, MAX_RECORD, 10) + b"x" * 5)
+    with open_capture(str(path)) as r:
+        assert list(r.records()) == []
+        assert r.stopped == "file ends inside a packet after packet 0 (byte 24, 21 bytes left over)"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "empty file, not a capture"),
+    (b"\xd4\xc3\xb2", "not a pcap or pcapng file (too short)"),
+    (b"hello world", "not a pcap or pcapng file (magic 68656c6c)"),
+    (struct.pack("<I", 0xA1B2C3D4) + b"\0" * 10, "truncated pcap file header"),
+    (struct.pack(">I", 0xA1B23C4D) + b"\0" * 10, "truncated pcap file header"),
+])
+def test_bad_headers_in_one_exact_line(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad"
+    path.write_bytes(content)
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_wrong_link_type_and_labels(tmp_path: Path) -> None:
+    path = tmp_path / "eth.pcap"
+    path.write_bytes(pcap_header(linktype=1))
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: link type 1 (Ethernet), expected 271 (VSOCK)"
+    with open_capture(str(path), require_linktype=None) as r:
+        assert r.linktype == 1
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path), require_linktype=4242)
+    assert str(e.value) == f"{path}: link type 1 (Ethernet), expected 4242 (?)"
+    assert linktype_label(4242) == "link type 4242"
+    assert linktype_label(271) == "link type 271 (VSOCK)"
+
+
+def test_missing_and_directory_messages(tmp_path: Path) -> None:
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(tmp_path / "nope.pcap"))
+    assert str(e.value) == f"{tmp_path / 'nope.pcap'}: no such file"
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(tmp_path))
+    assert str(e.value) == f"{tmp_path}: is a directory, not a capture file"
+
+
+def test_a_file_object_is_read_from_where_it_stands(tmp_path: Path) -> None:
+    path = tmp_path / "p.pcap"
+    path.write_bytes(b"junk" + pcap_header() + struct.pack("<IIII", 1, 2, len(PKT), len(PKT))
+                     + PKT)
+    with open(path, "rb") as fp:
+        fp.read(4)
+        with CaptureReader(fp) as r:
+            assert r.name == str(path)
+            assert [(x.ts_ns, x.data) for x in r.records()] == [(1_000_002_000, PKT)]
+
+
+def tshark_fields(path: Path, *fields: str) -> list[list[str]]:
+    cmd = ["tshark", "-r", str(path), "-T", "fields"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("writer", [PcapWriter, PcapngWriter])
+def test_writers_agree_with_tshark_to_the_nanosecond(tmp_path: Path, writer: type) -> None:
+    path = tmp_path / ("w.pcapng" if writer is PcapngWriter else "w.pcap")
+    stamps = [T0 + 1, T0 + 999_999_999, (T0 | 0xFFFFFFFF)]  # low 32-bit word all ones
+    with open(path, "wb") as fp:
+        w = writer(fp)
+        for i, ts in enumerate(stamps):
+            w.write(ts, PKT[: len(PKT) - i], orig_len=len(PKT) + 3 * i,
+                    comment=f"c{i}" if i else None)
+        w.flush()
+    rows = tshark_fields(path, "frame.time_epoch", "frame.cap_len", "frame.len",
+                         "frame.comment", "vsock.op")
+    want_comments = ["", "c1", "c2"] if writer is PcapngWriter else ["", "", ""]
+    assert rows == [[f"{ts // 10**9}.{ts % 10**9:09d}", str(len(PKT) - i), str(len(PKT) + 3 * i),
+                     want_comments[i], "4"] for i, ts in enumerate(stamps)]
+    head = path.read_bytes()[:24]
+    if writer is PcapWriter:
+        assert struct.unpack("<IHHiIII", head) == (0xA1B23C4D, 2, 4, 0, 0, 262144, LINKTYPE)
+
+
+def test_writer_options(tmp_path: Path) -> None:
+    """Link type, snap length and interface name land where tshark reads them."""
+    path = tmp_path / "o.pcapng"
+    with open(path, "wb") as fp:
+        PcapngWriter(fp, snaplen=1000, ifname="tap9", app="probe").write(T0, PKT)
+    rows = tshark_fields(path, "frame.interface_name", "frame.time_epoch")
+    assert rows == [["tap9", f"{T0 // 10**9}.{T0 % 10**9:09d}"]]
+    data = path.read_bytes()
+    assert option(4, b"probe") in data  # shb_userappl
+    assert struct.pack("<HHI", LINKTYPE, 0, 1000) in data  # IDB link type, reserved, snaplen
+    pcap = tmp_path / "o.pcap"
+    with open(pcap, "wb") as fp:
+        PcapWriter(fp, linktype=1, snaplen=1500)
+    assert struct.unpack("<IHHiIII", pcap.read_bytes()) == (0xA1B23C4D, 2, 4, 0, 0, 1500, 1)
+
+
+@pytest.mark.parametrize(("name", "cls"), [
+    ("a.pcapng", PcapngWriter), ("a.pcapng.gz", PcapngWriter), ("a.ntar", PcapngWriter),
+    ("a.ntar.gz", PcapngWriter), ("a.pcap", PcapWriter), ("a.pcap.gz", PcapWriter),
+    ("a.cap", PcapWriter), ("pcapng", PcapWriter),
+])
+def test_writer_for_every_extension(tmp_path: Path, name: str, cls: type) -> None:
+    with open(tmp_path / "x", "wb") as fp:
+        w = writer_for(name, fp, snaplen=77)
+        assert type(w) is cls
+    raw = (tmp_path / "x").read_bytes()
+    if cls is PcapWriter:
+        assert struct.unpack_from("<I", raw, 16)[0] == 77
+    else:
+        assert struct.pack("<HHI", LINKTYPE, 0, 77) in raw
