@@ -9,7 +9,8 @@ tests reach each function once, then runs only those tests against each mutant, 
 forked from a warm interpreter — a full suite run per mutant would be far too slow.
 
 The mutants live in ``mutants/`` at the top of the repository (ignored by git); a run starts
-from a fresh copy unless ``--keep`` is given, so results never come from stale tests.
+from a fresh copy, so results never come from stale tests, unless ``--keep`` (print the last
+results) or ``--retest`` (test the last run's survivors again with the current tests).
 
 Examples::
 
@@ -17,6 +18,7 @@ Examples::
     benchmarks/mutation.py vsockmon/decode/filter.py --tests tests/test_decode.py
     benchmarks/mutation.py vsockmon/wire --jobs 2 --survivors
     benchmarks/mutation.py vsockmon/export --json > export-score.json
+    benchmarks/mutation.py vsockmon/wire --retest           # after adding tests
 
 Survivors judged equivalent (no behaviour can tell them apart) are listed with their reason
 in ``benchmarks/mutation-survivors.md``.
@@ -57,9 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default: tests; lab tests are always left out)")
     p.add_argument("--jobs", type=int, default=1,
                    help="mutants tested at once (default: 1; the machine is shared)")
-    p.add_argument("--keep", action="store_true",
-                   help="reuse mutants/ and its results from the last run instead of starting "
-                        "afresh (only for re-reading results: new tests are not picked up)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--keep", action="store_true",
+                       help="only print the results of the last run in mutants/")
+    again.add_argument("--retest", action="store_true",
+                       help="reuse the last run: test again the mutants it did not detect, "
+                            "with the tests as they are now (new tests are picked up; mutants "
+                            "of changed functions are made anew)")
     p.add_argument("--survivors", action="store_true",
                    help="list every surviving mutant by name (see one with `mutmut show NAME`)")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
@@ -121,6 +127,26 @@ def results(files: list[Path]) -> dict[str, Counter[str]]:
     return out
 
 
+def forget_undetected(files: list[Path]) -> int:
+    """Clear the verdicts that were not a detection, so that mutmut tests those mutants again
+    (it skips any mutant with a verdict); returns how many."""
+    from mutmut.stats import status_by_exit_code
+
+    n = 0
+    for f in files:
+        meta = ROOT / "mutants" / f"{f}.meta"
+        if not meta.exists():
+            continue
+        data = json.loads(meta.read_text())
+        codes = data.get("exit_code_by_key", {})
+        for k, c in codes.items():
+            if c is not None and status_by_exit_code[c] not in DETECTED:
+                codes[k] = None
+                n += 1
+        meta.write_text(json.dumps(data, indent=4))
+    return n
+
+
 def survivors(files: list[Path]) -> list[str]:
     """Names of the mutants no test killed, for ``mutmut show``."""
     from mutmut.stats import status_by_exit_code
@@ -170,7 +196,12 @@ def main(argv: list[str]) -> int:
     files = module_files(args.modules or DEFAULT_MODULES)
     os.chdir(ROOT)
     configure(files, args.tests)
-    if not args.keep:
+    if args.retest:
+        if not (ROOT / "mutants").is_dir():
+            raise SystemExit("error: --retest: no earlier run in mutants/")
+        print(f"testing again {forget_undetected(files)} undetected mutants", file=sys.stderr)
+        run_mutmut(args.jobs)
+    elif not args.keep:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         (ROOT / "mutants").mkdir()
         # tests that run .venv/bin/vsockmon find it from the copy too (it runs unmutated code)

@@ -160,8 +160,8 @@ def test_first_block_corrupt(tmp_path: Path) -> None:
     path.write_bytes(shb() + struct.pack("<II", 1, 13) + b"\0" * 20)
     with pytest.raises(CaptureError) as e:
         open_capture(str(path))
-    assert str(e.value) == (f"{path}: corrupt pcapng file "
-                            f"(corrupt pcapng block (length 13) after packet 0 (byte {len(shb())}))")
+    where = f"after packet 0 (byte {len(shb())})"
+    assert str(e.value) == f"{path}: corrupt pcapng file (corrupt pcapng block (length 13) {where})"
 
 
 def pcap_header(magic: int = 0xA1B2C3D4, linktype: int = LINKTYPE, e: str = "<") -> bytes:
