@@ -16,6 +16,7 @@ Examples::
 
     benchmarks/mutation.py                                  # every core module (slow: hours)
     benchmarks/mutation.py vsockmon/decode/filter.py --tests tests/test_decode.py
+    benchmarks/mutation.py vsockmon/export --ignore tests/test_conntrack_real.py
     benchmarks/mutation.py vsockmon/wire --jobs 2 --survivors
     benchmarks/mutation.py vsockmon/export --json > export-score.json
     benchmarks/mutation.py vsockmon/wire --retest           # after adding tests
@@ -57,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tests", nargs="+", default=["tests"], metavar="PATH",
                    help="test files or directories to run against the mutants "
                         "(default: tests; lab tests are always left out)")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATH",
+                   help="leave out a test file or directory (repeatable); keep --tests and "
+                        "--ignore the same for a --retest, or mutmut starts over")
     p.add_argument("--jobs", type=int, default=1,
                    help="mutants tested at once (default: 1; the machine is shared)")
     again = p.add_mutually_exclusive_group()
@@ -195,7 +199,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit("error: --jobs must be at least 1")
     files = module_files(args.modules or DEFAULT_MODULES)
     os.chdir(ROOT)
-    configure(files, args.tests)
+    configure(files, [*args.tests, *(f"--ignore={p}" for p in args.ignore)])
     if args.retest:
         if not (ROOT / "mutants").is_dir():
             raise SystemExit("error: --retest: no earlier run in mutants/")
