@@ -1,0 +1,356 @@
+"""The decoder, its text views and the Wireshark comparison, one behaviour per test: each
+anomaly on its own, payload shorter and longer than ``len``, both socket types' flag names.
+
+Expected values come from the kernel headers (include/uapi/linux/virtio_vsock.h:
+VIRTIO_VSOCK_SHUTDOWN_RCV=1, _SEND=2, VIRTIO_VSOCK_SEQ_EOM=1, _EOR=2, ops 1-7, types
+STREAM=1/SEQPACKET=2; include/uapi/linux/vsockmon.h: CONNECT=1 … PAYLOAD=4, transports
+UNKNOWN=0/NO_INFO=1/VIRTIO=2, headers of 32 and 44 bytes) and from the frames built here.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import T0, frame, write_pcap
+
+from vsockmon.decode.frames import Frame, decode_batches
+from vsockmon.decode.render import hexdump, preview, summary_line, summary_lines, tree
+from vsockmon.decode.verify import (
+    Report,
+    VerifyError,
+    build_report,
+    compare,
+    known_errors,
+    our_records,
+    tshark_records,
+    ws_value,
+)
+from vsockmon.wire.pcapio import PcapWriter, open_capture
+from vsockmon.wire.protocol import Op
+
+STREAM, SEQPACKET = 1, 2
+MON = struct.Struct("<QQIIHHHH")  # vsockmon.h: cids, ports, op, transport, trans_len, reserved
+
+
+def decode(tmp_path: Path, frames: list[bytes], orig_lens: list[int] | None = None
+           ) -> list[Frame]:
+    path = tmp_path / "d.pcap"
+    with open(path, "wb") as fp:
+        w = PcapWriter(fp)
+        for i, f in enumerate(frames):
+            w.write(T0 + i * 1_000_000, f, None if orig_lens is None else orig_lens[i])
+    with open_capture(str(path)) as r:
+        return [f for fb in decode_batches(r.batches()) for f in fb.frames()]
+
+
+def one(tmp_path: Path, data: bytes, orig_len: int | None = None) -> Frame:
+    (f,) = decode(tmp_path, [data], None if orig_len is None else [orig_len])
+    return f
+
+
+def mon_header(op: int = 4, transport: int = 2, trans_len: int = 44,
+               addr: tuple[int, int, int, int] = (3, 2, 1025, 9999)) -> bytes:
+    return MON.pack(*addr, op, transport, trans_len, 0)
+
+
+# -- payload length against the header's len -------------------------------------------------
+
+@pytest.mark.parametrize("sock_type", [STREAM, SEQPACKET])
+@pytest.mark.parametrize(("payload", "length", "flagged"), [
+    (b"abc", 5, True),       # shorter than len
+    (b"abcdefg", 5, True),   # longer than len
+    (b"abcde", 5, False),
+    (b"", 0, False),
+    (b"", 1, True),
+    (b"x", 0, True),
+])
+def test_payload_against_len(tmp_path: Path, sock_type: int, payload: bytes, length: int,
+                             flagged: bool) -> None:
+    f = one(tmp_path, frame(Op.RW, payload, type_=sock_type, length=length))
+    assert f.payload == payload and f.payload_len == len(payload)
+    assert f.anomalies == (["payload-len-mismatch"] if flagged else [])
+    assert f.virtio["len"] == length
+
+
+def test_a_snapped_payload_is_not_a_len_mismatch(tmp_path: Path) -> None:
+    full = frame(Op.RW, b"y" * 50)
+    f = one(tmp_path, full[:100], orig_len=len(full))
+    assert f.anomalies == ["snaplen"] and f.payload_len == 100 - 76
+    assert (f.caplen, f.orig_len) == (100, 126)
+
+
+# -- one anomaly at a time --------------------------------------------------------------------
+
+def test_each_address_field_mismatch(tmp_path: Path) -> None:
+    virtio = frame(Op.RW, b"")[32:]
+    addrs = [(3, 2, 1025, 9999), (4, 2, 1025, 9999), (3, 7, 1025, 9999),
+             (3, 2, 1026, 9999), (3, 2, 1025, 9998)]
+    got = decode(tmp_path, [mon_header(addr=a) + virtio for a in addrs])
+    assert [f.anomalies for f in got] == [[]] + [["addr-mismatch"]] * 4
+    # the ends shown come from the virtio header when there is one
+    assert got[1].addr == (3, 1025, 2, 9999)
+
+
+@pytest.mark.parametrize(("op", "mon_op"), [
+    (Op.REQUEST, 1), (Op.RESPONSE, 1), (Op.RST, 2), (Op.SHUTDOWN, 2), (Op.RW, 4),
+    (Op.CREDIT_UPDATE, 3), (Op.CREDIT_REQUEST, 3),
+])
+def test_the_kernel_op_map(tmp_path: Path, op: Op, mon_op: int) -> None:
+    """net/vmw_vsock/virtio_transport_common.c maps each virtio op to one vsockmon op."""
+    virtio = frame(op)[32:]
+    right = mon_header(op=mon_op) + virtio
+    wrong = mon_header(op=mon_op % 4 + 1) + virtio
+    assert [f.anomalies for f in decode(tmp_path, [right, wrong])] == [[], ["op-mismatch"]]
+
+
+def test_unknown_op_and_type(tmp_path: Path) -> None:
+    got = decode(tmp_path, [frame(Op.RW, type_=3), frame(Op.RW, type_=4), frame(Op.RW, type_=0),
+                            frame(8, type_=1), frame(0, type_=1)])  # type: ignore[arg-type]
+    assert [f.anomalies for f in got] == [[], ["unknown-type"], ["unknown-type"],
+                                          ["unknown-op"], ["unknown-op"]]
+    # ops 0 (INVALID) and 8 are unknown on the wire; the kernel writes vsockmon op 0 for them
+
+
+@pytest.mark.parametrize(("transport", "trans_len", "want"), [
+    (2, 44, []), (2, 40, ["trans-len"]), (2, 48, ["trans-len"]),
+    (1, 0, []), (0, 0, []), (3, 0, ["unknown-transport"]),
+])
+def test_transport_and_its_length(tmp_path: Path, transport: int, trans_len: int,
+                                  want: list[str]) -> None:
+    body = frame(Op.RW, b"0123456789", length=10)[32:]
+    f = one(tmp_path, mon_header(transport=transport, trans_len=trans_len) + body)
+    assert f.has_virtio == (transport == 2)
+    assert [a for a in f.anomalies if a in ("trans-len", "unknown-transport")] == want
+    # the payload starts where trans_len says
+    assert f.payload == body[trans_len:]
+
+
+def test_headers_cut_short(tmp_path: Path) -> None:
+    full = frame(Op.RW, b"abc")
+    got = decode(tmp_path, [full[:31], full[:32], full[:75], full[:76], b""])
+    assert [f.has_mon for f in got] == [False, True, True, True, False]
+    assert [f.has_virtio for f in got] == [False, False, False, True, False]
+    assert [f.anomalies for f in got] == [["truncated"], ["truncated"], ["truncated"],
+                                          ["payload-len-mismatch"], ["truncated"]]
+    assert [f.payload_len for f in got] == [0, 0, 0, 0, 0]
+
+
+def test_records_carry_exact_times_and_names(tmp_path: Path) -> None:
+    (f,) = decode(tmp_path, [frame(Op.SHUTDOWN, type_=SEQPACKET, flags=3)])
+    rec = f.fields()
+    assert rec["frame.time_ns"] == T0 and rec["frame.time_epoch"] == T0 / 1e9
+    assert rec["frame.number"] == 1 and rec["frame.len"] == rec["frame.cap_len"] == 76
+    assert rec["vsock.op_name"] == "DISCONNECT" and rec["vsock.trans_name"] == "VIRTIO"
+    assert rec["vsock.virtio.type_name"] == "SEQPACKET"
+    assert rec["vsock.virtio.op_name"] == "SHUTDOWN"
+    assert rec["vsock.virtio.flags_names"] == ["RCV", "SEND"]
+    assert rec["anomalies"] == [] and rec["payload_len"] == 0
+
+
+# -- the text views ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("op", "sock_type", "flags", "shown"), [
+    (Op.SHUTDOWN, STREAM, 1, "RCV"), (Op.SHUTDOWN, STREAM, 2, "SEND"),
+    (Op.SHUTDOWN, SEQPACKET, 3, "RCV,SEND"), (Op.SHUTDOWN, SEQPACKET, 2, "SEND"),
+    (Op.RW, SEQPACKET, 1, "EOM"), (Op.RW, SEQPACKET, 3, "EOM,EOR"),
+    (Op.RW, STREAM, 1, "0x1"), (Op.RW, SEQPACKET, 4, "0x4"), (Op.RST, STREAM, 0x80000000,
+                                                            "0x80000000"),
+])
+def test_flag_names_in_line_tree_and_json(tmp_path: Path, op: Op, sock_type: int, flags: int,
+                                          shown: str) -> None:
+    f = one(tmp_path, frame(op, type_=sock_type, flags=flags, buf_alloc=7, fwd_cnt=9))
+    typ = {STREAM: "STREAM", SEQPACKET: "SEQPACKET"}[sock_type]
+    want = (f"     1     0.000000  3:1025 → 2:9999  {typ} {op.name} len=0 [{shown}] "
+            "buf_alloc=7 fwd_cnt=9")
+    assert summary_line(f, T0) == want
+    assert f.fields()["vsock.virtio.flags_names"] == shown.split(",")
+    flag_line = next(x for x in tree(f) if x.lstrip().startswith("flags:"))
+    assert flag_line == f"    flags:      {flags:#010x} ({shown.replace(',', ', ')})"
+
+
+def lines_both_ways(tmp_path: Path, frames: list[bytes], t0: int = T0,
+                    summary: Any = None) -> list[str]:
+    """The per-frame and the bulk summary, which must agree; returns the per-frame ones."""
+    path = write_pcap(tmp_path / "l.pcap", frames, step_ns=1_500_000)
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    slow = [summary_line(f, t0, summary(f.payload[: f.virtio["len"]], 0, 0) if summary
+                         and f.has_virtio and f.virtio["len"] else None) for f in fb.frames()]
+    fast = summary_lines(fb, np.arange(len(fb)), t0, summary).decode().splitlines()
+    assert fast == slow
+    return slow
+
+
+def test_summary_lines_for_every_kind_of_row(tmp_path: Path) -> None:
+    got = lines_both_ways(tmp_path, [
+        frame(Op.REQUEST, buf_alloc=65536),
+        frame(Op.RW, b"hi\n", fwd_cnt=3),
+        frame(Op.RW, b"\x00\x01\xff", length=2),
+        frame(Op.RW, b"x")[:40],
+        b"\x01\x02",
+        frame(Op.RW, b"")[:32],
+    ], t0=T0 - 250_000_000)
+    assert got == [
+        "     1     0.250000  3:1025 → 2:9999  STREAM REQUEST len=0 buf_alloc=65536 fwd_cnt=0",
+        '     2     0.251500  3:1025 → 2:9999  STREAM RW len=3 buf_alloc=262144 fwd_cnt=3 '
+        '"hi\\n"',
+        "     3     0.253000  3:1025 → 2:9999  STREAM RW len=2 buf_alloc=262144 fwd_cnt=0 0001 "
+        "!payload-len-mismatch",
+        "     4     0.254500  3:1025 → 2:9999  - PAYLOAD !truncated",
+        "     5     0.256000  ? → ?  - - !truncated",
+        "     6     0.257500  3:1025 → 2:9999  - PAYLOAD !truncated",
+    ]
+
+
+def test_payload_summaries_follow_a_bar(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    def summary(payload: bytes, _sp: int, _dp: int) -> str | None:
+        seen.append(payload)
+        return "GET /" if payload.startswith(b"GET") else None
+
+    got = lines_both_ways(tmp_path, [frame(Op.RW, b"GET / HTTP/1.0"), frame(Op.RW, b"zz"),
+                                     frame(Op.REQUEST)], summary=summary)
+    assert got[0].endswith('"GET / HTTP/1.0" | GET /')
+    assert got[1].endswith('"zz"') and "|" not in got[1] and "|" not in got[2]
+    assert b"" not in seen  # frames without payload are not asked about
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    (b"", ""),
+    (b"abc", '"abc"'),
+    (b'say "hi"\t\r\n', '"say \\"hi\\"\\t\\r\\n"'),
+    (b"a" * 24, '"' + "a" * 24 + '"'),
+    (b"a" * 25, '"' + "a" * 24 + '"…'),
+    (b"\x1f", "1f"),
+    (b"~\x7f", "7e7f"),
+    (b" ~", '" ~"'),
+    (bytes(range(30)), bytes(range(24)).hex() + "…"),
+])
+def test_preview_text_or_hex(data: bytes, want: str) -> None:
+    assert preview(data) == want
+
+
+def test_preview_limit_argument() -> None:
+    assert preview(b"abcdef", limit=3) == '"abc"…'
+    assert preview(b"abc", limit=3) == '"abc"'
+
+
+def test_hexdump_lines_and_limits() -> None:
+    data = bytes(range(0x1E, 0x1E + 40))
+    assert hexdump(data) == [
+        "0000  1e 1f 20 21 22 23 24 25 26 27 28 29 2a 2b 2c 2d  .. !\"#$%&'()*+,-",
+        "0010  2e 2f 30 31 32 33 34 35 36 37 38 39 3a 3b 3c 3d  ./0123456789:;<=",
+        "0020  3e 3f 40 41 42 43 44 45                          >?@ABCDE",
+    ]
+    assert hexdump(data, limit=16) == [hexdump(data)[0], "… 24 more bytes"]
+    assert hexdump(data, limit=17)[-1] == "… 23 more bytes"
+    assert hexdump(b"\x7e\x7f" * 9, limit=None, offset_digits=8)[1] == (
+        "00000010  7e 7f" + " " * 42 + "  ~.")
+    assert hexdump(b"") == []
+    assert hexdump(b"x" * 300)[-1] == "… 44 more bytes"
+    assert len(hexdump(b"x" * 300, limit=None)) == 19
+
+
+def test_tree_lists_every_field_with_names(tmp_path: Path) -> None:
+    f = one(tmp_path, frame(Op.CREDIT_REQUEST, b"", src=(2, 5), dst=(0xFFFFFFFF, 6),
+                            type_=SEQPACKET, buf_alloc=100, fwd_cnt=200))
+    ts = f"{T0 // 10**9}.{T0 % 10**9:09d}"
+    assert tree(f) == [
+        f"Frame 1: 76 bytes captured (76 on the wire), time {ts}",
+        "vsockmon header",
+        "    src_cid:    2(host)", "    dst_cid:    4294967295(any)", "    src_port:   5",
+        "    dst_port:   6", "    op:         3 (CONTROL)", "    transport:  2 (VIRTIO)",
+        "    trans_len:  44", "    reserved:   0",
+        "virtio-vsock header",
+        "    src_cid:    2(host)", "    dst_cid:    4294967295(any)", "    src_port:   5",
+        "    dst_port:   6", "    len:        0", "    type:       2 (SEQPACKET)",
+        "    op:         7 (CREDIT_REQUEST)", "    flags:      0x00000000",
+        "    buf_alloc:  100", "    fwd_cnt:    200",
+        "payload: 0 bytes captured",
+    ]
+    extra = tree(one(tmp_path, frame(Op.RW, b"ab", length=3)), ["decoded: ab"])
+    assert extra[-4:] == ["payload: 2 bytes captured", "    0000  61 62" + " " * 42 + "  ab",
+                          "    decoded: ab", "anomalies: payload-len-mismatch"]
+
+
+# -- the Wireshark comparison ----------------------------------------------------------------
+
+def test_ws_value_reads_every_tshark_spelling() -> None:
+    assert ws_value("") is None
+    assert ws_value("12") == 12
+    assert ws_value("0x0010") == 16
+    assert ws_value("de:ad:be:ef") == 0xDEADBEEF
+    assert ws_value("dead") == 0xDEAD
+    assert ws_value("0") == 0
+
+
+def ours_and_theirs(tmp_path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    path = write_pcap(tmp_path / "o.pcap", [data])
+    (rec,) = list(our_records(str(path)))
+    (ws,) = list(tshark_records(str(path)))
+    return rec, ws
+
+
+def test_compare_finds_each_field_and_the_payload_length(tmp_path: Path) -> None:
+    rec, ws = ours_and_theirs(tmp_path, frame(Op.RW, b"abc", length=3))
+    assert compare(rec, ws) == []
+    bad = dict(ws, **{"vsock.virtio.dst_prot": "1"})
+    (d,) = compare(rec, bad)
+    assert (d.frame, d.key, d.ours, d.wireshark) == (1, "vsock.virtio.dst_port", 9999, 1)
+    short = dict(ws, **{"vsock.payload": "61:62"})
+    (d,) = compare(rec, short)
+    assert (d.key, d.ours, d.wireshark) == ("payload_len", 3, 2)
+    missing = {k: v for k, v in ws.items() if k != "vsock.virtio.fwd_cnt"}
+    assert [x.key for x in compare(rec, missing)] == ["vsock.virtio.fwd_cnt"]
+
+
+def test_known_wireshark_errors_by_frame() -> None:
+    assert known_errors({"vsock.virtio.op": 7, "vsock.virtio.type": 2,
+                         "vsock.virtio.flags": 1}) == [
+        "op 7 is CREDIT_REQUEST, Wireshark says 'Credit response'",
+        "type 2 is SEQPACKET, Wireshark says 'Unknown (2)'",
+        "flag bits not decoded by Wireshark (we name them)",
+    ]
+    assert known_errors({"vsock.virtio.op": 6, "vsock.virtio.type": 1,
+                         "vsock.virtio.flags": 0}) == []
+    assert known_errors({}) == []
+
+
+def test_report_lines() -> None:
+    ours = [{"frame.number": i, "payload_len": 0, "vsock.virtio.op": 7 if i <= 11 else 5}
+            for i in range(1, 14)]
+    theirs = [{"vsock.payload": ""} for _ in range(12)]
+    report = build_report(ours, theirs)
+    assert report.frames == 12  # the shorter side
+    assert report.wireshark_errors == {
+        "op 7 is CREDIT_REQUEST, Wireshark says 'Credit response'": list(range(1, 12))}
+    lines = report.lines()
+    assert lines[-2] == ("known Wireshark error: op 7 is CREDIT_REQUEST, Wireshark says "
+                         "'Credit response' (frames 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 …)")
+    assert lines[-1].startswith("12 frames compared: ") and lines[-1].endswith(" fields differ")
+    ten = Report(frames=10, wireshark_errors={"x": list(range(1, 11))})
+    assert ten.lines() == ["known Wireshark error: x (frames 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)",
+                           "10 frames compared: vsockmon and Wireshark agree on every field"]
+    r = build_report([{"frame.number": 4, "payload_len": 1, "vsock.virtio.op": 5}],
+                     [{"vsock.payload": "61:62"}])
+    assert r.lines() == ["frame 4: vsock.virtio.op: vsockmon 5, Wireshark None",
+                         "frame 4: payload_len: vsockmon 1, Wireshark 2",
+                         "1 frames compared: 2 fields differ"]
+
+
+def test_our_records_stop_at_count(tmp_path: Path) -> None:
+    path = write_pcap(tmp_path / "c.pcap", [frame(Op.RW, b"a")] * 5)
+    assert [r["frame.number"] for r in our_records(str(path), 3)] == [1, 2, 3]
+    assert list(our_records(str(path), 0)) == []
+    assert len(list(our_records(str(path)))) == 5
+
+
+def test_tshark_failure_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(VerifyError) as e:
+        list(tshark_records(str(tmp_path / "missing.pcap")))
+    assert str(e.value).startswith("tshark failed: ") and "\n" not in str(e.value)
