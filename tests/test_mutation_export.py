@@ -1,0 +1,173 @@
+"""Exports at their edges: the state named in each packet comment through every way a
+connection closes, the evidence notes, and the table columns of frames without headers.
+
+Comments are read back by tshark (``frame.comment``), tables by pyarrow; the expected states
+are reasoned from the packets each test sends (docs/conns.md: a SHUTDOWN's SEND bit closes the
+sender's direction, RCV the peer's; an RST after both directions closed is graceful).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import frame, write_pcap
+
+from vsockmon.export import ExportError, export_many, export_pcapng, export_tables, find_captures
+from vsockmon.export.run import CAPTURE_SUFFIXES
+from vsockmon.wire.protocol import Op
+
+C, S = (3, 50000), (2, 1024)
+RCV, SEND = 1, 2
+
+
+def c2s(op: Op, **kw: object) -> bytes:
+    return frame(op, src=C, dst=S, **kw)  # type: ignore[arg-type]
+
+
+def s2c(op: Op, **kw: object) -> bytes:
+    return frame(op, src=S, dst=C, **kw)  # type: ignore[arg-type]
+
+
+def states(tmp_path: Path, frames: list[bytes], step_ns: int = 1000) -> list[str]:
+    """The state each packet's comment names (the word after ``(client)``/``(server)``)."""
+    src = write_pcap(tmp_path / "in.pcap", frames, step_ns=step_ns)
+    out = tmp_path / "out.pcapng"
+    export_pcapng(str(src), str(out), force=True, payload=False)
+    got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    return [c.split(") ", 1)[1].split(",")[0].split(";")[0] for c in got]
+
+
+def comments(tmp_path: Path, frames: list[bytes], step_ns: int = 1000) -> list[str]:
+    src = write_pcap(tmp_path / "in.pcap", frames, step_ns=step_ns)
+    out = tmp_path / "out.pcapng"
+    export_pcapng(str(src), str(out), force=True, payload=False)
+    return subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+OPEN = [c2s(Op.REQUEST), s2c(Op.RESPONSE)]
+
+
+@pytest.mark.parametrize(("close", "want"), [
+    # each side shuts its own sending direction, then the RST: graceful
+    ([c2s(Op.SHUTDOWN, flags=SEND), s2c(Op.SHUTDOWN, flags=SEND), s2c(Op.RST)],
+     ["half-closed", "closing", "graceful"]),
+    # RCV closes the peer's direction: the client's RCV|SEND closes both at once
+    ([c2s(Op.SHUTDOWN, flags=RCV | SEND), s2c(Op.RST)], ["closing", "graceful"]),
+    # RCV alone closes only the peer's direction
+    ([c2s(Op.SHUTDOWN, flags=RCV), c2s(Op.SHUTDOWN, flags=RCV)], ["half-closed", "half-closed"]),
+    ([s2c(Op.SHUTDOWN, flags=RCV), c2s(Op.SHUTDOWN, flags=RCV), c2s(Op.RST)],
+     ["half-closed", "closing", "graceful"]),
+    # an RST before both directions are shut is a reset, by whoever sent it
+    ([c2s(Op.SHUTDOWN, flags=SEND), c2s(Op.RST)], ["half-closed", "reset-by-client"]),
+    ([s2c(Op.RST)], ["reset-by-server"]),
+    ([c2s(Op.RST)], ["reset-by-client"]),
+    # once over, a second RST changes nothing
+    ([s2c(Op.RST), c2s(Op.RST)], ["reset-by-server", "reset-by-server"]),
+])
+def test_state_through_every_close(tmp_path: Path, close: list[bytes], want: list[str]) -> None:
+    got = states(tmp_path, [*OPEN, *close])
+    assert got == ["requested", "established", *want]
+
+
+def test_refused_only_when_the_server_answers_the_request_with_rst(tmp_path: Path) -> None:
+    assert states(tmp_path, [c2s(Op.REQUEST), s2c(Op.RST)]) == ["requested", "refused"]
+    # the client giving up on its own request is a reset by the client, not a refusal
+    assert states(tmp_path, [c2s(Op.REQUEST), c2s(Op.RST)]) == ["requested",
+                                                                 "reset-by-client"]
+
+
+def test_joined_mid_connection_is_established_until_an_event(tmp_path: Path) -> None:
+    got = states(tmp_path, [c2s(Op.RW, payload=b"x"), s2c(Op.CREDIT_UPDATE),
+                            c2s(Op.SHUTDOWN, flags=SEND)])
+    assert got == ["established", "established", "half-closed"]
+
+
+def test_notes_on_the_frames_the_tracker_singles_out(tmp_path: Path) -> None:
+    """Handshake time on the RESPONSE (1.5 ms apart here), the close on its RST."""
+    got = comments(tmp_path, [*OPEN, s2c(Op.RST)], step_ns=1_500_000)
+    assert got[1].endswith("; handshake 1.500 ms")
+    assert got[2].endswith("; close: reset-by-server by server")
+    assert "handshake" not in got[0] and "close" not in got[1]
+
+
+def test_refused_handshake_is_timed_on_the_rst(tmp_path: Path) -> None:
+    got = comments(tmp_path, [c2s(Op.REQUEST), s2c(Op.RST)], step_ns=2_000_000)
+    assert got[1].endswith("close: refused by server; handshake 2.000 ms")
+
+
+def test_zero_credit_stall_notes(tmp_path: Path) -> None:
+    """A receiver advertising buf_alloc 4 that has taken in 4 bytes: the sender has no credit
+    left until it consumes them (fwd_cnt 4); the notes mark the first and longest stall."""
+    frames = [
+        c2s(Op.REQUEST), s2c(Op.RESPONSE, buf_alloc=4),
+        c2s(Op.RW, payload=b"abcd"),                    # 3: credit exhausted
+        s2c(Op.CREDIT_UPDATE, buf_alloc=4, fwd_cnt=4),  # 4: stall ends
+    ]
+    got = comments(tmp_path, frames, step_ns=3_000_000)
+    text = "\n".join(got)
+    assert "zero credit (c2s): first of 1 stalls" in got[2]
+    assert "in flight 4/4" in got[2]
+    # the server's own direction: nothing sent, against the client's buf_alloc (262144)
+    assert "s2c (server) established, in flight 0/262144" in got[3]
+    assert "longest stall" not in text  # the first is the longest: one note
+
+
+def test_packets_table_for_frames_without_headers(tmp_path: Path) -> None:
+    full = c2s(Op.RW, payload=b"abc")
+    src = write_pcap(tmp_path / "in.pcap", [full, full[:40], full[:10]])
+    export_tables(str(src), tmp_path / "t", "parquet")
+    rows = pq.read_table(tmp_path / "t" / "packets.parquet").to_pylist()
+    assert [r["frame"] for r in rows] == [1, 2, 3]
+    assert [r["mon_op"] for r in rows] == [4, 4, None]
+    assert [r["mon_op_name"] for r in rows] == ["PAYLOAD", "PAYLOAD", None]
+    assert [r["op"] for r in rows] == [5, None, None]
+    assert [r["op_name"] for r in rows] == ["RW", None, None]
+    assert [r["len"] for r in rows] == [3, None, None]
+    assert [r["anomaly_names"] for r in rows] == ["", "truncated", "truncated"]
+    assert [r["stream"] for r in rows] == [0, None, None]
+    assert [r["dir"] for r in rows] == ["c2s", None, None]
+    assert rows[0]["caplen"] == rows[0]["orig_len"] == 79 and rows[2]["caplen"] == 10
+
+
+def test_unknown_format_and_no_captures(tmp_path: Path) -> None:
+    with pytest.raises(ExportError) as e:
+        export_tables("x.pcap", tmp_path, "xml")
+    assert str(e.value) == "unknown table format 'xml'; choose parquet, csv, json"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError) as e:
+        export_many(tmp_path / "empty", tmp_path / "o", "csv")
+    assert str(e.value) == (f"{tmp_path / 'empty'}: no capture files (.pcap, .pcapng, "
+                            ".pcap.gz, .pcapng.gz, .cap)")
+
+
+def test_find_captures_by_suffix_in_order(tmp_path: Path) -> None:
+    for name in ("b.pcap", "a.pcapng", "sub/c.pcap.gz", "sub/d.pcapng.gz", "e.cap",
+                 "f.txt", "g.pcap.bak", "sub/h.ntar"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "dir.pcap").mkdir()
+    got = [p.relative_to(tmp_path).as_posix() for p in find_captures(tmp_path)]
+    assert got == ["a.pcapng", "b.pcap", "e.cap", "sub/c.pcap.gz", "sub/d.pcapng.gz"]
+    assert len(CAPTURE_SUFFIXES) == 5
+
+
+def test_one_job_exports_in_order_and_reports_each(tmp_path: Path) -> None:
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for name in ("b.pcap", "a.pcap"):
+        write_pcap(caps / name, [*OPEN])
+    done: list[str] = []
+    results = export_many(caps, tmp_path / "o", "json", jobs=1,
+                          on_done=lambda r: done.append(Path(r.source).name))
+    assert done == ["a.pcap", "b.pcap"]
+    assert [(Path(r.source).name, r.packets, r.connections, r.error) for r in results] == [
+        ("a.pcap", 2, 1, None), ("b.pcap", 2, 1, None)]
+    rows = [json.loads(x) for x in
+            (tmp_path / "o" / "a.pcap" / "packets.jsonl").read_text().splitlines()]
+    assert [r["capture"] for r in rows] == ["a.pcap", "a.pcap"]
