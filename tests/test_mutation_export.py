@@ -171,3 +171,26 @@ def test_one_job_exports_in_order_and_reports_each(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in
             (tmp_path / "o" / "a.pcap" / "packets.jsonl").read_text().splitlines()]
     assert [r["capture"] for r in rows] == ["a.pcap", "a.pcap"]
+
+
+def test_header_columns_name_type_and_doc() -> None:
+    """Column i of a header is prefix+name, the unsigned type of its width, and a doc naming
+    Wireshark's field; a virtio field without its own doc borrows the vsockmon one."""
+    import pyarrow as pa
+
+    from vsockmon.export.tables import Column, _header_columns
+    from vsockmon.wire.protocol import VIRTIO_HEADER, VSOCKMON_HEADER, Field
+
+    mon = _header_columns("mon_", VSOCKMON_HEADER.fields[:1], "vsockmon header:")
+    assert mon == [Column("mon_src_cid", pa.uint64(),
+                          "vsockmon header: source context id (Wireshark `vsock.src_cid`)")]
+    virtio = {c.name: c for c in _header_columns("", VIRTIO_HEADER.fields, "virtio header:")}
+    assert virtio["src_cid"] == Column(
+        "src_cid", pa.uint64(), "virtio header: source context id (Wireshark "
+                                "`vsock.virtio.src_cid`)")
+    assert virtio["src_port"].doc.endswith("(Wireshark `vsock.virtio.src_prot`)")
+    assert virtio["type"] == Column("type", pa.uint16(),
+                                    "virtio header: socket type (Wireshark `vsock.virtio.type`)")
+    assert virtio["len"].type == pa.uint32()
+    odd = _header_columns("p_", (Field("zz", 0, 1, "x.zz", "x.zz"),), "w:")
+    assert odd == [Column("p_zz", pa.uint8(), "w: zz (Wireshark `x.zz`)")]

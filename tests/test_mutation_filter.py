@@ -195,3 +195,44 @@ def test_bad_filters_say_why_in_full(expr: str, message: str) -> None:
     with pytest.raises(FilterError) as e:
         compile_filter(expr)
     assert str(e.value) == message
+
+
+def test_the_field_table_behind_the_names(capture: Path) -> None:
+    """Each filter name reads the column it says, is present where its header is, and knows
+    its field's value names: bare and vsock.virtio.* names are the virtio header, mon.* and
+    vsock.* the vsockmon header, frame.* every frame. (Built afresh: FIELDS is built once.)"""
+    from vsockmon.decode.filter import _build_fields
+    from vsockmon.wire.protocol import VIRTIO_HEADER
+
+    fields = _build_fields()
+    with open_capture(str(capture)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    everywhere = [True] * len(fb)
+
+    def reads(name: str, *cols: list[int], present: list[bool], enum: object = None) -> None:
+        spec = fields[name]
+        assert [c(fb).tolist() for c in spec.columns] == list(cols), name
+        assert spec.present(fb).tolist() == present, name
+        assert spec.enum is enum, name
+
+    for f in VIRTIO_HEADER.fields:
+        for name in (f.name, f.json_key):
+            reads(name, fb.virtio[f.name].tolist(), present=fb.has_virtio.tolist(), enum=f.enum)
+    for f in VSOCKMON_HEADER.fields:
+        for name in (f"mon.{f.name}", f.json_key):
+            reads(name, fb.mon[f.name].tolist(), present=fb.has_mon.tolist(), enum=f.enum)
+    reads("trans", fb.mon["transport"].tolist(), present=fb.has_mon.tolist(), enum=Transport)
+    reads("cid", fb.virtio["src_cid"].tolist(), fb.virtio["dst_cid"].tolist(),
+          present=fb.has_virtio.tolist())
+    reads("port", fb.virtio["src_port"].tolist(), fb.virtio["dst_port"].tolist(),
+          present=fb.has_virtio.tolist())
+    numbers = list(range(1, TRUNCATED + 1))
+    for name in ("frame.number", "frame"):
+        reads(name, numbers, present=everywhere)
+    reads("frame.len", fb.orig_len.tolist(), present=everywhere)
+    reads("frame.cap_len", fb.caplen.tolist(), present=everywhere)
+    reads("payload_len", fb.payload_len.tolist(), present=everywhere)
+    for name in ("anomaly", "anomalies"):
+        reads(name, fb.anomalies.tolist(), present=everywhere)
+    assert fb.caplen.tolist() == [76 + n for _o, n, *_ in SPECS] + [32]
+    assert set(fields) == set(FIELDS)

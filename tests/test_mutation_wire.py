@@ -123,3 +123,30 @@ def test_flags_of_other_ops_are_plain_numbers() -> None:
     assert pkt[VirtioVsock].flags == 1 and str(pkt[VirtioVsock].flags) == "1"
     shut = VsockMon(bytes(VsockMon() / VirtioVsock(op="SHUTDOWN", type="SEQPACKET", flags=2)))
     assert str(shut[VirtioVsock].flags) == "SEND"
+
+
+def test_field_naming_rules() -> None:
+    """A field's JSON key is prefix.key-or-name; Wireshark's name is prefix.ws_name, else the
+    same as the JSON key."""
+    f = p._f("src_port", 16, 4, "vsock.virtio", ws_name="src_prot")
+    assert f == p.Field("src_port", 16, 4, "vsock.virtio.src_port", "vsock.virtio.src_prot",
+                        None, "")
+    g = p._f("transport", 26, 2, "vsock", key="trans", enum=p.Transport, doc="kind")
+    assert g == p.Field("transport", 26, 2, "vsock.trans", "vsock.trans", p.Transport, "kind")
+    h = p._f("a", 0, 1, "x", ws_name="w", key="k")
+    assert (h.json_key, h.wireshark) == ("x.k", "x.w")
+
+
+def test_numpy_dtype_of_any_header() -> None:
+    f = p.Field
+    h = p.Header("h", (f("a", 0, 1, "x.a", "x.a"), f("b", 1, 8, "x.b", "x.b"),
+                       f("c", 9, 2, "x.c", "x.c")))
+    dt = h.numpy_dtype()
+    assert dt.names == ("a", "b", "c") and dt.itemsize == 11
+    assert [dt.fields[n][1] for n in dt.names] == [0, 1, 9]
+    assert [dt.fields[n][0] for n in dt.names] == [np.dtype("<u1"), np.dtype("<u8"),
+                                                   np.dtype("<u2")]
+    row = np.frombuffer(bytes([7]) + (2**60).to_bytes(8, "little") + (513).to_bytes(2, "little"),
+                        dtype=dt)[0]
+    assert (int(row["a"]), int(row["b"]), int(row["c"])) == (7, 2**60, 513)
+    assert h.names == ("a", "b", "c") and h.struct.format == "<BQH"
