@@ -166,29 +166,30 @@ def survivors(files: list[Path]) -> list[str]:
 
 
 def score(c: Counter[str]) -> float | None:
-    """Per cent of mutants detected; None when the module had no mutant at all."""
-    total = sum(c.values())
+    """Per cent of the tested mutants detected (an interrupted run leaves some "not
+    checked"); None when none was tested."""
+    total = sum(c.values()) - c["not checked"]
     return None if total == 0 else 100.0 * sum(c[s] for s in DETECTED) / total
 
 
 def report(counts: dict[str, Counter[str]]) -> str:
     """The score table: one line per module with a mutant, then the total."""
-    cols = ("killed", "survived", "timeout", "no tests")
-    lines = [f"{'module':<36} {'mutants':>7} " + " ".join(f"{c:>8}" for c in cols)
+    cols = ("killed", "survived", "timeout", "no tests", "not checked")
+    lines = [f"{'module':<36} {'mutants':>7} " + " ".join(f"{c:>11}" for c in cols)
              + f" {'other':>6} {'score':>7}"]
     total: Counter[str] = Counter()
     for name, c in counts.items():
         total.update(c)
         s = score(c)
-        if s is None:
+        if not c:
             continue
         other = sum(c.values()) - sum(c[k] for k in cols)
-        lines.append(f"{name:<36} {sum(c.values()):>7} " + " ".join(f"{c[k]:>8}" for k in cols)
-                     + f" {other:>6} {s:>6.1f}%")
+        lines.append(f"{name:<36} {sum(c.values()):>7} " + " ".join(f"{c[k]:>11}" for k in cols)
+                     + f" {other:>6} " + (f"{s:>6.1f}%" if s is not None else "     -"))
     s = score(total)
     other = sum(total.values()) - sum(total[k] for k in cols)
     lines.append(f"{'total':<36} {sum(total.values()):>7} "
-                 + " ".join(f"{total[k]:>8}" for k in cols)
+                 + " ".join(f"{total[k]:>11}" for k in cols)
                  + f" {other:>6} " + (f"{s:>6.1f}%" if s is not None else "     -"))
     return "\n".join(lines)
 
