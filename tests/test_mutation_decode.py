@@ -354,3 +354,20 @@ def test_tshark_failure_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(VerifyError) as e:
         list(tshark_records(str(tmp_path / "missing.pcap")))
     assert str(e.value).startswith("tshark failed: ") and "\n" not in str(e.value)
+
+
+def test_verify_through_pyshark_agrees_and_names_wireshark_errors(tmp_path: Path) -> None:
+    """``decode --verify``'s path: Wireshark's dissector via pyshark, every field compared."""
+    from vsockmon.decode.verify import verify_with_pyshark
+
+    path = write_pcap(tmp_path / "v.pcap", [
+        frame(Op.CREDIT_REQUEST), frame(Op.RW, b"abc", type_=SEQPACKET, flags=1),
+        frame(Op.RW, b"xyz")])
+    report = verify_with_pyshark(str(path))
+    assert report.frames == 3 and report.disagreements == []
+    assert report.wireshark_errors == {
+        "op 7 is CREDIT_REQUEST, Wireshark says 'Credit response'": [1],
+        "type 2 is SEQPACKET, Wireshark says 'Unknown (2)'": [2],
+        "flag bits not decoded by Wireshark (we name them)": [2],
+    }
+    assert verify_with_pyshark(str(path), count=1).frames == 1
