@@ -371,3 +371,33 @@ def test_verify_through_pyshark_agrees_and_names_wireshark_errors(tmp_path: Path
         "flag bits not decoded by Wireshark (we name them)": [2],
     }
     assert verify_with_pyshark(str(path), count=1).frames == 1
+
+
+def test_bulk_lines_show_virtio_ends_flags_and_one_byte_payloads(tmp_path: Path) -> None:
+    """The compiled summary agrees with the per-frame one where the two headers disagree on
+    the ends, on every flag naming, and at a 1-byte payload (shown, and summarised with the
+    ports it travelled between)."""
+    virtio = frame(Op.RW, b"", src=(5, 6), dst=(7, 8))[32:]
+    mismatch = mon_header(addr=(3, 2, 1025, 9999)) + virtio
+    frames = [mismatch,
+              frame(Op.SHUTDOWN, type_=SEQPACKET, flags=3),
+              frame(Op.RW, b"m", type_=SEQPACKET, flags=1, src=(3, 40), dst=(2, 41)),
+              frame(Op.RW, b"s", type_=STREAM, flags=1),
+              frame(Op.CREDIT_UPDATE, type_=STREAM, flags=2)]
+
+    def summary(payload: bytes, sp: int, dp: int) -> str | None:
+        return f"{payload.decode()} {sp}>{dp}"
+
+    path = write_pcap(tmp_path / "b.pcap", frames)
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    fast = summary_lines(fb, np.arange(len(fb)), T0, summary).decode().splitlines()
+    assert fast[0] == ("     1     0.000000  5:6 → 7:8  STREAM RW len=0 buf_alloc=262144 "
+                       "fwd_cnt=0 !addr-mismatch")
+    assert "  SEQPACKET SHUTDOWN len=0 [RCV,SEND] buf_alloc" in fast[1]
+    assert fast[2].endswith('SEQPACKET RW len=1 [EOM] buf_alloc=262144 fwd_cnt=0 "m" | m 40>41')
+    assert fast[3].endswith('STREAM RW len=1 [0x1] buf_alloc=262144 fwd_cnt=0 "s" | s 1025>9999')
+    assert "STREAM CREDIT_UPDATE len=0 [0x2] buf_alloc" in fast[4]
+    slow = [summary_line(f, T0, summary(f.payload, f.virtio["src_port"], f.virtio["dst_port"])
+                         if f.virtio["len"] else None) for f in fb.frames()]
+    assert fast == slow
