@@ -1,0 +1,97 @@
+"""Every fenced example of README.md and docs/*.md runs on the committed fixtures, and its
+shown output is what the command prints (the rules: tests/docs_examples.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import doctest
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from docs_examples import ROOT, Block, Command, all_blocks, output_matches
+
+BLOCKS = all_blocks()
+SHELL = [b for b in BLOCKS if b.kind in ("session", "output of", "excerpt of", "run each line")]
+PYTHON_PAGES = sorted({b.page for b in BLOCKS if b.kind in ("doctest", "python")})
+# What a sandbox sees of the repository: the paths the examples name.
+SHARED = ("fixtures", "dissectors", "tests", "benchmarks")
+# The names examples use for "any capture of yours": a real lab capture, host and guest
+# (CIDs 2 and 3), nothing wrong in it.
+PLACEHOLDERS = ("cap.pcap", "capture.pcap", "c.pcap")
+ANY_CAPTURE = ROOT / "fixtures" / "real" / "host-guest.pcap"
+# Printed by tshark to stderr whenever it runs as root: the machine's, not the example's.
+NOISE = ('Running as user "root" and group "root". This could be dangerous.',)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A working directory with the repository's fixtures, and an environment with our
+    venv first on PATH and a private HOME (no installed Wireshark plugin, no config)."""
+    for name in SHARED:
+        (tmp_path / name).symlink_to(ROOT / name)
+    for name in PLACEHOLDERS:
+        (tmp_path / name).symlink_to(ANY_CAPTURE)
+    home = tmp_path / ".home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "TZ": "UTC", "NO_COLOR": "1",
+           "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("XDG_CONFIG_HOME", None)
+    return tmp_path, env
+
+
+def _run(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    res = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    lines = (res.stdout + res.stderr).splitlines()
+    return res.returncode, [s for s in lines if s.strip() not in NOISE]
+
+
+def test_every_block_runs_or_says_why() -> None:
+    unknown = [b.id for b in BLOCKS if b.kind == "unknown"]
+    assert not unknown, f"blocks neither runnable nor marked <!-- not run: REASON -->: {unknown}"
+    unexplained = [b.id for b in BLOCKS if b.kind in ("not run", "output of", "excerpt of") and not b.marker[1]]
+    assert not unexplained, f"markers without a reason or command: {unexplained}"
+
+
+@pytest.mark.parametrize("block", SHELL, ids=[b.id for b in SHELL])
+def test_shell_example(block: Block, sandbox: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = sandbox
+    if block.kind == "run each line":
+        commands = [Command(text, ["..."]) for text in block.lines
+                    if text.strip() and not text.lstrip().startswith("#")]
+    elif block.marker:
+        commands = [Command(block.marker[1], block.lines)]
+    else:
+        commands = block.commands()
+    for c in commands:
+        text, shown, status = c.text, c.output, c.exit_status
+        code, actual = _run(text, cwd, env)
+        assert code == status, f"$ {text}\nexit {code}, expected {status}:\n" + "\n".join(actual)
+        assert output_matches(shown, actual, excerpt=block.kind == "excerpt of"), (
+            f"$ {text}\n--- shown\n" + "\n".join(shown) + "\n--- printed\n" + "\n".join(actual))
+
+
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=[str(p.relative_to(ROOT)) for p in PYTHON_PAGES])
+def test_python_examples(page: Path, sandbox: tuple[Path, dict[str, str]],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page's Python blocks in order, in one namespace: doctests compared, the others
+    run (their printing swallowed)."""
+    cwd, env = sandbox
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", env["HOME"])
+    globs: dict[str, object] = {"__name__": "__docs__"}
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    for block in (b for b in BLOCKS if b.page == page and b.kind in ("doctest", "python")):
+        text = "\n".join(block.lines) + "\n"
+        if block.kind == "python":
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(text, block.id, "exec"), globs)
+            continue
+        test = doctest.DocTestParser().get_doctest(text, globs, block.id, str(page), block.line)
+        report = io.StringIO()
+        runner = doctest.DocTestRunner(optionflags=flags)
+        runner.run(test, out=report.write, clear_globs=False)
+        assert not runner.failures, report.getvalue()
