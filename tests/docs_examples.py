@@ -15,7 +15,8 @@ Every fenced block is one of:
   ``<!-- not run: REASON -->`` (needs root, a live kernel, a cluster; a diagram; a sketch).
 
 In the sandbox the examples run in, ``cap.pcap``, ``capture.pcap`` and ``c.pcap`` (the
-names the pages use for "your capture") are a healthy real capture of the fixtures.
+names the pages use for "your capture") are a healthy real capture of the fixtures, and
+``captures/`` is ``fixtures/real/``.
 
 An unmarked block that is neither a session nor Python is an error: every example either
 runs or says why not.
@@ -84,20 +85,25 @@ class Block:
         return "unknown"
 
     def commands(self) -> list[Command]:
-        """The session's commands with their shown output."""
+        """The session's commands with their shown output; for ``run each line``, each
+        command (comment lines skipped) with any output allowed."""
         out: list[Command] = []
+        each = self.kind == "run each line"
         i = 0
         while i < len(self.lines):
             text = self.lines[i]
-            if not text.startswith("$ "):
+            if each and (not text.strip() or text.lstrip().startswith("#")):
+                i += 1
+                continue
+            if not each and not text.startswith("$ "):
                 out[-1].output.append(text)  # kind "session": the first line is a command
                 i += 1
                 continue
-            cmd = text[2:]
+            cmd = text if each else text[2:]
             while not _complete(cmd) and i + 1 < len(self.lines):
                 i += 1
                 cmd += "\n" + self.lines[i]
-            out.append(Command(cmd))
+            out.append(Command(cmd, ["..."] if each else []))
             i += 1
         return out
 

@@ -19,21 +19,37 @@ PYTHON_PAGES = sorted({b.page for b in BLOCKS if b.kind in ("doctest", "python")
 # What a sandbox sees of the repository: the paths the examples name.
 SHARED = ("fixtures", "dissectors", "tests", "benchmarks")
 # The names examples use for "any capture of yours": a real lab capture, host and guest
-# (CIDs 2 and 3), nothing wrong in it.
+# (CIDs 2 and 3), nothing wrong in it; "captures/" (a directory of them) is fixtures/real.
 PLACEHOLDERS = ("cap.pcap", "capture.pcap", "c.pcap")
 ANY_CAPTURE = ROOT / "fixtures" / "real" / "host-guest.pcap"
 # Printed by tshark to stderr whenever it runs as root: the machine's, not the example's.
 NOISE = ('Running as user "root" and group "root". This could be dangerous.',)
 
 
+_SANDBOXES: dict[tuple[str, Path], tuple[Path, dict[str, str]]] = {}
+
+
 @pytest.fixture
-def sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def sandbox(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The working directory of one page's shell (or Python) examples, shared by them in
+    page order (an example may read what one before it wrote), and their environment."""
+    block_or_page = request.node.callspec.params.get("block") or request.node.callspec.params["page"]
+    page = block_or_page.page if isinstance(block_or_page, Block) else block_or_page
+    key = (request.node.originalname, page)
+    if key not in _SANDBOXES:
+        _SANDBOXES[key] = _new_sandbox(tmp_path_factory.mktemp("docs"))
+    return _SANDBOXES[key]
+
+
+def _new_sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A working directory with the repository's fixtures, and an environment with our
     venv first on PATH and a private HOME (no installed Wireshark plugin, no config)."""
     for name in SHARED:
         (tmp_path / name).symlink_to(ROOT / name)
     for name in PLACEHOLDERS:
         (tmp_path / name).symlink_to(ANY_CAPTURE)
+    (tmp_path / "captures").symlink_to(ROOT / "fixtures" / "real")
     home = tmp_path / ".home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "TZ": "UTC", "NO_COLOR": "1",
@@ -59,10 +75,7 @@ def test_every_block_runs_or_says_why() -> None:
 @pytest.mark.parametrize("block", SHELL, ids=[b.id for b in SHELL])
 def test_shell_example(block: Block, sandbox: tuple[Path, dict[str, str]]) -> None:
     cwd, env = sandbox
-    if block.kind == "run each line":
-        commands = [Command(text, ["..."]) for text in block.lines
-                    if text.strip() and not text.lstrip().startswith("#")]
-    elif block.marker:
+    if block.marker and block.kind != "run each line":
         commands = [Command(block.marker[1], block.lines)]
     else:
         commands = block.commands()
@@ -87,7 +100,7 @@ def test_python_examples(page: Path, sandbox: tuple[Path, dict[str, str]],
     for block in (b for b in BLOCKS if b.page == page and b.kind in ("doctest", "python")):
         text = "\n".join(block.lines) + "\n"
         if block.kind == "python":
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.TextIOWrapper(io.BytesIO())):
                 exec(compile(text, block.id, "exec"), globs)
             continue
         test = doctest.DocTestParser().get_doctest(text, globs, block.id, str(page), block.line)
