@@ -11,7 +11,9 @@ Every fenced block is one of:
   ``<!-- output of: COMMAND -->`` (the block is what COMMAND prints; compared),
   ``<!-- excerpt of: COMMAND -->`` (the block is a contiguous part of what it prints),
   ``<!-- run each line -->`` (a list of invocations without output: each line runs and must
-  exit 0; a ``#`` comment ends the command), or
+  exit 0; a ``#`` comment ends the command; ``<!-- run each line: with the plugin
+  installed -->`` runs them with the Wireshark plugin in the personal plugins folder),
+  ``<!-- lab -->`` (a session that boots the lab VM: run by the lab tests, marker ``lab``),
   ``<!-- not run: REASON -->`` (needs root, a live kernel, a cluster; a diagram; a sketch).
 
 In the sandbox the examples run in, ``cap.pcap``, ``capture.pcap`` and ``c.pcap`` (the
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 _FENCE = re.compile(r"^(\s*)(```+)\s*([\w+-]*)\s*$")
-_MARKER = re.compile(r"^\s*<!--\s*(output of|excerpt of|not run|run each line)\b:?\s*(.*?)\s*-->\s*$")
+_MARKER = re.compile(r"^\s*<!--\s*(output of|excerpt of|not run|run each line|lab)\b:?\s*(.*?)\s*-->\s*$")
 _EXIT = re.compile(r"#.*\bexit status (\d+)")
 ELISION = re.compile(r"^\s*(?:\.\.\.|…)\s*(?:\(.*\))?\s*$")
 
@@ -89,6 +91,7 @@ class Block:
         command (comment lines skipped) with any output allowed."""
         out: list[Command] = []
         each = self.kind == "run each line"
+        # kinds "session" and "lab": the first line is a command
         i = 0
         while i < len(self.lines):
             text = self.lines[i]
@@ -96,7 +99,7 @@ class Block:
                 i += 1
                 continue
             if not each and not text.startswith("$ "):
-                out[-1].output.append(text)  # kind "session": the first line is a command
+                out[-1].output.append(text)
                 i += 1
                 continue
             cmd = text if each else text[2:]

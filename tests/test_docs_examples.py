@@ -7,6 +7,7 @@ import contextlib
 import doctest
 import io
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from docs_examples import ROOT, Block, Command, all_blocks, output_matches
 
 BLOCKS = all_blocks()
-SHELL = [b for b in BLOCKS if b.kind in ("session", "output of", "excerpt of", "run each line")]
+SHELL = [pytest.param(b, id=b.id, marks=[pytest.mark.lab] if b.kind == "lab" else [])
+         for b in BLOCKS if b.kind in ("session", "output of", "excerpt of", "run each line", "lab")]
 PYTHON_PAGES = sorted({b.page for b in BLOCKS if b.kind in ("doctest", "python")})
 # What a sandbox sees of the repository: the paths the examples name.
 SHARED = ("fixtures", "dissectors", "tests", "benchmarks")
@@ -34,8 +36,8 @@ def sandbox(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The working directory of one page's shell (or Python) examples, shared by them in
     page order (an example may read what one before it wrote), and their environment."""
-    block_or_page = request.node.callspec.params.get("block") or request.node.callspec.params["page"]
-    page = block_or_page.page if isinstance(block_or_page, Block) else block_or_page
+    params = request.node.callspec.params
+    page = params["block"].page if "block" in params else params["page"]
     key = (request.node.originalname, page)
     if key not in _SANDBOXES:
         _SANDBOXES[key] = _new_sandbox(tmp_path_factory.mktemp("docs"))
@@ -44,7 +46,8 @@ def sandbox(request: pytest.FixtureRequest,
 
 def _new_sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A working directory with the repository's fixtures, and an environment with our
-    venv first on PATH and a private HOME (no installed Wireshark plugin, no config)."""
+    venv first on PATH and a private HOME: no Wireshark plugin installed, no config (a block
+    whose marker says "plugin installed" gets a HOME with the plugin installed)."""
     for name in SHARED:
         (tmp_path / name).symlink_to(ROOT / name)
     for name in PLACEHOLDERS:
@@ -52,6 +55,9 @@ def _new_sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     (tmp_path / "captures").symlink_to(ROOT / "fixtures" / "real")
     home = tmp_path / ".home"
     home.mkdir()
+    plugins = tmp_path / ".home-plugin" / ".local" / "lib" / "wireshark" / "plugins"
+    plugins.mkdir(parents=True)  # where `vsockmon wireshark install` puts it
+    shutil.copy(ROOT / "dissectors" / "vsockmon.lua", plugins)
     env = {**os.environ, "HOME": str(home), "TZ": "UTC", "NO_COLOR": "1",
            "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("XDG_CONFIG_HOME", None)
@@ -72,13 +78,15 @@ def test_every_block_runs_or_says_why() -> None:
     assert not unexplained, f"markers without a reason or command: {unexplained}"
 
 
-@pytest.mark.parametrize("block", SHELL, ids=[b.id for b in SHELL])
+@pytest.mark.parametrize("block", SHELL)
 def test_shell_example(block: Block, sandbox: tuple[Path, dict[str, str]]) -> None:
     cwd, env = sandbox
-    if block.marker and block.kind != "run each line":
+    if block.kind in ("output of", "excerpt of"):
         commands = [Command(block.marker[1], block.lines)]
     else:
         commands = block.commands()
+    if block.marker and "plugin installed" in block.marker[1]:
+        env = {**env, "HOME": str(cwd / ".home-plugin")}
     for c in commands:
         text, shown, status = c.text, c.output, c.exit_status
         code, actual = _run(text, cwd, env)
