@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 _FENCE = re.compile(r"^(\s*)(```+)\s*([\w+-]*)\s*$")
-_MARKER = re.compile(r"^\s*<!--\s*(output of|excerpt of|not run|run each line|lab)\b:?\s*(.*?)\s*-->\s*$")
+KINDS = ("output of", "excerpt of", "not run", "run each line", "lab")
+RUN = ("session", "output of", "excerpt of", "run each line", "lab")  # run as shell commands
+_MARKER = re.compile(rf"^\s*<!--\s*({'|'.join(KINDS)})\b:?\s*(.*?)\s*-->\s*$")
 _EXIT = re.compile(r"#.*\bexit status (\d+)")
 ELISION = re.compile(r"^\s*(?:\.\.\.|…)\s*(?:\(.*\))?\s*$")
 

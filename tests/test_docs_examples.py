@@ -12,11 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from docs_examples import ROOT, Block, Command, all_blocks, output_matches
+from docs_examples import ROOT, RUN, Block, Command, all_blocks, output_matches
 
 BLOCKS = all_blocks()
 SHELL = [pytest.param(b, id=b.id, marks=[pytest.mark.lab] if b.kind == "lab" else [])
-         for b in BLOCKS if b.kind in ("session", "output of", "excerpt of", "run each line", "lab")]
+         for b in BLOCKS if b.kind in RUN]
 PYTHON_PAGES = sorted({b.page for b in BLOCKS if b.kind in ("doctest", "python")})
 # What a sandbox sees of the repository: the paths the examples name.
 SHARED = ("fixtures", "dissectors", "tests", "benchmarks")
@@ -74,14 +74,15 @@ def _run(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
 def test_every_block_runs_or_says_why() -> None:
     unknown = [b.id for b in BLOCKS if b.kind == "unknown"]
     assert not unknown, f"blocks neither runnable nor marked <!-- not run: REASON -->: {unknown}"
-    unexplained = [b.id for b in BLOCKS if b.kind in ("not run", "output of", "excerpt of") and not b.marker[1]]
+    unexplained = [b.id for b in BLOCKS
+                   if b.kind in ("not run", "output of", "excerpt of") and not (b.marker and b.marker[1])]
     assert not unexplained, f"markers without a reason or command: {unexplained}"
 
 
 @pytest.mark.parametrize("block", SHELL)
 def test_shell_example(block: Block, sandbox: tuple[Path, dict[str, str]]) -> None:
     cwd, env = sandbox
-    if block.kind in ("output of", "excerpt of"):
+    if block.marker and block.kind in ("output of", "excerpt of"):
         commands = [Command(block.marker[1], block.lines)]
     else:
         commands = block.commands()
@@ -115,4 +116,14 @@ def test_python_examples(page: Path, sandbox: tuple[Path, dict[str, str]],
         report = io.StringIO()
         runner = doctest.DocTestRunner(optionflags=flags)
         runner.run(test, out=report.write, clear_globs=False)
+        globs.update(test.globs)  # a DocTest runs in a copy: later blocks see this one's names
         assert not runner.failures, report.getvalue()
+
+
+def test_echo_fixture_is_the_scenario(tmp_path: Path) -> None:
+    """fixtures/synthetic/echo.pcap (docs/analysis.md's examples) is what the connection
+    scenarios of the tests write, byte for byte: regenerate it from there if they change."""
+    from conntrack_scenarios import echo_capture
+
+    fresh = echo_capture(tmp_path / "echo.pcap")
+    assert (ROOT / "fixtures" / "synthetic" / "echo.pcap").read_bytes() == fresh.read_bytes()
