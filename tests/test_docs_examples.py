@@ -74,8 +74,9 @@ def _run(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
 def test_every_block_runs_or_says_why() -> None:
     unknown = [b.id for b in BLOCKS if b.kind == "unknown"]
     assert not unknown, f"blocks neither runnable nor marked <!-- not run: REASON -->: {unknown}"
+    needs_text = ("not run", "output of", "excerpt of")
     unexplained = [b.id for b in BLOCKS
-                   if b.kind in ("not run", "output of", "excerpt of") and not (b.marker and b.marker[1])]
+                   if b.kind in needs_text and not (b.marker and b.marker[1])]
     assert not unexplained, f"markers without a reason or command: {unexplained}"
 
 
