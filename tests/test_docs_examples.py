@@ -64,9 +64,10 @@ def _new_sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return tmp_path, env
 
 
-def _run(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+def _run(command: str, cwd: Path, env: dict[str, str],
+         timeout: float = 120) -> tuple[int, list[str]]:
     res = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
+                         text=True, timeout=timeout, check=False)
     lines = (res.stdout + res.stderr).splitlines()
     return res.returncode, [s for s in lines if s.strip() not in NOISE]
 
@@ -91,7 +92,8 @@ def test_shell_example(block: Block, sandbox: tuple[Path, dict[str, str]]) -> No
         env = {**env, "HOME": str(cwd / ".home-plugin")}
     for c in commands:
         text, shown, status = c.text, c.output, c.exit_status
-        code, actual = _run(text, cwd, env)
+        # A lab boot under a loaded host takes minutes (docs/lab.md).
+        code, actual = _run(text, cwd, env, timeout=900 if block.kind == "lab" else 120)
         assert code == status, f"$ {text}\nexit {code}, expected {status}:\n" + "\n".join(actual)
         assert output_matches(shown, actual, excerpt=block.kind == "excerpt of"), (
             f"$ {text}\n--- shown\n" + "\n".join(shown) + "\n--- printed\n" + "\n".join(actual))
