@@ -90,6 +90,8 @@ def test_shell_example(block: Block, sandbox: tuple[Path, dict[str, str]]) -> No
         commands = block.commands()
     if block.marker and "plugin installed" in block.marker[1]:
         env = {**env, "HOME": str(cwd / ".home-plugin")}
+    if block.kind == "lab":
+        env = {**env, "HOME": os.environ["HOME"]}  # the lab's cache (~/.cache/vsockmon/lab)
     for c in commands:
         text, shown, status = c.text, c.output, c.exit_status
         # A lab boot under a loaded host takes minutes (docs/lab.md).
