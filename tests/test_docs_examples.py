@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from docs_examples import ROOT, RUN, Block, Command, all_blocks, output_matches
+from docs_examples import ROOT, RUN, Block, Command, all_blocks, blocks, output_matches
 
 BLOCKS = all_blocks()
 SHELL = [pytest.param(b, id=b.id, marks=[pytest.mark.lab] if b.kind == "lab" else [])
@@ -132,3 +132,39 @@ def test_echo_fixture_is_the_scenario(tmp_path: Path) -> None:
 
     fresh = echo_capture(tmp_path / "echo.pcap")
     assert (ROOT / "fixtures" / "synthetic" / "echo.pcap").read_bytes() == fresh.read_bytes()
+
+
+# -- the runner's own rules ----------------------------------------------------------------
+
+
+def test_output_matching_rules() -> None:
+    printed = ["a  b   c", "--  --", "1  2   3", "total 1"]
+    assert output_matches(["a b c", "-- --", "1 2 3", "total 1"], printed)
+    assert not output_matches(["a b c", "1 2 3", "total 1"], printed)  # a line left out
+    assert not output_matches(["a b c", "-- --", "1 2 4", "total 1"], printed)  # a digit
+    assert output_matches(["a b c", "...", "total 1"], printed)
+    assert output_matches(["a … c", "…  (the rule)", "1 … 3", "..."], printed)
+    assert not output_matches(["a … d", "..."], printed)
+    assert output_matches(["1 2 3"], printed, excerpt=True)
+    assert not output_matches(["1 2 3"], printed)
+    assert not output_matches(["2 3 total"], printed, excerpt=False)
+
+
+def test_blocks_kinds_commands_and_markers(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text("\n".join([
+        "```", "$ echo 'a", "b'   # exit status 3", "a", "b", "$ true", "```", "",
+        "<!-- not run: needs root -->", "", "```sh", "sudo x", "```",
+        "<!-- run each line -->", "```", "# a comment", "x --y \\", "  z", "w", "```",
+        "```", "plain text", "```",
+        "  ```python", "  >>> 1", "  1", "  ```"]))
+    found = blocks(page)
+    assert [b.kind for b in found] == ["session", "not run", "run each line", "unknown",
+                                       "doctest"]
+    [one, two] = found[0].commands()
+    assert (one.text, one.output, one.exit_status) == ("echo 'a\nb'   # exit status 3",
+                                                        ["a", "b"], 3)
+    assert (two.text, two.output, two.exit_status) == ("true", [], 0)
+    assert found[1].marker == ("not run", "needs root")
+    assert [c.text for c in found[2].commands()] == ["x --y \\\n  z", "w"]
+    assert found[4].lines == [">>> 1", "1"] and found[4].line == 24
