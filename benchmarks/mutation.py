@@ -152,7 +152,7 @@ def forget_undetected(files: list[Path]) -> int:
 
 
 def survivors(files: list[Path]) -> list[str]:
-    """Names of the mutants no test killed, for ``mutmut show``."""
+    """Names of the tested mutants no test killed, for ``mutmut show``."""
     from mutmut.stats import status_by_exit_code
 
     names: list[str] = []
@@ -161,7 +161,7 @@ def survivors(files: list[Path]) -> list[str]:
         if meta.exists():
             data = json.loads(meta.read_text())
             names += sorted(k for k, c in data.get("exit_code_by_key", {}).items()
-                            if status_by_exit_code[c] not in DETECTED)
+                            if status_by_exit_code[c] not in (*DETECTED, "not checked"))
     return names
 
 
