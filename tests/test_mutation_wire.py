@@ -95,6 +95,7 @@ def test_set_fields_win_over_derived_ones() -> None:
     built = VsockMon(op=3, trans_len=44, src_cid=9) / VirtioVsock(src_cid=3, op="RW") / b"ab"
     mon = p.VSOCKMON_HEADER.unpack(bytes(built))
     assert (mon["op"], mon["src_cid"], mon["transport"]) == (3, 9, 2)
+    assert mon["reserved"] == 0 and mon["trans_len"] == 44
     virtio = p.VIRTIO_HEADER.unpack(bytes(VirtioVsock(len=10, op="RW") / b"ab"))
     assert virtio["len"] == 10 and virtio["type"] == 1
 
@@ -150,3 +151,49 @@ def test_numpy_dtype_of_any_header() -> None:
                         dtype=dt)[0]
     assert (int(row["a"]), int(row["b"]), int(row["c"])) == (7, 2**60, 513)
     assert h.names == ("a", "b", "c") and h.struct.format == "<BQH"
+
+
+def test_layer_fields_built_afresh() -> None:
+    """The scapy fields made from the table rows (built once at import, so built again here):
+    widths, defaults, value names, and flag names chosen by op and type."""
+    import struct
+
+    from scapy.packet import Packet
+
+    from vsockmon.wire import layers
+
+    by = {f.name: f for f in p.VIRTIO_HEADER.fields}
+
+    class T(Packet):
+        name = "t"
+        fields_desc = [layers._field(by["type"], 1), layers._field(by["op"], 0),  # noqa: RUF012
+                       layers._flags_field(by["flags"]), layers._field(by["buf_alloc"], 7),
+                       layers._field(by["src_cid"], 0)]
+
+    assert bytes(T(type=2, op=5, flags=3, src_cid=2**40)) == struct.pack("<HHIIQ", 2, 5, 3, 7,
+                                                                          2**40)
+    assert (T().type, T().op, T().flags, T().buf_alloc) == (1, 0, 0, 7)
+    seq = T(bytes(T(type=2, op=5, flags=3)))
+    assert str(seq.flags) == "EOM+EOR" and seq.sprintf("%type% %op%") == "SEQPACKET RW"
+    assert str(T(bytes(T(type=1, op=4, flags=1))).flags) == "RCV"
+    assert str(T(bytes(T(type=2, op=4, flags=2))).flags) == "SEND"
+    assert str(T(bytes(T(type=1, op=5, flags=1))).flags) == "1"
+    assert str(T(bytes(T(type=2, op=6, flags=2))).flags) == "2"
+    assert layers._enum_dict(p.ShutdownFlag) == {1: "RCV", 2: "SEND"}
+    assert layers._enum_dict(p.SockType) == {1: "STREAM", 2: "SEQPACKET", 3: "DGRAM"}
+
+
+def test_register_binds_the_file_and_the_socket_numbers() -> None:
+    from scapy.config import conf
+
+    from vsockmon.wire import layers
+
+    conf.l2types.register(p.LINKTYPE_VSOCK, Raw)
+    conf.l2types.register_num2layer(p.ARPHRD_VSOCKMON, Raw)
+    try:
+        layers.register()
+        assert conf.l2types.num2layer[271] is VsockMon
+        assert conf.l2types.num2layer[826] is VsockMon
+        assert conf.l2types.layer2num[VsockMon] == 271
+    finally:
+        layers.register()
