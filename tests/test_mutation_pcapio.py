@@ -310,3 +310,33 @@ def test_writer_for_every_extension(tmp_path: Path, name: str, cls: type) -> Non
         assert struct.unpack_from("<I", raw, 16)[0] == 77
     else:
         assert struct.pack("<HHI", LINKTYPE, 0, 77) in raw
+
+
+@pytest.mark.parametrize("chunk", [4, 13, 1 << 20])
+def test_interfaces_only_and_small_reads(tmp_path: Path, chunk: int) -> None:
+    """A pcapng that ends right after its interface description (no options at all) has a
+    link type and no packet, whatever the read size."""
+    path = tmp_path / "i.pcapng"
+    path.write_bytes(shb() + idb())
+    with CaptureReader(str(path), chunk=chunk) as r:
+        assert (r.format, r.linktype) == ("pcapng", LINKTYPE)
+        assert list(r.records()) == [] and r.stopped is None
+    path.write_bytes(shb() + block(4, b"\0" * 64) + idb(option(9, bytes([9]))) + epb(5))
+    with CaptureReader(str(path), chunk=chunk) as r:
+        assert [x.ts_ns for x in r.records()] == [5] and r.stopped is None
+
+
+def test_option_padding_of_every_length_before_the_resolution(tmp_path: Path) -> None:
+    """Values are padded to 4 bytes: 4, 8 and 16-byte values take no padding, 5 takes 3."""
+    for value in (b"tap0", b"12345678", b"0123456789abcdef", b"five5"):
+        opts = option(2, value) + option(9, bytes([9])) + option(0, b"")
+        stamps, _ = read(tmp_path, shb() + idb(opts) + epb(TICKS))
+        assert stamps == [TICKS], value
+
+
+def test_link_types_and_snaplen_are_unsigned(tmp_path: Path) -> None:
+    path = tmp_path / "l.pcapng"
+    path.write_bytes(shb() + block(1, struct.pack("<HHI", 40000, 0, 0xFFFFFFFF)) + epb(1))
+    with CaptureReader(str(path)) as r:
+        assert r.linktype == 40000
+        assert [x.linktype for x in r.records()] == [40000]

@@ -197,3 +197,20 @@ def test_register_binds_the_file_and_the_socket_numbers() -> None:
         assert conf.l2types.layer2num[VsockMon] == 271
     finally:
         layers.register()
+
+
+def test_flag_fields_are_little_endian() -> None:
+    """Whatever names the bits, the flags word is little-endian on the wire."""
+    from scapy.packet import Packet
+
+    from vsockmon.wire import layers
+
+    by = {f.name: f for f in p.VIRTIO_HEADER.fields}
+
+    class T(Packet):
+        name = "t"
+        fields_desc = [layers._field(by["type"], 1), layers._field(by["op"], 0),  # noqa: RUF012
+                       layers._flags_field(by["flags"])]
+
+    for op, typ in ((4, 1), (5, 2), (5, 1)):
+        assert bytes(T(op=op, type=typ, flags=1))[4:] == b"\x01\0\0\0"
