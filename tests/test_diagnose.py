@@ -63,6 +63,14 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "synthetic/stream-all-ops.pcap": [("no-listener", 1, (23, 24))],
     "synthetic/stream-all-ops.pcap.gz": [("no-listener", 1, (23, 24))],
     "real/no-listener.pcap": [("no-listener", 0, (1, 2))],
+    # tests/conntrack_scenarios.py echo_capture, counted from its script: stream 0 takes
+    # frames 1-9 (open 2, two RW+CREDIT_UPDATE 4, SHUTDOWN + 2 RST); stream 1's server RST is
+    # frame 14; stream 2 is REQUEST 15 + RST 16; stream 3 (SEQPACKET) ends at 30; stream 4
+    # stops half-closed at its SHUTDOWN, 35; stream 5 is one REQUEST, 36; stream 6 starts
+    # mid-connection at 37 and is still open at 40.
+    "synthetic/echo.pcap": [("abrupt-close/reset", 1, (14,)), ("no-listener", 2, (15, 16)),
+                            ("mid-capture/end", 4, (35,)), ("mid-capture/end", 5, (36,)),
+                            ("mid-capture/start", 6, (37,)), ("mid-capture/end", 6, (40,))],
 }
 """Every finding (info included) of the captures that are not healthy, exactly."""
 
