@@ -197,7 +197,9 @@ class FrameBatch:
         out = []
         for i, (number, ts, orig, cap, plen, bits) in enumerate(base):
             rec: dict[str, Any] = {
-                "frame.number": number, "frame.time_epoch": ts / 1e9, "frame.time_ns": ts,
+                # int / int is correctly rounded; ts / 1e9 would round ts to a float first
+                "frame.number": number, "frame.time_epoch": ts / 1_000_000_000,
+                "frame.time_ns": ts,
                 "frame.len": orig, "frame.cap_len": cap,
             }
             if has_mon[i]:
