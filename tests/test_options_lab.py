@@ -10,6 +10,7 @@ the running process with ``pidfd_getfd``; the frame count is the link's ``rx_pac
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_lab_shell_is_an_interactive_root_shell_on_the_lab_kernel(lab: Lab,
     """Type into the shell as a user would: commands run as root on the lab's kernel, with
     the vsockmon module there, and ``exit`` powers the VM off and ends the command."""
     assert shutil.which("tmux")
-    session = f"vsockmon-shell-{tmp_path.name}"
+    session = f"vsockmon-shell-{os.getpid()}-{tmp_path.name}"  # unique on this host
     status = tmp_path / "status"
     cmd = f"{VSOCKMON} lab shell --kernel {lab.kernel}; echo exit=$? > {status}"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd],
