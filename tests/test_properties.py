@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vsockmon.decode.filter import compile_filter
-from vsockmon.decode.frames import FrameBatch, decode_batches
+from vsockmon.decode.frames import FrameBatch, decode_batches, epoch_seconds
 from vsockmon.wire.pcapio import CaptureReader, PcapngWriter, PcapWriter, Record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,3 +306,16 @@ def test_every_operator_at_its_boundary(
         keep = compile_filter(f"len {cmp} {v}")
         for fb, recs in decoded:
             assert keep(fb).tolist() == [eval_cmp(r, "len", cmp, v) for r in recs], v
+
+
+# -- float seconds ------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(st.lists(st.one_of(st.integers(0, 2**63 - 1), st.integers(0, 10**12),
+                          st.integers(2**29 * 10**9 - 10**9, 2**29 * 10**9 + 10**9)),
+                min_size=1, max_size=50))
+def test_bulk_epoch_seconds_are_the_nearest_double(stamps: list[int]) -> None:
+    """Export's ``frame.time_epoch`` column: Python's correctly rounded int / int, in bulk."""
+    got = epoch_seconds(np.array(stamps, dtype=np.int64)).tolist()
+    assert got == [t / 10**9 for t in stamps]
