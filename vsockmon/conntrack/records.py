@@ -26,6 +26,7 @@ from vsockmon.conntrack.model import (
     Evidence,
     Side,
     Stalls,
+    stall_end_ns,
 )
 from vsockmon.conntrack.segments import first_per
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType, enum_name
@@ -33,18 +34,19 @@ from vsockmon.wire.protocol import Op, ShutdownFlag, SockType, enum_name
 U32_MASK = (1 << 32) - 1
 
 
-def results(cols: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int) -> ConnTable:
+def results(cols: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int,
+            end_ns: int) -> ConnTable:
     """The table of ``n`` streams from the tracker's columns and its control events (sorted
-    by stream, then frame), closed off as the capture ended."""
-    _end_stalls(cols)
+    by stream, then frame), closed off as the capture ended at ``end_ns``."""
+    _end_stalls(cols, end_ns)
     _closes(cols, events, n)
     return ConnTable(cols, events)
 
 
-def _end_stalls(c: dict[str, np.ndarray]) -> None:
-    """A stall still running at the connection's last packet lasts until that packet."""
+def _end_stalls(c: dict[str, np.ndarray], end_ns: int) -> None:
+    """A stall still running lasts until the capture's end (:func:`stall_end_ns`)."""
     open_ = c["stalled"]
-    dur = np.where(open_, c["last_ts"][:, None] - c["stall_ts"], 0)
+    dur = np.where(open_, stall_end_ns(None, end_ns) - c["stall_ts"], 0)
     c["stall_total"] = c["stall_total"] + dur
     longer = open_ & (dur > c["stall_max"])
     c["stall_max"] = np.where(longer, dur, np.maximum(c["stall_max"], 0))

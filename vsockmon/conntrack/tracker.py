@@ -45,6 +45,7 @@ from vsockmon.conntrack.model import (
     Stalls,
     Tags,
     Violation,
+    no_credit,
 )
 from vsockmon.conntrack.records import CLOSES, RECORD_FIELDS, ConnTable, RecordField, results
 from vsockmon.conntrack.segments import (
@@ -151,6 +152,8 @@ class ConnTracker:
         self._events: list[tuple[np.ndarray, ...]] = []
         self.frames = 0
         self.frames_without_stream = 0
+        self.end_ns: int | None = None
+        """The latest timestamp fed: where the capture's still-open stalls end."""
 
     @property
     def streams(self) -> int:
@@ -162,10 +165,14 @@ class ConnTracker:
         """Track the frames of one batch; returns each row's stream, sender and credit."""
         n = len(fb)
         tags = Tags(np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int8),
-                    np.full((n, 2), -1, dtype=np.int64), np.full((n, 2), -1, dtype=np.int64))
+                    np.full((n, 2), -1, dtype=np.int64), np.full((n, 2), -1, dtype=np.int64),
+                    np.zeros(n, dtype=bool))
         rows = np.flatnonzero(fb.has_virtio)
         self.frames += n
         self.frames_without_stream += n - len(rows)
+        if n:
+            hi = int(fb.ts_ns.max())
+            self.end_ns = hi if self.end_ns is None else max(self.end_ns, hi)
         if not len(rows):
             return tags
         b = self._group(fb, rows)
@@ -177,6 +184,7 @@ class ConnTracker:
         tags.sender[b.rows] = b.sender
         tags.in_flight[b.rows] = in_flight
         tags.limit[b.rows] = limit
+        tags.beyond[b.rows] = beyond
         return tags
 
     def _group(self, fb: FrameBatch, rows: np.ndarray) -> _Batch:
@@ -373,7 +381,9 @@ class ConnTracker:
             credit_before = seg_shift(credit, b.first_mask, credit0[seg])
             known_before = seg_shift(known, b.first_mask, kb0[seg])
             beyond |= sent_mask & known_before & (b.len > credit_before)
-            self._stalls(b, d, known & (credit <= 0))
+            in_flight[:, d] = np.where(known, flight, -1)
+            limit[:, d] = np.where(known, buf, -1)
+            self._stalls(b, d, no_credit(in_flight[:, d], limit[:, d]))
             last = b.last
             t.tx_bytes[s, d] = tx[last]
             t.outstanding_floor[s, d] = np.where(known[last], cm[last], cmin0)
@@ -383,8 +393,6 @@ class ConnTracker:
                 low = np.full(b.k, NONE, dtype=np.int64)
                 np.minimum.at(low, seg[q], credit[q])
                 t.min_credit[s, d] = np.minimum(t.min_credit[s, d], low)
-            in_flight[:, d] = np.where(known, flight, -1)
-            limit[:, d] = np.where(known, buf, -1)
         return in_flight, limit, beyond
 
     def _stalls(self, b: _Batch, d: int, zero: np.ndarray) -> None:
@@ -433,9 +441,11 @@ class ConnTracker:
 
     # -- results ----------------------------------------------------------------------------
 
-    def finish(self) -> ConnTable:
-        """Every connection, by stream number, closed off as the capture ended."""
+    def finish(self, end_ns: int | None = None) -> ConnTable:
+        """Every connection, by stream number, closed off as the capture ended: at
+        ``end_ns`` (live: now) or the latest timestamp fed, whichever is later."""
         n = self._t.size
+        end = max(end_ns or 0, self.end_ns or 0)
         cols = self._t.columns()
         names = ("sid", "frame", "ts", "op", "sender", "flags", "len", "buf", "fwd")
         if self._events:
@@ -446,4 +456,4 @@ class ConnTracker:
             self._events = [tuple(ev.values())]  # one sorted copy, not two
         else:
             ev = {k: np.zeros(0, dtype=np.int64) for k in names}
-        return results(cols, ev, n)
+        return results(cols, ev, n, end)

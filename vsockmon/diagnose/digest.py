@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vsockmon.conntrack.model import no_credit, stall_end_ns
 from vsockmon.conntrack.tracker import CLIENT, SERVER, Tags
 from vsockmon.decode.frames import Anomaly, FrameBatch
 from vsockmon.diagnose.model import Thresholds
@@ -48,7 +49,7 @@ class Stall:
     """CREDIT_REQUESTs and the peer's first packet after each: (frame, time, reply time)."""
 
     def seconds(self, end_ns: int) -> float:
-        return ((self.end_ns if self.end_ns is not None else end_ns) - self.start_ns) / 1e9
+        return (stall_end_ns(self.end_ns, end_ns) - self.start_ns) / 1e9
 
 
 @dataclass
@@ -181,12 +182,12 @@ class Digest:
                     (int(r.limit[i, 0]), int(r.limit[i, 1])))
 
     def _beyond(self, r: Rows) -> None:
-        """RW packets that took the sender past its peer's advertised buffer."""
+        """RW packets that took the sender past its peer's advertised buffer (the tracker's
+        beyond-credit rows)."""
         idx = np.arange(len(r.sid))
         flight = r.in_flight[idx, r.sender]
         limit = r.limit[idx, r.sender]
-        over = (r.op == Op.RW) & (limit >= 0) & (flight > limit)
-        for i in np.flatnonzero(over).tolist():
+        for i in np.flatnonzero(r.beyond).tolist():
             key = (int(r.sid[i]), int(r.sender[i]))
             e = self.beyond.get(key)
             if e is None:
@@ -223,7 +224,7 @@ class Digest:
 
     def _stalls(self, r: Rows) -> None:
         """Follow zero-credit periods packet by packet, only on the streams that have one."""
-        zero = (r.limit >= 0) & (r.in_flight >= r.limit)
+        zero = no_credit(r.in_flight, r.limit)
         busy = {s for s, _ in self.open_stalls}
         busy.update(np.unique(r.sid[zero.any(axis=1)]).tolist())
         if not busy:
@@ -273,6 +274,7 @@ class Rows:
         self.sender = tags.sender[rows].astype(np.int64)
         self.in_flight = tags.in_flight[rows]
         self.limit = tags.limit[rows]
+        self.beyond = tags.beyond[rows]
         self.op = v["op"].astype(np.int64)
         self.length = v["len"].astype(np.int64)
         self.src_cid = v["src_cid"]

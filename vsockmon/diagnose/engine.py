@@ -63,12 +63,14 @@ class Diagnosis:
         self.digest.feed(fb, tags)
         return tags
 
-    def connections(self) -> list[Connection]:
-        return list(self.tracker.finish())
+    def connections(self, end_ns: int | None = None) -> list[Connection]:
+        """The connections so far, their open stalls ending at ``end_ns`` (default: the
+        latest timestamp fed), as the findings' do."""
+        return list(self.tracker.finish(end_ns))
 
     def findings(self, end_ns: int | None = None, final: bool = True,
                  conns: Sequence[Connection] | None = None) -> list[Finding]:
-        return evaluate(self.connections() if conns is None else conns, self.digest,
+        return evaluate(self.connections(end_ns) if conns is None else conns, self.digest,
                         self.thresholds, end_ns, final)
 
 

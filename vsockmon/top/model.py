@@ -208,7 +208,7 @@ class TopModel:
         forgotten here.
         """
         d = self.diagnosis
-        table = list(d.tracker.finish())
+        table = list(d.tracker.finish(now_ns))
         findings = d.findings(now_ns, final=False, conns=table)
         by_stream = findings_by_stream(findings)
         since = self._prev_ns if self._prev_ns is not None else d.digest.start_ns
