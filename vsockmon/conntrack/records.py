@@ -204,6 +204,9 @@ RECORD_FIELDS = _fields(
 class ConnTable:
     """Every connection of a capture as columns, with :class:`Connection` objects on demand.
 
+    Row ``i`` is stream ``i`` (``table[i]``), unless a live tracker forgot streams: then the
+    rows are the streams it kept, in order, and each Connection says its stream.
+
     ``for conn in table`` and ``table[i]`` give dataclasses (what rule engines want);
     :meth:`columns` gives the flat record fields as numpy arrays or lists (what filters,
     sorting and the JSON/CSV writers want, a million connections at a time).
@@ -240,7 +243,8 @@ class ConnTable:
             events = tuple(map(Event._make, zip(*(self._ev[k][a:b].tolist() for k in _EV_COLS),
                                                 strict=True)))
         return Connection(
-            stream=i, type=c["type"][i], client=self._side(roles[CLIENT], i, CLIENT, seq),
+            stream=c["stream"][i], type=c["type"][i],
+            client=self._side(roles[CLIENT], i, CLIENT, seq),
             server=self._side(roles[SERVER], i, SERVER, seq), start_seen=c["start_seen"][i],
             first_frame=c["first_frame"][i], last_frame=c["last_frame"][i],
             first_ts_ns=c["first_ts"][i], last_ts_ns=c["last_ts"][i],
@@ -345,10 +349,9 @@ def _flag_text(flags: np.ndarray) -> list[str]:
 
 def _record_columns(c: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
     """Every record field as a column, derived from the tracker's table."""
-    n = len(c["type"])
     cid, port = c["cid"], c["port"]
     seq = c["type"] == SockType.SEQPACKET
-    out: dict[str, np.ndarray | list] = {"stream": np.arange(n)}
+    out: dict[str, np.ndarray | list] = {"stream": c["stream"]}
     types = {v: enum_name(SockType, v) for v in np.unique(c["type"]).tolist()}
     out["type"] = [types[v] for v in c["type"].tolist()]
     for role, name in enumerate(ROLES):

@@ -29,6 +29,8 @@ The tracker's results and the names most callers want are re-exported here
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from vsockmon.conntrack.model import (
@@ -109,7 +111,7 @@ class _Batch:
     columns, their streams as segments, and which side sent each row. Read-only once made."""
 
     def __init__(self, fb: FrameBatch, rows: np.ndarray, v: np.ndarray, src_lo: np.ndarray,
-                 sid: np.ndarray, client_is_lower: np.ndarray) -> None:
+                 sid: np.ndarray, slot: np.ndarray, client_is_lower: np.ndarray) -> None:
         self.rows = rows
         self.m = len(rows)
         self.op = v["op"].astype(np.int64)
@@ -125,6 +127,9 @@ class _Batch:
         self.anom = fb.anomalies[rows]
         # segments: the rows of one stream
         self.sid = sid
+        """Each row's stream number (what the tags and events carry)."""
+        self.slot = slot
+        """Each row's stream's row in the tracker's table (streams forgotten leave it)."""
         first = np.empty(self.m, dtype=bool)
         first[0] = True
         np.not_equal(sid[1:], sid[:-1], out=first[1:])
@@ -133,9 +138,9 @@ class _Batch:
         self.last = np.r_[self.first[1:] - 1, self.m - 1]
         self.seg = np.cumsum(first) - 1
         self.k = len(self.first)
-        self.seg_sid = sid[self.first]
+        self.seg_slot = slot[self.first]
         # a frame addressed to its own sender (both ends equal) counts as the client's
-        self.sender = ((src_lo != client_is_lower[sid]) & ~looped).astype(np.int64)
+        self.sender = ((src_lo != client_is_lower[slot]) & ~looped).astype(np.int64)
         self.sd = self.seg * 2 + self.sender
         """Row keys per (segment, sender): 2 * segment + sender."""
 
@@ -148,6 +153,8 @@ class ConnTracker:
 
     def __init__(self) -> None:
         self._t = StreamTable()
+        self._next = 0
+        """The number of the next new stream (streams seen so far)."""
         self._current: dict[tuple[int, ...], int] = {}
         self._events: list[tuple[np.ndarray, ...]] = []
         self.frames = 0
@@ -157,6 +164,12 @@ class ConnTracker:
 
     @property
     def streams(self) -> int:
+        """Streams seen so far, forgotten ones included."""
+        return self._next
+
+    @property
+    def working_set(self) -> int:
+        """Streams whose state the tracker holds: all of them, less those forgotten."""
         return self._t.size
 
     # -- feeding ----------------------------------------------------------------------------
@@ -211,7 +224,8 @@ class ConnTracker:
         start[gpos] |= cur < 0
         spos = np.flatnonzero(start)
         by_frame = spos[np.argsort(rows[spos], kind="stable")]
-        first_new = self._t.size
+        first_new = self._next
+        self._next += len(by_frame)
         val = np.full(m, -1, dtype=np.int64)
         val[gpos] = cur
         val[by_frame] = np.arange(first_new, first_new + len(by_frame))
@@ -219,18 +233,22 @@ class ConnTracker:
         sid = val[last]
         for k, s in zip(key_list, sid[gend].tolist(), strict=True):
             current[k] = s
-        self._new_streams(fb, rows[by_frame], v[by_frame], src_lo[by_frame])
-        return _Batch(fb, rows, v, src_lo, sid, self._t.client_is_lower)
+        self._new_streams(fb, rows[by_frame], v[by_frame], src_lo[by_frame], first_new)
+        t = self._t
+        slot = np.searchsorted(t.stream[: t.size], sid)  # the table is in stream order
+        return _Batch(fb, rows, v, src_lo, sid, slot, t.client_is_lower)
 
     def _new_streams(self, fb: FrameBatch, rows: np.ndarray, v: np.ndarray,
-                     src_lo: np.ndarray) -> None:
-        """Open a stream at each of ``rows`` (their virtio headers ``v``), in id order."""
+                     src_lo: np.ndarray, first: int) -> None:
+        """Open streams ``first``, ``first + 1``… at each of ``rows`` (their virtio headers
+        ``v``), in id order."""
         if not len(rows):
             return
         t = self._t
         a = t.size
         t.grow(a + len(rows))
         ids = slice(a, a + len(rows))
+        t.stream[ids] = np.arange(first, first + len(rows))
         op = v["op"].astype(np.int64)
         sport, dport = v["src_port"], v["dst_port"]
         client_is_src = (op == Op.REQUEST) | ((op != Op.RESPONSE) & (sport >= dport))
@@ -249,7 +267,7 @@ class ConnTracker:
         return np.bincount(keys, minlength=2 * b.k).reshape(b.k, 2)
 
     def _count(self, b: _Batch) -> None:
-        t, s = self._t, b.seg_sid
+        t, s = self._t, b.seg_slot
         t.last_frame[s] = b.frame[b.last]
         t.last_ts[s] = b.ts[b.last]
         rw = b.rw
@@ -269,7 +287,7 @@ class ConnTracker:
 
     def _control(self, b: _Batch) -> None:
         """Keep the control packets as events; note the frames the violation checks need."""
-        t, s = self._t, b.seg_sid
+        t, s = self._t, b.seg_slot
         ev = _EVENT_OPS[b.op]
         if ev.any():
             # the only per-packet memory kept: narrow types (the wire's widths)
@@ -290,9 +308,9 @@ class ConnTracker:
         t = self._t
         rw = b.rw
         masks = {
-            Violation.BEFORE_RESPONSE: rw & t.start_seen[b.sid]
-            & (b.frame < t.response_frame[b.sid]),
-            Violation.AFTER_SHUTDOWN: rw & (b.frame > t.shutdown_send_frame[b.sid, b.sender]),
+            Violation.BEFORE_RESPONSE: rw & t.start_seen[b.slot]
+            & (b.frame < t.response_frame[b.slot]),
+            Violation.AFTER_SHUTDOWN: rw & (b.frame > t.shutdown_send_frame[b.slot, b.sender]),
             Violation.TAP_LENGTH: (b.anom & Anomaly.PAYLOAD_LEN) != 0,
             Violation.BEYOND_CREDIT: beyond,
         }
@@ -301,7 +319,7 @@ class ConnTracker:
                 self._add_violation(b, VIOLATIONS.index(kind), mask)
 
     def _add_violation(self, b: _Batch, j: int, mask: np.ndarray) -> None:
-        t, s, size = self._t, b.seg_sid, 2 * b.k
+        t, s, size = self._t, b.seg_slot, 2 * b.k
         keys, frames = b.sd[mask], b.frame[mask]
         t.violation_count[s, :, j] += np.bincount(keys, minlength=size).reshape(b.k, 2)
         first = first_per(keys, frames, size).reshape(b.k, 2)
@@ -317,7 +335,7 @@ class ConnTracker:
         fwd_cnt is unwrapped from u32 by signed steps between consecutive advertisements and
         made monotonic (max so far), relative to the side's first advertisement.
         """
-        t, s, seg = self._t, b.seg_sid, b.seg
+        t, s, seg = self._t, b.seg_slot, b.seg
         known0, fwd0, buf0 = t.credit_known[s, side], t.fwd_max[s, side], t.buf_alloc[s, side]
         p = np.flatnonzero(_CREDIT_OPS[b.op] & (b.sender == side))
         if not len(p):
@@ -355,7 +373,7 @@ class ConnTracker:
     def _credit(self, b: _Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bytes in flight and the peer's buffer per direction after each row, and which
         rows were sent beyond credit; counts stalls on the way."""
-        t, s, seg = self._t, b.seg_sid, b.seg
+        t, s, seg = self._t, b.seg_slot, b.seg
         # what was carried in, before this batch's advertisements update it
         known0, buf0, fwd0 = t.credit_known[s], t.buf_alloc[s], t.fwd_max[s]
         adv = [self._advertised(b, side) for side in (CLIENT, SERVER)]
@@ -397,7 +415,7 @@ class ConnTracker:
 
     def _stalls(self, b: _Batch, d: int, zero: np.ndarray) -> None:
         """Runs of rows where sender ``d`` has no credit: count, durations, open run."""
-        t, s = self._t, b.seg_sid
+        t, s = self._t, b.seg_slot
         prev = seg_shift(zero, b.first_mask, t.stalled[s, d][b.seg])
         tp = np.flatnonzero(zero != prev)
         if not len(tp):
@@ -441,6 +459,21 @@ class ConnTracker:
 
     # -- results ----------------------------------------------------------------------------
 
+    def forget(self, streams: Iterable[int]) -> None:
+        """Drop ``streams`` from the working set: a live view forgets closed connections so
+        that its memory follows the open ones. A later frame of a forgotten stream's ends
+        starts a new stream (as one does at the start of a capture); :meth:`finish` leaves
+        them out. Costs a pass over the streams kept."""
+        gone = np.fromiter(streams, dtype=np.int64)
+        t = self._t
+        keep = ~np.isin(t.stream[: t.size], gone)
+        if keep.all():
+            return
+        t.keep(keep)
+        dead = set(gone.tolist())
+        self._current = {k: s for k, s in self._current.items() if s not in dead}
+        self._events = [tuple(c[~np.isin(ev[0], gone)] for c in ev) for ev in self._events]
+
     def finish(self, end_ns: int | None = None) -> ConnTable:
         """Every connection, by stream number, closed off as the capture ended: at
         ``end_ns`` (live: now) or the latest timestamp fed, whichever is later."""
@@ -454,6 +487,8 @@ class ConnTracker:
             order = np.lexsort((ev["frame"], ev["sid"]))
             ev = {k: c[order] for k, c in ev.items()}
             self._events = [tuple(ev.values())]  # one sorted copy, not two
+            # the table's rows: the stream numbers unless some were forgotten
+            ev = {**ev, "sid": np.searchsorted(cols["stream"], ev["sid"])}
         else:
             ev = {k: np.zeros(0, dtype=np.int64) for k in names}
         return results(cols, ev, n, end)

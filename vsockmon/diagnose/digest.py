@@ -258,6 +258,17 @@ class Digest:
         if st.seconds(ts) >= min(self.t.stall_s, self.t.credit_reply_s):
             self.stalls.append(st)
 
+    def forget(self, streams: set[int]) -> None:
+        """Drop what is kept per connection for ``streams`` (the tracker forgot them): a live
+        view's memory follows the open connections. Capture-wide facts stay."""
+        for table in (self.bad_cids, self.resets):
+            for sid in streams & table.keys():
+                del table[sid]
+        for keyed in (self.small_rw, self.beyond, self.pending, self.open_stalls):
+            for key in [k for k in keyed if k[0] in streams]:
+                del keyed[key]
+        self.stalls = [st for st in self.stalls if st.stream not in streams]
+
     def all_stalls(self) -> Iterator[Stall]:
         yield from self.stalls
         yield from self.open_stalls.values()

@@ -42,7 +42,7 @@ def evaluate(conns: Iterable[Connection], digest: Digest, thresholds: Thresholds
     the capture's end can tell (connections it cut off), for live use.
     """
     end = max(end_ns or 0, digest.end_ns or 0)
-    ctx = Context(list(conns), digest, thresholds or digest.t, end, final)
+    ctx = Context(conns, digest, thresholds or digest.t, end, final)
     for r in in_order(RULES):
         ctx.run(r)
     return rank(ctx.findings)
@@ -103,6 +103,12 @@ class LiveDiagnosis(Diagnosis):
             batch.ts_ns.append(ts)
             offset += len(data)
         return self.feed(decode_batch(batch, self._next_frame))
+
+    def forget(self, streams: set[int]) -> None:
+        """Forget closed connections: tracker, digest and reported findings drop them."""
+        self.tracker.forget(streams)
+        self.digest.forget(streams)
+        self._seen = {key for key in self._seen if key[2] not in streams}
 
     def update(self, now_ns: int) -> list[Finding]:
         return self._new(self.findings(now_ns, final=False))
