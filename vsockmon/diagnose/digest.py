@@ -69,8 +69,10 @@ class Count:
             self.frames.append(frame)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reset:
+    """A stream's first RST (one per reset connection: slots keep it small)."""
+
     frame: int
     ts_ns: int
     sender: int
@@ -120,8 +122,9 @@ class Digest:
         self.resets: dict[int, Reset] = {}
         """stream → its first RST, with the credit state of both directions then."""
         self.beyond: dict[tuple[int, int], Excess] = {}
-        self.pending: dict[tuple[int, int], int | None] = {}
-        """(stream, sender) → since when bytes it sent have been waiting unconsumed."""
+        self.pending: dict[tuple[int, int], int] = {}
+        """(stream, sender) → since when bytes it sent have been waiting unconsumed (no
+        entry: nothing waits)."""
         self.stalls: list[Stall] = []
         """Finished stalls at least as long as the shortest threshold that reads them."""
         self.open_stalls: dict[tuple[int, int], Stall] = {}
@@ -215,8 +218,8 @@ class Digest:
         for s, a, b, idle in zip(sid[starts].tolist(), starts.tolist(), ends.tolist(),
                                  last_idle.tolist(), strict=True):
             key = (s, d)
-            if not waiting[b]:
-                self.pending[key] = None
+            if not waiting[b]:  # nothing waits: no entry (a storm's million conns keep none)
+                self.pending.pop(key, None)
             elif idle >= a:
                 self.pending[key] = int(ts[idle + 1])
             elif self.pending.get(key) is None:
