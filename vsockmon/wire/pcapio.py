@@ -168,14 +168,14 @@ class CaptureReader:
 
     def _pcapng_first_linktype(self) -> int:
         """Read blocks up to the first interface description, so the link type is known."""
-        block = 12  # the smallest block: what is needed when no block is under way
-        want = block
+        want = 12
         while not self._interfaces:
             self._fill(want)
             if self._eof and len(self._pending) < want:
                 raise CaptureError(f"{self.name}: pcapng file without an interface description")
-            # 0: the blocks read ended at a block boundary, so the next one may be small
-            want = self._parse_pcapng(RecordBatch(b""), stop_after_idb=True) or block
+            # 0: every whole block was read, the next one needs at least its 12-byte frame
+            # (not the size of the block before it, which may be more than the file has left)
+            want = self._parse_pcapng(RecordBatch(b""), stop_after_idb=True) or 12
             if self.stopped:
                 raise CaptureError(f"{self.name}: corrupt pcapng file ({self.stopped})")
         return self._interfaces[0][0]
