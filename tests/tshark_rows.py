@@ -14,7 +14,7 @@ from pathlib import Path
 FIELDS = ("frame.number", "frame.time_epoch", "vsock.virtio.src_cid", "vsock.virtio.src_prot",
           "vsock.virtio.dst_cid", "vsock.virtio.dst_prot", "vsock.virtio.len",
           "vsock.virtio.type", "vsock.virtio.op", "vsock.virtio.flags",
-          "vsock.virtio.buf_alloc", "vsock.virtio.fwd_cnt")
+          "vsock.virtio.buf_alloc", "vsock.virtio.fwd_cnt", "vsock.payload")
 
 # virtio-vsock ops and flags, from include/uapi/linux/virtio_vsock.h
 REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
@@ -36,6 +36,8 @@ class Row:
     flags: int
     buf_alloc: int
     fwd_cnt: int
+    captured: int
+    """Payload bytes in the frame (the header's ``len`` is what the sender meant)."""
 
 
 def _ns(epoch: str) -> int:
@@ -58,11 +60,11 @@ def rows(path: Path) -> list[Row]:
         cells = line.split("\t")
         if not cells[2]:
             continue
-        (frame, ts, scid, sport, dcid, dport, length, typ, op, flags, buf,
-         fwd) = cells
+        (frame, ts, scid, sport, dcid, dport, length, typ, op, flags, buf, fwd,
+         payload) = cells
         found.append(Row(int(frame), _ns(ts), (_int(scid), _int(sport)),
                          (_int(dcid), _int(dport)), _int(length), _int(typ), _int(op),
-                         _int(flags), _int(buf), _int(fwd)))
+                         _int(flags), _int(buf), _int(fwd), len(payload.replace(":", "")) // 2))
     return found
 
 
