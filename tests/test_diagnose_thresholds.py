@@ -1,0 +1,279 @@
+"""Every diagnose threshold at its boundary: just below stays quiet, at and just above fire.
+
+The captures are synthetic (tests/conntrack_scenarios.py) with exact timestamps, so each
+expected value is reasoned here from the scenario: the threshold's default (its doc in
+docs/diagnose.md) and the frames the scenario writes, numbered from 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conntrack_scenarios import MS, Conv, write
+
+import vsockmon
+from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
+
+S = 1000 * MS
+
+
+def findings(tmp_path: Path, out: list[tuple[int, bytes]],
+             thresholds: Thresholds | None = None) -> list[Finding]:
+    return vsockmon.open(write(tmp_path / "t.pcap", out)).findings(thresholds)
+
+
+def of(found: list[Finding], rule: str) -> list[Finding]:
+    return [f for f in found if f.rule == rule]
+
+
+# -- window-full: the frozen window (stall_s, 1 s) ---------------------------------------------
+
+
+def frozen_window(stall_ns: int) -> list[tuple[int, bytes]]:
+    """Frame 3: the client's 4096-byte RW fills the server's 4096-byte buffer; frame 4, the
+    server's CREDIT_UPDATE ``stall_ns`` later, frees it; then a Linux close (frames 5-7)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=stall_ns)
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("stall_ns", [S - 1, S, S + 1])
+def test_a_frozen_window_is_reported_from_one_second_on(tmp_path: Path, stall_ns: int) -> None:
+    found = findings(tmp_path, frozen_window(stall_ns))
+    if stall_ns < S:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.stream, f.frames) == ("window-full/not-reading", 0, (3, 4))
+    assert (f.evidence["in_flight"], f.evidence["buf_alloc"]) == (4096, 4096)
+    assert f.evidence["seconds"] == round(stall_ns / 1e9, 3)
+
+
+def test_the_stall_threshold_is_an_option(tmp_path: Path) -> None:
+    """Half a second frozen: quiet by default, reported with stall_s 0.5 (and credit_reply_s
+    left at 1 s, so it is the stall threshold that decides)."""
+    out = frozen_window(S // 2)
+    assert findings(tmp_path, out) == []
+    (f,) = findings(tmp_path, out, Thresholds(stall_s=0.5))
+    assert (f.rule_id, f.evidence["seconds"]) == ("window-full/not-reading", 0.5)
+
+
+def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_path: Path
+                                                                         ) -> None:
+    """The receiver consumed the bytes but said so only in its next RW (frame 4, a higher
+    fwd_cnt) 2 s later: no CREDIT_UPDATE came."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.fwd[1] += 4096
+    c.send(1, Op.RW, b"ok", delay=2 * S)
+    c.fwd[0] += 2
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("window-full/no-credit-update",
+                                                              (3, 4), "RW")
+
+
+def test_both_directions_full_at_once_is_a_deadlock(tmp_path: Path) -> None:
+    """Frames 3 and 4 fill both 4096-byte buffers; nothing else for 1.5 s but a CREDIT_REQUEST
+    pair that gives no credit back, then the capture ends."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096))
+    Conv(out, client=(1, 60000), server=(1, 60001)).send(0, Op.REQUEST, delay=3 * S // 2)
+    deadlock = [f for f in findings(tmp_path, out) if f.rule == "window-full"]
+    assert [(f.rule_id, f.frames) for f in deadlock] == [("window-full/deadlock", (3, 4))]
+    assert deadlock[0].evidence["seconds"] == 1.5
+
+
+# -- dial-retry: three failing attempts (retry_count), at most 60 s apart (retry_gap_s) --------
+
+
+def refusals(n: int, gap_ns: int) -> list[tuple[int, bytes]]:
+    """``n`` refused REQUESTs from new client ports to 2:1024, ``gap_ns`` apart."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(n):
+        c = Conv(out, client=(3, 50000 + i), server=(2, 1024))
+        c.send(0, Op.REQUEST, delay=gap_ns - 1000 if i else 1000)
+        c.send(1, Op.RST, buf=0)
+    return out
+
+
+@pytest.mark.parametrize(("attempts", "reported"), [(2, False), (3, True), (4, True)])
+def test_dial_retry_needs_three_attempts(tmp_path: Path, attempts: int, reported: bool) -> None:
+    retry = of(findings(tmp_path, refusals(attempts, 100 * MS)), "dial-retry")
+    if not reported:
+        assert retry == []
+        return
+    (f,) = retry
+    assert (f.stream, f.streams, f.frames) == (0, tuple(range(attempts)),
+                                               tuple(range(1, 2 * attempts, 2)))
+    assert (f.evidence["attempts"], f.evidence["failures"], f.evidence["connected"]) == (
+        attempts, attempts, False)
+    assert f.evidence["span_s"] == round((attempts - 1) * 0.1, 3)
+
+
+def test_dial_retry_threshold_is_an_option(tmp_path: Path) -> None:
+    out = refusals(2, 100 * MS)
+    (f,) = of(findings(tmp_path, out, Thresholds(retry_count=2)), "dial-retry")
+    assert f.evidence["attempts"] == 2
+
+
+@pytest.mark.parametrize(("gap_ns", "reported"), [(60 * S, True), (60 * S + 1, False)])
+def test_attempts_more_than_sixty_seconds_apart_are_separate(tmp_path: Path, gap_ns: int,
+                                                             reported: bool) -> None:
+    retry = of(findings(tmp_path, refusals(3, gap_ns)), "dial-retry")
+    assert [f.evidence["attempts"] for f in retry] == ([3] if reported else [])
+
+
+def test_a_refused_seqpacket_retry_is_its_own_target(tmp_path: Path) -> None:
+    """The same port dialled twice as STREAM and twice as SEQPACKET: two types, two runs of
+    two, no retry loop; two refusal findings, one of each rule."""
+    out: list[tuple[int, bytes]] = []
+    for i, typ in enumerate((SockType.STREAM, SockType.SEQPACKET) * 2):
+        c = Conv(out, client=(3, 50000 + i), server=(2, 1024), type_=typ)
+        c.send(0, Op.REQUEST)
+        c.send(1, Op.RST, buf=0)
+    found = findings(tmp_path, out)
+    assert of(found, "dial-retry") == []
+    assert sorted((f.rule, f.stream, f.frames) for f in found) == [
+        ("no-listener", 0, (1, 2, 5, 6)), ("seqpacket-refused", 1, (3, 4, 7, 8))]
+
+
+# -- no-transport: a REQUEST unanswered for 2 s (no_transport_s) -------------------------------
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(2 * S - 1, False), (2 * S, True)])
+def test_an_unanswered_request_counts_from_two_seconds(tmp_path: Path, wait_ns: int,
+                                                       reported: bool) -> None:
+    """Frame 1: a REQUEST to CID 3 that nothing answers; frame 2, ``wait_ns`` later, another
+    connection's REQUEST marks the capture's end."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(2, 40000), server=(3, 1024)).send(0, Op.REQUEST)
+    Conv(out, client=(2, 40001), server=(2, 1025)).send(0, Op.REQUEST, delay=wait_ns)
+    found = of(findings(tmp_path, out), "no-transport")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.stream, f.frames) == ("no-transport/no-transport", 0, (1,))
+    assert f.evidence["waited_s"] == 2.0 and f.evidence["dialled"] == "3:1024"
+
+
+# -- half-close-hang: silence for 1 s after a one-sided SHUTDOWN(SEND) (half_close_s) ----------
+
+
+@pytest.mark.parametrize(("silence_ns", "reported"), [(S - 1, False), (S, True)])
+def test_a_half_close_hangs_after_one_second_of_silence(tmp_path: Path, silence_ns: int,
+                                                        reported: bool) -> None:
+    """Frames 1-4: open, a request, the client's SHUTDOWN(SEND); then only another
+    connection's REQUEST (frame 5) ``silence_ns`` later."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"request")
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=silence_ns)
+    hang = of(findings(tmp_path, out), "half-close-hang")
+    if not reported:
+        assert hang == []
+        return
+    (f,) = hang
+    assert (f.stream, f.frames) == (0, (4,))  # the SHUTDOWN is also its last frame
+    assert (f.evidence["silence_s"], f.evidence["shutdown_frame"]) == (1.0, 4)
+
+
+# -- small-packet-reset: 64 writes under 1024 bytes, then a reset with credit left -------------
+
+
+@pytest.mark.parametrize(("count", "size", "reported"),
+                         [(63, 100, False), (64, 100, True), (64, 1023, True), (64, 1024, False)])
+def test_small_packet_reset_boundaries(tmp_path: Path, count: int, size: int,
+                                       reported: bool) -> None:
+    """``count`` RWs of ``size`` bytes (frames 3…), never consumed, then the server's RST."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(count):
+        c.send(0, Op.RW, bytes(size))
+    c.send(1, Op.RST)
+    found = findings(tmp_path, out)
+    small = of(found, "small-packet-reset")
+    rst_frame = 3 + count
+    if not reported:
+        assert small == []
+        assert [f.rule_id for f in of(found, "abrupt-close")] == ["abrupt-close/reset"]
+        return
+    (f,) = small
+    assert (f.stream, f.frames) == (0, (rst_frame,))
+    assert f.evidence == {"small_writes": count, "credit_left": 262144 - count * size,
+                          "buf_alloc": 262144}
+    assert of(found, "abrupt-close") == []  # explained: not also an abrupt close
+
+
+# -- abrupt-close/unread: bytes unconsumed for 10 ms at the reset (unread_grace_s) ------------
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(10 * MS - 1, False), (10 * MS, True)])
+def test_unread_data_counts_once_it_waited_ten_ms(tmp_path: Path, wait_ns: int,
+                                                  reported: bool) -> None:
+    """Frame 3: 500 bytes the server never reads; frame 4, the server's close (SHUTDOWN both
+    ways, fwd_cnt 0), frame 5 the client's RST ``wait_ns`` after the bytes: the reset
+    discards them."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=wait_ns - 1000)
+    c.send(0, Op.RST)
+    found = of(findings(tmp_path, out), "abrupt-close")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames) == ("abrupt-close/unread", (4, 5))
+    assert f.evidence == {"rst_frame": 5, "client_unconsumed": 500}
+
+
+# -- credit-violation: an RW beyond the free credit ------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "reported"), [(4096, False), (4097, True)])
+def test_credit_violation_starts_one_byte_past_the_buffer(tmp_path: Path, size: int,
+                                                          reported: bool) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(size))
+    c.fwd[1] += size
+    c.send(1, Op.CREDIT_UPDATE)
+    c.close()
+    found = of(findings(tmp_path, out), "credit-violation")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.stream, f.frames) == (0, (3,))
+    assert f.evidence == {"packets": 1, "first_len": 4097, "credit_before": 4096,
+                          "max_in_flight": 4097, "buf_alloc": 4096}
+
+
+def test_seqpacket_record_boundaries_do_not_change_a_clean_diagnosis(tmp_path: Path) -> None:
+    """A SEQPACKET exchange with EOM and EOR, closed by the server: nothing to report."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, type_=SockType.SEQPACKET)
+    c.open()
+    c.data(0, b"one", flags=SeqFlag.EOM | SeqFlag.EOR)
+    c.data(1, b"two", flags=SeqFlag.EOM)
+    c.close(1)
+    assert findings(tmp_path, out) == []
