@@ -168,6 +168,24 @@ def test_an_unanswered_request_counts_from_two_seconds(tmp_path: Path, wait_ns: 
     (f,) = found
     assert (f.rule_id, f.stream, f.frames) == ("no-transport/no-transport", 0, (1,))
     assert f.evidence["waited_s"] == 2.0 and f.evidence["dialled"] == "3:1024"
+    # a guest (CID 3) was dialled, not the host: the guest's driver is what is missing
+    assert "vmw_vsock_virtio_transport" in f.cause and "CID 3" in f.cause
+    assert f.fix.startswith("Load the transport in the guest")
+
+
+def test_a_cid_that_spoke_before_and_then_not_is_a_silent_peer(tmp_path: Path) -> None:
+    """Frames 1-2: CID 3 answers a first connection; frame 3, 1 ms later, a REQUEST to it
+    that nothing answers for 2 s (frame 4 ends the capture): a warning, with frame 2 (CID 3's
+    first packet) as evidence."""
+    out: list[tuple[int, bytes]] = []
+    first = Conv(out, client=(2, 40000), server=(3, 1024))
+    first.open()
+    Conv(out, client=(2, 40001), server=(3, 1024)).send(0, Op.REQUEST, delay=MS)
+    Conv(out, client=(2, 40002), server=(2, 1025)).send(0, Op.REQUEST, delay=2 * S)
+    (f,) = of(findings(tmp_path, out), "no-transport")
+    assert (f.rule_id, f.severity, f.stream, f.frames) == ("no-transport/peer-silent", 1, 1,
+                                                            (2, 3))
+    assert f.evidence["cid_first_frame"] == 2
 
 
 # -- half-close-hang: silence for 1 s after a one-sided SHUTDOWN(SEND) (half_close_s) ----------
@@ -277,3 +295,29 @@ def test_seqpacket_record_boundaries_do_not_change_a_clean_diagnosis(tmp_path: P
     c.data(1, b"two", flags=SeqFlag.EOM)
     c.close(1)
     assert findings(tmp_path, out) == []
+
+
+# -- credit-request-unanswered: 1 s without any answer to a CREDIT_REQUEST (credit_reply_s) ----
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(S - 1, False), (S, True)])
+def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int,
+                                                    reported: bool) -> None:
+    """Frame 3 fills the server's 4096-byte buffer; frame 4, the client's CREDIT_REQUEST;
+    frame 5, ``wait_ns`` after it, the server's CREDIT_UPDATE frees the window. stall_s is
+    raised to 10 s: only the unanswered request can report this stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=wait_ns)
+    c.close()
+    found = findings(tmp_path, out, Thresholds(stall_s=10))
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert (f.evidence["credit_request_frame"], f.evidence["unanswered_s"]) == (4, 1.0)
