@@ -321,3 +321,43 @@ def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int
     (f,) = found
     assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
     assert (f.evidence["credit_request_frame"], f.evidence["unanswered_s"]) == (4, 1.0)
+
+
+# -- cid-mismatch: which CID pairs cannot talk ------------------------------------------------
+
+
+@pytest.mark.parametrize(("client", "server", "bad"), [
+    (3, 5, True),             # two guests: neither is the host
+    (1, 3, True),             # CID 1 (local loopback) talks only to itself
+    (0, 2, True),             # CID 0 (the hypervisor) is VMCI only
+    (2, 0xFFFFFFFF, True),    # VMADDR_CID_ANY is for bind() only
+    (2, 1 << 32, True),       # no CID is wider than 32 bits
+    (3, 2, False), (2, 3, False), (1, 1, False), (4, 4, False),
+])
+def test_cid_pairs_that_cannot_talk(tmp_path: Path, client: int, server: int,
+                                    bad: bool) -> None:
+    """A REQUEST and a RESPONSE between the two CIDs, then a Linux close: 5 packets."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(client, 50000), server=(server, 1024))
+    c.open()
+    c.close()
+    found = of(findings(tmp_path, out), "cid-mismatch")
+    if not bad:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.stream, f.frames) == ("cid-mismatch/not-host", 0, (1, 2, 3, 4, 5))
+    assert f.evidence == {"packets": 5, "src_cid": client, "dst_cid": server}
+
+
+def test_empty_writes_are_not_small_writes(tmp_path: Path) -> None:
+    """64 RWs without payload, then the server's RST: no small-packet pattern (a zero-length
+    RW carries no overhead complaint), just a reset without shutdown (frame 67)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(64):
+        c.send(0, Op.RW)
+    c.send(1, Op.RST)
+    assert [(f.rule_id, f.frames) for f in findings(tmp_path, out)] == [
+        ("abrupt-close/reset", (67,))]
