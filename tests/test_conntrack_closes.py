@@ -22,7 +22,8 @@ RCV, SEND = ShutdownFlag.RCV, ShutdownFlag.SEND
 BOTH = RCV | SEND
 
 # (name, the packets after the handshake as (side, op, flags), close, close frame, closer)
-LADDERS = [
+Ladder = tuple[str, list[tuple[int, int, int]], Close, int | None, str | None]
+LADDERS: list[Ladder] = [
     ("linux-close", [(C, Op.SHUTDOWN, BOTH), (S, Op.RST, 0), (S, Op.RST, 0)],
      Close.GRACEFUL, 4, "server"),
     ("send-both-ways-then-rst", [(C, Op.SHUTDOWN, SEND), (S, Op.SHUTDOWN, SEND), (C, Op.RST, 0)],
