@@ -82,6 +82,20 @@ def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_pat
                                                               (3, 4), "RW")
 
 
+def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
+        tmp_path: Path) -> None:
+    """As above, but the server's RW 2 s later advertises a bigger buffer (8192) with the
+    same fwd_cnt: it did not consume, it grew; the receiver was not reading."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, b"ok", delay=2 * S, buf=8192)
+    c.fwd[0] += 2
+    found = of(findings(tmp_path, out), "window-full")
+    assert [(f.rule_id, f.frames) for f in found] == [("window-full/not-reading", (3, 4))]
+
+
 def test_both_directions_full_at_once_is_a_deadlock(tmp_path: Path) -> None:
     """Frames 3 and 4 fill both 4096-byte buffers; nothing else for 1.5 s but a CREDIT_REQUEST
     pair that gives no credit back, then the capture ends."""
