@@ -42,7 +42,8 @@ def test_the_guide_has_an_example_per_rule() -> None:
         assert f" {rule}" in shown, rule
 
 
-@pytest.mark.parametrize(("names", "block"), examples(), ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(("names", "block"), examples(),
+                         ids=[f"{Path(n[0]).stem}-{i}" for i, (n, _) in enumerate(examples())])
 def test_the_guide_shows_what_the_tool_says(names: tuple[str, ...], block: str) -> None:
     said = ""
     for name in names:
