@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from helpers import T0, frame
 
-from vsockmon.diagnose.engine import LiveDiagnosis
+from vsockmon.decode.frames import FrameBatch, decode_batch
+from vsockmon.diagnose.engine import Diagnosis, LiveDiagnosis
 from vsockmon.diagnose.model import Thresholds
+from vsockmon.wire.pcapio import RecordBatch
 from vsockmon.wire.protocol import Op
 
 MS = 1_000_000
@@ -33,3 +35,34 @@ def test_only_the_end_of_the_capture_reports_a_cut_off_connection() -> None:
     live.feed_frames([(T0, data, len(data))])  # captured mid-connection, still open
     assert [f.rule_id for f in live.update(T0 + MS)] == ["mid-capture/start"]
     assert [(f.rule_id, f.frames) for f in live.close(T0 + MS)] == [("mid-capture/end", (1,))]
+
+
+def test_live_thresholds_are_the_ones_given() -> None:
+    """A REQUEST unanswered for 3 s: no-transport with the 2 s default, nothing with 5 s."""
+    req = frame(Op.REQUEST, src=CLIENT, dst=SERVER)
+    for thresholds, want in ((None, ["no-transport/no-transport"]),
+                             (Thresholds(no_transport_s=5), [])):
+        live = LiveDiagnosis(thresholds)
+        live.feed_frames([(T0, req, len(req))])
+        assert [f.rule_id for f in live.update(T0 + 3000 * MS)] == want
+
+
+def test_a_diagnosis_is_final_unless_told_and_reads_the_connections_given() -> None:
+    """Fed a mid-connection RW: by default the capture has ended (start and end cut off);
+    given no connections, nothing concerns one."""
+    diag = Diagnosis()
+    diag.feed(live_batch(frame(Op.RW, b"x", src=CLIENT, dst=SERVER)))
+    assert sorted(f.rule_id for f in diag.findings()) == ["mid-capture/end",
+                                                          "mid-capture/start"]
+    assert [f.rule_id for f in diag.findings(final=False)] == ["mid-capture/start"]
+    assert diag.findings(conns=[]) == []
+
+
+def live_batch(data: bytes) -> FrameBatch:
+    """One frame at T0 as a decoded batch, numbered from 1."""
+    batch = RecordBatch(data)
+    batch.offsets.append(0)
+    batch.caplens.append(len(data))
+    batch.orig_lens.append(len(data))
+    batch.ts_ns.append(T0)
+    return decode_batch(batch, 1)

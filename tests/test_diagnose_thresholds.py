@@ -375,3 +375,24 @@ def test_empty_writes_are_not_small_writes(tmp_path: Path) -> None:
     c.send(1, Op.RST)
     assert [(f.rule_id, f.frames) for f in findings(tmp_path, out)] == [
         ("abrupt-close/reset", (67,))]
+
+
+def test_a_deadlock_that_ends_is_timed_to_the_first_window_that_reopens(tmp_path: Path
+                                                                        ) -> None:
+    """Frames 3 and 4 fill both 4096-byte buffers; frame 5, 1.23456 s after frame 4, the
+    server consumes (CREDIT_UPDATE): the client's window reopens; frame 6, 0.5 s later, the
+    client consumes; then a Linux close. Both were full from frame 4 to frame 5."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096))
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=1_234_560_000)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=S // 2)
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames) == ("window-full/deadlock", (3, 4, 5, 6))
+    assert f.evidence["seconds"] == 1.235  # 1.23456 s, to the ms
+    assert "until frame 5" in f.message and "1.2 s" in f.message
