@@ -66,3 +66,13 @@ def live_batch(data: bytes) -> FrameBatch:
     batch.orig_lens.append(len(data))
     batch.ts_ns.append(T0)
     return decode_batch(batch, 1)
+
+
+def test_several_frames_in_one_call() -> None:
+    """A REQUEST and its refusing RST handed over together: frames 1 and 2, each its own."""
+    live = LiveDiagnosis()
+    req = frame(Op.REQUEST, src=CLIENT, dst=SERVER)
+    rst = frame(Op.RST, src=SERVER, dst=CLIENT, buf_alloc=0)
+    live.feed_frames([(T0, req, len(req)), (T0 + MS, rst, len(rst))])
+    (f,) = live.update(T0 + 2 * MS)
+    assert (f.rule, f.frames, f.evidence["rst_delay_ms"]) == ("no-listener", (1, 2), 1.0)

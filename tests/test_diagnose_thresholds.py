@@ -162,6 +162,22 @@ def test_a_refused_seqpacket_retry_is_its_own_target(tmp_path: Path) -> None:
     assert of(found, "dial-retry") == []
     assert sorted((f.rule, f.stream, f.frames) for f in found) == [
         ("no-listener", 0, (1, 2, 5, 6)), ("seqpacket-refused", 1, (3, 4, 7, 8))]
+    seq = next(f for f in found if f.rule == "seqpacket-refused")
+    assert seq.evidence == {"refusals": 2, "rst_delay_ms": 0.001, "target": "2:1024"}
+    assert "STREAM only" not in seq.message  # no STREAM connection was accepted there
+
+
+def test_a_seqpacket_refusal_at_a_stream_service_seen_from_its_first_frame(
+        tmp_path: Path) -> None:
+    """The capture starts with the server's RESPONSE of a STREAM connection to 2:1024
+    (frame 1: accepted); a SEQPACKET REQUEST to the same port is then refused."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(3, 50000), server=(2, 1024)).send(1, Op.RESPONSE)
+    c = Conv(out, client=(3, 50001), server=(2, 1024), type_=SockType.SEQPACKET)
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0)
+    (f,) = of(findings(tmp_path, out), "seqpacket-refused")
+    assert "A STREAM connection to the same port was accepted (stream 0)" in f.message
 
 
 # -- no-transport: a REQUEST unanswered for 2 s (no_transport_s) -------------------------------
@@ -185,6 +201,7 @@ def test_an_unanswered_request_counts_from_two_seconds(tmp_path: Path, wait_ns: 
     # a guest (CID 3) was dialled, not the host: the guest's driver is what is missing
     assert "vmw_vsock_virtio_transport" in f.cause and "CID 3" in f.cause
     assert f.fix.startswith("Load the transport in the guest")
+    assert f.fix.endswith("give connect() a timeout longer than the boot.")
 
 
 def test_a_cid_that_spoke_before_and_then_not_is_a_silent_peer(tmp_path: Path) -> None:
@@ -223,6 +240,7 @@ def test_a_half_close_hangs_after_one_second_of_silence(tmp_path: Path, silence_
     (f,) = hang
     assert (f.stream, f.frames) == (0, (4,))  # the SHUTDOWN is also its last frame
     assert (f.evidence["silence_s"], f.evidence["shutdown_frame"]) == (1.0, 4)
+    assert "for the last 1.0 s of the capture" in f.message
 
 
 # -- small-packet-reset: 64 writes under 1024 bytes, then a reset with credit left -------------
@@ -364,6 +382,15 @@ def test_cid_pairs_that_cannot_talk(tmp_path: Path, client: int, server: int,
     assert f.evidence == {"packets": 5, "src_cid": client, "dst_cid": server}
 
 
+def test_cid_mismatch_keeps_twenty_example_frames(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50000), server=(5, 1024))
+    for _ in range(25):
+        c.send(0, Op.REQUEST)
+    (f,) = of(findings(tmp_path, out), "cid-mismatch")
+    assert (f.frames, f.evidence["packets"]) == (tuple(range(1, 21)), 25)
+
+
 def test_empty_writes_are_not_small_writes(tmp_path: Path) -> None:
     """64 RWs without payload, then the server's RST: no small-packet pattern (a zero-length
     RW carries no overhead complaint), just a reset without shutdown (frame 67)."""
@@ -396,3 +423,129 @@ def test_a_deadlock_that_ends_is_timed_to_the_first_window_that_reopens(tmp_path
     assert (f.rule_id, f.frames) == ("window-full/deadlock", (3, 4, 5, 6))
     assert f.evidence["seconds"] == 1.235  # 1.23456 s, to the ms
     assert "until frame 5" in f.message and "1.2 s" in f.message
+
+
+# -- window-full in detail: which direction, how long, and when two stalls are a deadlock -----
+
+
+def test_a_frozen_window_of_the_server_names_both_ends(tmp_path: Path) -> None:
+    """The server's 4096-byte RW (frame 3) fills the client's 4096-byte buffer for 1.23456 s
+    (frame 4: the client's CREDIT_UPDATE), then 5 s of another connection's traffic: the
+    stall is timed to its end, not the capture's."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 262144])
+    c.open()
+    c.send(1, Op.RW, bytes(4096))
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=1_234_560_000)
+    c.close()
+    other = Conv(out, client=(1, 50001), server=(1, 5000))
+    other.open()
+    other.send(0, Op.RW, b"later", delay=5 * S)
+    other.close()
+    (f,) = of(findings(tmp_path, out), "window-full")
+    assert (f.rule_id, f.stream, f.frames) == ("window-full/not-reading", 0, (3, 4))
+    assert (f.evidence["sender"], f.evidence["receiver"]) == ("1:1234", "1:50000")
+    assert f.evidence["seconds"] == 1.235  # 1.23456 s, to the ms
+    assert f.message.startswith("server 1:1234 → 1:50000: 4096 bytes in flight")
+    assert "frozen for 1.2 s (until frame 4)" in f.message
+
+
+def test_seconds_in_words_below_one_second(tmp_path: Path) -> None:
+    (f,) = findings(tmp_path, frozen_window(3 * S // 4), Thresholds(stall_s=0.5))
+    assert "frozen for 750 ms (until frame 4)" in f.message
+
+
+def two_full_windows(second_full_ns: int, first_free_ns: int, second_free_ns: int | None
+                     ) -> list[tuple[int, bytes]]:
+    """Both ends with 4096-byte buffers. Frame 3: the client fills the server's window;
+    frame 4, ``second_full_ns`` later: the server fills the client's; frame 5,
+    ``first_free_ns`` after frame 4: the client consumes (the server's window reopens); frame
+    6, ``second_free_ns`` later, the server consumes (None: never, the capture ends)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096), delay=second_full_ns)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=first_free_ns)
+    if second_free_ns is not None:
+        c.fwd[1] += 4096
+        c.send(1, Op.CREDIT_UPDATE, delay=second_free_ns)
+        c.close()
+    return out
+
+
+@pytest.mark.parametrize(("overlap_ns", "deadlock"), [(S - 1, False), (S, True)])
+def test_a_deadlock_needs_both_windows_full_for_one_second(tmp_path: Path, overlap_ns: int,
+                                                           deadlock: bool) -> None:
+    found = of(findings(tmp_path, two_full_windows(1000, overlap_ns, S // 2)), "window-full")
+    if not deadlock:  # the server's window was full just under 1 s: only the client's
+        assert [(f.rule_id, f.frames) for f in found] == [("window-full/not-reading", (3, 6))]
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames, f.evidence["seconds"]) == ("window-full/deadlock",
+                                                            (3, 4, 5, 6), 1.0)
+    assert "until frame 5" in f.message  # the first window to reopen
+
+
+def test_stalls_that_overlap_briefly_are_not_a_deadlock(tmp_path: Path) -> None:
+    """Frame 3 (t 0) fills the server's window, frame 4 (0.7 s) the client's; frame 5
+    (1.2 s) the server consumes, frame 6 (1.9 s) the client: each window full 1.2 s, both at
+    once only 0.5 s."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096), delay=7 * S // 10)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=S // 2)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.close()
+    found = of(findings(tmp_path, out), "window-full")
+    assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
+        ("window-full/not-reading", (3, 5), 1.2), ("window-full/not-reading", (4, 6), 1.2)]
+
+
+def test_a_deadlock_one_side_of_which_ended_leaves_the_open_end_to_mid_capture(
+        tmp_path: Path) -> None:
+    """Both full for 1.5 s, then only the server's window reopens (frame 5); the client's
+    stays full to the capture's end, which the deadlock does not explain."""
+    found = findings(tmp_path, two_full_windows(1000, 3 * S // 2, None))
+    assert sorted((f.rule_id, f.frames) for f in found) == [
+        ("mid-capture/end", (5,)), ("window-full/deadlock", (3, 4, 5))]
+
+
+def test_credit_request_never_answered_waits_until_the_capture_ends(tmp_path: Path) -> None:
+    """Frame 3 fills the server's window, frame 4 asks for credit; the server sends nothing
+    more; another connection's REQUEST (frame 5) ends the capture 1.23456 s later."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=1_234_560_000)
+    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "window-full")
+    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4))
+    assert f.evidence["unanswered_s"] == 1.235
+
+
+def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) -> None:
+    """Frame 3 fills the server's window; frame 4 asks for credit; frame 5 (0.2 s later)
+    the server answers with a packet that frees nothing; the client sends a packet of its own
+    at 0.3 s (frame 6: not a request); frame 7 (1.5 s) another answer; frame 8 (2.2 s) the
+    server's CREDIT_UPDATE. Answered at once: a receiver not reading, not a transport bug."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.send(1, Op.CREDIT_UPDATE, delay=S // 5)
+    c.send(0, Op.CREDIT_UPDATE, delay=S // 10)
+    c.send(1, Op.CREDIT_UPDATE, delay=6 * S // 5)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.close()
+    (f,) = of(findings(tmp_path, out), "window-full")
+    assert (f.rule_id, f.frames) == ("window-full/not-reading", (3, 8))

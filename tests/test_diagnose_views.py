@@ -89,3 +89,9 @@ def test_a_finding_as_json() -> None:
     wide = Finding("x", Severity.INFO, None, (), "m", "c", "f")
     assert (wide.to_dict(0)["streams"], "t" in wide.to_dict(0)) == ([], False)
     assert Severity.parse("Error") is Severity.ERROR and str(Severity.INFO) == "info"
+
+
+def test_a_finding_names_its_stream_when_it_lists_no_others() -> None:
+    f = Finding("x", Severity.INFO, 3, (1,), "m", "c", "f", connection="1:2 → 3:4 STREAM")
+    assert f.to_dict()["streams"] == [3]
+    assert '"connection": "1:2 → 3:4 STREAM"' in f.to_json()  # UTF-8 kept, not escaped
