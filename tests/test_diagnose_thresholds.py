@@ -549,3 +549,39 @@ def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) 
     c.close()
     (f,) = of(findings(tmp_path, out), "window-full")
     assert (f.rule_id, f.frames) == ("window-full/not-reading", (3, 8))
+
+
+@pytest.mark.parametrize(("rst_fwd", "rst_buf", "unconsumed"), [
+    (500, 262144, None),  # the receiver's RST says it read all 500 bytes
+    (400, 262144, 100),   # it read 400: 100 discarded
+    (500, 0, 500),        # an RST with buf_alloc 0 carries no credit: its fwd_cnt says nothing
+])
+def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_buf: int,
+                                              unconsumed: int | None) -> None:
+    """Frame 3: the client's 500 bytes; frame 4 its close (SHUTDOWN both ways); frame 5, 200
+    ms later, the server's RST with the fwd_cnt and buf_alloc given (Linux's RST carries its
+    counters: the server's last word on what it consumed)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, fwd=rst_fwd, buf=rst_buf, delay=200 * MS)
+    found = findings(tmp_path, out)
+    if unconsumed is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames) == ("abrupt-close/unread", (5,))
+    assert f.evidence == {"rst_frame": 5, "client_unconsumed": unconsumed}
+
+
+@pytest.mark.parametrize(("delay_ns", "text"), [(999_000, "999 µs"), (1_000_000, "1.0 ms"),
+                                                (2_460_000, "2.5 ms")])
+def test_rst_delay_in_words(tmp_path: Path, delay_ns: int, text: str) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50000), server=(2, 1024))
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0, delay=delay_ns)
+    (f,) = findings(tmp_path, out)
+    assert f.message.endswith(f"was refused by an RST within {text}.")
