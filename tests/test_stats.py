@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from conntrack_scenarios import MS, Conv, write
 from helpers import T0
 
 import vsockmon
 from vsockmon.analysis.stats import MAX_BUCKETS, StatsCollector
-from vsockmon.conntrack.tracker import Tags
+from vsockmon.conntrack.tracker import ConnTracker
 from vsockmon.decode.frames import decode_batches
 from vsockmon.wire.pcapio import CaptureReader
 from vsockmon.wire.protocol import Op, SeqFlag, SockType
@@ -99,11 +98,10 @@ def test_buckets_stay_bounded_and_keep_their_totals(tmp_path: Path) -> None:
         c.send(0, Op.RW, b"x" * 10, delay=1000)
     path = write(tmp_path / "b.pcap", out)
     stats = StatsCollector()
+    tracker = ConnTracker()
     with CaptureReader(str(path)) as reader:
         for fb in decode_batches(reader.batches()):
-            tags = Tags(np.full(len(fb), -1), np.full(len(fb), -1, np.int8),
-                        np.full((len(fb), 2), -1), np.full((len(fb), 2), -1))
-            stats(fb, tags)
+            stats(fb, tracker.feed(fb))
     assert len(stats.buckets) <= MAX_BUCKETS and stats.resolution == 2000
     assert sum(p for p, _ in stats.buckets.values()) == n
     assert sum(b for _, b in stats.buckets.values()) == 10 * n
