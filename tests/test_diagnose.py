@@ -398,3 +398,26 @@ def test_select_by_rule_kind_and_severity() -> None:
     assert [f.rule for f in matching_findings(findings, ["mid-capture/end"])] == ["mid-capture"]
     assert [f.rule for f in matching_findings(findings, min_severity=Severity.WARNING)] == [
         "no-transport"]
+
+
+def test_live_says_which_findings_the_written_file_reports_differently() -> None:
+    """Live, the silence after a half-close runs up to the capture's stop; a file ends at its
+    last frame, so offline the same connection is only cut off by the capture's end."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()]
+    live = LiveDiagnosis()
+    live.feed_frames(frames[:5])  # the half-closed connection alone, stopped 2 s later
+    stop = frames[4][0] + 2_000 * MS
+    reported = live.update(stop) + live.close(stop)
+    assert [(f.rule, f.stream, f.frames) for f in reported] == [("half-close-hang", 0, (4, 5))]
+    assert live.last_frame == 5
+    missing, extra = live.file_differences(reported)
+    assert missing == reported
+    assert [(f.rule_id, f.stream) for f in extra] == [("mid-capture/end", 0)]
+    # the whole fixture: another connection 2.5 s later puts the silence inside the file
+    live = LiveDiagnosis()
+    live.feed_frames(frames)
+    end = frames[-1][0]
+    reported = live.update(end) + live.close(end)
+    assert [(f.rule, f.stream) for f in reported] == [("half-close-hang", 0)]
+    assert live.file_differences(reported) == ([], [])

@@ -1,5 +1,7 @@
 """``capture --diagnose`` on a real kernel: findings reported live, then the same findings
-from ``vsockmon diagnose`` on the file it wrote. One lab boot."""
+from ``vsockmon diagnose`` on the file it wrote — or, when the capture stops during a silence
+the file cannot record, the live report saying which findings the file gives differently.
+One lab boot, two captures."""
 
 from __future__ import annotations
 
@@ -15,16 +17,17 @@ from vsockmon.lab import Lab
 pytestmark = pytest.mark.lab
 
 HALF_CLOSE = r"""
-import os, socket, time
+import os, socket, sys, time
+port, ready, done = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-lst.bind((socket.VMADDR_CID_ANY, 5300)); lst.listen()
-c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); c.connect((1, 5300))
+lst.bind((socket.VMADDR_CID_ANY, port)); lst.listen()
+c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); c.connect((1, port))
 s, _ = lst.accept()
 c.sendall(b"request"); c.shutdown(socket.SHUT_WR)
 while s.recv(100): pass
-open("half_close.ready", "w").close()
-while not os.path.exists("capture.rc"):  # the server neither answers nor closes
-    time.sleep(0.1)                        # until the capture has stopped, however slow
+open(ready, "w").close()
+while not os.path.exists(done):  # the server neither answers nor closes
+    time.sleep(0.1)              # until the capture has stopped, however slow
 """
 
 SCRIPT = r"""
@@ -41,11 +44,18 @@ vsockmon capture -w live.pcap --diagnose -q 2> capture.err & CAP=$!
 wait_for server.err listening; wait_for capture.err listening
 vsockmon echo client --cid 1 --port 9999 --count 5 --size 100 > /dev/null
 vsockmon echo client --cid 1 --port 7777 --count 1 2> /dev/null
-python3 half_close.py & PY=$!
+python3 half_close.py 5300 half_close.ready capture.rc & PY=$!
 until [ -e half_close.ready ]; do sleep 0.1; done; sleep 2.5
 vsockmon echo client --cid 1 --port 9999 --count 1 > /dev/null  # life goes on elsewhere
 sleep 0.5
 kill -INT $CAP; wait $CAP; echo $? > capture.rc
+wait $PY
+# the second capture stops while the half-closed connection is still silent
+vsockmon capture -w end.pcap --diagnose -q 2> end.err & CAP=$!
+wait_for end.err listening
+python3 half_close.py 5301 end.ready end.rc & PY=$!
+until [ -e end.ready ]; do sleep 0.1; done; sleep 2.5
+kill -INT $CAP; wait $CAP; echo $? > end.rc
 wait $PY
 """
 
@@ -78,3 +88,37 @@ def test_the_file_gives_the_same_findings(run: Path) -> None:
     for f in found:  # the live report named the same stream and frames
         frames = ",".join(map(str, f["frames"]))
         assert f"{f['rule']} (stream {f['stream']}, frames {frames})" in live
+
+
+def _offline(path: Path) -> list[dict[str, object]]:
+    out = CliRunner().invoke(main, ["diagnose", str(path), "--json"])
+    assert out.exit_code in (0, 1), out.output
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def _headline(f: dict[str, object]) -> str:
+    frames = ",".join(map(str, f["frames"]))  # type: ignore[call-overload]
+    rule = f"{f['rule']}/{f['kind']}" if f["kind"] else f["rule"]
+    return f"{str(f['severity']).upper()} {rule} (stream {f['stream']}, frames {frames})"
+
+
+def test_a_capture_stopped_in_a_silence_says_why_the_file_differs(run: Path) -> None:
+    """Live, the half-close's silence runs up to the capture's stop (2.5 s: a hang); the
+    file ends at the connection's last frame, so offline the connection was merely cut off
+    by the capture's end. The live report must name both and say why."""
+    err = (run / "end.err").read_text()
+    assert (run / "end.rc").read_text().strip() == "0", err
+    # the only traffic: REQUEST, RESPONSE, RW "request", SHUTDOWN(SEND) and the credit
+    # update that acknowledges the read — the half-close is stream 0, its SHUTDOWN frame 4
+    offline = _offline(run / "end.pcap")
+    assert [(f["rule"], f["kind"], f["stream"]) for f in offline] == [
+        ("mid-capture", "end", 0)], offline
+    live = [ln for ln in err.splitlines() if ln.startswith("diagnose: WARNING ")]
+    assert len(live) == 1 and live[0].startswith(
+        "diagnose: WARNING half-close-hang (stream 0, frames 4,"), err
+    hang = live[0].split(": ")[1]  # WARNING half-close-hang (stream 0, frames 4,N)
+    assert "the written file ends at its last frame" in err
+    assert f"diagnose:   not in the file's report: {hang}\n" in err, err
+    for f in offline:  # everything the file gives is either reported live or announced
+        assert f"diagnose:   only in the file's report: {_headline(f)}\n" in err, err
+    assert "diagnose: 0 error(s), 1 warning(s), 0 note(s)" in err
