@@ -24,7 +24,7 @@ from vsockmon.diagnose.views import (
     matching_findings,
     worst_by_stream,
 )
-from vsockmon.wire.pcapio import CaptureError, CaptureReader
+from vsockmon.wire.pcapio import CaptureError, CaptureReader, PcapngWriter
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -421,3 +421,34 @@ def test_live_says_which_findings_the_written_file_reports_differently() -> None
     reported = live.update(end) + live.close(end)
     assert [(f.rule, f.stream) for f in reported] == [("half-close-hang", 0)]
     assert live.file_differences(reported) == ([], [])
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_pcapng_that_records_the_capture_stop_diagnoses_as_the_live_capture_did(
+        tmp_path: Path, recorded: bool) -> None:
+    """The half-closed connection alone, the capture stopped 2 s after its last frame: live,
+    a hang. A pcapng file that records the stop gives the same finding offline; without
+    that record the file only shows a connection cut off by the capture's end."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()][:5]
+    stop = frames[-1][0] + 2_000 * MS
+    path = tmp_path / "end.pcapng"
+    with open(path, "wb") as fp:
+        w = PcapngWriter(fp)
+        for ts, data, orig in frames:
+            w.write(ts, data, orig)
+        if recorded:
+            fp.write(PcapngWriter.statistics_block(stop))
+    live = LiveDiagnosis()
+    live.feed_frames(frames)
+    reported = live.update(stop) + live.close(stop)
+    with vsockmon.open(str(path)) as cap:
+        offline = cap.findings()
+    key = [(f.rule_id, f.stream, f.frames) for f in offline]
+    if recorded:
+        assert key == [(f.rule_id, f.stream, f.frames) for f in reported]
+        assert key == [("half-close-hang", 0, (4, 5))]
+        assert offline[0].evidence["silence_s"] == 2.0  # frame 5 to the recorded stop
+        assert live.file_differences(reported, stop) == ([], [])
+    else:
+        assert key == [("mid-capture/end", 0, (5,))]

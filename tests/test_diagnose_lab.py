@@ -1,12 +1,14 @@
 """``capture --diagnose`` on a real kernel: findings reported live, then the same findings
 from ``vsockmon diagnose`` on the file it wrote — or, when the capture stops during a silence
-the file cannot record, the live report saying which findings the file gives differently.
-One lab boot, two captures."""
+a pcap file cannot record, the live report saying which findings the file gives differently;
+a pcapng file records the stop, and the two agree. One lab boot, three captures."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -57,6 +59,13 @@ python3 half_close.py 5301 end.ready end.rc & PY=$!
 until [ -e end.ready ]; do sleep 0.1; done; sleep 2.5
 kill -INT $CAP; wait $CAP; echo $? > end.rc
 wait $PY
+# the same, written as pcapng: the file records when the capture stopped
+vsockmon capture -w end.pcapng --diagnose -q 2> ng.err & CAP=$!
+wait_for ng.err listening
+python3 half_close.py 5302 ng.ready ng.rc & PY=$!
+until [ -e ng.ready ]; do sleep 0.1; done; sleep 2.5
+kill -INT $CAP; wait $CAP; echo $? > ng.rc
+wait $PY
 """
 
 
@@ -90,14 +99,14 @@ def test_the_file_gives_the_same_findings(run: Path) -> None:
         assert f"{f['rule']} (stream {f['stream']}, frames {frames})" in live
 
 
-def _offline(path: Path) -> list[dict[str, object]]:
+def _offline(path: Path) -> list[dict[str, Any]]:
     out = CliRunner().invoke(main, ["diagnose", str(path), "--json"])
     assert out.exit_code in (0, 1), out.output
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def _headline(f: dict[str, object]) -> str:
-    frames = ",".join(map(str, f["frames"]))  # type: ignore[call-overload]
+def _headline(f: dict[str, Any]) -> str:
+    frames = ",".join(map(str, f["frames"]))
     rule = f"{f['rule']}/{f['kind']}" if f["kind"] else f["rule"]
     return f"{str(f['severity']).upper()} {rule} (stream {f['stream']}, frames {frames})"
 
@@ -122,3 +131,23 @@ def test_a_capture_stopped_in_a_silence_says_why_the_file_differs(run: Path) -> 
     for f in offline:  # everything the file gives is either reported live or announced
         assert f"diagnose:   only in the file's report: {_headline(f)}\n" in err, err
     assert "diagnose: 0 error(s), 1 warning(s), 0 note(s)" in err
+
+
+def test_a_pcapng_capture_stopped_in_a_silence_agrees_with_the_file(run: Path) -> None:
+    """The same capture written as pcapng: the file records when the capture stopped (an
+    interface statistics block), so offline the silence also lasts up to the stop."""
+    err = (run / "ng.err").read_text()
+    assert (run / "ng.rc").read_text().strip() == "0", err
+    offline = _offline(run / "end.pcapng")
+    assert [(f["rule"], f["stream"]) for f in offline] == [("half-close-hang", 0)], offline
+    assert offline[0]["frames"][0] == 4  # REQUEST, RESPONSE, RW, then the SHUTDOWN
+    assert offline[0]["evidence"]["silence_s"] >= 2.5  # the script's sleep before the stop
+    live = [ln for ln in err.splitlines() if ln.startswith("diagnose: ") and " (" in ln]
+    assert [ln.split(": ")[1] for ln in live] == [_headline(f) for f in offline], err
+    assert "report differ" not in err and "report differently" not in err
+    assert "diagnose: 0 error(s), 1 warning(s), 0 note(s)" in err
+    # tshark reads the statistics block as such: every packet, nothing reported as damaged
+    tshark = subprocess.run(["tshark", "-r", str(run / "end.pcapng"), "-T", "fields",
+                             "-e", "frame.number"], capture_output=True, text=True)
+    assert tshark.returncode == 0 and tshark.stdout.split()[-1] == str(
+        offline[0]["frames"][-1]), tshark.stderr

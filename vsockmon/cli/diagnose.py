@@ -157,26 +157,33 @@ class LiveReport:
     def close(self) -> None:
         try:
             self.sink.close()
-        finally:
-            stopped = time.time_ns()
+        finally:  # the capture's end: the one a pcapng file records, if it does
+            stopped = getattr(self.sink, "end_ns", None) or time.time_ns()
             self._print(self.live.close(stopped))
-            self._explain_file(stopped)
+            self._explain_file(stopped, getattr(self.sink, "records_end", False))
             counts = {s: sum(f.severity == s for f in self.reported) for s in Severity}
             click.echo(f"diagnose: {counts[Severity.ERROR]} error(s), "
                        f"{counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} "
                        f"note(s)", err=True)
 
-    def _explain_file(self, stopped_ns: int) -> None:
-        """Say which findings ``vsockmon diagnose FILE`` will report differently, and why:
-        the file cannot record the silence between its last frame and the capture's stop."""
-        missing, extra = self.live.file_differences(self.reported)
+    def _explain_file(self, stopped_ns: int, recorded: bool) -> None:
+        """Say which findings ``vsockmon diagnose FILE`` will report differently, and why: a
+        pcap file cannot record the silence between its last frame and the capture's stop
+        (a pcapng file records the stop: then the two agree)."""
+        missing, extra = self.live.file_differences(self.reported,
+                                                    stopped_ns if recorded else None)
         if not missing and not extra:
             return
         last = self.live.digest.end_ns
-        after = f", {(stopped_ns - last) / 1e9:.1f} s before the capture stopped" if last else ""
-        click.echo(f"diagnose: the written file ends at its last frame (frame "
-                   f"{self.live.last_frame}{after}); 'vsockmon diagnose FILE' measures "
-                   f"silences up to there only, so its report differs:", err=True)
+        if recorded or last is None:
+            why = "'vsockmon diagnose FILE' will report differently:"
+        else:
+            why = (f"the written file ends at its last frame (frame {self.live.last_frame}, "
+                   f"{(stopped_ns - last) / 1e9:.1f} s before the capture stopped; a pcap "
+                   f"file cannot record the stop, write .pcapng for that); 'vsockmon "
+                   f"diagnose FILE' measures silences up to there only, so its report "
+                   f"differs:")
+        click.echo(f"diagnose: {why}", err=True)
         for title, group in (("not in the file's report", missing),
                              ("only in the file's report", extra)):
             for f in group:

@@ -113,17 +113,18 @@ class LiveDiagnosis(Diagnosis):
         """The number of the last frame fed (0 before any)."""
         return self._next_frame - 1
 
-    def file_differences(self, reported: Sequence[Finding]) -> tuple[list[Finding],
-                                                                     list[Finding]]:
+    def file_differences(self, reported: Sequence[Finding], recorded_end_ns: int | None = None
+                         ) -> tuple[list[Finding], list[Finding]]:
         """What ``vsockmon diagnose`` on the written file will report differently.
 
-        A capture file ends at its last frame: offline, every silence (a half-close, a
-        stalled window, an unanswered REQUEST) is measured up to that frame, while live it
-        runs up to the capture's stop. Returns (the ``reported`` findings the file will not
-        show, the file's findings that were not reported), so the live report can say why
-        the two differ instead of giving two unexplained answers for one capture.
+        A pcap file ends at its last frame: offline, every silence (a half-close, a stalled
+        window, an unanswered REQUEST) is measured up to that frame, while live it runs up
+        to the capture's stop. A pcapng file records the stop (``recorded_end_ns``), and the
+        two agree. Returns (the ``reported`` findings the file will not show, the file's
+        findings that were not reported), so the live report can say why the two differ
+        instead of giving two unexplained answers for one capture.
         """
-        offline = self.findings(None, final=True)
+        offline = self.findings(recorded_end_ns, final=True)
         live_keys = {_key(f) for f in reported}
         file_keys = {_key(f) for f in offline}
         return ([f for f in reported if _key(f) not in file_keys],
