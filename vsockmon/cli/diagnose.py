@@ -160,7 +160,9 @@ class LiveReport:
         finally:  # the capture's end: the one a pcapng file records, if it does
             stopped = getattr(self.sink, "end_ns", None) or time.time_ns()
             self._print(self.live.close(stopped))
-            self._explain_file(stopped, getattr(self.sink, "records_end", False))
+            recorded = getattr(self.sink, "records_end", None)
+            if recorded is not None:  # a file is written (not the live line view)
+                self._explain_file(stopped, recorded)
             counts = {s: sum(f.severity == s for f in self.reported) for s in Severity}
             click.echo(f"diagnose: {counts[Severity.ERROR]} error(s), "
                        f"{counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} "
