@@ -79,6 +79,8 @@ class Context:
         """Streams whose missing end a finding already explains (no mid-capture for them)."""
         self.unestablished: set[int] = set()
         """Streams whose failure a finding already explains (no refusal or reset for them)."""
+        self.queue_refused: set[int] = set()
+        """Streams refused by a full accept queue: parallel clients, not a retry loop."""
         self.small_writes_reset: set[int] = set()
         """Streams reset for small writes (small-packet-reset): no abrupt-close for them."""
 
