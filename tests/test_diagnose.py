@@ -27,7 +27,7 @@ from vsockmon.diagnose.views import (
     matching_findings,
     worst_by_stream,
 )
-from vsockmon.wire.pcapio import CaptureError, CaptureReader
+from vsockmon.wire.pcapio import CaptureError, CaptureReader, PcapngWriter
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -507,3 +507,57 @@ def test_select_by_rule_kind_and_severity() -> None:
     assert [f.rule for f in matching_findings(findings, ["mid-capture/end"])] == ["mid-capture"]
     assert [f.rule for f in matching_findings(findings, min_severity=Severity.WARNING)] == [
         "no-transport"]
+
+
+def test_live_says_which_findings_the_written_file_reports_differently() -> None:
+    """Live, the silence after a half-close runs up to the capture's stop; a file ends at its
+    last frame, so offline the same connection is only cut off by the capture's end."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()]
+    live = LiveDiagnosis()
+    live.feed_frames(frames[:5])  # the half-closed connection alone, stopped 2 s later
+    stop = frames[4][0] + 2_000 * MS
+    reported = live.update(stop) + live.close(stop)
+    assert [(f.rule, f.stream, f.frames) for f in reported] == [("half-close-hang", 0, (4, 5))]
+    assert live.last_frame == 5
+    missing, extra = live.file_differences(reported)
+    assert missing == reported
+    assert [(f.rule_id, f.stream) for f in extra] == [("mid-capture/end", 0)]
+    # the whole fixture: another connection 2.5 s later puts the silence inside the file
+    live = LiveDiagnosis()
+    live.feed_frames(frames)
+    end = frames[-1][0]
+    reported = live.update(end) + live.close(end)
+    assert [(f.rule, f.stream) for f in reported] == [("half-close-hang", 0)]
+    assert live.file_differences(reported) == ([], [])
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_pcapng_that_records_the_capture_stop_diagnoses_as_the_live_capture_did(
+        tmp_path: Path, recorded: bool) -> None:
+    """The half-closed connection alone, the capture stopped 2 s after its last frame: live,
+    a hang. A pcapng file that records the stop gives the same finding offline; without
+    that record the file only shows a connection cut off by the capture's end."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()][:5]
+    stop = frames[-1][0] + 2_000 * MS
+    path = tmp_path / "end.pcapng"
+    with open(path, "wb") as fp:
+        w = PcapngWriter(fp)
+        for ts, data, orig in frames:
+            w.write(ts, data, orig)
+        if recorded:
+            fp.write(PcapngWriter.statistics_block(stop))
+    live = LiveDiagnosis()
+    live.feed_frames(frames)
+    reported = live.update(stop) + live.close(stop)
+    with vsockmon.open(str(path)) as cap:
+        offline = cap.findings()
+    key = [(f.rule_id, f.stream, f.frames) for f in offline]
+    if recorded:
+        assert key == [(f.rule_id, f.stream, f.frames) for f in reported]
+        assert key == [("half-close-hang", 0, (4, 5))]
+        assert offline[0].evidence["silence_s"] == 2.0  # frame 5 to the recorded stop
+        assert live.file_differences(reported, stop) == ([], [])
+    else:
+        assert key == [("mid-capture/end", 0, (5,))]

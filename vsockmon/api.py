@@ -196,7 +196,8 @@ class Capture:
         key = thresholds or Thresholds()
         if key not in self._digests:
             self.scan(findings=True, thresholds=key)
-        return evaluate(self.analysis().table, self._digests[key], key)
+        analysis = self.analysis()  # silences last until the capture's recorded end
+        return evaluate(analysis.table, self._digests[key], key, analysis.capture_end_ns)
 
     def stats(self, top: int = 10, bins: int = 20) -> Stats:
         """What ``vsockmon stats`` shows; ``.to_dict()`` is the object of ``stats --json``."""

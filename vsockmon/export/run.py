@@ -102,10 +102,12 @@ def export_pcapng(source: str, out: str, force: bool = False,
             if on_batch is not None:
                 visitors.append(lambda fb, _tags: on_batch(len(fb)))
             with open_capture(path) as reader:
-                table = analyse(reader, *visitors).table
+                analysis = analyse(reader, *visitors)
+            table = analysis.table
             result.connections = len(table)
             if digest is not None:
-                extra = _with_findings(evaluate(table, digest), extra)
+                extra = _with_findings(evaluate(table, digest, end_ns=analysis.capture_end_ns),
+                                       extra)
             annotator = Annotator(table, extra)
             fp = create_output(out, force, ExportError)
         except CaptureError as e:

@@ -611,6 +611,10 @@ def ring_paths(path: str, files: int | None) -> list[str]:
     return [path] if files is None else [f"{path}.{i}" for i in range(files)]
 
 
+_END_BLOCK = pcapio.PcapngWriter.statistics_block(0)
+"""A pcapng file's last block (when the capture stopped), for its length."""
+
+
 class FileSink:
     """Writes frames to a pcap or pcapng file (by extension) or stdout (``-``).
 
@@ -626,6 +630,8 @@ class FileSink:
         self.rotate_bytes, self.files = rotate_bytes, files
         self.index = 0
         self.written: list[str] = []
+        self.end_ns: int | None = None
+        """When the last file closed: the end a pcapng file records (None before)."""
         self.deleted: list[str] = []
         """Files removed while being written: like tcpdump, the capture writes on into the
         open file (its packets are gone with it); the command warns at the end."""
@@ -667,7 +673,8 @@ class FileSink:
         writer = pcapio.writer_for(self.path, header, snaplen=self.snaplen)
         self.record_format = PCAPNG if isinstance(writer, pcapio.PcapngWriter) else PCAP
         _write_all(self.fd, header.getvalue(), path)
-        self.size = header.tell()
+        # the statistics block a pcapng file ends with counts against the file's size
+        self.size = header.tell() + (len(_END_BLOCK) if self.records_end else 0)
         self.in_file = 0
         if path not in self.written:
             self.written.append(path)
@@ -730,7 +737,19 @@ class FileSink:
             os.ftruncate(self.fd, start + (ends[first + kept - 1] - base if kept else 0))
         return kept
 
+    @property
+    def records_end(self) -> bool:
+        """Whether the file says when the capture stopped: a pcapng one does (an interface
+        statistics block written at close), classic pcap cannot."""
+        return self.record_format == PCAPNG
+
     def _close_file(self) -> None:
+        self.end_ns = time.time_ns()
+        if self.records_end:  # the capture's end, after its last packet
+            # a reader gone or a full disk: the file stays valid without it
+            with suppress(OutputClosed, LiveCaptureError):
+                _write_all(self.fd, pcapio.PcapngWriter.statistics_block(self.end_ns),
+                           self._current_path())
         if self.fp is not sys.stdout.buffer:
             with suppress(OSError):
                 if os.fstat(self.fd).st_nlink == 0:

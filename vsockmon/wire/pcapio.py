@@ -34,7 +34,8 @@ PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BOM = 0x1A2B3C4D
-_IDB, _SPB, _EPB, _PB = 1, 3, 6, 2
+_IDB, _SPB, _EPB, _PB, _ISB = 1, 3, 6, 2, 5
+_ISB_ENDTIME = 3
 
 
 class CaptureError(VsockmonError):
@@ -131,6 +132,10 @@ class CaptureReader:
         self._eof = False
         self._interfaces: list[tuple[int, int, int]] = []
         """(link type, ``if_tsresol`` code, snaplen) of each interface of the section."""
+        self.capture_end_ns: int | None = None
+        """When the capture stopped, as a pcapng interface statistics block records it
+        (``isb_endtime``), once read past it; None when the file does not say (classic
+        pcap has no place for it). A capture may go on, silent, after its last packet."""
         try:
             self.format, self.linktype = self._read_file_header()
         except CaptureError:
@@ -266,8 +271,11 @@ class CaptureReader:
                 if off + blen > len(buf):
                     want = blen
                     break
-                if struct.unpack_from(self._endian + "I", buf, off)[0] == _IDB and blen >= 20:
+                btype = struct.unpack_from(self._endian + "I", buf, off)[0]
+                if btype == _IDB and blen >= 20:
                     self._interfaces.append(self._parse_idb(buf, off + 8, off + blen - 4))
+                elif btype == _ISB and blen >= 24:
+                    self._read_isb(buf, off + 8, off + blen - 4)
                 off += blen
                 if stop_after_idb and self._interfaces:
                     break
@@ -311,6 +319,25 @@ class CaptureReader:
                 tsresol = buf[opt + 4]
             opt += 4 + (length + 3) // 4 * 4
         return linktype, tsresol, snaplen
+
+    def _read_isb(self, buf: bytes, body: int, end: int) -> None:
+        """Note the capture's end from an interface statistics block: its ``isb_endtime``,
+        else the time the block was written."""
+        iface, high, low = struct.unpack_from(self._endian + "III", buf, body)
+        if iface >= len(self._interfaces):
+            return
+        ticks = high << 32 | low
+        opt = body + 12
+        while opt + 4 <= end:
+            code, length = struct.unpack_from(self._endian + "HH", buf, opt)
+            if code == 0:
+                break
+            if code == _ISB_ENDTIME and length == 8 and opt + 12 <= end:
+                high, low = struct.unpack_from(self._endian + "II", buf, opt + 4)
+                ticks = high << 32 | low
+            opt += 4 + (length + 3) // 4 * 4
+        ns = _ticks_to_ns(ticks, self._interfaces[iface][1])
+        self.capture_end_ns = ns if self.capture_end_ns is None else max(ns, self.capture_end_ns)
 
     def close(self) -> None:
         if self._fp is not sys.stdin.buffer:
@@ -392,6 +419,25 @@ class PcapngWriter(PcapWriter):
         total = _EPB_HEAD.size + n + pad + len(opts) + 4
         head = _EPB_HEAD.pack(_EPB, total, 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, n, orig_len)
         return head, data, _PAD[pad] + opts + total.to_bytes(4, "little")
+
+    @staticmethod
+    def statistics_block(end_ns: int) -> bytes:
+        """An interface statistics block for interface 0 saying when the capture stopped
+        (``isb_endtime``, ns): written last, it tells a reader that the capture went on
+        after its last packet, so silences (a half-close nobody answers) are measured up to
+        the real end, as they were live."""
+        ts = struct.pack("<II", end_ns >> 32, end_ns & 0xFFFFFFFF)
+        return _block(_ISB, struct.pack("<I", 0) + ts + _options([(_ISB_ENDTIME, ts)]))
+
+
+def _ticks_to_ns(ticks: int, tsresol: int) -> int:
+    """A pcapng timestamp in nanoseconds, from ticks of the interface's ``if_tsresol``
+    (10^-n s, or 2^-n s when the high bit is set); clamped like the packets' (_walk)."""
+    if tsresol & 0x80:
+        ns = ticks * 1_000_000_000 >> (tsresol & 0x7F)
+    else:
+        ns = ticks * 10**9 // 10**tsresol if tsresol <= 9 else ticks // 10 ** (tsresol - 9)
+    return min(ns, MAX_TS_NS)
 
 
 def _options(opts: list[tuple[int, bytes]]) -> bytes:
