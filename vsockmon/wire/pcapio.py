@@ -12,6 +12,7 @@ import gzip
 import io
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -142,7 +143,8 @@ class CaptureReader:
     def _read(self, n: int) -> bytes:
         try:
             return self._fp.read(n)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            # zlib.error: a damaged gzip stream (BadGzipFile covers only its header)
             raise CaptureError(f"{self.name}: read error: {e}") from None
 
     def _read_file_header(self) -> tuple[str, int]:
@@ -219,8 +221,10 @@ class CaptureReader:
             ):
                 yield Record(ts, orig, b.buf[off : off + cap], lt)
 
-    def _corrupt(self, why: str) -> int:
-        self.stopped = f"{why} after packet {self.packets} (byte {self.offset})"
+    def _corrupt(self, why: str, batch: RecordBatch) -> int:
+        """Stop at damage. Called once the whole records before it are in ``batch`` and
+        consumed, so the packet and byte named are the same whatever the chunk size."""
+        self.stopped = f"{why} after packet {self.packets + len(batch)} (byte {self.offset})"
         self._pending = b""
         return 0
 
@@ -240,7 +244,7 @@ class CaptureReader:
         batch.extend(columns)
         self._consume(batch, buf, off)
         if status == _walk.WALK_BAD_RECORD:
-            return self._corrupt(f"corrupt record (captured length {value})")
+            return self._corrupt(f"corrupt record (captured length {value})", batch)
         return int(value)
 
     def _parse_pcapng(self, batch: RecordBatch, stop_after_idb: bool = False) -> int:
@@ -260,7 +264,7 @@ class CaptureReader:
                 blen = self._control_block_length(buf, off)
                 if blen < 12 or blen % 4 or blen > MAX_RECORD:
                     self._consume(batch, buf, off)
-                    return self._corrupt(f"corrupt pcapng block (length {blen})")
+                    return self._corrupt(f"corrupt pcapng block (length {blen})", batch)
                 if off + blen > len(buf):
                     want = blen
                     break
@@ -272,15 +276,13 @@ class CaptureReader:
                 continue
             if status == _walk.WALK_BAD_BLOCK:
                 self._consume(batch, buf, off)
-                return self._corrupt(f"corrupt pcapng block (length {value})")
+                return self._corrupt(f"corrupt pcapng block (length {value})", batch)
             if status == _walk.WALK_BAD_IFACE:
-                self._corrupt(f"packet on undeclared interface {value}")
                 self._consume(batch, buf, off)
-                return 0
+                return self._corrupt(f"packet on undeclared interface {value}", batch)
             if status == _walk.WALK_BAD_PACKET:
-                self._corrupt(f"corrupt packet block (captured length {value})")
                 self._consume(batch, buf, off)
-                return 0
+                return self._corrupt(f"corrupt packet block (captured length {value})", batch)
             want = value
             break
         self._consume(batch, buf, off)
@@ -411,7 +413,8 @@ def writer_for(path: str, fp: BinaryIO, **kw: object) -> PcapWriter | PcapngWrit
     return cls(fp, **kw)  # type: ignore[arg-type]
 
 
-def create_output(path: str, force: bool) -> BinaryIO:
+def create_output(path: str, force: bool, mode: int | None = None) -> BinaryIO:
     """Open ``path`` for writing, refusing to replace an existing file without ``force``:
-    :func:`vsockmon.output.create_output`, failing with a :class:`CaptureError`."""
-    return output.create_output(path, force, CaptureError)
+    :func:`vsockmon.output.create_output` (``mode`` too), failing with a
+    :class:`CaptureError`."""
+    return output.create_output(path, force, CaptureError, mode)
