@@ -39,6 +39,7 @@ from vsockmon.wire.protocol import (
     ShutdownFlag,
     SockType,
     Transport,
+    parse_cid,
 )
 
 Mask = np.ndarray
@@ -257,6 +258,11 @@ def _has(name: str, field: _Field, raw: str) -> Callable[[FrameBatch], Mask]:
 
 
 def _value(name: str, field: _Field, raw: str) -> int:
+    if name.endswith("cid"):  # cid, src_cid, vsock.dst_cid…: names of reserved CIDs too
+        try:
+            return parse_cid(raw)
+        except ValueError as e:
+            raise FilterError(f"bad filter: {e}") from None
     try:
         return int(raw, 0)
     except ValueError:

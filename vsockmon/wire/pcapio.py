@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import stat
 import struct
 import sys
 import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from vsockmon import output
 from vsockmon.errors import VsockmonError
@@ -96,21 +98,85 @@ def _open_source(path: str | BinaryIO) -> tuple[BinaryIO, str]:
         name = "<stdin>"
     else:
         name = path
-        try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed by CaptureReader.close
-        except FileNotFoundError:
-            raise CaptureError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise CaptureError(f"{path}: is a directory, not a capture file") from None
-        except PermissionError:
-            raise CaptureError(f"{path}: permission denied") from None
-        except OSError as e:
-            raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+        raw = open_file(path)
     buffered = (raw if isinstance(raw, io.BufferedReader)
                 else io.BufferedReader(cast(io.RawIOBase, raw)))
     if buffered.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=buffered), name  # type: ignore[return-value]
     return buffered, name
+
+
+def is_stream(path: str) -> bool:
+    """Whether the capture at ``path`` can be read only once: stdin (``-``), a FIFO, or a
+    shell's ``<(…)``. False for a path that does not exist (opening it will say so)."""
+    try:
+        return path == "-" or stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_file(path: str) -> BinaryIO:
+    """``path`` opened for reading, never waiting: a FIFO is opened without blocking, and
+    one with no writer is refused (a blocking open would wait for one forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CaptureError(f"{path}: no such file") from None
+    except PermissionError:
+        raise CaptureError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+    kind = os.fstat(fd).st_mode
+    first = b""
+    try:
+        if stat.S_ISDIR(kind):
+            raise CaptureError(f"{path}: is a directory, not a capture file")
+        if stat.S_ISFIFO(kind):
+            first = _fifo_start(path, fd)
+    except CaptureError:
+        os.close(fd)
+        raise
+    os.set_blocking(fd, True)  # from now on a reader waits for a slow writer, as it should
+    raw = os.fdopen(fd, "rb", buffering=0)
+    return cast(BinaryIO, _Prefixed(first, raw) if first else raw)
+
+
+def _fifo_start(path: str, fd: int) -> bytes:
+    """What a FIFO holds already (possibly nothing), or :class:`CaptureError` when no writer
+    has it open: a read without a writer is the end of the file."""
+    try:
+        first = os.read(fd, 1 << 16)
+    except BlockingIOError:  # a writer, not written yet
+        return b""
+    if not first:
+        raise CaptureError(f"{path}: a FIFO with no writer, nothing to read (start the "
+                           "writer first, or pipe the capture into '-')")
+    return first
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that gives ``first`` back before the rest of ``raw`` (a FIFO's bytes
+    read while checking it had a writer)."""
+
+    def __init__(self, first: bytes, raw: io.FileIO) -> None:
+        super().__init__()
+        self._first, self._raw = first, raw
+        self.name = raw.name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:  # any writable buffer, as RawIOBase's
+        if not self._first:
+            return self._raw.readinto(buf) or 0
+        view = memoryview(buf).cast("B")
+        n = min(len(view), len(self._first))
+        view[:n], self._first = self._first[:n], self._first[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class CaptureReader:
