@@ -145,8 +145,8 @@ def results(tmp_path_factory: pytest.TempPathFactory
     (tmp / "a-directory").mkdir()
     os.mkfifo(tmp / "a-fifo")
     with ThreadPoolExecutor(4) as pool:
-        done = pool.map(lambda item: (item[0], _run(*item, tmp)), CASES.items())
-        return dict(done)
+        return dict(zip(CASES, pool.map(lambda item: _run(item[0], item[1], tmp), CASES.items()),
+                        strict=True))
 
 
 @pytest.mark.parametrize("name", list(CASES))
