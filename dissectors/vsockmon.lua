@@ -23,6 +23,20 @@
 -- order shows the same values.
 
 local VERSION = "0.1.0"
+
+-- Loaded twice (installed in the personal plugins folder and named again with
+-- `-X lua_script:`), the second Proto() would abort tshark ("there cannot be two protocols
+-- with the same description"). All plugins share one Lua state, so the first copy leaves
+-- its version in a global and a later copy steps aside, saying so when the versions differ.
+local loaded = rawget(_G, "vsockmon_plugin_version")
+if loaded then
+    if loaded ~= VERSION then
+        io.stderr:write("vsockmon.lua: version " .. loaded .. " is already loaded (installed,"
+            .. " or named first); this copy, version " .. VERSION .. ", is not used\n")
+    end
+    return
+end
+rawset(_G, "vsockmon_plugin_version", VERSION)
 if set_plugin_info then
     set_plugin_info({
         version = VERSION,

@@ -22,7 +22,7 @@ from vsockmon.conntrack.tracker import (
 )
 from vsockmon.decode.frames import decode_batches
 from vsockmon.wire.pcapio import CaptureReader
-from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 
 
 def analyse(path: Path, chunk: int = 1 << 20) -> ConnTable:
@@ -79,6 +79,26 @@ def test_seqpacket_messages_and_records(echo: ConnTable) -> None:
     c = echo[3]
     assert (c.client.messages, c.client.records, c.server.messages) == (3, 1, 1)
     assert c.client.rw_packets == 4 and c.client.bytes == 18
+
+
+def test_records_count_messages_whose_last_piece_has_eor(tmp_path: Path) -> None:
+    """EOR counts where it ends a message (with EOM), as the receiving kernel reads it: a
+    stray EOR on a piece without EOM, and EOR on a first piece whose last piece lacks it,
+    mark no record."""
+    out: list = []
+    c = Conv(out, type_=SockType.SEQPACKET)
+    c.open()
+    c.data(0, b"a1", flags=SeqFlag.EOR)  # EOR without EOM: not the message's end
+    c.data(0, b"a2", flags=SeqFlag.EOM)  # message a ends without EOR
+    c.data(0, b"b", flags=SeqFlag.EOM | SeqFlag.EOR)  # message b: the one record
+    c.data(0, b"c", flags=SeqFlag.EOR)  # a piece that never ends
+    c.data(1, b"r", flags=SeqFlag.EOM | SeqFlag.EOR)
+    t = analyse(write(tmp_path / "eor.pcap", out))
+    side = t[0].client
+    assert (side.messages, side.records) == (2, 1)
+    assert (t[0].server.messages, t[0].server.records) == (1, 1)
+    [rec] = t.records()
+    assert (rec["records_c2s"], rec["records_s2c"]) == (1, 1)
 
 
 def test_mid_capture_guesses_roles_by_port(echo: ConnTable) -> None:

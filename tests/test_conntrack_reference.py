@@ -95,7 +95,8 @@ class RefConn:
             side.last_rw_frame = number
             if v["type"] == SockType.SEQPACKET:
                 side.messages += bool(v["flags"] & SeqFlag.EOM)
-                side.records += bool(v["flags"] & SeqFlag.EOR)
+                eom_eor = SeqFlag.EOM | SeqFlag.EOR
+                side.records += (v["flags"] & eom_eor) == eom_eor
             if before[d] is not None and v["len"] > before[d][1]:
                 self.violation(d, Violation.BEYOND_CREDIT, number)
         elif op == Op.CREDIT_UPDATE:

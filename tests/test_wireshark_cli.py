@@ -60,6 +60,25 @@ def test_install_makes_tshark_load_it_and_uninstall_removes_it(home: Path) -> No
     assert res.exit_code == 1 and "not installed" in res.output
 
 
+@pytest.mark.tshark
+def test_installed_plugin_coexists_with_x_lua_script(home: Path) -> None:
+    """The documented `tshark -X lua_script:dissectors/vsockmon.lua` still works after
+    `vsockmon wireshark install` (the second copy steps aside instead of aborting tshark);
+    a copy of another version says on stderr that it is not the one in use."""
+    assert CliRunner().invoke(main, ["wireshark", "install"]).exit_code == 0
+    pcap = write_pcap(home / "c.pcap", [frame(Op.REQUEST), frame(Op.CREDIT_REQUEST)])
+    other = home / "other.lua"
+    other.write_text((ROOT / "dissectors" / "vsockmon.lua").read_text()
+                     .replace('local VERSION = "', 'local VERSION = "9.9.9-', 1))
+    fields = ["-T", "fields", "-e", "vsockmon.stream", "-e", "vsockmon.op_name"]
+    for script in (ROOT / "dissectors" / "vsockmon.lua", other):
+        res = subprocess.run(["tshark", "-X", f"lua_script:{script}", "-r", str(pcap), *fields],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ["0\tREQUEST", "0\tCREDIT_REQUEST"]
+        assert ("9.9.9" in res.stderr and "is not used" in res.stderr) == (script == other)
+
+
 def test_foreign_file_is_left_alone(tmp_path: Path) -> None:
     foreign = tmp_path / "vsockmon.lua"
     foreign.write_text("-- someone else's script\n")

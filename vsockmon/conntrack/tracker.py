@@ -249,7 +249,10 @@ class ConnTracker:
         t.rw_packets[s] += self._per_side(b, rw)
         seq_rw = rw & (b.type == SockType.SEQPACKET)
         t.eom_packets[s] += self._per_side(b, seq_rw & ((b.flags & SeqFlag.EOM) != 0))
-        t.eor_packets[s] += self._per_side(b, seq_rw & ((b.flags & SeqFlag.EOR) != 0))
+        # A message carries EOR when its last piece (the EOM one) does: the receiving kernel
+        # reads EOR only there, so an EOR on a piece without EOM marks no record.
+        eom_eor = SeqFlag.EOM | SeqFlag.EOR
+        t.eor_packets[s] += self._per_side(b, seq_rw & ((b.flags & eom_eor) == eom_eor))
         t.credit_updates[s] += self._per_side(b, b.op == Op.CREDIT_UPDATE)
         t.credit_requests[s] += self._per_side(b, b.op == Op.CREDIT_REQUEST)
         if rw.any():

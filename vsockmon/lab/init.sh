@@ -59,8 +59,10 @@ umount -l /host
 hostname vsockmon-lab
 ip link set lo up
 
-if [ -n "$LAB_GUEST_CID" ]; then
-  log=/run/vsockmon-lab/guest.log
+# The nested guest (L2) boots under TCG inside TCG: minutes on a loaded machine. A boot
+# that shows no sign of life within LAB_GUEST_BOOT_S is killed and tried once more, and the
+# retry is said on the command's stderr, so a slow machine is told from a broken guest.
+boot_guest() {
   : > "$log"
   "$LAB_QEMU" -M pc -accel tcg -cpu qemu64 -m 256M -smp 1 -nodefaults -no-reboot \
     -display none -serial "file:$log" -device "vhost-vsock-pci,guest-cid=$LAB_GUEST_CID" \
@@ -68,11 +70,23 @@ if [ -n "$LAB_GUEST_CID" ]; then
     -append "console=ttyS0 quiet loglevel=0 panic=-1 no_timer_check mitigations=off nokaslr vsockmon_lab.port=$LAB_GUEST_PORT vsockmon_lab.transport=$LAB_GUEST_TRANSPORT" \
     < /dev/null > /run/vsockmon-lab/guest-qemu.log 2>&1 &
   guest_qemu=$!
+  waited=0
   until grep -q 'vsockmon-lab-guest: ready' "$log"; do
     kill -0 "$guest_qemu" 2> /dev/null \
       || fail "nested guest died: $(tail -c 300 /run/vsockmon-lab/guest-qemu.log "$log" | tr '\n' ' ')"
+    [ "$waited" -ge "$((LAB_GUEST_BOOT_S * 2))" ] && return 1
     sleep 0.5
+    waited=$((waited + 1))
   done
+}
+if [ -n "$LAB_GUEST_CID" ]; then
+  log=/run/vsockmon-lab/guest.log
+  if ! boot_guest; then
+    kill -9 "$guest_qemu" 2> /dev/null
+    echo "vsockmon-lab: the nested guest was not ready after $LAB_GUEST_BOOT_S s" \
+      "(console: $(tail -c 200 "$log" | tr '\n' ' ')); booting it once more" > /dev/ttyS1
+    boot_guest || fail "the nested guest was not ready after $LAB_GUEST_BOOT_S s, twice"
+  fi
 fi
 
 cd "$LAB_CWD" || fail "cannot enter $LAB_CWD"

@@ -26,6 +26,7 @@ import vsockmon
 from vsockmon.lab import build as lab_build
 from vsockmon.lab.errors import LabError, LabTimeout
 from vsockmon.lab.vm import (
+    GUEST_BOOT_S,
     MERGED_USR,
     SHARED_DIRS,
     ConsoleFilter,
@@ -162,6 +163,8 @@ class Lab:
     def __init__(self, files: lab_build.LabFiles) -> None:
         self.files = files
         self.qemu = lab_build.which("qemu-system-x86_64") or "qemu-system-x86_64"
+        self.guest_boot_s = GUEST_BOOT_S
+        """Seconds the nested guest gets to be ready (then one more boot; see docs/lab.md)."""
 
     @classmethod
     def build(cls, progress: Notify | None = None, kernel: str | None = None) -> Lab:
@@ -202,6 +205,7 @@ class Lab:
             guest_transport=guest_transport,
             shell=shell,
             terminal_size=(size.lines, size.columns) if size else None,
+            guest_boot_s=self.guest_boot_s,
         )
 
     def _machine(self, job: Job, accel: str, args: str, stderr_path: str | None) -> Machine:
@@ -316,7 +320,8 @@ class Lab:
         if console.error is not None:
             raise LabError(f"the lab VM failed: {console.error}")
         if timed_out:
-            raise LabTimeout(f"timed out after {timeout:g} s; qemu killed")
+            where = "while the command ran" if console.started else "before the command started"
+            raise LabTimeout(f"timed out after {timeout:g} s {where}; qemu killed")
         if not console.booted and watchdog is not None:
             raise _BootStalled
         why = _last_line(qemu_says) or _last_line(console.kernel_output) or "no output"

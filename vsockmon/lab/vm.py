@@ -22,6 +22,9 @@ MERGED_USR: tuple[str, ...] = ("bin", "sbin", "lib", "lib64", "lib32", "libx32")
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_PORT = 9000
 """Base port of the nested guest's services (see ``lab-guest.c``)."""
+GUEST_BOOT_S = 300
+"""How long the lab VM waits for the nested guest to say it is ready before booting it again
+(TCG inside TCG: about a minute idle, several when the machine is loaded)."""
 GUEST_LOG = "/run/vsockmon-lab/guest.log"
 """Where the lab VM writes the nested guest's console."""
 GUEST_KERNEL_ROOT = "/lab/kernel"
@@ -93,6 +96,8 @@ class Job:
     """False: the nested guest does not load its vsock transport driver."""
     shell: bool = False
     terminal_size: tuple[int, int] | None = None
+    guest_boot_s: int = GUEST_BOOT_S
+    """How long the nested guest may take to get ready before it is booted once more."""
 
 
 def guest_env(
@@ -146,6 +151,7 @@ def job_script(job: Job) -> str:
         f"LAB_QEMU={q(job.qemu)}",
         f"LAB_GUEST_CID={'' if job.guest_cid is None else job.guest_cid}",
         f"LAB_GUEST_PORT={GUEST_PORT}",
+        f"LAB_GUEST_BOOT_S={job.guest_boot_s}",
         f"LAB_GUEST_TRANSPORT={'on' if job.guest_transport else 'off'}",
         "lab_command() {",
         f"  {body}",
