@@ -6,10 +6,11 @@ an atheris (libFuzzer) run, coverage-guided over vsockmon's Python code;
 ``python fuzz/TARGET.py --write-seeds DIR`` writes its seed corpus, built from the committed
 fixtures at that moment (no copies are committed). ``benchmarks/fuzz.py`` does both.
 
-A crash is any exception that escapes ``one_input``: a target catches only
-:class:`~vsockmon.errors.VsockmonError` — the one family vsockmon raises on purpose, which
-the CLI turns into a one-line message — so anything else is a bug (libFuzzer's own limits
-catch hangs and unbounded memory).
+A crash is any exception that escapes ``one_input``: a target catches only the documented
+error of what it calls — :class:`~vsockmon.wire.pcapio.CaptureError` and
+:class:`~vsockmon.decode.filter.FilterError`, of the :class:`~vsockmon.errors.VsockmonError`
+family the CLI turns into one line, and the protobuf reader's ``ProtobufError`` — so
+anything else is a bug (libFuzzer's own limits catch hangs and unbounded memory).
 """
 
 from __future__ import annotations
