@@ -4,6 +4,7 @@ host's loopback interface (a real kernel ring, other frames); the CLI's refusals
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -146,7 +147,7 @@ def test_a_closed_pipe_stops_the_capture_quietly() -> None:
     r, w = os.pipe()
     os.close(r)  # the reader (wireshark) went away
     with os.fdopen(w, "wb") as fp, pytest.raises(capture.OutputClosed):
-        capture._write_all(fp.fileno(), b"x")
+        capture._write_all(fp.fileno(), b"x", "-")
 
     class Closed:
         def write(self, data: str) -> int:
@@ -163,8 +164,57 @@ def test_partial_writes_are_completed(monkeypatch: pytest.MonkeyPatch, tmp_path:
     real = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data)[:3]))
     with open(tmp_path / "out", "wb") as fp:
-        capture._write_all(fp.fileno(), b"abcdefghijklmnop")
+        capture._write_all(fp.fileno(), b"abcdefghijklmnop", "out")
     assert (tmp_path / "out").read_bytes() == b"abcdefghijklmnop"
+
+
+@pytest.mark.parametrize("room", [0, 1, 100, 2000])
+def test_a_full_disk_leaves_the_file_at_its_last_whole_packet(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, room: int) -> None:
+    """The disk fills ``room`` bytes into a batch: the error names the file and the reason,
+    and the file holds exactly the packets whose records fitted whole (counted here from
+    the records' sizes: 16-byte pcap record header + frame)."""
+    frames = _frames(40)
+    real = LiveBatch.write_to
+
+    def fill_up(self: LiveBatch, fd: int, first: int = 0, last: int | None = None) -> None:
+        spill = tmp_path / "spill"
+        with open(spill, "wb") as fp:
+            real(self, fp.fileno(), first, last)
+        written.append(len(frames[:self.count]))  # the batch's frames are the first ones
+        os.write(fd, spill.read_bytes()[:room])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    written: list[int] = []
+
+    monkeypatch.setattr(LiveBatch, "write_to", fill_up)
+    path = tmp_path / "t.pcap"
+    sink = FileSink(str(path))
+    with pytest.raises(LiveCaptureError) as err:
+        _capture_pair(frames, sink, count=len(frames))
+    sink.close()
+    sizes = [16 + len(f) for f in frames[:written[0]]]
+    whole = max(i for i in range(len(sizes) + 1) if sum(sizes[:i]) <= room)
+    assert str(err.value) == (f"{path}: cannot write: no space left on device; the file ends "
+                              f"with its last whole packet ({whole} packets)")
+    with open_capture(str(path)) as reader:
+        assert [r.data for r in reader.records()] == frames[:whole]
+        assert reader.stopped is None
+    assert path.stat().st_size == 24 + sum(sizes[:whole])
+
+
+def test_a_file_deleted_under_the_capture_is_reported(tmp_path: Path) -> None:
+    """Deleting the file does not stop the writes (tcpdump's behaviour too); closing
+    tells, so the command can warn that the packets are gone."""
+    path = tmp_path / "t.pcap"
+    sink = FileSink(str(path))
+    path.unlink()
+    _capture_pair(_frames(5), sink, count=5)
+    sink.close()
+    assert sink.deleted == [str(path)] and not path.exists()
+    kept = FileSink(str(tmp_path / "kept.pcap"))
+    kept.close()
+    assert kept.deleted == []
 
 
 _CHILD = textwrap.dedent("""

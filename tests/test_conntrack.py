@@ -306,3 +306,33 @@ def test_user_guide_documents_every_field_and_close() -> None:
     assert "A **REQUEST** always starts a new stream for its key." in guide
     image = root / "docs" / "img" / "timeline.png"
     assert "img/timeline.png" in guide and image.stat().st_size < 200_000
+
+
+def test_forgotten_streams_leave_the_working_set_and_numbering_goes_on(tmp_path: Path) -> None:
+    """A live view forgets closed streams: the tracker drops their state, keeps numbering,
+    and a later frame of a forgotten key starts a new (mid-connection) stream."""
+    a, b, s = (3, 50000), (3, 50001), (2, 1234)
+    first = [frame(Op.REQUEST, src=a, dst=s), frame(Op.RESPONSE, src=s, dst=a),
+             frame(Op.REQUEST, src=b, dst=s), frame(Op.RST, src=s, dst=b),  # 1: refused
+             frame(Op.RW, b"x" * 10, src=a, dst=s)]
+    later = [frame(Op.RST, src=b, dst=s),  # the forgotten key again, without a REQUEST
+             frame(Op.RW, b"y" * 7, src=a, dst=s)]
+    tracker = ConnTracker()
+    for name, frames in (("1", first), ("2", later)):
+        path = write(tmp_path / f"{name}.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+        with CaptureReader(str(path)) as reader:
+            for fb in decode_batches(reader.batches()):
+                got = tracker.feed(fb).stream.tolist()
+        if name == "1":
+            assert got == [0, 0, 1, 1, 0]
+            tracker.forget({1})
+            assert tracker.working_set == 1 and tracker.streams == 2
+    assert got == [2, 0]
+    table = tracker.finish()
+    assert [c.stream for c in table] == [0, 2] and len(table) == 2
+    assert table[0].client.bytes == 17 and table[0].client.rw_packets == 2
+    new = table[1]
+    # mid-connection roles: the RST's sender has the higher port, so it is the client
+    assert not new.start_seen and new.packets == 1 and new.close == Close.RESET_BY_CLIENT
+    assert new.client.addr == "3:50001"
+    assert [r["stream"] for r in table.records()] == [0, 2]

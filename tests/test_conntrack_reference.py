@@ -149,7 +149,9 @@ class RefConn:
         if tap_length:
             self.violation(d, Violation.TAP_LENGTH, number)
 
-    def finish(self) -> Connection:
+    def finish(self, end_ns: int) -> Connection:
+        """The connection as the capture ended at ``end_ns`` (its latest timestamp): a stall
+        still open lasts until then."""
         conn = self.conn
         for d, side in enumerate(self.sides):
             adv = self.adv[d]
@@ -159,7 +161,7 @@ class RefConn:
             count, total, top, first, longest = self.stalls[d]
             open_ = self.stall_start[d] is not None
             if open_:
-                dur = conn.last_ts_ns - self.stall_start[d][0]
+                dur = end_ns - self.stall_start[d][0]
                 total += dur
                 if dur > top:
                     top, longest = dur, self.stall_start[d][1]
@@ -220,9 +222,11 @@ def classify(conn: Connection) -> None:
 def reference(path: Path) -> list[Connection]:
     current: dict[tuple, RefConn] = {}
     conns: list[RefConn] = []
+    end_ns = 0
     with CaptureReader(str(path)) as reader:
         for fb in decode_batches(reader.batches()):
             for fr in fb.frames():
+                end_ns = max(end_ns, fr.ts_ns)
                 if not fr.has_virtio:
                     continue
                 v = fr.virtio
@@ -232,7 +236,7 @@ def reference(path: Path) -> list[Connection]:
                     current[key] = RefConn(len(conns), fr, v)
                     conns.append(current[key])
                 current[key].feed(fr, v, "payload-len-mismatch" in fr.anomalies)
-    return [c.finish() for c in conns]
+    return [c.finish(end_ns) for c in conns]
 
 
 def tracked(path: Path, chunk: int) -> list[Connection]:

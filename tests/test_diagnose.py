@@ -5,6 +5,7 @@ that look odd but are normal stay quiet."""
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
                                         ("no-listener", 3, (20, 21))],
     "diagnose/dial-retry.pcap": [("no-listener", 0, tuple(range(1, 11))),
                                  ("dial-retry", 0, (1, 3, 5, 7, 9))],
+    "diagnose/accept-queue-full.pcap": [("accept-queue-full", 2, (3, 4, *range(6, 41)))],
     "diagnose/seqpacket-refused.pcap": [("seqpacket-refused", 1, (10, 11)),
                                         ("seqpacket-refused", 2, (12, 13))],
     "diagnose/abrupt-close.pcap": [("abrupt-close/unread", 0, (4, 5))],
@@ -61,6 +63,14 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "synthetic/stream-all-ops.pcap": [("no-listener", 1, (23, 24))],
     "synthetic/stream-all-ops.pcap.gz": [("no-listener", 1, (23, 24))],
     "real/no-listener.pcap": [("no-listener", 0, (1, 2))],
+    # tests/conntrack_scenarios.py echo_capture, counted from its script: stream 0 takes
+    # frames 1-9 (open 2, two RW+CREDIT_UPDATE 4, SHUTDOWN + 2 RST); stream 1's server RST is
+    # frame 14; stream 2 is REQUEST 15 + RST 16; stream 3 (SEQPACKET) ends at 30; stream 4
+    # stops half-closed at its SHUTDOWN, 35; stream 5 is one REQUEST, 36; stream 6 starts
+    # mid-connection at 37 and is still open at 40.
+    "synthetic/echo.pcap": [("abrupt-close/reset", 1, (14,)), ("no-listener", 2, (15, 16)),
+                            ("mid-capture/end", 4, (35,)), ("mid-capture/end", 5, (36,)),
+                            ("mid-capture/start", 6, (37,)), ("mid-capture/end", 6, (40,))],
 }
 """Every finding (info included) of the captures that are not healthy, exactly."""
 
@@ -178,6 +188,39 @@ def test_seqpacket_refusal_tells_a_stream_only_service_from_no_service() -> None
     a, b = diagnose_file(FIXTURES / "diagnose/seqpacket-refused.pcap").findings
     assert "STREAM only" in a.message and "STREAM only" not in b.message
     assert "SOCK_STREAM" in a.fix
+
+
+def _tshark_fields(path: Path, *fields: str) -> list[list[str]]:
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields",
+                          *(a for f in fields for a in ("-e", f))],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def test_an_overflowing_accept_queue_is_not_no_listener() -> None:
+    """Real (lab): 20 parallel connects to a listener of backlog 1 that does not accept. The
+    count of refusals is tshark's: REQUESTs to port 5800 answered by an RST, not a RESPONSE;
+    the two accepted ones (backlog + 1) prove the listener was there."""
+    path = FIXTURES / "diagnose/accept-queue-full.pcap"
+    rows = _tshark_fields(path, "vsock.virtio.op", "vsock.src_port", "vsock.dst_port")
+    answers = {(src, dst): int(op) for op, src, dst in rows if int(op) in (2, 3)}
+    requests = [(src, dst) for op, src, dst in rows if int(op) == 1 and dst == "5800"]
+    refused = sum(answers.get((dst, src)) == 3 for src, dst in requests)
+    accepted = sum(answers.get((dst, src)) == 2 for src, dst in requests)
+    assert (len(requests), refused, accepted) == (20, 18, 2)
+    (f,) = diagnose_file(path).findings
+    assert f.rule == "accept-queue-full" and f.severity == Severity.ERROR
+    assert f.evidence["refusals"] == refused and f.evidence["target"] == "1:5800"
+    assert "accept queue of 1:5800 overflowed" in f.message and "backlog" in f.fix
+    assert "no-listener" not in {g.rule for g in diagnose_file(path).findings}
+
+
+@pytest.mark.parametrize("name", ["diagnose/no-listener.pcap", "real/no-listener.pcap",
+                                  "diagnose/dial-retry.pcap"])
+def test_a_genuine_no_listener_is_still_no_listener(name: str) -> None:
+    """Nothing was accepted on the refused port around the refusal: no overflow."""
+    rules = {f.rule for f in diagnose_file(FIXTURES / name).findings}
+    assert "no-listener" in rules and "accept-queue-full" not in rules
 
 
 def test_a_guest_dialling_a_cid_that_does_not_exist_across_vhost() -> None:

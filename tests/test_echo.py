@@ -202,6 +202,34 @@ def test_percentiles_and_report_table() -> None:
     assert "latency p99  99.0 µs" in table and "yes, every byte" in table
 
 
+def test_client_errors_are_counted_per_distinct_error(unix_server) -> None:  # type: ignore[no-untyped-def]
+    """Of 30 connections, every third is refused and two more find their socket shut:
+    two distinct errors with their counts, most frequent first."""
+    _srv, connect = unix_server("stream")
+    calls = iter(range(1000))
+    lock = threading.Lock()
+
+    def flaky(opts: ClientOptions) -> socket.socket:
+        with lock:
+            n = next(calls)
+        if n % 3 == 0:
+            raise EchoError("connect to 1:9999: reset (refused)")
+        s = connect(opts)
+        if n % 10 == 1:
+            s.shutdown(socket.SHUT_RDWR)  # the exchange fails on a shut socket
+        return s
+
+    report = echo.run_client(ClientOptions(1, 9999, count=30, concurrency=30), flaky)
+    refused, broken = 10, 2  # n % 3 == 0; n in (1, 11) (21 is refused first)
+    assert report.failed == refused + broken and not report.ok
+    assert list(report.errors.values()) == [refused, broken]
+    assert next(iter(report.errors)) == "connect to 1:9999: reset (refused)"
+    d = report.as_dict()
+    assert d["failed_connections"] == 12 and [e["count"] for e in d["errors"]] == [10, 2]
+    assert d["messages"] == 30 - 12
+    assert "10 connections: connect to 1:9999: reset (refused)" in echo.format_report(report)
+
+
 class FakeVsockSocket:
     """Records the options set on it; stands in for AF_VSOCK, never opened on the host."""
 

@@ -157,6 +157,10 @@ def test_closed_connections_linger_then_go_and_memory_follows_open_ones() -> Non
             model.feed(_short_connection(tick * 20 + i, t + i * 10_000))
         snap = model.snapshot(t + second // 2)
         sizes.append(len(model.tracks))
+        # the tracker and the digest forget with the model: their state follows it
+        d = model.diagnosis
+        assert d.tracker.working_set == len(model.tracks)
+        assert set(d.digest.resets) <= set(model.tracks)
         ended = [r for r in snap.rows if r.ended]
         assert all(r.state == "closed" for r in ended)
         # lingering: those that closed at most linger_s ago (this tick's and the last two)
@@ -165,6 +169,13 @@ def test_closed_connections_linger_then_go_and_memory_follows_open_ones() -> Non
     assert model.diagnosis.tracker.streams == 1 + 600  # the tracker saw them all
     last = model.snapshot(T0 + 40 * second)
     assert [r.stream for r in last.rows] == [0] and list(model.tracks) == [0]
+    assert model.diagnosis.tracker.working_set == 1 and not model.diagnosis.digest.resets
+    # the open one still counts exactly; a new connection takes the next number
+    t = T0 + 41 * second
+    model.feed([(t, frame(Op.RW, b"y" * 300, src=(3, 5), dst=(2, 7)), 0),
+                *_short_connection(9000, t + 1000)])
+    rows = {r.stream: r for r in model.snapshot(t + 2000).rows}
+    assert sorted(rows) == [0, 601] and rows[0].bytes_c2s == 300
 
 
 def test_filter_by_port_on_existing_and_new_frames() -> None:

@@ -187,6 +187,7 @@ def _capture(live: LiveCapture, held: HeldLink, sink_args: Mapping[str, object],
              diagnose: bool = False) -> None:
     path = sink_args["path"]
     sink: Any = FileSink(**sink_args) if path else LineSink(sys.stdout)  # type: ignore[arg-type]
+    files = sink
     live.record_format = getattr(sink, "record_format", live.record_format)
     if diagnose:  # imported here: the plain capture path stays free of numpy
         from vsockmon.cli.diagnose import LiveReport
@@ -218,6 +219,9 @@ def _capture(live: LiveCapture, held: HeldLink, sink_args: Mapping[str, object],
     elif not quiet:
         clear = "\r\x1b[K" if printer else ""
         click.echo(f"{clear}{stats.line()} [stopped: {reason}]", err=True)
+    for name in getattr(files, "deleted", []):
+        click.echo(f"warning: {name} was deleted during the capture: the packets written "
+                   "to it are gone with it", err=True)
     warning = stats.loss_line()
     if warning is not None:  # even with -q: a capture that misses frames never looks whole
         click.echo(warning, err=True)

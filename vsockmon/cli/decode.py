@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -12,6 +14,7 @@ import numpy as np
 from vsockmon import api
 from vsockmon.decode import render
 from vsockmon.decode.frames import FrameBatch
+from vsockmon.errors import VsockmonError
 from vsockmon.payload import dissect, dissect_frame
 from vsockmon.wire.pcapio import CaptureError
 
@@ -95,10 +98,22 @@ def decode(file: str, count: int | None, expr: str | None, verbose: bool, table:
 
 
 def _verify(file: str, count: int | None) -> None:
+    """Wireshark reads a file by name, so stdin is first spooled to a temporary file."""
+    if file != "-":
+        _verify_file(file, count)
+        return
+    with tempfile.NamedTemporaryFile(prefix="vsockmon-verify-") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.flush()
+        try:
+            _verify_file(spool.name, count)
+        except VsockmonError as e:  # name the input as the user gave it
+            raise VsockmonError(str(e).replace(spool.name, "<stdin>")) from None
+
+
+def _verify_file(file: str, count: int | None) -> None:
     from vsockmon.decode.verify import verify_with_pyshark
 
-    if file == "-":
-        raise click.ClickException("--verify needs a file name, not stdin")
     report = verify_with_pyshark(file, count)
     for line in report.lines():
         click.echo(line)

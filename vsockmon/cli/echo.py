@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 
 import click
 
 from vsockmon.live.echo import (
+    DEFAULT_BACKLOG,
+    THREAD_STACK,
     TYPES,
     ClientOptions,
     EchoError,
@@ -33,6 +36,7 @@ def echo() -> None:
       vsockmon echo client --cid 1 --port 9999 --count 50 --size 100 --json
       vsockmon echo client --cid 3 --port 9999 --size 65536 --duration 10 --concurrency 4
       vsockmon echo server --port 9999 --buffer-size 4096 --read-delay 0.01   # credit stalls
+      vsockmon echo client --cid 1 --port 9999 --concurrency 1000 --count 3   # load
     """
 
 
@@ -50,6 +54,11 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
                    "buf_alloc peers see. Small values provoke credit stalls.")
 @click.option("--read-delay", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Sleep before every read, so the window fills (credit stalls).")
+@click.option("--backlog", type=click.IntRange(min=0), default=DEFAULT_BACKLOG,
+              show_default=True,
+              help="Accept queue length (listen's backlog; the kernel caps it at "
+                   "net.core.somaxconn). When it is full the kernel refuses new connections "
+                   "with RST, exactly as if nothing listened.")
 @click.option("-v", "--verbose", is_flag=True,
               help="On stderr: the bytes of every read (as Python prints bytes, the first 64) "
                    "and how each connection ended.")
@@ -57,16 +66,24 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
               help="Also print the final counts as JSON on stdout, with one entry per "
                    "connection (peer, received, echoed, reads, end).")
 def server(port: int, cid: int, kind: str, buffer_size: int | None, read_delay: float,
-           verbose: bool, as_json: bool) -> None:
+           backlog: int, verbose: bool, as_json: bool) -> None:
     """Echo everything back to any number of clients until Ctrl-C or SIGTERM.
 
     A 'listening on' line on stderr says when clients may connect. Bytes count as
     received when they are read, so a client that sends and closes without reading its
     echo is counted; only a reset before a client sent anything counts as abrupt.
+    Each client gets its own thread the moment it is accepted: 1,000 at once are served.
+
+    \b
+    Examples:
+      vsockmon echo server --port 9999
+      vsockmon echo server --port 9999 --backlog 1    # provoke accept-queue overflows
     """
     log = _log if verbose else None
+    threading.stack_size(THREAD_STACK)
     try:
-        srv = EchoServer(port, kind.lower(), cid, buffer_size, read_delay, log=log)
+        srv = EchoServer(port, kind.lower(), cid, buffer_size, read_delay, log=log,
+                         backlog=backlog)
     except EchoError as e:
         raise click.ClickException(str(e)) from None
     # Explicitly: a shell starts background jobs with SIGINT ignored.
@@ -120,18 +137,27 @@ def client(cid: int, port: int, kind: str, count: int | None, size: int, concurr
            timeout: float, eor: bool, as_json: bool) -> None:
     """Send messages, verify every echoed byte, report MB/s, msgs/s and latency p50/p99.
 
-    Exits non-zero when a byte came back wrong or a connection failed.
+    Exits non-zero when a byte came back wrong or a connection failed; failures are
+    counted per distinct error (in --json: "errors", a list of {"error", "count"}).
+
+    \b
+    Examples:
+      vsockmon echo client --cid 1 --port 9999 --count 50 --size 100 --json
+      vsockmon echo client --cid 1 --port 9999 --concurrency 1000 --count 3
     """
     opts = ClientOptions(cid, port, kind.lower(), count, size, concurrency, duration, rate,
                          buffer_size, timeout, eor)
+    threading.stack_size(THREAD_STACK)
     try:
         report = run_client(opts)
     except EchoError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         sys.exit(130)
-    if report.messages == 0 and report.errors:
-        raise click.ClickException(report.errors[0])
+    errors = report.errors
+    if not as_json and report.messages == 0 and len(errors) == 1:  # one cause: one line
+        text, n = next(iter(errors.items()))
+        raise click.ClickException(text if n == 1 else f"{text} (all {n} connections)")
     click.echo(json.dumps(report.as_dict()) if as_json else format_report(report))
     if not report.ok:
         sys.exit(1)

@@ -103,9 +103,11 @@ class Evidence:
 class Stalls:
     """Zero-credit stalls of one sender: times its peer's free space was used up.
 
-    A stall starts at the packet that leaves the sender no credit and ends at the peer's
-    packet (CREDIT_UPDATE, RW, …) that gives some back. One still running when the connection's
-    last packet was captured counts up to that packet and sets :attr:`open`.
+    A stall starts at the packet that leaves the sender no credit (:func:`no_credit`) and
+    ends at the peer's packet (CREDIT_UPDATE, RW, …) that gives some back. One still running
+    when the capture ended counts up to the capture's end (:func:`stall_end_ns`) and sets
+    :attr:`open`. ``conns`` and ``diagnose`` read stalls through these two definitions only,
+    so they never disagree.
     """
 
     count: int = 0
@@ -116,6 +118,23 @@ class Stalls:
     longest_frame: int | None = None
     """Frame that started the longest stall."""
     open: bool = False
+
+
+def no_credit(in_flight: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """Where a sender has no credit left, from :class:`Tags`-style columns: its peer's
+    buffer is known (``limit`` >= 0) and the bytes in flight fill it. The one test of a
+    zero-credit packet, for the tracker's :class:`Stalls` and diagnose's window-full rule."""
+    return (limit >= 0) & (in_flight >= limit)
+
+
+def stall_end_ns(end_ns: int | None, observed_end_ns: int) -> int:
+    """When a stall ended: at the peer's packet that gave credit back (``end_ns``), or, while
+    none has, at the end of what was observed (the capture's last timestamp, or *now* live).
+
+    Why not the connection's last packet: a window that fills at a connection's last packet
+    and never reopens is the longest stall there is (the receiver stopped reading), not one of
+    zero seconds."""
+    return observed_end_ns if end_ns is None else end_ns
 
 
 @dataclass(slots=True)
@@ -220,3 +239,6 @@ class Tags(NamedTuple):
     sender: np.ndarray
     in_flight: np.ndarray
     limit: np.ndarray
+    beyond: np.ndarray
+    """The rows sent beyond the peer's credit: the one definition of the violation, the
+    ``beyond_credit`` count of ``conns`` and the packets of diagnose's credit-violation."""

@@ -26,6 +26,7 @@ from vsockmon.conntrack.model import (
     Evidence,
     Side,
     Stalls,
+    stall_end_ns,
 )
 from vsockmon.conntrack.segments import first_per
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType, enum_name
@@ -33,18 +34,19 @@ from vsockmon.wire.protocol import Op, ShutdownFlag, SockType, enum_name
 U32_MASK = (1 << 32) - 1
 
 
-def results(cols: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int) -> ConnTable:
+def results(cols: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int,
+            end_ns: int) -> ConnTable:
     """The table of ``n`` streams from the tracker's columns and its control events (sorted
-    by stream, then frame), closed off as the capture ended."""
-    _end_stalls(cols)
+    by stream, then frame), closed off as the capture ended at ``end_ns``."""
+    _end_stalls(cols, end_ns)
     _closes(cols, events, n)
     return ConnTable(cols, events)
 
 
-def _end_stalls(c: dict[str, np.ndarray]) -> None:
-    """A stall still running at the connection's last packet lasts until that packet."""
+def _end_stalls(c: dict[str, np.ndarray], end_ns: int) -> None:
+    """A stall still running lasts until the capture's end (:func:`stall_end_ns`)."""
     open_ = c["stalled"]
-    dur = np.where(open_, c["last_ts"][:, None] - c["stall_ts"], 0)
+    dur = np.where(open_, stall_end_ns(None, end_ns) - c["stall_ts"], 0)
     c["stall_total"] = c["stall_total"] + dur
     longer = open_ & (dur > c["stall_max"])
     c["stall_max"] = np.where(longer, dur, np.maximum(c["stall_max"], 0))
@@ -202,6 +204,9 @@ RECORD_FIELDS = _fields(
 class ConnTable:
     """Every connection of a capture as columns, with :class:`Connection` objects on demand.
 
+    Row ``i`` is stream ``i`` (``table[i]``), unless a live tracker forgot streams: then the
+    rows are the streams it kept, in order, and each Connection says its stream.
+
     ``for conn in table`` and ``table[i]`` give dataclasses (what rule engines want);
     :meth:`columns` gives the flat record fields as numpy arrays or lists (what filters,
     sorting and the JSON/CSV writers want, a million connections at a time).
@@ -238,7 +243,8 @@ class ConnTable:
             events = tuple(map(Event._make, zip(*(self._ev[k][a:b].tolist() for k in _EV_COLS),
                                                 strict=True)))
         return Connection(
-            stream=i, type=c["type"][i], client=self._side(roles[CLIENT], i, CLIENT, seq),
+            stream=c["stream"][i], type=c["type"][i],
+            client=self._side(roles[CLIENT], i, CLIENT, seq),
             server=self._side(roles[SERVER], i, SERVER, seq), start_seen=c["start_seen"][i],
             first_frame=c["first_frame"][i], last_frame=c["last_frame"][i],
             first_ts_ns=c["first_ts"][i], last_ts_ns=c["last_ts"][i],
@@ -343,10 +349,9 @@ def _flag_text(flags: np.ndarray) -> list[str]:
 
 def _record_columns(c: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
     """Every record field as a column, derived from the tracker's table."""
-    n = len(c["type"])
     cid, port = c["cid"], c["port"]
     seq = c["type"] == SockType.SEQPACKET
-    out: dict[str, np.ndarray | list] = {"stream": np.arange(n)}
+    out: dict[str, np.ndarray | list] = {"stream": c["stream"]}
     types = {v: enum_name(SockType, v) for v in np.unique(c["type"]).tolist()}
     out["type"] = [types[v] for v in c["type"].tolist()]
     for role, name in enumerate(ROLES):

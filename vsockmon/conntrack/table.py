@@ -28,6 +28,9 @@ def _col(per_side: bool, dtype: str, init: int, kinds: int = 0) -> Any:
 class StreamTable:
     """Per-stream state as growable numpy columns (struct of arrays)."""
 
+    stream: np.ndarray = _col(False, "i8", 0)
+    """The stream number of each row: ascending (new streams are appended, forgetting
+    keeps the order), equal to the row until streams are forgotten."""
     type: np.ndarray = _col(False, "u2", 0)
     client_is_lower: np.ndarray = _col(False, "?", False)
     start_seen: np.ndarray = _col(False, "?", False)
@@ -85,6 +88,19 @@ class StreamTable:
                                   dtype=f.metadata["dtype"])
                     new[: len(old)] = old
                     setattr(self, f.name, new)
+        self.size = size
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only the streams where the boolean ``rows`` (one per stream in use) is set,
+        in order, with capacity to match."""
+        size = int(np.count_nonzero(rows))
+        cap = max(2 * size, 1024)
+        for f in fields(self):
+            if "dtype" in f.metadata:
+                new = np.full((cap, *f.metadata["shape"]), f.metadata["init"],
+                              dtype=f.metadata["dtype"])
+                new[:size] = getattr(self, f.name)[: self.size][rows]
+                setattr(self, f.name, new)
         self.size = size
 
     def columns(self) -> dict[str, np.ndarray]:

@@ -29,6 +29,8 @@ The tracker's results and the names most callers want are re-exported here
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from vsockmon.conntrack.model import (
@@ -45,6 +47,7 @@ from vsockmon.conntrack.model import (
     Stalls,
     Tags,
     Violation,
+    no_credit,
 )
 from vsockmon.conntrack.records import CLOSES, RECORD_FIELDS, ConnTable, RecordField, results
 from vsockmon.conntrack.segments import (
@@ -108,7 +111,7 @@ class _Batch:
     columns, their streams as segments, and which side sent each row. Read-only once made."""
 
     def __init__(self, fb: FrameBatch, rows: np.ndarray, v: np.ndarray, src_lo: np.ndarray,
-                 sid: np.ndarray, client_is_lower: np.ndarray) -> None:
+                 sid: np.ndarray, slot: np.ndarray, client_is_lower: np.ndarray) -> None:
         self.rows = rows
         self.m = len(rows)
         self.op = v["op"].astype(np.int64)
@@ -124,6 +127,9 @@ class _Batch:
         self.anom = fb.anomalies[rows]
         # segments: the rows of one stream
         self.sid = sid
+        """Each row's stream number (what the tags and events carry)."""
+        self.slot = slot
+        """Each row's stream's row in the tracker's table (streams forgotten leave it)."""
         first = np.empty(self.m, dtype=bool)
         first[0] = True
         np.not_equal(sid[1:], sid[:-1], out=first[1:])
@@ -132,9 +138,9 @@ class _Batch:
         self.last = np.r_[self.first[1:] - 1, self.m - 1]
         self.seg = np.cumsum(first) - 1
         self.k = len(self.first)
-        self.seg_sid = sid[self.first]
+        self.seg_slot = slot[self.first]
         # a frame addressed to its own sender (both ends equal) counts as the client's
-        self.sender = ((src_lo != client_is_lower[sid]) & ~looped).astype(np.int64)
+        self.sender = ((src_lo != client_is_lower[slot]) & ~looped).astype(np.int64)
         self.sd = self.seg * 2 + self.sender
         """Row keys per (segment, sender): 2 * segment + sender."""
 
@@ -147,13 +153,23 @@ class ConnTracker:
 
     def __init__(self) -> None:
         self._t = StreamTable()
+        self._next = 0
+        """The number of the next new stream (streams seen so far)."""
         self._current: dict[tuple[int, ...], int] = {}
         self._events: list[tuple[np.ndarray, ...]] = []
         self.frames = 0
         self.frames_without_stream = 0
+        self.end_ns: int | None = None
+        """The latest timestamp fed: where the capture's still-open stalls end."""
 
     @property
     def streams(self) -> int:
+        """Streams seen so far, forgotten ones included."""
+        return self._next
+
+    @property
+    def working_set(self) -> int:
+        """Streams whose state the tracker holds: all of them, less those forgotten."""
         return self._t.size
 
     # -- feeding ----------------------------------------------------------------------------
@@ -162,10 +178,14 @@ class ConnTracker:
         """Track the frames of one batch; returns each row's stream, sender and credit."""
         n = len(fb)
         tags = Tags(np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int8),
-                    np.full((n, 2), -1, dtype=np.int64), np.full((n, 2), -1, dtype=np.int64))
+                    np.full((n, 2), -1, dtype=np.int64), np.full((n, 2), -1, dtype=np.int64),
+                    np.zeros(n, dtype=bool))
         rows = np.flatnonzero(fb.has_virtio)
         self.frames += n
         self.frames_without_stream += n - len(rows)
+        if n:
+            hi = int(fb.ts_ns.max())
+            self.end_ns = hi if self.end_ns is None else max(self.end_ns, hi)
         if not len(rows):
             return tags
         b = self._group(fb, rows)
@@ -177,6 +197,7 @@ class ConnTracker:
         tags.sender[b.rows] = b.sender
         tags.in_flight[b.rows] = in_flight
         tags.limit[b.rows] = limit
+        tags.beyond[b.rows] = beyond
         return tags
 
     def _group(self, fb: FrameBatch, rows: np.ndarray) -> _Batch:
@@ -203,7 +224,8 @@ class ConnTracker:
         start[gpos] |= cur < 0
         spos = np.flatnonzero(start)
         by_frame = spos[np.argsort(rows[spos], kind="stable")]
-        first_new = self._t.size
+        first_new = self._next
+        self._next += len(by_frame)
         val = np.full(m, -1, dtype=np.int64)
         val[gpos] = cur
         val[by_frame] = np.arange(first_new, first_new + len(by_frame))
@@ -211,18 +233,22 @@ class ConnTracker:
         sid = val[last]
         for k, s in zip(key_list, sid[gend].tolist(), strict=True):
             current[k] = s
-        self._new_streams(fb, rows[by_frame], v[by_frame], src_lo[by_frame])
-        return _Batch(fb, rows, v, src_lo, sid, self._t.client_is_lower)
+        self._new_streams(fb, rows[by_frame], v[by_frame], src_lo[by_frame], first_new)
+        t = self._t
+        slot = np.searchsorted(t.stream[: t.size], sid)  # the table is in stream order
+        return _Batch(fb, rows, v, src_lo, sid, slot, t.client_is_lower)
 
     def _new_streams(self, fb: FrameBatch, rows: np.ndarray, v: np.ndarray,
-                     src_lo: np.ndarray) -> None:
-        """Open a stream at each of ``rows`` (their virtio headers ``v``), in id order."""
+                     src_lo: np.ndarray, first: int) -> None:
+        """Open streams ``first``, ``first + 1``… at each of ``rows`` (their virtio headers
+        ``v``), in id order."""
         if not len(rows):
             return
         t = self._t
         a = t.size
         t.grow(a + len(rows))
         ids = slice(a, a + len(rows))
+        t.stream[ids] = np.arange(first, first + len(rows))
         op = v["op"].astype(np.int64)
         sport, dport = v["src_port"], v["dst_port"]
         client_is_src = (op == Op.REQUEST) | ((op != Op.RESPONSE) & (sport >= dport))
@@ -241,7 +267,7 @@ class ConnTracker:
         return np.bincount(keys, minlength=2 * b.k).reshape(b.k, 2)
 
     def _count(self, b: _Batch) -> None:
-        t, s = self._t, b.seg_sid
+        t, s = self._t, b.seg_slot
         t.last_frame[s] = b.frame[b.last]
         t.last_ts[s] = b.ts[b.last]
         rw = b.rw
@@ -264,7 +290,7 @@ class ConnTracker:
 
     def _control(self, b: _Batch) -> None:
         """Keep the control packets as events; note the frames the violation checks need."""
-        t, s = self._t, b.seg_sid
+        t, s = self._t, b.seg_slot
         ev = _EVENT_OPS[b.op]
         if ev.any():
             # the only per-packet memory kept: narrow types (the wire's widths)
@@ -285,9 +311,9 @@ class ConnTracker:
         t = self._t
         rw = b.rw
         masks = {
-            Violation.BEFORE_RESPONSE: rw & t.start_seen[b.sid]
-            & (b.frame < t.response_frame[b.sid]),
-            Violation.AFTER_SHUTDOWN: rw & (b.frame > t.shutdown_send_frame[b.sid, b.sender]),
+            Violation.BEFORE_RESPONSE: rw & t.start_seen[b.slot]
+            & (b.frame < t.response_frame[b.slot]),
+            Violation.AFTER_SHUTDOWN: rw & (b.frame > t.shutdown_send_frame[b.slot, b.sender]),
             Violation.TAP_LENGTH: (b.anom & Anomaly.PAYLOAD_LEN) != 0,
             Violation.BEYOND_CREDIT: beyond,
         }
@@ -296,7 +322,7 @@ class ConnTracker:
                 self._add_violation(b, VIOLATIONS.index(kind), mask)
 
     def _add_violation(self, b: _Batch, j: int, mask: np.ndarray) -> None:
-        t, s, size = self._t, b.seg_sid, 2 * b.k
+        t, s, size = self._t, b.seg_slot, 2 * b.k
         keys, frames = b.sd[mask], b.frame[mask]
         t.violation_count[s, :, j] += np.bincount(keys, minlength=size).reshape(b.k, 2)
         first = first_per(keys, frames, size).reshape(b.k, 2)
@@ -312,7 +338,7 @@ class ConnTracker:
         fwd_cnt is unwrapped from u32 by signed steps between consecutive advertisements and
         made monotonic (max so far), relative to the side's first advertisement.
         """
-        t, s, seg = self._t, b.seg_sid, b.seg
+        t, s, seg = self._t, b.seg_slot, b.seg
         known0, fwd0, buf0 = t.credit_known[s, side], t.fwd_max[s, side], t.buf_alloc[s, side]
         p = np.flatnonzero(_CREDIT_OPS[b.op] & (b.sender == side))
         if not len(p):
@@ -350,7 +376,7 @@ class ConnTracker:
     def _credit(self, b: _Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bytes in flight and the peer's buffer per direction after each row, and which
         rows were sent beyond credit; counts stalls on the way."""
-        t, s, seg = self._t, b.seg_sid, b.seg
+        t, s, seg = self._t, b.seg_slot, b.seg
         # what was carried in, before this batch's advertisements update it
         known0, buf0, fwd0 = t.credit_known[s], t.buf_alloc[s], t.fwd_max[s]
         adv = [self._advertised(b, side) for side in (CLIENT, SERVER)]
@@ -376,7 +402,9 @@ class ConnTracker:
             credit_before = seg_shift(credit, b.first_mask, credit0[seg])
             known_before = seg_shift(known, b.first_mask, kb0[seg])
             beyond |= sent_mask & known_before & (b.len > credit_before)
-            self._stalls(b, d, known & (credit <= 0))
+            in_flight[:, d] = np.where(known, flight, -1)
+            limit[:, d] = np.where(known, buf, -1)
+            self._stalls(b, d, no_credit(in_flight[:, d], limit[:, d]))
             last = b.last
             t.tx_bytes[s, d] = tx[last]
             t.outstanding_floor[s, d] = np.where(known[last], cm[last], cmin0)
@@ -386,13 +414,11 @@ class ConnTracker:
                 low = np.full(b.k, NONE, dtype=np.int64)
                 np.minimum.at(low, seg[q], credit[q])
                 t.min_credit[s, d] = np.minimum(t.min_credit[s, d], low)
-            in_flight[:, d] = np.where(known, flight, -1)
-            limit[:, d] = np.where(known, buf, -1)
         return in_flight, limit, beyond
 
     def _stalls(self, b: _Batch, d: int, zero: np.ndarray) -> None:
         """Runs of rows where sender ``d`` has no credit: count, durations, open run."""
-        t, s = self._t, b.seg_sid
+        t, s = self._t, b.seg_slot
         prev = seg_shift(zero, b.first_mask, t.stalled[s, d][b.seg])
         tp = np.flatnonzero(zero != prev)
         if not len(tp):
@@ -436,9 +462,26 @@ class ConnTracker:
 
     # -- results ----------------------------------------------------------------------------
 
-    def finish(self) -> ConnTable:
-        """Every connection, by stream number, closed off as the capture ended."""
+    def forget(self, streams: Iterable[int]) -> None:
+        """Drop ``streams`` from the working set: a live view forgets closed connections so
+        that its memory follows the open ones. A later frame of a forgotten stream's ends
+        starts a new stream (as one does at the start of a capture); :meth:`finish` leaves
+        them out. Costs a pass over the streams kept."""
+        gone = np.fromiter(streams, dtype=np.int64)
+        t = self._t
+        keep = ~np.isin(t.stream[: t.size], gone)
+        if keep.all():
+            return
+        t.keep(keep)
+        dead = set(gone.tolist())
+        self._current = {k: s for k, s in self._current.items() if s not in dead}
+        self._events = [tuple(c[~np.isin(ev[0], gone)] for c in ev) for ev in self._events]
+
+    def finish(self, end_ns: int | None = None) -> ConnTable:
+        """Every connection, by stream number, closed off as the capture ended: at
+        ``end_ns`` (live: now) or the latest timestamp fed, whichever is later."""
         n = self._t.size
+        end = max(end_ns or 0, self.end_ns or 0)
         cols = self._t.columns()
         names = ("sid", "frame", "ts", "op", "sender", "flags", "len", "buf", "fwd")
         if self._events:
@@ -447,6 +490,8 @@ class ConnTracker:
             order = np.lexsort((ev["frame"], ev["sid"]))
             ev = {k: c[order] for k, c in ev.items()}
             self._events = [tuple(ev.values())]  # one sorted copy, not two
+            # the table's rows: the stream numbers unless some were forgotten
+            ev = {**ev, "sid": np.searchsorted(cols["stream"], ev["sid"])}
         else:
             ev = {k: np.zeros(0, dtype=np.int64) for k in names}
-        return results(cols, ev, n)
+        return results(cols, ev, n, end)

@@ -197,7 +197,9 @@ class FrameBatch:
         out = []
         for i, (number, ts, orig, cap, plen, bits) in enumerate(base):
             rec: dict[str, Any] = {
-                "frame.number": number, "frame.time_epoch": ts / 1e9, "frame.time_ns": ts,
+                # int / int is correctly rounded; ts / 1e9 would round ts to a float first
+                "frame.number": number, "frame.time_epoch": ts / 1_000_000_000,
+                "frame.time_ns": ts,
                 "frame.len": orig, "frame.cap_len": cap,
             }
             if has_mon[i]:
@@ -328,6 +330,25 @@ def dictionary_column(keys: np.ndarray, text: Callable[[int], str]
 
 _SMALL_KEYS = 1 << 17
 """Keys below this are dictionary-encoded by a lookup table instead of a sort."""
+
+
+_EXACT_FROM_SEC = 1 << 29
+"""From 2^29 s (1987) on, whole seconds plus the correctly rounded fraction is the double
+nearest to the exact time: the fraction's error (at most 2^-54) is smaller than the distance
+(1 / (10^9 · 2^(53-e)) for seconds in [2^e, 2^(e+1)), e ≥ 29) from any multiple of 10^-9
+to a rounding midpoint, and no such multiple is a midpoint."""
+
+
+def epoch_seconds(ts_ns: np.ndarray) -> np.ndarray:
+    """Float seconds from integer nanoseconds, each the double nearest to the exact time
+    (what Python's ``ns / 10**9`` gives), in bulk. ``ts_ns / 1e9`` rounds twice and
+    misses by one unit in the last place for about a third of real capture times."""
+    sec, frac = np.divmod(ts_ns.astype(np.int64), 1_000_000_000)
+    out = sec.astype(np.float64) + frac / 1e9
+    early = np.flatnonzero((sec < _EXACT_FROM_SEC) & (sec != 0))
+    if len(early):  # before 1987, or relative times: exact, one at a time
+        out[early] = [t / 1_000_000_000 for t in ts_ns[early].tolist()]
+    return out
 
 
 def decode_batches(batches: Iterable[RecordBatch]) -> Iterator[FrameBatch]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from vsockmon.decode.frames import decode_batches
@@ -24,7 +25,10 @@ WS_OF_KEY: dict[str, str] = {
 }
 """Our JSON key → Wireshark's field name (``vsock.virtio.src_port`` → ``…src_prot``)."""
 WS_PAYLOAD = "vsock.payload"
-TSHARK_FIELDS = ("frame.number", *WS_OF_KEY.values(), WS_PAYLOAD)
+WS_FRAME = ("frame.time_epoch", "frame.len", "frame.cap_len")
+"""Wireshark's own frame fields: the time (as its decimal string) and both lengths."""
+TSHARK_FIELDS = ("frame.number", *WS_FRAME, *WS_OF_KEY.values(), WS_PAYLOAD)
+PAYLOAD_LEN_MISMATCH = "payload-len-mismatch"
 
 
 class VerifyError(VsockmonError):
@@ -69,19 +73,57 @@ def ws_value(raw: str) -> int | None:
         return int(raw.replace(":", ""), 16)
 
 
+def epoch_ns(raw: str) -> int | None:
+    """Wireshark's ``frame.time_epoch`` (``1700000000.123456789``) as integer nanoseconds,
+    read as a decimal string: a float holds only about 16 digits, a time to the ns has 19."""
+    try:
+        return int(Decimal(raw).scaleb(9))
+    except InvalidOperation:
+        return None
+
+
+def payload_len_mismatch(theirs: Mapping[str, str]) -> bool | None:
+    """Whether the payload-length anomaly is due, from Wireshark's lengths alone: the whole
+    packet was captured (``frame.len == frame.cap_len``), its headers fit, and the payload
+    bytes Wireshark shows differ from the virtio ``len``. ``None`` without a virtio header."""
+    vlen = ws_value(theirs.get(WS_OF_KEY["vsock.virtio.len"], ""))
+    trans_len = ws_value(theirs.get(WS_OF_KEY["vsock.trans_len"], ""))
+    if vlen is None or trans_len is None:
+        return None
+    wire, cap = int(theirs["frame.len"]), int(theirs["frame.cap_len"])
+    whole = wire == cap and cap >= VSOCKMON_HEADER.size + trans_len
+    return whole and len(theirs.get(WS_PAYLOAD, "").replace(":", "")) // 2 != vlen
+
+
+def ws_payload_len(theirs: Mapping[str, str]) -> int:
+    """The payload bytes Wireshark has for a frame. On a frame cut by the snap length it
+    shows none ("Packet size limited during capture": it wants the announced bytes), so
+    there it is what its own lengths leave after the headers."""
+    shown = len(theirs.get(WS_PAYLOAD, "").replace(":", "")) // 2
+    trans_len = ws_value(theirs.get(WS_OF_KEY["vsock.trans_len"], ""))
+    wire, cap = ws_value(theirs.get("frame.len", "")), ws_value(theirs.get("frame.cap_len", ""))
+    if shown or trans_len is None or wire is None or cap is None or wire <= cap:
+        return shown
+    return max(cap - VSOCKMON_HEADER.size - trans_len, 0)
+
+
 def compare(ours: Mapping[str, Any], theirs: Mapping[str, str]) -> list[Disagreement]:
-    """Every field where our flat JSON object and Wireshark's fields for a frame differ."""
+    """Every field where our flat JSON object and Wireshark's fields for a frame differ:
+    the header fields, the time to the ns, both lengths, the payload length and the
+    payload-length anomaly."""
     number = ours["frame.number"]
-    diffs = []
-    for key, ws in WS_OF_KEY.items():
-        got, want = ours.get(key), ws_value(theirs.get(ws, ""))
-        if got != want:
-            diffs.append(Disagreement(number, key, got, want))
-    ws_payload = theirs.get(WS_PAYLOAD, "").replace(":", "")
-    if ours["payload_len"] != len(ws_payload) // 2:
-        diffs.append(Disagreement(number, "payload_len", ours["payload_len"],
-                                  len(ws_payload) // 2))
-    return diffs
+    pairs: list[tuple[str, Any, Any]] = [
+        ("frame.time_ns", ours["frame.time_ns"], epoch_ns(theirs.get("frame.time_epoch", ""))),
+        ("frame.len", ours["frame.len"], ws_value(theirs.get("frame.len", ""))),
+        ("frame.cap_len", ours["frame.cap_len"], ws_value(theirs.get("frame.cap_len", ""))),
+    ]
+    pairs += [(key, ours.get(key), ws_value(theirs.get(ws, ""))) for key, ws in WS_OF_KEY.items()]
+    pairs.append(("payload_len", ours["payload_len"], ws_payload_len(theirs)))
+    due = payload_len_mismatch(theirs)
+    if due is not None:
+        pairs.append((f"anomalies: {PAYLOAD_LEN_MISMATCH}",
+                      PAYLOAD_LEN_MISMATCH in ours["anomalies"], due))
+    return [Disagreement(number, key, got, want) for key, got, want in pairs if got != want]
 
 
 def known_errors(ours: Mapping[str, Any]) -> list[str]:
@@ -93,6 +135,9 @@ def known_errors(ours: Mapping[str, Any]) -> list[str]:
         out.append("type 2 is SEQPACKET, Wireshark says 'Unknown (2)'")
     if ours.get("vsock.virtio.flags"):
         out.append("flag bits not decoded by Wireshark (we name them)")
+    if ours["frame.len"] > ours["frame.cap_len"] and ours["payload_len"]:
+        out.append("payload of a frame cut by the snap length not shown by Wireshark "
+                   "(compared with the length its headers leave)")
     return out
 
 
@@ -141,8 +186,10 @@ def _pyshark_records(path: str) -> Iterator[dict[str, str]]:
         for pkt in cap:
             layer = getattr(pkt, "vsock", None)
             rec = {"frame.number": pkt.number}
+            for ws in WS_FRAME:
+                rec[ws] = pkt.frame_info.get_field(ws.removeprefix("frame.")).show
             if layer is not None:
-                for ws in TSHARK_FIELDS[1:]:
+                for ws in (*WS_OF_KEY.values(), WS_PAYLOAD):
                     name = ws.removeprefix("vsock.").replace(".", "_")
                     value = layer.get_field(name)
                     if value is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vsockmon.conntrack.model import no_credit, stall_end_ns
 from vsockmon.conntrack.tracker import CLIENT, SERVER, Tags
 from vsockmon.decode.frames import Anomaly, FrameBatch
 from vsockmon.diagnose.model import Thresholds
@@ -48,7 +49,7 @@ class Stall:
     """CREDIT_REQUESTs and the peer's first packet after each: (frame, time, reply time)."""
 
     def seconds(self, end_ns: int) -> float:
-        return ((self.end_ns if self.end_ns is not None else end_ns) - self.start_ns) / 1e9
+        return (stall_end_ns(self.end_ns, end_ns) - self.start_ns) / 1e9
 
 
 @dataclass
@@ -68,8 +69,10 @@ class Count:
             self.frames.append(frame)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reset:
+    """A stream's first RST (one per reset connection: slots keep it small)."""
+
     frame: int
     ts_ns: int
     sender: int
@@ -119,8 +122,9 @@ class Digest:
         self.resets: dict[int, Reset] = {}
         """stream → its first RST, with the credit state of both directions then."""
         self.beyond: dict[tuple[int, int], Excess] = {}
-        self.pending: dict[tuple[int, int], int | None] = {}
-        """(stream, sender) → since when bytes it sent have been waiting unconsumed."""
+        self.pending: dict[tuple[int, int], int] = {}
+        """(stream, sender) → since when bytes it sent have been waiting unconsumed (no
+        entry: nothing waits)."""
         self.stalls: list[Stall] = []
         """Finished stalls at least as long as the shortest threshold that reads them."""
         self.open_stalls: dict[tuple[int, int], Stall] = {}
@@ -181,12 +185,12 @@ class Digest:
                     (int(r.limit[i, 0]), int(r.limit[i, 1])))
 
     def _beyond(self, r: Rows) -> None:
-        """RW packets that took the sender past its peer's advertised buffer."""
+        """RW packets that took the sender past its peer's advertised buffer (the tracker's
+        beyond-credit rows)."""
         idx = np.arange(len(r.sid))
         flight = r.in_flight[idx, r.sender]
         limit = r.limit[idx, r.sender]
-        over = (r.op == Op.RW) & (limit >= 0) & (flight > limit)
-        for i in np.flatnonzero(over).tolist():
+        for i in np.flatnonzero(r.beyond).tolist():
             key = (int(r.sid[i]), int(r.sender[i]))
             e = self.beyond.get(key)
             if e is None:
@@ -214,8 +218,8 @@ class Digest:
         for s, a, b, idle in zip(sid[starts].tolist(), starts.tolist(), ends.tolist(),
                                  last_idle.tolist(), strict=True):
             key = (s, d)
-            if not waiting[b]:
-                self.pending[key] = None
+            if not waiting[b]:  # nothing waits: no entry (a storm's million conns keep none)
+                self.pending.pop(key, None)
             elif idle >= a:
                 self.pending[key] = int(ts[idle + 1])
             elif self.pending.get(key) is None:
@@ -223,7 +227,7 @@ class Digest:
 
     def _stalls(self, r: Rows) -> None:
         """Follow zero-credit periods packet by packet, only on the streams that have one."""
-        zero = (r.limit >= 0) & (r.in_flight >= r.limit)
+        zero = no_credit(r.in_flight, r.limit)
         busy = {s for s, _ in self.open_stalls}
         busy.update(np.unique(r.sid[zero.any(axis=1)]).tolist())
         if not busy:
@@ -257,6 +261,17 @@ class Digest:
         if st.seconds(ts) >= min(self.t.stall_s, self.t.credit_reply_s):
             self.stalls.append(st)
 
+    def forget(self, streams: set[int]) -> None:
+        """Drop what is kept per connection for ``streams`` (the tracker forgot them): a live
+        view's memory follows the open connections. Capture-wide facts stay."""
+        for table in (self.bad_cids, self.resets):
+            for sid in streams & table.keys():
+                del table[sid]
+        for keyed in (self.small_rw, self.beyond, self.pending, self.open_stalls):
+            for key in [k for k in keyed if k[0] in streams]:
+                del keyed[key]
+        self.stalls = [st for st in self.stalls if st.stream not in streams]
+
     def all_stalls(self) -> Iterator[Stall]:
         yield from self.stalls
         yield from self.open_stalls.values()
@@ -273,6 +288,7 @@ class Rows:
         self.sender = tags.sender[rows].astype(np.int64)
         self.in_flight = tags.in_flight[rows]
         self.limit = tags.limit[rows]
+        self.beyond = tags.beyond[rows]
         self.op = v["op"].astype(np.int64)
         self.length = v["len"].astype(np.int64)
         self.src_cid = v["src_cid"]

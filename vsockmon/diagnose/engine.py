@@ -42,7 +42,7 @@ def evaluate(conns: Iterable[Connection], digest: Digest, thresholds: Thresholds
     the capture's end can tell (connections it cut off), for live use.
     """
     end = max(end_ns or 0, digest.end_ns or 0)
-    ctx = Context(list(conns), digest, thresholds or digest.t, end, final)
+    ctx = Context(conns, digest, thresholds or digest.t, end, final)
     for r in in_order(RULES):
         ctx.run(r)
     return rank(ctx.findings)
@@ -63,12 +63,14 @@ class Diagnosis:
         self.digest.feed(fb, tags)
         return tags
 
-    def connections(self) -> list[Connection]:
-        return list(self.tracker.finish())
+    def connections(self, end_ns: int | None = None) -> list[Connection]:
+        """The connections so far, their open stalls ending at ``end_ns`` (default: the
+        latest timestamp fed), as the findings' do."""
+        return list(self.tracker.finish(end_ns))
 
     def findings(self, end_ns: int | None = None, final: bool = True,
                  conns: Sequence[Connection] | None = None) -> list[Finding]:
-        return evaluate(self.connections() if conns is None else conns, self.digest,
+        return evaluate(self.connections(end_ns) if conns is None else conns, self.digest,
                         self.thresholds, end_ns, final)
 
 
@@ -101,6 +103,12 @@ class LiveDiagnosis(Diagnosis):
             batch.ts_ns.append(ts)
             offset += len(data)
         return self.feed(decode_batch(batch, self._next_frame))
+
+    def forget(self, streams: set[int]) -> None:
+        """Forget closed connections: tracker, digest and reported findings drop them."""
+        self.tracker.forget(streams)
+        self.digest.forget(streams)
+        self._seen = {key for key in self._seen if key[2] not in streams}
 
     def update(self, now_ns: int) -> list[Finding]:
         return self._new(self.findings(now_ns, final=False))

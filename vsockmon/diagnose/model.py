@@ -69,6 +69,9 @@ class Thresholds:
         "loop")
     retry_gap_s: float = _limit(
         60.0, "s", "attempts further apart than this belong to different retry loops")
+    accept_queue_s: float = _limit(
+        2.0, "s", "a refused REQUEST is an accept-queue overflow when the same CID:port "
+        "accepted another connection (RESPONSE) at most this long before, still open then")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ others leave explained connections alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from vsockmon.conntrack.tracker import Connection
@@ -60,13 +60,36 @@ def label(conn: Connection) -> str:
     return f"{conn.client.addr} → {conn.server.addr} {conn.type_name}"
 
 
+class Connections:
+    """The connections in stream order, indexed by stream number. Offline that is their
+    position; a live view forgets closed streams, so the numbers have gaps."""
+
+    def __init__(self, conns: Iterable[Connection]) -> None:
+        self._list = list(conns)
+        dense = all(c.stream == i for i, c in enumerate(self._list))
+        self._by: dict[int, Connection] | None = None if dense else {
+            c.stream: c for c in self._list}
+
+    def __getitem__(self, stream: int) -> Connection:
+        return self._list[stream] if self._by is None else self._by[stream]
+
+    def __contains__(self, stream: int) -> bool:
+        return 0 <= stream < len(self._list) if self._by is None else stream in self._by
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(self._list)
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+
 class Context:
     """What every rule reads (connections, digest, thresholds, the capture's end) and what
     rules tell each other: the connections a finding already explains."""
 
-    def __init__(self, conns: list[Connection], digest: Digest, t: Thresholds,
+    def __init__(self, conns: Iterable[Connection], digest: Digest, t: Thresholds,
                  end_ns: int, final: bool) -> None:
-        self.conns = conns
+        self.conns = Connections(conns)
         self.digest = digest
         self.t = t
         self.end_ns = end_ns
@@ -79,6 +102,8 @@ class Context:
         """Streams whose missing end a finding already explains (no mid-capture for them)."""
         self.unestablished: set[int] = set()
         """Streams whose failure a finding already explains (no refusal or reset for them)."""
+        self.queue_refused: set[int] = set()
+        """Streams refused by a full accept queue: parallel clients, not a retry loop."""
         self.small_writes_reset: set[int] = set()
         """Streams reset for small writes (small-packet-reset): no abrupt-close for them."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from vsockmon.conntrack.tracker import RECORD_FIELDS, ConnTable, Tags
-from vsockmon.decode.frames import FrameBatch, anomaly_names
+from vsockmon.decode.frames import FrameBatch, anomaly_names, epoch_seconds
 from vsockmon.payload import dissect_frame
 from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
@@ -236,7 +236,7 @@ def frames_batch(fb: FrameBatch) -> pa.RecordBatch:
     v = fb.virtio
     arrays: list[pa.Array] = [
         pa.array(fb.first + np.arange(len(fb), dtype=np.int64)),
-        pa.array(fb.ts_ns / 1e9),
+        pa.array(epoch_seconds(fb.ts_ns)),
         pa.array(fb.ts_ns),
         pa.array(fb.orig_len),
         pa.array(fb.caplen),

@@ -576,7 +576,7 @@ class OutputClosed(Exception):
     """The reader of ``-w -`` went away (broken pipe): stop quietly."""
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | memoryview, name: str) -> None:
     """Write all of ``data`` however the kernel splits the write; a closed pipe stops the
     capture quietly, any other failure in one line."""
     view = memoryview(data)
@@ -586,7 +586,24 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     except BrokenPipeError:
         raise OutputClosed() from None
     except OSError as e:
-        raise LiveCaptureError(f"write failed: {e.strerror}") from None
+        raise LiveCaptureError(_write_failed(name, e)) from None
+
+
+def _write_failed(name: str, e: OSError, packets: int | None = None) -> str:
+    """One line naming the file and the kernel's reason ("no space left on device")."""
+    reason = (e.strerror or str(e)).lower()
+    text = f"{'standard output' if name == '-' else name}: cannot write: {reason}"
+    if packets is not None:
+        text += f"; the file ends with its last whole packet ({packets} packets)"
+    return text
+
+
+def _offset(fd: int) -> int | None:
+    """The file position, or None for a pipe or a terminal (nothing to cut back)."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return None
 
 
 CAPTURE_MODE = 0o600
@@ -621,6 +638,9 @@ class FileSink:
         self.rotate_bytes, self.files = rotate_bytes, files
         self.index = 0
         self.written: list[str] = []
+        self.deleted: list[str] = []
+        """Files removed while being written: like tcpdump, the capture writes on into the
+        open file (its packets are gone with it); the command warns at the end."""
         self._open(force)
 
     @staticmethod
@@ -660,7 +680,7 @@ class FileSink:
         header = io.BytesIO()
         writer = pcapio.writer_for(self.path, header, snaplen=self.snaplen)
         self.record_format = PCAPNG if isinstance(writer, pcapio.PcapngWriter) else PCAP
-        _write_all(self.fd, header.getvalue())
+        _write_all(self.fd, header.getvalue(), path)
         self.size = header.tell()
         self.in_file = 0
         if path not in self.written:
@@ -698,15 +718,37 @@ class FileSink:
             i, start = j, stop
 
     def _records(self, batch: LiveBatch, first: int, last: int) -> None:
+        start = _offset(self.fd)
         try:
             batch.write_to(self.fd, first, last)
         except BrokenPipeError:
             raise OutputClosed() from None
-        except OSError as e:
-            raise LiveCaptureError(f"write failed: {e.strerror}") from None
+        except OSError as e:  # a full disk, a quota, an I/O error
+            kept = self._keep_whole(batch, first, last, start)
+            raise LiveCaptureError(_write_failed(
+                self._current_path(), e, None if kept is None else self.in_file + kept)
+            ) from None
+
+    def _keep_whole(self, batch: LiveBatch, first: int, last: int,
+                    start: int | None) -> int | None:
+        """After a failed write, cut the file back to the end of its last whole record, so
+        every reader takes it as a complete capture (a half record reads as a corrupt one);
+        returns how many of the batch's records it keeps (None: a pipe, nothing cut)."""
+        end = _offset(self.fd)
+        if start is None or end is None:
+            return None
+        ends = batch.record_ends()
+        base = ends[first - 1] if first else 0
+        kept = bisect.bisect_right(ends, base + end - start, first, last) - first
+        with suppress(OSError):  # truncating never needs space; a failure leaves the tail
+            os.ftruncate(self.fd, start + (ends[first + kept - 1] - base if kept else 0))
+        return kept
 
     def _close_file(self) -> None:
         if self.fp is not sys.stdout.buffer:
+            with suppress(OSError):
+                if os.fstat(self.fd).st_nlink == 0:
+                    self.deleted.append(self._current_path())
             self.fp.close()
 
     def close(self) -> None:

@@ -7,9 +7,10 @@ adds is what a *live* view needs and a capture analysis does not: rates over the
 interval, the receiver's free credit *now*, how long a stall has lasted so far, the last op,
 a display filter over connections, a short recent ladder per connection, and forgetting.
 
-Memory of its own follows the open connections: per connection a few numbers, the header of
-its latest frame and its last :data:`RECENT_ROWS` packets, dropped once a closed connection
-has lingered :attr:`TopModel.linger_s`. No I/O, no terminal, no clock: the caller says what
+Memory follows the open connections: per connection a few numbers, the header of its latest
+frame and its last :data:`RECENT_ROWS` packets, dropped once a closed connection has lingered
+:attr:`TopModel.linger_s`, when the tracker and the digest forget it too
+(:meth:`LiveDiagnosis.forget`). No I/O, no terminal, no clock: the caller says what
 time it is (the wall clock live, the capture's clock when replaying).
 """
 
@@ -208,23 +209,26 @@ class TopModel:
         forgotten here.
         """
         d = self.diagnosis
-        table = list(d.tracker.finish())
-        findings = d.findings(now_ns, final=False, conns=table)
+        conns_now = list(d.tracker.finish(now_ns))
+        table = {c.stream: c for c in conns_now}
+        findings = d.findings(now_ns, final=False, conns=conns_now)
         by_stream = findings_by_stream(findings)
         since = self._prev_ns if self._prev_ns is not None else d.digest.start_ns
         dt = max((now_ns - since) / 1e9, 1e-9) if since is not None else 0.0
-        rows, conns = [], {}
+        rows, conns, gone = [], {}, set()
         for sid in sorted(self.tracks):
             conn = table[sid]
             ended = conn.close in ENDED
             if ended and (now_ns - conn.last_ts_ns) / 1e9 > self.linger_s:
                 del self.tracks[sid]
                 self._matched.discard(sid)
+                gone.add(sid)
                 continue
             conns[sid] = conn
             row = self._row(conn, self.tracks[sid], by_stream.get(sid, []), now_ns, dt)
             if self._filter is None or sid in self._matched:
                 rows.append(row)
+        d.forget(gone)  # the tracker and the digest let them go too
         self._prev_ns = now_ns
         self._conns = conns
         self._findings = by_stream

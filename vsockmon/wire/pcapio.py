@@ -241,7 +241,9 @@ class CaptureReader:
             self._fill(want)
             if self._eof and len(self._pending) < want:
                 raise CaptureError(f"{self.name}: pcapng file without an interface description")
-            want = self._parse_pcapng(RecordBatch(b""), stop_after_idb=True) or want
+            # 0: every whole block was read, the next one needs at least its 12-byte frame
+            # (not the size of the block before it, which may be more than the file has left)
+            want = self._parse_pcapng(RecordBatch(b""), stop_after_idb=True) or 12
             if self.stopped:
                 raise CaptureError(f"{self.name}: corrupt pcapng file ({self.stopped})")
         return self._interfaces[0][0]

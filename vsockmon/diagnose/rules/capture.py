@@ -15,8 +15,8 @@ def tap_length(ctx: Context) -> None:
     if not tl.count:
         return
     length, captured = tl.detail
-    streams = sorted(tl.streams)
-    ctx.add(ctx.conns[streams[0]], tl.frames,
+    streams = sorted(s for s in tl.streams if s in ctx.conns)  # live: some forgotten
+    ctx.add(ctx.conns[streams[0]] if streams else None, tl.frames,
             f"{tl.count} frame(s) carry a payload of another length than their virtio header's "
             f"len (first at frame {tl.frames[0]}: captured {captured} bytes, len {length}). "
             f"This analysis used the header's len.",

@@ -14,6 +14,7 @@ from vsockmon.diagnose.rules.common import (
     FAILED,
     OPEN_ENDS,
     delay_text,
+    event_at,
     request_ts,
     seconds_text,
 )
@@ -65,8 +66,65 @@ def _refused(ctx: Context, seqpacket: bool) -> list[_Refused]:
     return [_Refused(conns, cid, port, typ) for (_, cid, port, typ), conns in groups.items()]
 
 
-@rule("no-listener", Severity.ERROR, "STREAM REQUEST refused by RST: nothing listens there",
+@rule("accept-queue-full", Severity.ERROR, "REQUEST refused by RST while the port accepts "
+      "other connections: the listener's accept queue is full",
       after=("cid-mismatch", "state-lost"))
+def accept_queue_full(ctx: Context) -> None:
+    """Refusals a listener that exists explains: Linux answers a REQUEST with RST when the
+    accept queue is full (``sk_acceptq_is_full`` in ``virtio_transport_recv_listen``), the
+    same RST as "nothing listens". The proof a listener was there: the same CID:port
+    accepted another connection shortly before, and that connection was still open."""
+    for group in _refused(ctx, seqpacket=False) + _refused(ctx, seqpacket=True):
+        overflowed = [(c, w) for c in group.conns
+                      if (w := _queue_witness(ctx, c, group)) is not None]
+        if not overflowed:
+            continue
+        conns = [c for c, _ in overflowed]
+        witness = overflowed[0][1]
+        ctx.unestablished.update(c.stream for c in conns)
+        ctx.queue_refused.update(c.stream for c in conns)
+        _report_overflow(ctx, _Refused(conns, group.cid, group.port, group.typ), witness)
+
+
+def _queue_witness(ctx: Context, refused: Connection, group: _Refused) -> Connection | None:
+    """The latest connection to the refused one's target accepted at most
+    ``accept_queue_s`` before its REQUEST and still open at it (None: no such)."""
+    asked, frame = request_ts(refused), refused.request_frame or refused.first_frame
+    found = [c for c in ctx.conns
+             if c.server.cid == group.cid and c.server.port == group.port
+             and c.type == group.typ and c.response_frame is not None
+             and c.response_frame < frame and (c.close_frame is None or c.close_frame > frame)
+             and (asked - _answered_ns(c)) / 1e9 <= ctx.t.accept_queue_s]
+    return max(found, key=lambda c: c.response_frame or 0, default=None)
+
+
+def _answered_ns(conn: Connection) -> int:
+    """When the connection's RESPONSE was sent."""
+    ev = event_at(conn, conn.response_frame)
+    return ev.ts_ns if ev is not None else conn.first_ts_ns
+
+
+def _report_overflow(ctx: Context, group: _Refused, witness: Connection) -> None:
+    first = group.first
+    before = request_ts(first) - _answered_ns(witness)
+    ctx.add(first, [*group.frames, witness.response_frame or witness.first_frame],
+            f"The accept queue of {group.target} overflowed: the {first.type_name} REQUEST "
+            f"from {first.client.addr} (frame {first.request_frame}) was refused"
+            f"{group.times} by an RST, while that port had accepted stream "
+            f"{witness.stream} (RESPONSE at frame {witness.response_frame}, "
+            f"{delay_text(max(before, 0))} earlier, still open).",
+            "A socket listens there, but more connections waited for accept() than its "
+            "backlog allows: Linux then answers a REQUEST with RST, exactly as when nothing "
+            "listens (sk_acceptq_is_full in virtio_transport_recv_listen). The server "
+            "accepts too slowly for its clients' bursts, or listen() got a small backlog.",
+            "Give listen() a backlog sized for the bursts (the kernel caps it at "
+            "net.core.somaxconn, 4096 by default) and accept in a loop that hands each "
+            "connection over at once; clients may retry a refused connect after a back-off.",
+            accepted_stream=witness.stream, **group.evidence())
+
+
+@rule("no-listener", Severity.ERROR, "STREAM REQUEST refused by RST: nothing listens there",
+      after=("cid-mismatch", "state-lost", "accept-queue-full"))
 def no_listener(ctx: Context) -> None:
     """Refused STREAM REQUESTs, one finding per target."""
     for group in _refused(ctx, seqpacket=False):
@@ -99,7 +157,7 @@ def _accepted(ctx: Context, cid: int, port: int, typ: int, after: int) -> Connec
 
 
 @rule("seqpacket-refused", Severity.ERROR, "SEQPACKET REQUEST refused by RST",
-      after=("cid-mismatch", "state-lost"))
+      after=("cid-mismatch", "state-lost", "accept-queue-full"))
 def seqpacket_refused(ctx: Context) -> None:
     """Refused SEQPACKET REQUESTs, one finding per target: the port listens for STREAM only,
     or the peer cannot do SEQPACKET."""
@@ -185,12 +243,14 @@ def _no_transport_text(cid: int) -> tuple[str, str]:
             "connect() a timeout longer than the boot.")
 
 
-@rule("dial-retry", Severity.WARNING, "repeated REQUESTs to a failing CID:port")
+@rule("dial-retry", Severity.WARNING, "repeated REQUESTs to a failing CID:port",
+      after=("accept-queue-full",))
 def dial_retry(ctx: Context) -> None:
-    """Runs of failing attempts to one CID:port, each soon after the last."""
+    """Runs of failing attempts to one CID:port, each soon after the last. Refusals of a
+    full accept queue are left out: a burst of parallel clients looks like a retry loop."""
     groups: dict[tuple[int, int, int, int], list[Connection]] = defaultdict(list)
     for c in ctx.conns:
-        if c.request_frame is not None:
+        if c.request_frame is not None and c.stream not in ctx.queue_refused:
             groups[(c.client.cid, c.server.cid, c.server.port, c.type)].append(c)
     for attempts in groups.values():
         run: list[Connection] = []
