@@ -192,3 +192,45 @@ def test_statistics_block_of_a_microsecond_interface(tmp_path: Path) -> None:
     with open_capture(str(path)) as r:
         assert list(r.records()) == []
         assert r.capture_end_ns == ticks * 1000
+
+
+def _pcap_with_corrupt_third_record() -> bytes:
+    """Two whole records, then one claiming 0x7FFFFFFF captured bytes (found by fuzzing)."""
+    out = io.BytesIO()
+    w = PcapWriter(out)
+    for i in range(2):
+        w.write(T0 + i, frame(Op.RW, b"x" * 40))
+    return out.getvalue() + struct.pack("<IIII", 0, 0, 0x7FFFFFFF, 10) + b"y" * 64
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 64, 7])
+def test_corrupt_record_names_the_same_packet_and_byte_whatever_the_chunk(chunk: int) -> None:
+    # the bad record header follows the file header and two records (16-byte header each)
+    byte = 24 + 2 * (16 + len(frame(Op.RW, b"x" * 40)))
+    data = _pcap_with_corrupt_third_record()
+    with CaptureReader(io.BytesIO(data), chunk=chunk) as r:
+        assert len(list(r.records())) == 2
+        assert r.stopped == ("corrupt record (captured length 2147483647) after packet 2 "
+                             f"(byte {byte})")
+
+
+def test_pcapng_packet_on_an_undeclared_interface_names_where(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    w = PcapngWriter(out)
+    w.write(T0, frame(Op.RW, b"abc"))
+    whole = out.getvalue()
+    bad = bytearray(b"".join(PcapngWriter.record_parts(T0, frame(Op.RW), 44)))
+    struct.pack_into("<I", bad, 8, 5)  # interface 5: only interface 0 was declared
+    for chunk in (1 << 22, 16):
+        with CaptureReader(io.BytesIO(whole + bytes(bad)), chunk=chunk) as r:
+            assert len(list(r.records())) == 1
+            assert r.stopped == f"packet on undeclared interface 5 after packet 1 " \
+                                f"(byte {len(whole)})"
+
+
+def test_damaged_gzip_stream_is_a_capture_error_not_a_zlib_traceback() -> None:
+    raw = bytearray(gzip.compress((FIXTURES / "stream-all-ops.pcap").read_bytes()))
+    raw[20:40] = b"\xff" * 20  # deflate data past the gzip header: invalid block type
+    with pytest.raises(CaptureError, match="read error"), \
+            CaptureReader(io.BytesIO(bytes(raw))) as r:
+        list(r.records())

@@ -606,6 +606,17 @@ def _offset(fd: int) -> int | None:
         return None
 
 
+CAPTURE_MODE = 0o600
+"""A capture file's permission bits: payloads can hold secrets (keys, tokens, the guest's
+traffic), so only its owner reads it unless ``--umask`` says otherwise."""
+
+
+def capture_mode(umask: int | None) -> int:
+    """The mode of the capture files: :data:`CAPTURE_MODE`, or 0666 less an explicit umask
+    (``--umask 022``: 0644, as tcpdump's files under the usual umask)."""
+    return CAPTURE_MODE if umask is None else 0o666 & ~umask
+
+
 def ring_paths(path: str, files: int | None) -> list[str]:
     """The names of a ring of ``files`` capture files (FILE.0 …), or ``[path]``."""
     return [path] if files is None else [f"{path}.{i}" for i in range(files)]
@@ -624,9 +635,10 @@ class FileSink:
     """
 
     def __init__(self, path: str, force: bool = False, snaplen: int = bpf.DEFAULT_SNAPLEN,
-                 rotate_bytes: int | None = None, files: int | None = None) -> None:
+                 rotate_bytes: int | None = None, files: int | None = None,
+                 mode: int = CAPTURE_MODE) -> None:
         self.check(path, force, snaplen, rotate_bytes, files)
-        self.path, self.snaplen = path, snaplen
+        self.path, self.snaplen, self.mode = path, snaplen, mode
         self.rotate_bytes, self.files = rotate_bytes, files
         self.index = 0
         self.written: list[str] = []
@@ -639,9 +651,11 @@ class FileSink:
 
     @staticmethod
     def check(path: str, force: bool = False, snaplen: int = bpf.DEFAULT_SNAPLEN,
-              rotate_bytes: int | None = None, files: int | None = None) -> None:
+              rotate_bytes: int | None = None, files: int | None = None,
+              mode: int = CAPTURE_MODE) -> None:
         """Raise :class:`LiveCaptureError` for options that cannot work or files that would be
-        overwritten without ``force`` — before anything (the link) is changed."""
+        overwritten without ``force`` — before anything (the link) is changed. Takes the
+        constructor's arguments (``mode`` too, unchecked) so one set serves both."""
         _need_ring()
         if files is not None and rotate_bytes is None:
             raise LiveCaptureError("a ring of files (--ring) needs a file size (--ring-size)")
@@ -663,7 +677,7 @@ class FileSink:
     def _open(self, force: bool) -> None:
         path = self._current_path()
         try:
-            self.fp = pcapio.create_output(path, force)
+            self.fp = pcapio.create_output(path, force, self.mode)
         except pcapio.CaptureError as e:
             raise LiveCaptureError(str(e)) from None
         self.fd = self.fp.fileno()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import stat
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from vsockmon import output
 from vsockmon.errors import VsockmonError
@@ -96,21 +99,85 @@ def _open_source(path: str | BinaryIO) -> tuple[BinaryIO, str]:
         name = "<stdin>"
     else:
         name = path
-        try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed by CaptureReader.close
-        except FileNotFoundError:
-            raise CaptureError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise CaptureError(f"{path}: is a directory, not a capture file") from None
-        except PermissionError:
-            raise CaptureError(f"{path}: permission denied") from None
-        except OSError as e:
-            raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+        raw = open_file(path)
     buffered = (raw if isinstance(raw, io.BufferedReader)
                 else io.BufferedReader(cast(io.RawIOBase, raw)))
     if buffered.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=buffered), name  # type: ignore[return-value]
     return buffered, name
+
+
+def is_stream(path: str) -> bool:
+    """Whether the capture at ``path`` can be read only once: stdin (``-``), a FIFO, or a
+    shell's ``<(…)``. False for a path that does not exist (opening it will say so)."""
+    try:
+        return path == "-" or stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_file(path: str) -> BinaryIO:
+    """``path`` opened for reading, never waiting: a FIFO is opened without blocking, and
+    one with no writer is refused (a blocking open would wait for one forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CaptureError(f"{path}: no such file") from None
+    except PermissionError:
+        raise CaptureError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+    kind = os.fstat(fd).st_mode
+    first = b""
+    try:
+        if stat.S_ISDIR(kind):
+            raise CaptureError(f"{path}: is a directory, not a capture file")
+        if stat.S_ISFIFO(kind):
+            first = _fifo_start(path, fd)
+    except CaptureError:
+        os.close(fd)
+        raise
+    os.set_blocking(fd, True)  # from now on a reader waits for a slow writer, as it should
+    raw = os.fdopen(fd, "rb", buffering=0)
+    return cast(BinaryIO, _Prefixed(first, raw) if first else raw)
+
+
+def _fifo_start(path: str, fd: int) -> bytes:
+    """What a FIFO holds already (possibly nothing), or :class:`CaptureError` when no writer
+    has it open: a read without a writer is the end of the file."""
+    try:
+        first = os.read(fd, 1 << 16)
+    except BlockingIOError:  # a writer, not written yet
+        return b""
+    if not first:
+        raise CaptureError(f"{path}: a FIFO with no writer, nothing to read (start the "
+                           "writer first, or pipe the capture into '-')")
+    return first
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that gives ``first`` back before the rest of ``raw`` (a FIFO's bytes
+    read while checking it had a writer)."""
+
+    def __init__(self, first: bytes, raw: io.FileIO) -> None:
+        super().__init__()
+        self._first, self._raw = first, raw
+        self.name = raw.name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:  # any writable buffer, as RawIOBase's
+        if not self._first:
+            return self._raw.readinto(buf) or 0
+        view = memoryview(buf).cast("B")
+        n = min(len(view), len(self._first))
+        view[:n], self._first = self._first[:n], self._first[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class CaptureReader:
@@ -147,7 +214,8 @@ class CaptureReader:
     def _read(self, n: int) -> bytes:
         try:
             return self._fp.read(n)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            # zlib.error: a damaged gzip stream (BadGzipFile covers only its header)
             raise CaptureError(f"{self.name}: read error: {e}") from None
 
     def _read_file_header(self) -> tuple[str, int]:
@@ -226,8 +294,10 @@ class CaptureReader:
             ):
                 yield Record(ts, orig, b.buf[off : off + cap], lt)
 
-    def _corrupt(self, why: str) -> int:
-        self.stopped = f"{why} after packet {self.packets} (byte {self.offset})"
+    def _corrupt(self, why: str, batch: RecordBatch) -> int:
+        """Stop at damage. Called once the whole records before it are in ``batch`` and
+        consumed, so the packet and byte named are the same whatever the chunk size."""
+        self.stopped = f"{why} after packet {self.packets + len(batch)} (byte {self.offset})"
         self._pending = b""
         return 0
 
@@ -247,7 +317,7 @@ class CaptureReader:
         batch.extend(columns)
         self._consume(batch, buf, off)
         if status == _walk.WALK_BAD_RECORD:
-            return self._corrupt(f"corrupt record (captured length {value})")
+            return self._corrupt(f"corrupt record (captured length {value})", batch)
         return int(value)
 
     def _parse_pcapng(self, batch: RecordBatch, stop_after_idb: bool = False) -> int:
@@ -267,7 +337,7 @@ class CaptureReader:
                 blen = self._control_block_length(buf, off)
                 if blen < 12 or blen % 4 or blen > MAX_RECORD:
                     self._consume(batch, buf, off)
-                    return self._corrupt(f"corrupt pcapng block (length {blen})")
+                    return self._corrupt(f"corrupt pcapng block (length {blen})", batch)
                 if off + blen > len(buf):
                     want = blen
                     break
@@ -282,15 +352,13 @@ class CaptureReader:
                 continue
             if status == _walk.WALK_BAD_BLOCK:
                 self._consume(batch, buf, off)
-                return self._corrupt(f"corrupt pcapng block (length {value})")
+                return self._corrupt(f"corrupt pcapng block (length {value})", batch)
             if status == _walk.WALK_BAD_IFACE:
-                self._corrupt(f"packet on undeclared interface {value}")
                 self._consume(batch, buf, off)
-                return 0
+                return self._corrupt(f"packet on undeclared interface {value}", batch)
             if status == _walk.WALK_BAD_PACKET:
-                self._corrupt(f"corrupt packet block (captured length {value})")
                 self._consume(batch, buf, off)
-                return 0
+                return self._corrupt(f"corrupt packet block (captured length {value})", batch)
             want = value
             break
         self._consume(batch, buf, off)
@@ -459,7 +527,8 @@ def writer_for(path: str, fp: BinaryIO, **kw: object) -> PcapWriter | PcapngWrit
     return cls(fp, **kw)  # type: ignore[arg-type]
 
 
-def create_output(path: str, force: bool) -> BinaryIO:
+def create_output(path: str, force: bool, mode: int | None = None) -> BinaryIO:
     """Open ``path`` for writing, refusing to replace an existing file without ``force``:
-    :func:`vsockmon.output.create_output`, failing with a :class:`CaptureError`."""
-    return output.create_output(path, force, CaptureError)
+    :func:`vsockmon.output.create_output` (``mode`` too), failing with a
+    :class:`CaptureError`."""
+    return output.create_output(path, force, CaptureError, mode)
