@@ -88,26 +88,30 @@ def test_count_stops_mid_batch(tmp_path: Path) -> None:
         assert len(list(reader.records())) == 7
 
 
-def test_ring_of_files_keeps_the_newest_frames(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["ring.pcap", "ring.pcapng"])
+def test_ring_of_files_keeps_the_newest_frames(tmp_path: Path, name: str) -> None:
     frames = [frame(Op.RW, bytes([i]) * 100, src=(3, i)) for i in range(60)]  # 176 B each
-    base = str(tmp_path / "ring.pcap")
-    sink = FileSink(base, rotate_bytes=1000, files=3)
+    # 950: a pcapng file holds 4 frames (924 bytes) only without its closing block (40)
+    sink = FileSink(str(tmp_path / name), rotate_bytes=950, files=3)
     for i in range(0, 60, 4):  # several batches, rotating inside some of them
-        sink.write(LiveBatch.of_frames(LiveFrame(i + k, f, len(f))
-                                       for k, f in enumerate(frames[i:i + 4])))
+        sink.write(LiveBatch.of_frames((LiveFrame(i + k, f, len(f))
+                                        for k, f in enumerate(frames[i:i + 4])),
+                                       sink.record_format))
     sink.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"ring.pcap.{i}" for i in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.{i}" for i in range(3)]
     kept = []
     for i in range(3):
-        path = tmp_path / f"ring.pcap.{i}"
-        assert path.stat().st_size <= 1000
+        path = tmp_path / f"{name}.{i}"
+        assert path.stat().st_size <= 950  # a pcapng file's closing block included
         with open_capture(str(path)) as reader:
             kept.append([r.data for r in reader.records()])
+            # each pcapng file says when it was closed: after its frames' times
+            assert (reader.capture_end_ns is not None) == name.endswith(".pcapng")
     # the file written last is the newest; the one after it in the ring the oldest
     newest = sink.index
     order = [kept[(newest + 1 + k) % 3] for k in range(3)]
     flat = [d for part in order for d in part]
-    assert flat == frames[-len(flat):] and len(flat) >= 10
+    assert flat == frames[-len(flat):] and len(flat) >= 9
 
 
 def test_size_rotation_without_a_ring_numbers_files_on(tmp_path: Path) -> None:
@@ -413,7 +417,13 @@ def test_records_are_byte_for_byte_pcapios(tmp_path: Path, name: str) -> None:
         ref = pcapio.writer_for(name, fp)
         for i, f in enumerate(frames):
             ref.write(1_700_000_000_123_456_789 + i, f, len(f) + i)
+        if name.endswith(".pcapng"):  # then when the capture stopped (pcap cannot say)
+            assert sink.end_ns is not None
+            fp.write(pcapio.PcapngWriter.statistics_block(sink.end_ns))
     assert (tmp_path / name).read_bytes() == (tmp_path / f"ref-{name}").read_bytes()
+    with open_capture(str(tmp_path / name)) as reader:
+        assert len(list(reader.records())) == len(frames)
+        assert reader.capture_end_ns == (sink.end_ns if name.endswith(".pcapng") else None)
 
 
 @pytest.mark.parametrize("name", ["t.pcap", "t.pcapng"])

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import tshark_rows
 from click.testing import CliRunner
 
 import vsockmon
@@ -88,7 +89,7 @@ def test_no_listener_is_refused() -> None:
     assert c.handshake_ns is not None and c.response_frame is None
 
 
-def test_credit_stall_has_plausible_stalls() -> None:
+def test_credit_stall_has_exactly_the_stalls_tshark_shows() -> None:
     table, rows = analyse("credit-stall.pcap", 0)
     c = table[0]
     assert c.client.bytes == 128 * 1024 and sent(rows, 0, 0) == traffic().pattern(128 * 1024,
@@ -96,14 +97,46 @@ def test_credit_stall_has_plausible_stalls() -> None:
     assert c.server.buf_alloc == 16 * 1024
     assert c.client.max_in_flight == 16 * 1024 and c.client.min_credit == 0
     st = c.client.stalls
-    # the reader drains 4 KiB per 10 ms: a full 16 KiB buffer takes tens of milliseconds
-    assert st.count >= 2
-    assert 5e6 <= st.max_ns <= 2e9 and st.count * 5e6 <= st.total_ns < c.duration_ns
+    want = client_stalls_by_tshark(REAL / "credit-stall.pcap")
+    assert len(want) == 8  # 128 KiB through a 16 KiB buffer, each RW filling it
+    durations = [end - start for _, start, end in want]
+    assert (st.count, st.total_ns, st.max_ns) == (8, sum(durations), max(durations))
+    assert st.first_frame == want[0][0] and not st.open
+    assert st.longest_frame == want[durations.index(max(durations))][0]
     assert Violation.BEYOND_CREDIT not in c.client.violations
     assert c.server.stalls.count == 0 and c.close == Close.GRACEFUL
     rec = json.loads(CliRunner().invoke(main, ["conns", str(REAL / "credit-stall.pcap"),
                                                "--json"]).stdout)
-    assert rec["credit_stalls"] == st.count and rec["stall_time"] > 0
+    assert (rec["credit_stalls"], rec["stalls_c2s"], rec["stalls_s2c"]) == (8, 8, 0)
+    assert rec["stall_time"] == sum(durations) / 1e9
+    assert rec["max_stall_ms"] == max(durations) / 1e6 and rec["stalled_at_end"] is False
+
+
+def client_stalls_by_tshark(path: Path) -> list[tuple[int, int, int]]:
+    """(start frame, start ns, end ns) of each zero-credit period of the client, reasoned
+    from tshark's fields: the client may have ``buf_alloc - (bytes sent - fwd_cnt)`` bytes
+    unconsumed, with the server's last advertised buf_alloc and fwd_cnt (its RSTs carry no
+    credit). A period starts at the frame after which none is left, and ends at the first
+    frame after which some is."""
+    (conn,) = tshark_rows.streams(tshark_rows.rows(path))
+    client = conn[0].src
+    sent = 0
+    buf = fwd = None
+    out: list[tuple[int, int, int]] = []
+    start: tuple[int, int] | None = None
+    for r in conn:
+        if r.src == client and r.op == tshark_rows.RW:
+            sent += r.len
+        elif r.src != client and r.op != tshark_rows.RST:
+            buf, fwd = r.buf_alloc, r.fwd_cnt
+        full = buf is not None and fwd is not None and buf - (sent - fwd) <= 0
+        if full and start is None:
+            start = (r.frame, r.ts_ns)
+        elif not full and start is not None:
+            out.append((*start, r.ts_ns))
+            start = None
+    assert start is None  # the capture's client ends with credit
+    return out
 
 
 def test_many_connections() -> None:
@@ -126,7 +159,8 @@ def test_half_close() -> None:
     assert sent(rows, 0, 1) == b"got 22 bytes, closing now\n"
     first_shutdown = next(e for e in c.events if e.op_name == "SHUTDOWN")
     assert first_shutdown.sender_role == "client" and first_shutdown.flags == 2  # SEND only
-    assert c.server.first_rw_frame > first_shutdown.frame  # the answer came after it
+    answer = c.server.first_rw_frame
+    assert answer is not None and answer > first_shutdown.frame  # the answer came after it
     assert Violation.AFTER_SHUTDOWN not in c.client.violations
 
 

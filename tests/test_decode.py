@@ -131,6 +131,27 @@ def test_bad_filters_say_why(expr: str, message: str) -> None:
         compile_filter(expr)
 
 
+def test_filter_nesting_is_bounded_with_a_clear_message() -> None:
+    """Found by fuzzing: 400 nested '(' or 'not' ran the parser out of stack."""
+    from vsockmon.decode.filter import MAX_DEPTH
+
+    deep = MAX_DEPTH + 1
+    for expr in ("(" * deep + "cid == 3" + ")" * deep, "not " * deep + "cid == 3",
+                 "!" * 5000 + "cid"):
+        with pytest.raises(FilterError, match=f"nested deeper than {MAX_DEPTH} levels"):
+            compile_filter(expr)
+    # at the limit it still works: an even number of nots is the test itself
+    assert mask("(" * MAX_DEPTH + "op == 7" + ")" * MAX_DEPTH) == [15]
+    assert mask("not " * MAX_DEPTH + "op == 7") == [15]
+
+
+def test_a_chain_of_thousands_of_terms_costs_no_stack() -> None:
+    # before, each 'or' wrapped the filter so far in one more call: 2,000 terms overflowed
+    assert mask(" or ".join(["op == 7"] * 2000)) == [15]
+    assert mask(" and ".join(["op == 7"] * 2000)) == [15]
+    assert mask(" or ".join(f"frame == {n}" for n in range(3, 2003))) == list(range(3, 26))
+
+
 def test_mutated_files_end_in_a_clear_error_or_a_clean_stop(tmp_path: Path) -> None:
     """No byte sequence crashes the reader or the decoder: flip bytes of real captures."""
     import random

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tshark_rows
 from conntrack_scenarios import MS, Conv, write
+from tshark_rows import REQUEST, RESPONSE, RST, SHUTDOWN, SHUTDOWN_SEND, STREAM
 
 import vsockmon
 from vsockmon.analysis.pipeline import analyse
@@ -25,7 +27,7 @@ from vsockmon.diagnose.views import (
     matching_findings,
     worst_by_stream,
 )
-from vsockmon.wire.pcapio import CaptureError, CaptureReader
+from vsockmon.wire.pcapio import CaptureError, CaptureReader, PcapngWriter
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -72,7 +74,9 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
                             ("mid-capture/end", 4, (35,)), ("mid-capture/end", 5, (36,)),
                             ("mid-capture/start", 6, (37,)), ("mid-capture/end", 6, (40,))],
 }
-"""Every finding (info included) of the captures that are not healthy, exactly."""
+"""Every finding (info included) of the captures that are not healthy, exactly. The entries
+of the rules in :data:`DERIVED` are reasoned again from tshark's fields by
+:func:`test_expected_findings_agree_with_tshark`."""
 
 NOT_VSOCK = {"synthetic/ethernet.pcap"}
 """Captures of another link type: diagnose refuses them with one line."""
@@ -144,6 +148,56 @@ def test_tiny_batches_change_nothing(name: str) -> None:
     assert [f.evidence for f in tiny.findings] == [f.evidence for f in whole.findings]
 
 
+DERIVED = ("no-listener", "seqpacket-refused", "dial-retry", "half-close-hang", "tap-length",
+           "mid-capture/start")
+"""The findings :func:`by_tshark` reasons out on its own from Wireshark's fields."""
+
+
+def by_tshark(path: Path) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The :data:`DERIVED` findings of a capture, reasoned from tshark's per-frame fields
+    with the rules as docs/diagnose.md states them, sharing no code with vsockmon."""
+    conns = tshark_rows.streams(tshark_rows.rows(path))
+    out: list[tuple[str, int, tuple[int, ...]]] = []
+    end_ns = max(r.ts_ns for c in conns for r in c)
+    # refused: a REQUEST the dialled end answered with RST and no RESPONSE; one finding per
+    # target (client CID, server CID, port, type) with every REQUEST and its RST
+    refused: dict[tuple[int, ...], list[int]] = {}
+    for i, c in enumerate(conns):
+        req = c[0]
+        if req.op == REQUEST and not any(r.op == RESPONSE for r in c):
+            rst = next((r for r in c if r.op == RST and r.src == req.dst), None)
+            if rst is not None:
+                refused.setdefault((req.src[0], *req.dst, req.type), []).append(i)
+    for (_, _, _, typ), found in refused.items():
+        frames = tuple(r.frame for i in found for r in conns[i] if r.op in (REQUEST, RST))
+        rule = "no-listener" if typ == STREAM else "seqpacket-refused"
+        out.append((rule, found[0], frames))
+        if len(found) >= 3:  # attempts a few ms apart, all failed (retry_count 3)
+            out.append(("dial-retry", found[0], tuple(conns[i][0].frame for i in found)))
+    for i, c in enumerate(conns):
+        if c[0].op != REQUEST:
+            out.append(("mid-capture/start", i, (c[0].frame,)))
+        shuts = [r for r in c if r.op == SHUTDOWN]
+        silence = (end_ns - c[-1].ts_ns) / 1e9
+        if (len(shuts) == 1 and shuts[0].flags == SHUTDOWN_SEND
+                and not any(r.op == RST for r in c) and silence >= 1.0):
+            out.append(("half-close-hang", i, (shuts[0].frame, c[-1].frame)))
+    tap = [(i, r.frame) for i, c in enumerate(conns) for r in c if r.captured != r.len]
+    if tap:
+        out.append(("tap-length", tap[0][0], tuple(f for _, f in tap)))
+    return sorted(out)
+
+
+@pytest.mark.tshark
+@pytest.mark.parametrize("name", sorted(n for n in EXPECTED
+                                        if any(r.startswith(DERIVED) for r, _, _ in EXPECTED[n])))
+def test_expected_findings_agree_with_tshark(name: str) -> None:
+    """The table above is not the tool's own output taken on trust: every entry of a rule
+    that can be reasoned from Wireshark's fields alone is, and nothing more is found."""
+    mine = sorted(e for e in EXPECTED[name] if e[0].startswith(DERIVED))
+    assert mine and by_tshark(FIXTURES / name) == mine
+
+
 def findings_of(tmp_path: Path, frames: list[tuple[int, bytes]],
                 thresholds: Thresholds | None = None) -> list[Finding]:
     return diagnose_file(write(tmp_path / "t.pcap", frames), thresholds=thresholds).findings
@@ -162,7 +216,16 @@ def test_no_listener_gives_the_rst_delay_and_the_fix() -> None:
     assert f.evidence["target"] == "1:5101" and 0 < f.evidence["rst_delay_ms"] < 100
     assert "5101" in f.message and "start the service" in f.fix.lower()
     record = json.loads(f.to_json())
-    assert {"rule", "severity", "stream", "frames", "message", "fix"} <= set(record)
+    assert set(record) == {"rule", "kind", "severity", "stream", "streams", "frames", "time_ns",
+                           "connection", "message", "cause", "fix", "evidence"}
+    # the refused connection as tshark sees it: the capture's REQUEST answered by an RST
+    conns = tshark_rows.streams(tshark_rows.rows(FIXTURES / "diagnose/no-listener.pcap"))
+    (stream,) = [i for i, c in enumerate(conns) if [r.op for r in c] == [REQUEST, RST]]
+    req, rst = conns[stream]
+    assert (record["rule"], record["kind"], record["severity"]) == ("no-listener", None, "error")
+    assert (record["stream"], record["streams"]) == (stream, [stream])
+    assert (record["frames"], record["time_ns"]) == ([req.frame, rst.frame], req.ts_ns)
+    assert f.evidence["rst_delay_ms"] == round((rst.ts_ns - req.ts_ns) / 1e6, 3)
 
 
 def test_window_full_says_how_long_fwd_cnt_stayed_frozen() -> None:
@@ -419,9 +482,12 @@ def test_live_no_transport_fires_once_the_wait_has_passed() -> None:
     live.feed(fbs[0])
     first_ts = int(fbs[0].ts_ns[0])
     assert [f.rule for f in live.update(first_ts + 100 * MS)] == []
+    # the batch holds the one REQUEST (stream 0) of the capture
+    assert [f.rule_id for f in live.update(first_ts + 1_999 * MS)] == []  # 2 s not yet up
     later = live.update(first_ts + 10_000 * MS)
-    assert {f.rule_id for f in later} >= {"no-transport/no-transport"}
-    assert {f.rule for f in live.close()} <= {"mid-capture"}
+    assert [(f.rule_id, f.stream) for f in later] == [("no-transport/no-transport", 0)]
+    # closing then adds nothing: reported once, and the REQUEST's open end is explained
+    assert live.close(first_ts + 10_000 * MS) == []
 
 
 def test_findings_by_stream_and_frame() -> None:
@@ -441,3 +507,57 @@ def test_select_by_rule_kind_and_severity() -> None:
     assert [f.rule for f in matching_findings(findings, ["mid-capture/end"])] == ["mid-capture"]
     assert [f.rule for f in matching_findings(findings, min_severity=Severity.WARNING)] == [
         "no-transport"]
+
+
+def test_live_says_which_findings_the_written_file_reports_differently() -> None:
+    """Live, the silence after a half-close runs up to the capture's stop; a file ends at its
+    last frame, so offline the same connection is only cut off by the capture's end."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()]
+    live = LiveDiagnosis()
+    live.feed_frames(frames[:5])  # the half-closed connection alone, stopped 2 s later
+    stop = frames[4][0] + 2_000 * MS
+    reported = live.update(stop) + live.close(stop)
+    assert [(f.rule, f.stream, f.frames) for f in reported] == [("half-close-hang", 0, (4, 5))]
+    assert live.last_frame == 5
+    missing, extra = live.file_differences(reported)
+    assert missing == reported
+    assert [(f.rule_id, f.stream) for f in extra] == [("mid-capture/end", 0)]
+    # the whole fixture: another connection 2.5 s later puts the silence inside the file
+    live = LiveDiagnosis()
+    live.feed_frames(frames)
+    end = frames[-1][0]
+    reported = live.update(end) + live.close(end)
+    assert [(f.rule, f.stream) for f in reported] == [("half-close-hang", 0)]
+    assert live.file_differences(reported) == ([], [])
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_pcapng_that_records_the_capture_stop_diagnoses_as_the_live_capture_did(
+        tmp_path: Path, recorded: bool) -> None:
+    """The half-closed connection alone, the capture stopped 2 s after its last frame: live,
+    a hang. A pcapng file that records the stop gives the same finding offline; without
+    that record the file only shows a connection cut off by the capture's end."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()][:5]
+    stop = frames[-1][0] + 2_000 * MS
+    path = tmp_path / "end.pcapng"
+    with open(path, "wb") as fp:
+        w = PcapngWriter(fp)
+        for ts, data, orig in frames:
+            w.write(ts, data, orig)
+        if recorded:
+            fp.write(PcapngWriter.statistics_block(stop))
+    live = LiveDiagnosis()
+    live.feed_frames(frames)
+    reported = live.update(stop) + live.close(stop)
+    with vsockmon.open(str(path)) as cap:
+        offline = cap.findings()
+    key = [(f.rule_id, f.stream, f.frames) for f in offline]
+    if recorded:
+        assert key == [(f.rule_id, f.stream, f.frames) for f in reported]
+        assert key == [("half-close-hang", 0, (4, 5))]
+        assert offline[0].evidence["silence_s"] == 2.0  # frame 5 to the recorded stop
+        assert live.file_differences(reported, stop) == ([], [])
+    else:
+        assert key == [("mid-capture/end", 0, (5,))]

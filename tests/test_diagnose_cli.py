@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -169,3 +170,45 @@ def test_wireshark_plugin_shows_exported_findings_as_expert_info(tmp_path: Path)
                            "frame.number"], capture_output=True, text=True,
                           check=True).stdout.split()
     assert rows == ["20", "21"]
+
+
+@pytest.mark.parametrize("name", ["live.pcap", "live.pcapng", None])
+def test_capture_diagnose_report_and_the_written_file(tmp_path: Path, name: str | None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``capture --diagnose``'s report (LiveReport over the capture's real sinks), fed the
+    half-closed connection of a lab fixture and stopped long after it (now: the fixture is
+    older): a hang live. A pcapng file records the stop and diagnoses the same; a pcap file
+    cannot, and the report says what the file will show instead; the line view writes no
+    file and has nothing to explain."""
+    from vsockmon.cli.diagnose import LiveReport
+    from vsockmon.live.capture import FileSink, LineSink, LiveBatch, LiveFrame
+    from vsockmon.wire.pcapio import open_capture
+
+    with open_capture(str(FIXTURES / "diagnose/half-close-hang.pcap")) as reader:
+        frames = list(reader.records())[:5]
+    path = tmp_path / (name or "none")
+    sink = FileSink(str(path)) if name else LineSink(io.StringIO())
+    report = LiveReport(sink)
+    report.write(LiveBatch.of_frames((LiveFrame(r.ts_ns, memoryview(r.data), r.orig_len)
+                                      for r in frames), getattr(sink, "record_format", 0)))
+    report.close()
+    err = capsys.readouterr().err
+    assert err.startswith("diagnose: WARNING half-close-hang (stream 0, frames 4,5): "), err
+    assert err.endswith("diagnose: 0 error(s), 1 warning(s), 0 note(s)\n"), err
+    if name is None:
+        assert "file" not in err
+        return
+    offline = CliRunner().invoke(main, ["diagnose", str(path), "--json"])
+    rules = [(f["rule"], f["kind"], f["stream"]) for f in map(json.loads,
+                                                             offline.stdout.splitlines())]
+    if name.endswith(".pcapng"):
+        assert rules == [("half-close-hang", None, 0)] and offline.exit_code == 1
+        assert "report differ" not in err
+    else:
+        assert rules == [("mid-capture", "end", 0)] and offline.exit_code == 0
+        assert ("diagnose: the written file ends at its last frame (frame 5, " in err
+                and "a pcap file cannot record the stop" in err)
+        assert ("diagnose:   not in the file's report: WARNING half-close-hang (stream 0, "
+                "frames 4,5)\n") in err
+        assert ("diagnose:   only in the file's report: INFO mid-capture/end (stream 0, "
+                "frames 5)\n") in err

@@ -151,3 +151,15 @@ def test_broken_entry_point_warns(tmp_path, monkeypatch) -> None:
     reg = Registry()
     with pytest.warns(UserWarning, match="'bad'"):
         assert reg.all() == []
+
+
+def test_control_characters_of_a_payload_are_escaped_in_every_view() -> None:
+    """Found by fuzzing the decoder: a newline in a ttrpc service name split decode's
+    one-line view in two; an ESC would have reached the terminal."""
+    p = ttrpc.encode_request(1, "grpc.Agent\nFAKE LINE\x1b[2J", "Check")
+    info = dissect(p, 50000, 1024)
+    assert info is not None
+    assert info.summary == "request #1 grpc.Agent\\nFAKE LINE\\x1b[2J/Check"
+    assert all("\n" not in line and "\x1b" not in line for line in info.lines())
+    # the raw value stays in the fields, for scripts (JSON escapes it)
+    assert info.fields["ttrpc.method"] == "grpc.Agent\nFAKE LINE\x1b[2J/Check"

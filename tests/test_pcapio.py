@@ -149,3 +149,88 @@ def test_create_output_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_writer_for_picks_format_by_extension() -> None:
     assert isinstance(writer_for("a.pcapng", io.BytesIO()), PcapngWriter)
     assert isinstance(writer_for("a.pcap", io.BytesIO()), PcapWriter)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_pcapng_statistics_block_records_when_the_capture_stopped(tmp_path: Path,
+                                                                   chunk: int) -> None:
+    path = tmp_path / "end.pcapng"
+    data = frames(20)
+    end = T0 + 5_000_000_000  # five seconds of silence after the last packet
+    with open(path, "wb") as fp:
+        w = PcapngWriter(fp)
+        for i, f in enumerate(data):
+            w.write(T0 + i, f)
+        fp.write(PcapngWriter.statistics_block(end))
+    with CaptureReader(str(path), chunk=chunk) as r:
+        assert r.capture_end_ns is None  # not read yet
+        assert [x.data for x in r.records()] == data  # the block is not a packet
+        assert r.stopped is None and r.capture_end_ns == end
+    # tshark reads the block as interface 0's statistics: the same 20 packets, no complaint
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(i) for i in range(1, 21)]
+    with open_capture(str(FIXTURES / "stream-all-ops.pcap")) as r:
+        list(r.records())
+        assert r.capture_end_ns is None  # classic pcap has no place for it
+
+
+def test_statistics_block_of_a_microsecond_interface(tmp_path: Path) -> None:
+    """Another writer's block: an interface without if_tsresol counts microseconds, and
+    isb_endtime (option 3) wins over the block's own timestamp."""
+    from vsockmon.wire.pcapio import _block, _options
+
+    ticks, written = 1_795_000_000_123_456, 1_795_000_000_200_000
+
+    def ts(t: int) -> bytes:
+        return struct.pack("<II", t >> 32, t & 0xFFFFFFFF)
+    blob = (_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) + _options([]))
+            + _block(1, struct.pack("<HHI", 271, 0, 0) + _options([]))
+            + _block(5, struct.pack("<I", 0) + ts(written) + _options([(3, ts(ticks))])))
+    path = tmp_path / "us.pcapng"
+    path.write_bytes(blob)
+    with open_capture(str(path)) as r:
+        assert list(r.records()) == []
+        assert r.capture_end_ns == ticks * 1000
+
+
+def _pcap_with_corrupt_third_record() -> bytes:
+    """Two whole records, then one claiming 0x7FFFFFFF captured bytes (found by fuzzing)."""
+    out = io.BytesIO()
+    w = PcapWriter(out)
+    for i in range(2):
+        w.write(T0 + i, frame(Op.RW, b"x" * 40))
+    return out.getvalue() + struct.pack("<IIII", 0, 0, 0x7FFFFFFF, 10) + b"y" * 64
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 64, 7])
+def test_corrupt_record_names_the_same_packet_and_byte_whatever_the_chunk(chunk: int) -> None:
+    # the bad record header follows the file header and two records (16-byte header each)
+    byte = 24 + 2 * (16 + len(frame(Op.RW, b"x" * 40)))
+    data = _pcap_with_corrupt_third_record()
+    with CaptureReader(io.BytesIO(data), chunk=chunk) as r:
+        assert len(list(r.records())) == 2
+        assert r.stopped == ("corrupt record (captured length 2147483647) after packet 2 "
+                             f"(byte {byte})")
+
+
+def test_pcapng_packet_on_an_undeclared_interface_names_where(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    w = PcapngWriter(out)
+    w.write(T0, frame(Op.RW, b"abc"))
+    whole = out.getvalue()
+    bad = bytearray(b"".join(PcapngWriter.record_parts(T0, frame(Op.RW), 44)))
+    struct.pack_into("<I", bad, 8, 5)  # interface 5: only interface 0 was declared
+    for chunk in (1 << 22, 16):
+        with CaptureReader(io.BytesIO(whole + bytes(bad)), chunk=chunk) as r:
+            assert len(list(r.records())) == 1
+            assert r.stopped == f"packet on undeclared interface 5 after packet 1 " \
+                                f"(byte {len(whole)})"
+
+
+def test_damaged_gzip_stream_is_a_capture_error_not_a_zlib_traceback() -> None:
+    raw = bytearray(gzip.compress((FIXTURES / "stream-all-ops.pcap").read_bytes()))
+    raw[20:40] = b"\xff" * 20  # deflate data past the gzip header: invalid block type
+    with pytest.raises(CaptureError, match="read error"), \
+            CaptureReader(io.BytesIO(bytes(raw))) as r:
+        list(r.records())

@@ -33,7 +33,7 @@ from vsockmon.diagnose.digest import Digest
 from vsockmon.diagnose.engine import evaluate
 from vsockmon.diagnose.model import Finding, Thresholds
 from vsockmon.export.tables import FRAME_SCHEMA, connections_table, frames_batch
-from vsockmon.wire.pcapio import CaptureError, CaptureReader, open_capture
+from vsockmon.wire.pcapio import CaptureError, CaptureReader, is_stream, open_capture
 
 __all__ = ["Capture", "open"]
 
@@ -76,6 +76,8 @@ class Capture:
             self._path, self._fp = None, source
             self._start = source.tell() if source.seekable() else -1
         self._next: CaptureReader | None = self._open()
+        self._once = self._path is not None and is_stream(self._path)
+        """A path that is a stream (stdin, a FIFO, ``<(…)``): its bytes can be read once."""
         self.name: str = self._next.name
         """The capture's name in messages: its path, ``<stdin>`` or the file object's name."""
         self.stopped: str | None = None
@@ -102,7 +104,7 @@ class Capture:
         if self._next is not None:
             reader, self._next = self._next, None
             return reader
-        if self._path == "-" or (self._fp is not None and self._start < 0):
+        if self._once or (self._fp is not None and self._start < 0):
             raise CaptureError(f"{self.name}: a stream can be read only once; "
                                "save it to a file to analyse it again")
         return self._open()
@@ -196,7 +198,8 @@ class Capture:
         key = thresholds or Thresholds()
         if key not in self._digests:
             self.scan(findings=True, thresholds=key)
-        return evaluate(self.analysis().table, self._digests[key], key)
+        analysis = self.analysis()  # silences last until the capture's recorded end
+        return evaluate(analysis.table, self._digests[key], key, analysis.capture_end_ns)
 
     def stats(self, top: int = 10, bins: int = 20) -> Stats:
         """What ``vsockmon stats`` shows; ``.to_dict()`` is the object of ``stats --json``."""

@@ -7,7 +7,9 @@ the live capture path uses it inside the lab VM, where every import costs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from typing import BinaryIO
@@ -43,17 +45,33 @@ def refuse_existing(paths: Paths, force: bool,
 
 
 def create_output(path: str | os.PathLike[str], force: bool,
-                  error: type[VsockmonError] = OutputError) -> BinaryIO:
+                  error: type[VsockmonError] = OutputError, mode: int | None = None
+                  ) -> BinaryIO:
     """``path`` opened for binary writing (stdout for ``-``), refusing to replace a file
-    without ``force``; failures raise ``error``."""
+    without ``force``; failures raise ``error``.
+
+    ``mode`` None gives the usual 0666 less the umask. A ``mode`` is the file's exact
+    permission bits, also on a regular file replaced with ``force`` (which would otherwise
+    keep its old, maybe wider, mode): a capture's 0600, since payloads can hold secrets.
+    """
     name = os.fspath(path)
     if name == STDOUT:
         return sys.stdout.buffer
     refuse_existing(name, force, error)
+    if mode is None:
+        try:
+            return open(name, "wb")
+        except OSError as e:
+            raise error(f"{name}: cannot write: {e.strerror}") from None
     try:
-        return open(name, "wb")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     except OSError as e:
         raise error(f"{name}: cannot write: {e.strerror}") from None
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod /dev/null or a FIFO
+        # someone else's file that we may write keeps its owner's mode (EPERM)
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, mode)
+    return os.fdopen(fd, "wb")
 
 
 def write_output(path: str | os.PathLike[str], data: bytes, force: bool) -> None:

@@ -42,6 +42,9 @@ class Analysis:
     """The latest timestamp."""
     stopped: str | None = None
     """Why reading ended before the end of the file (truncated, corrupt), else None."""
+    capture_end_ns: int | None = None
+    """When the capture stopped, if the file records it (a pcapng statistics block): later
+    than :attr:`end_ns` when the capture went on, silent, after its last packet."""
 
 
 def decoded(reader: CaptureReader) -> Iterator[tuple[RecordBatch, FrameBatch]]:
@@ -81,4 +84,5 @@ def analyse(reader: CaptureReader, *visitors: Visitor,
         if on_progress is not None:
             on_progress(reader.offset)
     return Analysis(reader.name, tracker.finish(), tracker.frames,
-                    tracker.frames_without_stream, first, last, low, high, reader.stopped)
+                    tracker.frames_without_stream, first, last, low, high, reader.stopped,
+                    reader.capture_end_ns)

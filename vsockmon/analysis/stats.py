@@ -20,6 +20,10 @@ from vsockmon.wire.protocol import Op, SockType, cid_label, enum_name
 
 MAX_BUCKETS = 4096
 
+MAX_BINS = 10_000
+"""The most throughput intervals: each is a row, and a huge ``--bins`` over an hour-long
+capture (3.6e9 microseconds) would otherwise be billions of them."""
+
 
 @dataclass
 class CidStats:
@@ -170,11 +174,12 @@ class StatsCollector:
         return ranked[:top]
 
     def _bins(self, bins: int) -> tuple[float, list[Bin]]:
-        """The buckets regrouped into ``bins`` equal intervals from the first frame."""
+        """The buckets regrouped into ``bins`` (at most :data:`MAX_BINS`) equal intervals
+        from the first frame."""
         if not self.buckets or self.first_ts is None or self.last_ts is None:
             return 0.0, []
         span = max(self.last_ts - self.first_ts, 1)
-        width = max(span / bins, self.resolution)
+        width = max(span / min(bins, MAX_BINS), self.resolution)
         count = int(span // width) + 1
         packets, nbytes = [0] * count, [0] * count
         for k, (p, b) in self.buckets.items():

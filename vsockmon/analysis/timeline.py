@@ -348,8 +348,9 @@ def credit_svg(lad: Ladder) -> str:
 # -- matplotlib ----------------------------------------------------------------------------
 
 
-def figure(ladders: list[Ladder], max_rows: int = 40) -> Any:
-    """A matplotlib figure: per connection its ladder (left) and credit plot (right).
+def figure(ladders: list[Ladder], max_rows: int = 40, credit: bool = True) -> Any:
+    """A matplotlib figure: per connection its ladder (left) and, with ``credit``, its
+    credit plot (right; the docs' ladders of how connections close leave it out).
 
     matplotlib is imported here, with the Agg backend: nothing else pays for it.
     """
@@ -359,12 +360,14 @@ def figure(ladders: list[Ladder], max_rows: int = 40) -> Any:
     from matplotlib.figure import Figure
 
     rows = [list(_shown(lad.steps, max_rows)) for lad in ladders]
-    heights = [max(3.0, 0.28 * len(r) + 1.2) for r in rows]
-    fig = Figure(figsize=(15, sum(heights)), dpi=100, layout="constrained")
-    grid = fig.add_gridspec(len(ladders), 2, height_ratios=heights, width_ratios=(3, 2))
+    heights = [max(3.0 if credit else 1.2, 0.28 * len(r) + 1.2) for r in rows]
+    fig = Figure(figsize=(15 if credit else 9, sum(heights)), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(len(ladders), 1 + credit, height_ratios=heights,
+                            width_ratios=(3, 2) if credit else None)
     for i, (lad, shown) in enumerate(zip(ladders, rows, strict=True)):
         _draw_ladder(fig.add_subplot(grid[i, 0]), lad, shown)
-        _draw_credit(fig.add_subplot(grid[i, 1]), lad)
+        if credit:
+            _draw_credit(fig.add_subplot(grid[i, 1]), lad)
     return fig
 
 

@@ -18,6 +18,7 @@ from vsockmon.live.capture import (
     LineSink,
     LiveCapture,
     LiveCaptureError,
+    capture_mode,
     drop_privileges,
     fork_unprivileged,
     live_capture,
@@ -54,6 +55,20 @@ def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]
     return show
 
 
+def _parse_umask(_ctx: click.Context, _param: click.Parameter, value: str | None
+                 ) -> int | None:
+    """``--umask 022`` → 0o022 (always octal, as the shell's umask)."""
+    if value is None:
+        return None
+    try:
+        umask = int(value, 8)
+    except ValueError:
+        umask = -1
+    if not 0 <= umask <= 0o777:
+        raise click.BadParameter(f"{value!r} is not an octal umask (000 to 777)")
+    return umask
+
+
 @click.command()
 @click.option("-i", "--interface", "ifname", default=DEFAULT_LINK, show_default=True,
               help="vsockmon link to capture on; created (and removed on exit) if missing.")
@@ -83,6 +98,9 @@ def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]
 @click.option("-Z", "--user", metavar="USER",
               help="Drop privileges to USER once the socket is open (files are created as "
                    "USER).")
+@click.option("--umask", type=click.UNPROCESSED, callback=_parse_umask, metavar="OCTAL",
+              help="Create the files with mode 0666 less this umask (022: 0644) instead of "
+                   "0600, the default: payloads can hold secrets.")
 @click.option("-B", "--buffer-size", "buffer_mb", type=click.IntRange(min=2),
               default=DEFAULT_BUFFER >> 20,
               show_default=True, help="Kernel capture buffer (ring) in MiB.")
@@ -97,11 +115,14 @@ def _status_printer(quiet: bool):  # type: ignore[no-untyped-def]
 def capture(ifname: str, path: str | None, count: int | None, duration: float | None,
             ring_files: int | None, ring_size: float | None, snaplen: int,
             cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
-            ops: tuple[str, ...], force: bool, user: str | None, buffer_mb: int,
+            ops: tuple[str, ...], force: bool, user: str | None, umask: int | None,
+            buffer_mb: int,
             no_mmap: bool, quiet: bool, as_json: bool, diagnose: bool) -> None:
     """Capture vsock traffic from a vsockmon link, like tcpdump.
 
     Needs CAP_NET_ADMIN (to create the link) and CAP_NET_RAW (to read it): run as root.
+    Files are created mode 0600 (payloads can hold secrets; --umask for others), owned by
+    -Z USER when given.
     The link is removed on exit, on Ctrl-C and on SIGTERM when this command created it.
     A 'listening on' line on stderr says when frames are being captured.
 
@@ -113,6 +134,7 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
       vsockmon capture --cid 3 --port 1024 --op rw -w agent.pcapng
       vsockmon capture -w ring.pcap --ring 5 --ring-size 100
       vsockmon capture -w t.pcap --diagnose
+      vsockmon capture -w shared.pcap --umask 022      # mode 0644, not 0600
     """
     frame_filter = _filter(cid, port, types, ops, snaplen)
     if (ring_files or ring_size) and not path:
@@ -121,7 +143,7 @@ def capture(ifname: str, path: str | None, count: int | None, duration: float | 
     try:
         # Check the output before touching the link: refusing to overwrite changes nothing.
         sink_args = dict(path=path, force=force, snaplen=frame_filter.snaplen,
-                         rotate_bytes=rotate, files=ring_files)
+                         rotate_bytes=rotate, files=ring_files, mode=capture_mode(umask))
         if path:
             FileSink.check(**sink_args)  # type: ignore[arg-type]
         with live_capture(ifname, frame_filter, buffer_mb << 20, not no_mmap) as (held, live):

@@ -16,6 +16,7 @@ from vsockmon.cli.reading import opened
 from vsockmon.conntrack.query import matching, order
 from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
 from vsockmon.diagnose.views import stream_summary
+from vsockmon.wire.protocol import parse_cid
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
 CHUNK = 20000
@@ -84,6 +85,22 @@ def _stalls(r: dict[str, Any]) -> str:
     return f"{r['credit_stalls']} ({r['stall_time'] * 1e3:.3f}ms)"
 
 
+class _CidType(click.ParamType):
+    """A CID option: a number or a reserved CID's name (``host``), one line if neither."""
+
+    name = "CID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int:
+        try:
+            return parse_cid(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+_CID = _CidType()
+
+
 def _check_sort(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     if value.lstrip("-") not in FIELD_NAMES:
         raise click.BadParameter(f"unknown field {value!r}; one of: {', '.join(FIELD_NAMES)}")
@@ -99,8 +116,8 @@ def _check_sort(_ctx: click.Context, _param: click.Parameter, value: str) -> str
               metavar="FIELD", help="Sort by a record field; '-FIELD' sorts descending "
                                     "(e.g. --sort=-bytes).")
 @click.option("-n", "--limit", type=click.IntRange(min=1), help="Print at most N connections.")
-@click.option("--cid", "cids", type=int, multiple=True, help="Only connections with this CID "
-              "at either end (repeatable).")
+@click.option("--cid", "cids", type=_CID, multiple=True, help="Only connections with this CID "
+              "at either end (repeatable): a number, or host, local, hypervisor, any.")
 @click.option("--port", "ports", type=int, multiple=True,
               help="Only connections with this port at either end (repeatable).")
 @click.option("--type", "sock_type", type=click.Choice(["stream", "seqpacket"],

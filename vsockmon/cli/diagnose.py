@@ -157,18 +157,49 @@ class LiveReport:
     def close(self) -> None:
         try:
             self.sink.close()
-        finally:
-            self._print(self.live.close(time.time_ns()))
+        finally:  # the capture's end: the one a pcapng file records, if it does
+            stopped = getattr(self.sink, "end_ns", None) or time.time_ns()
+            self._print(self.live.close(stopped))
+            recorded = getattr(self.sink, "records_end", None)
+            if recorded is not None:  # a file is written (not the live line view)
+                self._explain_file(stopped, recorded)
             counts = {s: sum(f.severity == s for f in self.reported) for s in Severity}
             click.echo(f"diagnose: {counts[Severity.ERROR]} error(s), "
                        f"{counts[Severity.WARNING]} warning(s), {counts[Severity.INFO]} "
                        f"note(s)", err=True)
 
+    def _explain_file(self, stopped_ns: int, recorded: bool) -> None:
+        """Say which findings ``vsockmon diagnose FILE`` will report differently, and why: a
+        pcap file cannot record the silence between its last frame and the capture's stop
+        (a pcapng file records the stop: then the two agree)."""
+        missing, extra = self.live.file_differences(self.reported,
+                                                    stopped_ns if recorded else None)
+        if not missing and not extra:
+            return
+        last = self.live.digest.end_ns
+        if recorded or last is None:
+            why = "'vsockmon diagnose FILE' will report differently:"
+        else:
+            why = (f"the written file ends at its last frame (frame {self.live.last_frame}, "
+                   f"{(stopped_ns - last) / 1e9:.1f} s before the capture stopped; a pcap "
+                   f"file cannot record the stop, write .pcapng for that); 'vsockmon "
+                   f"diagnose FILE' measures silences up to there only, so its report "
+                   f"differs:")
+        click.echo(f"diagnose: {why}", err=True)
+        for title, group in (("not in the file's report", missing),
+                             ("only in the file's report", extra)):
+            for f in group:
+                click.echo(f"diagnose:   {title}: {_headline(f)}", err=True)
+
     def _print(self, findings: list[Finding]) -> None:
         for f in findings:
             self.reported.append(f)
-            where = f"stream {f.stream}, " if f.stream is not None else ""
-            frames = ",".join(map(str, f.frames))
-            click.echo(f"diagnose: {str(f.severity).upper()} {f.rule_id} ({where}frames "
-                       f"{frames}): {f.message} Fix: {f.fix}", err=True)
+            click.echo(f"diagnose: {_headline(f)}: {f.message} Fix: {f.fix}", err=True)
+
+
+def _headline(f: Finding) -> str:
+    """``SEVERITY rule (stream N, frames a,b)``: how a live report names a finding."""
+    where = f"stream {f.stream}, " if f.stream is not None else ""
+    frames = ",".join(map(str, f.frames))
+    return f"{str(f.severity).upper()} {f.rule_id} ({where}frames {frames})"
 

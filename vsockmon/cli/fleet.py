@@ -19,6 +19,7 @@ from vsockmon.fleet import (
     CONNECT_TIMEOUT,
     HOST_FROM_DEFAULT,
     HOST_FROM_NAMED,
+    MAX_LOCAL_WORKERS,
     Capture,
     CaptureResult,
     FleetError,
@@ -64,7 +65,7 @@ def _common(command: Callable[..., None]) -> Callable[..., None]:
         click.option("--scheduler", metavar="tcp://HOST:PORT",
                      help="An existing Dask scheduler. Without it a local cluster of one "
                           "process per core is started for the run and stopped after."),
-        click.option("--workers", type=click.IntRange(min=1),
+        click.option("--workers", type=click.IntRange(min=1, max=MAX_LOCAL_WORKERS),
                      help="Processes of the local cluster (default: one per core)."),
         click.option("--connect-timeout", type=click.FloatRange(min=0.1),
                      default=CONNECT_TIMEOUT, show_default=True, metavar="SECONDS",

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from vsockmon.analysis.stats import Stats
+from vsockmon.analysis.stats import MAX_BINS, Stats
 from vsockmon.cli.reading import opened
 from vsockmon.wire.protocol import Op
 
@@ -20,7 +20,7 @@ BAR = 40
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with everything.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Rows of the top-CIDs, ports and connections tables.")
-@click.option("--bins", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--bins", type=click.IntRange(min=1, max=MAX_BINS), default=20, show_default=True,
               help="Intervals of the throughput table.")
 def stats(file: str, as_json: bool, top: int, bins: int) -> None:
     """Count what a capture holds: packets by socket type and op, anomalies, the busiest

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from vsockmon.wire.pcapio import is_stream, open_capture
+
 PLUGIN_NAME = "vsockmon.lua"
 MARKER = "-- vsockmon.lua: Wireshark/tshark plugin"
 """The plugin's first line: how ``uninstall`` knows a file is ours."""
@@ -131,6 +133,8 @@ def open_(file: str, program: str) -> None:
     Needs a display (DISPLAY or WAYLAND_DISPLAY). Without one, install the plugin and use
     tshark: 'vsockmon wireshark install', then 'tshark -r FILE'.
     """
+    if not is_stream(file):  # not a capture: say so here, not in a dialog box (a FIFO
+        open_capture(file, require_linktype=None).close()  # is Wireshark's to read)
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise click.ClickException(
             "no display (DISPLAY and WAYLAND_DISPLAY are unset); on a text terminal use "

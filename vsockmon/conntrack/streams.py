@@ -27,7 +27,9 @@ class StreamRows:
 
     def __init__(self, wanted: Iterable[int] | None = None, first: int = 0,
                  payloads: bool = False) -> None:
-        self.wanted = None if wanted is None else np.asarray(sorted(set(wanted)), np.int64)
+        # a number past int64 names no stream (and would not fit the column): left out
+        self.wanted = None if wanted is None else np.asarray(
+            sorted({s for s in wanted if 0 <= s < 2**63}), np.int64)
         self.first = first
         self.payloads = payloads
         self._parts: dict[int, list[dict[str, np.ndarray]]] = {}

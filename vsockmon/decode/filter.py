@@ -19,6 +19,7 @@ true when non-zero; ``anomaly`` alone is true for frames with any anomaly. Value
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from vsockmon.wire.protocol import (
     ShutdownFlag,
     SockType,
     Transport,
+    parse_cid,
 )
 
 Mask = np.ndarray
@@ -132,10 +134,16 @@ def _tokenize(text: str) -> list[str]:
     return tokens
 
 
+MAX_DEPTH = 100
+"""Parentheses and ``not`` nested deeper than this are refused: the parser and the compiled
+filter recurse once per level, and Python's stack is not the user's problem."""
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = _tokenize(text)
         self.pos = 0
+        self.depth = 0
         if not self.tokens:
             raise FilterError("bad filter: empty expression")
 
@@ -155,33 +163,37 @@ class _Parser:
         return node
 
     def or_(self) -> Callable[[FrameBatch], Mask]:
-        left = self.and_()
+        terms = [self.and_()]
         while self.peek() in ("or", "||"):
             self.take()
-            left = _combine(operator.or_, left, self.and_())
-        return left
+            terms.append(self.and_())
+        return _combine(operator.or_, terms)
 
     def and_(self) -> Callable[[FrameBatch], Mask]:
-        left = self.unary()
+        terms = [self.unary()]
         while self.peek() in ("and", "&&"):
             self.take()
-            left = _combine(operator.and_, left, self.unary())
-        return left
+            terms.append(self.unary())
+        return _combine(operator.and_, terms)
 
     def unary(self) -> Callable[[FrameBatch], Mask]:
         tok = self.peek()
-        if tok in ("not", "!"):
-            self.take()
-            inner = self.unary()
-            return lambda fb: ~inner(fb)
+        if tok not in ("not", "!", "("):
+            return self.test()
+        self.take()
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FilterError(f"bad filter: nested deeper than {MAX_DEPTH} levels")
         if tok == "(":
-            self.take()
             inner = self.or_()
             if self.peek() != ")":
                 raise FilterError("bad filter: missing ')'")
             self.take()
-            return inner
-        return self.test()
+        else:
+            negated = self.unary()
+            inner = lambda fb: ~negated(fb)  # noqa: E731
+        self.depth -= 1
+        return inner
 
     def test(self) -> Callable[[FrameBatch], Mask]:
         name = self.take().lower()
@@ -200,9 +212,12 @@ class _Parser:
         return _compare(field, operator.ne, 0, negate=False)
 
 
-def _combine(op: Callable[[Mask, Mask], Mask], a: Callable[[FrameBatch], Mask],
-             b: Callable[[FrameBatch], Mask]) -> Callable[[FrameBatch], Mask]:
-    return lambda fb: op(a(fb), b(fb))
+def _combine(op: Callable[[Mask, Mask], Mask], terms: list[Callable[[FrameBatch], Mask]]
+             ) -> Callable[[FrameBatch], Mask]:
+    """``a op b op c …`` as one flat fold: a chain of thousands of terms costs no stack."""
+    if len(terms) == 1:
+        return terms[0]
+    return lambda fb: functools.reduce(op, (term(fb) for term in terms))
 
 
 def _compare(field: _Field, cmp: Callable[[np.ndarray, int], np.ndarray], value: int,
@@ -244,6 +259,11 @@ def _has(name: str, field: _Field, raw: str) -> Callable[[FrameBatch], Mask]:
 
 
 def _value(name: str, field: _Field, raw: str) -> int:
+    if name.endswith("cid"):  # cid, src_cid, vsock.dst_cid…: names of reserved CIDs too
+        try:
+            return parse_cid(raw)
+        except ValueError as e:
+            raise FilterError(f"bad filter: {e}") from None
     try:
         return int(raw, 0)
     except ValueError:

@@ -116,11 +116,38 @@ class LiveDiagnosis(Diagnosis):
     def close(self, now_ns: int | None = None) -> list[Finding]:
         return self._new(self.findings(now_ns, final=True))
 
+    @property
+    def last_frame(self) -> int:
+        """The number of the last frame fed (0 before any)."""
+        return self._next_frame - 1
+
+    def file_differences(self, reported: Sequence[Finding], recorded_end_ns: int | None = None
+                         ) -> tuple[list[Finding], list[Finding]]:
+        """What ``vsockmon diagnose`` on the written file will report differently.
+
+        A pcap file ends at its last frame: offline, every silence (a half-close, a stalled
+        window, an unanswered REQUEST) is measured up to that frame, while live it runs up
+        to the capture's stop. A pcapng file records the stop (``recorded_end_ns``), and the
+        two agree. Returns (the ``reported`` findings the file will not show, the file's
+        findings that were not reported), so the live report can say why the two differ
+        instead of giving two unexplained answers for one capture.
+        """
+        offline = self.findings(recorded_end_ns, final=True)
+        live_keys = {_key(f) for f in reported}
+        file_keys = {_key(f) for f in offline}
+        return ([f for f in reported if _key(f) not in file_keys],
+                [f for f in offline if _key(f) not in live_keys])
+
     def _new(self, findings: list[Finding]) -> list[Finding]:
         out = []
         for f in findings:
-            key = (f.rule, f.kind, f.stream)
+            key = _key(f)
             if key not in self._seen:
                 self._seen.add(key)
                 out.append(f)
         return out
+
+
+def _key(f: Finding) -> tuple[str, str | None, int | None]:
+    """What makes two findings the same one: a live report states each key once."""
+    return (f.rule, f.kind, f.stream)

@@ -39,7 +39,9 @@ from vsockmon.output import create_output, refuse_existing
 from vsockmon.wire.pcapio import (
     CaptureError,
     PcapngWriter,
+    is_stream,
     open_capture,
+    open_file,
 )
 from vsockmon.wire.protocol import LINKTYPE_VSOCK
 
@@ -71,12 +73,19 @@ class ExportResult:
 
 @contextmanager
 def _seekable(source: str) -> Iterator[str]:
-    """A path that can be read twice: the file itself, or stdin spooled to a temporary file."""
-    if source != "-":
+    """A path that can be read twice: the file itself, or a stream (stdin, a FIFO) spooled
+    to a temporary file."""
+    if not is_stream(source):
         yield source
         return
+    try:
+        stream = sys.stdin.buffer if source == "-" else open_file(source)
+    except CaptureError as e:
+        raise ExportError(str(e)) from None
     with tempfile.NamedTemporaryFile(prefix="vsockmon-", suffix=".pcap") as tmp:
-        shutil.copyfileobj(sys.stdin.buffer, tmp)
+        shutil.copyfileobj(stream, tmp)
+        if stream is not sys.stdin.buffer:
+            stream.close()
         tmp.flush()
         yield tmp.name
 
@@ -102,10 +111,12 @@ def export_pcapng(source: str, out: str, force: bool = False,
             if on_batch is not None:
                 visitors.append(lambda fb, _tags: on_batch(len(fb)))
             with open_capture(path) as reader:
-                table = analyse(reader, *visitors).table
+                analysis = analyse(reader, *visitors)
+            table = analysis.table
             result.connections = len(table)
             if digest is not None:
-                extra = _with_findings(evaluate(table, digest), extra)
+                extra = _with_findings(evaluate(table, digest, end_ns=analysis.capture_end_ns),
+                                       extra)
             annotator = Annotator(table, extra)
             fp = create_output(out, force, ExportError)
         except CaptureError as e:

@@ -11,11 +11,12 @@
 Nothing here uses click: the ``vsockmon fleet`` command (vsockmon.cli.fleet) is a shell.
 """
 
-from vsockmon.fleet.cluster import CONNECT_TIMEOUT, Outcome, connect, run
+from vsockmon.fleet.cluster import CONNECT_TIMEOUT, MAX_LOCAL_WORKERS, Outcome, connect, run
 from vsockmon.fleet.sources import HOST_FROM_DEFAULT, HOST_FROM_NAMED, Capture, FleetError, expand
 from vsockmon.fleet.worker import CaptureResult, Request, analyse_capture
 
 __all__ = [
-    "CONNECT_TIMEOUT", "HOST_FROM_DEFAULT", "HOST_FROM_NAMED", "Capture", "CaptureResult",
+    "CONNECT_TIMEOUT", "HOST_FROM_DEFAULT", "HOST_FROM_NAMED", "MAX_LOCAL_WORKERS", "Capture",
+    "CaptureResult",
     "FleetError", "Outcome", "Request", "analyse_capture", "connect", "expand", "run",
 ]

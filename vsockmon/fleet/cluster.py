@@ -42,6 +42,11 @@ class Outcome:
     """One line naming the capture: why it could not be analysed."""
 
 
+MAX_LOCAL_WORKERS = 256
+"""The most processes of a local cluster: a mistyped ``--workers`` must not fork a million
+(each is a Python interpreter with vsockmon loaded, about 100 MB)."""
+
+
 @contextmanager
 def connect(scheduler: str | None = None, workers: int | None = None,
             timeout: float = CONNECT_TIMEOUT) -> Iterator[Client]:

@@ -606,9 +606,24 @@ def _offset(fd: int) -> int | None:
         return None
 
 
+CAPTURE_MODE = 0o600
+"""A capture file's permission bits: payloads can hold secrets (keys, tokens, the guest's
+traffic), so only its owner reads it unless ``--umask`` says otherwise."""
+
+
+def capture_mode(umask: int | None) -> int:
+    """The mode of the capture files: :data:`CAPTURE_MODE`, or 0666 less an explicit umask
+    (``--umask 022``: 0644, as tcpdump's files under the usual umask)."""
+    return CAPTURE_MODE if umask is None else 0o666 & ~umask
+
+
 def ring_paths(path: str, files: int | None) -> list[str]:
     """The names of a ring of ``files`` capture files (FILE.0 …), or ``[path]``."""
     return [path] if files is None else [f"{path}.{i}" for i in range(files)]
+
+
+_END_BLOCK = pcapio.PcapngWriter.statistics_block(0)
+"""A pcapng file's last block (when the capture stopped), for its length."""
 
 
 class FileSink:
@@ -620,12 +635,15 @@ class FileSink:
     """
 
     def __init__(self, path: str, force: bool = False, snaplen: int = bpf.DEFAULT_SNAPLEN,
-                 rotate_bytes: int | None = None, files: int | None = None) -> None:
+                 rotate_bytes: int | None = None, files: int | None = None,
+                 mode: int = CAPTURE_MODE) -> None:
         self.check(path, force, snaplen, rotate_bytes, files)
-        self.path, self.snaplen = path, snaplen
+        self.path, self.snaplen, self.mode = path, snaplen, mode
         self.rotate_bytes, self.files = rotate_bytes, files
         self.index = 0
         self.written: list[str] = []
+        self.end_ns: int | None = None
+        """When the last file closed: the end a pcapng file records (None before)."""
         self.deleted: list[str] = []
         """Files removed while being written: like tcpdump, the capture writes on into the
         open file (its packets are gone with it); the command warns at the end."""
@@ -633,9 +651,11 @@ class FileSink:
 
     @staticmethod
     def check(path: str, force: bool = False, snaplen: int = bpf.DEFAULT_SNAPLEN,
-              rotate_bytes: int | None = None, files: int | None = None) -> None:
+              rotate_bytes: int | None = None, files: int | None = None,
+              mode: int = CAPTURE_MODE) -> None:
         """Raise :class:`LiveCaptureError` for options that cannot work or files that would be
-        overwritten without ``force`` — before anything (the link) is changed."""
+        overwritten without ``force`` — before anything (the link) is changed. Takes the
+        constructor's arguments (``mode`` too, unchecked) so one set serves both."""
         _need_ring()
         if files is not None and rotate_bytes is None:
             raise LiveCaptureError("a ring of files (--ring) needs a file size (--ring-size)")
@@ -657,7 +677,7 @@ class FileSink:
     def _open(self, force: bool) -> None:
         path = self._current_path()
         try:
-            self.fp = pcapio.create_output(path, force)
+            self.fp = pcapio.create_output(path, force, self.mode)
         except pcapio.CaptureError as e:
             raise LiveCaptureError(str(e)) from None
         self.fd = self.fp.fileno()
@@ -667,7 +687,8 @@ class FileSink:
         writer = pcapio.writer_for(self.path, header, snaplen=self.snaplen)
         self.record_format = PCAPNG if isinstance(writer, pcapio.PcapngWriter) else PCAP
         _write_all(self.fd, header.getvalue(), path)
-        self.size = header.tell()
+        # the statistics block a pcapng file ends with counts against the file's size
+        self.size = header.tell() + (len(_END_BLOCK) if self.records_end else 0)
         self.in_file = 0
         if path not in self.written:
             self.written.append(path)
@@ -730,7 +751,19 @@ class FileSink:
             os.ftruncate(self.fd, start + (ends[first + kept - 1] - base if kept else 0))
         return kept
 
+    @property
+    def records_end(self) -> bool:
+        """Whether the file says when the capture stopped: a pcapng one does (an interface
+        statistics block written at close), classic pcap cannot."""
+        return self.record_format == PCAPNG
+
     def _close_file(self) -> None:
+        self.end_ns = time.time_ns()
+        if self.records_end:  # the capture's end, after its last packet
+            # a reader gone or a full disk: the file stays valid without it
+            with suppress(OutputClosed, LiveCaptureError):
+                _write_all(self.fd, pcapio.PcapngWriter.statistics_block(self.end_ns),
+                           self._current_path())
         if self.fp is not sys.stdout.buffer:
             with suppress(OSError):
                 if os.fstat(self.fd).st_nlink == 0:

@@ -10,13 +10,26 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): what a payload
+    says is shown, and must neither break a one-line view in two nor send escape sequences
+    to the user's terminal (found by fuzzing the decoder)."""
+    return text.translate(_CONTROLS)
+
 
 @dataclass(frozen=True)
 class Node:
-    """One line of a dissection tree and the lines below it."""
+    """One line of a dissection tree and the lines below it (control characters escaped)."""
 
     label: str
     children: tuple[Node, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", printable(self.label))
 
     def walk(self, depth: int = 0) -> Iterator[tuple[int, str]]:
         """(depth, label) of this node and its descendants, depth first."""
@@ -44,6 +57,9 @@ class PayloadInfo:
     summary: str
     tree: tuple[Node, ...] = ()
     fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # one line, whatever the payload held
+        object.__setattr__(self, "summary", printable(self.summary))
 
     def lines(self, indent: str = "  ") -> list[str]:
         """The tree as indented text lines, the protocol's own line first."""

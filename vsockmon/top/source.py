@@ -24,7 +24,15 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from vsockmon.errors import VsockmonError
-from vsockmon.live.capture import CaptureStats, FileSink, LiveBatch, LiveCapture, LiveFrame, run
+from vsockmon.live.capture import (
+    CAPTURE_MODE,
+    CaptureStats,
+    FileSink,
+    LiveBatch,
+    LiveCapture,
+    LiveFrame,
+    run,
+)
 from vsockmon.wire.pcapio import open_capture
 
 Frame = tuple[int, bytes, int]
@@ -107,7 +115,10 @@ class Spool:
         how many frames it holds."""
         size, frames = self.whole
         try:
-            with open(self.path, "rb") as src, open(dest, "xb") as out:
+            # mode 0600 as every capture file (payloads can hold secrets); never replaced
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         CAPTURE_MODE)
+            with open(self.path, "rb") as src, os.fdopen(fd, "wb") as out:
                 left = size
                 while left:
                     chunk = src.read(min(left, 1 << 20))

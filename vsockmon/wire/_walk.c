@@ -232,7 +232,8 @@ static PyObject *walk_pcapng(PyObject *self, PyObject *args)
         }
         const uint8_t *b = buf + off;
         uint32_t btype = rd32(b, big);
-        if (btype == 0x0A0D0D0A || btype == 1) { /* section header, interface description */
+        /* section header, interface description, interface statistics: read by Python */
+        if (btype == 0x0A0D0D0A || btype == 1 || btype == 5) {
             status = WALK_CONTROL;
             break;
         }

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import stat
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from vsockmon import output
 from vsockmon.errors import VsockmonError
@@ -34,7 +37,8 @@ PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BOM = 0x1A2B3C4D
-_IDB, _SPB, _EPB, _PB = 1, 3, 6, 2
+_IDB, _SPB, _EPB, _PB, _ISB = 1, 3, 6, 2, 5
+_ISB_ENDTIME = 3
 
 
 class CaptureError(VsockmonError):
@@ -95,21 +99,85 @@ def _open_source(path: str | BinaryIO) -> tuple[BinaryIO, str]:
         name = "<stdin>"
     else:
         name = path
-        try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed by CaptureReader.close
-        except FileNotFoundError:
-            raise CaptureError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise CaptureError(f"{path}: is a directory, not a capture file") from None
-        except PermissionError:
-            raise CaptureError(f"{path}: permission denied") from None
-        except OSError as e:
-            raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+        raw = open_file(path)
     buffered = (raw if isinstance(raw, io.BufferedReader)
                 else io.BufferedReader(cast(io.RawIOBase, raw)))
     if buffered.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=buffered), name  # type: ignore[return-value]
     return buffered, name
+
+
+def is_stream(path: str) -> bool:
+    """Whether the capture at ``path`` can be read only once: stdin (``-``), a FIFO, or a
+    shell's ``<(…)``. False for a path that does not exist (opening it will say so)."""
+    try:
+        return path == "-" or stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_file(path: str) -> BinaryIO:
+    """``path`` opened for reading, never waiting: a FIFO is opened without blocking, and
+    one with no writer is refused (a blocking open would wait for one forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CaptureError(f"{path}: no such file") from None
+    except PermissionError:
+        raise CaptureError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise CaptureError(f"{path}: cannot open: {e.strerror}") from None
+    kind = os.fstat(fd).st_mode
+    first = b""
+    try:
+        if stat.S_ISDIR(kind):
+            raise CaptureError(f"{path}: is a directory, not a capture file")
+        if stat.S_ISFIFO(kind):
+            first = _fifo_start(path, fd)
+    except CaptureError:
+        os.close(fd)
+        raise
+    os.set_blocking(fd, True)  # from now on a reader waits for a slow writer, as it should
+    raw = os.fdopen(fd, "rb", buffering=0)
+    return cast(BinaryIO, _Prefixed(first, raw) if first else raw)
+
+
+def _fifo_start(path: str, fd: int) -> bytes:
+    """What a FIFO holds already (possibly nothing), or :class:`CaptureError` when no writer
+    has it open: a read without a writer is the end of the file."""
+    try:
+        first = os.read(fd, 1 << 16)
+    except BlockingIOError:  # a writer, not written yet
+        return b""
+    if not first:
+        raise CaptureError(f"{path}: a FIFO with no writer, nothing to read (start the "
+                           "writer first, or pipe the capture into '-')")
+    return first
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that gives ``first`` back before the rest of ``raw`` (a FIFO's bytes
+    read while checking it had a writer)."""
+
+    def __init__(self, first: bytes, raw: io.FileIO) -> None:
+        super().__init__()
+        self._first, self._raw = first, raw
+        self.name = raw.name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:  # any writable buffer, as RawIOBase's
+        if not self._first:
+            return self._raw.readinto(buf) or 0
+        view = memoryview(buf).cast("B")
+        n = min(len(view), len(self._first))
+        view[:n], self._first = self._first[:n], self._first[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class CaptureReader:
@@ -131,6 +199,10 @@ class CaptureReader:
         self._eof = False
         self._interfaces: list[tuple[int, int, int]] = []
         """(link type, ``if_tsresol`` code, snaplen) of each interface of the section."""
+        self.capture_end_ns: int | None = None
+        """When the capture stopped, as a pcapng interface statistics block records it
+        (``isb_endtime``), once read past it; None when the file does not say (classic
+        pcap has no place for it). A capture may go on, silent, after its last packet."""
         try:
             self.format, self.linktype = self._read_file_header()
         except CaptureError:
@@ -142,7 +214,8 @@ class CaptureReader:
     def _read(self, n: int) -> bytes:
         try:
             return self._fp.read(n)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            # zlib.error: a damaged gzip stream (BadGzipFile covers only its header)
             raise CaptureError(f"{self.name}: read error: {e}") from None
 
     def _read_file_header(self) -> tuple[str, int]:
@@ -221,9 +294,9 @@ class CaptureReader:
             ):
                 yield Record(ts, orig, b.buf[off : off + cap], lt)
 
-    def _corrupt(self, batch: RecordBatch, why: str) -> int:
-        """Stop at damage: the message counts the packets of ``batch`` (read before it) too,
-        and the byte is where the damaged record starts (call after ``_consume``)."""
+    def _corrupt(self, why: str, batch: RecordBatch) -> int:
+        """Stop at damage. Called once the whole records before it are in ``batch`` and
+        consumed, so the packet and byte named are the same whatever the chunk size."""
         self.stopped = f"{why} after packet {self.packets + len(batch)} (byte {self.offset})"
         self._pending = b""
         return 0
@@ -244,7 +317,7 @@ class CaptureReader:
         batch.extend(columns)
         self._consume(batch, buf, off)
         if status == _walk.WALK_BAD_RECORD:
-            return self._corrupt(batch, f"corrupt record (captured length {value})")
+            return self._corrupt(f"corrupt record (captured length {value})", batch)
         return int(value)
 
     def _parse_pcapng(self, batch: RecordBatch, stop_after_idb: bool = False) -> int:
@@ -264,25 +337,28 @@ class CaptureReader:
                 blen = self._control_block_length(buf, off)
                 if blen < 12 or blen % 4 or blen > MAX_RECORD:
                     self._consume(batch, buf, off)
-                    return self._corrupt(batch, f"corrupt pcapng block (length {blen})")
+                    return self._corrupt(f"corrupt pcapng block (length {blen})", batch)
                 if off + blen > len(buf):
                     want = blen
                     break
-                if struct.unpack_from(self._endian + "I", buf, off)[0] == _IDB and blen >= 20:
+                btype = struct.unpack_from(self._endian + "I", buf, off)[0]
+                if btype == _IDB and blen >= 20:
                     self._interfaces.append(self._parse_idb(buf, off + 8, off + blen - 4))
+                elif btype == _ISB and blen >= 24:
+                    self._read_isb(buf, off + 8, off + blen - 4)
                 off += blen
                 if stop_after_idb and self._interfaces:
                     break
                 continue
             if status == _walk.WALK_BAD_BLOCK:
                 self._consume(batch, buf, off)
-                return self._corrupt(batch, f"corrupt pcapng block (length {value})")
+                return self._corrupt(f"corrupt pcapng block (length {value})", batch)
             if status == _walk.WALK_BAD_IFACE:
                 self._consume(batch, buf, off)
-                return self._corrupt(batch, f"packet on undeclared interface {value}")
+                return self._corrupt(f"packet on undeclared interface {value}", batch)
             if status == _walk.WALK_BAD_PACKET:
                 self._consume(batch, buf, off)
-                return self._corrupt(batch, f"corrupt packet block (captured length {value})")
+                return self._corrupt(f"corrupt packet block (captured length {value})", batch)
             want = value
             break
         self._consume(batch, buf, off)
@@ -311,6 +387,25 @@ class CaptureReader:
                 tsresol = buf[opt + 4]
             opt += 4 + (length + 3) // 4 * 4
         return linktype, tsresol, snaplen
+
+    def _read_isb(self, buf: bytes, body: int, end: int) -> None:
+        """Note the capture's end from an interface statistics block: its ``isb_endtime``,
+        else the time the block was written."""
+        iface, high, low = struct.unpack_from(self._endian + "III", buf, body)
+        if iface >= len(self._interfaces):
+            return
+        ticks = high << 32 | low
+        opt = body + 12
+        while opt + 4 <= end:
+            code, length = struct.unpack_from(self._endian + "HH", buf, opt)
+            if code == 0:
+                break
+            if code == _ISB_ENDTIME and length == 8 and opt + 12 <= end:
+                high, low = struct.unpack_from(self._endian + "II", buf, opt + 4)
+                ticks = high << 32 | low
+            opt += 4 + (length + 3) // 4 * 4
+        ns = _ticks_to_ns(ticks, self._interfaces[iface][1])
+        self.capture_end_ns = ns if self.capture_end_ns is None else max(ns, self.capture_end_ns)
 
     def close(self) -> None:
         if self._fp is not sys.stdin.buffer:
@@ -393,6 +488,25 @@ class PcapngWriter(PcapWriter):
         head = _EPB_HEAD.pack(_EPB, total, 0, ts_ns >> 32, ts_ns & 0xFFFFFFFF, n, orig_len)
         return head, data, _PAD[pad] + opts + total.to_bytes(4, "little")
 
+    @staticmethod
+    def statistics_block(end_ns: int) -> bytes:
+        """An interface statistics block for interface 0 saying when the capture stopped
+        (``isb_endtime``, ns): written last, it tells a reader that the capture went on
+        after its last packet, so silences (a half-close nobody answers) are measured up to
+        the real end, as they were live."""
+        ts = struct.pack("<II", end_ns >> 32, end_ns & 0xFFFFFFFF)
+        return _block(_ISB, struct.pack("<I", 0) + ts + _options([(_ISB_ENDTIME, ts)]))
+
+
+def _ticks_to_ns(ticks: int, tsresol: int) -> int:
+    """A pcapng timestamp in nanoseconds, from ticks of the interface's ``if_tsresol``
+    (10^-n s, or 2^-n s when the high bit is set); clamped like the packets' (_walk)."""
+    if tsresol & 0x80:
+        ns = ticks * 1_000_000_000 >> (tsresol & 0x7F)
+    else:
+        ns = ticks * 10**9 // 10**tsresol if tsresol <= 9 else ticks // 10 ** (tsresol - 9)
+    return min(ns, MAX_TS_NS)
+
 
 def _options(opts: list[tuple[int, bytes]]) -> bytes:
     out = b"".join(
@@ -413,7 +527,8 @@ def writer_for(path: str, fp: BinaryIO, **kw: object) -> PcapWriter | PcapngWrit
     return cls(fp, **kw)  # type: ignore[arg-type]
 
 
-def create_output(path: str, force: bool) -> BinaryIO:
+def create_output(path: str, force: bool, mode: int | None = None) -> BinaryIO:
     """Open ``path`` for writing, refusing to replace an existing file without ``force``:
-    :func:`vsockmon.output.create_output`, failing with a :class:`CaptureError`."""
-    return output.create_output(path, force, CaptureError)
+    :func:`vsockmon.output.create_output` (``mode`` too), failing with a
+    :class:`CaptureError`."""
+    return output.create_output(path, force, CaptureError, mode)

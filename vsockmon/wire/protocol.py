@@ -107,6 +107,21 @@ CID_NAMES: Mapping[int, str] = {0: "hypervisor", 1: "local", 2: "host", 0xFFFFFF
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_PORT_ANY = 0xFFFFFFFF
 
+
+def parse_cid(text: str) -> int:
+    """A CID as a user writes it: a number (``3``, ``0x3``) or a reserved CID's name as
+    :func:`cid_label` prints it (``host``, ``local``, ``hypervisor``, ``any``). Raises
+    ValueError naming the choices."""
+    by_name = {name: cid for cid, name in CID_NAMES.items()}
+    try:
+        cid = by_name[text.lower()] if text.lower() in by_name else int(text, 0)
+    except ValueError:
+        cid = -1
+    if not 0 <= cid <= VMADDR_CID_ANY:
+        raise ValueError(f"{text!r} is not a CID (a number from 0 to {VMADDR_CID_ANY}, or "
+                         f"{', '.join(by_name)})")
+    return cid
+
 _STRUCT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 

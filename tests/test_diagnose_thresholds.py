@@ -1,0 +1,587 @@
+"""Every diagnose threshold at its boundary: just below stays quiet, at and just above fire.
+
+The captures are synthetic (tests/conntrack_scenarios.py) with exact timestamps, so each
+expected value is reasoned here from the scenario: the threshold's default (its doc in
+docs/diagnose.md) and the frames the scenario writes, numbered from 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conntrack_scenarios import MS, Conv, write
+
+import vsockmon
+from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
+
+S = 1000 * MS
+
+
+def findings(tmp_path: Path, out: list[tuple[int, bytes]],
+             thresholds: Thresholds | None = None) -> list[Finding]:
+    return vsockmon.open(write(tmp_path / "t.pcap", out)).findings(thresholds)
+
+
+def of(found: list[Finding], rule: str) -> list[Finding]:
+    return [f for f in found if f.rule == rule]
+
+
+# -- window-full: the frozen window (stall_s, 1 s) ---------------------------------------------
+
+
+def frozen_window(stall_ns: int) -> list[tuple[int, bytes]]:
+    """Frame 3: the client's 4096-byte RW fills the server's 4096-byte buffer; frame 4, the
+    server's CREDIT_UPDATE ``stall_ns`` later, frees it; then a Linux close (frames 5-7)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=stall_ns)
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("stall_ns", [S - 1, S, S + 1])
+def test_a_frozen_window_is_reported_from_one_second_on(tmp_path: Path, stall_ns: int) -> None:
+    found = findings(tmp_path, frozen_window(stall_ns))
+    if stall_ns < S:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.stream, f.frames) == ("window-full/not-reading", 0, (3, 4))
+    assert (f.evidence["in_flight"], f.evidence["buf_alloc"]) == (4096, 4096)
+    assert f.evidence["seconds"] == round(stall_ns / 1e9, 3)
+
+
+def test_the_stall_threshold_is_an_option(tmp_path: Path) -> None:
+    """Half a second frozen: quiet by default, reported with stall_s 0.5 (and credit_reply_s
+    left at 1 s, so it is the stall threshold that decides)."""
+    out = frozen_window(S // 2)
+    assert findings(tmp_path, out) == []
+    (f,) = findings(tmp_path, out, Thresholds(stall_s=0.5))
+    assert (f.rule_id, f.evidence["seconds"]) == ("window-full/not-reading", 0.5)
+
+
+def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_path: Path
+                                                                         ) -> None:
+    """The receiver consumed the bytes but said so only in its next RW (frame 4, a higher
+    fwd_cnt) 2 s later: no CREDIT_UPDATE came."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.fwd[1] += 4096
+    c.send(1, Op.RW, b"ok", delay=2 * S)
+    c.fwd[0] += 2
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("window-full/no-credit-update",
+                                                              (3, 4), "RW")
+
+
+def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
+        tmp_path: Path) -> None:
+    """As above, but the server's RW 2 s later advertises a bigger buffer (8192) with the
+    same fwd_cnt: it did not consume, it grew; the receiver was not reading."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, b"ok", delay=2 * S, buf=8192)
+    c.fwd[0] += 2
+    found = of(findings(tmp_path, out), "window-full")
+    assert [(f.rule_id, f.frames) for f in found] == [("window-full/not-reading", (3, 4))]
+
+
+def test_both_directions_full_at_once_is_a_deadlock(tmp_path: Path) -> None:
+    """Frames 3 and 4 fill both 4096-byte buffers; nothing else for 1.5 s but a CREDIT_REQUEST
+    pair that gives no credit back, then the capture ends."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096))
+    Conv(out, client=(1, 60000), server=(1, 60001)).send(0, Op.REQUEST, delay=3 * S // 2)
+    deadlock = [f for f in findings(tmp_path, out) if f.rule == "window-full"]
+    assert [(f.rule_id, f.frames) for f in deadlock] == [("window-full/deadlock", (3, 4))]
+    assert deadlock[0].evidence["seconds"] == 1.5
+
+
+# -- dial-retry: three failing attempts (retry_count), at most 60 s apart (retry_gap_s) --------
+
+
+def refusals(n: int, gap_ns: int) -> list[tuple[int, bytes]]:
+    """``n`` refused REQUESTs from new client ports to 2:1024, ``gap_ns`` apart."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(n):
+        c = Conv(out, client=(3, 50000 + i), server=(2, 1024))
+        c.send(0, Op.REQUEST, delay=gap_ns - 1000 if i else 1000)
+        c.send(1, Op.RST, buf=0)
+    return out
+
+
+@pytest.mark.parametrize(("attempts", "reported"), [(2, False), (3, True), (4, True)])
+def test_dial_retry_needs_three_attempts(tmp_path: Path, attempts: int, reported: bool) -> None:
+    retry = of(findings(tmp_path, refusals(attempts, 100 * MS)), "dial-retry")
+    if not reported:
+        assert retry == []
+        return
+    (f,) = retry
+    assert (f.stream, f.streams, f.frames) == (0, tuple(range(attempts)),
+                                               tuple(range(1, 2 * attempts, 2)))
+    assert (f.evidence["attempts"], f.evidence["failures"], f.evidence["connected"]) == (
+        attempts, attempts, False)
+    assert f.evidence["span_s"] == round((attempts - 1) * 0.1, 3)
+
+
+def test_dial_retry_threshold_is_an_option(tmp_path: Path) -> None:
+    out = refusals(2, 100 * MS)
+    (f,) = of(findings(tmp_path, out, Thresholds(retry_count=2)), "dial-retry")
+    assert f.evidence["attempts"] == 2
+
+
+@pytest.mark.parametrize(("gap_ns", "reported"), [(60 * S, True), (60 * S + 1, False)])
+def test_attempts_more_than_sixty_seconds_apart_are_separate(tmp_path: Path, gap_ns: int,
+                                                             reported: bool) -> None:
+    retry = of(findings(tmp_path, refusals(3, gap_ns)), "dial-retry")
+    assert [f.evidence["attempts"] for f in retry] == ([3] if reported else [])
+
+
+def test_a_refused_seqpacket_retry_is_its_own_target(tmp_path: Path) -> None:
+    """The same port dialled twice as STREAM and twice as SEQPACKET: two types, two runs of
+    two, no retry loop; two refusal findings, one of each rule."""
+    out: list[tuple[int, bytes]] = []
+    for i, typ in enumerate((SockType.STREAM, SockType.SEQPACKET) * 2):
+        c = Conv(out, client=(3, 50000 + i), server=(2, 1024), type_=typ)
+        c.send(0, Op.REQUEST)
+        c.send(1, Op.RST, buf=0)
+    found = findings(tmp_path, out)
+    assert of(found, "dial-retry") == []
+    assert sorted((f.rule, f.stream, f.frames) for f in found) == [
+        ("no-listener", 0, (1, 2, 5, 6)), ("seqpacket-refused", 1, (3, 4, 7, 8))]
+    seq = next(f for f in found if f.rule == "seqpacket-refused")
+    assert seq.evidence == {"refusals": 2, "rst_delay_ms": 0.001, "target": "2:1024"}
+    assert "STREAM only" not in seq.message  # no STREAM connection was accepted there
+
+
+def test_a_seqpacket_refusal_at_a_stream_service_seen_from_its_first_frame(
+        tmp_path: Path) -> None:
+    """The capture starts with the server's RESPONSE of a STREAM connection to 2:1024
+    (frame 1: accepted); a SEQPACKET REQUEST to the same port is then refused."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(3, 50000), server=(2, 1024)).send(1, Op.RESPONSE)
+    c = Conv(out, client=(3, 50001), server=(2, 1024), type_=SockType.SEQPACKET)
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0)
+    (f,) = of(findings(tmp_path, out), "seqpacket-refused")
+    assert "A STREAM connection to the same port was accepted (stream 0)" in f.message
+
+
+# -- no-transport: a REQUEST unanswered for 2 s (no_transport_s) -------------------------------
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(2 * S - 1, False), (2 * S, True)])
+def test_an_unanswered_request_counts_from_two_seconds(tmp_path: Path, wait_ns: int,
+                                                       reported: bool) -> None:
+    """Frame 1: a REQUEST to CID 3 that nothing answers; frame 2, ``wait_ns`` later, another
+    connection's REQUEST marks the capture's end."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(2, 40000), server=(3, 1024)).send(0, Op.REQUEST)
+    Conv(out, client=(2, 40001), server=(2, 1025)).send(0, Op.REQUEST, delay=wait_ns)
+    found = of(findings(tmp_path, out), "no-transport")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.stream, f.frames) == ("no-transport/no-transport", 0, (1,))
+    assert f.evidence["waited_s"] == 2.0 and f.evidence["dialled"] == "3:1024"
+    # a guest (CID 3) was dialled, not the host: the guest's driver is what is missing
+    assert "vmw_vsock_virtio_transport" in f.cause and "CID 3" in f.cause
+    assert f.fix.startswith("Load the transport in the guest")
+    assert f.fix.endswith("give connect() a timeout longer than the boot.")
+
+
+def test_a_cid_that_spoke_before_and_then_not_is_a_silent_peer(tmp_path: Path) -> None:
+    """Frames 1-2: CID 3 answers a first connection; frame 3, 1 ms later, a REQUEST to it
+    that nothing answers for 2 s (frame 4 ends the capture): a warning, with frame 2 (CID 3's
+    first packet) as evidence."""
+    out: list[tuple[int, bytes]] = []
+    first = Conv(out, client=(2, 40000), server=(3, 1024))
+    first.open()
+    Conv(out, client=(2, 40001), server=(3, 1024)).send(0, Op.REQUEST, delay=MS)
+    Conv(out, client=(2, 40002), server=(2, 1025)).send(0, Op.REQUEST, delay=2 * S)
+    (f,) = of(findings(tmp_path, out), "no-transport")
+    assert (f.rule_id, f.severity, f.stream, f.frames) == ("no-transport/peer-silent", 1, 1,
+                                                            (2, 3))
+    assert f.evidence["cid_first_frame"] == 2
+
+
+# -- half-close-hang: silence for 1 s after a one-sided SHUTDOWN(SEND) (half_close_s) ----------
+
+
+@pytest.mark.parametrize(("silence_ns", "reported"), [(S - 1, False), (S, True)])
+def test_a_half_close_hangs_after_one_second_of_silence(tmp_path: Path, silence_ns: int,
+                                                        reported: bool) -> None:
+    """Frames 1-4: open, a request, the client's SHUTDOWN(SEND); then only another
+    connection's REQUEST (frame 5) ``silence_ns`` later."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"request")
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=silence_ns)
+    hang = of(findings(tmp_path, out), "half-close-hang")
+    if not reported:
+        assert hang == []
+        return
+    (f,) = hang
+    assert (f.stream, f.frames) == (0, (4,))  # the SHUTDOWN is also its last frame
+    assert (f.evidence["silence_s"], f.evidence["shutdown_frame"]) == (1.0, 4)
+    assert "for the last 1.0 s of the capture" in f.message
+
+
+# -- small-packet-reset: 64 writes under 1024 bytes, then a reset with credit left -------------
+
+
+@pytest.mark.parametrize(("count", "size", "reported"),
+                         [(63, 100, False), (64, 100, True), (64, 1023, True), (64, 1024, False)])
+def test_small_packet_reset_boundaries(tmp_path: Path, count: int, size: int,
+                                       reported: bool) -> None:
+    """``count`` RWs of ``size`` bytes (frames 3…), never consumed, then the server's RST."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(count):
+        c.send(0, Op.RW, bytes(size))
+    c.send(1, Op.RST)
+    found = findings(tmp_path, out)
+    small = of(found, "small-packet-reset")
+    rst_frame = 3 + count
+    if not reported:
+        assert small == []
+        assert [f.rule_id for f in of(found, "abrupt-close")] == ["abrupt-close/reset"]
+        return
+    (f,) = small
+    assert (f.stream, f.frames) == (0, (rst_frame,))
+    assert f.evidence == {"small_writes": count, "credit_left": 262144 - count * size,
+                          "buf_alloc": 262144}
+    assert of(found, "abrupt-close") == []  # explained: not also an abrupt close
+
+
+# -- abrupt-close/unread: bytes unconsumed for 10 ms at the reset (unread_grace_s) ------------
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(10 * MS - 1, False), (10 * MS, True)])
+def test_unread_data_counts_once_it_waited_ten_ms(tmp_path: Path, wait_ns: int,
+                                                  reported: bool) -> None:
+    """Frame 3: 500 bytes the server never reads; frame 4, the server's close (SHUTDOWN both
+    ways, fwd_cnt 0), frame 5 the client's RST ``wait_ns`` after the bytes: the reset
+    discards them."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=wait_ns - 1000)
+    c.send(0, Op.RST)
+    found = of(findings(tmp_path, out), "abrupt-close")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames) == ("abrupt-close/unread", (4, 5))
+    assert f.evidence == {"rst_frame": 5, "client_unconsumed": 500}
+
+
+# -- credit-violation: an RW beyond the free credit ------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "reported"), [(4096, False), (4097, True)])
+def test_credit_violation_starts_one_byte_past_the_buffer(tmp_path: Path, size: int,
+                                                          reported: bool) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(size))
+    c.fwd[1] += size
+    c.send(1, Op.CREDIT_UPDATE)
+    c.close()
+    found = of(findings(tmp_path, out), "credit-violation")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.stream, f.frames) == (0, (3,))
+    assert f.evidence == {"packets": 1, "first_len": 4097, "credit_before": 4096,
+                          "max_in_flight": 4097, "buf_alloc": 4096}
+
+
+def test_seqpacket_record_boundaries_do_not_change_a_clean_diagnosis(tmp_path: Path) -> None:
+    """A SEQPACKET exchange with EOM and EOR, closed by the server: nothing to report."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, type_=SockType.SEQPACKET)
+    c.open()
+    c.data(0, b"one", flags=SeqFlag.EOM | SeqFlag.EOR)
+    c.data(1, b"two", flags=SeqFlag.EOM)
+    c.close(1)
+    assert findings(tmp_path, out) == []
+
+
+# -- credit-request-unanswered: 1 s without any answer to a CREDIT_REQUEST (credit_reply_s) ----
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(S - 1, False), (S, True)])
+def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int,
+                                                    reported: bool) -> None:
+    """Frame 3 fills the server's 4096-byte buffer; frame 4, the client's CREDIT_REQUEST;
+    frame 5, ``wait_ns`` after it, the server's CREDIT_UPDATE frees the window. stall_s is
+    raised to 10 s: only the unanswered request can report this stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=wait_ns)
+    c.close()
+    found = findings(tmp_path, out, Thresholds(stall_s=10))
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert (f.evidence["credit_request_frame"], f.evidence["unanswered_s"]) == (4, 1.0)
+
+
+# -- cid-mismatch: which CID pairs cannot talk ------------------------------------------------
+
+
+@pytest.mark.parametrize(("client", "server", "bad"), [
+    (3, 5, True),             # two guests: neither is the host
+    (1, 3, True),             # CID 1 (local loopback) talks only to itself
+    (0, 2, True),             # CID 0 (the hypervisor) is VMCI only
+    (2, 0xFFFFFFFF, True),    # VMADDR_CID_ANY is for bind() only
+    (2, 1 << 32, True),       # no CID is wider than 32 bits
+    (3, 2, False), (2, 3, False), (1, 1, False), (4, 4, False),
+])
+def test_cid_pairs_that_cannot_talk(tmp_path: Path, client: int, server: int,
+                                    bad: bool) -> None:
+    """A REQUEST and a RESPONSE between the two CIDs, then a Linux close: 5 packets."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(client, 50000), server=(server, 1024))
+    c.open()
+    c.close()
+    found = of(findings(tmp_path, out), "cid-mismatch")
+    if not bad:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.stream, f.frames) == ("cid-mismatch/not-host", 0, (1, 2, 3, 4, 5))
+    assert f.evidence == {"packets": 5, "src_cid": client, "dst_cid": server}
+
+
+def test_cid_mismatch_keeps_twenty_example_frames(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50000), server=(5, 1024))
+    for _ in range(25):
+        c.send(0, Op.REQUEST)
+    (f,) = of(findings(tmp_path, out), "cid-mismatch")
+    assert (f.frames, f.evidence["packets"]) == (tuple(range(1, 21)), 25)
+
+
+def test_empty_writes_are_not_small_writes(tmp_path: Path) -> None:
+    """64 RWs without payload, then the server's RST: no small-packet pattern (a zero-length
+    RW carries no overhead complaint), just a reset without shutdown (frame 67)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(64):
+        c.send(0, Op.RW)
+    c.send(1, Op.RST)
+    assert [(f.rule_id, f.frames) for f in findings(tmp_path, out)] == [
+        ("abrupt-close/reset", (67,))]
+
+
+def test_a_deadlock_that_ends_is_timed_to_the_first_window_that_reopens(tmp_path: Path
+                                                                        ) -> None:
+    """Frames 3 and 4 fill both 4096-byte buffers; frame 5, 1.23456 s after frame 4, the
+    server consumes (CREDIT_UPDATE): the client's window reopens; frame 6, 0.5 s later, the
+    client consumes; then a Linux close. Both were full from frame 4 to frame 5."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096))
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=1_234_560_000)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=S // 2)
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames) == ("window-full/deadlock", (3, 4, 5, 6))
+    assert f.evidence["seconds"] == 1.235  # 1.23456 s, to the ms
+    assert "until frame 5" in f.message and "1.2 s" in f.message
+
+
+# -- window-full in detail: which direction, how long, and when two stalls are a deadlock -----
+
+
+def test_a_frozen_window_of_the_server_names_both_ends(tmp_path: Path) -> None:
+    """The server's 4096-byte RW (frame 3) fills the client's 4096-byte buffer for 1.23456 s
+    (frame 4: the client's CREDIT_UPDATE), then 5 s of another connection's traffic: the
+    stall is timed to its end, not the capture's."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 262144])
+    c.open()
+    c.send(1, Op.RW, bytes(4096))
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=1_234_560_000)
+    c.close()
+    other = Conv(out, client=(1, 50001), server=(1, 5000))
+    other.open()
+    other.send(0, Op.RW, b"later", delay=5 * S)
+    other.close()
+    (f,) = of(findings(tmp_path, out), "window-full")
+    assert (f.rule_id, f.stream, f.frames) == ("window-full/not-reading", 0, (3, 4))
+    assert (f.evidence["sender"], f.evidence["receiver"]) == ("1:1234", "1:50000")
+    assert f.evidence["seconds"] == 1.235  # 1.23456 s, to the ms
+    assert f.message.startswith("server 1:1234 → 1:50000: 4096 bytes in flight")
+    assert "frozen for 1.2 s (until frame 4)" in f.message
+
+
+def test_seconds_in_words_below_one_second(tmp_path: Path) -> None:
+    (f,) = findings(tmp_path, frozen_window(3 * S // 4), Thresholds(stall_s=0.5))
+    assert "frozen for 750 ms (until frame 4)" in f.message
+
+
+def two_full_windows(second_full_ns: int, first_free_ns: int, second_free_ns: int | None
+                     ) -> list[tuple[int, bytes]]:
+    """Both ends with 4096-byte buffers. Frame 3: the client fills the server's window;
+    frame 4, ``second_full_ns`` later: the server fills the client's; frame 5,
+    ``first_free_ns`` after frame 4: the client consumes (the server's window reopens); frame
+    6, ``second_free_ns`` later, the server consumes (None: never, the capture ends)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096), delay=second_full_ns)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=first_free_ns)
+    if second_free_ns is not None:
+        c.fwd[1] += 4096
+        c.send(1, Op.CREDIT_UPDATE, delay=second_free_ns)
+        c.close()
+    return out
+
+
+@pytest.mark.parametrize(("overlap_ns", "deadlock"), [(S - 1, False), (S, True)])
+def test_a_deadlock_needs_both_windows_full_for_one_second(tmp_path: Path, overlap_ns: int,
+                                                           deadlock: bool) -> None:
+    found = of(findings(tmp_path, two_full_windows(1000, overlap_ns, S // 2)), "window-full")
+    if not deadlock:  # the server's window was full just under 1 s: only the client's
+        assert [(f.rule_id, f.frames) for f in found] == [("window-full/not-reading", (3, 6))]
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames, f.evidence["seconds"]) == ("window-full/deadlock",
+                                                            (3, 4, 5, 6), 1.0)
+    assert "until frame 5" in f.message  # the first window to reopen
+
+
+def test_stalls_that_overlap_briefly_are_not_a_deadlock(tmp_path: Path) -> None:
+    """Frame 3 (t 0) fills the server's window, frame 4 (0.7 s) the client's; frame 5
+    (1.2 s) the server consumes, frame 6 (1.9 s) the client: each window full 1.2 s, both at
+    once only 0.5 s."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(1, Op.RW, bytes(4096), delay=7 * S // 10)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=S // 2)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.close()
+    found = of(findings(tmp_path, out), "window-full")
+    assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
+        ("window-full/not-reading", (3, 5), 1.2), ("window-full/not-reading", (4, 6), 1.2)]
+
+
+def test_a_deadlock_one_side_of_which_ended_leaves_the_open_end_to_mid_capture(
+        tmp_path: Path) -> None:
+    """Both full for 1.5 s, then only the server's window reopens (frame 5); the client's
+    stays full to the capture's end, which the deadlock does not explain."""
+    found = findings(tmp_path, two_full_windows(1000, 3 * S // 2, None))
+    assert sorted((f.rule_id, f.frames) for f in found) == [
+        ("mid-capture/end", (5,)), ("window-full/deadlock", (3, 4, 5))]
+
+
+def test_credit_request_never_answered_waits_until_the_capture_ends(tmp_path: Path) -> None:
+    """Frame 3 fills the server's window, frame 4 asks for credit; the server sends nothing
+    more; another connection's REQUEST (frame 5) ends the capture 1.23456 s later."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=1_234_560_000)
+    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "window-full")
+    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4))
+    assert f.evidence["unanswered_s"] == 1.235
+
+
+def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) -> None:
+    """Frame 3 fills the server's window; frame 4 asks for credit; frame 5 (0.2 s later)
+    the server answers with a packet that frees nothing; the client sends a packet of its own
+    at 0.3 s (frame 6: not a request); frame 7 (1.5 s) another answer; frame 8 (2.2 s) the
+    server's CREDIT_UPDATE. Answered at once: a receiver not reading, not a transport bug."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.send(1, Op.CREDIT_UPDATE, delay=S // 5)
+    c.send(0, Op.CREDIT_UPDATE, delay=S // 10)
+    c.send(1, Op.CREDIT_UPDATE, delay=6 * S // 5)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.close()
+    (f,) = of(findings(tmp_path, out), "window-full")
+    assert (f.rule_id, f.frames) == ("window-full/not-reading", (3, 8))
+
+
+@pytest.mark.parametrize(("rst_fwd", "rst_buf", "unconsumed"), [
+    (500, 262144, None),  # the receiver's RST says it read all 500 bytes
+    (400, 262144, 100),   # it read 400: 100 discarded
+    (500, 0, 500),        # an RST with buf_alloc 0 carries no credit: its fwd_cnt says nothing
+])
+def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_buf: int,
+                                              unconsumed: int | None) -> None:
+    """Frame 3: the client's 500 bytes; frame 4 its close (SHUTDOWN both ways); frame 5, 200
+    ms later, the server's RST with the fwd_cnt and buf_alloc given (Linux's RST carries its
+    counters: the server's last word on what it consumed)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, fwd=rst_fwd, buf=rst_buf, delay=200 * MS)
+    found = findings(tmp_path, out)
+    if unconsumed is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.frames) == ("abrupt-close/unread", (5,))
+    assert f.evidence == {"rst_frame": 5, "client_unconsumed": unconsumed}
+
+
+@pytest.mark.parametrize(("delay_ns", "text"), [(999_000, "999 µs"), (1_000_000, "1.0 ms"),
+                                                (2_460_000, "2.5 ms")])
+def test_rst_delay_in_words(tmp_path: Path, delay_ns: int, text: str) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50000), server=(2, 1024))
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0, delay=delay_ns)
+    (f,) = findings(tmp_path, out)
+    assert f.message.endswith(f"was refused by an RST within {text}.")
