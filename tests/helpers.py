@@ -29,3 +29,18 @@ def write_pcap(path: Path, frames: list[bytes], step_ns: int = 1000) -> Path:
         for i, f in enumerate(frames):
             w.write(T0 + i * step_ns, f)
     return path
+
+
+LAB_SHELL = r"""
+set -u
+wait_for() {  # FILE TEXT [COUNT]: until TEXT is on COUNT lines of FILE, at most WAIT_S s
+  i=0
+  until [ "$(cat "$1" 2> /dev/null | grep -c "$2")" -ge "${3:-1}" ]; do
+    i=$((i + 1))
+    [ "$i" -gt $((${WAIT_S:-60} * 10)) ] && { echo "timeout: $2 in $1" >&2; return 1; }
+    sleep 0.1
+  done
+}
+"""
+"""The shell the lab tests' scripts start with: strict variables, and ``wait_for`` a
+readiness line (a server's "listening", a capture's "capturing") before the next step."""

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.wire.pcapio import open_capture
@@ -42,15 +43,8 @@ conn, _ = srv.accept()
 time.sleep(3600)  # the receiver stalls until killed: its window holds all 20,000 bytes
 """
 
-SCRIPT = r"""
-set -u
-wait_for() {  # FILE TEXT
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 600 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
+SCRIPT = LAB_SHELL + r"""
+WAIT_S=60
 rx() { cat /sys/class/net/vsockmon0/statistics/rx_packets; }
 settle() {  # NAME: loopback taps from a worker, after send() returned: wait for the count
   # to hold still for a second, then keep it as NAME.rx

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.wire.pcapio import open_capture
@@ -25,16 +26,9 @@ from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HEADER, Op
 
 pytestmark = pytest.mark.lab
 
-SCRIPT = r"""
-set -u
+SCRIPT = LAB_SHELL + r"""
+WAIT_S=60
 V=vsockmon
-wait_for() {  # FILE TEXT
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 600 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
 link_state() { ip link show vsockmon0 > /dev/null 2>&1 && echo present || echo absent; }
 traffic() { $V echo client --cid 1 --port 9999 --count "$1" --size "$2" > /dev/null; }
 uid_of() { awk '/^Uid:/ {print $2}' /proc/$1/status; }

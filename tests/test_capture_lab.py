@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.live.echo import message
@@ -44,16 +45,9 @@ pytestmark = pytest.mark.lab
 C_DIR = Path(__file__).with_name("c")
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 
-SCENARIOS = r"""
-set -u
+SCENARIOS = LAB_SHELL + r"""
+WAIT_S=30
 V=vsockmon
-wait_for() {  # FILE TEXT: until TEXT appears in FILE (a command's readiness line)
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 300 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
 link_state() { ip link show vsockmon0 > /dev/null 2>&1 && echo present || echo absent; }
 now() { date +%s.%N; }
 echo "start $(now)" > timing

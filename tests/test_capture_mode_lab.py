@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.wire.pcapio import open_capture
@@ -24,17 +25,10 @@ from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HEADER, Op
 
 pytestmark = pytest.mark.lab
 
-SCENARIOS = r"""
-set -u
+SCENARIOS = LAB_SHELL + r"""
+WAIT_S=30
 V=vsockmon
 umask 022
-wait_for() {  # FILE TEXT
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 300 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
 modes() { stat -c '%a %U' "$@"; }
 $V echo server --port 9999 2> server.err & SRV=$!
 wait_for server.err listening

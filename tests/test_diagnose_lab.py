@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import LAB_SHELL
 
 from vsockmon.cli import main
 from vsockmon.lab import Lab
@@ -32,15 +33,8 @@ while not os.path.exists(done):  # the server neither answers nor closes
     time.sleep(0.1)              # until the capture has stopped, however slow
 """
 
-SCRIPT = r"""
-set -u
-wait_for() {
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 300 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
+SCRIPT = LAB_SHELL + r"""
+WAIT_S=30
 vsockmon echo server --port 9999 2> server.err &
 vsockmon capture -w live.pcap --diagnose -q 2> capture.err & CAP=$!
 wait_for server.err listening; wait_for capture.err listening

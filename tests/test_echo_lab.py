@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 from seed_programs import HELLO, build, command
 
 from vsockmon.lab import Lab
@@ -31,15 +32,8 @@ CLIENT_BYTES = b"".join(bytes(range(i, i + 13)) for i in range(3))
 SERVER_PORTS = {"python": 10001, "c": 10002, "go": 10003}
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
 
-LOOPBACK = r"""
-set -u
-wait_for() {  # FILE TEXT [COUNT]: until TEXT is on COUNT lines of FILE
-  i=0
-  while [ "$(grep -c "$2" "$1" 2> /dev/null)" -lt "${3:-1}" ]; do
-    i=$((i + 1)); [ $i -gt 600 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
+LOOPBACK = LAB_SHELL + r"""
+WAIT_S=60
 now() { date +%s.%N; }
 echo "start $(now)" > timing
 vsockmon capture -w loop.pcap 2> cap.err & CAP=$!

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.live.echo import STREAM_CHUNK, THREAD_STACK
@@ -66,16 +67,9 @@ print("mid-transfer", flush=True)
 time.sleep(3600)
 """
 
-SCRIPT = r"""
-set -u
+SCRIPT = LAB_SHELL + r"""
+WAIT_S=120
 V=vsockmon
-wait_for() {  # FILE TEXT
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 1200 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
 kib() { awk -v k="$2" '$1 == k":" {print $2}' /proc/$1/status; }
 
 $V echo server --port 9999 --json > srv.json 2> srv.err & SRV=$!

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.wire.pcapio import open_capture
@@ -51,16 +52,9 @@ for line in open(f"/proc/{pid}/maps"):
 print(rcvbuf, mapped)
 '''
 
-SCRIPT = r"""
-set -u
+SCRIPT = LAB_SHELL + r"""
+WAIT_S=60
 V=vsockmon
-wait_for() {  # FILE TEXT
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 600 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
 rx() { cat /sys/class/net/vsockmon0/statistics/rx_packets; }
 # the link by hand, so its counter outlives each capture
 ip link add vsockmon0 type vsockmon && ip link set vsockmon0 up

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import LAB_SHELL
 
 from vsockmon.lab import Lab
 from vsockmon.wire.pcapio import open_capture
@@ -23,16 +24,9 @@ from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HEADER, Op
 
 pytestmark = pytest.mark.lab
 
-SCENARIOS = r"""
-set -u
+SCENARIOS = LAB_SHELL + r"""
+WAIT_S=90
 V=vsockmon
-wait_for() {  # FILE TEXT: until TEXT appears in FILE
-  i=0
-  while ! grep -q "$2" "$1" 2> /dev/null; do
-    i=$((i + 1)); [ $i -gt 900 ] && { echo "timeout: $2 in $1" >&2; return 1; }
-    sleep 0.1
-  done
-}
 wait_screen() {  # TEXT: until the tmux pane shows TEXT
   i=0
   while ! tmux capture-pane -p -t top | grep -q "$1"; do
