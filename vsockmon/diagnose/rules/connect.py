@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -74,9 +75,12 @@ def accept_queue_full(ctx: Context) -> None:
     accept queue is full (``sk_acceptq_is_full`` in ``virtio_transport_recv_listen``), the
     same RST as "nothing listens". The proof a listener was there: the same CID:port
     accepted another connection shortly before, and that connection was still open."""
-    for group in _refused(ctx, seqpacket=False) + _refused(ctx, seqpacket=True):
+    groups = _refused(ctx, seqpacket=False) + _refused(ctx, seqpacket=True)
+    accepted = _accepted_by_target(ctx, {(g.cid, g.port, g.typ) for g in groups})
+    for group in groups:
+        candidates = accepted.get((group.cid, group.port, group.typ), [])
         overflowed = [(c, w) for c in group.conns
-                      if (w := _queue_witness(ctx, c, group)) is not None]
+                      if (w := _queue_witness(ctx, c, candidates)) is not None]
         if not overflowed:
             continue
         conns = [c for c, _ in overflowed]
@@ -86,16 +90,37 @@ def accept_queue_full(ctx: Context) -> None:
         _report_overflow(ctx, _Refused(conns, group.cid, group.port, group.typ), witness)
 
 
-def _queue_witness(ctx: Context, refused: Connection, group: _Refused) -> Connection | None:
+def _accepted_by_target(
+    ctx: Context, targets: set[tuple[int, int, int]]
+) -> dict[tuple[int, int, int], list[Connection]]:
+    """The accepted connections of each refused target, in RESPONSE order: one pass over
+    the connections, so a storm of refusals does not rescan them all for each one."""
+    found: dict[tuple[int, int, int], list[Connection]] = defaultdict(list)
+    for c in ctx.conns:
+        key = (c.server.cid, c.server.port, c.type)
+        if c.response_frame is not None and key in targets:
+            found[key].append(c)
+    for conns in found.values():
+        conns.sort(key=lambda c: c.response_frame or 0)
+    return found
+
+
+def _queue_witness(
+    ctx: Context, refused: Connection, accepted: list[Connection]
+) -> Connection | None:
     """The latest connection to the refused one's target accepted at most
-    ``accept_queue_s`` before its REQUEST and still open at it (None: no such)."""
+    ``accept_queue_s`` before its REQUEST and still open at it (None: no such).
+    ``accepted`` is in RESPONSE order; the walk back stops at the first RESPONSE that is
+    older than the window (frames are in capture order, so older ones are too)."""
     asked, frame = request_ts(refused), refused.request_frame or refused.first_frame
-    found = [c for c in ctx.conns
-             if c.server.cid == group.cid and c.server.port == group.port
-             and c.type == group.typ and c.response_frame is not None
-             and c.response_frame < frame and (c.close_frame is None or c.close_frame > frame)
-             and (asked - _answered_ns(c)) / 1e9 <= ctx.t.accept_queue_s]
-    return max(found, key=lambda c: c.response_frame or 0, default=None)
+    start = bisect_left(accepted, frame, key=lambda c: c.response_frame or 0)
+    for i in range(start - 1, -1, -1):
+        c = accepted[i]
+        if (asked - _answered_ns(c)) / 1e9 > ctx.t.accept_queue_s:
+            return None
+        if c.close_frame is None or c.close_frame > frame:
+            return c
+    return None
 
 
 def _answered_ns(conn: Connection) -> int:
