@@ -194,3 +194,68 @@ def test_header_columns_name_type_and_doc() -> None:
     assert virtio["len"].type == pa.uint32()
     odd = _header_columns("p_", (Field("zz", 0, 1, "x.zz", "x.zz"),), "w:")
     assert odd == [Column("p_zz", pa.uint8(), "w: zz (Wireshark `x.zz`)")]
+
+
+def test_frames_batch_columns_for_every_kind_of_frame(tmp_path: Path) -> None:
+    """The Arrow rows of ``decode --json``: names from the kernel headers (virtio_vsock.h:
+    RW=5, SHUTDOWN=4, STREAM=1, SEQPACKET=2, SHUTDOWN_RCV=1/_SEND=2, SEQ_EOM=1/_EOR=2;
+    vsockmon.h: DISCONNECT=2, PAYLOAD=4, VIRTIO=2; the kernel taps a SHUTDOWN as DISCONNECT),
+    nulls where a frame lacks a header."""
+    from fractions import Fraction
+
+    from helpers import T0
+
+    from vsockmon.decode.frames import decode_batches
+    from vsockmon.export.tables import FRAME_SCHEMA, frames_batch
+    from vsockmon.wire.pcapio import open_capture
+
+    full = c2s(Op.RW, payload=b"abc")
+    src = write_pcap(tmp_path / "f.pcap", [
+        full,                                                   # 1: STREAM RW, no flags
+        c2s(Op.RW, payload=b"xy", type_=2, flags=3),            # 2: SEQPACKET EOM|EOR
+        s2c(Op.SHUTDOWN, flags=RCV | SEND),                     # 3: RCV|SEND
+        full[:40],                                              # 4: vsockmon header only
+        s2c(Op.RW, payload=b"abcdef", length=2),                # 5: payload longer than len
+    ], step_ns=1_234_567)
+    with open_capture(str(src)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    batch = frames_batch(fb)
+    assert batch.schema == FRAME_SCHEMA
+    rows = batch.to_pylist()
+    col = {k: [row[k] for row in rows] for k in rows[0]}
+    assert col["frame.number"] == [1, 2, 3, 4, 5]
+    stamps = [T0 + i * 1_234_567 for i in range(5)]
+    assert col["frame.time_ns"] == stamps
+    assert col["frame.time_epoch"] == [float(Fraction(t, 10**9)) for t in stamps]
+    assert col["frame.len"] == col["frame.cap_len"] == [79, 78, 76, 40, 82]
+    assert col["vsock.op"] == [4, 4, 2, 4, 4]
+    assert col["vsock.op_name"] == ["PAYLOAD", "PAYLOAD", "DISCONNECT", "PAYLOAD", "PAYLOAD"]
+    assert col["vsock.trans_name"] == ["VIRTIO"] * 5
+    assert col["vsock.src_port"] == [50000, 50000, 1024, 50000, 1024]
+    assert col["vsock.virtio.op"] == [5, 5, 4, None, 5]
+    assert col["vsock.virtio.op_name"] == ["RW", "RW", "SHUTDOWN", None, "RW"]
+    assert col["vsock.virtio.type_name"] == ["STREAM", "SEQPACKET", "STREAM", None, "STREAM"]
+    assert col["vsock.virtio.dst_port"] == [1024, 1024, 50000, None, 50000]
+    assert col["vsock.virtio.flags_names"] == [[], ["EOM", "EOR"], ["RCV", "SEND"], None, []]
+    assert col["vsock.virtio.len"] == [3, 2, 0, None, 2]
+    assert col["payload_len"] == [3, 2, 0, 0, 6]
+    assert col["anomalies"] == [[], [], [], ["truncated"], ["payload-len-mismatch"]]
+
+
+def test_frames_batch_names_unknown_codes(tmp_path: Path) -> None:
+    """An op, type or transport the headers do not define is ``UNKNOWN(n)``, not dropped."""
+    from vsockmon.decode.frames import decode_batches
+    from vsockmon.export.tables import frames_batch
+    from vsockmon.wire.pcapio import open_capture
+    from vsockmon.wire.protocol import VIRTIO_HEADER, VSOCKMON_HEADER
+
+    addr = {"src_cid": 3, "dst_cid": 2, "src_port": 1, "dst_port": 2}
+    mon = VSOCKMON_HEADER.pack(**addr, op=9, transport=7, trans_len=44)
+    virtio = VIRTIO_HEADER.pack(**addr, len=0, type=9, op=42, flags=0, buf_alloc=0, fwd_cnt=0)
+    src = write_pcap(tmp_path / "u.pcap", [mon + virtio])
+    with open_capture(str(src)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    (row,) = frames_batch(fb).to_pylist()
+    assert (row["vsock.op_name"], row["vsock.trans_name"]) == ("UNKNOWN(9)", "UNKNOWN(7)")
+    assert (row["vsock.virtio.op_name"], row["vsock.virtio.type_name"]) == ("UNKNOWN(42)",
+                                                                          "UNKNOWN(9)")
