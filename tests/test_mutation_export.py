@@ -250,12 +250,15 @@ def test_frames_batch_names_unknown_codes(tmp_path: Path) -> None:
     from vsockmon.wire.protocol import VIRTIO_HEADER, VSOCKMON_HEADER
 
     addr = {"src_cid": 3, "dst_cid": 2, "src_port": 1, "dst_port": 2}
-    mon = VSOCKMON_HEADER.pack(**addr, op=9, transport=7, trans_len=44)
     virtio = VIRTIO_HEADER.pack(**addr, len=0, type=9, op=42, flags=0, buf_alloc=0, fwd_cnt=0)
-    src = write_pcap(tmp_path / "u.pcap", [mon + virtio])
+    src = write_pcap(tmp_path / "u.pcap", [
+        VSOCKMON_HEADER.pack(**addr, op=9, transport=7, trans_len=44) + virtio,
+        VSOCKMON_HEADER.pack(**addr, op=4, transport=2, trans_len=44) + virtio])
     with open_capture(str(src)) as r:
         (fb,) = list(decode_batches(r.batches()))
-    (row,) = frames_batch(fb).to_pylist()
-    assert (row["vsock.op_name"], row["vsock.trans_name"]) == ("UNKNOWN(9)", "UNKNOWN(7)")
-    assert (row["vsock.virtio.op_name"], row["vsock.virtio.type_name"]) == ("UNKNOWN(42)",
+    other, odd = frames_batch(fb).to_pylist()
+    assert (other["vsock.op_name"], other["vsock.trans_name"]) == ("UNKNOWN(9)", "UNKNOWN(7)")
+    # transport 7 is not virtio: its 44 bytes are not read as a virtio header
+    assert other["vsock.virtio.op_name"] is None and other["vsock.virtio.op"] is None
+    assert (odd["vsock.virtio.op_name"], odd["vsock.virtio.type_name"]) == ("UNKNOWN(42)",
                                                                           "UNKNOWN(9)")
