@@ -262,3 +262,91 @@ def test_frames_batch_names_unknown_codes(tmp_path: Path) -> None:
     assert other["vsock.virtio.op_name"] is None and other["vsock.virtio.op"] is None
     assert (odd["vsock.virtio.op_name"], odd["vsock.virtio.type_name"]) == ("UNKNOWN(42)",
                                                                           "UNKNOWN(9)")
+
+
+APP = (2, 7000)  # a port no payload dissector claims (1024 is the kata agent's ttrpc)
+
+
+def app(op: Op, **kw: object) -> bytes:
+    return frame(op, src=C, dst=APP, **kw)  # type: ignore[arg-type]
+
+
+def test_payload_columns_only_for_rw_with_bytes(tmp_path: Path) -> None:
+    """``--payload`` dissects RW payloads only: a one-byte RW is text, an RW of len 0 has no
+    payload, and bytes behind a CREDIT_UPDATE (a control op carries none) are not read."""
+    src = write_pcap(tmp_path / "p.pcap", [
+        app(Op.RW, payload=b"x"), app(Op.RW), app(Op.CREDIT_UPDATE, payload=b"hello\n"),
+        app(Op.RW, payload=b"{}")])
+    export_tables(str(src), tmp_path / "t", "parquet", payload=True)
+    rows = pq.read_table(tmp_path / "t" / "packets.parquet").to_pylist()
+    assert [r["payload_proto"] for r in rows] == ["text", None, None, "json"]
+    assert [r["payload_summary"] for r in rows] == ["x", None, None, "{}"]
+
+
+def test_payload_columns_when_nothing_is_dissected(tmp_path: Path) -> None:
+    """No payload at all: the two columns are there, typed, and all null."""
+    import pyarrow as pa
+
+    src = write_pcap(tmp_path / "n.pcap", OPEN)
+    export_tables(str(src), tmp_path / "t", "parquet", payload=True)
+    table = pq.read_table(tmp_path / "t" / "packets.parquet")
+    assert table.schema.field("payload_proto").type == pa.dictionary(pa.int32(), pa.string())
+    assert table.schema.field("payload_summary").type == pa.string()
+    assert table.column("payload_summary").to_pylist() == [None, None]
+
+
+def test_packet_schema_leaves_payload_columns_out_by_default() -> None:
+    from vsockmon.export.tables import PACKET_COLUMNS, packet_schema
+
+    assert packet_schema().names == [c.name for c in PACKET_COLUMNS]
+    assert packet_schema(True).names[-2:] == ["payload_proto", "payload_summary"]
+
+
+def test_json_lines_are_compact_utf8_and_parquet_is_zstd(tmp_path: Path) -> None:
+    """docs/export.md: JSON Lines, one object per row (written compact, UTF-8 kept as is);
+    Parquet zstd-compressed."""
+    src = write_pcap(tmp_path / "u.pcap", [app(Op.RW, payload="café\n".encode())])
+    export_tables(str(src), tmp_path / "j", "json", payload=True)
+    (line,) = (tmp_path / "j" / "packets.jsonl").read_text(encoding="utf-8").splitlines()
+    assert line.startswith('{"capture":"u.pcap","frame":1,"ts_ns":')
+    assert '"payload_summary":"café"' in line
+    export_tables(str(src), tmp_path / "p", "parquet")
+    meta = pq.ParquetFile(tmp_path / "p" / "packets.parquet").metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def caps_dir(tmp_path: Path) -> Path:
+    """Two good captures (one in a subdirectory) and one that is not a capture."""
+    caps = tmp_path / "caps"
+    (caps / "vm1").mkdir(parents=True)
+    write_pcap(caps / "a.pcap", [*OPEN, app(Op.RW, payload=b"x")])
+    write_pcap(caps / "vm1" / "b.pcap", OPEN)
+    (caps / "bad.pcap").write_bytes(b"garbage!" * 10)
+    return caps
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_many_captures_each_result_options_and_failure(tmp_path: Path, jobs: int) -> None:
+    """Each capture goes to outdir/<its relative path>/ named by that path, with the options
+    given (payload, force); a broken one is a result with its error, the others go on."""
+    caps = caps_dir(tmp_path)
+    out = tmp_path / "o"
+    done: list[object] = []
+    results = export_many(caps, out, "json", payload=True, jobs=jobs, on_done=done.append)
+    assert sorted(done, key=lambda r: r.source) == results  # type: ignore[attr-defined]
+    assert [(Path(r.source).relative_to(caps).as_posix(), r.packets, r.connections)
+            for r in results] == [("a.pcap", 3, 2), ("bad.pcap", 0, 0), ("vm1/b.pcap", 2, 1)]
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].error.startswith(str(caps / "bad.pcap"))  # type: ignore[union-attr]
+    rows = [json.loads(x) for x in (out / "vm1" / "b.pcap" / "packets.jsonl").read_text()
+            .splitlines()]
+    assert [r["capture"] for r in rows] == ["vm1/b.pcap"] * 2
+    a = [json.loads(x) for x in (out / "a.pcap" / "packets.jsonl").read_text().splitlines()]
+    assert a[2]["payload_summary"] == "x"
+    again = export_many(caps, out, "json", jobs=jobs)
+    assert [r.error is not None and "exists; use --force" in r.error for r in again] == [
+        True, False, True]
+    forced = export_many(caps, out, "json", force=True, jobs=jobs)
+    assert [r.error is None for r in forced] == [True, False, True]
+    assert "payload_summary" not in json.loads(
+        (out / "a.pcap" / "packets.jsonl").read_text().splitlines()[0])
