@@ -350,3 +350,76 @@ def test_many_captures_each_result_options_and_failure(tmp_path: Path, jobs: int
     assert [r.error is None for r in forced] == [True, False, True]
     assert "payload_summary" not in json.loads(
         (out / "a.pcap" / "packets.jsonl").read_text().splitlines()[0])
+
+
+def test_packets_table_direction_credit_and_flag_names(tmp_path: Path) -> None:
+    """Credit reasoned from the packets: the client's REQUEST advertises 262144 (the frame
+    default), the server's RESPONSE 4; the client's 4 bytes fill that window (4/4) and the
+    server's own direction stays empty against the client's 262144. Before the RESPONSE the
+    client's credit is unknown: null. Flag names depend on op and type (virtio_vsock.h)."""
+    src = write_pcap(tmp_path / "c.pcap", [
+        c2s(Op.REQUEST),
+        s2c(Op.RESPONSE, buf_alloc=4),
+        c2s(Op.RW, payload=b"abcd"),
+        s2c(Op.CREDIT_UPDATE, buf_alloc=4, fwd_cnt=4),
+        c2s(Op.RW, flags=1),                      # a STREAM RW: bit 0 means nothing, a value
+        frame(Op.RW, type_=2, flags=1, src=(5, 50001), dst=(6, 7000)),  # SEQPACKET RW: EOM
+        c2s(Op.SHUTDOWN, flags=RCV),
+    ])
+    export_tables(str(src), tmp_path / "t", "parquet")
+    rows = pq.read_table(tmp_path / "t" / "packets.parquet").to_pylist()
+    assert [r["dir"] for r in rows] == ["c2s", "s2c", "c2s", "s2c", "c2s", "c2s", "c2s"]
+    assert [r["in_flight"] for r in rows[:4]] == [None, 0, 4, 0]
+    assert [r["credit_limit"] for r in rows[:4]] == [None, 262144, 4, 262144]
+    assert [r["flag_names"] for r in rows] == ["", "", "", "", "0x1", "EOM", "RCV"]
+
+
+def test_connections_table_without_a_capture_column(tmp_path: Path) -> None:
+    """The library's ``connections()``: the tracker's record fields only, typed as
+    docs/export.md says, one row per stream."""
+    import vsockmon
+    from vsockmon.conntrack.tracker import RECORD_FIELDS
+    from vsockmon.export.tables import CONNECTION_COLUMNS, schema
+
+    src = write_pcap(tmp_path / "k.pcap", [*OPEN, s2c(Op.RST)])
+    table = vsockmon.open(str(src)).connections()
+    assert table.schema.names == [f.name for f in RECORD_FIELDS]
+    assert table.schema == schema(CONNECTION_COLUMNS[1:])
+    (row,) = table.to_pylist()
+    assert (row["stream"], row["close"]) == (0, "reset-by-server")
+
+
+def test_export_tables_results_names_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """What one table export reports: both paths, the packets of each batch, why a damaged
+    capture stopped; a capture read from stdin is named ``<stdin>``; an outdir that cannot
+    be made and a file that is no capture are one-line errors naming the path."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    src = write_pcap(tmp_path / "in.pcap", [*OPEN, s2c(Op.RST)])
+    heard: list[int] = []
+    res = export_tables(str(src), tmp_path / "t", "csv", on_batch=heard.append)
+    assert res.outputs == [str(tmp_path / "t" / "packets.csv"),
+                           str(tmp_path / "t" / "connections.csv")]
+    assert (res.packets, res.connections, res.stopped, sum(heard)) == (3, 1, None, 3)
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(src.read_bytes()[:-10])  # the last record loses 10 bytes
+    res = export_tables(str(cut), tmp_path / "c", "csv")
+    # 24 bytes of file header, then two records of 16 + 76 bytes; the third has 92 - 10 left
+    assert res.packets == 2
+    assert res.stopped == ("file ends inside a packet after packet 2 "
+                           "(byte 208, 82 bytes left over)")
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(src.read_bytes())))
+    export_tables("-", tmp_path / "s", "json")
+    rows = [json.loads(x) for x in (tmp_path / "s" / "packets.jsonl").read_text().splitlines()]
+    assert {r["capture"] for r in rows} == {"<stdin>"}
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError) as e:
+        export_tables(str(src), tmp_path / "file" / "sub", "csv")
+    assert str(e.value) == f"{tmp_path / 'file' / 'sub'}: cannot create: Not a directory"
+    (tmp_path / "junk.pcap").write_bytes(b"garbage!" * 10)
+    with pytest.raises(ExportError) as e:
+        export_tables(str(tmp_path / "junk.pcap"), tmp_path / "j", "csv")
+    assert str(e.value).startswith(f"{tmp_path / 'junk.pcap'}: ") and "\n" not in str(e.value)
