@@ -423,3 +423,18 @@ def test_export_tables_results_names_and_errors(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(ExportError) as e:
         export_tables(str(tmp_path / "junk.pcap"), tmp_path / "j", "csv")
     assert str(e.value).startswith(f"{tmp_path / 'junk.pcap'}: ") and "\n" not in str(e.value)
+
+
+def test_rows_counted_over_every_batch(tmp_path: Path) -> None:
+    """The reader hands over 4 MiB at a time (pcapio.CHUNK): 80 packets of 64 KiB make two
+    batches at least, and the packet count is that of all of them."""
+    from vsockmon.wire.pcapio import CHUNK
+
+    big = c2s(Op.RW, payload=b"z" * 65536)
+    assert 80 * len(big) > CHUNK
+    src = write_pcap(tmp_path / "big.pcap", [big] * 80)
+    heard: list[int] = []
+    res = export_tables(str(src), tmp_path / "t", "parquet", on_batch=heard.append)
+    assert len(heard) >= 2 and sum(heard) == 80
+    assert res.packets == 80
+    assert pq.read_table(tmp_path / "t" / "packets.parquet").num_rows == 80
