@@ -128,6 +128,8 @@ def test_packets_table_for_frames_without_headers(tmp_path: Path) -> None:
     assert [r["mon_op_name"] for r in rows] == ["PAYLOAD", "PAYLOAD", None]
     assert [r["op"] for r in rows] == [5, None, None]
     assert [r["op_name"] for r in rows] == ["RW", None, None]
+    assert [r["type_name"] for r in rows] == ["STREAM", None, None]
+    assert [r["flag_names"] for r in rows] == ["", None, None]
     assert [r["len"] for r in rows] == [3, None, None]
     assert [r["anomaly_names"] for r in rows] == ["", "truncated", "truncated"]
     assert [r["stream"] for r in rows] == [0, None, None]
@@ -216,6 +218,7 @@ def test_frames_batch_columns_for_every_kind_of_frame(tmp_path: Path) -> None:
         s2c(Op.SHUTDOWN, flags=RCV | SEND),                     # 3: RCV|SEND
         full[:40],                                              # 4: vsockmon header only
         s2c(Op.RW, payload=b"abcdef", length=2),                # 5: payload longer than len
+        full[:10],                                              # 6: no header at all
     ], step_ns=1_234_567)
     with open_capture(str(src)) as r:
         (fb,) = list(decode_batches(r.batches()))
@@ -223,23 +226,45 @@ def test_frames_batch_columns_for_every_kind_of_frame(tmp_path: Path) -> None:
     assert batch.schema == FRAME_SCHEMA
     rows = batch.to_pylist()
     col = {k: [row[k] for row in rows] for k in rows[0]}
-    assert col["frame.number"] == [1, 2, 3, 4, 5]
-    stamps = [T0 + i * 1_234_567 for i in range(5)]
+    assert col["frame.number"] == [1, 2, 3, 4, 5, 6]
+    stamps = [T0 + i * 1_234_567 for i in range(6)]
     assert col["frame.time_ns"] == stamps
     assert col["frame.time_epoch"] == [float(Fraction(t, 10**9)) for t in stamps]
-    assert col["frame.len"] == col["frame.cap_len"] == [79, 78, 76, 40, 82]
-    assert col["vsock.op"] == [4, 4, 2, 4, 4]
-    assert col["vsock.op_name"] == ["PAYLOAD", "PAYLOAD", "DISCONNECT", "PAYLOAD", "PAYLOAD"]
-    assert col["vsock.trans_name"] == ["VIRTIO"] * 5
-    assert col["vsock.src_port"] == [50000, 50000, 1024, 50000, 1024]
-    assert col["vsock.virtio.op"] == [5, 5, 4, None, 5]
-    assert col["vsock.virtio.op_name"] == ["RW", "RW", "SHUTDOWN", None, "RW"]
-    assert col["vsock.virtio.type_name"] == ["STREAM", "SEQPACKET", "STREAM", None, "STREAM"]
-    assert col["vsock.virtio.dst_port"] == [1024, 1024, 50000, None, 50000]
-    assert col["vsock.virtio.flags_names"] == [[], ["EOM", "EOR"], ["RCV", "SEND"], None, []]
-    assert col["vsock.virtio.len"] == [3, 2, 0, None, 2]
-    assert col["payload_len"] == [3, 2, 0, 0, 6]
-    assert col["anomalies"] == [[], [], [], ["truncated"], ["payload-len-mismatch"]]
+    assert col["frame.len"] == col["frame.cap_len"] == [79, 78, 76, 40, 82, 10]
+    assert col["vsock.op"] == [4, 4, 2, 4, 4, None]
+    assert col["vsock.op_name"] == ["PAYLOAD", "PAYLOAD", "DISCONNECT", "PAYLOAD", "PAYLOAD",
+                                    None]
+    assert col["vsock.trans_name"] == ["VIRTIO"] * 5 + [None]
+    assert col["vsock.src_port"] == [50000, 50000, 1024, 50000, 1024, None]
+    assert col["vsock.virtio.op"] == [5, 5, 4, None, 5, None]
+    assert col["vsock.virtio.op_name"] == ["RW", "RW", "SHUTDOWN", None, "RW", None]
+    assert col["vsock.virtio.type_name"] == ["STREAM", "SEQPACKET", "STREAM", None, "STREAM",
+                                             None]
+    assert col["vsock.virtio.dst_port"] == [1024, 1024, 50000, None, 50000, None]
+    assert col["vsock.virtio.flags_names"] == [[], ["EOM", "EOR"], ["RCV", "SEND"], None, [],
+                                               None]
+    assert col["vsock.virtio.len"] == [3, 2, 0, None, 2, None]
+    assert col["payload_len"] == [3, 2, 0, 0, 6, 0]
+    assert col["anomalies"] == [[], [], [], ["truncated"], ["payload-len-mismatch"],
+                                ["truncated"]]
+
+
+def test_frames_batch_of_clean_frames_keeps_its_list_types(tmp_path: Path) -> None:
+    """No flag and no anomaly anywhere: the name lists are all empty, and still lists of
+    strings (the schema of ``packets()``), not of nothing."""
+    import pyarrow as pa
+
+    from vsockmon.decode.frames import decode_batches
+    from vsockmon.export.tables import frames_batch
+    from vsockmon.wire.pcapio import open_capture
+
+    src = write_pcap(tmp_path / "clean.pcap", OPEN)
+    with open_capture(str(src)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    batch = frames_batch(fb)
+    for name in ("vsock.virtio.flags_names", "anomalies"):
+        assert batch.schema.field(name).type == pa.list_(pa.string())
+        assert batch.column(name).to_pylist() == [[], []]
 
 
 def test_frames_batch_names_unknown_codes(tmp_path: Path) -> None:
@@ -438,3 +463,50 @@ def test_rows_counted_over_every_batch(tmp_path: Path) -> None:
     assert len(heard) >= 2 and sum(heard) == 80
     assert res.packets == 80
     assert pq.read_table(tmp_path / "t" / "packets.parquet").num_rows == 80
+
+
+def odd_frame() -> bytes:
+    """A server RW of len 2 carrying 6 bytes, under a vsockmon header whose source port (7)
+    is not the virtio header's (1024): two anomalies at once."""
+    from vsockmon.wire.protocol import VSOCKMON_HEADER
+
+    f = s2c(Op.RW, payload=b"abcdef", length=2)
+    return VSOCKMON_HEADER.pack(src_cid=2, dst_cid=3, src_port=7, dst_port=50000, op=4,
+                                transport=2, trans_len=44) + f[VSOCKMON_HEADER.size:]
+
+
+def test_two_anomalies_are_named_in_bit_order(tmp_path: Path) -> None:
+    """Anomaly bits (decode.frames.Anomaly): PAYLOAD_LEN is bit 2, ADDR_MISMATCH bit 7."""
+    src = write_pcap(tmp_path / "a.pcap", [odd_frame()])
+    export_tables(str(src), tmp_path / "t", "parquet")
+    (row,) = pq.read_table(tmp_path / "t" / "packets.parquet").to_pylist()
+    assert row["anomaly_names"] == "payload-len-mismatch,addr-mismatch"
+    assert row["anomalies"] == (1 << 2) | (1 << 7)
+
+
+def test_zero_buf_alloc_is_a_limit_of_zero_not_unknown(tmp_path: Path) -> None:
+    """A server that answers with buf_alloc 0 gives the client a credit limit of 0 (known,
+    and empty), which is not the null of a credit not yet known."""
+    src = write_pcap(tmp_path / "z.pcap", [*OPEN[:1], s2c(Op.RESPONSE, buf_alloc=0),
+                                           c2s(Op.CREDIT_REQUEST)])
+    export_tables(str(src), tmp_path / "t", "parquet")
+    rows = pq.read_table(tmp_path / "t" / "packets.parquet").to_pylist()
+    assert [(r["in_flight"], r["credit_limit"]) for r in rows] == [
+        (None, None), (0, 262144), (0, 0)]
+
+
+@pytest.mark.tshark
+def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
+    """``export --diagnose``: a REQUEST answered by the server's RST is the no-listener error
+    (docs/diagnose.md), noted at both its frames; the caller's extra lines come after the
+    findings, also on a frame no finding names."""
+    src = write_pcap(tmp_path / "in.pcap", [c2s(Op.REQUEST), s2c(Op.RST), odd_frame()])
+    out = tmp_path / "out.pcapng"
+    export_pcapng(str(src), str(out), payload=False, diagnose=True,
+                  extra={2: ["mine"], 3: ["other"]})
+    got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "; diagnose: ERROR no-listener: " in got[0] and "mine" not in got[0]
+    assert "; diagnose: ERROR no-listener: " in got[1] and got[1].endswith("; mine")
+    assert "anomalies: payload-len-mismatch,addr-mismatch" in got[2]
+    assert got[2].endswith("; other")
