@@ -510,3 +510,19 @@ def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     assert "; diagnose: ERROR no-listener: " in got[1] and got[1].endswith("; mine")
     assert "anomalies: payload-len-mismatch,addr-mismatch" in got[2]
     assert got[2].endswith("; other")
+
+
+@pytest.mark.tshark
+def test_states_go_on_past_a_credit_request(tmp_path: Path) -> None:
+    """A CREDIT_REQUEST changes no state, and the events after it still do."""
+    got = states(tmp_path, [*OPEN, c2s(Op.CREDIT_REQUEST), c2s(Op.SHUTDOWN, flags=SEND)])
+    assert got == ["requested", "established", "established", "half-closed"]
+
+
+@pytest.mark.tshark
+def test_no_handshake_time_without_the_request(tmp_path: Path) -> None:
+    """Joined after the REQUEST: the RESPONSE is there but no handshake time can be (nor a
+    credit for the server: the client's buf_alloc was in the REQUEST)."""
+    got = comments(tmp_path, [s2c(Op.RESPONSE), c2s(Op.RW, payload=b"x")])
+    assert got[0] == "vsockmon stream 0 s2c (server) established"
+    assert "handshake" not in "".join(got)
