@@ -135,6 +135,18 @@ def test_packets_table_for_frames_without_headers(tmp_path: Path) -> None:
     assert [r["stream"] for r in rows] == [0, None, None]
     assert [r["dir"] for r in rows] == ["c2s", None, None]
     assert rows[0]["caplen"] == rows[0]["orig_len"] == 79 and rows[2]["caplen"] == 10
+    assert "payload_proto" not in rows[0]  # payload columns only when asked for
+
+
+def test_connections_table_of_a_capture_without_connections(tmp_path: Path) -> None:
+    """Frames too short for any header make no connection: an empty table, still typed."""
+    from vsockmon.export.tables import CONNECTION_COLUMNS, schema
+
+    src = write_pcap(tmp_path / "in.pcap", [c2s(Op.RW, payload=b"abc")[:10]])
+    res = export_tables(str(src), tmp_path / "t", "parquet")
+    table = pq.read_table(tmp_path / "t" / "connections.parquet")
+    assert (res.connections, table.num_rows) == (0, 0)
+    assert table.schema.remove_metadata() == schema(CONNECTION_COLUMNS)
 
 
 def test_unknown_format_and_no_captures(tmp_path: Path) -> None:
@@ -366,6 +378,9 @@ def test_many_captures_each_result_options_and_failure(tmp_path: Path, jobs: int
     rows = [json.loads(x) for x in (out / "vm1" / "b.pcap" / "packets.jsonl").read_text()
             .splitlines()]
     assert [r["capture"] for r in rows] == ["vm1/b.pcap"] * 2
+    conns = [json.loads(x) for x in (out / "vm1" / "b.pcap" / "connections.jsonl").read_text()
+             .splitlines()]
+    assert [(c["capture"], c["stream"]) for c in conns] == [("vm1/b.pcap", 0)]
     a = [json.loads(x) for x in (out / "a.pcap" / "packets.jsonl").read_text().splitlines()]
     assert a[2]["payload_summary"] == "x"
     again = export_many(caps, out, "json", jobs=jobs)
