@@ -541,3 +541,15 @@ def test_no_handshake_time_without_the_request(tmp_path: Path) -> None:
     got = comments(tmp_path, [s2c(Op.RESPONSE), c2s(Op.RW, payload=b"x")])
     assert got[0] == "vsockmon stream 0 s2c (server) established"
     assert "handshake" not in "".join(got)
+
+
+@pytest.mark.tshark
+def test_violation_first_and_last_and_a_long_handshake(tmp_path: Path) -> None:
+    """Two server RWs whose payload is longer than their ``len`` (the tap-length violation,
+    docs/analysis.md): the first and the last are noted, with the count. A handshake of
+    600 ms prints as 600.000 (milliseconds to the µs)."""
+    bad = s2c(Op.RW, payload=b"abcdef", length=2)
+    got = comments(tmp_path, [*OPEN, bad, bad], step_ns=600_000_000)
+    assert got[1].endswith("; handshake 600.000 ms")
+    assert got[2].endswith("; violation tap-length (s2c): first of 2")
+    assert got[3].endswith("; violation tap-length (s2c): last of 2")
