@@ -444,6 +444,10 @@ def test_export_tables_results_names_and_errors(tmp_path: Path, monkeypatch: pyt
     assert res.outputs == [str(tmp_path / "t" / "packets.csv"),
                            str(tmp_path / "t" / "connections.csv")]
     assert (res.packets, res.connections, res.stopped, sum(heard)) == (3, 1, None, 3)
+    import pyarrow.csv as pacsv
+
+    conns = pacsv.read_csv(tmp_path / "t" / "connections.csv")
+    assert conns.column("capture").to_pylist() == ["in.pcap"]  # the file's name
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(src.read_bytes()[:-10])  # the last record loses 10 bytes
     res = export_tables(str(cut), tmp_path / "c", "csv")
