@@ -557,3 +557,11 @@ def test_violation_first_and_last_and_a_long_handshake(tmp_path: Path) -> None:
     assert got[1].endswith("; handshake 600.000 ms")
     assert got[2].endswith("; violation tap-length (s2c): first of 2")
     assert got[3].endswith("; violation tap-length (s2c): last of 2")
+
+
+@pytest.mark.tshark
+def test_no_close_note_while_the_connection_is_only_half_closed(tmp_path: Path) -> None:
+    """The tracker records the SHUTDOWN's frame for a half-closed connection too, but only a
+    connection that is over (graceful, reset, refused) gets a ``close:`` note."""
+    got = comments(tmp_path, [*OPEN, c2s(Op.SHUTDOWN, flags=SEND)])
+    assert got[2] == "vsockmon stream 0 c2s (client) half-closed, in flight 0/262144"
