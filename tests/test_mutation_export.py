@@ -583,3 +583,19 @@ def test_longest_stall_noted_apart_from_the_first(tmp_path: Path) -> None:
     got = comments(tmp_path, frames, step_ns=3_000_000)
     assert got[2].endswith("; zero credit (c2s): first of 2 stalls")
     assert got[4].endswith("; zero credit (c2s): longest stall, 6.000 ms")
+
+
+def test_packet_batch_without_payload_columns_by_default(tmp_path: Path) -> None:
+    """``packet_batch`` as the fleet calls it (no ``payload``): the packets columns only,
+    even for an RW whose payload a dissector would name."""
+    from vsockmon.analysis.pipeline import tracked
+    from vsockmon.conntrack.tracker import ConnTracker
+    from vsockmon.export.tables import PACKET_COLUMNS, packet_batch
+    from vsockmon.wire.pcapio import open_capture
+
+    src = write_pcap(tmp_path / "p.pcap", [*OPEN, app(Op.RW, payload=b"{}")])
+    with open_capture(str(src)) as r:
+        ((_, fb, tags),) = list(tracked(r, ConnTracker()))
+        batch = packet_batch(fb, tags, "p.pcap")
+    assert batch.schema.names == [c.name for c in PACKET_COLUMNS]
+    assert batch.column("capture").to_pylist() == ["p.pcap"] * 3
