@@ -518,17 +518,21 @@ def test_zero_buf_alloc_is_a_limit_of_zero_not_unknown(tmp_path: Path) -> None:
 def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     """``export --diagnose``: a REQUEST answered by the server's RST is the no-listener error
     (docs/diagnose.md), noted at both its frames; the caller's extra lines come after the
-    findings, also on a frame no finding names."""
-    src = write_pcap(tmp_path / "in.pcap", [c2s(Op.REQUEST), s2c(Op.RST), odd_frame()])
+    findings, and alone on a frame no finding names."""
+    clean = [app(Op.REQUEST), frame(Op.RESPONSE, src=APP, dst=C),
+             app(Op.SHUTDOWN, flags=RCV | SEND), frame(Op.RST, src=APP, dst=C)]
+    src = write_pcap(tmp_path / "in.pcap", [c2s(Op.REQUEST), s2c(Op.RST), odd_frame(), *clean])
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), payload=False, diagnose=True,
-                  extra={2: ["mine"], 3: ["other"]})
+                  extra={2: ["mine"], 3: ["other"], 4: ["alone"]})
     got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert "; diagnose: ERROR no-listener: " in got[0] and "mine" not in got[0]
     assert "; diagnose: ERROR no-listener: " in got[1] and got[1].endswith("; mine")
     assert "anomalies: payload-len-mismatch,addr-mismatch" in got[2]
     assert got[2].endswith("; other")
+    # a connection opened and closed in order: no finding, the extra line alone after the state
+    assert got[3].endswith(" c2s (client) requested; alone") and "diagnose" not in got[3]
 
 
 @pytest.mark.tshark
