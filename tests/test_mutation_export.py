@@ -574,19 +574,20 @@ def test_no_close_note_while_the_connection_is_only_half_closed(tmp_path: Path) 
 @pytest.mark.tshark
 def test_longest_stall_noted_apart_from_the_first(tmp_path: Path) -> None:
     """The server advertises 4 bytes; each 4-byte RW of the client exhausts them until a
-    CREDIT_UPDATE consumes them. The first stall lasts one step (3 ms), the second two (the
-    client's CREDIT_REQUEST in between does not end it): 6 ms, noted on its first frame."""
+    CREDIT_UPDATE consumes them. The first stall lasts one step (0.6 s), the second two (the
+    client's CREDIT_REQUEST in between does not end it): 1200 ms to the µs, noted on its
+    first frame."""
     frames = [
         c2s(Op.REQUEST), s2c(Op.RESPONSE, buf_alloc=4),
         c2s(Op.RW, payload=b"abcd"),                    # 3: stall 1 starts
-        s2c(Op.CREDIT_UPDATE, buf_alloc=4, fwd_cnt=4),  # 4: ends (3 ms)
+        s2c(Op.CREDIT_UPDATE, buf_alloc=4, fwd_cnt=4),  # 4: ends (600 ms)
         c2s(Op.RW, payload=b"efgh"),                    # 5: stall 2 starts
         c2s(Op.CREDIT_REQUEST),                         # 6
-        s2c(Op.CREDIT_UPDATE, buf_alloc=4, fwd_cnt=8),  # 7: ends (6 ms)
+        s2c(Op.CREDIT_UPDATE, buf_alloc=4, fwd_cnt=8),  # 7: ends (1200 ms)
     ]
-    got = comments(tmp_path, frames, step_ns=3_000_000)
+    got = comments(tmp_path, frames, step_ns=600_000_000)
     assert got[2].endswith("; zero credit (c2s): first of 2 stalls")
-    assert got[4].endswith("; zero credit (c2s): longest stall, 6.000 ms")
+    assert got[4].endswith("; zero credit (c2s): longest stall, 1200.000 ms")
 
 
 def test_packet_batch_without_payload_columns_by_default(tmp_path: Path) -> None:
