@@ -604,3 +604,19 @@ def test_packet_batch_without_payload_columns_by_default(tmp_path: Path) -> None
         batch = packet_batch(fb, tags, "p.pcap")
     assert batch.schema.names == [c.name for c in PACKET_COLUMNS]
     assert batch.column("capture").to_pylist() == ["p.pcap"] * 3
+
+
+@pytest.mark.tshark
+def test_payload_summary_in_comments_only_for_rw_and_when_asked(tmp_path: Path) -> None:
+    """With payload summaries on, an RW's payload is named by its dissector ("{}" is JSON);
+    bytes behind a CREDIT_UPDATE are not a payload; with them off, no summary at all."""
+    src = write_pcap(tmp_path / "in.pcap", [app(Op.RW, payload=b"{}"),
+                                            frame(Op.CREDIT_UPDATE, b"hello\n", src=APP, dst=C)])
+    for payload, want in ((True, "; json: {}"), (False, "")):
+        out = tmp_path / f"{payload}.pcapng"
+        export_pcapng(str(src), str(out), payload=payload)
+        got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert got[0] == "vsockmon stream 0 c2s (client) established" + want
+        # the client's RW advertised its buf_alloc (262144): the server's credit is known
+        assert got[1] == "vsockmon stream 0 s2c (server) established, in flight 0/262144"
