@@ -43,8 +43,6 @@ class Stall:
     """The op of the peer's packet that gave credit back."""
     freed_by_fwd: bool = False
     """The credit came back because the peer's fwd_cnt advanced (not its buf_alloc)."""
-    peer_packets: int = 0
-    """Packets the peer sent during the stall that gave no credit back."""
     unanswered: list[tuple[int, int, int | None]] = field(default_factory=list)
     """CREDIT_REQUESTs and the peer's first packet after each: (frame, time, reply time)."""
 
@@ -249,7 +247,6 @@ class Digest:
             if sender == d and op == Op.CREDIT_REQUEST:
                 st.unanswered.append((frame, ts, None))
             elif sender != d:
-                st.peer_packets += 1
                 st.unanswered = [(f, t, reply if reply is not None else ts)
                                  for f, t, reply in st.unanswered]
             return
