@@ -1,0 +1,325 @@
+"""The timeline's drawings read back: the SVG sequence diagram, the credit plot, the HTML
+page and the terminal ladder.
+
+One scenario throughout (the one of tests/test_timeline_model.py): a STREAM connection whose
+server advertises a 100-byte buffer; the client sends 60, 40 (the window is full: a stall)
+and 10 bytes (10 beyond it), the server's CREDIT_UPDATE says it consumed all 110, then a
+Linux close. Frames are 1 µs apart (the scenario builder's default delay). Every expected
+value is reasoned here from those packets and from what the drawing promises (an arrow from
+the sender's lifeline to the receiver's, one row per packet, a step line of bytes in flight
+under the receiver's buffer), read back from the SVG's own geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conntrack_scenarios import Conv, write
+
+import vsockmon
+from vsockmon.analysis.timeline import (
+    Ladder,
+    _downsample,
+    credit_svg,
+    html_page,
+    ladder,
+    sequence_svg,
+    text_lines,
+)
+from vsockmon.conntrack.tracker import StreamRows
+from vsockmon.wire.protocol import Op, ShutdownFlag
+
+SVG = "{http://www.w3.org/2000/svg}"
+SENDERS = [0, 1, 0, 0, 0, 1, 0, 1]  # REQUEST, RESPONSE, RW×3, CREDIT_UPDATE, SHUTDOWN, RST
+LABELS = ["REQUEST buf=262144 fwd=0", "RESPONSE buf=100 fwd=0", "RW len=60 credit=40",
+          "RW len=40 credit=0 stall", "RW len=10 credit=-10 OVER",
+          "CREDIT_UPDATE buf=100 fwd=110", "SHUTDOWN RCV|SEND", "RST"]
+
+
+def scenario(tmp_path: Path, *, reply: bool = False) -> Ladder:
+    """The connection above; ``reply``: the server also sends 30 bytes before the close."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 100])
+    c.open()
+    c.send(0, Op.RW, bytes(60))
+    c.send(0, Op.RW, bytes(40))
+    c.send(0, Op.RW, bytes(10))
+    c.fwd[1] = 110
+    c.send(1, Op.CREDIT_UPDATE)
+    if reply:
+        c.send(1, Op.RW, bytes(30))
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST)
+    rows = StreamRows([0])
+    table = vsockmon.open(write(tmp_path / "t.pcap", out)).scan(rows).table
+    return ladder(table[0], rows.columns(0))
+
+
+def parse(svg: str) -> ET.Element:
+    return ET.fromstring(svg)
+
+
+def lines(root: ET.Element) -> list[dict[str, Any]]:
+    return [dict(e.attrib) for e in root.iter(f"{SVG}line")]
+
+
+def texts(root: ET.Element) -> list[tuple[float, float, str, dict[str, str]]]:
+    return [(float(e.get("x", 0)), float(e.get("y", 0)), "".join(e.itertext()), dict(e.attrib))
+            for e in root.iter(f"{SVG}text")]
+
+
+# -- the sequence diagram --------------------------------------------------------------------
+
+
+def test_each_packet_is_an_arrow_from_its_senders_lifeline_to_its_peers(tmp_path: Path
+                                                                         ) -> None:
+    root = parse(sequence_svg(scenario(tmp_path)))
+    height = float(root.get("height", 0))
+    assert root.get("viewBox") == f"0 0 {root.get('width')} {root.get('height')}"
+    names = {t: x for x, _, t, _ in texts(root) if t.startswith(("client ", "server "))}
+    client_x, server_x = names["client 1:50000"], names["server 1:1234"]
+    assert client_x < server_x
+    lifelines = [ln for ln in lines(root) if ln["x1"] == ln["x2"]]
+    assert sorted(float(ln["x1"]) for ln in lifelines) == [client_x, server_x]
+    arrows = [ln for ln in lines(root) if "marker-end" in ln]
+    assert len(arrows) == len(SENDERS)
+    for ln, sender in zip(arrows, SENDERS, strict=True):
+        ends = (client_x, server_x) if sender == 0 else (server_x, client_x)
+        assert (float(ln["x1"]), float(ln["x2"])) == ends
+        assert ln["y1"] == ln["y2"]
+    ys = [float(ln["y1"]) for ln in arrows]
+    steps = {b - a for a, b in itertools.pairwise(ys)}
+    assert len(steps) == 1 and steps.pop() > 0  # one row per packet, evenly spaced
+    top = min(float(ln["y1"]) for ln in lifelines)
+    bottom = max(float(ln["y2"]) for ln in lifelines)
+    assert top < ys[0] and ys[-1] < bottom < height  # the lifelines run past every arrow
+
+
+def test_each_arrow_carries_its_label_time_and_frame_on_its_row(tmp_path: Path) -> None:
+    root = parse(sequence_svg(scenario(tmp_path)))
+    arrows = [ln for ln in lines(root) if "marker-end" in ln]
+    all_texts = texts(root)
+    names = {t: x for x, _, t, _ in all_texts if t.startswith(("client ", "server "))}
+    middle = (names["client 1:50000"] + names["server 1:1234"]) / 2
+    labels = [(x, y, t, a) for x, y, t, a in all_texts if t in LABELS]
+    assert [t for _, _, t, _ in labels] == LABELS
+    times = [t for _, _, t, _ in all_texts if t.startswith("+")]
+    assert times == [f"+0.00000{i}" for i in range(8)]  # frames 1 µs apart
+    frames = [t for _, _, t, _ in all_texts if t.isdigit()]
+    assert frames == [str(i) for i in range(1, 9)]
+    for ln, (x, y, _, attrs) in zip(arrows, labels, strict=True):
+        assert x == middle and y < float(ln["y1"])  # centred just above its arrow
+        assert attrs["fill"] == ln["stroke"]  # in its arrow's colour
+    row = {float(ln["y1"]) for ln in arrows}
+    time_rows = [y for _, y, t, _ in all_texts if t.startswith("+")]
+    frame_rows = [y for _, y, t, _ in all_texts if t.isdigit()]
+    assert time_rows == frame_rows and len(set(time_rows)) == 8
+    gap = sorted(row)[1] - sorted(row)[0]
+    assert all(min(abs(y - r) for r in row) < gap / 2 for y in time_rows)
+
+
+def test_an_arrow_that_leaves_no_credit_stands_out(tmp_path: Path) -> None:
+    """The RWs of frames 4 (credit 0) and 5 (beyond the buffer) are drawn alike, in another
+    colour and thicker than the RW of frame 3 that left credit."""
+    root = parse(sequence_svg(scenario(tmp_path)))
+    arrows = [ln for ln in lines(root) if "marker-end" in ln]
+    rw, stall, over = arrows[2], arrows[3], arrows[4]
+    assert stall["stroke"] == over["stroke"] != rw["stroke"]
+    assert float(stall["stroke-width"]) == float(over["stroke-width"]) > float(
+        rw["stroke-width"])
+    assert {a["stroke-width"] for i, a in enumerate(arrows) if i not in (3, 4)} == {
+        rw["stroke-width"]}
+    # the other ops have their own colours: opening, credit, shutdown
+    assert len({arrows[i]["stroke"] for i in (0, 2, 5, 6)}) == 4
+    assert arrows[0]["stroke"] == arrows[1]["stroke"]  # REQUEST and RESPONSE: the handshake
+
+
+def test_a_long_diagram_draws_the_first_and_last_packets_and_counts_the_rest(
+        tmp_path: Path) -> None:
+    """8 packets in 5 rows: the first 2, a note of the 3 left out, the last 3."""
+    root = parse(sequence_svg(scenario(tmp_path), max_rows=5))
+    frames = [t for _, _, t, _ in texts(root) if t.isdigit()]
+    assert frames == ["1", "2", "6", "7", "8"]
+    notes = [(y, t) for _, y, t, _ in texts(root) if "not drawn" in t]
+    assert [t for _, t in notes] == ["… 3 packets not drawn …"]
+    arrows = [float(ln["y1"]) for ln in lines(root) if "marker-end" in ln]
+    assert arrows[1] < notes[0][0] < arrows[2]  # in the row between
+    full = parse(sequence_svg(scenario(tmp_path)))
+    assert float(root.get("height", 0)) < float(full.get("height", 0))
+
+
+def test_a_marked_frame_has_a_flag_with_its_note(tmp_path: Path) -> None:
+    lad = scenario(tmp_path)
+    lad.marks = {4: ["window full", "<b>&"]}
+    root = parse(sequence_svg(lad))
+    flags = [e for e in root.iter(f"{SVG}text") if (e.text or "").startswith("⚑")]
+    assert len(flags) == 1
+    (title,) = flags[0].iter(f"{SVG}title")
+    assert title.text == "window full; <b>&"  # escaped in the file, itself once parsed
+    frame4 = next(float(y) for _, y, t, _ in texts(root) if t == "4")
+    assert float(flags[0].get("y", 0)) == frame4
+
+
+# -- the credit plot -------------------------------------------------------------------------
+
+
+def points(attr: str) -> list[tuple[float, float]]:
+    return [(float(a), float(b)) for a, b in (p.split(",") for p in attr.split())]
+
+
+def test_the_credit_plot_is_a_step_line_of_bytes_in_flight_under_the_buffer(tmp_path: Path
+                                                                           ) -> None:
+    """The client's bytes in flight after each packet whose credit is known (frames 2-8,
+    1-7 µs after the first): 0, 60, 100, 110, then 0 once the CREDIT_UPDATE gives all back;
+    the server's buffer is 100 throughout. Scaled into the plot area (the grey rectangle):
+    time 0 to the last packet (7 µs) left to right, bytes 0 to the highest value (110)
+    bottom to top. The server sent nothing: no line for its direction."""
+    root = parse(credit_svg(scenario(tmp_path)))
+    area = next(e for e in root.iter(f"{SVG}rect") if e.get("stroke"))
+    left, top = float(area.get("x", 0)), float(area.get("y", 0))
+    w, h = float(area.get("width", 0)), float(area.get("height", 0))
+
+    def at(t_us: float, v: float) -> tuple[float, float]:
+        return left + w * t_us / 7, top + h * (1 - v / 110)
+
+    def step_line(values: list[int]) -> list[tuple[float, float]]:
+        ts = range(1, 8)
+        out = [at(1, values[0])]
+        for j in range(1, 7):
+            out += [at(ts[j], values[j - 1]), at(ts[j], values[j])]
+        return out
+
+    solid, dashed = root.iter(f"{SVG}polyline")
+    assert "stroke-dasharray" not in solid.attrib and "stroke-dasharray" in dashed.attrib
+    assert solid.get("stroke") == dashed.get("stroke")  # one direction, one colour
+    assert len(list(root.iter(f"{SVG}polyline"))) == 2
+    for line, want in ((solid, step_line([0, 60, 100, 110, 0, 0, 0])),
+                       (dashed, step_line([100] * 7))):
+        got = points(line.get("points", ""))
+        assert len(got) == len(want)
+        assert np.allclose(got, want, atol=0.06), (got, want)
+
+
+def test_the_credit_plot_axes_and_legend(tmp_path: Path) -> None:
+    """Five labels on each axis, at 0, ¼, ½, ¾ and all of the range (110 bytes, 7 µs), and
+    a legend entry per line in the line's colour and dash."""
+    root = parse(credit_svg(scenario(tmp_path)))
+    area = next(e for e in root.iter(f"{SVG}rect") if e.get("stroke"))
+    top, h = float(area.get("y", 0)), float(area.get("height", 0))
+    all_texts = texts(root)
+    ys = [(y, t) for _, y, t, a in all_texts if a.get("text-anchor") == "end"]
+    assert [t for _, t in ys] == ["0", "27", "55", "82", "110"]  # int(110 * i / 4)
+    for i, (y, _) in enumerate(ys):  # on its level, 4 px lower (the text's baseline)
+        assert y - 4 == pytest.approx(top + h * (1 - i / 4), abs=0.06)
+    xs = [t for _, _, t, _ in all_texts if t.endswith("s") and t[0].isdigit()]
+    assert xs == [f"{7e-6 * i / 4:.6f}s" for i in range(5)]
+    legend = [ln for ln in lines(root)]
+    polylines = list(root.iter(f"{SVG}polyline"))
+    assert [ln["stroke"] for ln in legend] == [p.get("stroke") for p in polylines]
+    assert ["stroke-dasharray" in ln for ln in legend] == [False, True]
+    names = [t for _, _, t, _ in all_texts if t.startswith(("in flight", "peer buffer"))]
+    assert names == ["in flight client→server", "peer buffer client→server"]
+
+
+def test_both_directions_get_their_own_colour(tmp_path: Path) -> None:
+    root = parse(credit_svg(scenario(tmp_path, reply=True)))
+    strokes = [p.get("stroke") for p in root.iter(f"{SVG}polyline")]
+    assert len(strokes) == 4 and strokes[0] == strokes[1] != strokes[2] == strokes[3]
+    names = [t for _, _, t, _ in texts(root) if t.startswith(("in flight", "peer buffer"))]
+    assert names == ["in flight client→server", "peer buffer client→server",
+                     "in flight server→client", "peer buffer server→client"]
+    legend_x = [float(ln["x1"]) for ln in lines(root)]
+    assert legend_x == sorted(set(legend_x))  # side by side, none on another
+
+
+def test_nothing_to_plot_without_data(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.close()
+    rows = StreamRows([0])
+    table = vsockmon.open(write(tmp_path / "e.pcap", out)).scan(rows).table
+    assert credit_svg(ladder(table[0], rows.columns(0))) == (
+        '<p class="meta">No data sent with known credit: nothing to plot.</p>')
+
+
+def test_downsampling_keeps_each_buckets_peak_and_trough() -> None:
+    t = np.arange(10_000)
+    y = np.zeros(10_000, np.int64)
+    y[1234], y[8765] = 500, -7
+    kt, ky = _downsample(t, y, 100)
+    assert len(kt) <= 100 and list(kt) == sorted(kt)
+    assert 500 in ky and -7 in ky and 1234 in kt and 8765 in kt
+    assert kt[0] == 0 and kt[-1] >= 10_000 - 10_000 // 50  # the whole span, to its last bucket
+    same_t, same_y = _downsample(t[:100], y[:100], 100)
+    assert list(same_t) == list(t[:100])  # few enough: all kept
+    assert list(same_y) == list(y[:100])
+    short_t, _ = _downsample(t[:101], y[:101], 100)
+    assert len(short_t) <= 100
+
+
+# -- the page and the terminal ---------------------------------------------------------------
+
+
+def test_the_page_names_each_connection_and_sums_it_up(tmp_path: Path) -> None:
+    """The summary, from the packets: 60 + 40 + 10 bytes from the client, none back; the
+    RESPONSE 1 µs after the REQUEST; one stall from frame 4 (credit 0) to the CREDIT_UPDATE
+    of frame 6, 2 µs; frame 5 went beyond the buffer."""
+    lad = scenario(tmp_path)
+    lad.marks = {5: ["beyond <credit>"]}
+    page = html_page("title <&>", [lad], notes=["a note & more"])
+    assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>\n")
+    assert "<title>title &lt;&amp;&gt;</title>" in page and "<h1>title &lt;&amp;&gt;</h1>" in page
+    assert '<p class="meta">a note &amp; more</p>' in page
+    assert re.search(r'<h2 id="stream-0">stream 0 ', page)
+    assert ('<p class="meta">110 bytes client→server, 0 server→client; handshake 0.001 ms; '
+            "1 zero-credit stalls, 0.002 ms; client: 1× beyond-credit (first frame 5)</p>"
+            in page)
+    assert "<ul><li>⚑ frame 5: beyond &lt;credit&gt;</li></ul>" in page
+    assert page.count("<svg") == 2  # the diagram and the plot
+
+
+def test_the_terminal_ladder_points_each_arrow_at_the_receiver(tmp_path: Path) -> None:
+    lad = scenario(tmp_path)
+    lad.marks = {3: ["first note"]}
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def style(text: str, **kw: Any) -> str:
+        calls.append((text, kw))
+        return text
+
+    out = text_lines(lad, style=style)
+    assert out[0] == lad.title and calls[0] == (lad.title, {"bold": True})
+    header = out[1].split()
+    assert header == ["time", "frame", "client", "1:50000", "server", "1:1234"]
+    rows = [ln for ln in out[2:] if ln.split()[0].startswith("+")]
+    assert len(rows) == 8
+    for ln, sender, label in zip(rows, SENDERS, LABELS, strict=True):
+        assert f" {label} " in ln
+        assert ln.endswith("▶|") if sender == 0 else ln.split("|")[1].startswith("◀")
+    widths = {len(ln) for ln in rows}
+    assert len(widths) == 1  # every arrow between the same two lifelines
+    note = out[out.index(rows[2]) + 1]
+    assert note.split() == ["⚑", "first", "note"]
+    painted = {text.strip("─▶◀ "): kw for text, kw in calls[1:]}
+    assert painted["RW len=40 credit=0 stall"]["bold"] is True
+    assert painted["RW len=10 credit=-10 OVER"] == painted["RW len=40 credit=0 stall"]
+    assert painted["RW len=60 credit=40"]["bold"] is False
+    assert painted["RW len=60 credit=40"]["fg"] != painted["RW len=40 credit=0 stall"]["fg"]
+    assert painted["⚑ first note"]["bold"] is True
+
+
+def test_a_label_too_long_for_the_arrow_is_cut_with_an_ellipsis(tmp_path: Path) -> None:
+    lad = scenario(tmp_path)
+    lad.steps[0] = dataclasses.replace(lad.steps[0], buf_alloc=10**40)
+    out = text_lines(lad)
+    first = next(ln for ln in out if ln.split()[0] == "+0.000000")
+    second = next(ln for ln in out if ln.split()[0] == "+0.000001")
+    assert len(first) == len(second) and "… " in first and "fwd=0" not in first
