@@ -64,3 +64,27 @@ def test_tap_length_names_a_connection_the_live_view_still_has_after_a_gap() -> 
     f = _tap_finding(live)
     assert (f.stream, f.streams, f.frames) == (1, (1,), (5,))
     assert f.connection == "3:50001 → 2:1024 STREAM"
+
+
+def test_tap_length_lists_the_first_twenty_frames_and_counts_them_all() -> None:
+    """25 bad frames after the handshake (frames 3-27): the finding shows frames 3-22 (its
+    20 examples, as cid-mismatch does) and counts 25."""
+    live = _live(*_open(A), *[_tap(A)] * 25)
+    f = _tap_finding(live)
+    assert f.frames == tuple(range(3, 23)) and f.evidence["frames_affected"] == 25
+    assert "25 frame(s)" in f.message and "first at frame 3" in f.message
+
+
+def test_a_diagnosis_ends_an_open_stall_when_it_is_told() -> None:
+    """The server's buffer is 100 bytes; the client's RW of 100 at frame 3 (T0 + 2 ms) fills
+    it and nothing frees it: the stall runs to the end given (T0 + 5 s), else to the last
+    frame fed (the RW itself, so 0 s)."""
+    diag = LiveDiagnosis()
+    diag.feed_frames([(T0, frame(Op.REQUEST, src=A, dst=SERVER), 44),
+                      (T0 + MS, frame(Op.RESPONSE, src=SERVER, dst=A, buf_alloc=100), 44),
+                      (T0 + 2 * MS, frame(Op.RW, bytes(100), src=A, dst=SERVER), 144)])
+    (until_end,) = diag.connections(T0 + 5000 * MS)
+    assert (until_end.client.stalls.count, until_end.client.stalls.total_ns) == (
+        1, 5000 * MS - 2 * MS)
+    (until_last,) = diag.connections()
+    assert until_last.client.stalls.total_ns == 0
