@@ -3,11 +3,15 @@ finding is built from. Each expected value is reasoned from the frames the test 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from conntrack_scenarios import Conv, write
 from helpers import T0, frame
 
+import vsockmon
 from vsockmon.diagnose.engine import LiveDiagnosis
-from vsockmon.diagnose.model import Finding
-from vsockmon.wire.protocol import Op
+from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.wire.protocol import Op, ShutdownFlag
 
 MS = 1_000_000
 SERVER = (2, 1024)
@@ -88,3 +92,28 @@ def test_a_diagnosis_ends_an_open_stall_when_it_is_told() -> None:
         1, 5000 * MS - 2 * MS)
     (until_last,) = diag.connections()
     assert until_last.client.stalls.total_ns == 0
+
+
+def _findings(tmp_path: Path, out: list[tuple[int, bytes]],
+              t: Thresholds | None = None) -> list[Finding]:
+    return vsockmon.open(write(tmp_path / "t.pcap", out)).findings(t)
+
+
+def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path) -> None:
+    """Frame 3 fills the server's 4096 bytes, frame 4 asks for credit, frame 5 answers 1.5 s
+    later (a CREDIT_UPDATE that frees the window); the close comes 3 s after that. The
+    request went unanswered for 1.5 s, not until the capture's end (4.5 s). stall_s is
+    raised to 10 s: only the unanswered request reports this stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=1500 * MS)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=3000 * MS)
+    c.send(1, Op.RST)
+    (f,) = _findings(tmp_path, out, Thresholds(stall_s=10))
+    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert f.evidence["unanswered_s"] == 1.5 and "nothing for 1.5 s" in f.message
+
