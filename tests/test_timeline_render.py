@@ -28,6 +28,7 @@ from vsockmon.analysis.timeline import (
     Ladder,
     _downsample,
     credit_svg,
+    figure,
     html_page,
     ladder,
     sequence_svg,
@@ -323,3 +324,54 @@ def test_a_label_too_long_for_the_arrow_is_cut_with_an_ellipsis(tmp_path: Path) 
     first = next(ln for ln in out if ln.split()[0] == "+0.000000")
     second = next(ln for ln in out if ln.split()[0] == "+0.000001")
     assert len(first) == len(second) and "… " in first and "fwd=0" not in first
+
+
+# -- the matplotlib figure (--png) -----------------------------------------------------------
+
+
+def test_the_figure_draws_a_ladder_and_a_credit_plot_per_connection(tmp_path: Path) -> None:
+    lad = scenario(tmp_path)
+    fig = figure([lad, lad])
+    ladder_ax, plot_ax = fig.axes[0], fig.axes[1]
+    assert len(fig.axes) == 4  # two connections, each a ladder and a plot
+    words = [t.get_text() for t in ladder_ax.texts]
+    assert [w for w in words if w in LABELS] == LABELS
+    assert [w for w in words if w.startswith("+")] == [f"+0.00000{i}" for i in range(8)]
+    assert [w for w in words if w.isdigit()] == [str(i) for i in range(1, 9)]
+    assert {"client 1:50000", "server 1:1234"} <= set(words)
+    assert ladder_ax.get_title(loc="left") == lad.title
+    arrows = [a for a in ladder_ax.texts if a.get_text() == "" and hasattr(a, "xyann")]
+    assert [(a.xyann[0], a.xy[0]) for a in arrows] == [(s, 1 - s) for s in SENDERS]
+    assert [a.xy[1] for a in arrows] == list(range(8))  # one row each, top down
+    (solid, dashed) = plot_ax.get_lines()
+    t_us = [round(x * 1e6, 6) for x in solid.get_xdata()]
+    assert t_us == [1, 2, 3, 4, 5, 6, 7]  # frames 2-8: their credit is known
+    assert list(solid.get_ydata()) == [0, 60, 100, 110, 0, 0, 0]
+    assert list(dashed.get_ydata()) == [100] * 7 and dashed.get_linestyle() == "--"
+    assert solid.get_linestyle() == "-" and solid.get_color() == dashed.get_color()
+    assert [t.get_text() for t in plot_ax.get_legend().get_texts()] == [
+        "in flight client→server", "peer buffer client→server"]
+
+
+def test_a_figure_without_credit_plots_and_a_long_ladder(tmp_path: Path) -> None:
+    lad = scenario(tmp_path)
+    fig = figure([lad], max_rows=5, credit=False)
+    (ax,) = fig.axes
+    words = [t.get_text() for t in ax.texts]
+    assert "… 3 packets not drawn …" in words
+    assert [w for w in words if w.isdigit()] == ["1", "2", "6", "7", "8"]
+    wide = figure([lad]).get_size_inches()
+    narrow = fig.get_size_inches()
+    assert narrow[0] < wide[0]
+
+
+def test_a_figure_says_when_there_is_nothing_to_plot(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.close()
+    rows = StreamRows([0])
+    table = vsockmon.open(write(tmp_path / "e.pcap", out)).scan(rows).table
+    fig = figure([ladder(table[0], rows.columns(0))])
+    assert [t.get_text() for t in fig.axes[1].texts] == ["no data sent with known credit"]
+    assert fig.axes[1].get_lines() == []
