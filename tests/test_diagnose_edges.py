@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conntrack_scenarios import Conv, write
 from helpers import T0, frame
 
@@ -117,3 +118,26 @@ def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path
     assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
     assert f.evidence["unanswered_s"] == 1.5 and "nothing for 1.5 s" in f.message
 
+
+
+@pytest.mark.parametrize(("speaker", "kind"), [(0, "credit-request-unanswered"),
+                                               (1, "not-reading")])
+def test_only_the_peer_can_answer_a_credit_request(tmp_path: Path, speaker: int,
+                                                   kind: str) -> None:
+    """Frame 3 fills the server's 4096 bytes, frame 4 is the client's CREDIT_REQUEST, 1 ms
+    later a CREDIT_UPDATE about the *client's* buffer from ``speaker``, which frees nothing;
+    another connection's packet ends the capture 2 s after the request. The client's own
+    packet answers nothing: the request stays unanswered for the full 2 s. A packet from
+    the server is its answer (the server is alive, its application just does not read): the
+    stall is a receiver that stopped reading."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.send(speaker, Op.CREDIT_UPDATE, delay=MS)
+    Conv(out, client=(1, 60000)).send(0, Op.REQUEST, delay=2000 * MS - MS)
+    (f,) = [f for f in _findings(tmp_path, out) if f.rule == "window-full"]
+    assert f.kind == kind
+    if speaker == 0:
+        assert f.evidence["unanswered_s"] == 2.0
