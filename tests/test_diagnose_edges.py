@@ -11,7 +11,8 @@ from helpers import T0, frame
 
 import vsockmon
 from vsockmon.diagnose.engine import LiveDiagnosis
-from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.rules.common import delay_text
 from vsockmon.wire.protocol import Op, ShutdownFlag
 
 MS = 1_000_000
@@ -141,3 +142,27 @@ def test_only_the_peer_can_answer_a_credit_request(tmp_path: Path, speaker: int,
     assert f.kind == kind
     if speaker == 0:
         assert f.evidence["unanswered_s"] == 2.0
+
+
+def test_an_accept_queue_overflow_names_the_connection_still_waiting(tmp_path: Path) -> None:
+    """Stream 0 is accepted (frames 1, 2) and stays open; 3 ms after its RESPONSE, stream 1's
+    REQUEST to the same port (frame 3) is refused by an RST (frame 4): the port listens but
+    its queue was full. The finding names stream 0 and says how long before it was
+    accepted."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    refused = Conv(out, client=(1, 50001))
+    refused.send(0, Op.REQUEST, delay=3 * MS)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in _findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.frames) == ("accept-queue-full", 1, (2, 3, 4))
+    assert f.evidence["accepted_stream"] == 0
+    assert "accepted stream 0 (RESPONSE at frame 2, 3.0 ms earlier, still open)" in f.message
+
+
+@pytest.mark.parametrize(("ns", "text"), [(999_999, "1000 µs"), (1_000_000, "1.0 ms"),
+                                          (1_050_001, "1.1 ms"), (71_000, "71 µs")])
+def test_a_delay_in_words(ns: int, text: str) -> None:
+    """Microseconds below a millisecond, then milliseconds to one decimal (1.050001 ms
+    rounds up)."""
+    assert delay_text(ns) == text
