@@ -166,3 +166,14 @@ def test_a_delay_in_words(ns: int, text: str) -> None:
     """Microseconds below a millisecond, then milliseconds to one decimal (1.050001 ms
     rounds up)."""
     assert delay_text(ns) == text
+
+
+def test_the_rst_delay_is_given_to_the_microsecond(tmp_path: Path) -> None:
+    """An RST 1.5 µs after the REQUEST: 0.0015 ms, given in ms to three decimals (the µs)
+    and rounded up, 0.002."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0, delay=1500)
+    (f,) = _findings(tmp_path, out)
+    assert (f.rule, f.evidence["rst_delay_ms"]) == ("no-listener", 0.002)
