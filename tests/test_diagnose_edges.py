@@ -102,9 +102,10 @@ def _findings(tmp_path: Path, out: list[tuple[int, bytes]],
 
 
 def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path) -> None:
-    """Frame 3 fills the server's 4096 bytes, frame 4 asks for credit, frame 5 answers 1.5 s
-    later (a CREDIT_UPDATE that frees the window); the close comes 3 s after that. The
-    request went unanswered for 1.5 s, not until the capture's end (4.5 s). stall_s is
+    """Frame 3 fills the server's 4096 bytes, frame 4 asks for credit, frame 5 answers
+    1.0015 s later (a CREDIT_UPDATE that frees the window); the close comes 3 s after that.
+    The request went unanswered for 1.0015 s (1.002 in ms, rounded up), not until the
+    capture's end (4 s). stall_s is
     raised to 10 s: only the unanswered request reports this stall."""
     out: list[tuple[int, bytes]] = []
     c = Conv(out, buf=[262144, 4096])
@@ -112,12 +113,12 @@ def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path
     c.send(0, Op.RW, bytes(4096))
     c.send(0, Op.CREDIT_REQUEST)
     c.fwd[1] += 4096
-    c.send(1, Op.CREDIT_UPDATE, delay=1500 * MS)
+    c.send(1, Op.CREDIT_UPDATE, delay=1_001_500_000)
     c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=3000 * MS)
     c.send(1, Op.RST)
     (f,) = _findings(tmp_path, out, Thresholds(stall_s=10))
     assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
-    assert f.evidence["unanswered_s"] == 1.5 and "nothing for 1.5 s" in f.message
+    assert f.evidence["unanswered_s"] == 1.002 and "nothing for 1.0 s" in f.message
 
 
 

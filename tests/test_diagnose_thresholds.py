@@ -585,3 +585,11 @@ def test_rst_delay_in_words(tmp_path: Path, delay_ns: int, text: str) -> None:
     c.send(1, Op.RST, buf=0, delay=delay_ns)
     (f,) = findings(tmp_path, out)
     assert f.message.endswith(f"was refused by an RST within {text}.")
+
+
+def test_a_deadlocks_length_is_given_to_the_millisecond(tmp_path: Path) -> None:
+    """Both windows full together for 1.0015 s: 1.002 s in the evidence (ms, rounded up)."""
+    found = of(findings(tmp_path, two_full_windows(1000, S + 1_500_000, S // 2)),
+               "window-full")
+    (f,) = found
+    assert (f.rule_id, f.evidence["seconds"]) == ("window-full/deadlock", 1.002)
