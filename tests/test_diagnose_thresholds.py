@@ -13,7 +13,8 @@ import pytest
 from conntrack_scenarios import MS, Conv, write
 
 import vsockmon
-from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.rules.common import delay_text
 from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 
 S = 1000 * MS
@@ -593,3 +594,85 @@ def test_a_deadlocks_length_is_given_to_the_millisecond(tmp_path: Path) -> None:
                "window-full")
     (f,) = found
     assert (f.rule_id, f.evidence["seconds"]) == ("window-full/deadlock", 1.002)
+
+
+# -- answers to a CREDIT_REQUEST, an accept queue's witness, delays in words ------------------
+
+
+def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path) -> None:
+    """Frame 3 fills the server's 4096 bytes, frame 4 asks for credit, frame 5 answers
+    1.0015 s later (a CREDIT_UPDATE that frees the window); the close comes 3 s after that.
+    The request went unanswered for 1.0015 s (1.002 in ms, rounded up), not until the
+    capture's end (4 s). stall_s is
+    raised to 10 s: only the unanswered request reports this stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=1_001_500_000)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=3000 * MS)
+    c.send(1, Op.RST)
+    (f,) = findings(tmp_path, out, Thresholds(stall_s=10))
+    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert f.evidence["unanswered_s"] == 1.002 and "nothing for 1.0 s" in f.message
+
+
+
+@pytest.mark.parametrize(("speaker", "kind"), [(0, "credit-request-unanswered"),
+                                               (1, "not-reading")])
+def test_only_the_peer_can_answer_a_credit_request(tmp_path: Path, speaker: int,
+                                                   kind: str) -> None:
+    """Frame 3 fills the server's 4096 bytes, frame 4 is the client's CREDIT_REQUEST, 1 ms
+    later a CREDIT_UPDATE about the *client's* buffer from ``speaker``, which frees nothing;
+    another connection's packet ends the capture 2 s after the request. The client's own
+    packet answers nothing: the request stays unanswered for the full 2 s. A packet from
+    the server is its answer (the server is alive, its application just does not read): the
+    stall is a receiver that stopped reading."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.send(speaker, Op.CREDIT_UPDATE, delay=MS)
+    Conv(out, client=(1, 60000)).send(0, Op.REQUEST, delay=2000 * MS - MS)
+    (f,) = [f for f in findings(tmp_path, out) if f.rule == "window-full"]
+    assert f.kind == kind
+    if speaker == 0:
+        assert f.evidence["unanswered_s"] == 2.0
+
+
+def test_an_accept_queue_overflow_names_the_connection_still_waiting(tmp_path: Path) -> None:
+    """Stream 0 is accepted (frames 1, 2) and stays open; 3 ms after its RESPONSE, stream 1's
+    REQUEST to the same port (frame 3) is refused by an RST (frame 4): the port listens but
+    its queue was full. The finding names stream 0 and says how long before it was
+    accepted."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    refused = Conv(out, client=(1, 50001))
+    refused.send(0, Op.REQUEST, delay=3 * MS)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.frames) == ("accept-queue-full", 1, (2, 3, 4))
+    assert f.evidence["accepted_stream"] == 0
+    assert "accepted stream 0 (RESPONSE at frame 2, 3.0 ms earlier, still open)" in f.message
+
+
+@pytest.mark.parametrize(("ns", "text"), [(999_999, "1000 µs"), (1_000_000, "1.0 ms"),
+                                          (1_050_001, "1.1 ms"), (71_000, "71 µs")])
+def test_a_delay_in_words(ns: int, text: str) -> None:
+    """Microseconds below a millisecond, then milliseconds to one decimal (1.050001 ms
+    rounds up)."""
+    assert delay_text(ns) == text
+
+
+def test_the_rst_delay_is_given_to_the_microsecond(tmp_path: Path) -> None:
+    """An RST 1.5 µs after the REQUEST: 0.0015 ms, given in ms to three decimals (the µs)
+    and rounded up, 0.002."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0, delay=1500)
+    (f,) = findings(tmp_path, out)
+    assert (f.rule, f.evidence["rst_delay_ms"]) == ("no-listener", 0.002)
