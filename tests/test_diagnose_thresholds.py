@@ -676,3 +676,60 @@ def test_the_rst_delay_is_given_to_the_microsecond(tmp_path: Path) -> None:
     c.send(1, Op.RST, buf=0, delay=1500)
     (f,) = findings(tmp_path, out)
     assert (f.rule, f.evidence["rst_delay_ms"]) == ("no-listener", 0.002)
+
+
+def test_a_connect_the_client_gave_up_on_is_a_failed_attempt(tmp_path: Path) -> None:
+    """Three REQUESTs to 1:1234, 1 s apart, each unanswered until its client resets it (the
+    connect() timed out): three failed attempts, a retry loop (frames 1, 3, 5)."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        c.send(0, Op.RST, delay=MS)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert (f.frames, f.evidence["attempts"]) == ((1, 3, 5), 3)
+    assert "none connected" in f.message
+
+
+def test_connections_reset_after_they_were_accepted_are_not_retries(tmp_path: Path) -> None:
+    """Three connections to 1:1234, each accepted (RESPONSE) and then reset by its client:
+    they connected, so they are no retry loop (each is an abrupt close)."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        c.send(1, Op.RESPONSE)
+        c.send(0, Op.RST)
+    found = findings(tmp_path, out)
+    assert of(found, "dial-retry") == []
+    assert [f.rule_id for f in found] == ["abrupt-close/reset"] * 3
+
+
+@pytest.mark.parametrize(("gap_ns", "rule"), [(2 * S, "accept-queue-full"),
+                                              (2 * S + 1, "no-listener")])
+def test_an_accept_queue_witness_is_at_most_two_seconds_old(tmp_path: Path, gap_ns: int,
+                                                            rule: str) -> None:
+    """Stream 0 accepted at frame 2 and left open; stream 1's REQUEST ``gap_ns`` later is
+    refused: within accept_queue_s (2 s) the open connection shows the port listens."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    refused = Conv(out, client=(1, 50001))
+    refused.send(0, Op.REQUEST, delay=gap_ns)
+    refused.send(1, Op.RST, buf=0)
+    assert [f.rule for f in findings(tmp_path, out) if f.severity >= Severity.WARNING] == [rule]
+
+
+def test_the_witness_is_the_latest_accepted_connection_still_open(tmp_path: Path) -> None:
+    """Stream 0 accepted and still open; stream 1 accepted after it and closed; then stream
+    2 is refused: the closed one is skipped, stream 0 (frame 2) shows the queue was full."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    closed = Conv(out, client=(1, 50001))
+    closed.open()
+    closed.close()
+    refused = Conv(out, client=(1, 50002))
+    refused.send(0, Op.REQUEST)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.evidence["accepted_stream"]) == ("accept-queue-full", 2, 0)
+    assert f.frames == (2, 8, 9)
