@@ -556,6 +556,8 @@ def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) 
     (500, 262144, None),  # the receiver's RST says it read all 500 bytes
     (400, 262144, 100),   # it read 400: 100 discarded
     (500, 0, 500),        # an RST with buf_alloc 0 carries no credit: its fwd_cnt says nothing
+    (1, 262144, 499),     # it read 1 byte: one is enough to count
+    (600, 262144, None),  # it claims more than was sent: nothing is shown discarded
 ])
 def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_buf: int,
                                               unconsumed: int | None) -> None:
@@ -733,3 +735,36 @@ def test_the_witness_is_the_latest_accepted_connection_still_open(tmp_path: Path
     (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
     assert (f.rule, f.stream, f.evidence["accepted_stream"]) == ("accept-queue-full", 2, 0)
     assert f.frames == (2, 8, 9)
+
+
+@pytest.mark.parametrize(("rst_fwd", "unconsumed"), [(300, None), (100, 200)])
+def test_the_clients_rst_tells_what_it_read_of_the_servers_data(
+        tmp_path: Path, rst_fwd: int, unconsumed: int | None) -> None:
+    """The other direction: frame 3, the server's 300 bytes; frame 4, the server's close
+    (SHUTDOWN both ways); frame 5, 200 ms later, the client's RST with its fwd_cnt."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(1, Op.RW, b"y" * 300)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(0, Op.RST, fwd=rst_fwd, delay=200 * MS)
+    found = findings(tmp_path, out)
+    if unconsumed is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.evidence) == ("abrupt-close/unread",
+                                       {"rst_frame": 5, "server_unconsumed": unconsumed})
+
+
+def test_unread_data_is_not_claimed_when_the_connections_start_was_not_captured(
+        tmp_path: Path) -> None:
+    """Captured mid-connection: the server's fwd_cnt of 0 may count from anywhere, so 500
+    bytes seemingly unread at the close prove nothing; only the missing start is reported."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.send(1, Op.CREDIT_UPDATE)
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(1, Op.SHUTDOWN, flags=3, delay=200 * MS)
+    c.send(0, Op.RST)
+    assert [f.rule_id for f in findings(tmp_path, out)] == ["mid-capture/start"]
