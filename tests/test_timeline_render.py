@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import re
 import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,8 @@ def test_the_credit_plot_is_a_step_line_of_bytes_in_flight_under_the_buffer(tmp_
             out += [at(ts[j], values[j - 1]), at(ts[j], values[j])]
         return out
 
+    assert left > 0 and left + w < float(root.get("width", 0))  # room for the labels
+    assert top > 0 and top + h < float(root.get("height", 0))
     solid, dashed = root.iter(f"{SVG}polyline")
     assert "stroke-dasharray" not in solid.attrib and "stroke-dasharray" in dashed.attrib
     assert solid.get("stroke") == dashed.get("stroke")  # one direction, one colour
@@ -259,6 +262,12 @@ def test_downsampling_keeps_each_buckets_peak_and_trough() -> None:
     assert len(kt) <= 100 and list(kt) == sorted(kt)
     assert 500 in ky and -7 in ky and 1234 in kt and 8765 in kt
     assert kt[0] == 0 and kt[-1] >= 10_000 - 10_000 // 50  # the whole span, to its last bucket
+    noisy = np.random.default_rng(1).integers(0, 1000, 10_000)
+    kt, ky = _downsample(t, noisy, 100)
+    assert len(kt) == 100  # 50 buckets of 200 points, each its highest and its lowest
+    for i in range(50):
+        bucket = noisy[200 * i : 200 * (i + 1)]
+        assert sorted(ky[2 * i : 2 * i + 2]) == [bucket.min(), bucket.max()]
     same_t, same_y = _downsample(t[:100], y[:100], 100)
     assert list(same_t) == list(t[:100])  # few enough: all kept
     assert list(same_y) == list(y[:100])
@@ -375,3 +384,65 @@ def test_a_figure_says_when_there_is_nothing_to_plot(tmp_path: Path) -> None:
     fig = figure([ladder(table[0], rows.columns(0))])
     assert [t.get_text() for t in fig.axes[1].texts] == ["no data sent with known credit"]
     assert fig.axes[1].get_lines() == []
+
+
+class _Visible(HTMLParser):
+    """The page's text a reader sees outside the drawings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0  # inside <svg>, <style> or <title>
+        self.words: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        self.depth += tag in ("svg", "style", "title")
+
+    def handle_endtag(self, tag: str) -> None:
+        self.depth -= tag in ("svg", "style", "title")
+
+    def handle_data(self, data: str) -> None:
+        if not self.depth:
+            self.words += data.split()
+
+
+def test_the_page_shows_only_its_titles_notes_summaries_and_marks(tmp_path: Path) -> None:
+    """Two marks on frame 4, a diagram cut to 5 rows: the page's visible text is the title,
+    the note, the connection's heading and summary, and each mark, nothing between them;
+    the diagram follows max_rows. The RESPONSE comes 1.5 µs after the REQUEST here: the
+    handshake, in ms to three decimals, rounds up to 0.002."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RESPONSE, delay=1500)
+    c.send(0, Op.RW, b"hi")
+    rows = StreamRows([0])
+    table = vsockmon.open(write(tmp_path / "h.pcap", out)).scan(rows).table
+    lad = ladder(table[0], rows.columns(0))
+    lad.marks = {3: ["one", "two"]}
+    page = html_page("T", [lad], max_rows=2, notes=["N"])
+    seen = _Visible()
+    seen.feed(page)
+    summary = "2 bytes client→server, 0 server→client; handshake 0.002 ms"
+    assert seen.words == ["T", "N", *lad.title.split(), *summary.split(),
+                          "⚑", "frame", "3:", "one", "⚑", "frame", "3:", "two"]
+    assert "… 1 packets not drawn …" in page
+
+
+def test_stalls_of_both_directions_add_up_in_the_summary(tmp_path: Path) -> None:
+    """Both buffers are 100 bytes. The client fills the server's (frame 3) and the server's
+    CREDIT_UPDATE 1.5 µs later frees it; then the server fills the client's (frame 5) and
+    the client's update frees it 1 µs later: 2 stalls, 2.5 µs = 0.0025 ms, 0.003 to three
+    decimals."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[100, 100])
+    c.open()
+    c.send(0, Op.RW, bytes(100))
+    c.fwd[1] = 100
+    c.send(1, Op.CREDIT_UPDATE, delay=1500)
+    c.send(1, Op.RW, bytes(100))
+    c.fwd[0] = 100
+    c.send(0, Op.CREDIT_UPDATE)
+    rows = StreamRows([0])
+    table = vsockmon.open(write(tmp_path / "b.pcap", out)).scan(rows).table
+    page = html_page("T", [ladder(table[0], rows.columns(0))])
+    assert "; 2 zero-credit stalls, 0.003 ms</p>" in page
