@@ -446,3 +446,30 @@ def test_stalls_of_both_directions_add_up_in_the_summary(tmp_path: Path) -> None
     table = vsockmon.open(write(tmp_path / "b.pcap", out)).scan(rows).table
     page = html_page("T", [ladder(table[0], rows.columns(0))])
     assert "; 2 zero-credit stalls, 0.003 ms</p>" in page
+
+
+def test_the_plots_labels_sit_around_the_plot_area(tmp_path: Path) -> None:
+    """Byte labels left of the area, time labels under it, the caption at the bottom, the
+    legend above it: each inside the picture, none over the data."""
+    root = parse(credit_svg(scenario(tmp_path)))
+    area = next(e for e in root.iter(f"{SVG}rect") if e.get("stroke"))
+    left, top = float(area.get("x", 0)), float(area.get("y", 0))
+    right = left + float(area.get("width", 0))
+    bottom = top + float(area.get("height", 0))
+    width, height = float(root.get("width", 0)), float(root.get("height", 0))
+    all_texts = texts(root)
+    bytes_labels = [(x, y) for x, y, _, a in all_texts if a.get("text-anchor") == "end"]
+    assert len(bytes_labels) == 5 and all(0 < x < left for x, _ in bytes_labels)
+    time_labels = [(x, y) for x, y, t, _ in all_texts if t.endswith("s") and t[0].isdigit()]
+    assert len(time_labels) == 5
+    assert all(left <= x <= right and bottom < y < height for x, y in time_labels)
+    (caption,) = [(x, y) for x, y, t, _ in all_texts if t.startswith("time since")]
+    assert [t for _, _, t, _ in all_texts if t.startswith("time since")] == [
+        "time since the first frame; y: bytes"]
+    assert caption[0] == left and max(y for _, y in time_labels) < caption[1] <= height
+    legend = lines(root)
+    names = [(x, y) for x, y, t, _ in all_texts if t.startswith(("in flight", "peer buffer"))]
+    for ln, (x, y) in zip(legend, names, strict=True):
+        x1, x2, y1, y2 = (float(ln[k]) for k in ("x1", "x2", "y1", "y2"))
+        assert y1 == y2 < top and x1 < x2 < x < width  # a short line, its name right of it
+        assert 0 < y < top
