@@ -768,3 +768,34 @@ def test_unread_data_is_not_claimed_when_the_connections_start_was_not_captured(
     c.send(1, Op.SHUTDOWN, flags=3, delay=200 * MS)
     c.send(0, Op.RST)
     assert [f.rule_id for f in findings(tmp_path, out)] == ["mid-capture/start"]
+
+
+def test_a_retry_loop_that_connects_in_the_end(tmp_path: Path) -> None:
+    """Two refusals, then the third attempt (frame 5) is accepted: requests 0.675 s apart,
+    1.35 s from first to last (1.4 s in words). The loop is reported on its first stream,
+    with the two failures and the attempt that connected."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=1000 if i == 0 else 675 * MS - 1000)
+        if i < 2:
+            c.send(1, Op.RST, buf=0)
+        else:
+            c.send(1, Op.RESPONSE)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert (f.stream, f.streams, f.frames, f.evidence["attempts"]) == (0, (0, 1, 2),
+                                                                       (1, 3, 5), 3)
+    assert ("dialled 1:1234 3 times in 1.4 s (2 refused); the attempt at frame 5 connected."
+            in f.message)
+
+
+def test_a_retry_loop_of_failures_of_two_kinds(tmp_path: Path) -> None:
+    """Refused, given up by the client (its RST), refused again, 1 s apart: none connected,
+    the failures named by their close (docs/analysis.md's names), in order of the name."""
+    out: list[tuple[int, bytes]] = []
+    for i, (side, buf) in enumerate(((1, 0), (0, 262144), (1, 0))):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        c.send(side, Op.RST, buf=buf)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert "3 times in 2.0 s (3 refused/reset-by-client); none connected." in f.message
