@@ -785,6 +785,7 @@ def test_a_retry_loop_that_connects_in_the_end(tmp_path: Path) -> None:
     (f,) = of(findings(tmp_path, out), "dial-retry")
     assert (f.stream, f.streams, f.frames, f.evidence["attempts"]) == (0, (0, 1, 2),
                                                                        (1, 3, 5), 3)
+    assert f.connection == "1:50000 → 1:1234 STREAM"  # the first attempt's
     assert ("dialled 1:1234 3 times in 1.4 s (2 refused); the attempt at frame 5 connected."
             in f.message)
 
