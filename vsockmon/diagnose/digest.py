@@ -108,7 +108,6 @@ class Digest:
 
     def __init__(self, thresholds: Thresholds) -> None:
         self.t = thresholds
-        self.frames = 0
         self.start_ns: int | None = None
         self.end_ns: int | None = None
         self.cid_first: dict[int, tuple[int, int]] = {}
@@ -131,7 +130,6 @@ class Digest:
         n = len(fb)
         if not n:
             return
-        self.frames += n
         lo, hi = int(fb.ts_ns.min()), int(fb.ts_ns.max())
         self.start_ns = lo if self.start_ns is None else min(self.start_ns, lo)
         self.end_ns = hi if self.end_ns is None else max(self.end_ns, hi)
