@@ -165,3 +165,23 @@ def test_the_digest_spans_the_earliest_to_the_latest_time_fed() -> None:
     live.feed_frames([(T0 + 5 * MS, req, len(req)), (T0, req, len(req))])
     live.feed_frames([(T0 + 3 * MS, req, len(req)), (T0 + 2 * MS, req, len(req))])
     assert (live.digest.start_ns, live.digest.end_ns) == (T0, T0 + 5 * MS)
+
+
+def test_forgetting_a_connection_drops_what_was_kept_for_it_and_nothing_else() -> None:
+    """Streams 0 (A) and 1 (B) each send 100 unread bytes and are reset by the server: both
+    abrupt closes are reported once. Forgetting stream 0 drops its reset and its waiting
+    bytes from the digest, keeps stream 1's, and reports nothing again."""
+    live = LiveDiagnosis()
+    frames = []
+    for client in (A, B):
+        frames += [*_open(client), frame(Op.RW, bytes(100), src=client, dst=SERVER),
+                   frame(Op.RST, src=SERVER, dst=client)]
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(frames)])
+    first = live.update(T0 + 100 * MS)
+    assert sorted((f.rule_id, f.stream) for f in first) == [("abrupt-close/reset", 0),
+                                                            ("abrupt-close/reset", 1)]
+    assert set(live.digest.resets) == {0, 1} and set(live.digest.pending) == {(0, 0), (1, 0)}
+    live.forget({0})
+    assert set(live.digest.resets) == {1} and set(live.digest.pending) == {(1, 0)}
+    assert [c.stream for c in live.connections()] == [1]
+    assert live.update(T0 + 200 * MS) == []
