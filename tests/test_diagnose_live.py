@@ -178,8 +178,8 @@ def test_forgetting_a_connection_drops_what_was_kept_for_it_and_nothing_else() -
                    frame(Op.RST, src=SERVER, dst=client)]
     live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(frames)])
     first = live.update(T0 + 100 * MS)
-    assert sorted((f.rule_id, f.stream) for f in first) == [("abrupt-close/reset", 0),
-                                                            ("abrupt-close/reset", 1)]
+    assert sorted((f.rule_id, f.stream, f.streams) for f in first) == [
+        ("abrupt-close/reset", 0, (0,)), ("abrupt-close/reset", 1, (1,))]
     assert set(live.digest.resets) == {0, 1} and set(live.digest.pending) == {(0, 0), (1, 0)}
     live.forget({0})
     assert set(live.digest.resets) == {1} and set(live.digest.pending) == {(1, 0)}

@@ -58,7 +58,7 @@ def test_a_finding_outside_its_rule_or_of_an_unknown_kind_is_refused() -> None:
     from vsockmon.diagnose.model import Thresholds
 
     ctx = Context([], Digest(Thresholds()), Thresholds(), 0, True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside a rule that has it"):
         ctx.add(None, [1], "m", "c", "f")
     ctx.rule = RULES["window-full"]
     with pytest.raises(ValueError):

@@ -800,3 +800,20 @@ def test_a_retry_loop_of_failures_of_two_kinds(tmp_path: Path) -> None:
         c.send(side, Op.RST, buf=buf)
     (f,) = of(findings(tmp_path, out), "dial-retry")
     assert "3 times in 2.0 s (3 refused/reset-by-client); none connected." in f.message
+
+
+def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path: Path
+                                                                        ) -> None:
+    """Stream 0 is opened and left alone; on stream 1 the *server* writes 64 single bytes
+    (frames 5-68, never consumed) and the client resets (frame 69): the pattern is counted
+    for that stream and that sender."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    c = Conv(out, client=(1, 50001))
+    c.open()
+    for _ in range(64):
+        c.send(1, Op.RW, b"x")
+    c.send(0, Op.RST)
+    (f,) = of(findings(tmp_path, out), "small-packet-reset")
+    assert (f.stream, f.frames) == (1, (69,))
+    assert f.evidence == {"small_writes": 64, "credit_left": 262144 - 64, "buf_alloc": 262144}
