@@ -66,3 +66,16 @@ def test_a_finding_outside_its_rule_or_of_an_unknown_kind_is_refused() -> None:
     ctx.add(None, [1], "m", "c", "f", kind="deadlock", streams=[4])
     assert [(f.rule_id, f.stream, f.severity) for f in ctx.findings] == [
         ("window-full/deadlock", 4, Severity.WARNING)]
+
+
+def test_after_a_rule_has_run_a_finding_is_refused_again() -> None:
+    """The running rule is forgotten when its check returns: a finding added later has no
+    rule to belong to."""
+    from vsockmon.diagnose.digest import Digest
+    from vsockmon.diagnose.model import Thresholds
+
+    ctx = Context([], Digest(Thresholds()), Thresholds(), 0, True)
+    ctx.run(RULES["window-full"])
+    assert ctx.rule is None
+    with pytest.raises(ValueError, match="outside a rule that has it"):
+        ctx.add(None, [1], "m", "c", "f", kind="deadlock")
