@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tshark_rows
 from conntrack_scenarios import MS, Conv, write
-from tshark_rows import REQUEST, RESPONSE, RST, SHUTDOWN, SHUTDOWN_SEND, STREAM
+from tshark_rows import REQUEST, RESPONSE, RST, RW, SHUTDOWN, SHUTDOWN_SEND, STREAM
 
 import vsockmon
 from vsockmon.analysis.pipeline import analyse
@@ -46,6 +46,13 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/window-full.pcap": [("window-full/not-reading", 0, (6,))],
     "diagnose/window-full-deadlock.pcap": [("window-full/deadlock", 0, (8, 10))],
     "diagnose/half-close-hang.pcap": [("half-close-hang", 0, (4, 5))],
+    # two sd_notify-style clients: REQUEST, RESPONSE, the 8-byte message, SHUTDOWN(SEND) make
+    # frames 1-4 of each; the receiver's CREDIT_UPDATE for the 8 bytes read is frame 5, then
+    # 2 s later its close (SHUTDOWN, frame 6) and the client's two RSTs (7, 8). The second
+    # connection repeats it from frame 9 (half-close at 12, CREDIT_UPDATE 13); its client
+    # gives up 1.5 s later (SHUTDOWN, frame 14) and the receiver resets (15).
+    "diagnose/half-close-stall.pcap": [("half-close-stall", 0, (4, 6)),
+                                       ("half-close-stall", 1, (12, 14))],
     "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
     "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
     "diagnose/cid-mismatch-vhost.pcap": [("cid-mismatch/not-host", 3, (25,))],
@@ -54,9 +61,11 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
                                    ("mid-capture/end", 1, (2,))],
     "diagnose/cid-mismatch.pcap": [("cid-mismatch/not-host", 1, (11, 12))],
     "diagnose/cid-mismatch-reply.pcap": [("cid-mismatch/reply-cid", 0, (1, 2))],
-    "diagnose/window-full-no-credit-update.pcap": [("window-full/no-credit-update", 0, (6, 7))],
-    "diagnose/window-full-credit-request.pcap": [
-        ("window-full/credit-request-unanswered", 0, (4, 5))],
+    # 4 RWs of 4096 (frames 3-6) fill the 16 KiB buffer; the receiver's RW 3 s later (7)
+    # carries the fwd_cnt it never announced
+    "diagnose/fwd-cnt-stuck.pcap": [("fwd-cnt-stuck", 0, (6, 7))],
+    # 2 RWs of 4096 (frames 3, 4) fill the 8 KiB buffer; the CREDIT_REQUEST (5) gets nothing
+    "diagnose/credit-request-unanswered.pcap": [("credit-request-unanswered", 0, (4, 5))],
     "diagnose/credit-violation.pcap": [("credit-violation", 0, (4, 5))],
     "diagnose/small-packet-reset.pcap": [("small-packet-reset", 0, (83,))],
     "diagnose/state-lost.pcap": [("state-lost", 1, (6, 7))],
@@ -148,8 +157,8 @@ def test_tiny_batches_change_nothing(name: str) -> None:
     assert [f.evidence for f in tiny.findings] == [f.evidence for f in whole.findings]
 
 
-DERIVED = ("no-listener", "seqpacket-refused", "dial-retry", "half-close-hang", "tap-length",
-           "mid-capture/start")
+DERIVED = ("no-listener", "seqpacket-refused", "dial-retry", "half-close-hang",
+           "half-close-stall", "tap-length", "mid-capture/start")
 """The findings :func:`by_tshark` reasons out on its own from Wireshark's fields."""
 
 
@@ -182,6 +191,14 @@ def by_tshark(path: Path) -> list[tuple[str, int, tuple[int, ...]]]:
         if (len(shuts) == 1 and shuts[0].flags == SHUTDOWN_SEND
                 and not any(r.op == RST for r in c) and silence >= 1.0):
             out.append(("half-close-hang", i, (shuts[0].frame, c[-1].frame)))
+        # a SEND-only SHUTDOWN first, no RW from the peer after it, and the next SHUTDOWN or
+        # RST of either end at least 1 s later (half_close_stall_s)
+        ends = [r for r in c if r.op in (SHUTDOWN, RST)]
+        if len(ends) >= 2 and ends[0].op == SHUTDOWN and ends[0].flags == SHUTDOWN_SEND:
+            half, end = ends[:2]
+            answered = any(r.op == RW and r.src == half.dst and r.frame > half.frame for r in c)
+            if not answered and end.ts_ns - half.ts_ns >= 1_000_000_000:
+                out.append(("half-close-stall", i, (half.frame, end.frame)))
     tap = [(i, r.frame) for i, c in enumerate(conns) for r in c if r.captured != r.len]
     if tap:
         out.append(("tap-length", tap[0][0], tuple(f for _, f in tap)))
@@ -233,6 +250,30 @@ def test_window_full_says_how_long_fwd_cnt_stayed_frozen() -> None:
     assert (f.evidence["in_flight"], f.evidence["buf_alloc"]) == (4096, 4096)
     assert 2.5 < f.evidence["seconds"] < 4
     assert "until the capture ended" in f.message
+
+
+def test_half_close_stall_says_who_ended_the_wait_and_after_how_long() -> None:
+    """Real (lab): the receiver closed 2 s after reading the first client's EOF; the second
+    client gave up after 1.5 s (its own timeout) and closed. The waits are the scenario's
+    sleeps, give or take the lab's scheduling."""
+    first, second = diagnose_file(FIXTURES / "diagnose/half-close-stall.pcap").findings
+    assert first.evidence["closed_by"] == "server" and 2.0 <= first.evidence["stall_s"] < 2.3
+    assert second.evidence["closed_by"] == "client" and 1.5 <= second.evidence["stall_s"] < 1.8
+    assert "closed it only then" in first.message and "gave up" in second.message
+    assert "read() returns 0" in first.fix
+    quiet = diagnose_file(FIXTURES / "diagnose/half-close-stall.pcap",
+                          thresholds=Thresholds(half_close_stall_s=2.5))
+    assert quiet.findings == []
+
+
+def test_one_stall_has_one_cause() -> None:
+    """The credit rules and window-full classify the same stalls: each fixture's stall is
+    reported by exactly one of them."""
+    for name, rule in (("fwd-cnt-stuck", "fwd-cnt-stuck"),
+                       ("credit-request-unanswered", "credit-request-unanswered"),
+                       ("window-full", "window-full")):
+        (f,) = diagnose_file(FIXTURES / f"diagnose/{name}.pcap").findings
+        assert f.rule == rule
 
 
 def test_deadlock_reports_both_directions() -> None:

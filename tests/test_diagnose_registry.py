@@ -11,7 +11,7 @@ from vsockmon.diagnose.registry import Context, in_order, rule
 
 
 def test_every_rule_is_registered_once_with_its_check() -> None:
-    assert len(RULES) == 14
+    assert len(RULES) == 17
     for rule_id, r in RULES.items():
         assert r.id == rule_id and isinstance(r.severity, Severity) and r.title
         assert callable(r.check) and r.check.__name__ == rule_id.replace("-", "_")

@@ -78,8 +78,8 @@ def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_pat
     c.fwd[0] += 2
     c.close()
     (f,) = findings(tmp_path, out)
-    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("window-full/no-credit-update",
-                                                              (3, 4), "RW")
+    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("fwd-cnt-stuck", (3, 4), "RW")
+    assert f.evidence["seconds"] == 2.0
 
 
 def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
@@ -243,6 +243,72 @@ def test_a_half_close_hangs_after_one_second_of_silence(tmp_path: Path, silence_
     assert "for the last 1.0 s of the capture" in f.message
 
 
+# -- half-close-stall: a one-sided SHUTDOWN(SEND), then only a close 1 s later (half_close_stall_s)
+
+
+def late_close(wait_ns: int, closer: int, answer: bool = False) -> list[tuple[int, bytes]]:
+    """Frames 1-4: open, the client's 8-byte message (frame 3), its SHUTDOWN(SEND) (frame 4).
+    ``answer``: the server replies with data at once (frame 5). Then, ``wait_ns`` after the
+    SHUTDOWN (or the answer), ``closer`` shuts down both directions and the other end resets."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"READY=1\n")
+    c.fwd[1] += 8
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    if answer:
+        c.send(1, Op.RW, b"ok")
+        c.fwd[0] += 2
+    c.send(closer, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=wait_ns)
+    c.send(1 - closer, Op.RST)
+    return out
+
+
+@pytest.mark.parametrize("closer", [0, 1])
+@pytest.mark.parametrize(("wait_ns", "reported"), [(S - 1, False), (S, True), (2 * S, True)])
+def test_a_half_close_answered_only_by_a_late_close_stalls(tmp_path: Path, closer: int,
+                                                           wait_ns: int, reported: bool) -> None:
+    """The server closes ``wait_ns`` after the client's half-close (frame 5), or the client
+    gives up and closes then: a stall from 1 s on, whoever ended it."""
+    found = of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-stall")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.stream, f.frames) == (0, (4, 5))
+    assert f.evidence == {"stall_s": wait_ns / S, "shutdown_frame": 4, "end_frame": 5,
+                          "closed_by": ("client", "server")[closer]}
+    assert ("gave up" in f.message) == (closer == 0)
+    assert of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-hang") == []
+
+
+def test_the_half_close_stall_threshold_is_an_option(tmp_path: Path) -> None:
+    out = late_close(2 * S, 1)
+    assert of(findings(tmp_path, out, Thresholds(half_close_stall_s=2.5)), "half-close-stall"
+              ) == []
+    assert len(of(findings(tmp_path, out, Thresholds(half_close_stall_s=2)),
+                  "half-close-stall")) == 1
+
+
+def test_a_half_close_answered_with_data_is_not_a_stall(tmp_path: Path) -> None:
+    """The server answers at once (frame 5), then closes 2 s later: the client had its answer;
+    whatever it waited for afterwards, the peer did reply."""
+    assert findings(tmp_path, late_close(2 * S, 1, answer=True)) == []
+
+
+def test_a_full_close_is_not_a_half_close(tmp_path: Path) -> None:
+    """The client closes both directions (SHUTDOWN 3) and the server's RST comes 2 s later:
+    the client is not waiting for anything."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"READY=1\n")
+    c.fwd[1] += 8
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV)
+    c.send(1, Op.RST, delay=2 * S)
+    assert of(findings(tmp_path, out), "half-close-stall") == []
+
+
 # -- small-packet-reset: 64 writes under 1024 bytes, then a reset with credit left -------------
 
 
@@ -351,7 +417,7 @@ def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int
         assert found == []
         return
     (f,) = found
-    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4, 5))
     assert (f.evidence["credit_request_frame"], f.evidence["unanswered_s"]) == (4, 1.0)
 
 
@@ -526,8 +592,9 @@ def test_credit_request_never_answered_waits_until_the_capture_ends(tmp_path: Pa
     c.send(0, Op.RW, bytes(4096))
     c.send(0, Op.CREDIT_REQUEST)
     Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=1_234_560_000)
-    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "window-full")
-    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4))
+    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "credit-request-unanswered")
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4))
+    assert of(findings(tmp_path, out), "window-full") == []  # one stall, one cause
     assert f.evidence["unanswered_s"] == 1.235
 
 

@@ -56,6 +56,9 @@ class Thresholds:
     half_close_s: float = _limit(
         1.0, "s", "silence after a one-sided SHUTDOWN(SEND), up to the capture's end, that "
         "makes a hang")
+    half_close_stall_s: float = _limit(
+        1.0, "s", "a one-sided SHUTDOWN(SEND) whose peer sends no data and closes (or is given "
+        "up on) only this much later makes a stall")
     unread_grace_s: float = _limit(
         0.01, "s", "bytes still unconsumed at a reset count as discarded only if they had "
         "waited this long (younger ones may have crossed the close)")
