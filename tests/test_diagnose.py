@@ -45,6 +45,8 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/abrupt-close.pcap": [("abrupt-close/unread", 0, (4, 5))],
     "diagnose/window-full.pcap": [("window-full/not-reading", 0, (6,))],
     "diagnose/window-full-deadlock.pcap": [("window-full/deadlock", 0, (8, 10))],
+    # 10 RWs of 8 KiB (frames 3-12) fill the 80 KiB buffer; the reader's reply (13) reopens it
+    "diagnose/window-full-partial-read.pcap": [("window-full/not-reading", 0, (12, 13))],
     "diagnose/half-close-hang.pcap": [("half-close-hang", 0, (4, 5))],
     # two sd_notify-style clients: REQUEST, RESPONSE, the 8-byte message, SHUTDOWN(SEND) make
     # frames 1-4 of each; the receiver's CREDIT_UPDATE for the 8 bytes read is frame 5, then
@@ -53,6 +55,8 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     # gives up 1.5 s later (SHUTDOWN, frame 14) and the receiver resets (15).
     "diagnose/half-close-stall.pcap": [("half-close-stall", 0, (4, 6)),
                                        ("half-close-stall", 1, (12, 14))],
+    "diagnose/half-close-stall-6.12.pcap": [("half-close-stall", 0, (4, 6)),
+                                            ("half-close-stall", 1, (12, 14))],  # the same, 6.12
     "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
     "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
     "diagnose/cid-mismatch-vhost.pcap": [("cid-mismatch/not-host", 3, (25,))],
@@ -259,11 +263,33 @@ def test_half_close_stall_says_who_ended_the_wait_and_after_how_long() -> None:
     first, second = diagnose_file(FIXTURES / "diagnose/half-close-stall.pcap").findings
     assert first.evidence["closed_by"] == "server" and 2.0 <= first.evidence["stall_s"] < 2.3
     assert second.evidence["closed_by"] == "client" and 1.5 <= second.evidence["stall_s"] < 1.8
-    assert "closed it only then" in first.message and "gave up" in second.message
+    assert "closed only 2.0 s later" in first.message and "gave up" in second.message
     assert "read() returns 0" in first.fix
     quiet = diagnose_file(FIXTURES / "diagnose/half-close-stall.pcap",
                           thresholds=Thresholds(half_close_stall_s=2.5))
     assert quiet.findings == []
+
+
+def test_linux_stays_quiet_after_a_small_read_of_a_full_window() -> None:
+    """Real (lab, 6.1 and 6.12 alike): tshark shows the reader announced nothing between the
+    RW that filled its 80 KiB buffer and its reply, whose fwd_cnt says it had read one 8 KiB
+    packet: 72 KiB still free as last announced (over 64 KiB), so Linux's own silence — a
+    receiver that stopped reading, not fwd-cnt-stuck's transport bug."""
+    path = FIXTURES / "diagnose/window-full-partial-read.pcap"
+    (conn,) = tshark_rows.streams(tshark_rows.rows(path))
+    writer, reader = conn[0].src, conn[0].dst
+    sent = 0
+    for r in conn:
+        sent += r.len if r.src == writer and r.op == RW else 0
+        if sent == 81920:
+            full = r
+            break
+    reply = next(r for r in conn if r.src == reader and r.op == RW)
+    between = [r for r in conn if full.frame < r.frame < reply.frame and r.src == reader]
+    assert (between, reply.fwd_cnt, conn[1].buf_alloc) == ([], 8192, 81920)
+    (f,) = diagnose_file(path).findings
+    assert (f.rule_id, f.frames) == ("window-full/not-reading", (full.frame, reply.frame))
+    assert "showed 8192 bytes consumed: too few for Linux to announce" in f.message
 
 
 def test_one_stall_has_one_cause() -> None:

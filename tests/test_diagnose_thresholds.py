@@ -82,6 +82,36 @@ def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_pat
     assert f.evidence["seconds"] == 2.0
 
 
+@pytest.mark.parametrize(("consumed", "rule_id"), [
+    (262144 - 65536, "window-full/not-reading"),  # 64 KiB left free: Linux stays quiet
+    (262144 - 65536 + 1, "fwd-cnt-stuck"),        # under 64 KiB free: Linux would announce
+])
+def test_linux_keeps_quiet_until_less_than_64_kib_is_free(tmp_path: Path, consumed: int,
+                                                          rule_id: str) -> None:
+    """Four 64 KiB RWs (frames 3-6) fill the default 256 KiB buffer; 2 s later the server's
+    RW (frame 7) shows ``consumed`` bytes read; it reads the rest (frame 8), closes. After a
+    read Linux sends CREDIT_UPDATE only once less than 64 KiB of its buffer is free as last
+    announced: at 192 KiB consumed (64 KiB free) its silence is normal and the application
+    simply stopped reading; one byte more and a Linux receiver would have announced it."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(4):
+        c.send(0, Op.RW, bytes(65536))
+    c.fwd[1] += consumed
+    c.send(1, Op.RW, b"ok", delay=2 * S)
+    c.fwd[0] += 2
+    c.fwd[1] = 4 * 65536  # then it reads the rest and says so (frame 8)
+    c.send(1, Op.CREDIT_UPDATE)
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames) == (rule_id, (6, 7))
+    if rule_id == "fwd-cnt-stuck":
+        assert f.evidence["ended_by"] == "RW"
+    else:
+        assert f"showed {consumed} bytes consumed: too few for Linux" in f.message
+
+
 def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
         tmp_path: Path) -> None:
     """As above, but the server's RW 2 s later advertises a bigger buffer (8192) with the

@@ -43,6 +43,8 @@ class Stall:
     """The op of the peer's packet that gave credit back."""
     freed_by_fwd: bool = False
     """The credit came back because the peer's fwd_cnt advanced (not its buf_alloc)."""
+    freed: int = 0
+    """Bytes the packet that ended it showed consumed: in flight before it minus after."""
     peer_packets: int = 0
     """Packets the peer sent during the stall that gave no credit back."""
     unanswered: list[tuple[int, int, int | None]] = field(default_factory=list)
@@ -255,6 +257,7 @@ class Digest:
             return
         st.end_frame, st.end_ns, st.ended_by = frame, ts, op
         st.freed_by_fwd = int(r.limit[i, d]) <= st.limit
+        st.freed = st.in_flight - int(r.in_flight[i, d])
         st.unanswered = [(f, t, reply if reply is not None else ts)
                          for f, t, reply in st.unanswered]  # the credit is an answer too
         del self.open_stalls[key]

@@ -57,18 +57,19 @@ def half_close_stall(ctx: Context) -> None:
         if secs < ctx.t.half_close_stall_s:
             continue
         waiter, peer = c.sides[shut.sender], c.sides[1 - shut.sender]
+        closing = f"({end.op_name}, frame {end.frame})"
         if end.sender == shut.sender:
-            how = (f"{waiter.addr} gave up and closed it ({end.op_name}, frame {end.frame})")
+            how = (f"did not close: after {seconds_text(secs)} {waiter.addr} gave up and "
+                   f"closed {closing}")
             cause = (f"{peer.addr} read the end of file but kept the connection open; "
                      f"{waiter.addr} waited for its close until a timeout of its own.")
         else:
-            how = f"{peer.addr} closed it only then ({end.op_name}, frame {end.frame})"
+            how = f"closed only {seconds_text(secs)} later {closing}"
             cause = (f"{peer.addr} read the end of file but closed the connection only "
                      f"{seconds_text(secs)} later; {waiter.addr} waited for that close.")
         ctx.add(c, [shut.frame, end.frame],
                 f"{waiter.role} {waiter.addr} shut down its sending side (SHUTDOWN SEND, frame "
-                f"{shut.frame}) and waited; {peer.addr} sent no data for {seconds_text(secs)} "
-                f"and {how}.",
+                f"{shut.frame}) and waited; {peer.addr} sent no data and {how}.",
                 f"{cause} A sender that half-closes and waits for EOF (systemd v256+ "
                 f"sd_notify does) stalls this long on every message.",
                 "Make the receiving side close as soon as read() returns 0 (or answer, then "

@@ -5,9 +5,9 @@ from the one zero-credit test :func:`vsockmon.conntrack.model.no_credit`) throug
 classification, :func:`verdicts`: each long stall gets exactly one cause, so two rules can
 never report the same stall. Its causes, in the order they are tried: both directions full
 at once (``window-full/deadlock``); the sender asked for credit and got no answer
-(``credit-request-unanswered``); the receiver consumed but announced it only in a later
-packet that is not a CREDIT_UPDATE (``fwd-cnt-stuck``); otherwise the receiver did not read
-(``window-full/not-reading``).
+(``credit-request-unanswered``); the receiver consumed more than Linux would have kept
+quiet about but announced it only in a later packet that is not a CREDIT_UPDATE
+(``fwd-cnt-stuck``); otherwise the receiver did not read (``window-full/not-reading``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from vsockmon.wire.protocol import Op, enum_name
 WINDOW_FULL = "window-full"
 CREDIT_REQUEST_UNANSWERED = "credit-request-unanswered"
 FWD_CNT_STUCK = "fwd-cnt-stuck"
+LINUX_QUIET_SPACE = 65536
+"""After a read, Linux sends a CREDIT_UPDATE only once less than this much of its buffer is
+free as last announced, or once nothing is left queued (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE; shown
+on 6.1 and 6.12 by window-full-partial-read.pcap). A receiver that consumed ``buf_alloc -
+64 KiB`` or less of a full window stays silent by design and still has data queued: it
+stopped reading, no transport bug."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,15 @@ def _cause(ctx: Context, st: Stall) -> str:
     return WINDOW_FULL
 
 
-def _consumed_silently(st: Stall) -> bool:
+def _revealed(st: Stall) -> bool:
     """The window reopened because the receiver's fwd_cnt advanced, carried by a packet that
     is not a CREDIT_UPDATE: it had consumed without saying so."""
     return st.end_frame is not None and st.freed_by_fwd and st.ended_by != Op.CREDIT_UPDATE
+
+
+def _consumed_silently(st: Stall) -> bool:
+    """:func:`_revealed`, and more consumed than Linux keeps quiet about."""
+    return _revealed(st) and st.freed > st.limit - LINUX_QUIET_SPACE
 
 
 def _mine(ctx: Context) -> list[Verdict]:
@@ -136,14 +147,15 @@ def fwd_cnt_stuck(ctx: Context) -> None:
         head, common = _stall_facts(ctx, v.conn, st)
         ctx.add(v.conn, _frames(st),
                 f"{head}; for {seconds_text(st.seconds(ctx.end_ns))} the receiver announced "
-                f"no free space, until its {op} at frame {st.end_frame} carried a higher "
-                f"fwd_cnt.",
+                f"no free space, until its {op} at frame {st.end_frame} carried a fwd_cnt "
+                f"{st.freed} bytes higher.",
                 "The receiver consumed the data without sending a CREDIT_UPDATE: its "
                 "transport does not announce freed buffer space, so the sender waited for "
-                "nothing (a transport bug, e.g. virtio-win #865, vhost-device-vsock #494).",
+                "nothing: a transport bug, like the Windows driver of virtio-win #865 (Linux "
+                "announces once less than 64 KiB of its buffer is left free).",
                 "Fix or update the receiver's vsock implementation to send CREDIT_UPDATE when "
                 "its application frees buffer space.",
-                ended_by=op, **common)
+                ended_by=op, consumed=st.freed, **common)
 
 
 def _frames(st: Stall) -> list[int]:
@@ -195,9 +207,14 @@ def _not_reading(ctx: Context, c: Connection, st: Stall) -> None:
     receiver = c.sides[1 - st.sender]
     until = (f"until frame {st.end_frame}" if st.end_frame is not None
              else "until the capture ended")
+    read = ""
+    if _revealed(st):
+        read = (f" Its {enum_name(Op, st.ended_by or 0)} then showed {st.freed} bytes "
+                f"consumed: too few for Linux to announce (it does once less than "
+                f"{LINUX_QUIET_SPACE} bytes of the buffer are left free), the rest unread.")
     ctx.add(c, _frames(st),
             f"{head}, and its fwd_cnt stayed frozen for "
-            f"{seconds_text(st.seconds(ctx.end_ns))} ({until}).",
+            f"{seconds_text(st.seconds(ctx.end_ns))} ({until}).{read}",
             f"The application at {receiver.addr} stopped reading (busy, blocked, or "
             f"waiting for something else), so the sender cannot send more.",
             "Keep reading the socket (a dedicated reader, or non-blocking I/O with poll); "
