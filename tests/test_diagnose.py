@@ -270,12 +270,11 @@ def test_half_close_stall_says_who_ended_the_wait_and_after_how_long() -> None:
     assert quiet.findings == []
 
 
-def test_linux_stays_quiet_after_a_small_read_of_a_full_window() -> None:
-    """Real (lab, 6.1 and 6.12 alike): tshark shows the reader announced nothing between the
-    RW that filled its 80 KiB buffer and its reply, whose fwd_cnt says it had read one 8 KiB
-    packet: 72 KiB still free as last announced (over 64 KiB), so Linux's own silence — a
-    receiver that stopped reading, not fwd-cnt-stuck's transport bug."""
-    path = FIXTURES / "diagnose/window-full-partial-read.pcap"
+def assert_quiet_after_a_small_read(path: Path) -> None:
+    """``lab_traffic.py``'s window-full-partial-read: tshark shows the reader announced
+    nothing between the RW that filled its 80 KiB buffer and its reply, whose fwd_cnt says it
+    had read one 8 KiB packet: 72 KiB still free as last announced (over 64 KiB), so Linux's
+    own silence — a receiver that stopped reading, not fwd-cnt-stuck's transport bug."""
     (conn,) = tshark_rows.streams(tshark_rows.rows(path))
     writer, reader = conn[0].src, conn[0].dst
     sent = 0
@@ -290,6 +289,11 @@ def test_linux_stays_quiet_after_a_small_read_of_a_full_window() -> None:
     (f,) = diagnose_file(path).findings
     assert (f.rule_id, f.frames) == ("window-full/not-reading", (full.frame, reply.frame))
     assert "showed 8192 bytes consumed: too few for Linux to announce" in f.message
+
+
+def test_linux_stays_quiet_after_a_small_read_of_a_full_window() -> None:
+    """Real (lab, 6.1; tests/test_diagnose_stall_lab.py makes it again on every kernel)."""
+    assert_quiet_after_a_small_read(FIXTURES / "diagnose/window-full-partial-read.pcap")
 
 
 def test_one_stall_has_one_cause() -> None:
