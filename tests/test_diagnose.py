@@ -603,6 +603,22 @@ def test_live_says_which_findings_the_written_file_reports_differently() -> None
     assert live.file_differences(reported) == ([], [])
 
 
+def test_live_a_half_close_stall_is_a_hang_until_the_close_comes() -> None:
+    """half-close-stall.pcap's first connection, live: 1 s after its last packet (frame 5)
+    the silence is a hang; frame 6, the late close 2 s after the half-close, makes it a
+    stall. Both are reported, each once; the file itself gives only the stall."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-stall.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()]
+    live = LiveDiagnosis()
+    live.feed_frames(frames[:5])
+    hang = live.update(frames[4][0] + 1_000 * MS)
+    assert [(f.rule, f.stream, f.frames) for f in hang] == [("half-close-hang", 0, (4, 5))]
+    live.feed_frames(frames[5:8])
+    stall = live.update(frames[7][0])
+    assert [(f.rule, f.stream, f.frames) for f in stall] == [("half-close-stall", 0, (4, 6))]
+    assert live.file_differences(hang + stall, frames[7][0]) == (hang, [])
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_a_pcapng_that_records_the_capture_stop_diagnoses_as_the_live_capture_did(
         tmp_path: Path, recorded: bool) -> None:
