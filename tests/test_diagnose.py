@@ -46,7 +46,7 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/window-full.pcap": [("window-full/not-reading", 0, (6,))],
     "diagnose/window-full-deadlock.pcap": [("window-full/deadlock", 0, (8, 10))],
     # 10 RWs of 8 KiB (frames 3-12) fill the 80 KiB buffer; the reader's reply (13) reopens it
-    "diagnose/window-full-partial-read.pcap": [("window-full/not-reading", 0, (12, 13))],
+    "diagnose/window-full-partial-read.pcap.gz": [("window-full/not-reading", 0, (12, 13))],
     "diagnose/half-close-hang.pcap": [("half-close-hang", 0, (4, 5))],
     # two sd_notify-style clients: REQUEST, RESPONSE, the 8-byte message, SHUTDOWN(SEND) make
     # frames 1-4 of each; the receiver's CREDIT_UPDATE for the 8 bytes read is frame 5, then
@@ -293,7 +293,7 @@ def assert_quiet_after_a_small_read(path: Path) -> None:
 
 def test_linux_stays_quiet_after_a_small_read_of_a_full_window() -> None:
     """Real (lab, 6.1; tests/test_diagnose_stall_lab.py makes it again on every kernel)."""
-    assert_quiet_after_a_small_read(FIXTURES / "diagnose/window-full-partial-read.pcap")
+    assert_quiet_after_a_small_read(FIXTURES / "diagnose/window-full-partial-read.pcap.gz")
 
 
 def test_one_stall_has_one_cause() -> None:

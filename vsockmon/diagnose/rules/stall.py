@@ -29,7 +29,7 @@ FWD_CNT_STUCK = "fwd-cnt-stuck"
 LINUX_QUIET_SPACE = 65536
 """After a read, Linux sends a CREDIT_UPDATE only once less than this much of its buffer is
 free as last announced, or once nothing is left queued (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE; shown
-on 6.1 and 6.12 by window-full-partial-read.pcap). A receiver that consumed ``buf_alloc -
+on 6.1 and 6.12 by window-full-partial-read.pcap.gz). A receiver that consumed ``buf_alloc -
 64 KiB`` or less of a full window stays silent by design and still has data queued: it
 stopped reading, no transport bug."""
 
