@@ -61,6 +61,10 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/small-packet-reset.pcap": [("small-packet-reset", 0, (83,))],
     "diagnose/state-lost.pcap": [("state-lost", 1, (6, 7))],
     "diagnose/abrupt-close-reset.pcap": [("abrupt-close/reset", 0, (8,))],
+    # generate.py stale_rst: the old connection is frames 1-10 (REQUEST, RESPONSE, RW, credit
+    # update, RW, credit update, then the close: SHUTDOWN, credit update, SHUTDOWN, RST); the
+    # new one on the same ports is REQUEST 11, RESPONSE 12 and the late RST 13
+    "diagnose/stale-rst.pcap": [("stale-rst", 1, (10, 12, 13))],
     # other owners' fixtures that hold a deliberate fault
     "synthetic/stream-all-ops.pcap": [("no-listener", 1, (23, 24))],
     "synthetic/stream-all-ops.pcap.gz": [("no-listener", 1, (23, 24))],

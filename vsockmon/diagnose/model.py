@@ -64,6 +64,11 @@ class Thresholds:
     small_rw_count: int = _limit(
         64, "packets", "this many small writes before a reset make the small-packet-reset "
         "pattern")
+    transport_reset_count: int = _limit(
+        2, "connections", "established connections one CID resets, having forgotten them "
+        "(RST with buf_alloc 0), that make a transport reset")
+    transport_reset_s: float = _limit(
+        1.0, "s", "those resets fall within this long of the first")
     retry_count: int = _limit(
         3, "attempts", "attempts to one CID:port, all but the last failed, that make a retry "
         "loop")
