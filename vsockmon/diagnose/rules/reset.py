@@ -74,51 +74,64 @@ def _forgotten(c: Connection) -> Event | None:
     return rst
 
 
-@rule("transport-reset", Severity.ERROR, "every connection of a CID reset at once: its "
+@rule("transport-reset", Severity.ERROR, "a CID forgot all its connections at once: its "
       "transport was reset (snapshot restore, migration)")
 def transport_reset(ctx: Context) -> None:
-    """Several established connections, reset within a moment by one CID that had forgotten
-    them all: the device's TRANSPORT_RESET made that kernel drop every connection."""
+    """Established connections that one CID resets, one after another, having forgotten
+    them all: none heard from it since before its first such RST, so they were lost at one
+    moment, when the device's TRANSPORT_RESET made that kernel drop every connection."""
     by_cid: dict[int, list[tuple[Event, Connection]]] = {}
     for c in ctx.conns:
         rst = _forgotten(c)
         if rst is not None and c.stream not in ctx.reset_explained:
             by_cid.setdefault(c.sides[rst.sender].cid, []).append((rst, c))
     for cid, resets in sorted(by_cid.items()):
-        resets.sort(key=lambda rc: rc[0].ts_ns)
-        for burst in _bursts(resets, int(ctx.t.transport_reset_s * 1e9)):
+        resets.sort(key=lambda rc: rc[0].frame)
+        for burst in _lost_together(resets):
             if len(burst) >= ctx.t.transport_reset_count:
                 _report_transport_reset(ctx, cid, burst)
 
 
-def _bursts(resets: list[tuple[Event, Connection]], window_ns: int
-            ) -> list[list[tuple[Event, Connection]]]:
-    """The resets cut into runs, each within ``window_ns`` of its first."""
+def _last_heard(c: Connection, rst: Event) -> int:
+    """The last frame before ``rst`` in which its sender still knew the connection: its
+    last RW or control packet."""
+    side = c.sides[rst.sender]
+    control = [e.frame for e in c.events if e.sender == rst.sender and e.frame < rst.frame]
+    return max([*control, side.last_rw_frame or 0])
+
+
+def _lost_together(resets: list[tuple[Event, Connection]]
+                   ) -> list[list[tuple[Event, Connection]]]:
+    """The resets (in frame order) cut into runs that one moment explains: each joins the
+    run when its sender was last heard on it before the run's first RST."""
     runs: list[list[tuple[Event, Connection]]] = []
-    for rc in resets:
-        if runs and rc[0].ts_ns - runs[-1][0][0].ts_ns <= window_ns:
-            runs[-1].append(rc)
+    for rst, c in resets:
+        if runs and _last_heard(c, rst) < runs[-1][0][0].frame:
+            runs[-1].append((rst, c))
         else:
-            runs.append([rc])
+            runs.append([(rst, c)])
     return runs
 
 
 def _report_transport_reset(ctx: Context, cid: int,
                             burst: list[tuple[Event, Connection]]) -> None:
-    first, last = burst[0][0], burst[-1][0]
+    (first, conn), last = burst[0], burst[-1][0]
     streams = [c.stream for _, c in burst]
+    heard = max(_last_heard(c, rst) for rst, c in burst)
     ctx.reset_explained.update(streams)
-    span = (last.ts_ns - first.ts_ns) / 1e6
-    ctx.add(None, [rst.frame for rst, _ in burst],
-            f"CID {cid} reset {len(burst)} established connections within {span:.1f} ms "
-            f"(RST frames {', '.join(str(rst.frame) for rst, _ in burst)}), each with "
-            f"buf_alloc 0 and no shutdown before: it no longer knew any of them.",
+    ctx.add(conn, [rst.frame for rst, _ in burst],
+            f"CID {cid} reset {len(burst)} established connections (streams "
+            f"{', '.join(map(str, streams))}; RST frames "
+            f"{', '.join(str(rst.frame) for rst, _ in burst)}) without shutting any down, "
+            f"each RST with buf_alloc 0, the mark of an end that has no socket for the "
+            f"connection; it had said nothing on them since frame {heard}: it lost them all "
+            f"at one moment.",
             f"CID {cid}'s vsock transport was reset: after a snapshot restore or a migration "
             "the device sends TRANSPORT_RESET and the guest's kernel drops every connection "
-            "silently; the other ends learn it only from these RSTs, or hang waiting "
-            "(firecracker #5969, cloud-hypervisor #7759).",
+            "without a packet; the other ends learn it only from these RSTs when they next "
+            "send, or hang waiting (firecracker #5969, cloud-hypervisor #7759).",
             "Reconnect after a restore or migration: treat ECONNRESET as the end of the "
-            "session and dial again; VMMs should reset each saved connection (send RST to "
-            "both ends) instead of leaving the peers waiting.",
+            "session and dial again; a VMM should reset each saved connection (RST to both "
+            "ends) rather than leave the peers waiting.",
             streams=streams, time_ns=first.ts_ns, cid=cid, connections=len(burst),
-            span_ms=round(span, 3))
+            last_heard_frame=heard, seconds=round((last.ts_ns - first.ts_ns) / 1e9, 3))
