@@ -206,6 +206,8 @@ with capture(Path("nested.pcap")):
         print("dial-back from cid", peer[0], conn.recv(100))
         conn.close()
 print(Path(os.environ["VSOCKMON_LAB_GUEST_LOG"]).read_text())
+from vsockmon.lab.inside import guest_monitor
+print("monitor:", guest_monitor("info status"))
 print(Path("/proc/version").read_text())
 import subprocess
 report = subprocess.run(["vsockmon", "doctor", "--json"], capture_output=True, text=True)
@@ -235,6 +237,7 @@ def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> N
     assert "seqpacket echo b'first' b'second'" in result.stdout
     assert "dial-back from cid 3 b'ping'" in result.stdout
     assert "vsockmon-lab-guest: ready cid=3" in result.stdout
+    assert "monitor: VM status: running" in result.stdout  # its qemu's monitor answers
     # On the tap: CID 2 <-> 3, and the host->guest data split to fit the guest's buffers.
     with open_capture(str(tmp_path / "nested.pcap")) as reader:
         frames = [
