@@ -41,7 +41,8 @@ def _qemu_sharing(path: Path) -> list[int]:
     return pids
 
 
-def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300):
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [VSOCKMON, *args],
         cwd=cwd,
@@ -317,5 +318,6 @@ def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> N
     guests = next(c for c in report["checks"] if c["name"] == "guests")["detail"]
     assert re.fullmatch(r"qemu pid \d+: CID 3 \(vhost-vsock: on this host's vsockmon\)", guests)
     version = kernel_facts.upstream_version(result.stdout, lab.kernel)
+    assert version is not None, "the kernel names its upstream version in /proc/version"
     surplus = any(captured > length for length, captured in to_guest)
     assert surplus is kernel_facts.MEASURED[version].has["split-tap-length"]
