@@ -8,14 +8,9 @@ from vsockmon.conntrack.tracker import Close, Connection, Event
 from vsockmon.diagnose.digest import U32
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
-from vsockmon.diagnose.rules.common import event_at
+from vsockmon.diagnose.rules.common import address_pair, event_at
 
 RESET = (Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
-
-
-def _pair(c: Connection) -> tuple[int, frozenset[tuple[int, int]]]:
-    """The connection's type and address pair, whichever end dialled."""
-    return c.type, frozenset(((c.client.cid, c.client.port), (c.server.cid, c.server.port)))
 
 
 def _first_rst(c: Connection) -> Event | None:
@@ -38,8 +33,8 @@ def stale_rst(ctx: Context) -> None:
     an earlier connection on the same address pair (their counters started with it)."""
     earlier: dict[tuple[int, frozenset[tuple[int, int]]], Connection] = {}
     for c in ctx.conns:
-        old = earlier.get(_pair(c))
-        earlier[_pair(c)] = c
+        old = earlier.get(address_pair(c))
+        earlier[address_pair(c)] = c
         rst = _first_rst(c)
         if old is None or rst is None or not c.start_seen or c.response_frame is None:
             continue
