@@ -58,11 +58,13 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
     "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
     "diagnose/cid-mismatch-vhost.pcap": [("cid-mismatch/not-host", 3, (25,))],
-    # three connections lab VM -> guest echo (streams 0-2: REQUEST, RESPONSE, RW, credit
-    # update, echo, credit update = frames 1-18), then savevm + loadvm of the guest; the lab
-    # VM writes on stream 0 (19), the guest's socket-less RSTs for streams 2 and 0 (20, 21),
-    # a write on stream 1 (23) and its RST (24); stream 3 is a new healthy echo
-    "diagnose/transport-reset.pcap": [("transport-reset", 2, (20, 21, 24))],
+    # three connections lab VM -> guest echo (streams 0-2, six frames each: REQUEST,
+    # RESPONSE, RW, credit update, echo, credit update = frames 1-18), then savevm + loadvm of
+    # the guest; the lab VM writes on stream 0 (19), the guest's socket-less RSTs for streams
+    # 2 and 0 (20, 21), a write on stream 1 (23) and its RST (24); stream 3 is a new healthy
+    # echo. Both kernels did exactly this.
+    "diagnose/transport-reset-6.1.pcap": [("transport-reset", 2, (20, 21, 24))],
+    "diagnose/transport-reset-6.12.pcap": [("transport-reset", 2, (20, 21, 24))],
     # synthetic (fixtures/diagnose/generate.py)
     "diagnose/no-transport.pcap": [("no-transport/no-transport", 0, (1,)),
                                    ("mid-capture/end", 1, (2,))],
