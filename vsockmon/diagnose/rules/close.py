@@ -54,7 +54,10 @@ def half_close_stall(ctx: Context) -> None:
         if wait is None:
             continue
         shut, end = wait
-        secs = (end.ts_ns - shut.ts_ns) / 1e9
+        read = ctx.digest.eof_read.get((c.stream, shut.sender))
+        if read is None or read > end.ts_ns:
+            continue  # the peer was still reading the data: not waiting on the end of file
+        secs = (end.ts_ns - max(shut.ts_ns, read)) / 1e9
         if secs < ctx.t.half_close_stall_s:
             continue
         waiter, peer = c.sides[shut.sender], c.sides[1 - shut.sender]
@@ -115,12 +118,13 @@ def _unconsumed(c: Connection, d: int) -> int | None:
 
 
 @rule("abrupt-close", Severity.WARNING, "reset without shutdown, or with data unread",
-      kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset"))
+      kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset",
+                                        "stale-rst", "transport-reset"))
 def abrupt_close(ctx: Context) -> None:
     """Resets without a shutdown, and closes that discarded unread data."""
     for c in ctx.conns:
         ended = (Close.GRACEFUL, Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
-        if c.stream in ctx.small_writes_reset or c.close not in ended:
+        if c.stream in ctx.reset_explained or c.close not in ended:
             continue
         if c.stream in ctx.unestablished or (c.start_seen and c.response_frame is None):
             continue  # a connect that failed is not a close
