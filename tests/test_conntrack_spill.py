@@ -124,18 +124,29 @@ def test_the_working_set_follows_open_connections_not_all_connections(
     assert plain.working_set == 4000 + 2 * open_first  # without a spill: every one
 
 
-@pytest.mark.parametrize("values", [
-    [0, 0, 0], [5, 300, 7], [-1, 2**63 - 1, 0], [-(2**63), 2**63 - 1], [1 << 40, 3],
-    [70000, 1]])
-def test_packed_columns_give_back_their_values(values: list[int]) -> None:
+NONE = 2**63 - 1
+
+
+@pytest.mark.parametrize(("values", "width"), [
+    ([0, 0, 0], 0),
+    ([5, 300, 7], 2),
+    ([-1, 2**63 - 1, 0], 1),                   # -1 next to 0, NONE the reserved offset
+    ([-(2**63), 2**63 - 1], 1),                # modular: next to each other
+    ([1 << 40, 3], 1),                         # one step, from the first value
+    ([NONE, 70000, NONE, 70001, 70300], 2),    # NONE a reserved offset among small values
+    ([NONE, 5, 2**40], 8),
+    ([1 << 40, (1 << 40) + 3, (1 << 40) + 5, (1 << 40) + 300], 2),  # steps of at most 295
+    ([NONE, NONE, 3], 1),
+])
+def test_packed_columns_give_back_their_values(values: list[int], width: int) -> None:
     col = np.array(values, dtype=np.int64)
     p = Packed(col)
     assert p.rows(0, len(values)).tolist() == values
-    assert p.rows(1, 2).tolist() == values[1:2]
-    unsigned = [v % 2**64 for v in values]  # the offsets are modular: -1 is next to 0
-    span = max(unsigned) - min(unsigned)
-    width = 0 if not span else 1 if span < 256 else 2 if span < 65536 else \
-        4 if span < 2**32 else 8
+    for a in range(len(values)):
+        assert p.rows(a, len(values)).tolist() == values[a:]
+        assert p.rows(a, a + 1).tolist() == values[a : a + 1]
     assert p.nbytes == width * len(values)
     flags = np.array([[True, False], [True, True]])
     assert Packed(flags).rows(0, 2).tolist() == flags.tolist()
+    wide = np.array([[1, NONE], [NONE, 2], [3, 4]], dtype=np.int64)
+    assert Packed(wide).rows(1, 3).tolist() == wide[1:].tolist()

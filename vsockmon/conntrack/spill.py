@@ -26,7 +26,8 @@ _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F),
 
 def key_hash(typ: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """A u64 hash of packed connection keys (type, lower end, higher end): equal keys hash
-    equal; a match is confirmed on the key itself."""
+    equal; a match is confirmed on the key itself, rarely (64 bits: a new connection's key
+    almost never meets a spilled one's hash by chance)."""
     with np.errstate(over="ignore"):
         h = typ.astype(np.uint64) * _MIX[0]
         h ^= lo.astype(np.uint64) * _MIX[1]
@@ -34,24 +35,75 @@ def key_hash(typ: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return h
 
 
-class Packed:
-    """An integer or boolean column stored in the fewest bytes its values allow."""
+_MAX_OFFSET = (1 << 32) - 1
 
-    __slots__ = ("base", "dtype", "offsets", "shape")
+
+def _offsets(streams: np.ndarray, first: int) -> np.ndarray:
+    """Stream numbers (ascending, from ``first``) as u32 offsets: a chunk spans fewer than
+    4G streams."""
+    return (streams - first).astype(np.uint32)
+
+
+_NONE = np.uint64(np.iinfo(np.int64).max)
+"""The tracker's "no value" (:data:`~vsockmon.conntrack.model.NONE`) as u64."""
+
+
+def _span(flat: np.ndarray) -> tuple[np.uint64, int]:
+    """The base and span of u64 values read as unsigned or as signed (-1 sits next to 0),
+    whichever is narrower (the offsets are modular)."""
+    lo, hi = int(flat.min()), int(flat.max())
+    signed = flat.view(np.int64)
+    slo, shi = int(signed.min()), int(signed.max())
+    if shi - slo < hi - lo:
+        return np.int64(slo).astype(np.uint64), shi - slo
+    return np.uint64(lo), hi - lo
+
+
+def _narrow(span: int) -> type[np.unsignedinteger]:
+    return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
+                if span <= np.iinfo(t).max)
+
+
+class _Flat:
+    """A 1-D integer or boolean column stored in the fewest bytes its values allow: one value
+    when all agree; else offsets from the least value, or from the previous row (columns
+    that grow with the stream number: frames, times, ports), whichever is narrower; with
+    the tracker's NONE as a reserved offset when it stands among small values."""
+
+    __slots__ = ("_first", "base", "delta", "dtype", "none", "offsets", "shape")
 
     def __init__(self, col: np.ndarray) -> None:
         self.dtype = col.dtype
         self.shape = col.shape
-        flat = col.reshape(-1).view(np.uint8) if col.dtype == bool else col.reshape(-1)
-        flat = flat.astype(np.uint64)  # modular: any int64 range fits
-        lo = int(flat.min()) if len(flat) else 0
-        span = int(flat.max()) - lo if len(flat) else 0
-        self.base = np.uint64(lo)
+        flat = (col.view(np.uint8) if col.dtype == bool else col).astype(np.uint64)
         self.offsets: np.ndarray | None = None
-        if span:
-            narrow = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
-                          if span <= np.iinfo(t).max)
-            self.offsets = (flat - self.base).astype(narrow).reshape(col.shape)
+        self.delta = self.none = False
+        self.base = flat[0] if len(flat) else np.uint64(0)
+        if not len(flat) or (flat == self.base).all():
+            return
+        self.base, span = _span(flat)
+        with np.errstate(over="ignore"):
+            steps = flat[1:] - flat[:-1]
+        step_base, step_span = _span(steps)
+        if _narrow(step_span)().nbytes < _narrow(span)().nbytes:
+            self.delta = True
+            self.base = step_base
+            codes = np.empty(len(flat), dtype=_narrow(step_span))
+            codes[0] = 0
+            codes[1:] = steps - step_base
+            self.offsets = codes
+            self._first = flat[0]
+            return
+        none = flat == _NONE
+        if none.any():
+            base, rest = _span(flat[~none])
+            if _narrow(rest + 1)().nbytes < _narrow(span)().nbytes:
+                narrow = _narrow(rest + 1)
+                self.base, self.none = base, True
+                self.offsets = np.where(none, np.iinfo(narrow).max, flat - base).astype(
+                    narrow)
+                return
+        self.offsets = (flat - self.base).astype(_narrow(span))
 
     @property
     def nbytes(self) -> int:
@@ -59,14 +111,44 @@ class Packed:
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows ``a:b`` in the column's own type."""
-        shape = (b - a, *self.shape[1:])
         if self.offsets is None:
-            wide = np.full(shape, self.base, dtype=np.uint64)
+            wide = np.full(b - a, self.base, dtype=np.uint64)
+        elif self.delta:
+            with np.errstate(over="ignore"):
+                steps = self.offsets[1:b].astype(np.uint64) + self.base
+                wide = np.cumsum(np.r_[self._first, steps], dtype=np.uint64)[a:b]
         else:
-            wide = self.offsets[a:b].astype(np.uint64) + self.base
+            codes = self.offsets[a:b]
+            wide = codes.astype(np.uint64) + self.base
+            if self.none:
+                wide[codes == np.iinfo(codes.dtype).max] = _NONE
         if self.dtype == bool:
             return wide.astype(bool)
         return wide.astype(self.dtype, casting="unsafe")
+
+
+class Packed:
+    """A column of the tracker's table (one value per stream, per stream and side, …)
+    packed as :class:`_Flat` columns, one per value of a row: a client's port and a
+    server's change differently."""
+
+    __slots__ = ("parts", "shape")
+
+    def __init__(self, col: np.ndarray) -> None:
+        self.shape = col.shape
+        flat = col.reshape(len(col), -1)
+        self.parts = [_Flat(np.ascontiguousarray(flat[:, j])) for j in range(flat.shape[1])]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``a:b`` in the column's own type and shape."""
+        if len(self.shape) == 1:
+            return self.parts[0].rows(a, b)
+        return np.stack([p.rows(a, b) for p in self.parts], axis=1).reshape(
+            b - a, *self.shape[1:])
 
 
 class Chunk:
@@ -74,13 +156,15 @@ class Chunk:
 
     def __init__(self, cols: dict[str, np.ndarray], events: dict[str, np.ndarray],
                  key: np.ndarray) -> None:
-        self.stream = cols["stream"].copy()
+        self.first = int(cols["stream"][0])
+        self.stream = _offsets(cols["stream"], self.first)
+        """Stream numbers less :attr:`first` (for searching)."""
         self.cols = {k: Packed(c) for k, c in cols.items()}
-        self.ev_sid = events["sid"].copy()
+        self.ev_sid = _offsets(events["sid"], self.first)
         self.events = {k: Packed(c) for k, c in events.items()}
         order = np.argsort(key, kind="stable")
         self.key = key[order]
-        self.key_row = order.astype(np.uint32 if len(order) < 1 << 32 else np.uint64)
+        self.key_row = order.astype(_narrow(len(order)))
         self.taken: set[int] = set()
         """Rows taken back by the tracker (a late frame joined them)."""
 
@@ -94,6 +178,7 @@ class Chunk:
         cols = {k: p.rows(a, b) for k, p in self.cols.items()}
         ea = int(np.searchsorted(self.ev_sid, self.stream[a], side="left"))
         eb = int(np.searchsorted(self.ev_sid, self.stream[b - 1], side="right"))
+        # (both offsets from the chunk's first stream, of one type)
         events = {k: p.rows(ea, eb) for k, p in self.events.items()}
         if self.taken:
             gone = np.fromiter(self.taken, dtype=np.int64)
@@ -156,6 +241,8 @@ class Spill:
                ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """Every chunk's rows (and events) whose stream is in ``[lo, hi)``."""
         for chunk in self.chunks:
-            a, b = np.searchsorted(chunk.stream, [lo, hi]).tolist()
+            span = [min(max(x - chunk.first, 0), _MAX_OFFSET) for x in (lo, hi)]
+            a, b = np.searchsorted(chunk.stream, np.array(span, dtype=chunk.stream.dtype)
+                                   ).tolist()
             if b > a:
                 yield chunk.rows(a, b)
