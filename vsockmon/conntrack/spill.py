@@ -16,6 +16,7 @@ rows by a hash of their connection key, so the tracker finds such a row and take
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,6 +37,8 @@ def key_hash(typ: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 _MAX_OFFSET = (1 << 32) - 1
+_DEFLATE_MIN = 4096
+"""Offsets of at least this many bytes are worth trying to deflate."""
 
 
 def _offsets(streams: np.ndarray, first: int) -> np.ndarray:
@@ -70,13 +73,13 @@ class _Flat:
     that grow with the stream number: frames, times, ports), whichever is narrower; with
     the tracker's NONE as a reserved offset when it stands among small values."""
 
-    __slots__ = ("_first", "base", "delta", "dtype", "none", "offsets", "shape")
+    __slots__ = ("_first", "_packed", "base", "delta", "dtype", "none", "shape")
 
     def __init__(self, col: np.ndarray) -> None:
         self.dtype = col.dtype
         self.shape = col.shape
         flat = (col.view(np.uint8) if col.dtype == bool else col).astype(np.uint64)
-        self.offsets: np.ndarray | None = None
+        self._packed: np.ndarray | tuple[bytes, np.dtype] | None = None
         self.delta = self.none = False
         self.base = flat[0] if len(flat) else np.uint64(0)
         if not len(flat) or (flat == self.base).all():
@@ -91,7 +94,7 @@ class _Flat:
             codes = np.empty(len(flat), dtype=_narrow(step_span))
             codes[0] = 0
             codes[1:] = steps - step_base
-            self.offsets = codes
+            self._store(codes)
             self._first = flat[0]
             return
         none = flat == _NONE
@@ -100,25 +103,44 @@ class _Flat:
             if _narrow(rest + 1)().nbytes < _narrow(span)().nbytes:
                 narrow = _narrow(rest + 1)
                 self.base, self.none = base, True
-                self.offsets = np.where(none, np.iinfo(narrow).max, flat - base).astype(
-                    narrow)
+                self._store(np.where(none, np.iinfo(narrow).max, flat - base).astype(narrow))
                 return
-        self.offsets = (flat - self.base).astype(_narrow(span))
+        self._store((flat - self.base).astype(_narrow(span)))
+
+    def _store(self, codes: np.ndarray) -> None:
+        """Keep the offsets, deflated when that halves them at least (a storm's rows are
+        alike: its offsets repeat)."""
+        self._packed = codes
+        if codes.nbytes >= _DEFLATE_MIN:
+            deflated = zlib.compress(codes.data, 1)
+            if len(deflated) <= codes.nbytes // 2:
+                self._packed = (deflated, codes.dtype)
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        """The offsets (inflated if need be), or None when every row holds :attr:`base`."""
+        if isinstance(self._packed, tuple):
+            data, dtype = self._packed
+            return np.frombuffer(zlib.decompress(data), dtype=dtype)
+        return self._packed
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.offsets is None else self.offsets.nbytes
+        if isinstance(self._packed, tuple):
+            return len(self._packed[0])
+        return 0 if self._packed is None else self._packed.nbytes
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows ``a:b`` in the column's own type."""
-        if self.offsets is None:
+        offsets = self.offsets
+        if offsets is None:
             wide = np.full(b - a, self.base, dtype=np.uint64)
         elif self.delta:
             with np.errstate(over="ignore"):
-                steps = self.offsets[1:b].astype(np.uint64) + self.base
+                steps = offsets[1:b].astype(np.uint64) + self.base
                 wide = np.cumsum(np.r_[self._first, steps], dtype=np.uint64)[a:b]
         else:
-            codes = self.offsets[a:b]
+            codes = offsets[a:b]
             wide = codes.astype(np.uint64) + self.base
             if self.none:
                 wide[codes == np.iinfo(codes.dtype).max] = _NONE
@@ -156,11 +178,9 @@ class Chunk:
 
     def __init__(self, cols: dict[str, np.ndarray], events: dict[str, np.ndarray],
                  key: np.ndarray) -> None:
-        self.first = int(cols["stream"][0])
-        self.stream = _offsets(cols["stream"], self.first)
-        """Stream numbers less :attr:`first` (for searching)."""
+        self.first, self.last = int(cols["stream"][0]), int(cols["stream"][-1])
         self.cols = {k: Packed(c) for k, c in cols.items()}
-        self.ev_sid = _offsets(events["sid"], self.first)
+        self._ev_sid = _Flat(_offsets(events["sid"], self.first))
         self.events = {k: Packed(c) for k, c in events.items()}
         order = np.argsort(key, kind="stable")
         self.key = key[order]
@@ -169,16 +189,27 @@ class Chunk:
         """Rows taken back by the tracker (a late frame joined them)."""
 
     @property
+    def stream(self) -> np.ndarray:
+        """The stream numbers less :attr:`first` (to search)."""
+        return _offsets(self.cols["stream"].rows(0, len(self.key)), self.first)
+
+    @property
+    def ev_sid(self) -> np.ndarray:
+        """The events' stream numbers less :attr:`first`."""
+        return self._ev_sid.rows(0, self._ev_sid.shape[0])
+
+    @property
     def nbytes(self) -> int:
-        return (self.stream.nbytes + self.ev_sid.nbytes + self.key.nbytes + self.key_row.nbytes
+        return (self._ev_sid.nbytes + self.key.nbytes + self.key_row.nbytes
                 + sum(p.nbytes for p in (*self.cols.values(), *self.events.values())))
 
     def rows(self, a: int, b: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The columns and events of rows ``a:b``, less the rows taken back."""
         cols = {k: p.rows(a, b) for k, p in self.cols.items()}
-        ea = int(np.searchsorted(self.ev_sid, self.stream[a], side="left"))
-        eb = int(np.searchsorted(self.ev_sid, self.stream[b - 1], side="right"))
-        # (both offsets from the chunk's first stream, of one type)
+        lo, hi = (np.uint32(cols["stream"][i] - self.first) for i in (0, -1))
+        ev_sid = self.ev_sid
+        ea = int(np.searchsorted(ev_sid, lo, side="left"))
+        eb = int(np.searchsorted(ev_sid, hi, side="right"))
         events = {k: p.rows(ea, eb) for k, p in self.events.items()}
         if self.taken:
             gone = np.fromiter(self.taken, dtype=np.int64)
@@ -241,6 +272,8 @@ class Spill:
                ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """Every chunk's rows (and events) whose stream is in ``[lo, hi)``."""
         for chunk in self.chunks:
+            if chunk.last < lo or chunk.first >= hi:
+                continue
             span = [min(max(x - chunk.first, 0), _MAX_OFFSET) for x in (lo, hi)]
             a, b = np.searchsorted(chunk.stream, np.array(span, dtype=chunk.stream.dtype)
                                    ).tolist()
