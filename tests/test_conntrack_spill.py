@@ -6,13 +6,18 @@ check), and counts reasoned from the captures these tests write.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conntrack_scenarios import write
 from helpers import T0, frame
 
+from vsockmon.analysis import pipeline
+from vsockmon.cli import main
+from vsockmon.conntrack import tracker as tracker_mod
 from vsockmon.conntrack.records import ConnTable
 from vsockmon.conntrack.spill import Packed
 from vsockmon.conntrack.tracker import ConnTracker
@@ -150,3 +155,32 @@ def test_packed_columns_give_back_their_values(values: list[int], width: int) ->
     assert Packed(flags).rows(0, 2).tolist() == flags.tolist()
     wide = np.array([[1, NONE], [NONE, 2], [3, 4]], dtype=np.int64)
     assert Packed(wide).rows(1, 3).tolist() == wide[1:].tolist()
+
+
+@pytest.mark.parametrize(("args", "streams"), [
+    ([], list(range(42))),
+    (["--close", "refused"], list(range(2, 42))),
+    (["-n", "5"], [0, 1, 2, 3, 4]),
+    (["--close", "refused", "-n", "4"], [2, 3, 4, 5]),
+    (["--port", "40003", "--port", "1025"], [0, 5]),
+    (["--sort=-stream", "-n", "2"], [41, 40]),
+])
+def test_conns_and_stats_print_the_same_from_a_spill_read_in_pieces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], streams: list[int]
+        ) -> None:
+    """The writers read a spilled capture a few streams at a time: same bytes as from one
+    table, filters and --limit across the pieces."""
+    path = str(storm(tmp_path / "s.pcap", 40, open_first=True))
+
+    def out(*extra: str) -> str:
+        result = CliRunner().invoke(main, [*extra, path])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    commands = (["conns", "--json", *args], ["conns", "--csv", *args], ["stats", "--json"],
+                ["stats"])
+    want = [out(*c) for c in commands]
+    monkeypatch.setattr(pipeline, "SPILL_AT", 1)
+    monkeypatch.setattr(tracker_mod, "CHUNK", 3)
+    assert [out(*c) for c in commands] == want
+    assert [json.loads(line)["stream"] for line in want[0].splitlines()] == streams

@@ -591,10 +591,13 @@ class ConnTracker:
         ``end_ns`` (live: now) or the latest timestamp fed, whichever is later."""
         return self._table(0, self._next, self._end(end_ns))
 
-    def tables(self, end_ns: int | None = None, size: int = CHUNK) -> Iterator[ConnTable]:
-        """The connections of :meth:`finish` as tables of at most ``size`` streams each, in
-        stream order: what a writer needs when the spill holds a million of them."""
+    def tables(self, end_ns: int | None = None, size: int | None = None
+               ) -> Iterator[ConnTable]:
+        """The connections of :meth:`finish` as tables of at most ``size`` (default
+        :data:`CHUNK`) streams each, in stream order: what a writer needs when the spill
+        holds a million of them."""
         end = self._end(end_ns)
+        size = size or CHUNK
         for lo in range(0, self._next, size):
             table = self._table(lo, min(lo + size, self._next), end)
             if len(table):
