@@ -617,15 +617,18 @@ class ConnTracker:
         a, b = np.searchsorted(cols["stream"], [lo, hi]).tolist()
         ev = self._sorted_events()
         ea, eb = np.searchsorted(ev["sid"], [lo, hi]).tolist()
-        parts = [({k: c[a:b] for k, c in cols.items()}, {k: c[ea:eb] for k, c in ev.items()}),
-                 *self._spill.ranges(lo, hi)]
+        # spilled streams first: they are mostly older, so the parts are often in order
+        parts = [*self._spill.ranges(lo, hi),
+                 ({k: c[a:b] for k, c in cols.items()}, {k: c[ea:eb] for k, c in ev.items()})]
         if len(parts) > 1:
             cols = {k: np.concatenate([p[0][k] for p in parts]) for k in cols}
-            order = np.argsort(cols["stream"], kind="stable")
-            cols = {k: c[order] for k, c in cols.items()}
+            if (np.diff(cols["stream"]) < 0).any():
+                order = np.argsort(cols["stream"], kind="stable")
+                cols = {k: c[order] for k, c in cols.items()}
             ev = {k: np.concatenate([p[1][k] for p in parts]) for k in ev}
-            order = np.lexsort((ev["frame"], ev["sid"]))
-            ev = {k: c[order] for k, c in ev.items()}
+            if not _ascending(ev):
+                order = np.lexsort((ev["frame"], ev["sid"]))
+                ev = {k: c[order] for k, c in ev.items()}
         else:
             cols, ev = parts[0]
         # the table's rows: the stream numbers unless some were forgotten or spilled
