@@ -213,6 +213,60 @@ print("DOCTOR " + report.stdout.replace("\\n", " "))
 """
 
 
+def _panicking_qemu(lab: Lab, tmp_path: Path, boots: int) -> Lab:
+    """A Lab whose first ``boots`` boots point the kernel at an init that does not exist.
+
+    The kernel then looks for a root filesystem, has none (no ``root=``), and panics before
+    any init runs: "VFS: Unable to mount root fs". Later boots are left alone.
+    """
+    wrapper = tmp_path / "qemu"
+    count = tmp_path / "boots"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        f"count = {str(count)!r}\n"
+        "n = len(open(count).read()) if os.path.exists(count) else 0\n"
+        "open(count, 'a').write('x')\n"
+        "argv = sys.argv[1:]\n"
+        f"if n < {boots}:\n"
+        "    at = argv.index('-append') + 1\n"
+        "    argv[at] += ' rdinit=/no-such-init'\n"
+        f"os.execv({lab.qemu!r}, [{lab.qemu!r}, *argv])\n"
+    )
+    wrapper.chmod(0o755)
+    panicky = Lab(lab.files)
+    panicky.qemu = str(wrapper)
+    return panicky
+
+
+PANIC = "Kernel panic - not syncing: VFS: Unable to mount root fs"
+
+
+def test_a_kernel_panic_before_the_init_is_booted_once_more(lab: Lab, tmp_path: Path) -> None:
+    panicky = _panicking_qemu(lab, tmp_path, boots=1)
+    said: list[str] = []
+    result = panicky.run(["sh", "-c", "echo ran"], cwd=tmp_path, timeout=300, notify=said.append)
+    assert (result.returncode, result.stdout) == (0, "ran\n")
+    assert (tmp_path / "boots").read_text() == "xx"
+    assert len(said) == 1, said
+    assert said[0].startswith(f"the lab kernel panicked before its init started ({PANIC}")
+    assert said[0].endswith("); booting once more")
+
+
+def test_a_kernel_that_panics_twice_is_reported_with_its_reason(
+    lab: Lab, tmp_path: Path
+) -> None:
+    panicky = _panicking_qemu(lab, tmp_path, boots=2)
+    with pytest.raises(LabError) as raised:
+        panicky.run(["true"], cwd=tmp_path, timeout=300)
+    assert str(raised.value).startswith(
+        f"the lab kernel panicked twice before its init started: {PANIC}"
+    )
+    assert "]---" not in str(raised.value)
+    assert (tmp_path / "boots").read_text() == "xx"
+    assert _qemu_sharing(tmp_path) == []
+
+
 def test_a_nested_guest_never_ready_is_booted_once_more_then_reported(
     lab: Lab, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,28 @@ def test_follow_raw_and_hex_together_are_refused(echo: Path) -> None:
     out, err = run("follow", str(echo), "--conn", "0", "--raw", "--hex", "--dir", "c2s", code=2)
     assert out == "" and "choose one of --raw and --hex" in err
     assert "Traceback" not in err
+
+
+def test_follow_raw_refuses_a_terminal_and_writes_nothing_to_it(echo: Path) -> None:
+    # A payload's escape sequences would drive the terminal (retitle it, remap keys): the
+    # bytes go to a file or a pipe only. Stream 0 does carry bytes client→server.
+    parent, child = pty.openpty()
+    try:
+        done = subprocess.run([VSOCKMON, "follow", str(echo), "--conn", "0", "--raw",
+                               "--dir", "c2s"], stdout=child, stderr=subprocess.PIPE,
+                              timeout=60)
+        os.set_blocking(parent, False)
+        try:
+            shown = os.read(parent, 4096)
+        except BlockingIOError:
+            shown = b""
+    finally:
+        os.close(child)
+        os.close(parent)
+    assert done.returncode == 2
+    assert b"redirect them to a file or a pipe, or use --hex" in done.stderr
+    assert shown == b""
+    assert ECHO_STREAMS[0][3] > 0
 
 
 def test_decode_verify_reads_stdin() -> None:

@@ -11,7 +11,8 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from vsockmon.errors import VsockmonError
@@ -74,12 +75,53 @@ def create_output(path: str | os.PathLike[str], force: bool,
     return os.fdopen(fd, "wb")
 
 
+def part_path(path: str | os.PathLike[str]) -> Path:
+    """Where ``path`` is written until it is complete: a hidden name beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.part")
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str], force: bool,
+              error: type[VsockmonError] = OutputError) -> Iterator[BinaryIO]:
+    """``path`` opened for binary writing, whole or not at all.
+
+    The block writes a hidden ``.NAME.part`` beside it, renamed to ``path`` when the block
+    ends and removed when it fails: a full disk or a Ctrl-C never leaves half a file under
+    the real name, nor destroys, with ``force``, the file it was to replace. A device or a
+    FIFO (``/dev/null``) is written in place, never replaced; ``-`` is stdout.
+    """
+    name = os.fspath(path)
+    if name == STDOUT or (os.path.exists(name) and not os.path.isfile(name)):
+        fp = create_output(name, force, error)
+        try:
+            yield fp
+            fp.flush()
+        except OSError as e:
+            raise error(f"{name}: cannot write: {e.strerror}") from None
+        finally:
+            if fp is not sys.stdout.buffer:
+                fp.close()
+        return
+    refuse_existing(name, force, error)
+    tmp = part_path(name)
+    try:
+        fp = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
+    except OSError as e:
+        raise error(f"{name}: cannot write: {e.strerror}") from None
+    try:
+        with fp:
+            yield fp
+        os.replace(tmp, name)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise error(f"{name}: cannot write: {e.strerror}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_output(path: str | os.PathLike[str], data: bytes, force: bool) -> None:
     """Write a whole report (HTML page, picture) to ``path`` or stdout."""
-    fp = create_output(path, force)
-    try:
+    with replacing(path, force) as fp:
         fp.write(data)
-        fp.flush()
-    finally:
-        if fp is not sys.stdout.buffer:
-            fp.close()

@@ -6,13 +6,14 @@ seconds, and the capture and echo paths must not pay for scapy, numpy or matplot
 Each command parses its options, calls the library (:mod:`vsockmon.api` for captures) and
 renders the result. Errors are turned into output here, in one place: a
 :class:`~vsockmon.errors.VsockmonError` becomes one line on stderr (``Error: <message>``)
-and the command's error status (:data:`ERROR_EXIT`), and a reader that goes away (``| head``)
-ends the output quietly.
+and the command's error status (:data:`ERROR_EXIT`), output that cannot be written (a full
+disk) one line too, and a reader that goes away (``| head``) ends the output quietly.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -68,9 +69,28 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except VsockmonError as e:
-            fail(f"Error: {e}", ERROR_EXIT.get(ctx.invoked_subcommand or "", 1))
+            fail(f"Error: {e}", _status(ctx))
         except BrokenPipeError:
             sys.stderr.close()  # the reader left (| head): no traceback, no message
+        except OSError as e:
+            # Output that cannot be written (a full disk, /dev/full, a quota): files we read
+            # fail as VsockmonErrors with their names, so a bare one here is our output.
+            _drop_stdout()
+            where = f"{e.filename}: " if e.filename else "cannot write the output: "
+            fail(f"Error: {where}{e.strerror or e}", _status(ctx))
+
+
+def _status(ctx: click.Context) -> int:
+    """The failing command's error status (known once the group has picked the command)."""
+    return ERROR_EXIT.get(ctx.invoked_subcommand or "", 1)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail again
+    over the output still buffered (and print a second, noisier error)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

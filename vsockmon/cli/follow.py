@@ -41,6 +41,9 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
         raise click.UsageError("--raw needs --dir c2s or --dir s2c")
     if raw and as_hex:
         raise click.UsageError("choose one of --raw and --hex")
+    if raw and sys.stdout.isatty():  # a payload's escape sequences would drive the terminal
+        raise click.UsageError("--raw writes the bytes unchanged: redirect them to a file or "
+                               "a pipe, or use --hex to see them")
     rows = StreamRows([stream], payloads=True)
     analysis = scan(file, rows)
     if stream >= len(analysis.table):

@@ -35,7 +35,7 @@ from vsockmon.export.tables import (
     packet_schema,
     schema,
 )
-from vsockmon.output import create_output, refuse_existing
+from vsockmon.output import refuse_existing, replacing
 from vsockmon.wire.pcapio import (
     CaptureError,
     PcapngWriter,
@@ -118,31 +118,30 @@ def export_pcapng(source: str, out: str, force: bool = False,
                 extra = _with_findings(evaluate(table, digest, end_ns=analysis.capture_end_ns),
                                        extra)
             annotator = Annotator(table, extra)
-            fp = create_output(out, force, ExportError)
+            with replacing(out, force, ExportError) as fp:
+                _annotated_copy(path, PcapngWriter(fp), annotator, payload, result, on_batch)
         except CaptureError as e:
             raise ExportError(str(e)) from None
-        try:
-            writer = PcapngWriter(fp)
-            with open_capture(path) as reader:
-                for batch, fb, tags in tracked(reader, ConnTracker()):
-                    for i, comment in enumerate(annotator.comments(fb, tags, payload)):
-                        if batch.linktypes and batch.linktypes[i] != LINKTYPE_VSOCK:
-                            result.skipped += 1
-                            continue
-                        start = batch.offsets[i]
-                        writer.write(batch.ts_ns[i], batch.buf[start:start + batch.caplens[i]],
-                                     batch.orig_lens[i], comment or None)
-                        result.packets += 1
-                    if on_batch is not None:
-                        on_batch(len(fb))
-                result.stopped = reader.stopped
-            writer.flush()
-        except CaptureError as e:
-            raise ExportError(str(e)) from None
-        finally:
-            if fp is not sys.stdout.buffer:
-                fp.close()
     return result
+
+
+def _annotated_copy(path: str, writer: PcapngWriter, annotator: Annotator, payload: bool,
+                    result: ExportResult, on_batch: Callable[[int], None] | None) -> None:
+    """The second pass of :func:`export_pcapng`: every vsock packet with its comment."""
+    with open_capture(path) as reader:
+        for batch, fb, tags in tracked(reader, ConnTracker()):
+            for i, comment in enumerate(annotator.comments(fb, tags, payload)):
+                if batch.linktypes and batch.linktypes[i] != LINKTYPE_VSOCK:
+                    result.skipped += 1
+                    continue
+                start = batch.offsets[i]
+                writer.write(batch.ts_ns[i], batch.buf[start:start + batch.caplens[i]],
+                             batch.orig_lens[i], comment or None)
+                result.packets += 1
+            if on_batch is not None:
+                on_batch(len(fb))
+        result.stopped = reader.stopped
+    writer.flush()
 
 
 def _with_findings(findings: list[Finding], extra: Mapping[int, Sequence[str]] | None

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from vsockmon.output import part_path
+
 FORMATS = {"parquet": ".parquet", "csv": ".csv", "json": ".jsonl"}
 """Table formats and the suffix of their files."""
 
@@ -77,7 +79,7 @@ class TableFile:
 
     def __init__(self, path: Path, fmt: str, schema: pa.Schema) -> None:
         self.path = path
-        self._tmp = path.with_name(f".{path.name}.part")
+        self._tmp = part_path(path)
         fp = open(self._tmp, "wb")  # noqa: SIM115 - closed by the sink
         sinks: dict[str, Callable[[BinaryIO, pa.Schema], Sink]] = {
             "parquet": _Parquet, "csv": _Csv, "json": _JsonLines}

@@ -77,6 +77,11 @@ class _BootStalled(Exception):
     """The guest did not reach /init before the boot watchdog."""
 
 
+class _KernelPanicked(Exception):
+    """The kernel panicked before the init started, so nothing of the command ran: an
+    emulated boot that fails once in hundreds (seen on CI's TCG) may simply be booted again."""
+
+
 def _die_with_parent(parent: int) -> Callable[[], None]:
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -260,7 +265,8 @@ class Lab:
             for attempt in _accels(accel):
                 watchdog = KVM_BOOT_WATCHDOG if attempt == "kvm" and accel == "auto" else None
                 try:
-                    code, boot, seconds = self._boot(
+                    code, boot, seconds = self._boot_past_a_panic(
+                        say,
                         job,
                         attempt,
                         job_path,
@@ -279,6 +285,22 @@ class Lab:
                     code, text, b"".join(err).decode(errors="replace"), attempt, boot, seconds
                 )
         raise LabError("no accelerator could boot the lab VM")
+
+    def _boot_past_a_panic(
+        self, say: Notify, job: Job, accel: str, job_path: str, timeout: float,
+        watchdog: float | None, out: Sink, err: Sink,
+    ) -> tuple[int, float, float]:
+        """Boots; a kernel that panics before the init is booted once more, not twice."""
+        try:
+            return self._boot(job, accel, job_path, timeout, watchdog, out, err)
+        except _KernelPanicked as first:
+            say(f"the lab kernel panicked before its init started ({first}); booting once more")
+        try:
+            return self._boot(job, accel, job_path, timeout, watchdog, out, err)
+        except _KernelPanicked as second:
+            raise LabError(
+                f"the lab kernel panicked twice before its init started: {second}"
+            ) from None
 
     def _boot(
         self,
@@ -324,6 +346,9 @@ class Lab:
             raise LabTimeout(f"timed out after {timeout:g} s {where}; qemu killed")
         if not console.booted and watchdog is not None:
             raise _BootStalled
+        panic = _panic_line(console.kernel_output)
+        if panic and not console.booted:
+            raise _KernelPanicked(panic)
         why = _last_line(qemu_says) or _last_line(console.kernel_output) or "no output"
         raise LabError(f"qemu exited (status {proc.returncode}) before the command finished: {why}")
 
@@ -421,6 +446,13 @@ def _relay(
             else:
                 qemu_says = (qemu_says + data)[-_DIAGNOSTIC_TAIL:]
     return qemu_says, started_at or time.monotonic(), False
+
+
+def _panic_line(kernel_output: bytes) -> str:
+    """The kernel's reason for its panic (``Kernel panic - not syncing: …``), else ""."""
+    text = kernel_output.decode(errors="replace")
+    start = text.find("Kernel panic - ")  # the first; the dump's last line repeats it
+    return text[start:].splitlines()[0].removesuffix(" ]---").strip() if start != -1 else ""
 
 
 def _last_line(data: bytes) -> str:

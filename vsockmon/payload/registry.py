@@ -54,6 +54,8 @@ class Registry:
     _order: list[PayloadDissector] | None = field(default=None, init=False, repr=False)
     _ports: dict[int, list[PayloadDissector]] = field(default_factory=dict, init=False,
                                                       repr=False)
+    _heuristics: list[tuple[PayloadDissector, Callable[[bytes], bool]]] = field(
+        default_factory=list, init=False, repr=False)
 
     def register(self, dissector: PayloadDissector) -> PayloadDissector:
         """Add (or replace, by name) a dissector; returns it so it can be used as a value."""
@@ -82,6 +84,7 @@ class Registry:
         self._plugins()
         if self._order is None:
             self._order = sorted(self.dissectors.values(), key=lambda d: (d.priority, d.name))
+            self._heuristics = [(d, d.detect) for d in self._order if d.detect is not None]
             self._ports = {}
             for d in self._order:
                 for port in d.ports:
@@ -94,18 +97,21 @@ class Registry:
 
     def dissect(self, payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
         """The first dissection of ``payload``: by the destination port's dissectors, then
-        the source port's (replies come from the well-known port), then by heuristics."""
+        the source port's (replies come from the well-known port), then by heuristics.
+
+        It runs once per RW packet (a million per capture), so the port table and the
+        heuristic order are looked up once, not per step."""
         if not payload:
             return None
-        tried: set[str] = set()
-        for port in (dst_port, src_port):
-            for d in self.for_port(port):
-                tried.add(d.name)
-                info = _safely(d.dissect, payload)
-                if info is not None:
-                    return info
-        for d in self.all():
-            if d.detect is None or d.name in tried or not _safely(d.detect, payload):
+        self.all()
+        ports = self._ports
+        on_ports = ports.get(dst_port, []) + ports.get(src_port, []) if ports else []
+        for d in on_ports:
+            info = _safely(d.dissect, payload)
+            if info is not None:
+                return info
+        for d, detect in self._heuristics:
+            if d in on_ports or not _safely(detect, payload):
                 continue
             info = _safely(d.dissect, payload)
             if info is not None:

@@ -7,6 +7,7 @@ notification and writes newline-separated assignments such as ``READY=1`` or
 
 from __future__ import annotations
 
+import functools
 import re
 
 from vsockmon.payload.model import Node, PayloadInfo, shorten
@@ -17,9 +18,11 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 """Control characters other than tab, LF and CR (a regex: this runs on every payload)."""
 
 
+@functools.lru_cache(maxsize=1)
 def _as_text(payload: bytes) -> str | None:
     """The payload as text when it is valid UTF-8 without control bytes other than
-    tab, CR and LF."""
+    tab, CR and LF. Remembered for the last payload: its detections and its dissection
+    ask for the same payload up to four times in a row."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:

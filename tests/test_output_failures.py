@@ -1,0 +1,107 @@
+"""Output that cannot be written: one line and a non-zero exit, and no half-written file.
+
+A full disk is made per process, without touching the host: ``RLIMIT_FSIZE`` caps the files
+the command may write (a write past it fails with EFBIG, "File too large", once SIGXFSZ is
+ignored), and ``/dev/full`` fails every write to stdout with ENOSPC. The expected messages are
+the C library's own words for those errors (``os.strerror``), not our output pasted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
+CAPTURE = str(ROOT / "fixtures" / "real" / "many-connections.pcap")
+LIMIT = 4096
+"""Bytes a capped command may write to a file: less than any export of CAPTURE (its packets
+alone are 8 KB), more than the small files the interpreter itself might write."""
+FULL = os.strerror(errno.ENOSPC)
+TOO_LARGE = os.strerror(errno.EFBIG)
+
+
+def _capped() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
+
+
+def run(*args: str, capped: bool = False, stdout: int | None = subprocess.PIPE
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VSOCKMON, *args], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=120, preexec_fn=_capped if capped else None)
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    (["decode", CAPTURE], 1),
+    (["decode", CAPTURE, "--json"], 1),
+    (["conns", CAPTURE], 1),
+    (["stats", CAPTURE, "--json"], 1),
+    (["timeline", CAPTURE], 1),
+    (["follow", CAPTURE, "--conn", "0"], 1),
+    (["diagnose", CAPTURE], 2),  # diagnose keeps 1 for "found problems"
+])
+def test_stdout_on_a_full_disk_is_one_line_and_the_command_s_error_status(
+    args: list[str], status: int
+) -> None:
+    with open("/dev/full", "wb") as full:
+        done = run(*args, stdout=full.fileno())
+    assert done.returncode == status
+    assert done.stderr == f"Error: cannot write the output: {FULL}\n"
+
+
+def test_an_export_that_runs_out_of_space_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "x.pcapng"
+    done = run("export", CAPTURE, "-o", str(out), capped=True)
+    assert done.returncode == 1
+    assert done.stderr == f"Error: {out}: cannot write: {TOO_LARGE}\n"
+    assert os.listdir(tmp_path) == []  # neither x.pcapng nor its hidden .part
+
+
+def test_a_forced_export_that_fails_keeps_the_file_it_was_to_replace(tmp_path: Path) -> None:
+    out = tmp_path / "x.pcapng"
+    out.write_bytes(b"the previous export")
+    done = run("export", CAPTURE, "-o", str(out), "--force", capped=True)
+    assert done.returncode == 1
+    assert out.read_bytes() == b"the previous export"
+    assert os.listdir(tmp_path) == ["x.pcapng"]
+
+
+def test_a_table_export_that_runs_out_of_space_leaves_no_table(tmp_path: Path) -> None:
+    done = run("export", CAPTURE, "-o", str(tmp_path / "t"), "--format", "csv", capped=True)
+    assert done.returncode == 1
+    assert done.stderr == f"Error: cannot write the output: {TOO_LARGE}\n"
+    assert os.listdir(tmp_path / "t") == []
+
+
+def test_a_timeline_page_that_does_not_fit_leaves_no_page(tmp_path: Path) -> None:
+    page = tmp_path / "t.html"
+    done = run("timeline", CAPTURE, "--conn", "0", "--html", str(page), capped=True)
+    assert done.returncode == 1
+    assert done.stderr == f"Error: {page}: cannot write: {TOO_LARGE}\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_export_into_a_fifo_writes_through_it_and_leaves_it_a_fifo(tmp_path: Path) -> None:
+    # A device or FIFO named with --force is written in place: replacing it with a regular
+    # file would break whoever reads it (and as root, replace /dev/null).
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    done = run("export", CAPTURE, "-o", str(fifo), "--force", "--format", "pcapng")
+    reader.join(timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert got[0][:4] == bytes.fromhex("0a0d0d0a")  # a pcapng section header block
+    assert os.listdir(tmp_path) == ["pipe"]
