@@ -29,7 +29,9 @@ The tracker's results and the names most callers want are re-exported here
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -514,13 +516,15 @@ class ConnTracker:
         done &= t.cid[: t.size].max(axis=1) <= 0xFFFFFFFF
         if int(np.count_nonzero(done)) < at_least:
             return
-        cols = {k: c[done] for k, c in t.columns().items()}
+        rows = np.flatnonzero(done)
+        cols = {k: c.take(rows, axis=0) for k, c in t.columns().items()}
         typ, lo, hi = _table_keys(cols)
+        # their keys leave the dictionary, unless a newer stream holds the key
         current = self._current
-        for k, sid in zip(zip(typ.tolist(), lo.tolist(), hi.tolist(), strict=True),
-                          cols["stream"].tolist(), strict=True):
-            if current.get(k) == sid:
-                del current[k]
+        keys = list(zip(typ.tolist(), lo.tolist(), hi.tolist(), strict=True))
+        held = np.fromiter(map(current.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        deque(map(current.__delitem__, compress(keys, (held == cols["stream"]).tolist())),
+              maxlen=0)
         ev = self._sorted_events()
         out = np.isin(ev["sid"], cols["stream"])
         self._spill.add(cols, {k: c[out] for k, c in ev.items()}, key_hash(typ, lo, hi))
