@@ -624,12 +624,12 @@ class ConnTracker:
         # spilled streams first: they are mostly older, so the parts are often in order
         parts = [*self._spill.ranges(lo, hi),
                  ({k: c[a:b] for k, c in cols.items()}, {k: c[ea:eb] for k, c in ev.items()})]
-        if len(parts) > 1:
-            cols = {k: np.concatenate([p[0][k] for p in parts]) for k in cols}
+        if len(parts) > 1:  # a column at a time, each part's freed once joined
+            cols = {k: np.concatenate([p[0].pop(k) for p in parts]) for k in list(cols)}
             if (np.diff(cols["stream"]) < 0).any():
                 order = np.argsort(cols["stream"], kind="stable")
                 cols = {k: c[order] for k, c in cols.items()}
-            ev = {k: np.concatenate([p[1][k] for p in parts]) for k in ev}
+            ev = {k: np.concatenate([p[1].pop(k) for p in parts]) for k in list(ev)}
             if not _ascending(ev):
                 order = np.lexsort((ev["frame"], ev["sid"]))
                 ev = {k: c[order] for k, c in ev.items()}
