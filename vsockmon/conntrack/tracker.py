@@ -512,10 +512,10 @@ class ConnTracker:
         the packed one the spill indexes)."""
         t = self._t
         closed = t.closed[: t.size]
-        done = ((closed & 4) != 0) | ((closed & 3) == 3)
-        done &= t.cid[: t.size].max(axis=1) <= 0xFFFFFFFF
+        done = (closed >= 4) | (closed == 3)  # bit 2, or bits 0 and 1
         if int(np.count_nonzero(done)) < at_least:
             return
+        done &= t.cid[: t.size].max(axis=1) <= 0xFFFFFFFF
         rows = np.flatnonzero(done)
         cols = {k: c.take(rows, axis=0) for k, c in t.columns().items()}
         typ, lo, hi = _table_keys(cols)
@@ -565,8 +565,11 @@ class ConnTracker:
         kept so (one sorted copy, not two)."""
         if not self._events:
             return {k: np.zeros(0, dtype=np.int64) for k in _EV_NAMES}
-        ev = {k: np.concatenate(c) for k, c in zip(_EV_NAMES, zip(*self._events, strict=True),
-                                                    strict=True)}
+        if len(self._events) == 1:  # already one set (sorted when it was made here)
+            ev = dict(zip(_EV_NAMES, self._events[0], strict=True))
+        else:
+            ev = {k: np.concatenate(c) for k, c in zip(
+                _EV_NAMES, zip(*self._events, strict=True), strict=True)}
         if len(self._events) > 1 or not _ascending(ev):
             order = np.lexsort((ev["frame"], ev["sid"]))
             ev = {k: c[order] for k, c in ev.items()}
