@@ -164,6 +164,7 @@ def test_packed_columns_give_back_their_values(values: list[int], width: int) ->
     (["--close", "refused", "-n", "4"], [2, 3, 4, 5]),
     (["--port", "40003", "--port", "1025"], [0, 5]),
     (["--sort=-stream", "-n", "2"], [41, 40]),
+    (["--close", "graceful"], []),
 ])
 def test_conns_and_stats_print_the_same_from_a_spill_read_in_pieces(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], streams: list[int]
@@ -177,8 +178,8 @@ def test_conns_and_stats_print_the_same_from_a_spill_read_in_pieces(
         assert result.exit_code == 0, result.output
         return result.stdout
 
-    commands = (["conns", "--json", *args], ["conns", "--csv", *args], ["stats", "--json"],
-                ["stats"])
+    commands = (["conns", "--json", *args], ["conns", "--csv", *args], ["conns", *args],
+                ["stats", "--json"], ["stats"])
     want = [out(*c) for c in commands]
     monkeypatch.setattr(pipeline, "SPILL_AT", 1)
     monkeypatch.setattr(tracker_mod, "CHUNK", 3)

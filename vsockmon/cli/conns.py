@@ -164,7 +164,7 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         from tabulate import tabulate
 
         table = analysis.table
-        rows = np.concatenate([r for _, r in picked])
+        rows = np.concatenate([np.zeros(0, dtype=np.int64), *(r for _, r in picked)])
         click.echo(tabulate(table_rows(analysis, rows, diagnosis), headers=TABLE_HEADERS,
                             disable_numparse=True))
         click.echo(f"{len(rows)} of {len(table)} connections; {analysis.frames} frames"
