@@ -106,6 +106,11 @@ def test_option_parsing() -> None:
         Op.RW, Op.CREDIT_UPDATE, Op.RST, Op.RST)
     assert bpf.parse_enum(["seqpacket"], SockType) == (SockType.SEQPACKET,)
     assert bpf.parse_ints(["3,0x10", "7"], "cid") == (3, 16, 7)
+    # The reserved CIDs by the names decode prints (include/uapi/linux/vm_sockets.h:
+    # VMADDR_CID_HYPERVISOR 0, VMADDR_CID_LOCAL 1, VMADDR_CID_HOST 2).
+    assert bpf.parse_cids(["host,local", "hypervisor", "0x10"]) == (2, 1, 0, 16)
+    with pytest.raises(BpfFilterError, match="bad cid: 'guest' is not a CID"):
+        bpf.parse_cids(["guest"])
     with pytest.raises(BpfFilterError, match="unknown op 'bogus'"):
         bpf.parse_enum(["bogus"], Op)
     with pytest.raises(BpfFilterError, match="bad port 'x'"):

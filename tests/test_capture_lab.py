@@ -57,7 +57,7 @@ $V echo server --port 9999 2> s1.server.err & SRV=$!
 $V capture -w t.pcap 2> s1.cap.err & CAP=$!
 wait_for s1.server.err listening; wait_for s1.cap.err listening
 link_state > s1.link_during
-$V echo client --cid 1 --port 9999 --count 50 --size 100 --json > s1.client.json
+$V echo client --cid local --port 9999 --count 50 --size 100 --json > s1.client.json  # CID 1 by name
 echo $? > s1.client.rc
 $V echo client --cid 1 --port 7777 --count 1 2> s1.refused.err; echo $? > s1.refused.rc
 sleep 0.3
@@ -67,7 +67,7 @@ echo "s1 $(now)" >> timing
 
 # s2: SEQPACKET, pcapng, port filter, SIGTERM
 $V echo server --port 9998 --type seqpacket 2> s2.server.err & SRV2=$!
-$V capture -w seq.pcapng --port 9998 2> s2.cap.err & CAP=$!
+$V capture -w seq.pcapng --port 9998 --cid local 2> s2.cap.err & CAP=$!  # loopback: CID 1
 wait_for s2.server.err listening; wait_for s2.cap.err listening
 $V echo client --cid 1 --port 9998 --type seqpacket --count 10 --size 5000 --json > s2.client.json
 $V echo client --cid 1 --port 9998 --type seqpacket --count 5 --size 100 --eor --json > s2.eor.json

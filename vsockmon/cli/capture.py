@@ -35,7 +35,7 @@ def _filter(cid: tuple[str, ...], port: tuple[str, ...], types: tuple[str, ...],
             ops: tuple[str, ...], snaplen: int) -> bpf.FrameFilter:
     try:
         flt = bpf.FrameFilter(
-            cids=bpf.parse_ints(cid, "cid"), ports=bpf.parse_ints(port, "port"),
+            cids=bpf.parse_cids(cid), ports=bpf.parse_ints(port, "port"),
             types=bpf.parse_enum(types, SockType), ops=bpf.parse_enum(ops, Op),
             snaplen=snaplen or bpf.DEFAULT_SNAPLEN)
         flt.bytecode()  # compiles now: a filter too long fails before the link is touched
@@ -87,7 +87,8 @@ def _parse_umask(_ctx: click.Context, _param: click.Parameter, value: str | None
 @click.option("-s", "--snaplen", type=click.IntRange(min=0), default=0,
               help="Keep at most this many bytes of each frame (0: all).")
 @click.option("--cid", multiple=True, metavar="CID",
-              help="Only frames from or to this CID (repeat or comma-separate for any of).")
+              help="Only frames from or to this CID: a number or host, local, hypervisor "
+                   "(repeat or comma-separate for any of).")
 @click.option("--port", multiple=True, metavar="PORT", help="Only frames from or to this port.")
 @click.option("--type", "types", multiple=True, metavar="TYPE",
               help="Only this socket type: stream, seqpacket.")

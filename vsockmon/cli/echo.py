@@ -20,7 +20,7 @@ from vsockmon.live.echo import (
     format_report,
     run_client,
 )
-from vsockmon.wire.protocol import VMADDR_CID_ANY
+from vsockmon.wire.protocol import VMADDR_CID_ANY, parse_cid
 
 _TYPE = click.Choice(sorted(TYPES), case_sensitive=False)
 
@@ -40,14 +40,29 @@ def echo() -> None:
     """
 
 
+class _Cid(click.ParamType):
+    """A CID as everywhere else in vsockmon: a number or a reserved CID's name."""
+
+    name = "cid"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_cid(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
 @echo.command()
 @click.option("--port", type=click.IntRange(0, 0xFFFFFFFE), default=9999, show_default=True)
-@click.option("--cid", type=click.IntRange(0, 0xFFFFFFFF), default=VMADDR_CID_ANY,
-              help="Local CID to bind (default: any).")
+@click.option("--cid", type=_Cid(), default=VMADDR_CID_ANY,
+              help="Local CID to bind: a number, or local, host (default: any).")
 @click.option("--type", "kind", type=_TYPE, default="stream", show_default=True)
 @click.option("--buffer-size", type=click.IntRange(min=1), metavar="BYTES",
               help="Receive buffer of each connection (SO_VM_SOCKETS_BUFFER_SIZE): the "
@@ -111,8 +126,8 @@ def _log(line: str) -> None:
 
 
 @echo.command()
-@click.option("--cid", type=click.IntRange(0, 0xFFFFFFFF), required=True,
-              help="Peer CID: 1 loopback, 2 host, 3+ guests.")
+@click.option("--cid", type=_Cid(), required=True,
+              help="Peer CID: 1 or local (loopback), 2 or host, 3+ guests.")
 @click.option("--port", type=click.IntRange(0, 0xFFFFFFFE), default=9999, show_default=True)
 @click.option("--type", "kind", type=_TYPE, default="stream", show_default=True)
 @click.option("--count", type=click.IntRange(min=1),

@@ -26,6 +26,7 @@ from vsockmon.wire.protocol import (
     Field,
     Op,
     SockType,
+    parse_cid,
 )
 
 # Opcodes (linux/filter.h): class | size | mode.
@@ -212,6 +213,18 @@ def parse_enum(values: Iterable[str], enum: type[Op] | type[SockType]) -> tuple:
         else:
             names = ", ".join(m.name.lower() for m in enum)
             raise BpfFilterError(f"unknown {enum.__name__.lower()} {v!r} (one of: {names})")
+    return tuple(out)
+
+
+def parse_cids(values: Iterable[str]) -> tuple[int, ...]:
+    """CIDs from repeated or comma-separated option values: numbers or the reserved CIDs'
+    names (``host``, ``local``…), as decode's filters and output write them."""
+    out = []
+    for v in parse_values(values):
+        try:
+            out.append(parse_cid(v))
+        except ValueError as e:
+            raise BpfFilterError(f"bad cid: {e}") from None
     return tuple(out)
 
 
