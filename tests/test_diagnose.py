@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import tshark_rows
 from conntrack_scenarios import MS, Conv, write
-from tshark_rows import REQUEST, RESPONSE, RST, SHUTDOWN, SHUTDOWN_SEND, STREAM
+from tshark_rows import (
+    CREDIT_UPDATE,
+    REQUEST,
+    RESPONSE,
+    RST,
+    RW,
+    SHUTDOWN,
+    SHUTDOWN_SEND,
+    STREAM,
+)
 
 import vsockmon
 from vsockmon.analysis.pipeline import analyse
@@ -49,6 +58,13 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
     "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
     "diagnose/cid-mismatch-vhost.pcap": [("cid-mismatch/not-host", 3, (25,))],
+    # three connections lab VM -> guest echo (streams 0-2, six frames each: REQUEST,
+    # RESPONSE, RW, credit update, echo, credit update = frames 1-18), then savevm + loadvm of
+    # the guest; the lab VM writes on stream 0 (19), the guest's socket-less RSTs for streams
+    # 2 and 0 (20, 21), a write on stream 1 (23) and its RST (24); stream 3 is a new healthy
+    # echo. Both kernels did exactly this.
+    "diagnose/transport-reset-6.1.pcap": [("transport-reset", 2, (20, 21, 24))],
+    "diagnose/transport-reset-6.12.pcap": [("transport-reset", 2, (20, 21, 24))],
     # synthetic (fixtures/diagnose/generate.py)
     "diagnose/no-transport.pcap": [("no-transport/no-transport", 0, (1,)),
                                    ("mid-capture/end", 1, (2,))],
@@ -61,6 +77,10 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/small-packet-reset.pcap": [("small-packet-reset", 0, (83,))],
     "diagnose/state-lost.pcap": [("state-lost", 1, (6, 7))],
     "diagnose/abrupt-close-reset.pcap": [("abrupt-close/reset", 0, (8,))],
+    # generate.py stale_rst: the old connection is frames 1-10 (REQUEST, RESPONSE, RW, credit
+    # update, RW, credit update, then the close: SHUTDOWN, credit update, SHUTDOWN, RST); the
+    # new one on the same ports is REQUEST 11, RESPONSE 12 and the late RST 13
+    "diagnose/stale-rst.pcap": [("stale-rst", 1, (10, 12, 13))],
     # other owners' fixtures that hold a deliberate fault
     "synthetic/stream-all-ops.pcap": [("no-listener", 1, (23, 24))],
     "synthetic/stream-all-ops.pcap.gz": [("no-listener", 1, (23, 24))],
@@ -149,7 +169,7 @@ def test_tiny_batches_change_nothing(name: str) -> None:
 
 
 DERIVED = ("no-listener", "seqpacket-refused", "dial-retry", "half-close-hang", "tap-length",
-           "mid-capture/start")
+           "mid-capture/start", "stale-rst", "transport-reset")
 """The findings :func:`by_tshark` reasons out on its own from Wireshark's fields."""
 
 
@@ -185,7 +205,55 @@ def by_tshark(path: Path) -> list[tuple[str, int, tuple[int, ...]]]:
     tap = [(i, r.frame) for i, c in enumerate(conns) for r in c if r.captured != r.len]
     if tap:
         out.append(("tap-length", tap[0][0], tuple(f for _, f in tap)))
-    return sorted(out)
+    return sorted(out + _resets_by_tshark(conns))
+
+
+Rows = list[tshark_rows.Row]
+
+
+def _reset_after_response(c: Rows) -> tuple[tshark_rows.Row, tshark_rows.Row] | None:
+    """(RESPONSE, first RST) of an established connection its RST ended without both ends
+    having shut down before it."""
+    response = next((r for r in c if r.op == RESPONSE), None)
+    rst = next((r for r in c if r.op == RST), None)
+    if c[0].op != REQUEST or response is None or rst is None:
+        return None
+    shut = {r.src for r in c if r.op == SHUTDOWN and r.frame < rst.frame}
+    return None if len(shut) == 2 else (response, rst)
+
+
+def _resets_by_tshark(conns: list[Rows]) -> list[tuple[str, int, tuple[int, ...]]]:
+    """stale-rst: an RST whose fwd_cnt counts more bytes than its peer sent on the connection,
+    the pair having carried an earlier one; transport-reset: two or more established
+    connections reset within 1 s by one CID with RSTs of buf_alloc 0."""
+    out: list[tuple[str, int, tuple[int, ...]]] = []
+    last: dict[tuple[int, frozenset[tuple[int, int]]], Rows] = {}
+    forgotten: dict[int, list[tuple[tshark_rows.Row, int, int]]] = {}
+    for i, c in enumerate(conns):
+        key = (c[0].type, frozenset((c[0].src, c[0].dst)))
+        old, last[key] = last.get(key), c
+        ended = _reset_after_response(c)
+        if ended is None:
+            continue
+        response, rst = ended
+        peer_sent = sum(r.len for r in c if r.op == RW and r.src == rst.dst)
+        if old is not None and rst.fwd_cnt > peer_sent:
+            out.append(("stale-rst", i, (old[-1].frame, response.frame, rst.frame)))
+        elif rst.buf_alloc == 0:
+            heard = max(r.frame for r in c if r.src == rst.src and r.frame < rst.frame
+                        and r.op != CREDIT_UPDATE)
+            forgotten.setdefault(rst.src[0], []).append((rst, i, heard))
+    for resets in forgotten.values():
+        resets.sort(key=lambda rih: rih[0].frame)
+        runs: list[list[tuple[tshark_rows.Row, int, int]]] = []
+        for rst, i, heard in resets:  # one run: nothing heard since before its first RST
+            if runs and heard < runs[-1][0][0].frame:
+                runs[-1].append((rst, i, heard))
+            else:
+                runs.append([(rst, i, heard)])
+        out += [("transport-reset", run[0][1], tuple(r.frame for r, _, _ in run))
+                for run in runs if len(run) >= 2]
+    return out
 
 
 @pytest.mark.tshark

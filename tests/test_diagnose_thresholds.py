@@ -585,3 +585,100 @@ def test_rst_delay_in_words(tmp_path: Path, delay_ns: int, text: str) -> None:
     c.send(1, Op.RST, buf=0, delay=delay_ns)
     (f,) = findings(tmp_path, out)
     assert f.message.endswith(f"was refused by an RST within {text}.")
+
+
+# -- transport-reset: one CID forgets two or more connections at once ------------------------
+
+
+def forgotten(count: int, heard_between: bool = False, buf: int = 0) -> list[tuple[int, bytes]]:
+    """``count`` connections 2:5000x → 3:1234, each open with one echoed RW (frames 4k+1 to
+    4k+4); then, in turn, the client's RW and the guest's RST (buf_alloc ``buf``, fwd_cnt 0).
+    ``heard_between``: the guest sends an RW on the second connection (and gets a credit
+    update) after the first RST, so it still knew that one then."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(2, 50000 + i), server=(3, 1234)) for i in range(count)]
+    for c in convs:
+        c.open()
+        c.data(0, b"ping")
+    for i, c in enumerate(convs):
+        if heard_between and i == 1:
+            c.data(1, b"still here")
+        c.send(0, Op.RW, b"after the restore")
+        c.send(1, Op.RST, buf=buf, fwd=0)
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_transport_reset_needs_two_forgotten_connections(tmp_path: Path, count: int) -> None:
+    found = findings(tmp_path, forgotten(count))
+    rsts = tuple(4 * count + 2 * i + 2 for i in range(count))  # after each client RW
+    if count < 2:
+        assert of(found, "transport-reset") == []
+        assert [(f.rule_id, f.frames) for f in of(found, "abrupt-close")] == [
+            ("abrupt-close/reset", rsts)]
+        return
+    (f,) = of(found, "transport-reset")
+    assert (f.stream, f.streams, f.frames) == (0, tuple(range(count)), rsts)
+    assert (f.evidence["cid"], f.evidence["connections"]) == (3, count)
+    # the guest's last RW or control packet: the last connection's RESPONSE (credit updates
+    # aside, and it sent no RW)
+    assert f.evidence["last_heard_frame"] == 4 * count - 2
+    assert of(found, "abrupt-close") == []  # explained
+
+
+def test_transport_reset_count_is_an_option(tmp_path: Path) -> None:
+    found = findings(tmp_path, forgotten(2), Thresholds(transport_reset_count=3))
+    assert of(found, "transport-reset") == []
+
+
+def test_a_connection_heard_after_the_first_reset_was_not_lost_with_it(tmp_path: Path) -> None:
+    """The guest spoke on the second connection (frame 11) after its RST on the first
+    (frame 10): two separate losses, one connection each — no transport reset."""
+    found = findings(tmp_path, forgotten(2, heard_between=True))
+    assert of(found, "transport-reset") == []
+    assert [f.frames for f in of(found, "abrupt-close")] == [(10,), (14,)]
+
+
+def test_resets_that_carry_a_buffer_are_not_a_forgotten_transport(tmp_path: Path) -> None:
+    """An RST with buf_alloc set comes from a socket that still exists (an application's
+    reset), not from a kernel that lost the connection."""
+    assert of(findings(tmp_path, forgotten(3, buf=262144)), "transport-reset") == []
+
+
+# -- stale-rst: an RST whose fwd_cnt counts bytes the new connection never carried -------------
+
+
+@pytest.mark.parametrize(("fwd", "reported"), [(10, False), (11, True)])
+def test_stale_rst_acknowledges_more_than_was_sent(tmp_path: Path, fwd: int,
+                                                   reported: bool) -> None:
+    """Stream 0: 3:50070 → 2:1024, 15 bytes consumed, a Linux close (frames 1-7); stream 1
+    on the same ports: REQUEST 8, RESPONSE 9, 10 bytes from the client (frame 10), then the
+    server's RST (frame 11) with fwd_cnt ``fwd``: 11 counts a byte stream 1 never carried."""
+    out: list[tuple[int, bytes]] = []
+    old = Conv(out, client=(3, 50070), server=(2, 1024))
+    old.open()
+    old.data(0, bytes(15))
+    old.close()
+    new = Conv(out, client=(3, 50070), server=(2, 1024))
+    new.open()
+    new.send(0, Op.RW, bytes(10))
+    new.send(1, Op.RST, fwd=fwd)
+    found = findings(tmp_path, out)
+    stale = of(found, "stale-rst")
+    if not reported:
+        assert stale == []
+        assert [(f.rule_id, f.stream) for f in of(found, "abrupt-close")] == [
+            ("abrupt-close/reset", 1)]
+        return
+    (f,) = stale
+    assert (f.stream, f.streams, f.frames) == (1, (1, 0), (7, 9, 11))
+    assert (f.evidence["rst_fwd_cnt"], f.evidence["peer_sent"]) == (11, 10)
+    assert of(found, "abrupt-close") == []
+
+
+def test_stale_rst_needs_an_earlier_connection_on_the_pair(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50070), server=(2, 1024))
+    c.open()
+    c.send(1, Op.RST, fwd=15)
+    assert of(findings(tmp_path, out), "stale-rst") == []

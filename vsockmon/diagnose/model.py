@@ -64,6 +64,10 @@ class Thresholds:
     small_rw_count: int = _limit(
         64, "packets", "this many small writes before a reset make the small-packet-reset "
         "pattern")
+    transport_reset_count: int = _limit(
+        2, "connections", "established connections one CID resets having forgotten them all "
+        "at once (RSTs with buf_alloc 0, nothing from it since before the first) that make "
+        "a transport reset")
     retry_count: int = _limit(
         3, "attempts", "attempts to one CID:port, all but the last failed, that make a retry "
         "loop")

@@ -3,10 +3,11 @@
 Where to look: setting a connection up (``connect``: no-listener, seqpacket-refused,
 no-transport, dial-retry, state-lost), addresses (``addressing``: cid-mismatch), flow control
 (``flow``: window-full, credit-violation, small-packet-reset), closing (``close``:
-half-close-hang, abrupt-close), the capture itself (``capture``: tap-length, mid-capture).
+half-close-hang, abrupt-close), resets that belong elsewhere (``reset``: stale-rst,
+transport-reset), the capture itself (``capture``: tap-length, mid-capture).
 Each rule is a function registered with :func:`vsockmon.diagnose.registry.rule`.
 """
 
-from vsockmon.diagnose.rules import addressing, capture, close, connect, flow
+from vsockmon.diagnose.rules import addressing, capture, close, connect, flow, reset
 
-__all__ = ["addressing", "capture", "close", "connect", "flow"]
+__all__ = ["addressing", "capture", "close", "connect", "flow", "reset"]

@@ -57,12 +57,13 @@ def _unconsumed(c: Connection, d: int) -> int | None:
 
 
 @rule("abrupt-close", Severity.WARNING, "reset without shutdown, or with data unread",
-      kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset"))
+      kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset",
+                                        "stale-rst", "transport-reset"))
 def abrupt_close(ctx: Context) -> None:
     """Resets without a shutdown, and closes that discarded unread data."""
     for c in ctx.conns:
         ended = (Close.GRACEFUL, Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
-        if c.stream in ctx.small_writes_reset or c.close not in ended:
+        if c.stream in ctx.reset_explained or c.close not in ended:
             continue
         if c.stream in ctx.unestablished or (c.start_seen and c.response_frame is None):
             continue  # a connect that failed is not a close

@@ -162,7 +162,7 @@ def small_packet_reset(ctx: Context) -> None:
         if small < ctx.t.small_rw_count or rst.limit[d] < 0 or credit <= 0:
             continue
         sender, receiver = c.sides[d], c.sides[rst.sender]
-        ctx.small_writes_reset.add(c.stream)
+        ctx.reset_explained.add(c.stream)
         ctx.add(c, [rst.frame],
                 f"{receiver.addr} reset the connection (frame {rst.frame}) after {small} RW "
                 f"packets under {ctx.t.small_rw_bytes} bytes from {sender.addr}, while the "
