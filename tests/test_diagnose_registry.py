@@ -11,7 +11,7 @@ from vsockmon.diagnose.registry import Context, in_order, rule
 
 
 def test_every_rule_is_registered_once_with_its_check() -> None:
-    assert len(RULES) == 14
+    assert len(RULES) == 19
     for rule_id, r in RULES.items():
         assert r.id == rule_id and isinstance(r.severity, Severity) and r.title
         assert callable(r.check) and r.check.__name__ == rule_id.replace("-", "_")
@@ -26,6 +26,9 @@ def test_rules_run_after_the_rules_whose_conclusions_they_read() -> None:
     # an overflowing accept queue explains refusals before they are called no-listener
     assert order.index("accept-queue-full") < min(order.index(d) for d in (
         "no-listener", "seqpacket-refused", "dial-retry"))
+    # resets that another rule explains are not also called abrupt closes
+    assert order.index("abrupt-close") > max(order.index(d) for d in (
+        "small-packet-reset", "stale-rst", "transport-reset"))
     # mid-capture reads what five others explain, so it runs after all of them
     assert order.index("mid-capture") > max(order.index(d) for d in (
         "cid-mismatch", "state-lost", "no-transport", "window-full", "half-close-hang"))

@@ -79,8 +79,38 @@ def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_pat
     c.fwd[0] += 2
     c.close()
     (f,) = findings(tmp_path, out)
-    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("window-full/no-credit-update",
-                                                              (3, 4), "RW")
+    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("fwd-cnt-stuck", (3, 4), "RW")
+    assert f.evidence["seconds"] == 2.0
+
+
+@pytest.mark.parametrize(("consumed", "rule_id"), [
+    (262144 - 65536, "window-full/not-reading"),  # 64 KiB left free: Linux stays quiet
+    (262144 - 65536 + 1, "fwd-cnt-stuck"),        # under 64 KiB free: Linux would announce
+])
+def test_linux_keeps_quiet_until_less_than_64_kib_is_free(tmp_path: Path, consumed: int,
+                                                          rule_id: str) -> None:
+    """Four 64 KiB RWs (frames 3-6) fill the default 256 KiB buffer; 2 s later the server's
+    RW (frame 7) shows ``consumed`` bytes read; it reads the rest (frame 8), closes. After a
+    read Linux sends CREDIT_UPDATE only once less than 64 KiB of its buffer is free as last
+    announced: at 192 KiB consumed (64 KiB free) its silence is normal and the application
+    simply stopped reading; one byte more and a Linux receiver would have announced it."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(4):
+        c.send(0, Op.RW, bytes(65536))
+    c.fwd[1] += consumed
+    c.send(1, Op.RW, b"ok", delay=2 * S)
+    c.fwd[0] += 2
+    c.fwd[1] = 4 * 65536  # then it reads the rest and says so (frame 8)
+    c.send(1, Op.CREDIT_UPDATE)
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames) == (rule_id, (6, 7))
+    if rule_id == "fwd-cnt-stuck":
+        assert f.evidence["ended_by"] == "RW"
+    else:
+        assert f"showed {consumed} bytes consumed: too few for Linux" in f.message
 
 
 def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
@@ -244,6 +274,81 @@ def test_a_half_close_hangs_after_one_second_of_silence(tmp_path: Path, silence_
     assert "for the last 1.0 s of the capture" in f.message
 
 
+# -- half-close-stall: a one-sided SHUTDOWN(SEND), then only a close 1 s later (half_close_stall_s)
+
+
+def late_close(wait_ns: int, closer: int, answer: bool = False, read_ns: int = 1000
+               ) -> list[tuple[int, bytes]]:
+    """Frames 1-4: open, the client's 8-byte message (frame 3), its SHUTDOWN(SEND) (frame 4);
+    frame 5, ``read_ns`` later, the server's CREDIT_UPDATE says it read the 8 bytes: it has
+    reached the end of file. ``answer``: the server replies with data at once (frame 6).
+    Then, ``wait_ns`` later, ``closer`` shuts down both directions and the other end resets."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"READY=1\n")
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += 8
+    c.send(1, Op.CREDIT_UPDATE, delay=read_ns)
+    if answer:
+        c.send(1, Op.RW, b"ok")
+        c.fwd[0] += 2
+    c.send(closer, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=wait_ns)
+    c.send(1 - closer, Op.RST)
+    return out
+
+
+@pytest.mark.parametrize("closer", [0, 1])
+@pytest.mark.parametrize(("wait_ns", "reported"), [(S - 1, False), (S, True), (2 * S, True)])
+def test_a_half_close_answered_only_by_a_late_close_stalls(tmp_path: Path, closer: int,
+                                                           wait_ns: int, reported: bool) -> None:
+    """The server closes ``wait_ns`` after it read the client's end of file (frame 6), or the
+    client gives up and closes then: a stall from 1 s on, whoever ended it."""
+    found = of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-stall")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.stream, f.frames) == (0, (4, 6))
+    assert f.evidence == {"stall_s": wait_ns / S, "shutdown_frame": 4, "end_frame": 6,
+                          "closed_by": ("client", "server")[closer]}
+    assert ("gave up" in f.message) == (closer == 0)
+    assert of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-hang") == []
+
+
+def test_the_half_close_stall_threshold_is_an_option(tmp_path: Path) -> None:
+    out = late_close(2 * S, 1)
+    assert of(findings(tmp_path, out, Thresholds(half_close_stall_s=2.5)), "half-close-stall"
+              ) == []
+    assert len(of(findings(tmp_path, out, Thresholds(half_close_stall_s=2)),
+                  "half-close-stall")) == 1
+
+
+def test_a_half_close_answered_with_data_is_not_a_stall(tmp_path: Path) -> None:
+    """The server answers at once (frame 6), then closes 2 s later: the client had its answer;
+    whatever it waited for afterwards, the peer did reply."""
+    assert findings(tmp_path, late_close(2 * S, 1, answer=True)) == []
+
+
+def test_a_peer_still_reading_is_not_sitting_on_the_end_of_file(tmp_path: Path) -> None:
+    """The server reads the 8 bytes only 2 s after the half-close (frame 5) and closes at once
+    (frame 6): it was busy before reaching the end of file, not keeping it open after."""
+    assert findings(tmp_path, late_close(1000, 1, read_ns=2 * S)) == []
+
+
+def test_a_full_close_is_not_a_half_close(tmp_path: Path) -> None:
+    """The client closes both directions (SHUTDOWN 3) and the server's RST comes 2 s later:
+    the client is not waiting for anything."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"READY=1\n")
+    c.fwd[1] += 8
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV)
+    c.send(1, Op.RST, delay=2 * S)
+    assert of(findings(tmp_path, out), "half-close-stall") == []
+
+
 # -- small-packet-reset: 64 writes under 1024 bytes, then a reset with credit left -------------
 
 
@@ -352,7 +457,7 @@ def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int
         assert found == []
         return
     (f,) = found
-    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4, 5))
     assert (f.evidence["credit_request_frame"], f.evidence["unanswered_s"]) == (4, 1.0)
 
 
@@ -527,8 +632,9 @@ def test_credit_request_never_answered_waits_until_the_capture_ends(tmp_path: Pa
     c.send(0, Op.RW, bytes(4096))
     c.send(0, Op.CREDIT_REQUEST)
     Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=1_234_560_000)
-    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "window-full")
-    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4))
+    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "credit-request-unanswered")
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4))
+    assert of(findings(tmp_path, out), "window-full") == []  # one stall, one cause
     assert f.evidence["unanswered_s"] == 1.235
 
 
@@ -817,3 +923,100 @@ def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path
     (f,) = of(findings(tmp_path, out), "small-packet-reset")
     assert (f.stream, f.frames) == (1, (69,))
     assert f.evidence == {"small_writes": 64, "credit_left": 262144 - 64, "buf_alloc": 262144}
+
+
+# -- transport-reset: one CID forgets two or more connections at once ------------------------
+
+
+def forgotten(count: int, heard_between: bool = False, buf: int = 0) -> list[tuple[int, bytes]]:
+    """``count`` connections 2:5000x → 3:1234, each open with one echoed RW (frames 4k+1 to
+    4k+4); then, in turn, the client's RW and the guest's RST (buf_alloc ``buf``, fwd_cnt 0).
+    ``heard_between``: the guest sends an RW on the second connection (and gets a credit
+    update) after the first RST, so it still knew that one then."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(2, 50000 + i), server=(3, 1234)) for i in range(count)]
+    for c in convs:
+        c.open()
+        c.data(0, b"ping")
+    for i, c in enumerate(convs):
+        if heard_between and i == 1:
+            c.data(1, b"still here")
+        c.send(0, Op.RW, b"after the restore")
+        c.send(1, Op.RST, buf=buf, fwd=0)
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_transport_reset_needs_two_forgotten_connections(tmp_path: Path, count: int) -> None:
+    found = findings(tmp_path, forgotten(count))
+    rsts = tuple(4 * count + 2 * i + 2 for i in range(count))  # after each client RW
+    if count < 2:
+        assert of(found, "transport-reset") == []
+        assert [(f.rule_id, f.frames) for f in of(found, "abrupt-close")] == [
+            ("abrupt-close/reset", rsts)]
+        return
+    (f,) = of(found, "transport-reset")
+    assert (f.stream, f.streams, f.frames) == (0, tuple(range(count)), rsts)
+    assert (f.evidence["cid"], f.evidence["connections"]) == (3, count)
+    # the guest's last RW or control packet: the last connection's RESPONSE (credit updates
+    # aside, and it sent no RW)
+    assert f.evidence["last_heard_frame"] == 4 * count - 2
+    assert of(found, "abrupt-close") == []  # explained
+
+
+def test_transport_reset_count_is_an_option(tmp_path: Path) -> None:
+    found = findings(tmp_path, forgotten(2), Thresholds(transport_reset_count=3))
+    assert of(found, "transport-reset") == []
+
+
+def test_a_connection_heard_after_the_first_reset_was_not_lost_with_it(tmp_path: Path) -> None:
+    """The guest spoke on the second connection (frame 11) after its RST on the first
+    (frame 10): two separate losses, one connection each — no transport reset."""
+    found = findings(tmp_path, forgotten(2, heard_between=True))
+    assert of(found, "transport-reset") == []
+    assert [f.frames for f in of(found, "abrupt-close")] == [(10,), (14,)]
+
+
+def test_resets_that_carry_a_buffer_are_not_a_forgotten_transport(tmp_path: Path) -> None:
+    """An RST with buf_alloc set comes from a socket that still exists (an application's
+    reset), not from a kernel that lost the connection."""
+    assert of(findings(tmp_path, forgotten(3, buf=262144)), "transport-reset") == []
+
+
+# -- stale-rst: an RST whose fwd_cnt counts bytes the new connection never carried -------------
+
+
+@pytest.mark.parametrize(("fwd", "reported"), [(10, False), (11, True)])
+def test_stale_rst_acknowledges_more_than_was_sent(tmp_path: Path, fwd: int,
+                                                   reported: bool) -> None:
+    """Stream 0: 3:50070 → 2:1024, 15 bytes consumed, a Linux close (frames 1-7); stream 1
+    on the same ports: REQUEST 8, RESPONSE 9, 10 bytes from the client (frame 10), then the
+    server's RST (frame 11) with fwd_cnt ``fwd``: 11 counts a byte stream 1 never carried."""
+    out: list[tuple[int, bytes]] = []
+    old = Conv(out, client=(3, 50070), server=(2, 1024))
+    old.open()
+    old.data(0, bytes(15))
+    old.close()
+    new = Conv(out, client=(3, 50070), server=(2, 1024))
+    new.open()
+    new.send(0, Op.RW, bytes(10))
+    new.send(1, Op.RST, fwd=fwd)
+    found = findings(tmp_path, out)
+    stale = of(found, "stale-rst")
+    if not reported:
+        assert stale == []
+        assert [(f.rule_id, f.stream) for f in of(found, "abrupt-close")] == [
+            ("abrupt-close/reset", 1)]
+        return
+    (f,) = stale
+    assert (f.stream, f.streams, f.frames) == (1, (1, 0), (7, 9, 11))
+    assert (f.evidence["rst_fwd_cnt"], f.evidence["peer_sent"]) == (11, 10)
+    assert of(found, "abrupt-close") == []
+
+
+def test_stale_rst_needs_an_earlier_connection_on_the_pair(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50070), server=(2, 1024))
+    c.open()
+    c.send(1, Op.RST, fwd=15)
+    assert of(findings(tmp_path, out), "stale-rst") == []
