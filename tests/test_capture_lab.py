@@ -57,7 +57,7 @@ $V echo server --port 9999 2> s1.server.err & SRV=$!
 $V capture -w t.pcap 2> s1.cap.err & CAP=$!
 wait_for s1.server.err listening; wait_for s1.cap.err listening
 link_state > s1.link_during
-$V echo client --cid local --port 9999 --count 50 --size 100 --json > s1.client.json  # CID 1 by name
+$V echo client --cid local --port 9999 --count 50 --size 100 --json > s1.client.json  # CID 1
 echo $? > s1.client.rc
 $V echo client --cid 1 --port 7777 --count 1 2> s1.refused.err; echo $? > s1.refused.rc
 sleep 0.3

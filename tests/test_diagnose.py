@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import tshark_rows
 from conntrack_scenarios import MS, Conv, write
-from tshark_rows import REQUEST, RESPONSE, RST, SHUTDOWN, SHUTDOWN_SEND, STREAM
+from tshark_rows import (
+    CREDIT_UPDATE,
+    REQUEST,
+    RESPONSE,
+    RST,
+    RW,
+    SHUTDOWN,
+    SHUTDOWN_SEND,
+    STREAM,
+)
 
 import vsockmon
 from vsockmon.analysis.pipeline import analyse
@@ -45,22 +54,46 @@ EXPECTED: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {
     "diagnose/abrupt-close.pcap": [("abrupt-close/unread", 0, (4, 5))],
     "diagnose/window-full.pcap": [("window-full/not-reading", 0, (6,))],
     "diagnose/window-full-deadlock.pcap": [("window-full/deadlock", 0, (8, 10))],
+    # 10 RWs of 8 KiB (frames 3-12) fill the 80 KiB buffer; the reader's reply (13) reopens it
+    "diagnose/window-full-partial-read.pcap.gz": [("window-full/not-reading", 0, (12, 13))],
     "diagnose/half-close-hang.pcap": [("half-close-hang", 0, (4, 5))],
+    # two sd_notify-style clients: REQUEST, RESPONSE, the 8-byte message, SHUTDOWN(SEND) make
+    # frames 1-4 of each; the receiver's CREDIT_UPDATE for the 8 bytes read is frame 5, then
+    # 2 s later its close (SHUTDOWN, frame 6) and the client's two RSTs (7, 8). The second
+    # connection repeats it from frame 9 (half-close at 12, CREDIT_UPDATE 13); its client
+    # gives up 1.5 s later (SHUTDOWN, frame 14) and the receiver resets (15).
+    "diagnose/half-close-stall.pcap": [("half-close-stall", 0, (4, 6)),
+                                       ("half-close-stall", 1, (12, 14))],
+    "diagnose/half-close-stall-6.12.pcap": [("half-close-stall", 0, (4, 6)),
+                                            ("half-close-stall", 1, (12, 14))],  # the same, 6.12
     "diagnose/mid-capture.pcap": [("mid-capture/start", 0, (1,)), ("mid-capture/end", 0, (8,))],
     "diagnose/tap-length.pcap": [("tap-length", 0, (3, 4))],
     "diagnose/cid-mismatch-vhost.pcap": [("cid-mismatch/not-host", 3, (25,))],
+    # three connections lab VM -> guest echo (streams 0-2, six frames each: REQUEST,
+    # RESPONSE, RW, credit update, echo, credit update = frames 1-18), then savevm + loadvm of
+    # the guest; the lab VM writes on stream 0 (19), the guest's socket-less RSTs for streams
+    # 2 and 0 (20, 21), a write on stream 1 (23) and its RST (24); stream 3 is a new healthy
+    # echo. Both kernels did exactly this.
+    "diagnose/transport-reset-6.1.pcap": [("transport-reset", 2, (20, 21, 24))],
+    "diagnose/transport-reset-6.12.pcap": [("transport-reset", 2, (20, 21, 24))],
     # synthetic (fixtures/diagnose/generate.py)
     "diagnose/no-transport.pcap": [("no-transport/no-transport", 0, (1,)),
                                    ("mid-capture/end", 1, (2,))],
     "diagnose/cid-mismatch.pcap": [("cid-mismatch/not-host", 1, (11, 12))],
     "diagnose/cid-mismatch-reply.pcap": [("cid-mismatch/reply-cid", 0, (1, 2))],
-    "diagnose/window-full-no-credit-update.pcap": [("window-full/no-credit-update", 0, (6, 7))],
-    "diagnose/window-full-credit-request.pcap": [
-        ("window-full/credit-request-unanswered", 0, (4, 5))],
+    # 4 RWs of 4096 (frames 3-6) fill the 16 KiB buffer; the receiver's RW 3 s later (7)
+    # carries the fwd_cnt it never announced
+    "diagnose/fwd-cnt-stuck.pcap": [("fwd-cnt-stuck", 0, (6, 7))],
+    # 2 RWs of 4096 (frames 3, 4) fill the 8 KiB buffer; the CREDIT_REQUEST (5) gets nothing
+    "diagnose/credit-request-unanswered.pcap": [("credit-request-unanswered", 0, (4, 5))],
     "diagnose/credit-violation.pcap": [("credit-violation", 0, (4, 5))],
     "diagnose/small-packet-reset.pcap": [("small-packet-reset", 0, (83,))],
     "diagnose/state-lost.pcap": [("state-lost", 1, (6, 7))],
     "diagnose/abrupt-close-reset.pcap": [("abrupt-close/reset", 0, (8,))],
+    # generate.py stale_rst: the old connection is frames 1-10 (REQUEST, RESPONSE, RW, credit
+    # update, RW, credit update, then the close: SHUTDOWN, credit update, SHUTDOWN, RST); the
+    # new one on the same ports is REQUEST 11, RESPONSE 12 and the late RST 13
+    "diagnose/stale-rst.pcap": [("stale-rst", 1, (10, 12, 13))],
     # other owners' fixtures that hold a deliberate fault
     "synthetic/stream-all-ops.pcap": [("no-listener", 1, (23, 24))],
     "synthetic/stream-all-ops.pcap.gz": [("no-listener", 1, (23, 24))],
@@ -148,8 +181,8 @@ def test_tiny_batches_change_nothing(name: str) -> None:
     assert [f.evidence for f in tiny.findings] == [f.evidence for f in whole.findings]
 
 
-DERIVED = ("no-listener", "seqpacket-refused", "dial-retry", "half-close-hang", "tap-length",
-           "mid-capture/start")
+DERIVED = ("no-listener", "seqpacket-refused", "dial-retry", "half-close-hang",
+           "half-close-stall", "tap-length", "mid-capture/start", "stale-rst", "transport-reset")
 """The findings :func:`by_tshark` reasons out on its own from Wireshark's fields."""
 
 
@@ -182,10 +215,71 @@ def by_tshark(path: Path) -> list[tuple[str, int, tuple[int, ...]]]:
         if (len(shuts) == 1 and shuts[0].flags == SHUTDOWN_SEND
                 and not any(r.op == RST for r in c) and silence >= 1.0):
             out.append(("half-close-hang", i, (shuts[0].frame, c[-1].frame)))
+        # a SEND-only SHUTDOWN first, no RW from the peer after it, and the next SHUTDOWN or
+        # RST of either end at least 1 s (half_close_stall_s) after the peer had read all the
+        # half-closed side sent (its fwd_cnt reached those bytes: the end of file)
+        ends = [r for r in c if r.op in (SHUTDOWN, RST)]
+        if len(ends) >= 2 and ends[0].op == SHUTDOWN and ends[0].flags == SHUTDOWN_SEND:
+            half, end = ends[:2]
+            answered = any(r.op == RW and r.src == half.dst and r.frame > half.frame for r in c)
+            sent = sum(r.len for r in c if r.op == RW and r.src == half.src)
+            read = next((r for r in c if r.src == half.dst and r.fwd_cnt >= sent), None)
+            eof_ns = None if read is None else max(read.ts_ns, half.ts_ns)
+            if (not answered and eof_ns is not None and eof_ns <= end.ts_ns
+                    and end.ts_ns - eof_ns >= 1_000_000_000):
+                out.append(("half-close-stall", i, (half.frame, end.frame)))
     tap = [(i, r.frame) for i, c in enumerate(conns) for r in c if r.captured != r.len]
     if tap:
         out.append(("tap-length", tap[0][0], tuple(f for _, f in tap)))
-    return sorted(out)
+    return sorted(out + _resets_by_tshark(conns))
+
+
+Rows = list[tshark_rows.Row]
+
+
+def _reset_after_response(c: Rows) -> tuple[tshark_rows.Row, tshark_rows.Row] | None:
+    """(RESPONSE, first RST) of an established connection its RST ended without both ends
+    having shut down before it."""
+    response = next((r for r in c if r.op == RESPONSE), None)
+    rst = next((r for r in c if r.op == RST), None)
+    if c[0].op != REQUEST or response is None or rst is None:
+        return None
+    shut = {r.src for r in c if r.op == SHUTDOWN and r.frame < rst.frame}
+    return None if len(shut) == 2 else (response, rst)
+
+
+def _resets_by_tshark(conns: list[Rows]) -> list[tuple[str, int, tuple[int, ...]]]:
+    """stale-rst: an RST whose fwd_cnt counts more bytes than its peer sent on the connection,
+    the pair having carried an earlier one; transport-reset: two or more established
+    connections reset within 1 s by one CID with RSTs of buf_alloc 0."""
+    out: list[tuple[str, int, tuple[int, ...]]] = []
+    last: dict[tuple[int, frozenset[tuple[int, int]]], Rows] = {}
+    forgotten: dict[int, list[tuple[tshark_rows.Row, int, int]]] = {}
+    for i, c in enumerate(conns):
+        key = (c[0].type, frozenset((c[0].src, c[0].dst)))
+        old, last[key] = last.get(key), c
+        ended = _reset_after_response(c)
+        if ended is None:
+            continue
+        response, rst = ended
+        peer_sent = sum(r.len for r in c if r.op == RW and r.src == rst.dst)
+        if old is not None and rst.fwd_cnt > peer_sent:
+            out.append(("stale-rst", i, (old[-1].frame, response.frame, rst.frame)))
+        elif rst.buf_alloc == 0:
+            heard = max(r.frame for r in c if r.src == rst.src and r.frame < rst.frame
+                        and r.op != CREDIT_UPDATE)
+            forgotten.setdefault(rst.src[0], []).append((rst, i, heard))
+    for resets in forgotten.values():
+        resets.sort(key=lambda rih: rih[0].frame)
+        runs: list[list[tuple[tshark_rows.Row, int, int]]] = []
+        for rst, i, heard in resets:  # one run: nothing heard since before its first RST
+            if runs and heard < runs[-1][0][0].frame:
+                runs[-1].append((rst, i, heard))
+            else:
+                runs.append([(rst, i, heard)])
+        out += [("transport-reset", run[0][1], tuple(r.frame for r, _, _ in run))
+                for run in runs if len(run) >= 2]
+    return out
 
 
 @pytest.mark.tshark
@@ -233,6 +327,56 @@ def test_window_full_says_how_long_fwd_cnt_stayed_frozen() -> None:
     assert (f.evidence["in_flight"], f.evidence["buf_alloc"]) == (4096, 4096)
     assert 2.5 < f.evidence["seconds"] < 4
     assert "until the capture ended" in f.message
+
+
+def test_half_close_stall_says_who_ended_the_wait_and_after_how_long() -> None:
+    """Real (lab): the receiver closed 2 s after reading the first client's EOF; the second
+    client gave up after 1.5 s (its own timeout) and closed. The waits are the scenario's
+    sleeps, give or take the lab's scheduling."""
+    first, second = diagnose_file(FIXTURES / "diagnose/half-close-stall.pcap").findings
+    assert first.evidence["closed_by"] == "server" and 2.0 <= first.evidence["stall_s"] < 2.3
+    assert second.evidence["closed_by"] == "client" and 1.5 <= second.evidence["stall_s"] < 1.8
+    assert "closed only 2.0 s later" in first.message and "gave up" in second.message
+    assert "read() returns 0" in first.fix
+    quiet = diagnose_file(FIXTURES / "diagnose/half-close-stall.pcap",
+                          thresholds=Thresholds(half_close_stall_s=2.5))
+    assert quiet.findings == []
+
+
+def assert_quiet_after_a_small_read(path: Path) -> None:
+    """``lab_traffic.py``'s window-full-partial-read: tshark shows the reader announced
+    nothing between the RW that filled its 80 KiB buffer and its reply, whose fwd_cnt says it
+    had read one 8 KiB packet: 72 KiB still free as last announced (over 64 KiB), so Linux's
+    own silence — a receiver that stopped reading, not fwd-cnt-stuck's transport bug."""
+    (conn,) = tshark_rows.streams(tshark_rows.rows(path))
+    writer, reader = conn[0].src, conn[0].dst
+    sent = 0
+    for r in conn:
+        sent += r.len if r.src == writer and r.op == RW else 0
+        if sent == 81920:
+            full = r
+            break
+    reply = next(r for r in conn if r.src == reader and r.op == RW)
+    between = [r for r in conn if full.frame < r.frame < reply.frame and r.src == reader]
+    assert (between, reply.fwd_cnt, conn[1].buf_alloc) == ([], 8192, 81920)
+    (f,) = diagnose_file(path).findings
+    assert (f.rule_id, f.frames) == ("window-full/not-reading", (full.frame, reply.frame))
+    assert "showed 8192 bytes consumed: too few for Linux to announce" in f.message
+
+
+def test_linux_stays_quiet_after_a_small_read_of_a_full_window() -> None:
+    """Real (lab, 6.1; tests/test_diagnose_stall_lab.py makes it again on every kernel)."""
+    assert_quiet_after_a_small_read(FIXTURES / "diagnose/window-full-partial-read.pcap.gz")
+
+
+def test_one_stall_has_one_cause() -> None:
+    """The credit rules and window-full classify the same stalls: each fixture's stall is
+    reported by exactly one of them."""
+    for name, rule in (("fwd-cnt-stuck", "fwd-cnt-stuck"),
+                       ("credit-request-unanswered", "credit-request-unanswered"),
+                       ("window-full", "window-full")):
+        (f,) = diagnose_file(FIXTURES / f"diagnose/{name}.pcap").findings
+        assert f.rule == rule
 
 
 def test_deadlock_reports_both_directions() -> None:
@@ -530,6 +674,22 @@ def test_live_says_which_findings_the_written_file_reports_differently() -> None
     reported = live.update(end) + live.close(end)
     assert [(f.rule, f.stream) for f in reported] == [("half-close-hang", 0)]
     assert live.file_differences(reported) == ([], [])
+
+
+def test_live_a_half_close_stall_is_a_hang_until_the_close_comes() -> None:
+    """half-close-stall.pcap's first connection, live: 1 s after its last packet (frame 5)
+    the silence is a hang; frame 6, the late close 2 s after the half-close, makes it a
+    stall. Both are reported, each once; the file itself gives only the stall."""
+    with CaptureReader(str(FIXTURES / "diagnose/half-close-stall.pcap")) as reader:
+        frames = [(r.ts_ns, r.data, r.orig_len) for r in reader.records()]
+    live = LiveDiagnosis()
+    live.feed_frames(frames[:5])
+    hang = live.update(frames[4][0] + 1_000 * MS)
+    assert [(f.rule, f.stream, f.frames) for f in hang] == [("half-close-hang", 0, (4, 5))]
+    live.feed_frames(frames[5:8])
+    stall = live.update(frames[7][0])
+    assert [(f.rule, f.stream, f.frames) for f in stall] == [("half-close-stall", 0, (4, 6))]
+    assert live.file_differences(hang + stall, frames[7][0]) == (hang, [])
 
 
 @pytest.mark.parametrize("recorded", [True, False])

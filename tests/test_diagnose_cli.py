@@ -82,6 +82,7 @@ def test_threshold_options() -> None:
     assert code == 0 and "window-full/" not in out
     _, help_text, _ = run("--help")
     for option in ("--no-transport", "--stall", "--credit-reply", "--half-close",
+                   "--half-close-stall",
                    "--unread-grace", "--small-rw-bytes", "--small-rw-count", "--retry-count",
                    "--retry-gap"):
         assert option in help_text

@@ -8,7 +8,7 @@ from helpers import T0, frame
 
 from vsockmon.decode.frames import FrameBatch, decode_batch
 from vsockmon.diagnose.engine import Diagnosis, LiveDiagnosis
-from vsockmon.diagnose.model import Thresholds
+from vsockmon.diagnose.model import Finding, Thresholds
 from vsockmon.wire.pcapio import RecordBatch
 from vsockmon.wire.protocol import Op
 
@@ -76,3 +76,112 @@ def test_several_frames_in_one_call() -> None:
     live.feed_frames([(T0, req, len(req)), (T0 + MS, rst, len(rst))])
     (f,) = live.update(T0 + 2 * MS)
     assert (f.rule, f.frames, f.evidence["rst_delay_ms"]) == ("no-listener", (1, 2), 1.0)
+
+
+# -- a live view that forgot connections; where an open stall ends -----------------------------
+
+def _open(client: tuple[int, int]) -> list[bytes]:
+    return [frame(Op.REQUEST, src=client, dst=SERVER),
+            frame(Op.RESPONSE, src=SERVER, dst=client)]
+
+
+def _tap(client: tuple[int, int]) -> bytes:
+    """An RW whose header says 10 bytes and whose capture holds 20: the tap-length bug."""
+    return frame(Op.RW, bytes(20), src=client, dst=SERVER, length=10)
+
+
+def _live(*frames: bytes) -> LiveDiagnosis:
+    live = LiveDiagnosis()
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(frames)])
+    return live
+
+
+def _tap_finding(live: LiveDiagnosis) -> Finding:
+    (f,) = [f for f in live.findings(final=False) if f.rule == "tap-length"]
+    assert (f.evidence["example_len"], f.evidence["example_captured"]) == (10, 20)
+    return f
+
+
+A, B = (3, 50000), (3, 50001)
+
+
+def test_tap_length_of_a_forgotten_last_connection_names_none() -> None:
+    """Streams 0 (A) and 1 (B, the bad frame, its 3rd: frame 5); stream 1 is forgotten: the
+    capture-wide fact stays, but no connection that is still known is named."""
+    live = _live(*_open(A), *_open(B), _tap(B))
+    assert _tap_finding(live).streams == (1,)
+    live.forget({1})
+    f = _tap_finding(live)
+    assert (f.stream, f.streams, f.frames, f.connection) == (None, (), (5,), "")
+
+
+def test_tap_length_of_a_forgotten_first_connection_leaves_a_gap() -> None:
+    """The bad frame on stream 0 (frame 3), stream 1 still open: forgetting stream 0 leaves
+    the live view with stream 1 only, and the finding names no connection."""
+    live = _live(*_open(A), _tap(A), *_open(B))
+    live.forget({0})
+    f = _tap_finding(live)
+    assert (f.stream, f.streams, f.frames) == (None, (), (3,))
+
+
+def test_tap_length_names_a_connection_the_live_view_still_has_after_a_gap() -> None:
+    """Stream 0 forgotten, the bad frame on stream 1 (frame 5): stream 1 is named."""
+    live = _live(*_open(A), *_open(B), _tap(B))
+    live.forget({0})
+    f = _tap_finding(live)
+    assert (f.stream, f.streams, f.frames) == (1, (1,), (5,))
+    assert f.connection == "3:50001 → 2:1024 STREAM"
+
+
+def test_tap_length_lists_the_first_twenty_frames_and_counts_them_all() -> None:
+    """25 bad frames after the handshake (frames 3-27): the finding shows frames 3-22 (its
+    20 examples, as cid-mismatch does) and counts 25."""
+    live = _live(*_open(A), *[_tap(A)] * 25)
+    f = _tap_finding(live)
+    assert f.frames == tuple(range(3, 23)) and f.evidence["frames_affected"] == 25
+    assert "25 frame(s)" in f.message and "first at frame 3" in f.message
+
+
+def test_a_diagnosis_ends_an_open_stall_when_it_is_told() -> None:
+    """The server's buffer is 100 bytes; the client's RW of 100 at frame 3 (T0 + 2 ms) fills
+    it and nothing frees it: the stall runs to the end given (T0 + 5 s), else to the last
+    frame fed (the RW itself, so 0 s)."""
+    diag = LiveDiagnosis()
+    diag.feed_frames([(T0, frame(Op.REQUEST, src=A, dst=SERVER), 44),
+                      (T0 + MS, frame(Op.RESPONSE, src=SERVER, dst=A, buf_alloc=100), 44),
+                      (T0 + 2 * MS, frame(Op.RW, bytes(100), src=A, dst=SERVER), 144)])
+    (until_end,) = diag.connections(T0 + 5000 * MS)
+    assert (until_end.client.stalls.count, until_end.client.stalls.total_ns) == (
+        1, 5000 * MS - 2 * MS)
+    (until_last,) = diag.connections()
+    assert until_last.client.stalls.total_ns == 0
+
+
+def test_the_digest_spans_the_earliest_to_the_latest_time_fed() -> None:
+    """Two batches: the first holds the earliest (T0) and the latest (T0 + 5 ms) times, the
+    second only times between them: the span stays T0 to T0 + 5 ms."""
+    live = LiveDiagnosis()
+    req = frame(Op.REQUEST, src=CLIENT, dst=SERVER)
+    live.feed_frames([(T0 + 5 * MS, req, len(req)), (T0, req, len(req))])
+    live.feed_frames([(T0 + 3 * MS, req, len(req)), (T0 + 2 * MS, req, len(req))])
+    assert (live.digest.start_ns, live.digest.end_ns) == (T0, T0 + 5 * MS)
+
+
+def test_forgetting_a_connection_drops_what_was_kept_for_it_and_nothing_else() -> None:
+    """Streams 0 (A) and 1 (B) each send 100 unread bytes and are reset by the server: both
+    abrupt closes are reported once. Forgetting stream 0 drops its reset and its waiting
+    bytes from the digest, keeps stream 1's, and reports nothing again."""
+    live = LiveDiagnosis()
+    frames = []
+    for client in (A, B):
+        frames += [*_open(client), frame(Op.RW, bytes(100), src=client, dst=SERVER),
+                   frame(Op.RST, src=SERVER, dst=client)]
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(frames)])
+    first = live.update(T0 + 100 * MS)
+    assert sorted((f.rule_id, f.stream, f.streams) for f in first) == [
+        ("abrupt-close/reset", 0, (0,)), ("abrupt-close/reset", 1, (1,))]
+    assert set(live.digest.resets) == {0, 1} and set(live.digest.pending) == {(0, 0), (1, 0)}
+    live.forget({0})
+    assert set(live.digest.resets) == {1} and set(live.digest.pending) == {(1, 0)}
+    assert [c.stream for c in live.connections()] == [1]
+    assert live.update(T0 + 200 * MS) == []

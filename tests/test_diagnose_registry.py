@@ -11,7 +11,7 @@ from vsockmon.diagnose.registry import Context, in_order, rule
 
 
 def test_every_rule_is_registered_once_with_its_check() -> None:
-    assert len(RULES) == 14
+    assert len(RULES) == 19
     for rule_id, r in RULES.items():
         assert r.id == rule_id and isinstance(r.severity, Severity) and r.title
         assert callable(r.check) and r.check.__name__ == rule_id.replace("-", "_")
@@ -26,6 +26,9 @@ def test_rules_run_after_the_rules_whose_conclusions_they_read() -> None:
     # an overflowing accept queue explains refusals before they are called no-listener
     assert order.index("accept-queue-full") < min(order.index(d) for d in (
         "no-listener", "seqpacket-refused", "dial-retry"))
+    # resets that another rule explains are not also called abrupt closes
+    assert order.index("abrupt-close") > max(order.index(d) for d in (
+        "small-packet-reset", "stale-rst", "transport-reset"))
     # mid-capture reads what five others explain, so it runs after all of them
     assert order.index("mid-capture") > max(order.index(d) for d in (
         "cid-mismatch", "state-lost", "no-transport", "window-full", "half-close-hang"))
@@ -58,7 +61,7 @@ def test_a_finding_outside_its_rule_or_of_an_unknown_kind_is_refused() -> None:
     from vsockmon.diagnose.model import Thresholds
 
     ctx = Context([], Digest(Thresholds()), Thresholds(), 0, True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside a rule that has it"):
         ctx.add(None, [1], "m", "c", "f")
     ctx.rule = RULES["window-full"]
     with pytest.raises(ValueError):
@@ -66,3 +69,16 @@ def test_a_finding_outside_its_rule_or_of_an_unknown_kind_is_refused() -> None:
     ctx.add(None, [1], "m", "c", "f", kind="deadlock", streams=[4])
     assert [(f.rule_id, f.stream, f.severity) for f in ctx.findings] == [
         ("window-full/deadlock", 4, Severity.WARNING)]
+
+
+def test_after_a_rule_has_run_a_finding_is_refused_again() -> None:
+    """The running rule is forgotten when its check returns: a finding added later has no
+    rule to belong to."""
+    from vsockmon.diagnose.digest import Digest
+    from vsockmon.diagnose.model import Thresholds
+
+    ctx = Context([], Digest(Thresholds()), Thresholds(), 0, True)
+    ctx.run(RULES["window-full"])
+    assert ctx.rule is None
+    with pytest.raises(ValueError, match="outside a rule that has it"):
+        ctx.add(None, [1], "m", "c", "f", kind="deadlock")

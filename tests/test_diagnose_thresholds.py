@@ -13,7 +13,8 @@ import pytest
 from conntrack_scenarios import MS, Conv, write
 
 import vsockmon
-from vsockmon.diagnose.model import Finding, Thresholds
+from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.rules.common import delay_text
 from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 
 S = 1000 * MS
@@ -78,8 +79,38 @@ def test_a_window_freed_by_data_without_credit_update_is_a_transport_bug(tmp_pat
     c.fwd[0] += 2
     c.close()
     (f,) = findings(tmp_path, out)
-    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("window-full/no-credit-update",
-                                                              (3, 4), "RW")
+    assert (f.rule_id, f.frames, f.evidence["ended_by"]) == ("fwd-cnt-stuck", (3, 4), "RW")
+    assert f.evidence["seconds"] == 2.0
+
+
+@pytest.mark.parametrize(("consumed", "rule_id"), [
+    (262144 - 65536, "window-full/not-reading"),  # 64 KiB left free: Linux stays quiet
+    (262144 - 65536 + 1, "fwd-cnt-stuck"),        # under 64 KiB free: Linux would announce
+])
+def test_linux_keeps_quiet_until_less_than_64_kib_is_free(tmp_path: Path, consumed: int,
+                                                          rule_id: str) -> None:
+    """Four 64 KiB RWs (frames 3-6) fill the default 256 KiB buffer; 2 s later the server's
+    RW (frame 7) shows ``consumed`` bytes read; it reads the rest (frame 8), closes. After a
+    read Linux sends CREDIT_UPDATE only once less than 64 KiB of its buffer is free as last
+    announced: at 192 KiB consumed (64 KiB free) its silence is normal and the application
+    simply stopped reading; one byte more and a Linux receiver would have announced it."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    for _ in range(4):
+        c.send(0, Op.RW, bytes(65536))
+    c.fwd[1] += consumed
+    c.send(1, Op.RW, b"ok", delay=2 * S)
+    c.fwd[0] += 2
+    c.fwd[1] = 4 * 65536  # then it reads the rest and says so (frame 8)
+    c.send(1, Op.CREDIT_UPDATE)
+    c.close()
+    (f,) = findings(tmp_path, out)
+    assert (f.rule_id, f.frames) == (rule_id, (6, 7))
+    if rule_id == "fwd-cnt-stuck":
+        assert f.evidence["ended_by"] == "RW"
+    else:
+        assert f"showed {consumed} bytes consumed: too few for Linux" in f.message
 
 
 def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
@@ -243,6 +274,81 @@ def test_a_half_close_hangs_after_one_second_of_silence(tmp_path: Path, silence_
     assert "for the last 1.0 s of the capture" in f.message
 
 
+# -- half-close-stall: a one-sided SHUTDOWN(SEND), then only a close 1 s later (half_close_stall_s)
+
+
+def late_close(wait_ns: int, closer: int, answer: bool = False, read_ns: int = 1000
+               ) -> list[tuple[int, bytes]]:
+    """Frames 1-4: open, the client's 8-byte message (frame 3), its SHUTDOWN(SEND) (frame 4);
+    frame 5, ``read_ns`` later, the server's CREDIT_UPDATE says it read the 8 bytes: it has
+    reached the end of file. ``answer``: the server replies with data at once (frame 6).
+    Then, ``wait_ns`` later, ``closer`` shuts down both directions and the other end resets."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"READY=1\n")
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += 8
+    c.send(1, Op.CREDIT_UPDATE, delay=read_ns)
+    if answer:
+        c.send(1, Op.RW, b"ok")
+        c.fwd[0] += 2
+    c.send(closer, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=wait_ns)
+    c.send(1 - closer, Op.RST)
+    return out
+
+
+@pytest.mark.parametrize("closer", [0, 1])
+@pytest.mark.parametrize(("wait_ns", "reported"), [(S - 1, False), (S, True), (2 * S, True)])
+def test_a_half_close_answered_only_by_a_late_close_stalls(tmp_path: Path, closer: int,
+                                                           wait_ns: int, reported: bool) -> None:
+    """The server closes ``wait_ns`` after it read the client's end of file (frame 6), or the
+    client gives up and closes then: a stall from 1 s on, whoever ended it."""
+    found = of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-stall")
+    if not reported:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.stream, f.frames) == (0, (4, 6))
+    assert f.evidence == {"stall_s": wait_ns / S, "shutdown_frame": 4, "end_frame": 6,
+                          "closed_by": ("client", "server")[closer]}
+    assert ("gave up" in f.message) == (closer == 0)
+    assert of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-hang") == []
+
+
+def test_the_half_close_stall_threshold_is_an_option(tmp_path: Path) -> None:
+    out = late_close(2 * S, 1)
+    assert of(findings(tmp_path, out, Thresholds(half_close_stall_s=2.5)), "half-close-stall"
+              ) == []
+    assert len(of(findings(tmp_path, out, Thresholds(half_close_stall_s=2)),
+                  "half-close-stall")) == 1
+
+
+def test_a_half_close_answered_with_data_is_not_a_stall(tmp_path: Path) -> None:
+    """The server answers at once (frame 6), then closes 2 s later: the client had its answer;
+    whatever it waited for afterwards, the peer did reply."""
+    assert findings(tmp_path, late_close(2 * S, 1, answer=True)) == []
+
+
+def test_a_peer_still_reading_is_not_sitting_on_the_end_of_file(tmp_path: Path) -> None:
+    """The server reads the 8 bytes only 2 s after the half-close (frame 5) and closes at once
+    (frame 6): it was busy before reaching the end of file, not keeping it open after."""
+    assert findings(tmp_path, late_close(1000, 1, read_ns=2 * S)) == []
+
+
+def test_a_full_close_is_not_a_half_close(tmp_path: Path) -> None:
+    """The client closes both directions (SHUTDOWN 3) and the server's RST comes 2 s later:
+    the client is not waiting for anything."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"READY=1\n")
+    c.fwd[1] += 8
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV)
+    c.send(1, Op.RST, delay=2 * S)
+    assert of(findings(tmp_path, out), "half-close-stall") == []
+
+
 # -- small-packet-reset: 64 writes under 1024 bytes, then a reset with credit left -------------
 
 
@@ -351,7 +457,7 @@ def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int
         assert found == []
         return
     (f,) = found
-    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4, 5))
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4, 5))
     assert (f.evidence["credit_request_frame"], f.evidence["unanswered_s"]) == (4, 1.0)
 
 
@@ -526,8 +632,9 @@ def test_credit_request_never_answered_waits_until_the_capture_ends(tmp_path: Pa
     c.send(0, Op.RW, bytes(4096))
     c.send(0, Op.CREDIT_REQUEST)
     Conv(out, client=(1, 50001), server=(1, 5000)).send(0, Op.REQUEST, delay=1_234_560_000)
-    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "window-full")
-    assert (f.rule_id, f.frames) == ("window-full/credit-request-unanswered", (3, 4))
+    (f,) = of(findings(tmp_path, out, Thresholds(stall_s=10)), "credit-request-unanswered")
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4))
+    assert of(findings(tmp_path, out), "window-full") == []  # one stall, one cause
     assert f.evidence["unanswered_s"] == 1.235
 
 
@@ -555,6 +662,8 @@ def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) 
     (500, 262144, None),  # the receiver's RST says it read all 500 bytes
     (400, 262144, 100),   # it read 400: 100 discarded
     (500, 0, 500),        # an RST with buf_alloc 0 carries no credit: its fwd_cnt says nothing
+    (1, 262144, 499),     # it read 1 byte: one is enough to count
+    (600, 262144, None),  # it claims more than was sent: nothing is shown discarded
 ])
 def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_buf: int,
                                               unconsumed: int | None) -> None:
@@ -585,3 +694,330 @@ def test_rst_delay_in_words(tmp_path: Path, delay_ns: int, text: str) -> None:
     c.send(1, Op.RST, buf=0, delay=delay_ns)
     (f,) = findings(tmp_path, out)
     assert f.message.endswith(f"was refused by an RST within {text}.")
+
+
+def test_a_deadlocks_length_is_given_to_the_millisecond(tmp_path: Path) -> None:
+    """Both windows full together for 1.0015 s: 1.002 s in the evidence (ms, rounded up)."""
+    found = of(findings(tmp_path, two_full_windows(1000, S + 1_500_000, S // 2)),
+               "window-full")
+    (f,) = found
+    assert (f.rule_id, f.evidence["seconds"]) == ("window-full/deadlock", 1.002)
+
+
+# -- answers to a CREDIT_REQUEST, an accept queue's witness, delays in words ------------------
+
+
+def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path) -> None:
+    """Frame 3 fills the server's 4096 bytes, frame 4 asks for credit, frame 5 answers
+    1.0015 s later (a CREDIT_UPDATE that frees the window); the close comes 3 s after that.
+    The request went unanswered for 1.0015 s (1.002 in ms, rounded up), not until the
+    capture's end (4 s). stall_s is
+    raised to 10 s: only the unanswered request reports this stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=1_001_500_000)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=3000 * MS)
+    c.send(1, Op.RST)
+    (f,) = findings(tmp_path, out, Thresholds(stall_s=10))
+    assert (f.rule_id, f.frames) == ("credit-request-unanswered", (3, 4, 5))
+    assert f.evidence["unanswered_s"] == 1.002 and "nothing for 1.0 s" in f.message
+
+
+
+@pytest.mark.parametrize(("speaker", "kind"), [(0, "credit-request-unanswered"),
+                                               (1, "window-full/not-reading")])
+def test_only_the_peer_can_answer_a_credit_request(tmp_path: Path, speaker: int,
+                                                   kind: str) -> None:
+    """Frame 3 fills the server's 4096 bytes, frame 4 is the client's CREDIT_REQUEST, 1 ms
+    later a CREDIT_UPDATE about the *client's* buffer from ``speaker``, which frees nothing;
+    another connection's packet ends the capture 2 s after the request. The client's own
+    packet answers nothing: the request stays unanswered for the full 2 s. A packet from
+    the server is its answer (the server is alive, its application just does not read): the
+    stall is a receiver that stopped reading."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.send(speaker, Op.CREDIT_UPDATE, delay=MS)
+    Conv(out, client=(1, 60000)).send(0, Op.REQUEST, delay=2000 * MS - MS)
+    (f,) = [f for f in findings(tmp_path, out)
+            if f.rule in ("window-full", "credit-request-unanswered")]
+    assert f.rule_id == kind
+    if speaker == 0:
+        assert f.evidence["unanswered_s"] == 2.0
+
+
+def test_an_accept_queue_overflow_names_the_connection_still_waiting(tmp_path: Path) -> None:
+    """Stream 0 is accepted (frames 1, 2) and stays open; 3 ms after its RESPONSE, stream 1's
+    REQUEST to the same port (frame 3) is refused by an RST (frame 4): the port listens but
+    its queue was full. The finding names stream 0 and says how long before it was
+    accepted."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    refused = Conv(out, client=(1, 50001))
+    refused.send(0, Op.REQUEST, delay=3 * MS)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.frames) == ("accept-queue-full", 1, (2, 3, 4))
+    assert f.evidence["accepted_stream"] == 0
+    assert "accepted stream 0 (RESPONSE at frame 2, 3.0 ms earlier, still open)" in f.message
+
+
+@pytest.mark.parametrize(("ns", "text"), [(999_999, "1000 µs"), (1_000_000, "1.0 ms"),
+                                          (1_050_001, "1.1 ms"), (71_000, "71 µs")])
+def test_a_delay_in_words(ns: int, text: str) -> None:
+    """Microseconds below a millisecond, then milliseconds to one decimal (1.050001 ms
+    rounds up)."""
+    assert delay_text(ns) == text
+
+
+def test_the_rst_delay_is_given_to_the_microsecond(tmp_path: Path) -> None:
+    """An RST 1.5 µs after the REQUEST: 0.0015 ms, given in ms to three decimals (the µs)
+    and rounded up, 0.002."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.send(0, Op.REQUEST)
+    c.send(1, Op.RST, buf=0, delay=1500)
+    (f,) = findings(tmp_path, out)
+    assert (f.rule, f.evidence["rst_delay_ms"]) == ("no-listener", 0.002)
+
+
+def test_a_connect_the_client_gave_up_on_is_a_failed_attempt(tmp_path: Path) -> None:
+    """Three REQUESTs to 1:1234, 1 s apart, each unanswered until its client resets it (the
+    connect() timed out): three failed attempts, a retry loop (frames 1, 3, 5)."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        c.send(0, Op.RST, delay=MS)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert (f.frames, f.evidence["attempts"]) == ((1, 3, 5), 3)
+    assert "none connected" in f.message
+
+
+def test_connections_reset_after_they_were_accepted_are_not_retries(tmp_path: Path) -> None:
+    """Three connections to 1:1234, each accepted (RESPONSE) and then reset by its client:
+    they connected, so they are no retry loop (each is an abrupt close)."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        c.send(1, Op.RESPONSE)
+        c.send(0, Op.RST)
+    found = findings(tmp_path, out)
+    assert of(found, "dial-retry") == []
+    assert [f.rule_id for f in found] == ["abrupt-close/reset"] * 3
+
+
+@pytest.mark.parametrize(("gap_ns", "rule"), [(2 * S, "accept-queue-full"),
+                                              (2 * S + 1, "no-listener")])
+def test_an_accept_queue_witness_is_at_most_two_seconds_old(tmp_path: Path, gap_ns: int,
+                                                            rule: str) -> None:
+    """Stream 0 accepted at frame 2 and left open; stream 1's REQUEST ``gap_ns`` later is
+    refused: within accept_queue_s (2 s) the open connection shows the port listens."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    refused = Conv(out, client=(1, 50001))
+    refused.send(0, Op.REQUEST, delay=gap_ns)
+    refused.send(1, Op.RST, buf=0)
+    assert [f.rule for f in findings(tmp_path, out) if f.severity >= Severity.WARNING] == [rule]
+
+
+def test_the_witness_is_the_latest_accepted_connection_still_open(tmp_path: Path) -> None:
+    """Stream 0 accepted and still open; stream 1 accepted after it and closed; then stream
+    2 is refused: the closed one is skipped, stream 0 (frame 2) shows the queue was full."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    closed = Conv(out, client=(1, 50001))
+    closed.open()
+    closed.close()
+    refused = Conv(out, client=(1, 50002))
+    refused.send(0, Op.REQUEST)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.evidence["accepted_stream"]) == ("accept-queue-full", 2, 0)
+    assert f.frames == (2, 8, 9)
+
+
+@pytest.mark.parametrize(("rst_fwd", "unconsumed"), [(300, None), (100, 200)])
+def test_the_clients_rst_tells_what_it_read_of_the_servers_data(
+        tmp_path: Path, rst_fwd: int, unconsumed: int | None) -> None:
+    """The other direction: frame 3, the server's 300 bytes; frame 4, the server's close
+    (SHUTDOWN both ways); frame 5, 200 ms later, the client's RST with its fwd_cnt."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(1, Op.RW, b"y" * 300)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(0, Op.RST, fwd=rst_fwd, delay=200 * MS)
+    found = findings(tmp_path, out)
+    if unconsumed is None:
+        assert found == []
+        return
+    (f,) = found
+    assert (f.rule_id, f.evidence) == ("abrupt-close/unread",
+                                       {"rst_frame": 5, "server_unconsumed": unconsumed})
+
+
+def test_unread_data_is_not_claimed_when_the_connections_start_was_not_captured(
+        tmp_path: Path) -> None:
+    """Captured mid-connection: the server's fwd_cnt of 0 may count from anywhere, so 500
+    bytes seemingly unread at the close prove nothing; only the missing start is reported."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.send(1, Op.CREDIT_UPDATE)
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(1, Op.SHUTDOWN, flags=3, delay=200 * MS)
+    c.send(0, Op.RST)
+    assert [f.rule_id for f in findings(tmp_path, out)] == ["mid-capture/start"]
+
+
+def test_a_retry_loop_that_connects_in_the_end(tmp_path: Path) -> None:
+    """Two refusals, then the third attempt (frame 5) is accepted: requests 0.675 s apart,
+    1.35 s from first to last (1.4 s in words). The loop is reported on its first stream,
+    with the two failures and the attempt that connected."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=1000 if i == 0 else 675 * MS - 1000)
+        if i < 2:
+            c.send(1, Op.RST, buf=0)
+        else:
+            c.send(1, Op.RESPONSE)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert (f.stream, f.streams, f.frames, f.evidence["attempts"]) == (0, (0, 1, 2),
+                                                                       (1, 3, 5), 3)
+    assert f.connection == "1:50000 → 1:1234 STREAM"  # the first attempt's
+    assert ("dialled 1:1234 3 times in 1.4 s (2 refused); the attempt at frame 5 connected."
+            in f.message)
+
+
+def test_a_retry_loop_of_failures_of_two_kinds(tmp_path: Path) -> None:
+    """Refused, given up by the client (its RST), refused again, 1 s apart: none connected,
+    the failures named by their close (docs/analysis.md's names), in order of the name."""
+    out: list[tuple[int, bytes]] = []
+    for i, (side, buf) in enumerate(((1, 0), (0, 262144), (1, 0))):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        c.send(side, Op.RST, buf=buf)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert "3 times in 2.0 s (3 refused/reset-by-client); none connected." in f.message
+
+
+def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path: Path
+                                                                        ) -> None:
+    """Stream 0 is opened and left alone; on stream 1 the *server* writes 64 single bytes
+    (frames 5-68, never consumed) and the client resets (frame 69): the pattern is counted
+    for that stream and that sender."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    c = Conv(out, client=(1, 50001))
+    c.open()
+    for _ in range(64):
+        c.send(1, Op.RW, b"x")
+    c.send(0, Op.RST)
+    (f,) = of(findings(tmp_path, out), "small-packet-reset")
+    assert (f.stream, f.frames) == (1, (69,))
+    assert f.evidence == {"small_writes": 64, "credit_left": 262144 - 64, "buf_alloc": 262144}
+
+
+# -- transport-reset: one CID forgets two or more connections at once ------------------------
+
+
+def forgotten(count: int, heard_between: bool = False, buf: int = 0) -> list[tuple[int, bytes]]:
+    """``count`` connections 2:5000x → 3:1234, each open with one echoed RW (frames 4k+1 to
+    4k+4); then, in turn, the client's RW and the guest's RST (buf_alloc ``buf``, fwd_cnt 0).
+    ``heard_between``: the guest sends an RW on the second connection (and gets a credit
+    update) after the first RST, so it still knew that one then."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(2, 50000 + i), server=(3, 1234)) for i in range(count)]
+    for c in convs:
+        c.open()
+        c.data(0, b"ping")
+    for i, c in enumerate(convs):
+        if heard_between and i == 1:
+            c.data(1, b"still here")
+        c.send(0, Op.RW, b"after the restore")
+        c.send(1, Op.RST, buf=buf, fwd=0)
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_transport_reset_needs_two_forgotten_connections(tmp_path: Path, count: int) -> None:
+    found = findings(tmp_path, forgotten(count))
+    rsts = tuple(4 * count + 2 * i + 2 for i in range(count))  # after each client RW
+    if count < 2:
+        assert of(found, "transport-reset") == []
+        assert [(f.rule_id, f.frames) for f in of(found, "abrupt-close")] == [
+            ("abrupt-close/reset", rsts)]
+        return
+    (f,) = of(found, "transport-reset")
+    assert (f.stream, f.streams, f.frames) == (0, tuple(range(count)), rsts)
+    assert (f.evidence["cid"], f.evidence["connections"]) == (3, count)
+    # the guest's last RW or control packet: the last connection's RESPONSE (credit updates
+    # aside, and it sent no RW)
+    assert f.evidence["last_heard_frame"] == 4 * count - 2
+    assert of(found, "abrupt-close") == []  # explained
+
+
+def test_transport_reset_count_is_an_option(tmp_path: Path) -> None:
+    found = findings(tmp_path, forgotten(2), Thresholds(transport_reset_count=3))
+    assert of(found, "transport-reset") == []
+
+
+def test_a_connection_heard_after_the_first_reset_was_not_lost_with_it(tmp_path: Path) -> None:
+    """The guest spoke on the second connection (frame 11) after its RST on the first
+    (frame 10): two separate losses, one connection each — no transport reset."""
+    found = findings(tmp_path, forgotten(2, heard_between=True))
+    assert of(found, "transport-reset") == []
+    assert [f.frames for f in of(found, "abrupt-close")] == [(10,), (14,)]
+
+
+def test_resets_that_carry_a_buffer_are_not_a_forgotten_transport(tmp_path: Path) -> None:
+    """An RST with buf_alloc set comes from a socket that still exists (an application's
+    reset), not from a kernel that lost the connection."""
+    assert of(findings(tmp_path, forgotten(3, buf=262144)), "transport-reset") == []
+
+
+# -- stale-rst: an RST whose fwd_cnt counts bytes the new connection never carried -------------
+
+
+@pytest.mark.parametrize(("fwd", "reported"), [(10, False), (11, True)])
+def test_stale_rst_acknowledges_more_than_was_sent(tmp_path: Path, fwd: int,
+                                                   reported: bool) -> None:
+    """Stream 0: 3:50070 → 2:1024, 15 bytes consumed, a Linux close (frames 1-7); stream 1
+    on the same ports: REQUEST 8, RESPONSE 9, 10 bytes from the client (frame 10), then the
+    server's RST (frame 11) with fwd_cnt ``fwd``: 11 counts a byte stream 1 never carried."""
+    out: list[tuple[int, bytes]] = []
+    old = Conv(out, client=(3, 50070), server=(2, 1024))
+    old.open()
+    old.data(0, bytes(15))
+    old.close()
+    new = Conv(out, client=(3, 50070), server=(2, 1024))
+    new.open()
+    new.send(0, Op.RW, bytes(10))
+    new.send(1, Op.RST, fwd=fwd)
+    found = findings(tmp_path, out)
+    stale = of(found, "stale-rst")
+    if not reported:
+        assert stale == []
+        assert [(f.rule_id, f.stream) for f in of(found, "abrupt-close")] == [
+            ("abrupt-close/reset", 1)]
+        return
+    (f,) = stale
+    assert (f.stream, f.streams, f.frames) == (1, (1, 0), (7, 9, 11))
+    assert (f.evidence["rst_fwd_cnt"], f.evidence["peer_sent"]) == (11, 10)
+    assert of(found, "abrupt-close") == []
+
+
+def test_stale_rst_needs_an_earlier_connection_on_the_pair(tmp_path: Path) -> None:
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, client=(3, 50070), server=(2, 1024))
+    c.open()
+    c.send(1, Op.RST, fwd=15)
+    assert of(findings(tmp_path, out), "stale-rst") == []

@@ -41,7 +41,8 @@ def _qemu_sharing(path: Path) -> list[int]:
     return pids
 
 
-def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300):
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [VSOCKMON, *args],
         cwd=cwd,
@@ -206,6 +207,8 @@ with capture(Path("nested.pcap")):
         print("dial-back from cid", peer[0], conn.recv(100))
         conn.close()
 print(Path(os.environ["VSOCKMON_LAB_GUEST_LOG"]).read_text())
+from vsockmon.lab.inside import guest_monitor
+print("monitor:", guest_monitor("info status"))
 print(Path("/proc/version").read_text())
 import subprocess
 report = subprocess.run(["vsockmon", "doctor", "--json"], capture_output=True, text=True)
@@ -289,6 +292,7 @@ def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> N
     assert "seqpacket echo b'first' b'second'" in result.stdout
     assert "dial-back from cid 3 b'ping'" in result.stdout
     assert "vsockmon-lab-guest: ready cid=3" in result.stdout
+    assert "monitor: VM status: running" in result.stdout  # its qemu's monitor answers
     # On the tap: CID 2 <-> 3, and the host->guest data split to fit the guest's buffers.
     with open_capture(str(tmp_path / "nested.pcap")) as reader:
         frames = [
@@ -314,5 +318,6 @@ def test_nested_guest_talks_vsock_with_the_lab_vm(lab: Lab, tmp_path: Path) -> N
     guests = next(c for c in report["checks"] if c["name"] == "guests")["detail"]
     assert re.fullmatch(r"qemu pid \d+: CID 3 \(vhost-vsock: on this host's vsockmon\)", guests)
     version = kernel_facts.upstream_version(result.stdout, lab.kernel)
+    assert version is not None, "the kernel names its upstream version in /proc/version"
     surplus = any(captured > length for length, captured in to_guest)
     assert surplus is kernel_facts.MEASURED[version].has["split-tap-length"]

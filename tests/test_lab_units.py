@@ -207,6 +207,7 @@ def test_guest_env_puts_the_venv_first_and_names_the_nested_guest() -> None:
     assert env["PATH"].startswith("/work/main/.venv/bin:/usr/local/sbin")
     assert env["VSOCKMON_LAB_GUEST_CID"] == "3"
     assert env["VSOCKMON_LAB_GUEST_PORT"] == str(vm.GUEST_PORT)
+    assert env["VSOCKMON_LAB_GUEST_MONITOR"] == "/run/vsockmon-lab/guest-monitor.sock"
     assert env["FOO"] == "bar"
     assert "VSOCKMON_LAB_GUEST_CID" not in vm.guest_env(None, "dumb", None, {})
 

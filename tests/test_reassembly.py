@@ -54,3 +54,12 @@ def test_direction_bytes_and_missing() -> None:
 def test_printable_escapes_all_but_printable_ascii_tab_and_newline() -> None:
     assert printable(b"a ~\t\n") == "a ~\t\n"
     assert printable(bytes([31, 127, 13, 0, 255])) == "\\x1f\\x7f\\x0d\\x00\\xff"
+
+
+def test_a_run_counts_the_missing_bytes_of_every_chunk() -> None:
+    """Two chunks of one sender, 3 and 4 bytes cut by the snap length: 7 missing."""
+    parts = [Chunk(1, 0, b"a", 3, 0), Chunk(2, 0, b"b", 4, 0)]
+    (run,) = segments(parts, seqpacket=False)
+    assert run.missing == 7
+    (msg,) = segments([Chunk(1, 0, b"a", 3, 0), Chunk(2, 0, b"b", 4, EOM)], seqpacket=True)
+    assert (msg.missing, msg.complete) == (7, True)

@@ -105,3 +105,10 @@ def test_buckets_stay_bounded_and_keep_their_totals(tmp_path: Path) -> None:
     assert len(stats.buckets) <= MAX_BUCKETS and stats.resolution == 2000
     assert sum(p for p, _ in stats.buckets.values()) == n
     assert sum(b for _, b in stats.buckets.values()) == 10 * n
+
+
+def test_an_empty_capture_has_no_times_and_no_throughput(tmp_path: Path) -> None:
+    s = vsockmon.open(write(tmp_path / "e.pcap", [])).stats().to_dict()
+    assert (s["frames"], s["connections"], s["payload_bytes"]) == (0, 0, 0)
+    assert (s["first_ts"], s["last_ts"], s["duration"]) == (None, None, 0.0)
+    assert (s["throughput"], s["bin_width"], s["ops"], s["top_cids"]) == ([], 0.0, {}, [])

@@ -206,7 +206,7 @@ class Capture:
         if self._stats is None:
             self.scan(stats=True)
         assert self._stats is not None
-        return self._stats.finish(self.analysis().table, top, bins)
+        return self._stats.finish(self.analysis().tables(), top, bins)
 
     @property
     def start_ns(self) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from vsockmon.conntrack.tracker import ConnTable, ConnTracker, Tags
 from vsockmon.decode.frames import FrameBatch, decode_batch
@@ -23,13 +24,20 @@ from vsockmon.wire.pcapio import CaptureReader, RecordBatch
 Visitor = Callable[[FrameBatch, Tags], None]
 """Sees every decoded batch with the tracker's tags for its rows."""
 
+SPILL_AT = 32768
+"""Closed connections the tracker holds before it spills them to compact columns: memory
+follows the open connections (and this many closed ones), not all connections ever seen."""
+
+
 @dataclass
 class Analysis:
     """What one pass over a capture found."""
 
     name: str
     """The capture's name for messages (its path, ``<stdin>``, a file object's name)."""
-    table: ConnTable
+    tracker: ConnTracker
+    """The tracker after the last batch: its connections are :attr:`table`, or
+    :meth:`tables` a range of streams at a time."""
     frames: int
     frames_without_stream: int
     first_ts_ns: int | None
@@ -45,6 +53,19 @@ class Analysis:
     capture_end_ns: int | None = None
     """When the capture stopped, if the file records it (a pcapng statistics block): later
     than :attr:`end_ns` when the capture went on, silent, after its last packet."""
+
+    @cached_property
+    def table(self) -> ConnTable:
+        """Every connection, in one table (made on first use, then kept)."""
+        return self.tracker.finish()
+
+    def tables(self) -> Iterator[ConnTable]:
+        """Every connection as tables of consecutive streams, in stream order: for writers
+        that must not hold a million connections at once (:attr:`table` if it was made)."""
+        if "table" in self.__dict__:
+            yield self.table
+        else:
+            yield from self.tracker.tables()
 
 
 def decoded(reader: CaptureReader) -> Iterator[tuple[RecordBatch, FrameBatch]]:
@@ -70,7 +91,7 @@ def analyse(reader: CaptureReader, *visitors: Visitor,
     ``on_progress`` hears the bytes of the file consumed after each batch (for a progress
     bar). Raises :class:`~vsockmon.wire.pcapio.CaptureError` when the file cannot be read.
     """
-    tracker = ConnTracker()
+    tracker = ConnTracker(spill_at=SPILL_AT)
     first = last = low = high = None
     for _, fb, tags in tracked(reader, tracker):
         for visit in visitors:
@@ -83,6 +104,6 @@ def analyse(reader: CaptureReader, *visitors: Visitor,
             high = hi if high is None else max(high, hi)
         if on_progress is not None:
             on_progress(reader.offset)
-    return Analysis(reader.name, tracker.finish(), tracker.frames,
+    return Analysis(reader.name, tracker, tracker.frames,
                     tracker.frames_without_stream, first, last, low, high, reader.stopped,
                     reader.capture_end_ns)

@@ -9,6 +9,7 @@ doubles whenever they would be more. No I/O here.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,13 +138,18 @@ class StatsCollector:
                 cell[1] += b
             self.buckets = merged
 
-    def finish(self, table: ConnTable, top: int = 10, bins: int = 20) -> Stats:
-        cols = table.columns()
+    def finish(self, tables: ConnTable | Iterable[ConnTable], top: int = 10, bins: int = 20
+               ) -> Stats:
+        """The statistics, with what the connections add: ``tables`` is the connection
+        table, or tables of consecutive streams in stream order (a spilled capture's), read
+        one at a time so that a million connections are never held at once."""
+        conns = _Connections(top)
+        for table in [tables] if isinstance(tables, ConnTable) else tables:
+            conns.add(table)
         duration = ((self.last_ts or 0) - (self.first_ts or 0)) / 1e9
         ops: dict[str, dict[str, int]] = {}
         for (typ, op), count in sorted(self.ops.items()):
             ops.setdefault(enum_name(SockType, typ), {})[enum_name(Op, op)] = count
-        closes = Counter(_as_list(cols["close"]))
         width, series = self._bins(bins)
         return Stats(
             frames=self.frames, frames_without_virtio=self.without_virtio,
@@ -152,15 +158,13 @@ class StatsCollector:
             duration=duration, payload_bytes=self.payload, ops=ops,
             anomalies={ANOMALY_NAMES[Anomaly(bit)]: count
                        for bit, count in sorted(self.anomalies.items())},
-            connections=len(table), closes=dict(closes.most_common()),
-            top_cids=self._cids(cols, top), top_ports=_ports(cols, top),
-            top_connections=_connections(table, cols, top), throughput=series,
-            bin_width=width)
+            connections=conns.count, closes=dict(conns.closes.most_common()),
+            top_cids=self._cids(conns.per_cid, top),
+            top_ports=sorted(conns.ports.values(),
+                             key=lambda s: (-s.connections, -s.bytes, s.port))[:top],
+            top_connections=conns.top, throughput=series, bin_width=width)
 
-    def _cids(self, cols: dict[str, Any], top: int) -> list[CidStats]:
-        conns: Counter[int] = Counter()
-        for pair in zip(_as_list(cols["client_cid"]), _as_list(cols["server_cid"]), strict=True):
-            conns.update(set(pair))
+    def _cids(self, conns: Counter[int], top: int) -> list[CidStats]:
         out: dict[int, CidStats] = {}
         for table, sent in ((self.sent, True), (self.received, False)):
             for cid, (packets, nbytes) in table.items():
@@ -202,26 +206,46 @@ def _add(table: dict[int, list[int]], cids: np.ndarray, nbytes: np.ndarray) -> N
         cell[1] += int(b)
 
 
+class _Connections:
+    """What the connection tables add to the statistics, summed a table at a time (in
+    stream order: ties keep the order of first appearance, as over one table)."""
+
+    KEEP = ("stream", "type", "client", "server", "bytes", "packets", "duration", "close",
+            "credit_stalls")
+    """The keys of a top connection."""
+
+    def __init__(self, top: int) -> None:
+        self.top_n = top
+        self.count = 0
+        self.closes: Counter[str] = Counter()
+        self.per_cid: Counter[int] = Counter()
+        """Connections with the CID at either end (once for a connection to itself)."""
+        self.ports: dict[int, PortStats] = {}
+        """Server ports: where connections go (a mid-capture guess counts as guessed)."""
+        self.top: list[dict[str, Any]] = []
+        """The connections that carried the most bytes (the earliest stream of equals)."""
+
+    def add(self, table: ConnTable) -> None:
+        cols = table.columns()
+        self.count += len(table)
+        close = _as_list(cols["close"])
+        self.closes.update(close)
+        client, server = np.asarray(cols["client_cid"]), np.asarray(cols["server_cid"])
+        cids, n = np.unique(np.concatenate([client, server[server != client]]),
+                            return_counts=True)
+        self.per_cid.update(dict(zip(cids.tolist(), n.tolist(), strict=True)))
+        for port, nbytes, how in zip(_as_list(cols["server_port"]), _as_list(cols["bytes"]),
+                                     close, strict=True):
+            s = self.ports.setdefault(port, PortStats(port))
+            s.connections += 1
+            s.bytes += nbytes
+            s.closes[how] = s.closes.get(how, 0) + 1
+        nbytes = np.asarray(cols["bytes"])
+        order = np.lexsort((np.arange(len(nbytes)), -nbytes))[: self.top_n]
+        best = [{k: r[k] for k in self.KEEP} for r in table.records(order.tolist())]
+        # stable: a later table's equal never passes an earlier one's
+        self.top = sorted(self.top + best, key=lambda r: -r["bytes"])[: self.top_n]
+
+
 def _as_list(col: Any) -> list:
     return col if isinstance(col, list) else col.tolist()
-
-
-def _ports(cols: dict[str, Any], top: int) -> list[PortStats]:
-    """Server ports: where connections go (a mid-capture guess counts as it was guessed)."""
-    out: dict[int, PortStats] = {}
-    for port, nbytes, close in zip(_as_list(cols["server_port"]), _as_list(cols["bytes"]),
-                                   _as_list(cols["close"]), strict=True):
-        s = out.setdefault(port, PortStats(port))
-        s.connections += 1
-        s.bytes += nbytes
-        s.closes[close] = s.closes.get(close, 0) + 1
-    return sorted(out.values(), key=lambda s: (-s.connections, -s.bytes, s.port))[:top]
-
-
-def _connections(table: ConnTable, cols: dict[str, Any], top: int) -> list[dict[str, Any]]:
-    """The connections that carried the most bytes."""
-    nbytes = np.asarray(cols["bytes"])
-    order = np.lexsort((np.arange(len(nbytes)), -nbytes))[:top]
-    keep = ("stream", "type", "client", "server", "bytes", "packets", "duration", "close",
-            "credit_stalls")
-    return [{k: r[k] for k in keep} for r in table.records(order.tolist())]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import click
@@ -149,23 +149,22 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         # the table's diagnosis column costs a diagnose pass; JSON and CSV leave it out
         diagnosis = {} if as_json or as_csv else stream_summary(cap.findings())
         analysis = cap.analysis()
-    table = analysis.table
-    rows = order(table, matching(table, cids, ports, sock_type, closes, streams), sort_by)
-    if limit is not None:
-        rows = rows[:limit]
+    picked = _picked(analysis, not (as_json or as_csv), sort_by, limit, cids, ports,
+                     sock_type, closes, streams)
     if as_json:
-        for start in range(0, len(rows), CHUNK):  # bounded memory on huge captures
-            lines = json_lines(table, rows[start : start + CHUNK])
-            sys.stdout.write("\n".join(lines) + "\n")
+        for table, rows in picked:
+            sys.stdout.write("".join(line + "\n" for line in json_lines(table, rows)))
     elif as_csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(FIELD_NAMES)
-        for start in range(0, len(rows), CHUNK):
-            for rec in table.records(rows[start : start + CHUNK].tolist()):
+        for table, rows in picked:
+            for rec in table.records(rows.tolist()):
                 writer.writerow(["" if v is None else v for v in rec.values()])
     else:
         from tabulate import tabulate
 
+        table = analysis.table
+        rows = np.concatenate([np.zeros(0, dtype=np.int64), *(r for _, r in picked)])
         click.echo(tabulate(table_rows(analysis, rows, diagnosis), headers=TABLE_HEADERS,
                             disable_numparse=True))
         click.echo(f"{len(rows)} of {len(table)} connections; {analysis.frames} frames"
@@ -174,3 +173,24 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
     sys.stdout.flush()
 
 
+def _picked(analysis: Analysis, whole: bool, sort_by: str, limit: int | None, *filters: Any
+            ) -> Iterator[tuple[ConnTable, np.ndarray]]:
+    """The connections to print, in order, as (table, rows) pieces of at most
+    :data:`CHUNK` rows: in stream order a range of streams at a time, so that memory
+    stays bounded however many connections the capture holds; in another order, or
+    ``whole``, from the whole table (it must all be held to be sorted)."""
+    left = limit
+    if sort_by == "stream" and not whole:
+        pieces: Iterator[tuple[ConnTable, np.ndarray]] = (
+            (t, matching(t, *filters)) for t in analysis.tables())
+    else:
+        table = analysis.table
+        rows = order(table, matching(table, *filters), sort_by)
+        pieces = ((table, rows[a : a + CHUNK]) for a in range(0, len(rows), CHUNK))
+    for table, rows in pieces:
+        if left is not None:
+            rows = rows[:left]
+            left -= len(rows)
+        yield table, rows
+        if left == 0:
+            return

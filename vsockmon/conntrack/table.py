@@ -41,6 +41,9 @@ class StreamTable:
     first_ts: np.ndarray = _col(False, "i8", 0)
     last_ts: np.ndarray = _col(False, "i8", 0)
     response_frame: np.ndarray = _col(False, "i8", NONE)
+    closed: np.ndarray = _col(False, "u1", 0)
+    """Bits 0 and 1: the client→server and server→client directions shut down; bit 2: an
+    RST seen. What makes a stream worth spilling (:mod:`~vsockmon.conntrack.spill`)."""
     packets: np.ndarray = _col(True, "i8", 0)
     rw_packets: np.ndarray = _col(True, "i8", 0)
     tx_bytes: np.ndarray = _col(True, "i8", 0)
@@ -90,16 +93,27 @@ class StreamTable:
                     setattr(self, f.name, new)
         self.size = size
 
+    def insert(self, rows: dict[str, np.ndarray]) -> None:
+        """Add rows (every column, e.g. streams taken back from a spill) where their stream
+        numbers put them: the table stays in stream order."""
+        cols = self.columns()
+        merged = {k: np.concatenate([c, rows[k]]) for k, c in cols.items()}
+        self._fill(merged, np.argsort(merged["stream"], kind="stable"))
+
     def keep(self, rows: np.ndarray) -> None:
         """Keep only the streams where the boolean ``rows`` (one per stream in use) is set,
         in order, with capacity to match."""
-        size = int(np.count_nonzero(rows))
+        self._fill(self.columns(), np.flatnonzero(rows))
+
+    def _fill(self, cols: dict[str, np.ndarray], rows: np.ndarray) -> None:
+        """Make the table ``cols`` at ``rows``, with twice their number of capacity."""
+        size = len(rows)
         cap = max(2 * size, 1024)
         for f in fields(self):
             if "dtype" in f.metadata:
                 new = np.full((cap, *f.metadata["shape"]), f.metadata["init"],
                               dtype=f.metadata["dtype"])
-                new[:size] = getattr(self, f.name)[: self.size][rows]
+                new[:size] = cols[f.name][rows]
                 setattr(self, f.name, new)
         self.size = size
 

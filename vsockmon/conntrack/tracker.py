@@ -29,7 +29,9 @@ The tracker's results and the names most callers want are re-exported here
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -57,6 +59,7 @@ from vsockmon.conntrack.segments import (
     seg_cumsum,
     seg_shift,
 )
+from vsockmon.conntrack.spill import Spill, key_hash
 from vsockmon.conntrack.streams import StreamRows
 from vsockmon.conntrack.table import StreamTable
 from vsockmon.decode.frames import Anomaly, FrameBatch
@@ -77,6 +80,10 @@ _CREDIT_OPS[[Op.REQUEST, Op.RESPONSE, Op.SHUTDOWN, Op.RW, Op.CREDIT_UPDATE,
 
 _HALF = 1 << 31
 U32_MASK = (1 << 32) - 1
+_EV_NAMES = ("sid", "frame", "ts", "op", "sender", "flags", "len", "buf", "fwd")
+"""The columns of a control event, as the tracker keeps them."""
+CHUNK = 20000
+"""Streams per table of :meth:`ConnTracker.tables`."""
 
 
 def _keys(v: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -151,8 +158,13 @@ class ConnTracker:
     Memory is O(connections + control packets): nothing is kept per RW or CREDIT_UPDATE.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spill_at: int | None = None) -> None:
+        """``spill_at``: move closed streams out of the working set into compact columns
+        (:mod:`~vsockmon.conntrack.spill`) whenever it holds at least this many; None keeps
+        every stream in it (a live view forgets them instead, see :meth:`forget`)."""
         self._t = StreamTable()
+        self._spill = Spill()
+        self._spill_at = spill_at
         self._next = 0
         """The number of the next new stream (streams seen so far)."""
         self._current: dict[tuple[int, ...], int] = {}
@@ -169,8 +181,19 @@ class ConnTracker:
 
     @property
     def working_set(self) -> int:
-        """Streams whose state the tracker holds: all of them, less those forgotten."""
+        """Streams whose state the tracker holds as rows of Python-indexed numpy state and
+        dictionary entries: all of them, less those forgotten or spilled."""
         return self._t.size
+
+    @property
+    def keys(self) -> int:
+        """Connection keys in the tracker's dictionary (the Python objects it keeps)."""
+        return len(self._current)
+
+    @property
+    def spilled(self) -> int:
+        """Closed streams held in the spill's compact columns."""
+        return self._spill.streams
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -198,6 +221,8 @@ class ConnTracker:
         tags.in_flight[b.rows] = in_flight
         tags.limit[b.rows] = limit
         tags.beyond[b.rows] = beyond
+        if self._spill_at is not None:
+            self._spill_closed(self._spill_at)
         return tags
 
     def _group(self, fb: FrameBatch, rows: np.ndarray) -> _Batch:
@@ -219,6 +244,10 @@ class ConnTracker:
         current = self._current
         cur = np.fromiter((current.get(k, -1) for k in key_list), dtype=np.int64,
                           count=len(key_list))
+        if self._spill.streams:
+            late = np.flatnonzero((cur < 0) & (v["op"][gpos] != Op.REQUEST))
+            if len(late):
+                cur[late] = self._unspill([key_list[g] for g in late.tolist()])
 
         start = v["op"] == Op.REQUEST
         start[gpos] |= cur < 0
@@ -306,6 +335,21 @@ class ConnTracker:
         if shut.any():
             first = first_per(b.sd[shut], b.frame[shut], 2 * b.k).reshape(b.k, 2)
             t.shutdown_send_frame[s] = np.minimum(t.shutdown_send_frame[s], first)
+        self._closing(b)
+
+    def _closing(self, b: _Batch) -> None:
+        """Note in ``closed`` the directions shut down and whether an RST came."""
+        rst, shut = b.op == Op.RST, b.op == Op.SHUTDOWN
+        ctl = np.flatnonzero(rst | shut)
+        if not len(ctl):
+            return
+        flags, sender = b.flags[ctl], b.sender[ctl]
+        own = np.where((flags & ShutdownFlag.SEND) != 0, 1 << sender, 0)
+        peer = np.where((flags & ShutdownFlag.RCV) != 0, 1 << (1 - sender), 0)
+        bits = np.where(rst[ctl], 4, np.where(shut[ctl], own | peer, 0)).astype(np.uint8)
+        acc = np.zeros(b.k, dtype=np.uint8)
+        np.bitwise_or.at(acc, b.seg[ctl], bits)
+        self._t.closed[b.seg_slot] |= acc
 
     def _violations(self, b: _Batch, beyond: np.ndarray) -> None:
         t = self._t
@@ -460,6 +504,78 @@ class ConnTracker:
         t.stall_max[sids[better], d] = dur[better]
         t.stall_longest[sids[better], d] = frames[better]
 
+    # -- the spill ----------------------------------------------------------------------------
+
+    def _spill_closed(self, at_least: int) -> None:
+        """Spill the closed streams (an RST, or both directions shut) once there are
+        ``at_least`` of them. Streams whose CIDs do not fit 32 bits stay (their key is not
+        the packed one the spill indexes)."""
+        t = self._t
+        closed = t.closed[: t.size]
+        done = (closed >= 4) | (closed == 3)  # bit 2, or bits 0 and 1
+        if int(np.count_nonzero(done)) < at_least:
+            return
+        done &= t.cid[: t.size].max(axis=1) <= 0xFFFFFFFF
+        rows = np.flatnonzero(done)
+        cols = {k: c.take(rows, axis=0) for k, c in t.columns().items()}
+        typ, lo, hi = _table_keys(cols)
+        # their keys leave the dictionary, unless a newer stream holds the key
+        current = self._current
+        keys = list(zip(typ.tolist(), lo.tolist(), hi.tolist(), strict=True))
+        held = np.fromiter(map(current.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
+        deque(map(current.__delitem__, compress(keys, (held == cols["stream"]).tolist())),
+              maxlen=0)
+        ev = self._sorted_events()
+        out = np.isin(ev["sid"], cols["stream"])
+        self._spill.add(cols, {k: c[out] for k, c in ev.items()}, key_hash(typ, lo, hi))
+        self._events = [tuple(c[~out] for c in ev.values())]
+        t.keep(~done)
+
+    def _unspill(self, keys: list[tuple[int, ...]]) -> list[int]:
+        """The stream of each key among the spilled ones (-1: none), taken back into the
+        working set: a late frame joins the key's latest stream, spilled or not."""
+        out = [-1] * len(keys)
+        packed = [i for i, k in enumerate(keys) if len(k) == 3]
+        if not packed:
+            return out
+        arr = np.array([keys[i] for i in packed], dtype=np.uint64).reshape(-1, 3)
+        found = self._spill.find(key_hash(arr[:, 0], arr[:, 1], arr[:, 2]))
+        picks: list[tuple[int, int]] = []
+        for i, cands in zip(packed, found, strict=True):
+            best: tuple[int, int, int] | None = None
+            for ci, r in cands:
+                row = {n: self._spill.row(ci, r, n)[None] for n in ("type", "cid", "port",
+                                                                    "stream")}
+                if tuple(int(x[0]) for x in _table_keys(row)) == keys[i]:
+                    sid = int(row["stream"][0])
+                    if best is None or sid > best[0]:
+                        best = (sid, ci, r)
+            if best is not None:
+                out[i] = best[0]
+                picks.append(best[1:])
+        if picks:
+            cols, events = self._spill.take(picks)
+            self._t.insert({k: np.concatenate([c[k] for c in cols]) for k in cols[0]})
+            self._events.append(tuple(np.concatenate([e[k] for e in events])
+                                      for k in _EV_NAMES))
+        return out
+
+    def _sorted_events(self) -> dict[str, np.ndarray]:
+        """The working set's control events as one set of columns, by stream then frame;
+        kept so (one sorted copy, not two)."""
+        if not self._events:
+            return {k: np.zeros(0, dtype=np.int64) for k in _EV_NAMES}
+        if len(self._events) == 1:  # already one set (sorted when it was made here)
+            ev = dict(zip(_EV_NAMES, self._events[0], strict=True))
+        else:
+            ev = {k: np.concatenate(c) for k, c in zip(
+                _EV_NAMES, zip(*self._events, strict=True), strict=True)}
+        if len(self._events) > 1 or not _ascending(ev):
+            order = np.lexsort((ev["frame"], ev["sid"]))
+            ev = {k: c[order] for k, c in ev.items()}
+        self._events = [tuple(ev.values())]
+        return ev
+
     # -- results ----------------------------------------------------------------------------
 
     def forget(self, streams: Iterable[int]) -> None:
@@ -480,18 +596,64 @@ class ConnTracker:
     def finish(self, end_ns: int | None = None) -> ConnTable:
         """Every connection, by stream number, closed off as the capture ended: at
         ``end_ns`` (live: now) or the latest timestamp fed, whichever is later."""
-        n = self._t.size
-        end = max(end_ns or 0, self.end_ns or 0)
-        cols = self._t.columns()
-        names = ("sid", "frame", "ts", "op", "sender", "flags", "len", "buf", "fwd")
-        if self._events:
-            ev = {k: np.concatenate(c) for k, c in zip(names, zip(*self._events, strict=True),
-                                                         strict=True)}
-            order = np.lexsort((ev["frame"], ev["sid"]))
-            ev = {k: c[order] for k, c in ev.items()}
-            self._events = [tuple(ev.values())]  # one sorted copy, not two
-            # the table's rows: the stream numbers unless some were forgotten
-            ev = {**ev, "sid": np.searchsorted(cols["stream"], ev["sid"])}
+        return self._table(0, self._next, self._end(end_ns))
+
+    def tables(self, end_ns: int | None = None, size: int | None = None
+               ) -> Iterator[ConnTable]:
+        """The connections of :meth:`finish` as tables of at most ``size`` (default
+        :data:`CHUNK`) streams each, in stream order: what a writer needs when the spill
+        holds a million of them."""
+        end = self._end(end_ns)
+        size = size or CHUNK
+        for lo in range(0, self._next, size):
+            table = self._table(lo, min(lo + size, self._next), end)
+            if len(table):
+                yield table
+
+    def __len__(self) -> int:
+        """Streams held: in the working set or spilled (not forgotten)."""
+        return self._t.size + self._spill.streams
+
+    def _end(self, end_ns: int | None) -> int:
+        return max(end_ns or 0, self.end_ns or 0)
+
+    def _table(self, lo: int, hi: int, end: int) -> ConnTable:
+        """The table of the streams numbered ``lo`` to ``hi - 1`` (those held)."""
+        t = self._t
+        cols = t.columns()
+        a, b = np.searchsorted(cols["stream"], [lo, hi]).tolist()
+        ev = self._sorted_events()
+        ea, eb = np.searchsorted(ev["sid"], [lo, hi]).tolist()
+        # spilled streams first: they are mostly older, so the parts are often in order
+        parts = [*self._spill.ranges(lo, hi),
+                 ({k: c[a:b] for k, c in cols.items()}, {k: c[ea:eb] for k, c in ev.items()})]
+        if len(parts) > 1:  # a column at a time, each part's freed once joined
+            cols = {k: np.concatenate([p[0].pop(k) for p in parts]) for k in list(cols)}
+            if (np.diff(cols["stream"]) < 0).any():
+                order = np.argsort(cols["stream"], kind="stable")
+                cols = {k: c[order] for k, c in cols.items()}
+            ev = {k: np.concatenate([p[1].pop(k) for p in parts]) for k in list(ev)}
+            if not _ascending(ev):
+                order = np.lexsort((ev["frame"], ev["sid"]))
+                ev = {k: c[order] for k, c in ev.items()}
         else:
-            ev = {k: np.zeros(0, dtype=np.int64) for k in names}
-        return results(cols, ev, n, end)
+            cols, ev = parts[0]
+        # the table's rows: the stream numbers unless some were forgotten or spilled
+        ev = {**ev, "sid": np.searchsorted(cols["stream"], ev["sid"])}
+        return results(cols, ev, len(cols["stream"]), end)
+
+
+def _table_keys(cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The packed connection keys (type, lower end, higher end) of table rows whose CIDs fit
+    32 bits: the dictionary keys of :func:`_key_tuples`."""
+    ends = (cols["cid"].astype(np.uint64) << np.uint64(32)) | cols["port"].astype(np.uint64)
+    return (cols["type"].astype(np.uint64), ends.min(axis=1), ends.max(axis=1))
+
+
+def _ascending(ev: dict[str, np.ndarray]) -> bool:
+    """Whether events are already by stream, then frame."""
+    sid, frame = ev["sid"], ev["frame"]
+    if len(sid) < 2:
+        return True
+    step = np.diff(sid)
+    return bool((step >= 0).all() and (np.diff(frame)[step == 0] > 0).all())

@@ -18,7 +18,7 @@ from vsockmon.conntrack.model import no_credit, stall_end_ns
 from vsockmon.conntrack.tracker import CLIENT, SERVER, Tags
 from vsockmon.decode.frames import Anomaly, FrameBatch
 from vsockmon.diagnose.model import Thresholds
-from vsockmon.wire.protocol import VMADDR_CID_ANY, Op
+from vsockmon.wire.protocol import VMADDR_CID_ANY, Op, ShutdownFlag
 
 HOST_CID = 2
 U32 = 1 << 32
@@ -43,8 +43,8 @@ class Stall:
     """The op of the peer's packet that gave credit back."""
     freed_by_fwd: bool = False
     """The credit came back because the peer's fwd_cnt advanced (not its buf_alloc)."""
-    peer_packets: int = 0
-    """Packets the peer sent during the stall that gave no credit back."""
+    freed: int = 0
+    """Bytes the packet that ended it showed consumed: in flight before it minus after."""
     unanswered: list[tuple[int, int, int | None]] = field(default_factory=list)
     """CREDIT_REQUESTs and the peer's first packet after each: (frame, time, reply time)."""
 
@@ -110,7 +110,6 @@ class Digest:
 
     def __init__(self, thresholds: Thresholds) -> None:
         self.t = thresholds
-        self.frames = 0
         self.start_ns: int | None = None
         self.end_ns: int | None = None
         self.cid_first: dict[int, tuple[int, int]] = {}
@@ -128,12 +127,14 @@ class Digest:
         self.stalls: list[Stall] = []
         """Finished stalls at least as long as the shortest threshold that reads them."""
         self.open_stalls: dict[tuple[int, int], Stall] = {}
+        self.eof_read: dict[tuple[int, int], int | None] = {}
+        """(stream, sender) of a SEND-only SHUTDOWN → when its peer had consumed all it sent
+        (reached its end of file); None while bytes still wait."""
 
     def feed(self, fb: FrameBatch, tags: Tags) -> None:
         n = len(fb)
         if not n:
             return
-        self.frames += n
         lo, hi = int(fb.ts_ns.min()), int(fb.ts_ns.max())
         self.start_ns = lo if self.start_ns is None else min(self.start_ns, lo)
         self.end_ns = hi if self.end_ns is None else max(self.end_ns, hi)
@@ -149,6 +150,7 @@ class Digest:
         for d in (CLIENT, SERVER):
             self._pending(r, d)
         self._stalls(r)
+        self._eof_read(r)
 
     def _cids(self, r: Rows) -> None:
         cids, first = np.unique(r.src_cid, return_index=True)
@@ -249,17 +251,41 @@ class Digest:
             if sender == d and op == Op.CREDIT_REQUEST:
                 st.unanswered.append((frame, ts, None))
             elif sender != d:
-                st.peer_packets += 1
                 st.unanswered = [(f, t, reply if reply is not None else ts)
                                  for f, t, reply in st.unanswered]
             return
         st.end_frame, st.end_ns, st.ended_by = frame, ts, op
         st.freed_by_fwd = int(r.limit[i, d]) <= st.limit
+        st.freed = st.in_flight - int(r.in_flight[i, d])
         st.unanswered = [(f, t, reply if reply is not None else ts)
                          for f, t, reply in st.unanswered]  # the credit is an answer too
         del self.open_stalls[key]
         if st.seconds(ts) >= min(self.t.stall_s, self.t.credit_reply_s):
             self.stalls.append(st)
+
+    def _eof_read(self, r: Rows) -> None:
+        """When the peer of each half-closing sender had consumed everything it sent: at the
+        SHUTDOWN itself when nothing waits (the usual case, vectorised), else at the first
+        later packet of that stream that shows the bytes consumed (credit unknown counts as
+        consumed: nothing tells otherwise)."""
+        idx = np.arange(len(r.sid))
+        half = np.flatnonzero((r.op == Op.SHUTDOWN) & (r.flags == ShutdownFlag.SEND))
+        flight = r.in_flight[idx, r.sender]
+        since: dict[tuple[int, int], int] = {}
+        for i in half.tolist():
+            key = (int(r.sid[i]), int(r.sender[i]))
+            if key not in self.eof_read:
+                self.eof_read[key] = int(r.ts[i]) if flight[i] <= 0 else None
+                since[key] = i + 1  # the rows after the SHUTDOWN
+        waiting = {k for k, v in self.eof_read.items() if v is None}
+        if not waiting:
+            return
+        for i in np.flatnonzero(np.isin(r.sid, [s for s, _ in waiting])).tolist():
+            for d in (CLIENT, SERVER):
+                key = (int(r.sid[i]), d)
+                if (key in waiting and self.eof_read[key] is None and i >= since.get(key, 0)
+                        and r.in_flight[i, d] <= 0):
+                    self.eof_read[key] = int(r.ts[i])
 
     def forget(self, streams: set[int]) -> None:
         """Drop what is kept per connection for ``streams`` (the tracker forgot them): a live
@@ -267,7 +293,8 @@ class Digest:
         for table in (self.bad_cids, self.resets):
             for sid in streams & table.keys():
                 del table[sid]
-        for keyed in (self.small_rw, self.beyond, self.pending, self.open_stalls):
+        for keyed in (self.small_rw, self.beyond, self.pending, self.open_stalls,
+                      self.eof_read):
             for key in [k for k in keyed if k[0] in streams]:
                 del keyed[key]
         self.stalls = [st for st in self.stalls if st.stream not in streams]
@@ -290,6 +317,7 @@ class Rows:
         self.limit = tags.limit[rows]
         self.beyond = tags.beyond[rows]
         self.op = v["op"].astype(np.int64)
+        self.flags = v["flags"]
         self.length = v["len"].astype(np.int64)
         self.src_cid = v["src_cid"]
         self.dst_cid = v["dst_cid"]

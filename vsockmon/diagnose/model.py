@@ -56,6 +56,9 @@ class Thresholds:
     half_close_s: float = _limit(
         1.0, "s", "silence after a one-sided SHUTDOWN(SEND), up to the capture's end, that "
         "makes a hang")
+    half_close_stall_s: float = _limit(
+        1.0, "s", "a one-sided SHUTDOWN(SEND) whose peer sends no data and closes (or is given "
+        "up on) only this much later makes a stall")
     unread_grace_s: float = _limit(
         0.01, "s", "bytes still unconsumed at a reset count as discarded only if they had "
         "waited this long (younger ones may have crossed the close)")
@@ -64,6 +67,10 @@ class Thresholds:
     small_rw_count: int = _limit(
         64, "packets", "this many small writes before a reset make the small-packet-reset "
         "pattern")
+    transport_reset_count: int = _limit(
+        2, "connections", "established connections one CID resets having forgotten them all "
+        "at once (RSTs with buf_alloc 0, nothing from it since before the first) that make "
+        "a transport reset")
     retry_count: int = _limit(
         3, "attempts", "attempts to one CID:port, all but the last failed, that make a retry "
         "loop")

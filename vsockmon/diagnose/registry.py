@@ -104,8 +104,9 @@ class Context:
         """Streams whose failure a finding already explains (no refusal or reset for them)."""
         self.queue_refused: set[int] = set()
         """Streams refused by a full accept queue: parallel clients, not a retry loop."""
-        self.small_writes_reset: set[int] = set()
-        """Streams reset for small writes (small-packet-reset): no abrupt-close for them."""
+        self.reset_explained: set[int] = set()
+        """Streams whose reset a finding already explains (small-packet-reset, stale-rst,
+        transport-reset): no abrupt-close for them."""
 
     def run(self, r: Rule) -> None:
         self.rule = r

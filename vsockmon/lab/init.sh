@@ -62,10 +62,13 @@ ip link set lo up
 # The nested guest (L2) boots under TCG inside TCG: minutes on a loaded machine. A boot
 # that shows no sign of life within LAB_GUEST_BOOT_S is killed and tried once more, and the
 # retry is said on the command's stderr, so a slow machine is told from a broken guest.
+# Its qemu's monitor (HMP) listens on a Unix socket, so a scenario can snapshot and restore
+# the guest (savevm/loadvm): the restore makes qemu send the guest a TRANSPORT_RESET.
 boot_guest() {
   : > "$log"
   "$LAB_QEMU" -M pc -accel tcg -cpu qemu64 -m 256M -smp 1 -nodefaults -no-reboot \
-    -display none -serial "file:$log" -device "vhost-vsock-pci,guest-cid=$LAB_GUEST_CID" \
+    -display none -serial "file:$log" -monitor "unix:$LAB_GUEST_MONITOR,server=on,wait=off" \
+    -device "vhost-vsock-pci,guest-cid=$LAB_GUEST_CID" \
     -kernel /lab/l2/vmlinux -initrd /lab/l2/initrd.img \
     -append "console=ttyS0 quiet loglevel=0 panic=-1 no_timer_check mitigations=off nokaslr vsockmon_lab.port=$LAB_GUEST_PORT vsockmon_lab.transport=$LAB_GUEST_TRANSPORT" \
     < /dev/null > /run/vsockmon-lab/guest-qemu.log 2>&1 &
@@ -81,6 +84,7 @@ boot_guest() {
 }
 if [ -n "$LAB_GUEST_CID" ]; then
   log=/run/vsockmon-lab/guest.log
+  LAB_GUEST_MONITOR=/run/vsockmon-lab/guest-monitor.sock
   if ! boot_guest; then
     kill -9 "$guest_qemu" 2> /dev/null
     echo "vsockmon-lab: the nested guest was not ready after $LAB_GUEST_BOOT_S s" \

@@ -87,6 +87,34 @@ def vsock_socket(
     return sock
 
 
+MONITOR_PROMPT = b"(qemu) "
+
+
+def guest_monitor(command: str, timeout: float = 300.0) -> str:
+    """Runs one command on the nested guest's qemu monitor (HMP) and returns its output.
+
+    The monitor is done when it prompts again: savevm and loadvm keep the guest stopped
+    until then (seconds under nested emulation), so the call returns once the guest runs."""
+    with socket.socket(socket.AF_UNIX) as m:
+        m.settimeout(timeout)
+        m.connect(os.environ["VSOCKMON_LAB_GUEST_MONITOR"])
+        _until_prompt(m)
+        m.sendall(command.encode() + b"\n")
+        got = _until_prompt(m)
+    # The monitor echoes the command line (with terminal escapes) before the output.
+    return got.decode(errors="replace").split("\r\n", 1)[-1].strip()
+
+
+def _until_prompt(m: socket.socket) -> bytes:
+    got = b""
+    while not got.endswith(MONITOR_PROMPT):
+        chunk = m.recv(4096)
+        if not chunk:
+            raise ConnectionError("the qemu monitor closed the connection")
+        got += chunk
+    return got[: -len(MONITOR_PROMPT)]
+
+
 RUN_SERVICE_OFFSET = 3
 """The nested guest's run service listens on its base port + 3 (``lab-guest.c``)."""
 _EXIT_LINE = "vsockmon-lab-guest: exit "

@@ -27,6 +27,8 @@ GUEST_BOOT_S = 300
 (TCG inside TCG: about a minute idle, several when the machine is loaded)."""
 GUEST_LOG = "/run/vsockmon-lab/guest.log"
 """Where the lab VM writes the nested guest's console."""
+GUEST_MONITOR = "/run/vsockmon-lab/guest-monitor.sock"
+"""The nested guest's qemu monitor (HMP), a Unix socket (init.sh starts qemu with it)."""
 GUEST_KERNEL_ROOT = "/lab/kernel"
 """Where the guest sees the kernel package's tree (``modprobe -d /lab/kernel MODULE``)."""
 
@@ -122,6 +124,7 @@ def guest_env(
         env["VSOCKMON_LAB_GUEST_CID"] = str(guest_cid)
         env["VSOCKMON_LAB_GUEST_PORT"] = str(GUEST_PORT)
         env["VSOCKMON_LAB_GUEST_LOG"] = GUEST_LOG
+        env["VSOCKMON_LAB_GUEST_MONITOR"] = GUEST_MONITOR
     env.update(extra)
     return env
 

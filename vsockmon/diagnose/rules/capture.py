@@ -31,7 +31,8 @@ def tap_length(ctx: Context) -> None:
 
 @rule("mid-capture", Severity.INFO, "connection started before or ended after the capture",
       kinds=("start", "end"),
-      after=("cid-mismatch", "state-lost", "no-transport", "window-full", "half-close-hang"))
+      after=("cid-mismatch", "state-lost", "no-transport", "window-full",
+             "credit-request-unanswered", "half-close-hang"))
 def mid_capture(ctx: Context) -> None:
     """Connections the capture cut off, unless another finding explains the missing end."""
     for c in ctx.conns:

@@ -1,10 +1,11 @@
-"""Rules about closing: a half-close nobody answers, resets, data discarded unread."""
+"""Rules about closing: a half-close nobody answers or answers late, resets, data discarded
+unread."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from vsockmon.conntrack.tracker import CLIENT, SERVER, Close, Connection
+from vsockmon.conntrack.tracker import CLIENT, SERVER, Close, Connection, Event
 from vsockmon.diagnose.digest import U32
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
@@ -41,6 +42,66 @@ def half_close_hang(ctx: Context) -> None:
                 shutdown_frame=shut.shutdown_frame)
 
 
+@rule("half-close-stall", Severity.WARNING, "SHUTDOWN(SEND), then nothing but a late close")
+def half_close_stall(ctx: Context) -> None:
+    """One side shut its sending half and waited for the peer's end; the peer sent no data,
+    and only a close seconds later (the peer's, or the waiting side giving up) ended the wait.
+    Unlike half-close-hang the wait ends inside the capture: it cost time, every time (systemd
+    v256+ sd_notify: ~2 s per message, microvm.nix)."""
+    least = int(ctx.t.half_close_stall_s * 1e9)
+    for c in ctx.conns:
+        wait = _half_close_wait(c) if c.duration_ns >= least else None  # most are brief
+        if wait is None:
+            continue
+        shut, end = wait
+        read = ctx.digest.eof_read.get((c.stream, shut.sender))
+        if read is None or read > end.ts_ns:
+            continue  # the peer was still reading the data: not waiting on the end of file
+        secs = (end.ts_ns - max(shut.ts_ns, read)) / 1e9
+        if secs < ctx.t.half_close_stall_s:
+            continue
+        waiter, peer = c.sides[shut.sender], c.sides[1 - shut.sender]
+        closing = f"({end.op_name}, frame {end.frame})"
+        if end.sender == shut.sender:
+            how = (f"did not close: after {seconds_text(secs)} {waiter.addr} gave up and "
+                   f"closed {closing}")
+            cause = (f"{peer.addr} read the end of file but kept the connection open; "
+                     f"{waiter.addr} waited for its close until a timeout of its own.")
+        else:
+            how = f"closed only {seconds_text(secs)} later {closing}"
+            cause = (f"{peer.addr} read the end of file but closed the connection only "
+                     f"{seconds_text(secs)} later; {waiter.addr} waited for that close.")
+        ctx.add(c, [shut.frame, end.frame],
+                f"{waiter.role} {waiter.addr} shut down its sending side (SHUTDOWN SEND, frame "
+                f"{shut.frame}) and waited; {peer.addr} sent no data and {how}.",
+                f"{cause} A sender that half-closes and waits for EOF (systemd v256+ "
+                f"sd_notify does) stalls this long on every message.",
+                "Make the receiving side close as soon as read() returns 0 (or answer, then "
+                "close); relays must pass shutdown(SHUT_WR) on at once. A sender that needs "
+                "no answer can close() instead of waiting.",
+                time_ns=shut.ts_ns, stall_s=round(secs, 3), shutdown_frame=shut.frame,
+                end_frame=end.frame, closed_by=c.sides[end.sender].role)
+
+
+def _half_close_wait(c: Connection) -> tuple[Event, Event] | None:
+    """A one-sided SHUTDOWN(SEND) while the peer could still send, and the next SHUTDOWN or
+    RST that ended the wait; None when the peer sent data after it (it answered: a server
+    computing its reply is not a stall) or nothing ended it (half-close-hang's case)."""
+    shut = None
+    for ev in c.events:
+        if ev.op not in (Op.SHUTDOWN, Op.RST):
+            continue
+        if shut is None:
+            if ev.op == Op.RST or ev.flags != ShutdownFlag.SEND:
+                return None  # the first close is not a half-close
+            shut = ev
+            continue
+        last_rw = c.sides[1 - shut.sender].last_rw_frame
+        if last_rw is not None and last_rw > shut.frame:
+            return None
+        return shut, ev
+    return None
+
 def _unconsumed(c: Connection, d: int) -> int | None:
     """Bytes side ``d`` sent that its peer never consumed, counting the fwd_cnt of its RSTs;
     None when unknown (the connection's start, hence fwd_cnt's base, was not captured)."""
@@ -57,12 +118,13 @@ def _unconsumed(c: Connection, d: int) -> int | None:
 
 
 @rule("abrupt-close", Severity.WARNING, "reset without shutdown, or with data unread",
-      kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset"))
+      kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset",
+                                        "stale-rst", "transport-reset"))
 def abrupt_close(ctx: Context) -> None:
     """Resets without a shutdown, and closes that discarded unread data."""
     for c in ctx.conns:
         ended = (Close.GRACEFUL, Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
-        if c.stream in ctx.small_writes_reset or c.close not in ended:
+        if c.stream in ctx.reset_explained or c.close not in ended:
             continue
         if c.stream in ctx.unestablished or (c.start_seen and c.response_frame is None):
             continue  # a connect that failed is not a close

@@ -14,6 +14,7 @@ from vsockmon.diagnose.registry import Context, rule
 from vsockmon.diagnose.rules.common import (
     FAILED,
     OPEN_ENDS,
+    address_pair,
     delay_text,
     event_at,
     request_ts,
@@ -320,8 +321,7 @@ def state_lost(ctx: Context) -> None:
     """A REQUEST reusing the address pair of a connection that never closed."""
     previous: dict[tuple[int, frozenset[tuple[int, int]]], Connection] = {}
     for c in ctx.conns:
-        key = (c.type, frozenset(((c.client.cid, c.client.port),
-                                  (c.server.cid, c.server.port))))
+        key = address_pair(c)
         old = previous.get(key)
         previous[key] = c
         if old is None or c.request_frame is None or old.close not in OPEN_ENDS:
