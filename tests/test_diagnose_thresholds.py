@@ -438,6 +438,18 @@ def test_seqpacket_record_boundaries_do_not_change_a_clean_diagnosis(tmp_path: P
 # -- credit-request-unanswered: 1 s without any answer to a CREDIT_REQUEST (credit_reply_s) ----
 
 
+def _credit_request_answered_after(out: list[tuple[int, bytes]], wait_ns: int) -> Conv:
+    """Frames 1-2 the handshake; 3 fills the server's 4096-byte buffer; 4 the client's
+    CREDIT_REQUEST; 5, ``wait_ns`` later, the server's CREDIT_UPDATE that frees the window."""
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, bytes(4096))
+    c.send(0, Op.CREDIT_REQUEST)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=wait_ns)
+    return c
+
+
 @pytest.mark.parametrize(("wait_ns", "reported"), [(S - 1, False), (S, True)])
 def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int,
                                                     reported: bool) -> None:
@@ -445,12 +457,7 @@ def test_a_credit_request_unanswered_for_one_second(tmp_path: Path, wait_ns: int
     frame 5, ``wait_ns`` after it, the server's CREDIT_UPDATE frees the window. stall_s is
     raised to 10 s: only the unanswered request can report this stall."""
     out: list[tuple[int, bytes]] = []
-    c = Conv(out, buf=[262144, 4096])
-    c.open()
-    c.send(0, Op.RW, bytes(4096))
-    c.send(0, Op.CREDIT_REQUEST)
-    c.fwd[1] += 4096
-    c.send(1, Op.CREDIT_UPDATE, delay=wait_ns)
+    c = _credit_request_answered_after(out, wait_ns)
     c.close()
     found = findings(tmp_path, out, Thresholds(stall_s=10))
     if not reported:
@@ -714,12 +721,7 @@ def test_a_late_answer_to_a_credit_request_is_timed_to_the_answer(tmp_path: Path
     capture's end (4 s). stall_s is
     raised to 10 s: only the unanswered request reports this stall."""
     out: list[tuple[int, bytes]] = []
-    c = Conv(out, buf=[262144, 4096])
-    c.open()
-    c.send(0, Op.RW, bytes(4096))
-    c.send(0, Op.CREDIT_REQUEST)
-    c.fwd[1] += 4096
-    c.send(1, Op.CREDIT_UPDATE, delay=1_001_500_000)
+    c = _credit_request_answered_after(out, 1_001_500_000)
     c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=3000 * MS)
     c.send(1, Op.RST)
     (f,) = findings(tmp_path, out, Thresholds(stall_s=10))

@@ -243,14 +243,19 @@ def test_both_directions_get_their_own_colour(tmp_path: Path) -> None:
     assert legend_x == sorted(set(legend_x))  # side by side, none on another
 
 
-def test_nothing_to_plot_without_data(tmp_path: Path) -> None:
+def _no_data_ladder(tmp_path: Path) -> Ladder:
+    """The ladder of a connection opened and closed without a byte sent."""
     out: list[tuple[int, bytes]] = []
     c = Conv(out)
     c.open()
     c.close()
     rows = StreamRows([0])
     table = vsockmon.open(write(tmp_path / "e.pcap", out)).scan(rows).table
-    assert credit_svg(ladder(table[0], rows.columns(0))) == (
+    return ladder(table[0], rows.columns(0))
+
+
+def test_nothing_to_plot_without_data(tmp_path: Path) -> None:
+    assert credit_svg(_no_data_ladder(tmp_path)) == (
         '<p class="meta">No data sent with known credit: nothing to plot.</p>')
 
 
@@ -375,13 +380,7 @@ def test_a_figure_without_credit_plots_and_a_long_ladder(tmp_path: Path) -> None
 
 
 def test_a_figure_says_when_there_is_nothing_to_plot(tmp_path: Path) -> None:
-    out: list[tuple[int, bytes]] = []
-    c = Conv(out)
-    c.open()
-    c.close()
-    rows = StreamRows([0])
-    table = vsockmon.open(write(tmp_path / "e.pcap", out)).scan(rows).table
-    fig = figure([ladder(table[0], rows.columns(0))])
+    fig = figure([_no_data_ladder(tmp_path)])
     assert [t.get_text() for t in fig.axes[1].texts] == ["no data sent with known credit"]
     assert fig.axes[1].get_lines() == []
 
