@@ -666,6 +666,7 @@ def test_live_says_which_findings_the_written_file_reports_differently() -> None
     assert live.last_frame == 5
     missing, extra = live.file_differences(reported)
     assert missing == reported
+    assert live.replaced(missing, stop) == []  # still a hang at the stop: the file's end differs
     assert [(f.rule_id, f.stream) for f in extra] == [("mid-capture/end", 0)]
     # the whole fixture: another connection 2.5 s later puts the silence inside the file
     live = LiveDiagnosis()
@@ -690,6 +691,7 @@ def test_live_a_half_close_stall_is_a_hang_until_the_close_comes() -> None:
     stall = live.update(frames[7][0])
     assert [(f.rule, f.stream, f.frames) for f in stall] == [("half-close-stall", 0, (4, 6))]
     assert live.file_differences(hang + stall, frames[7][0]) == (hang, [])
+    assert live.replaced(hang + stall, frames[7][0]) == hang  # not the file's end: the close
 
 
 @pytest.mark.parametrize("recorded", [True, False])

@@ -213,3 +213,35 @@ def test_capture_diagnose_report_and_the_written_file(tmp_path: Path, name: str 
                 "frames 4,5)\n") in err
         assert ("diagnose:   only in the file's report: INFO mid-capture/end (stream 0, "
                 "frames 5)\n") in err
+
+
+def test_live_report_says_a_hang_that_became_a_stall_was_replaced_not_cut_by_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """half-close-stall.pcap's first connection written live in two batches: after frame 5
+    the silence is a hang (the fixture is hours old, so the clock says so at once); frames
+    6-8 bring the late close and the RSTs, which make it a stall. The pcap file reports the
+    stall only; the report must say the hang was replaced, and must not blame the file's end
+    (the connection closed inside the file)."""
+    from vsockmon.cli.diagnose import LiveReport
+    from vsockmon.live.capture import FileSink, LiveBatch, LiveFrame
+    from vsockmon.wire.pcapio import open_capture
+
+    with open_capture(str(FIXTURES / "diagnose/half-close-stall.pcap")) as reader:
+        frames = list(reader.records())[:8]
+    sink = FileSink(str(tmp_path / "live.pcap"))
+    report = LiveReport(sink)
+    for part in (frames[:5], frames[5:]):
+        report.write(LiveBatch.of_frames(
+            (LiveFrame(r.ts_ns, memoryview(r.data), r.orig_len) for r in part),
+            sink.record_format))
+    report.close()
+    err = capsys.readouterr().err
+    hang = "WARNING half-close-hang (stream 0, frames 4,5)"
+    assert err.startswith(f"diagnose: {hang}: "), err
+    assert "diagnose: WARNING half-close-stall (stream 0, frames 4,6): " in err
+    assert (f"diagnose: {hang} was replaced as the connection went on: the file reports what "
+            "it became\n") in err
+    assert "the written file ends" not in err and "not in the file's report" not in err
+    offline = CliRunner().invoke(main, ["diagnose", str(tmp_path / "live.pcap"), "--json"])
+    assert [(f["rule"], f["stream"]) for f in map(json.loads, offline.stdout.splitlines())] \
+        == [("half-close-stall", 0)]

@@ -174,6 +174,11 @@ class LiveReport:
         (a pcapng file records the stop: then the two agree)."""
         missing, extra = self.live.file_differences(self.reported,
                                                     stopped_ns if recorded else None)
+        replaced = self.live.replaced(missing, stopped_ns)
+        for f in replaced:
+            click.echo(f"diagnose: {_headline(f)} was replaced as the connection went on: "
+                       f"the file reports what it became", err=True)
+        missing = [f for f in missing if f not in replaced]
         if not missing and not extra:
             return
         last = self.live.digest.end_ns

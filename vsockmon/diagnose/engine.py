@@ -138,6 +138,17 @@ class LiveDiagnosis(Diagnosis):
         return ([f for f in reported if _key(f) not in file_keys],
                 [f for f in offline if _key(f) not in live_keys])
 
+    def replaced(self, reported: Sequence[Finding], stop_ns: int) -> list[Finding]:
+        """The ``reported`` findings the live view itself no longer holds at ``stop_ns``.
+
+        Each was true when it was said (a silence after a half-close: a hang), then the
+        connection went on and made it something else (the close came: a stall). A file of
+        the capture reports what it became, whatever the file can record of the capture's
+        end, so the live report must not blame the file's end for the difference.
+        """
+        now = {_key(f) for f in self.findings(stop_ns, final=True)}
+        return [f for f in reported if _key(f) not in now]
+
     def _new(self, findings: list[Finding]) -> list[Finding]:
         out = []
         for f in findings:
