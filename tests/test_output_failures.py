@@ -18,7 +18,11 @@ import sys
 import threading
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
+
+from vsockmon.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parent.parent
 VSOCKMON = str(Path(sys.executable).with_name("vsockmon"))
@@ -105,3 +109,23 @@ def test_an_export_into_a_fifo_writes_through_it_and_leaves_it_a_fifo(tmp_path: 
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert got[0][:4] == bytes.fromhex("0a0d0d0a")  # a pcapng section header block
     assert os.listdir(tmp_path) == ["pipe"]
+
+
+@click.command()
+@click.option("--errno", "code", type=int)
+def boom(code: int) -> None:
+    """A command that fails with a bare OSError (no file name), as a library call might."""
+    raise OSError(code, os.strerror(code))
+
+
+@pytest.mark.parametrize(("code", "line"), [
+    (errno.ENOSPC, f"Error: cannot write the output: {FULL}"),
+    (errno.EACCES, f"Error: {os.strerror(errno.EACCES)}"),  # one line, not called a write
+])
+def test_a_bare_os_error_is_one_line_and_named_a_write_failure_only_when_it_is_one(
+    monkeypatch: pytest.MonkeyPatch, code: int, line: str
+) -> None:
+    monkeypatch.setitem(COMMANDS, "boom", f"{__name__}:boom")
+    done = CliRunner().invoke(main, ["boom", "--errno", str(code)])
+    assert done.exit_code == 1
+    assert done.stderr == line + "\n"

@@ -12,6 +12,7 @@ disk) one line too, and a reader that goes away (``| head``) ends the output qui
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -74,10 +75,16 @@ class LazyGroup(click.Group):
             sys.stderr.close()  # the reader left (| head): no traceback, no message
         except OSError as e:
             # Output that cannot be written (a full disk, /dev/full, a quota): files we read
-            # fail as VsockmonErrors with their names, so a bare one here is our output.
+            # fail as VsockmonErrors with their names. Any other bare OSError is still one
+            # line, but not called a write failure it may not be.
             _drop_stdout()
-            where = f"{e.filename}: " if e.filename else "cannot write the output: "
+            where = f"{e.filename}: " if e.filename else (
+                "cannot write the output: " if e.errno in _WRITE_ERRNOS else "")
             fail(f"Error: {where}{e.strerror or e}", _status(ctx))
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+"""The errors of a write that failed for lack of room or a broken medium."""
 
 
 def _status(ctx: click.Context) -> int:
@@ -88,8 +95,12 @@ def _status(ctx: click.Context) -> int:
 def _drop_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's flush at exit does not fail again
     over the output still buffered (and print a second, noisier error)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file (a test's capture): nothing flushes at exit
+        return
     null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
+    os.dup2(null, fd)
     os.close(null)
 
 
