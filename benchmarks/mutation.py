@@ -42,9 +42,11 @@ PACKAGE = "vsockmon"
 # wire = field tables, pcap/pcapng I/O and the scapy layer; the rest as named.
 DEFAULT_MODULES = ["vsockmon/wire", "vsockmon/decode", "vsockmon/conntrack",
                    "vsockmon/diagnose", "vsockmon/export"]
-# A mutant counts as detected when a test failed or the tests ran far past their usual time
-# (a mutated loop bound that never ends is caught, just by the clock).
-DETECTED = ("killed", "timeout")
+# A mutant counts as detected when a test failed, the tests ran far past their usual time
+# (a mutated loop bound that never ends is caught, just by the clock), or the test process
+# died of a signal (mutmut's "segfault": SIGSEGV or SIGKILL) -- a mutant that passes a bad
+# pointer or length to one of our C extensions crashes the tests, which no user would miss.
+DETECTED = ("killed", "timeout", "segfault")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
