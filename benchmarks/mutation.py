@@ -3,7 +3,7 @@
 
 Runs mutmut (3.8) over the given modules of the ``vsockmon`` package and prints, per module
 and in total, how many mutants the tests killed, how many survived, timed out or were reached
-by no test, and the score (killed + timeout over all mutants). Only non-lab tests run (``-m
+by no test, and the score (killed + timeout + crashed over all mutants). Only non-lab tests run (``-m
 "not lab"``): the lab boots a VM per test and would make a run take days. mutmut records which
 tests reach each function once, then runs only those tests against each mutant, in processes
 forked from a warm interpreter — a full suite run per mutant would be far too slow.
