@@ -3,10 +3,10 @@
 
 Runs mutmut (3.8) over the given modules of the ``vsockmon`` package and prints, per module
 and in total, how many mutants the tests killed, how many survived, timed out or were reached
-by no test, and the score (killed + timeout + crashed over all mutants). Only non-lab tests run (``-m
-"not lab"``): the lab boots a VM per test and would make a run take days. mutmut records which
-tests reach each function once, then runs only those tests against each mutant, in processes
-forked from a warm interpreter — a full suite run per mutant would be far too slow.
+by no test, and the score (killed + timeout + crashed over all mutants). Only non-lab tests
+run (``-m "not lab"``): the lab boots a VM per test and would make a run take days. mutmut
+records which tests reach each function once, then runs only those tests against each mutant,
+in processes forked from a warm interpreter — a full suite run per mutant would be far too slow.
 
 The mutants live in ``mutants/`` at the top of the repository (ignored by git); a run starts
 from a fresh copy, so results never come from stale tests, unless ``--keep`` (print the last
