@@ -18,6 +18,7 @@ from vsockmon.conntrack.tracker import (
     ConnTable,
     ConnTracker,
     StreamRows,
+    Tags,
     Violation,
 )
 from vsockmon.decode.frames import decode_batches
@@ -336,3 +337,60 @@ def test_forgotten_streams_leave_the_working_set_and_numbering_goes_on(tmp_path:
     assert not new.start_seen and new.packets == 1 and new.close == Close.RESET_BY_CLIENT
     assert new.client.addr == "3:50001"
     assert [r["stream"] for r in table.records()] == [0, 2]
+
+
+def _gather(path: Path, rows: StreamRows) -> StreamRows:
+    """Feed ``rows`` every batch of ``path`` with the tracker's tags, as the pipeline does."""
+    tracker = ConnTracker()
+    with CaptureReader(str(path), chunk=300) as reader:
+        for fb in decode_batches(reader.batches()):
+            rows(fb, tracker.feed(fb))
+    return rows
+
+
+def test_stream_rows_without_wanted_take_the_first_streams(tmp_path: Path) -> None:
+    """``first=n`` gathers streams 0 … n-1 (the echo scenario has seven); the default (0)
+    gathers none, and payloads are kept only when asked for."""
+    path = echo_capture(tmp_path / "e.pcap")
+    assert _gather(path, StreamRows()).streams == []
+    two = _gather(path, StreamRows(first=2))
+    assert two.streams == [0, 1]
+    # stream 0 has two RW packets (12 bytes each way), yet no payload was asked for
+    assert int((two.columns(0)["op"] == Op.RW).sum()) == 2 and two.payload(0) == []
+
+
+def test_stream_rows_columns_are_integers(tmp_path: Path) -> None:
+    """Every column holds int64 (timeline and follow print them as integers: a float column
+    would print frame 3 as 3.0); in_flight and limit have one column per side."""
+    rows = _gather(echo_capture(tmp_path / "e.pcap"), StreamRows([0]))
+    cols = rows.columns(0)
+    assert list(cols) == list(StreamRows.COLUMNS)
+    for name, col in cols.items():
+        assert col.dtype == np.int64, name
+        assert col.shape == ((9, 2) if name in ("in_flight", "limit") else (9,)), name
+
+
+def test_stream_rows_of_a_stream_never_seen_are_empty_columns() -> None:
+    rows = StreamRows([5], payloads=True)
+    cols = rows.columns(5)
+    assert list(cols) == list(StreamRows.COLUMNS)
+    for name, col in cols.items():
+        assert col.dtype == np.int64, name
+        assert col.shape == ((0, 2) if name in ("in_flight", "limit") else (0,)), name
+    assert rows.payload(5) == []
+
+
+def test_stream_rows_take_the_largest_stream_number_and_skip_impossible_ones(
+        tmp_path: Path) -> None:
+    """Stream numbers are int64: 2**63 - 1 is one, 2**63 and beyond name none (and must not
+    break the int64 selection); negative numbers (rows without a stream) name none."""
+    path = write(tmp_path / "one.pcap", [(T0, frame(Op.REQUEST))])
+    with CaptureReader(str(path)) as reader:
+        fb = next(decode_batches(reader.batches()))
+    big = 2**63 - 1
+    tags = Tags(np.array([big]), np.zeros(1, np.int8), np.full((1, 2), -1), np.full((1, 2), -1),
+                np.zeros(1, bool))
+    rows = StreamRows([-1, big, 2**63, 2**64 + 5])
+    rows(fb, tags)
+    assert rows.streams == [big]
+    assert rows.columns(big)["frame"].tolist() == [1]

@@ -28,6 +28,8 @@ def test_each_filter_alone_and_together(table: ConnTable) -> None:
     assert matching(table, closes=["half-closed"]).tolist() == [4]
     assert matching(table, cids=[1], ports=[1234], streams=[1, 2]).tolist() == [1]
     assert matching(table, streams=[99]).tolist() == []
+    # port 1234 is served on CID 1 only (streams 0, 1): with CID 3 required, nothing passes
+    assert matching(table, cids=[3], ports=[1234]).tolist() == []
 
 
 def test_order_ascending_descending_and_missing_last(table: ConnTable) -> None:
