@@ -394,3 +394,44 @@ def test_stream_rows_take_the_largest_stream_number_and_skip_impossible_ones(
     rows(fb, tags)
     assert rows.streams == [big]
     assert rows.columns(big)["frame"].tolist() == [1]
+
+
+def _stalls_of_equal_length(path: Path) -> Path:
+    """Two zero-credit stalls of the client of 2 ms each (frames 3 and 5 start them), then a
+    third of 1 ms (frame 7)."""
+    out: list = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    for ms in (2, 2, 1):  # each 4096-byte write fills the server's 4 KiB buffer
+        c.send(0, Op.RW, b"d" * 4096)
+        c.fwd[1] += 4096
+        c.send(1, Op.CREDIT_UPDATE, delay=ms * MS)
+    return write(path, out)
+
+
+@pytest.mark.parametrize("chunk", [120, 1 << 20])  # about a frame per batch; one batch
+def test_the_longest_stall_is_the_earliest_of_equals(tmp_path: Path, chunk: int) -> None:
+    """Of two longest stalls of equal length the first is reported, whether both ended in
+    one batch or in different ones."""
+    st = analyse(_stalls_of_equal_length(tmp_path / "s.pcap"), chunk)[0].client.stalls
+    assert (st.count, st.max_ns, st.total_ns) == (3, 2 * MS, 5 * MS)
+    assert (st.first_frame, st.longest_frame, st.open) == (3, 3, False)
+
+
+def test_tables_end_an_open_stall_where_told(tmp_path: Path) -> None:
+    """``tables(end_ns)`` closes the capture off at ``end_ns`` as ``finish(end_ns)`` does: a
+    stall still open then lasts until it (live: until now)."""
+    out: list = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, b"d" * 4096)  # frame 3 fills the server's buffer; no update follows
+    last_ts = out[-1][0]
+    tracker = ConnTracker()
+    with CaptureReader(str(write(tmp_path / "o.pcap", out))) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+    for table in (tracker.finish(last_ts + 5 * MS), *tracker.tables(last_ts + 5 * MS)):
+        st = table[0].client.stalls
+        assert (st.count, st.total_ns, st.max_ns, st.longest_frame, st.open) == (
+            1, 5 * MS, 5 * MS, 3, True)
+    assert tracker.finish().records()[0]["stall_time"] == 0  # without: the last frame

@@ -30,6 +30,10 @@ def test_each_filter_alone_and_together(table: ConnTable) -> None:
     assert matching(table, streams=[99]).tolist() == []
     # port 1234 is served on CID 1 only (streams 0, 1): with CID 3 required, nothing passes
     assert matching(table, cids=[3], ports=[1234]).tolist() == []
+    # CID 3's connections are 3 (SEQPACKET), 5 and 6: the type narrows what the CID chose
+    assert matching(table, cids=[3], sock_type="stream").tolist() == [5, 6]
+    # graceful closes are 0 and 3; of the SEQPACKET ones (only 3) that leaves 3
+    assert matching(table, sock_type="seqpacket", closes=["graceful"]).tolist() == [3]
 
 
 def test_order_ascending_descending_and_missing_last(table: ConnTable) -> None:

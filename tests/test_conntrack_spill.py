@@ -85,6 +85,39 @@ def test_a_late_frame_joins_its_spilled_stream_and_a_request_starts_a_new_one(
     assert tracker.spilled == 2 and tracker.working_set == 1  # 0 and 2 closed; 1 open
 
 
+
+def test_the_latest_spilled_stream_of_a_key_takes_its_late_frame(tmp_path: Path) -> None:
+    """A key's first stream spilled and taken back three times (each late RST, a batch
+    later: more chunks than streams), then a second stream on the key, spilled too: the
+    next late frame joins the second, the latest stream of the key. The spill counts
+    what it holds through every take and spill."""
+    b, a, s = (3, 40000), (3, 50000), (2, 1234)
+    frames = [frame(Op.REQUEST, src=b, dst=s), frame(Op.RST, src=s, dst=b),      # 0 refused
+              frame(Op.REQUEST, src=a, dst=s), frame(Op.RST, src=s, dst=a),      # 1 refused
+              *[frame(Op.RST, src=a, dst=s)] * 3,                                # 1 again
+              frame(Op.REQUEST, src=a, dst=s), frame(Op.RST, src=s, dst=a),      # 2 refused
+              frame(Op.RST, src=a, dst=s)]                                       # 2 again
+    path = write(tmp_path / "again.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker, tags = feed(path, spill_at=1, chunk=1)  # a batch per frame (92-byte records)
+    assert len(tags) == len(frames)
+    assert [t[0] for t in tags] == [0, 0, 1, 1, 1, 1, 1, 2, 2, 2]
+    assert tracker.spilled == 3 and tracker.working_set == 0 and len(tracker) == 3
+    table = tracker.finish()
+    assert [(c.client.rst_count, c.server.rst_count) for c in table] == [(0, 1), (3, 1),
+                                                                          (1, 1)]
+
+
+def test_a_late_frame_finds_its_spilled_stream_with_a_cid_above_2_31(tmp_path: Path) -> None:
+    """A CID of 3e9 fits the 32 bits of a packed key but makes it exceed 2**63: the key
+    must stay an exact unsigned number for the late RST to find its spilled stream."""
+    a, s = (3_000_000_000, 50000), (2, 1234)
+    frames = [frame(Op.REQUEST, src=a, dst=s), frame(Op.RST, src=s, dst=a),
+              frame(Op.RST, src=a, dst=s)]
+    path = write(tmp_path / "bigcid.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker, tags = feed(path, spill_at=1, chunk=1)  # a batch per frame
+    assert [t[0] for t in tags] == [0, 0, 0]
+    assert len(tracker) == 1 and tracker.finish()[0].client.cid == 3_000_000_000
+
 def storm(path: Path, n: int, open_first: bool) -> Path:
     """``n`` refused connects, each on its own client port; ``open_first``: before them,
     one connection that is answered and never closed, and one that shuts down both ways."""
