@@ -435,3 +435,13 @@ def test_tables_end_an_open_stall_where_told(tmp_path: Path) -> None:
         assert (st.count, st.total_ns, st.max_ns, st.longest_frame, st.open) == (
             1, 5 * MS, 5 * MS, 3, True)
     assert tracker.finish().records()[0]["stall_time"] == 0  # without: the last frame
+
+
+def test_records_give_times_in_seconds_and_shutdown_flags_by_name(echo: ConnTable) -> None:
+    """Conv writes stream 0's nine frames 1000 ns apart from T0 + 1000 ns; stream 4's client
+    sends SHUTDOWN(SEND) only and its server none."""
+    recs = echo.records()
+    assert recs[0]["start"] == pytest.approx((T0 + 1000) / 1e9, abs=1e-6)
+    assert recs[0]["end"] == pytest.approx((T0 + 9000) / 1e9, abs=1e-6)
+    assert recs[0]["duration"] == 8000 / 1e9  # exact: the difference is taken in ns
+    assert (recs[4]["shutdown_client"], recs[4]["shutdown_server"]) == ("SEND", "")
