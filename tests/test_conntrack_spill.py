@@ -19,7 +19,7 @@ from vsockmon.analysis import pipeline
 from vsockmon.cli import main
 from vsockmon.conntrack import tracker as tracker_mod
 from vsockmon.conntrack.records import ConnTable
-from vsockmon.conntrack.spill import Packed
+from vsockmon.conntrack.spill import Packed, key_hash
 from vsockmon.conntrack.tracker import ConnTracker
 from vsockmon.decode.frames import decode_batches
 from vsockmon.wire.pcapio import CaptureReader
@@ -218,3 +218,23 @@ def test_conns_and_stats_print_the_same_from_a_spill_read_in_pieces(
     monkeypatch.setattr(tracker_mod, "CHUNK", 3)
     assert [out(*c) for c in commands] == want
     assert [json.loads(line)["stream"] for line in want[0].splitlines()] == streams
+
+
+def test_the_key_hash_tells_apart_the_keys_of_a_connect_storm() -> None:
+    """A spilled row is found by its key's hash, then confirmed on the key: hashes that
+    collide cost a row decode each. The keys of a storm (20000 client ports on two CIDs,
+    both socket types, to a server below and one above the clients' CIDs, so that the
+    lower end and the higher end vary in turn) differ in one part at a time; none may
+    collide."""
+    ports = np.arange(1024, 21024, dtype=np.uint64)
+    lo, hi, typ = [], [], []
+    for server_cid in (2, 5):
+        server = np.uint64((server_cid << 32) | 1234)
+        for cid in (3, 4):
+            client = (np.uint64(cid) << np.uint64(32)) | ports
+            for t in (1, 2):
+                typ.append(np.full(len(ports), t, dtype=np.uint64))
+                lo.append(np.minimum(client, server))
+                hi.append(np.maximum(client, server))
+    h = key_hash(np.concatenate(typ), np.concatenate(lo), np.concatenate(hi))
+    assert len(np.unique(h)) == len(h) == 160000
