@@ -175,6 +175,10 @@ NONE = 2**63 - 1
     ([NONE, 5, 2**40], 8),
     ([1 << 40, (1 << 40) + 3, (1 << 40) + 5, (1 << 40) + 300], 2),  # steps of at most 295
     ([NONE, NONE, 3], 1),
+    ([0, 255, 0], 1),                          # a span of 255 fits one byte; steps do not
+    ([0, 256, 0], 2),
+    ([2**63 - 100, -(2**63) + 99, 2**63 - 100], 1),  # read unsigned: a span of 199
+    ([-(2**62) - 1, 5, 3], 8),                 # a signed base no float holds exactly
 ])
 def test_packed_columns_give_back_their_values(values: list[int], width: int) -> None:
     col = np.array(values, dtype=np.int64)
