@@ -179,6 +179,9 @@ NONE = 2**63 - 1
     ([0, 256, 0], 2),
     ([2**63 - 100, -(2**63) + 99, 2**63 - 100], 1),  # read unsigned: a span of 199
     ([-(2**62) - 1, 5, 3], 8),                 # a signed base no float holds exactly
+    ([NONE, 1000, 1254], 1),                   # offsets 0..254, NONE the 255th: one byte
+    ([NONE, 1000, 1255], 2),                   # offset 255 would be NONE's: two bytes
+    ([NONE, NONE - 1000, NONE - 746], 1),      # two bytes as they are; NONE reserved: one
 ])
 def test_packed_columns_give_back_their_values(values: list[int], width: int) -> None:
     col = np.array(values, dtype=np.int64)
@@ -242,3 +245,24 @@ def test_the_key_hash_tells_apart_the_keys_of_a_connect_storm() -> None:
                 hi.append(np.maximum(client, server))
     h = key_hash(np.concatenate(typ), np.concatenate(lo), np.concatenate(hi))
     assert len(np.unique(h)) == len(h) == 160000
+
+
+@pytest.mark.parametrize(("rows", "deflated"), [(4095, False), (4096, True)])
+def test_packed_offsets_of_4096_bytes_are_deflated(rows: int, deflated: bool) -> None:
+    """Alternating 0 and 200: one-byte offsets (the steps would need two), as compressible
+    as data gets; from 4096 bytes of offsets on, they are deflated."""
+    values = [0, 200] * (rows // 2) + [0] * (rows % 2)
+    p = Packed(np.array(values, dtype=np.int64))
+    assert p.rows(0, rows).tolist() == values
+    assert p.rows(rows - 3, rows - 1).tolist() == values[-3:-1]
+    assert (p.nbytes < rows // 10) if deflated else (p.nbytes == rows)
+
+
+def test_packed_offsets_deflated_when_that_halves_them() -> None:
+    """Offsets of 3 random bits a byte deflate to about 3/8 of their size: kept deflated,
+    and read back exactly."""
+    rng = np.random.default_rng(7)
+    values = (rng.integers(0, 8, 8192) * 30).tolist()
+    p = Packed(np.array(values, dtype=np.int64))
+    assert 8192 // 3 < p.nbytes <= 8192 // 2
+    assert p.rows(0, 8192).tolist() == values
