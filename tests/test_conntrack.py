@@ -10,6 +10,7 @@ from conntrack_scenarios import MS, Conv, echo_capture, write
 from helpers import T0, frame
 
 from vsockmon.analysis import pipeline
+from vsockmon.conntrack.model import stall_end_ns
 from vsockmon.conntrack.tracker import (
     CLIENT,
     RECORD_FIELDS,
@@ -445,3 +446,10 @@ def test_records_give_times_in_seconds_and_shutdown_flags_by_name(echo: ConnTabl
     assert recs[0]["end"] == pytest.approx((T0 + 9000) / 1e9, abs=1e-6)
     assert recs[0]["duration"] == 8000 / 1e9  # exact: the difference is taken in ns
     assert (recs[4]["shutdown_client"], recs[4]["shutdown_server"]) == ("SEND", "")
+
+
+def test_a_stall_ends_at_the_packet_that_gave_credit_back_else_at_the_end() -> None:
+    """The one definition conns and diagnose share: the peer's packet ends a stall; only
+    one that none ended runs to the end observed."""
+    assert stall_end_ns(5 * MS, 9 * MS) == 5 * MS
+    assert stall_end_ns(None, 9 * MS) == 9 * MS
