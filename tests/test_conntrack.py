@@ -453,3 +453,29 @@ def test_a_stall_ends_at_the_packet_that_gave_credit_back_else_at_the_end() -> N
     one that none ended runs to the end observed."""
     assert stall_end_ns(5 * MS, 9 * MS) == 5 * MS
     assert stall_end_ns(None, 9 * MS) == 9 * MS
+
+
+def test_records_say_null_for_what_was_never_seen(echo: ConnTable) -> None:
+    """Stream 2 is refused (REQUEST, then an RST that carries no credit): no RW, no
+    SHUTDOWN, the server's buffer never advertised; stream 0 is STREAM (no records)."""
+    r = echo.records()[2]
+    assert (r["first_rw_frame"], r["last_rw_frame"]) == (None, None)
+    assert (r["shutdown_client_frame"], r["shutdown_server_frame"]) == (None, None)
+    assert (r["buf_alloc_client"], r["buf_alloc_server"]) == (262144, None)
+    assert (r["max_in_flight_c2s"], r["max_in_flight_s2c"]) == (None, 0)
+    assert echo.records()[0]["records_c2s"] is None
+    assert echo.records()[3]["records_c2s"] == 1
+
+
+def test_records_keep_frame_1_and_a_single_byte_in_flight(tmp_path: Path) -> None:
+    """Frame 1, an RW of a connection begun before the capture, is its last RW frame;
+    a 1-byte write on an answered connection leaves 1 byte in flight."""
+    a, s = (3, 50000), (2, 1234)
+    b = (3, 50001)
+    frames = [frame(Op.RW, b"z", src=s, dst=a),
+              frame(Op.REQUEST, src=b, dst=s), frame(Op.RESPONSE, src=s, dst=b),
+              frame(Op.RW, b"1", src=b, dst=s)]
+    recs = analyse(write(tmp_path / "one.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+                   ).records()
+    assert (recs[0]["first_rw_frame"], recs[0]["last_rw_frame"]) == (1, 1)
+    assert (recs[1]["last_rw_frame"], recs[1]["max_in_flight_c2s"]) == (4, 1)
