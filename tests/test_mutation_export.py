@@ -1,20 +1,20 @@
 """Exports at their edges: the state named in each packet comment through every way a
 connection closes, the evidence notes, and the table columns of frames without headers.
 
-Comments are read back by tshark (``frame.comment``), tables by pyarrow; the expected states
-are reasoned from the packets each test sends (docs/conns.md: a SHUTDOWN's SEND bit closes the
+Comments are read back in-process (``helpers.pcapng_comments``, which test_export.py checks
+against tshark), tables by pyarrow; the expected states are reasoned from the packets each
+test sends (docs/conns.md: a SHUTDOWN's SEND bit closes the
 sender's direction, RCV the peer's; an RST after both directions closed is graceful).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import frame, write_pcap
+from helpers import frame, pcapng_comments, write_pcap
 
 from vsockmon.export import ExportError, export_many, export_pcapng, export_tables, find_captures
 from vsockmon.export.run import CAPTURE_SUFFIXES
@@ -37,8 +37,7 @@ def states(tmp_path: Path, frames: list[bytes], step_ns: int = 1000) -> list[str
     src = write_pcap(tmp_path / "in.pcap", frames, step_ns=step_ns)
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), force=True, payload=False)
-    got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    got = pcapng_comments(out)
     return [c.split(") ", 1)[1].split(",")[0].split(";")[0] for c in got]
 
 
@@ -46,8 +45,7 @@ def comments(tmp_path: Path, frames: list[bytes], step_ns: int = 1000) -> list[s
     src = write_pcap(tmp_path / "in.pcap", frames, step_ns=step_ns)
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), force=True, payload=False)
-    return subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    return pcapng_comments(out)
 
 
 OPEN = [c2s(Op.REQUEST), s2c(Op.RESPONSE)]
@@ -514,7 +512,6 @@ def test_zero_buf_alloc_is_a_limit_of_zero_not_unknown(tmp_path: Path) -> None:
         (None, None), (0, 262144), (0, 0)]
 
 
-@pytest.mark.tshark
 def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     """``export --diagnose``: a REQUEST answered by the server's RST is the no-listener error
     (docs/diagnose.md), noted at both its frames; the caller's extra lines come after the
@@ -525,8 +522,7 @@ def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), payload=False, diagnose=True,
                   extra={2: ["mine"], 3: ["other"], 4: ["alone"]})
-    got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    got = pcapng_comments(out)
     assert "; diagnose: ERROR no-listener: " in got[0] and "mine" not in got[0]
     assert "; diagnose: ERROR no-listener: " in got[1] and got[1].endswith("; mine")
     assert "anomalies: payload-len-mismatch,addr-mismatch" in got[2]
@@ -535,14 +531,12 @@ def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     assert got[3].endswith(" c2s (client) requested; alone") and "diagnose" not in got[3]
 
 
-@pytest.mark.tshark
 def test_states_go_on_past_a_credit_request(tmp_path: Path) -> None:
     """A CREDIT_REQUEST changes no state, and the events after it still do."""
     got = states(tmp_path, [*OPEN, c2s(Op.CREDIT_REQUEST), c2s(Op.SHUTDOWN, flags=SEND)])
     assert got == ["requested", "established", "established", "half-closed"]
 
 
-@pytest.mark.tshark
 def test_no_handshake_time_without_the_request(tmp_path: Path) -> None:
     """Joined after the REQUEST: the RESPONSE is there but no handshake time can be (nor a
     credit for the server: the client's buf_alloc was in the REQUEST)."""
@@ -551,7 +545,6 @@ def test_no_handshake_time_without_the_request(tmp_path: Path) -> None:
     assert "handshake" not in "".join(got)
 
 
-@pytest.mark.tshark
 def test_violation_first_and_last_and_a_long_handshake(tmp_path: Path) -> None:
     """Two server RWs whose payload is longer than their ``len`` (the tap-length violation,
     docs/analysis.md): the first and the last are noted, with the count. A handshake of
@@ -563,7 +556,6 @@ def test_violation_first_and_last_and_a_long_handshake(tmp_path: Path) -> None:
     assert got[3].endswith("; violation tap-length (s2c): last of 2")
 
 
-@pytest.mark.tshark
 def test_no_close_note_while_the_connection_is_only_half_closed(tmp_path: Path) -> None:
     """The tracker records the SHUTDOWN's frame for a half-closed connection too, but only a
     connection that is over (graceful, reset, refused) gets a ``close:`` note."""
@@ -571,7 +563,6 @@ def test_no_close_note_while_the_connection_is_only_half_closed(tmp_path: Path) 
     assert got[2] == "vsockmon stream 0 c2s (client) half-closed, in flight 0/262144"
 
 
-@pytest.mark.tshark
 def test_longest_stall_noted_apart_from_the_first(tmp_path: Path) -> None:
     """The server advertises 4 bytes; each 4-byte RW of the client exhausts them until a
     CREDIT_UPDATE consumes them. The first stall lasts one step (0.6 s), the second two (the
@@ -606,7 +597,6 @@ def test_packet_batch_without_payload_columns_by_default(tmp_path: Path) -> None
     assert batch.column("capture").to_pylist() == ["p.pcap"] * 3
 
 
-@pytest.mark.tshark
 def test_payload_summary_in_comments_only_for_rw_and_when_asked(tmp_path: Path) -> None:
     """With payload summaries on, an RW's payload is named by its dissector ("{}" is JSON);
     bytes behind a CREDIT_UPDATE are not a payload; with them off, no summary at all."""
@@ -615,8 +605,7 @@ def test_payload_summary_in_comments_only_for_rw_and_when_asked(tmp_path: Path) 
     for payload, want in ((True, "; json: {}"), (False, "")):
         out = tmp_path / f"{payload}.pcapng"
         export_pcapng(str(src), str(out), payload=payload)
-        got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+        got = pcapng_comments(out)
         assert got[0] == "vsockmon stream 0 c2s (client) established" + want
         # the client's RW advertised its buf_alloc (262144): the server's credit is known
         assert got[1] == "vsockmon stream 0 s2c (server) established, in flight 0/262144"
