@@ -199,9 +199,9 @@ def test_directory_in_parallel(tmp_path: Path) -> None:
     by_name = {Path(r.source).name: r for r in results}
     assert by_name["bad.pcap"].error and "bad.pcap" in by_name["bad.pcap"].error
     assert by_name["a.pcap"].packets == by_name["b.pcap"].packets == 9
-    got = duckdb.sql(f"select capture, count(*) from "
-                     f"read_parquet('{tmp_path}/out/**/packets.parquet') group by 1 "
-                     f"order by 1").fetchall()
+    got = duckdb.connect().execute(f"select capture, count(*) from "
+                                   f"read_parquet('{tmp_path}/out/**/packets.parquet') "
+                                   f"group by 1 order by 1").fetchall()
     assert got == [("a.pcap", 9), ("vm1/b.pcap", 9)]
     res = CliRunner().invoke(main, ["export", str(captures), "--format", "csv", "-o",
                                     str(tmp_path / "csv"), "-j", "2"])

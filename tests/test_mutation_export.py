@@ -10,14 +10,16 @@ sender's direction, RCV the peer's; an RST after both directions closed is grace
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import frame, pcapng_comments, write_pcap
+from helpers import T0, frame, pcapng_comments, write_pcap
 
 from vsockmon.export import ExportError, export_many, export_pcapng, export_tables, find_captures
 from vsockmon.export.run import CAPTURE_SUFFIXES
+from vsockmon.wire.pcapio import open_capture
 from vsockmon.wire.protocol import Op
 
 C, S = (3, 50000), (2, 1024)
@@ -609,3 +611,148 @@ def test_payload_summary_in_comments_only_for_rw_and_when_asked(tmp_path: Path) 
         assert got[0] == "vsockmon stream 0 c2s (client) established" + want
         # the client's RW advertised its buf_alloc (262144): the server's credit is known
         assert got[1] == "vsockmon stream 0 s2c (server) established, in flight 0/262144"
+
+
+def test_annotator_names_payloads_unless_told_not_to(tmp_path: Path) -> None:
+    """The library's ``Annotator``: called without ``payload``, an RW's comment names its
+    payload ("{}" is JSON to the dissector); ``payload=False`` leaves the summary out."""
+    from vsockmon.analysis.pipeline import analyse, tracked
+    from vsockmon.conntrack.tracker import ConnTracker
+    from vsockmon.export import Annotator
+
+    src = write_pcap(tmp_path / "p.pcap", [app(Op.RW, payload=b"{}")])
+    with open_capture(str(src)) as r:
+        annotator = Annotator(analyse(r).table)
+    with open_capture(str(src)) as r:
+        ((_, fb, tags),) = list(tracked(r, ConnTracker()))
+    plain = "vsockmon stream 0 c2s (client) established"
+    assert annotator.comments(fb, tags) == [plain + "; json: {}"]
+    assert annotator.comments(fb, tags, payload=False) == [plain]
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    """A little-endian pcapng block (pcapng spec: type, length, body, length again)."""
+    body += b"\0" * (-len(body) % 4)
+    return struct.pack("<II", btype, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+
+def _epb(iface: int, ts_ns: int, data: bytes, orig_len: int) -> bytes:
+    return _block(6, struct.pack("<IIIII", iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data),
+                                 orig_len) + data)
+
+
+def test_pcapng_copy_leaves_out_other_link_types_and_keeps_lengths(tmp_path: Path) -> None:
+    """A pcapng with a vsock interface (271) and an Ethernet one (1): the two Ethernet
+    packets are left out and counted as skipped, the vsock packets before and after them
+    are copied, the second with the on-wire length its record gives (more than captured)."""
+    ns = (9).to_bytes(1, "little") + b"\0\0\0"  # if_tsresol 9: nanoseconds
+    idb = [_block(1, struct.pack("<HHI", link, 0, 65535) + struct.pack("<HH", 9, 1) + ns
+                  + b"\0" * 4) for link in (271, 1)]
+    request, response = c2s(Op.REQUEST), s2c(Op.RESPONSE)
+    src = tmp_path / "mixed.pcapng"
+    src.write_bytes(_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)) + b"".join(idb)
+                    + _epb(0, 1000, request, len(request)) + _epb(1, 2000, b"\xff" * 60, 60)
+                    + _epb(1, 3000, b"\xee" * 60, 60) + _epb(0, 4000, response, 500))
+    out = tmp_path / "out.pcapng"
+    res = export_pcapng(str(src), str(out))
+    assert (res.packets, res.skipped, res.connections) == (2, 2, 1)
+    with open_capture(str(out)) as r:
+        got = [(x.ts_ns, bytes(x.data), x.orig_len) for x in r.records()]
+    assert got == [(1000, request, len(request)), (4000, response, 500)]
+    assert pcapng_comments(out)[1].startswith("vsockmon stream 0 s2c (server) established")
+
+
+def test_pcapng_export_reports_source_output_batches_and_a_damaged_end(tmp_path: Path) -> None:
+    """What ``export_pcapng`` reports: its source and output, the packets of each batch in
+    both passes (one batch of 3 here: [3, 3]), and why a capture cut inside its last record
+    stopped; the packets before the cut are still written."""
+    src = write_pcap(tmp_path / "in.pcap", [*OPEN, s2c(Op.RST)])
+    out = tmp_path / "out.pcapng"
+    heard: list[int] = []
+    res = export_pcapng(str(src), str(out), on_batch=heard.append)
+    assert (res.source, res.outputs, res.packets, res.stopped) == (str(src), [str(out)], 3, None)
+    assert heard == [3, 3]
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(src.read_bytes()[:-10])  # the third record loses 10 bytes
+    res = export_pcapng(str(cut), str(tmp_path / "cut.pcapng"))
+    assert res.packets == 2
+    assert res.stopped is not None and res.stopped.startswith("file ends inside a packet")
+
+
+def test_pcapng_export_refuses_an_existing_output_before_reading(tmp_path: Path) -> None:
+    """Without ``force`` an existing output is refused before the capture is even opened
+    (a missing capture then still gets the "exists" message), and is left as it was; an
+    output whose directory does not exist is an ExportError naming it."""
+    out = tmp_path / "out.pcapng"
+    out.write_bytes(b"keep")
+    with pytest.raises(ExportError) as e:
+        export_pcapng(str(tmp_path / "missing.pcap"), str(out))
+    assert str(e.value) == f"{out}: exists; use --force to overwrite"
+    src = write_pcap(tmp_path / "in.pcap", OPEN)
+    with pytest.raises(ExportError):
+        export_pcapng(str(src), str(out))
+    assert out.read_bytes() == b"keep"
+    nowhere = tmp_path / "no-such-dir" / "out.pcapng"
+    with pytest.raises(ExportError) as e:
+        export_pcapng(str(src), str(nowhere))
+    assert str(e.value).startswith(f"{nowhere}: cannot write: ")
+
+
+def test_diagnose_in_comments_measures_a_stall_to_the_recorded_stop(tmp_path: Path) -> None:
+    """The server advertises 4 bytes and the client's 4-byte RW fills them (frame 3); the
+    file's statistics block says the capture stopped 2 s later. The window stayed full for
+    2 s, over the 1 s ``--stall`` default, with nothing consumed: window-full/not-reading
+    (docs/diagnose.md), noted on frame 3. Measured only to the last packet it would be 0 s."""
+    from vsockmon.wire.pcapio import PcapngWriter
+
+    src = tmp_path / "stall.pcapng"
+    with open(src, "wb") as fp:
+        w = PcapngWriter(fp)
+        for i, f in enumerate([c2s(Op.REQUEST), s2c(Op.RESPONSE, buf_alloc=4),
+                               c2s(Op.RW, payload=b"abcd")]):
+            w.write(T0 + i * 1000, f)
+        fp.write(PcapngWriter.statistics_block(T0 + 2000 + 2_000_000_000))
+    out = tmp_path / "out.pcapng"
+    export_pcapng(str(src), str(out), diagnose=True)
+    got = pcapng_comments(out)
+    assert "; diagnose: WARNING window-full/not-reading: " in got[2]
+    assert "diagnose" not in got[0] + got[1]
+
+
+def _caps(tmp_path: Path) -> Path:
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for name in ("a.pcap", "b.pcap"):
+        write_pcap(caps / name, OPEN)
+    return caps
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export_tables`` replaced in this process only: a capture exported here comes back
+    with the error "here"; one exported by a freshly started worker comes back real."""
+    import vsockmon.export.run as run
+
+    monkeypatch.setattr(run, "export_tables",
+                        lambda source, *_: run.ExportResult(source, error="here"))
+
+
+@pytest.mark.usefixtures("stand_in")
+@pytest.mark.parametrize(("jobs", "cpus", "here"), [
+    (1, 4, True),      # one job: in the caller's process, no worker at all
+    (2, 4, False),     # two jobs: workers started by a forkserver, not forked from here
+    (None, 4, False),  # no job count: one per CPU, at most one per capture (2 here)
+    (None, None, True),  # the CPU count unknown: one job
+])
+def test_jobs_in_this_process_or_in_fresh_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  jobs: int | None, cpus: int | None,
+                                                  here: bool) -> None:
+    """Workers come from a forkserver because a fork of a process whose pyarrow or numpy
+    threads run can crash in the child; so a worker does not share the caller's state (the
+    stand-in above), and a single job needs no worker."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    results = export_many(_caps(tmp_path), tmp_path / "o", "json", jobs=jobs)
+    want = [("here", 0)] * 2 if here else [(None, 2)] * 2
+    assert [(r.error, r.packets) for r in results] == want
