@@ -756,3 +756,43 @@ def test_jobs_in_this_process_or_in_fresh_workers(tmp_path: Path, monkeypatch: p
     results = export_many(_caps(tmp_path), tmp_path / "o", "json", jobs=jobs)
     want = [("here", 0)] * 2 if here else [(None, 2)] * 2
     assert [(r.error, r.packets) for r in results] == want
+
+
+def test_a_table_that_cannot_be_put_in_place_fails_with_its_own_error(tmp_path: Path) -> None:
+    """With ``force``, a directory where connections.jsonl should go: renaming the finished
+    table onto it fails (EISDIR), and that is the error raised, not one from cleaning up the
+    packets table already in place; no ``.part`` file is left behind."""
+    src = write_pcap(tmp_path / "in.pcap", OPEN)
+    out = tmp_path / "o"
+    (out / "connections.jsonl").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        export_tables(str(src), out, "json", force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["connections.jsonl", "packets.jsonl"]
+
+
+@pytest.mark.parametrize(("jobs", "want"), [(2, 2), (None, 3), (9, 3)])
+def test_jobs_cap_the_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       jobs: int | None, want: int) -> None:
+    """On a machine of 8 CPUs with 3 captures: ``jobs=2`` runs at most 2 workers (the user
+    caps the CPU taken), no count one per CPU but never more than the captures (3), and
+    more jobs than captures no more than the captures."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import vsockmon.export.run as run
+
+    sizes: list[int] = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, *args: object, **kw: object) -> None:
+            super().__init__(*args, **kw)  # type: ignore[call-overload]
+            sizes.append(self._max_workers)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(run, "ProcessPoolExecutor", Pool)
+    caps = _caps(tmp_path)
+    write_pcap(caps / "c.pcap", OPEN)
+    results = export_many(caps, tmp_path / "o", "json", jobs=jobs)
+    assert sizes == [want]
+    assert [(Path(r.source).name, r.packets) for r in results] == [
+        ("a.pcap", 2), ("b.pcap", 2), ("c.pcap", 2)]
