@@ -361,6 +361,9 @@ def test_segment_maximum_of_extreme_values_and_of_nothing() -> None:
     x = np.array([-(1 << 63), (1 << 63) - 1, 5, -(1 << 63), 7, 0], dtype=np.int64)
     seg = np.array([0, 0, 1, 1, 2, 2])
     assert seg_cummax(x, seg).tolist() == [-(1 << 63), (1 << 63) - 1, 5, 5, 7, 7]
+    one = np.array([-(1 << 63), (1 << 63) - 1, 0], dtype=np.int64)  # a single segment
+    assert seg_cummax(one, np.zeros(3, dtype=np.int64)).tolist() == [-(1 << 63)] + [
+        (1 << 63) - 1] * 2
     assert seg_cummax(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)).tolist() == []
 
 
