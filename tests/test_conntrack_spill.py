@@ -266,3 +266,20 @@ def test_packed_offsets_deflated_when_that_halves_them() -> None:
     p = Packed(np.array(values, dtype=np.int64))
     assert 8192 // 3 < p.nbytes <= 8192 // 2
     assert p.rows(0, 8192).tolist() == values
+
+
+def test_tables_in_pieces_skip_a_chunk_that_spans_a_piece_without_rows_in_it(
+        tmp_path: Path) -> None:
+    """Streams 0 and 5 close in one batch and are spilled together while 1-4 stay open: the
+    chunk's stream range (0-5) covers the piece of streams 2-3, but none of its rows."""
+    s = (2, 1234)
+    clients = [(3, 40000 + i) for i in range(6)]
+    frames = [frame(Op.REQUEST, src=c, dst=s) for c in clients]
+    frames += [frame(Op.RST, src=s, dst=clients[0]), frame(Op.RST, src=s, dst=clients[5])]
+    path = write(tmp_path / "gap.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker, _ = feed(path, spill_at=2)
+    assert tracker.spilled == 2 and tracker.working_set == 4
+    pieces = [[c.stream for c in t] for t in tracker.tables(size=2)]
+    assert pieces == [[0, 1], [2, 3], [4, 5]]
+    assert [c.close.value for t in tracker.tables(size=2) for c in t] == [
+        "refused", "unanswered", "unanswered", "unanswered", "unanswered", "refused"]
