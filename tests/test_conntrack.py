@@ -479,3 +479,36 @@ def test_records_keep_frame_1_and_a_single_byte_in_flight(tmp_path: Path) -> Non
                    ).records()
     assert (recs[0]["first_rw_frame"], recs[0]["last_rw_frame"]) == (1, 1)
     assert (recs[1]["last_rw_frame"], recs[1]["max_in_flight_c2s"]) == (4, 1)
+
+
+def test_an_open_stall_as_long_as_the_longest_is_not_the_longest(tmp_path: Path) -> None:
+    """A stall of 2 ms (frame 3), then one still open at the end, 2 ms long too (frame 5):
+    the earliest of equals stays the longest."""
+    out: list = []
+    c = Conv(out, buf=[262144, 4096])
+    c.open()
+    c.send(0, Op.RW, b"d" * 4096)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=2 * MS)
+    c.send(0, Op.RW, b"d" * 4096)  # frame 5: the buffer full again, no update follows
+    last_ts = out[-1][0]
+    tracker = ConnTracker()
+    with CaptureReader(str(write(tmp_path / "e.pcap", out))) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+    st = tracker.finish(last_ts + 2 * MS)[0].client.stalls
+    assert (st.count, st.max_ns, st.total_ns, st.open) == (2, 2 * MS, 4 * MS, True)
+    assert st.longest_frame == 3
+
+
+def test_records_of_a_connection_without_stalls_say_zero(echo: ConnTable) -> None:
+    r = echo.records()[0]  # the echo: every write consumed at once
+    assert (r["credit_stalls"], r["stall_time"], r["max_stall_ms"]) == (0, 0, 0)
+    assert r["stalled_at_end"] is False
+
+
+def test_a_table_says_which_stream_it_does_not_have(echo: ConnTable) -> None:
+    with pytest.raises(IndexError, match=r"^no stream 7$"):
+        echo[7]  # streams 0-6
+    with pytest.raises(IndexError, match=r"^no stream -1$"):
+        echo[-1]
