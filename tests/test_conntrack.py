@@ -512,3 +512,12 @@ def test_a_table_says_which_stream_it_does_not_have(echo: ConnTable) -> None:
         echo[7]  # streams 0-6
     with pytest.raises(IndexError, match=r"^no stream -1$"):
         echo[-1]
+
+
+def test_a_capture_that_begins_with_a_full_shutdown_is_closing(tmp_path: Path) -> None:
+    """The first frame, a SHUTDOWN(RCV|SEND), shuts both directions of a connection begun
+    before the capture; no RST follows: it is closing, closed by that frame."""
+    a, s = (3, 50000), (2, 1234)
+    frames = [frame(Op.SHUTDOWN, src=a, dst=s, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)]
+    t = analyse(write(tmp_path / "shut.pcap", [(T0, f) for f in frames]))
+    assert (t[0].close, t[0].close_frame, t[0].close_by) == (Close.CLOSING, 1, "client")
