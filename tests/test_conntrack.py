@@ -521,3 +521,16 @@ def test_a_capture_that_begins_with_a_full_shutdown_is_closing(tmp_path: Path) -
     frames = [frame(Op.SHUTDOWN, src=a, dst=s, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)]
     t = analyse(write(tmp_path / "shut.pcap", [(T0, f) for f in frames]))
     assert (t[0].close, t[0].close_frame, t[0].close_by) == (Close.CLOSING, 1, "client")
+
+
+def test_each_connection_gets_its_own_events_when_keys_sort_against_stream_order(
+        tmp_path: Path) -> None:
+    """One batch, two REQUESTs: stream 0 from CID 3, stream 1 from CID 1. The batch is
+    grouped by connection key, where CID 1's comes first, so its two control events arrive
+    against stream order; each connection must still list its own REQUEST."""
+    s = (2, 1234)
+    frames = [frame(Op.REQUEST, src=(3, 50000), dst=s), frame(Op.REQUEST, src=(1, 40000), dst=s)]
+    t = analyse(write(tmp_path / "two.pcap", [(T0 + i, f) for i, f in enumerate(frames)]))
+    assert [[(e.frame, e.op_name) for e in c.events] for c in t] == [[(1, "REQUEST")],
+                                                                   [(2, "REQUEST")]]
+    assert [c.client.cid for c in t] == [3, 1]

@@ -283,3 +283,15 @@ def test_tables_in_pieces_skip_a_chunk_that_spans_a_piece_without_rows_in_it(
     assert pieces == [[0, 1], [2, 3], [4, 5]]
     assert [c.close.value for t in tracker.tables(size=2) for c in t] == [
         "refused", "unanswered", "unanswered", "unanswered", "unanswered", "refused"]
+
+
+def test_a_connection_shut_both_ways_is_spilled_without_an_rst(tmp_path: Path) -> None:
+    """Both directions shut (one SHUTDOWN with RCV and SEND) close a connection for the
+    spill as an RST does: it leaves the working set."""
+    a, s = (3, 50000), (2, 1234)
+    frames = [frame(Op.REQUEST, src=a, dst=s), frame(Op.RESPONSE, src=s, dst=a),
+              frame(Op.SHUTDOWN, src=a, dst=s, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)]
+    tracker, _ = feed(write(tmp_path / "shut.pcap", [(T0 + i, f) for i, f in enumerate(frames)]),
+                      spill_at=1)
+    assert (tracker.spilled, tracker.working_set) == (1, 0)
+    assert tracker.finish()[0].close.value == "closing"
