@@ -1023,3 +1023,61 @@ def test_stale_rst_needs_an_earlier_connection_on_the_pair(tmp_path: Path) -> No
     c.open()
     c.send(1, Op.RST, fwd=15)
     assert of(findings(tmp_path, out), "stale-rst") == []
+
+
+def test_a_transport_resets_length_runs_from_its_first_rst_to_its_last(tmp_path: Path) -> None:
+    """Three forgotten connections; the client's RWs before the second and third RSTs come
+    0.5 s and 0.7345 s late, each RST 1 µs after its RW: from the first RST to the last is
+    1.234500001 s, 1.235 in the evidence (rounded to the ms; the last RST, not the second,
+    ends it)."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(2, 50000 + i), server=(3, 1234)) for i in range(3)]
+    for c in convs:
+        c.open()
+    for c, late in zip(convs, (1000, 500 * MS - 1000, 734_500_001 - 1000), strict=True):
+        c.send(0, Op.RW, b"after the restore", delay=late)
+        c.send(1, Op.RST, buf=0, fwd=0)
+    (f,) = of(findings(tmp_path, out), "transport-reset")
+    assert (f.frames, f.evidence["connections"]) == ((8, 10, 12), 3)
+    assert f.evidence["seconds"] == 1.235
+
+
+def test_a_cid_that_sent_nothing_before_its_resets_was_last_heard_at_no_frame(
+        tmp_path: Path) -> None:
+    """Two connections captured from the server's RESPONSE (frames 1, 2): the guest (the
+    client, CID 3) sent nothing on them before its RSTs with buf_alloc 0 (frames 4, 6), so no
+    frame of it precedes them: 0."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(3, 50000 + i), server=(2, 1234)) for i in range(2)]
+    for c in convs:
+        c.send(1, Op.RESPONSE)
+    for c in convs:
+        c.send(1, Op.RW, b"hi")
+        c.send(0, Op.RST, buf=0)
+    (f,) = of(findings(tmp_path, out), "transport-reset")
+    assert (f.streams, f.frames, f.evidence["cid"]) == ((0, 1), (4, 6), 3)
+    assert f.evidence["last_heard_frame"] == 0
+
+
+@pytest.mark.parametrize(("ahead", "reported"), [
+    (-1, False),         # the RST acknowledges one byte less than was sent: behind, normal
+    ((1 << 31) - 1, True),  # the most a u32 fwd_cnt can be ahead of the bytes sent
+    (1 << 31, False),    # half the u32 space ahead is as far behind: not ahead
+])
+def test_stale_rst_reads_fwd_cnt_as_a_wrapping_u32(tmp_path: Path, ahead: int,
+                                                   reported: bool) -> None:
+    """As above (10 bytes sent on stream 1), the server's RST acknowledging ``10 + ahead``
+    bytes modulo 2³²: counters that wrap are ahead by less than half their range, behind
+    otherwise."""
+    out: list[tuple[int, bytes]] = []
+    old = Conv(out, client=(3, 50070), server=(2, 1024))
+    old.open()
+    old.data(0, bytes(15))
+    old.close()
+    new = Conv(out, client=(3, 50070), server=(2, 1024))
+    new.open()
+    new.send(0, Op.RW, bytes(10))
+    new.send(1, Op.RST, fwd=10 + ahead)
+    stale = of(findings(tmp_path, out), "stale-rst")
+    assert [f.evidence["rst_fwd_cnt"] for f in stale] == ([(10 + ahead) % (1 << 32)]
+                                                          if reported else [])
