@@ -109,8 +109,8 @@ def test_linux_keeps_quiet_until_less_than_64_kib_is_free(tmp_path: Path, consum
     assert (f.rule_id, f.frames) == (rule_id, (6, 7))
     if rule_id == "fwd-cnt-stuck":
         assert f.evidence["ended_by"] == "RW"
-    else:
-        assert f"showed {consumed} bytes consumed: too few for Linux" in f.message
+    else:  # the RW of frame 7 told it
+        assert f"Its RW then showed {consumed} bytes consumed: too few for Linux" in f.message
 
 
 def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
@@ -615,6 +615,27 @@ def test_stalls_that_overlap_briefly_are_not_a_deadlock(tmp_path: Path) -> None:
     c.send(1, Op.CREDIT_UPDATE, delay=S // 2)
     c.fwd[0] += 4096
     c.send(0, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.close()
+    found = of(findings(tmp_path, out), "window-full")
+    assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
+        ("window-full/not-reading", (3, 5), 1.2), ("window-full/not-reading", (4, 6), 1.2)]
+
+
+def test_brief_overlap_when_the_servers_window_fills_first_is_no_deadlock(tmp_path: Path
+                                                                          ) -> None:
+    """The mirror image: frame 3 (t 0) the server fills the client's window, frame 4 (0.7 s)
+    the client fills the server's; frame 5 (1.2 s) the client consumes, frame 6 (1.9 s) the
+    server: again both full at once only 0.5 s, the server's stall being the one to end
+    first."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(1, Op.RW, bytes(4096))
+    c.send(0, Op.RW, bytes(4096), delay=7 * S // 10)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=S // 2)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=7 * S // 10)
     c.close()
     found = of(findings(tmp_path, out), "window-full")
     assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
