@@ -316,6 +316,25 @@ def test_a_half_close_answered_only_by_a_late_close_stalls(tmp_path: Path, close
     assert of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-hang") == []
 
 
+def test_a_server_that_half_closes_and_waits_stalls_too(tmp_path: Path) -> None:
+    """The roles swapped: the server sends 8 bytes (frame 3) and shuts its sending side
+    (frame 4); the client reads them (frame 5) but closes only 1.5 s later (frame 6)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(1, Op.RW, b"READY=1\n")
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[0] += 8
+    c.send(0, Op.CREDIT_UPDATE)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=3 * S // 2)
+    c.send(1, Op.RST)
+    (f,) = of(findings(tmp_path, out), "half-close-stall")
+    assert (f.stream, f.frames) == (0, (4, 6))
+    assert f.evidence == {"stall_s": 1.5, "shutdown_frame": 4, "end_frame": 6,
+                          "closed_by": "client"}
+    assert f.message.startswith("server 1:1234 shut down its sending side")
+
+
 def test_the_half_close_stall_threshold_is_an_option(tmp_path: Path) -> None:
     out = late_close(2 * S, 1)
     assert of(findings(tmp_path, out, Thresholds(half_close_stall_s=2.5)), "half-close-stall"
