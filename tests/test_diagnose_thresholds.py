@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conntrack_scenarios import MS, Conv, write
+from helpers import frame
 
 import vsockmon
 from vsockmon.diagnose.model import Finding, Severity, Thresholds
@@ -711,6 +712,8 @@ def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) 
     (500, 0, 500),        # an RST with buf_alloc 0 carries no credit: its fwd_cnt says nothing
     (1, 262144, 499),     # it read 1 byte: one is enough to count
     (600, 262144, None),  # it claims more than was sent: nothing is shown discarded
+    ((1 << 31) - 1, 262144, None),  # u32 counters: up to 2^31 - 1 ahead is newer (more read)
+    (1 << 31, 262144, 500),  # 2^31 ahead is as far behind: an old count, nothing read
 ])
 def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_buf: int,
                                               unconsumed: int | None) -> None:
@@ -730,6 +733,31 @@ def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_
     (f,) = found
     assert (f.rule_id, f.frames) == ("abrupt-close/unread", (5,))
     assert f.evidence == {"rst_frame": 5, "client_unconsumed": unconsumed}
+
+
+def test_the_receivers_rst_is_read_across_the_u32_wrap_of_fwd_cnt(tmp_path: Path) -> None:
+    """The server's buffer is 2³¹ bytes. Two RWs of 2³¹ - 25 bytes each (their header's len;
+    the payload is not captured), each read and announced (CREDIT_UPDATE: fwd_cnt 2³² - 50 in
+    the end, frame 6); then 500 bytes (frame 7), the client's close (frame 8), and the
+    server's RST 200 ms later, its fwd_cnt 100 bytes further: 50 once wrapped past 2³². It
+    read 100 of the 500: 400 were discarded."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 1 << 31])
+    c.open()
+    chunk = (1 << 31) - 25
+    for _ in range(2):
+        out.append((out[-1][0] + 1000, frame(Op.RW, src=c.client, dst=c.server,
+                                              buf_alloc=262144, length=chunk)))
+        c.fwd[1] += chunk
+        c.send(1, Op.CREDIT_UPDATE)
+    assert c.fwd[1] == (1 << 32) - 50
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, fwd=c.fwd[1] + 100, delay=200 * MS)
+    assert out[-1][1][-4:] == (50).to_bytes(4, "little")  # the RST's fwd_cnt, wrapped
+    (f,) = of(findings(tmp_path, out), "abrupt-close")
+    assert (f.rule_id, f.frames) == ("abrupt-close/unread", (9,))
+    assert f.evidence == {"rst_frame": 9, "client_unconsumed": 400}
 
 
 @pytest.mark.parametrize(("delay_ns", "text"), [(999_000, "999 µs"), (1_000_000, "1.0 ms"),
