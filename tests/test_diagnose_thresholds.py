@@ -839,10 +839,11 @@ def test_an_accept_queue_overflow_names_the_connection_still_waiting(tmp_path: P
 
 
 @pytest.mark.parametrize(("ns", "text"), [(999_999, "1000 µs"), (1_000_000, "1.0 ms"),
-                                          (1_050_001, "1.1 ms"), (71_000, "71 µs")])
-def test_a_delay_in_words(ns: int, text: str) -> None:
+                                          (1_050_001, "1.1 ms"), (71_000, "71 µs"),
+                                          (None, "?")])
+def test_a_delay_in_words(ns: int | None, text: str) -> None:
     """Microseconds below a millisecond, then milliseconds to one decimal (1.050001 ms
-    rounds up)."""
+    rounds up); an unknown delay is a question mark."""
     assert delay_text(ns) == text
 
 
