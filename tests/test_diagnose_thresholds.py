@@ -760,6 +760,26 @@ def test_the_receivers_rst_is_read_across_the_u32_wrap_of_fwd_cnt(tmp_path: Path
     assert f.evidence == {"rst_frame": 9, "client_unconsumed": 400}
 
 
+@pytest.mark.parametrize(("unread", "reported"), [((1 << 31) - 1, True), (1 << 31, False)])
+def test_unread_bytes_are_a_u32_difference_below_half_its_range(tmp_path: Path, unread: int,
+                                                               reported: bool) -> None:
+    """One RW of ``unread`` bytes (header len; a 2³¹-byte buffer holds it), never read: the
+    client closes, the server's RST 200 ms later still says fwd_cnt 0. Bytes sent minus
+    fwd_cnt is a difference of u32 counters: below 2³¹ it is what is left unread, from 2³¹
+    on it reads as fwd_cnt being ahead (the receiver claims more than was sent), so nothing
+    is shown discarded."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 1 << 31])
+    c.open()
+    out.append((out[-1][0] + 1000, frame(Op.RW, src=c.client, dst=c.server, buf_alloc=262144,
+                                          length=unread)))
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, delay=200 * MS)
+    found = of(findings(tmp_path, out), "abrupt-close")
+    assert [f.evidence for f in found] == ([{"rst_frame": 5, "client_unconsumed": unread}]
+                                           if reported else [])
+
+
 @pytest.mark.parametrize(("delay_ns", "text"), [(999_000, "999 µs"), (1_000_000, "1.0 ms"),
                                                 (2_460_000, "2.5 ms")])
 def test_rst_delay_in_words(tmp_path: Path, delay_ns: int, text: str) -> None:
