@@ -1000,6 +1000,30 @@ def test_a_retry_loop_of_failures_of_two_kinds(tmp_path: Path) -> None:
     assert "3 times in 2.0 s (3 refused/reset-by-client); none connected." in f.message
 
 
+def test_a_last_attempt_never_answered_did_not_connect(tmp_path: Path) -> None:
+    """Two refusals, then a third REQUEST (frame 5) that nobody answers before its client
+    shuts it down (frame 6): no RESPONSE, so the loop ends with none connected, all three
+    attempts failures (the last one still closing at the capture's end)."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        if i < 2:
+            c.send(1, Op.RST, buf=0)
+        else:
+            c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert (f.evidence["failures"], f.evidence["connected"]) == (3, False)
+    assert "3 times in 2.0 s (3 closing/refused); none connected." in f.message
+
+
+def test_a_retry_loops_span_is_given_to_the_millisecond(tmp_path: Path) -> None:
+    """Three refusals 0.617222222 s apart: 1.234444444 s from the first REQUEST to the last,
+    1.234 in the evidence."""
+    (f,) = of(findings(tmp_path, refusals(3, 617_222_222)), "dial-retry")
+    assert f.evidence["span_s"] == 1.234
+
+
 def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path: Path
                                                                         ) -> None:
     """Stream 0 is opened and left alone; on stream 1 the *server* writes 64 single bytes
