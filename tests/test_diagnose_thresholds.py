@@ -524,6 +524,33 @@ def test_cid_mismatch_keeps_twenty_example_frames(tmp_path: Path) -> None:
     assert (f.frames, f.evidence["packets"]) == (tuple(range(1, 21)), 25)
 
 
+def test_an_answer_from_another_cid_than_the_one_dialled(tmp_path: Path) -> None:
+    """The host dials 5:1234 from port 50000 (frame 1, stream 0) and gets no answer from CID 5;
+    an RST from 7:999 to the host's port 40000 (frame 2, stream 1) answers nothing it asked;
+    then a RESPONSE comes from CID 6 on the dialled ports (frame 3, stream 2): a guest that
+    believes it is CID 6."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(2, 50000), server=(5, 1234)).send(0, Op.REQUEST)
+    Conv(out, client=(2, 40000), server=(7, 999)).send(1, Op.RST)
+    Conv(out, client=(2, 50000), server=(6, 1234)).send(1, Op.RESPONSE)
+    (f,) = of(findings(tmp_path, out), "cid-mismatch")
+    assert (f.rule_id, f.stream, f.streams, f.frames) == ("cid-mismatch/reply-cid", 0, (0, 2),
+                                                          (1, 3))
+    assert f.evidence == {"dialled_cid": 5, "answering_cid": 6}
+    assert f.message.startswith("The REQUEST went to CID 5 (frame 1), but the answer came from "
+                                "CID 6 on the same ports (frame 3, stream 2).")
+
+
+def test_a_stray_response_to_an_answered_request_is_no_reply_from_another_cid(
+        tmp_path: Path) -> None:
+    """5:1234 accepts the host's REQUEST (frames 1, 2); a RESPONSE from CID 6 on the same
+    ports (frame 3) answers nothing that was still waiting."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(2, 50000), server=(5, 1234)).open()
+    Conv(out, client=(2, 50000), server=(6, 1234)).send(1, Op.RESPONSE)
+    assert of(findings(tmp_path, out), "cid-mismatch") == []
+
+
 def test_empty_writes_are_not_small_writes(tmp_path: Path) -> None:
     """64 RWs without payload, then the server's RST: no small-packet pattern (a zero-length
     RW carries no overhead complaint), just a reset without shutdown (frame 67)."""
