@@ -962,6 +962,24 @@ def test_the_witness_is_the_latest_accepted_connection_still_open(tmp_path: Path
     assert f.frames == (2, 8, 9)
 
 
+def test_the_witness_is_the_connection_accepted_last_not_the_one_that_dialled_last(
+        tmp_path: Path) -> None:
+    """Stream 0 dials (frame 1), stream 1 dials (frame 2) and is accepted (frame 3), then
+    stream 0 is (frame 4); both stay open; stream 2 is refused (frames 5, 6). The latest
+    RESPONSE is stream 0's: it is the witness."""
+    out: list[tuple[int, bytes]] = []
+    first, second = Conv(out), Conv(out, client=(1, 50001))
+    first.send(0, Op.REQUEST)
+    second.open()
+    first.send(1, Op.RESPONSE)
+    refused = Conv(out, client=(1, 50002))
+    refused.send(0, Op.REQUEST)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.evidence["accepted_stream"]) == ("accept-queue-full", 2, 0)
+    assert f.frames == (4, 5, 6)
+
+
 @pytest.mark.parametrize(("rst_fwd", "unconsumed"), [(300, None), (100, 200)])
 def test_the_clients_rst_tells_what_it_read_of_the_servers_data(
         tmp_path: Path, rst_fwd: int, unconsumed: int | None) -> None:
