@@ -221,3 +221,20 @@ def test_a_cut_off_connection_is_still_held_at_the_stop_it_was_reported_at() -> 
     reported = live.update(T0 + MS) + live.close(T0 + MS)
     assert [f.rule_id for f in reported] == ["mid-capture/start", "mid-capture/end"]
     assert live.replaced(reported, T0 + MS) == []
+
+
+def test_the_digest_counts_every_rw_beyond_credit_across_batches() -> None:
+    """The server's buffer is 4096 bytes: the client's RW of 4200 (frame 3) goes past it;
+    the server reads 4100 (frame 4); the client's RW of 4000 (frame 5, fed in a second call)
+    puts 4100 in flight, past it again: two RWs beyond credit, 4200 in flight at worst."""
+    live = LiveDiagnosis()
+    opening = [frame(Op.REQUEST, src=A, dst=SERVER),
+               frame(Op.RESPONSE, src=SERVER, dst=A, buf_alloc=4096),
+               frame(Op.RW, bytes(4200), src=A, dst=SERVER),
+               frame(Op.CREDIT_UPDATE, src=SERVER, dst=A, buf_alloc=4096, fwd_cnt=4100)]
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(opening)])
+    more = frame(Op.RW, bytes(4000), src=A, dst=SERVER)
+    live.feed_frames([(T0 + 4 * MS, more, len(more))])
+    e = live.digest.beyond[(0, 0)]
+    assert (e.count, e.first_frame, e.last_frame, e.max_in_flight) == (2, 3, 5, 4200)
+    assert (e.length, e.credit, e.limit) == (4200, 4096, 4096)

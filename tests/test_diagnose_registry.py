@@ -41,7 +41,7 @@ def _noop(_ctx: Context) -> None:
 def test_in_order_refuses_unknown_and_circular_dependencies() -> None:
     a = Rule("a", Severity.INFO, "a", _noop, after=("b",))
     b = Rule("b", Severity.INFO, "b", _noop, after=("a",))
-    with pytest.raises(ValueError, match="in a circle: a → b$"):  # the path that closed it
+    with pytest.raises(ValueError, match=r"in a circle: a → b$"):  # the path that closed it
         in_order({"a": a, "b": b})
     with pytest.raises(ValueError, match="unknown rule 'b'"):
         in_order({"a": a})

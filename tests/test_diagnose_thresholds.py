@@ -397,6 +397,24 @@ def test_small_packet_reset_boundaries(tmp_path: Path, count: int, size: int,
     assert of(found, "abrupt-close") == []  # explained: not also an abrupt close
 
 
+def test_small_packet_reset_reads_the_credit_of_the_small_writes_direction(tmp_path: Path
+                                                                            ) -> None:
+    """The buffers differ (the client's 131072, the server's 262144); the server sends 50
+    bytes the client reads, then the client's 64 RWs of 100 bytes (frames 5-68) and the
+    server's RST: the credit left is the client's towards the server's buffer, 262144 - 6400,
+    not the server's (131072 - 0)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[131072, 262144])
+    c.open()
+    c.data(1, bytes(50))
+    for _ in range(64):
+        c.send(0, Op.RW, bytes(100))
+    c.send(1, Op.RST)
+    (f,) = of(findings(tmp_path, out), "small-packet-reset")
+    assert (f.frames, f.evidence) == ((69,), {"small_writes": 64, "credit_left": 262144 - 6400,
+                                              "buf_alloc": 262144})
+
+
 # -- abrupt-close/unread: bytes unconsumed for 10 ms at the reset (unread_grace_s) ------------
 
 
