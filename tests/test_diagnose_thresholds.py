@@ -1104,6 +1104,22 @@ def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path
     assert f.evidence == {"small_writes": 64, "credit_left": 262144 - 64, "buf_alloc": 262144}
 
 
+def test_small_writes_are_counted_per_stream_and_sender(tmp_path: Path) -> None:
+    """Streams 0 and 1 are opened and left alone; on stream 2 the *client* writes 64 single
+    bytes (frames 7-70) and the server resets (frame 71): counted for stream 2's client,
+    reported there."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    Conv(out, client=(1, 50001)).open()
+    c = Conv(out, client=(1, 50002))
+    c.open()
+    for _ in range(64):
+        c.send(0, Op.RW, b"x")
+    c.send(1, Op.RST)
+    (f,) = of(findings(tmp_path, out), "small-packet-reset")
+    assert (f.stream, f.frames, f.evidence["small_writes"]) == (2, (71,), 64)
+
+
 # -- transport-reset: one CID forgets two or more connections at once ------------------------
 
 
