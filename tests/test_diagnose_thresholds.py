@@ -442,6 +442,25 @@ def test_unread_data_counts_once_it_waited_ten_ms(tmp_path: Path, wait_ns: int,
 # -- credit-violation: an RW beyond the free credit ------------------------------------------
 
 
+def test_bytes_wait_from_when_they_were_sent_even_into_a_zero_buffer(tmp_path: Path) -> None:
+    """The server reads the client's 100 bytes and announces it with buf_alloc 0 (frame 4:
+    a known buffer of no bytes, not an unknown one); 300 ms later the client sends 50 more
+    (frame 5, beyond that credit) and closes; the server's RST comes 5 ms after them. Nothing
+    waited from frame 4 on: the 50 bytes waited 5 ms, under the 10 ms grace — not reported
+    as discarded, only the credit violation."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, bytes(100))
+    c.fwd[1] += 100
+    c.send(1, Op.CREDIT_UPDATE, buf=0)
+    c.send(0, Op.RW, bytes(50), delay=300 * MS)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, buf=0, delay=5 * MS)
+    assert [(f.rule_id, f.frames) for f in findings(tmp_path, out)] == [
+        ("credit-violation", (5,))]
+
+
 @pytest.mark.parametrize(("size", "reported"), [(4096, False), (4097, True)])
 def test_credit_violation_starts_one_byte_past_the_buffer(tmp_path: Path, size: int,
                                                           reported: bool) -> None:
