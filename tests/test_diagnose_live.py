@@ -238,3 +238,22 @@ def test_the_digest_counts_every_rw_beyond_credit_across_batches() -> None:
     e = live.digest.beyond[(0, 0)]
     assert (e.count, e.first_frame, e.last_frame, e.max_in_flight) == (2, 3, 5, 4200)
     assert (e.length, e.credit, e.limit) == (4200, 4096, 4096)
+
+
+def test_waiting_bytes_are_timed_from_their_own_batch_whatever_else_it_holds() -> None:
+    """First call: stream 0 (A) sends 100 bytes the server reads at once (nothing waits at
+    the end of the call), stream 1 (B) opens after it. Second call, 300 ms later: A sends 50
+    bytes and closes, the server resets 5 ms after them. Those bytes waited 5 ms, under the
+    10 ms grace: a reset, not data discarded."""
+    live = LiveDiagnosis()
+    first = [frame(Op.REQUEST, src=A, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=A),
+             frame(Op.RW, bytes(100), src=A, dst=SERVER),
+             frame(Op.CREDIT_UPDATE, src=SERVER, dst=A, fwd_cnt=100),
+             *_open(B)]
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(first)])
+    second = [(T0 + 300 * MS, frame(Op.RW, bytes(50), src=A, dst=SERVER)),
+              (T0 + 301 * MS, frame(Op.SHUTDOWN, src=A, dst=SERVER, flags=3)),
+              (T0 + 305 * MS, frame(Op.RST, src=SERVER, dst=A, fwd_cnt=100))]
+    live.feed_frames([(t, f, len(f)) for t, f in second])
+    assert live.digest.pending[(0, 0)] == T0 + 300 * MS
+    assert [f.rule_id for f in live.findings(final=False)] == []

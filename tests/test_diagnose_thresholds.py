@@ -439,6 +439,19 @@ def test_unread_data_counts_once_it_waited_ten_ms(tmp_path: Path, wait_ns: int,
     assert f.evidence == {"rst_frame": 5, "client_unconsumed": 500}
 
 
+def test_a_single_unread_byte_counts(tmp_path: Path) -> None:
+    """As above with one byte, the reset 10 ms after it: one byte discarded."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x")
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=10 * MS - 1000)
+    c.send(0, Op.RST)
+    (f,) = of(findings(tmp_path, out), "abrupt-close")
+    assert (f.rule_id, f.evidence) == ("abrupt-close/unread",
+                                       {"rst_frame": 5, "client_unconsumed": 1})
+
+
 # -- credit-violation: an RW beyond the free credit ------------------------------------------
 
 
