@@ -452,6 +452,31 @@ def test_a_single_unread_byte_counts(tmp_path: Path) -> None:
                                        {"rst_frame": 5, "client_unconsumed": 1})
 
 
+@pytest.mark.parametrize(("wait_ns", "reported"), [(5 * MS, False), (20 * MS, True)])
+def test_unread_data_of_interleaved_connections_is_timed_per_connection(
+        tmp_path: Path, wait_ns: int, reported: bool) -> None:
+    """Two connections exchange 20 messages each, turn by turn (every RW read at once: nothing
+    waits) and the second closes (frames 85-87); then, 300 ms later, the first sends 50 bytes
+    and closes, and its server resets (frame 90) ``wait_ns`` after them: the bytes count as
+    discarded from 10 ms on, whatever the other connection's packets around them (one batch
+    holds both connections' rows)."""
+    out: list[tuple[int, bytes]] = []
+    a, b = Conv(out), Conv(out, client=(1, 50001))
+    a.open()
+    b.open()
+    for _ in range(20):
+        a.data(0, bytes(10))
+        b.data(0, bytes(10))
+    b.close()
+    a.send(0, Op.RW, bytes(50), delay=300 * MS)
+    a.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    a.send(1, Op.RST, delay=wait_ns - 1000)
+    found = findings(tmp_path, out)
+    assert [(f.rule_id, f.stream, f.evidence) for f in found] == (
+        [("abrupt-close/unread", 0, {"rst_frame": 90, "client_unconsumed": 50})]
+        if reported else [])
+
+
 # -- credit-violation: an RW beyond the free credit ------------------------------------------
 
 
