@@ -356,6 +356,26 @@ def test_a_peer_still_reading_is_not_sitting_on_the_end_of_file(tmp_path: Path) 
     assert findings(tmp_path, late_close(1000, 1, read_ns=2 * S)) == []
 
 
+def test_a_record_flag_on_data_is_no_half_close(tmp_path: Path) -> None:
+    """SEQPACKET: the client's first message carries flag bit 2 alone (EOR, the value of
+    SHUTDOWN's SEND bit: frame 3), read at once (frame 4); its second (frame 5) and its
+    SHUTDOWN(SEND) (frame 6) follow; the server reads that message only 0.6 s later (frame 7)
+    and closes 0.9 s after that (frame 8), 1.5 s after the half-close. It was still reading
+    until 0.6 s: only 0.9 s of waiting on the end of file, no stall — the RW's flags are not a
+    SHUTDOWN's."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, type_=SockType.SEQPACKET)
+    c.open()
+    c.data(0, b"one", flags=SeqFlag.EOR)
+    c.send(0, Op.RW, b"two", flags=SeqFlag.EOM)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += 3
+    c.send(1, Op.CREDIT_UPDATE, delay=600 * MS)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=900 * MS)
+    c.send(0, Op.RST)
+    assert findings(tmp_path, out) == []
+
+
 def test_a_full_close_is_not_a_half_close(tmp_path: Path) -> None:
     """The client closes both directions (SHUTDOWN 3) and the server's RST comes 2 s later:
     the client is not waiting for anything."""
