@@ -356,6 +356,31 @@ def test_a_peer_still_reading_is_not_sitting_on_the_end_of_file(tmp_path: Path) 
     assert findings(tmp_path, late_close(1000, 1, read_ns=2 * S)) == []
 
 
+@pytest.mark.parametrize(("unread", "stall"), [
+    (0, 1.5),   # all read before the half-close: the wait on the close counts from it
+    (1, None),  # one byte still unread at it, read 0.6 s later: 0.9 s waiting on the close
+])
+def test_a_half_close_stall_counts_from_when_the_peer_had_read_everything(
+        tmp_path: Path, unread: int, stall: float | None) -> None:
+    """The client's 8 bytes (frame 3), of which the server has read all but ``unread``
+    (frame 4); the client's SHUTDOWN(SEND) (frame 5); the server reads the rest 0.6 s later
+    (frame 6) and closes 0.9 s after that (frame 7), 1.5 s after the half-close."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, bytes(8))
+    c.fwd[1] += 8 - unread
+    c.send(1, Op.CREDIT_UPDATE)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += unread
+    c.send(1, Op.CREDIT_UPDATE, delay=600 * MS)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=900 * MS)
+    c.send(0, Op.RST)
+    found = of(findings(tmp_path, out), "half-close-stall")
+    assert [(f.frames, f.evidence["stall_s"]) for f in found] == (
+        [((5, 7), stall)] if stall else [])
+
+
 def test_a_record_flag_on_data_is_no_half_close(tmp_path: Path) -> None:
     """SEQPACKET: the client's first message carries flag bit 2 alone (EOR, the value of
     SHUTDOWN's SEND bit: frame 3), read at once (frame 4); its second (frame 5) and its
