@@ -381,6 +381,25 @@ def test_a_half_close_stall_counts_from_when_the_peer_had_read_everything(
         [((5, 7), stall)] if stall else [])
 
 
+def test_the_peer_has_read_everything_only_once_the_last_byte_is_read(tmp_path: Path
+                                                                      ) -> None:
+    """The client's 8 bytes (frame 3) and SHUTDOWN(SEND) (frame 4); the server reads 7 of
+    them 0.3 s later (frame 5), the last one at 0.6 s (frame 6), and closes at 1.5 s (frame
+    7): 0.9 s waiting on the close once all was read, no stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, bytes(8))
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += 7
+    c.send(1, Op.CREDIT_UPDATE, delay=300 * MS)
+    c.fwd[1] += 1
+    c.send(1, Op.CREDIT_UPDATE, delay=300 * MS)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=900 * MS)
+    c.send(0, Op.RST)
+    assert findings(tmp_path, out) == []
+
+
 def test_a_record_flag_on_data_is_no_half_close(tmp_path: Path) -> None:
     """SEQPACKET: the client's first message carries flag bit 2 alone (EOR, the value of
     SHUTDOWN's SEND bit: frame 3), read at once (frame 4); its second (frame 5) and its
