@@ -15,7 +15,7 @@ from vsockmon import api
 from vsockmon.decode import render
 from vsockmon.decode.frames import FrameBatch
 from vsockmon.errors import VsockmonError
-from vsockmon.payload import dissect, dissect_frame
+from vsockmon.payload import REGISTRY, dissect_frame
 from vsockmon.wire.pcapio import CaptureError
 
 TABLE_ROWS = 5000
@@ -52,11 +52,10 @@ def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, ta
 
 
 def _payload_summary(payload: bytes, src_port: int, dst_port: int) -> str | None:
-    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of a frame's payload."""
-    info = dissect(payload, src_port, dst_port)
-    if info is None or info.protocol == "text":  # plain text: the preview already shows it
-        return None
-    return f"{info.protocol}: {info.summary}"
+    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of a frame's payload;
+    nothing for plain text: the preview already shows it."""
+    info = REGISTRY.dissect(payload, src_port, dst_port, hide="text")
+    return None if info is None else f"{info.protocol}: {info.summary}"
 
 
 @click.command()

@@ -36,7 +36,15 @@ def _lines(text: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
+_SD_NOTIFY_FIRST = frozenset(c for c in range(128) if chr(c).isupper() or chr(c).isspace())
+"""The ASCII bytes an sd_notify payload can begin with: a key's first letter, or white space
+before the first line that is not blank. Any other ASCII byte starts a line that is not
+blank and not an assignment (a byte above 127 may start white space: it is decoded)."""
+
+
 def detect_sd_notify(payload: bytes) -> bool:
+    if payload and payload[0] < 128 and payload[0] not in _SD_NOTIFY_FIRST:
+        return False
     text = _as_text(payload)
     lines = _lines(text) if text is not None else []
     return bool(lines) and all(_ASSIGNMENT.fullmatch(line) for line in lines)
@@ -78,4 +86,5 @@ SD_NOTIFY = PayloadDissector(
 TEXT = PayloadDissector(
     "text", dissect_text, detect=detect_text, priority=90,
     description="printable text, line by line (fallback)",
+    detect_decides=True,  # both ask _as_text for non-blank text
 )
