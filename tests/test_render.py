@@ -1,0 +1,83 @@
+"""The compiled row formatter (``vsockmon/decode/_render.c``) against Python's own conversions:
+``decode --json``'s ``frame.time_epoch`` must be ``repr(ns / 10**9)`` to the character, and
+every number ``str(n)``, whichever short cut the C code takes."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from vsockmon.decode import _render
+
+
+def _rows(item: tuple[object, ...], n: int) -> list[str]:
+    out = _render.format_rows(n, np.zeros(n, dtype=np.int8), [[item]])
+    assert out.endswith(b"\n") or n == 0
+    return out.decode().split("\n")[:-1]
+
+
+def _epochs(ns: list[int]) -> list[str]:
+    return _rows((_render.K_EPOCH, np.asarray(ns, dtype=np.int64)), len(ns))
+
+
+def _times() -> list[int]:
+    rng = random.Random(271)
+    second = 10**9
+    out = [0, 1, -1, 999, 10**5 - 1, 10**5, 999_999_999, second, second + 1, -second,
+           -second - 1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**62, 2**53, 2**53 + 1]
+    # whole seconds, and around every power of two and of ten a double's exponent changes at
+    for e in range(34):
+        out += [2**e * second + d for d in range(-3, 4)]
+        out += [-(2**e * second + d) for d in (-1, 0, 1)]
+    for e in range(9, 19):
+        out += [10**e + d for d in (-1, 0, 1)]
+    # a second and a dyadic fraction (j / 2^k s): a double holds these exactly, and at the
+    # shortest length two decimals can be equally near (repr rounds the tie to even)
+    for k in range(1, 10):
+        out += [s * second + j * (second >> k) for s in (1, 2**30, 1_764_567_890, 2**32 + 1)
+                for j in range(1, 2**k, 2)]
+    # capture-like times (2020-2030) whose fraction has 0 to 9 digits
+    for digits in range(10):
+        step = 10 ** (9 - digits)
+        out += [rng.randrange(1_577_836_800, 1_893_456_000) * second
+                + rng.randrange(second) // step * step for _ in range(3000)]
+    # beyond 2^32 s (year 2106), sub-second times (relative captures), and any int64
+    out += [rng.randrange(2**32 * second, 2**63) for _ in range(20000)]
+    out += [rng.randrange(1, second) for _ in range(5000)]
+    out += [rng.randrange(-(2**63), 2**63) for _ in range(20000)]
+    out += [rng.randrange(second, 2**31 * second) for _ in range(50000)]
+    return out
+
+
+def test_epoch_is_pythons_repr_of_the_true_quotient() -> None:
+    times = _times()
+    got = _epochs(times)
+    wrong = [(ns, text) for ns, text in zip(times, got, strict=True) if text != repr(ns / 10**9)]
+    assert wrong == []
+    # the sample reaches every fraction length repr can give a time of 2001-2038, where a
+    # double holds a seventh of a microsecond: 1 ("….0" for whole seconds) to 7 digits
+    lengths = {len(text.partition(".")[2]) for ns, text in zip(times, got, strict=True)
+               if 10**18 < ns < 2**31 * 10**9}
+    assert lengths == set(range(1, 8))
+
+
+def test_numbers_are_decimal_in_full() -> None:
+    values = [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 10**9, 2**32, 2**53 + 1, 2**63 - 1,
+              -1, -9, -10, -100, -(2**63), *range(-1000, 1000, 7)]
+    values += [random.Random(i).randrange(-(2**63), 2**63) for i in range(2000)]
+    signed = np.asarray(values, dtype=np.int64)
+    assert _rows((_render.K_INT, signed, 0), len(values)) == [str(v) for v in values]
+    assert _rows((_render.K_INT, signed, 8), len(values)) == [f"{v:>8}" for v in values]
+    unsigned = [v % 2**64 for v in values] + [2**64 - 1]
+    assert _rows((_render.K_UINT, np.asarray(unsigned, dtype=np.uint64)), len(unsigned)) == [
+        str(v) for v in unsigned]
+
+
+def test_output_grows_past_its_first_block_and_can_be_empty() -> None:
+    n = 50_000  # ~1 MB: the buffer starts at 64 KiB and is grown many times
+    col = np.arange(n, dtype=np.int64) * 7919
+    out = _render.format_rows(n, np.zeros(n, dtype=np.int8),
+                              [[(_render.K_LIT, b"row "), (_render.K_INT, col, 12)]])
+    assert out == b"".join(b"row %12d\n" % v for v in col.tolist())
+    assert _render.format_rows(0, np.zeros(0, dtype=np.int8), [[(_render.K_LIT, b"x")]]) == b""
