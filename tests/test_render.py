@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from vsockmon.decode import _render
 
@@ -81,3 +82,29 @@ def test_output_grows_past_its_first_block_and_can_be_empty() -> None:
                               [[(_render.K_LIT, b"row "), (_render.K_INT, col, 12)]])
     assert out == b"".join(b"row %12d\n" % v for v in col.tolist())
     assert _render.format_rows(0, np.zeros(0, dtype=np.int8), [[(_render.K_LIT, b"x")]]) == b""
+
+
+def test_factorize_encodes_each_distinct_key_once_in_first_seen_order() -> None:
+    rng = np.random.default_rng(271)
+    cases = [
+        np.zeros(0, dtype=np.int64),
+        np.array([5, 5, 5], dtype=np.int64),
+        # keys that differ only in their high bits, as decode's op << 48 | type << 32 | flags
+        # (an op from 0x8000 on makes the int64 key negative)
+        rng.choice(np.array([1 << 48, 2 << 48, (0x8001 << 48 | 1 << 32) - 2**64,
+                             3 << 48 | 2 << 32 | 1], dtype=np.int64), 5000),
+        # more distinct keys than the table first holds, negative ones, the extremes
+        rng.integers(-(2**63), 2**63 - 1, 20000, endpoint=True),
+        np.array([-(2**63), 2**63 - 1, 0, -1, -(2**63)], dtype=np.int64),
+    ]
+    for keys in cases:
+        codes = np.full(len(keys), -7, dtype=np.int32)
+        unique = _render.factorize(keys, codes)
+        firsts = list(dict.fromkeys(keys.tolist()))
+        assert unique == firsts
+        assert [unique[c] for c in codes.tolist()] == keys.tolist()
+
+
+def test_factorize_refuses_a_short_codes_column() -> None:
+    with pytest.raises(ValueError, match="int32 for each"):
+        _render.factorize(np.arange(4, dtype=np.int64), np.empty(3, dtype=np.int32))

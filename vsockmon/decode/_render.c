@@ -507,8 +507,110 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(factorize_doc,
+"factorize(keys, codes) -> list[int]\n\n"
+"The distinct values of keys (an int64 column) in the order they first appear; codes (a\n"
+"writable int32 column as long) gets each row's index into that list.");
+
+/* Where a key goes in a table of mask + 1 slots: every bit of the key moves the slot (keys
+ * such as op << 48 | type << 32 | flags differ in their high bits). */
+static inline size_t slot_of(int64_t key, size_t mask)
+{
+    uint64_t x = (uint64_t)key;
+    x ^= x >> 32;
+    x *= 0x9E3779B97F4A7C15u;
+    x ^= x >> 29;
+    return (size_t)x & mask;
+}
+
+/* A dictionary encoding by hashing: one pass, where numpy's unique sorts (7 ms for a batch
+ * of 33k rows, twice per batch on decode's paths, for the handful of distinct values a
+ * column of op, type and flags holds). */
+static PyObject *factorize(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, codes;
+    if (!PyArg_ParseTuple(args, "y*w*", &keys, &codes))
+        return NULL;
+    Py_ssize_t n = keys.len / 8;
+    PyObject *unique = NULL;
+    int64_t *slot_key = NULL;
+    int32_t *slot_code = NULL;
+    size_t size = 64, used = 0;
+    if (keys.len % 8 || codes.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "codes must hold an int32 for each int64 key");
+        goto done;
+    }
+    unique = PyList_New(0);
+    slot_key = PyMem_Malloc(size * sizeof *slot_key);
+    slot_code = PyMem_Malloc(size * sizeof *slot_code);
+    if (!unique || !slot_key || !slot_code) {
+        if (unique)
+            PyErr_NoMemory();
+        goto fail;
+    }
+    memset(slot_code, 0xff, size * sizeof *slot_code); /* -1: empty */
+    const int64_t *k = keys.buf;
+    int32_t *out = codes.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (2 * (used + 1) > size) { /* keep the table at most half full */
+            size_t bigger = 2 * size;
+            int64_t *nk = PyMem_Malloc(bigger * sizeof *nk);
+            int32_t *nc = PyMem_Malloc(bigger * sizeof *nc);
+            if (!nk || !nc) {
+                PyMem_Free(nk);
+                PyMem_Free(nc);
+                PyErr_NoMemory();
+                goto fail;
+            }
+            memset(nc, 0xff, bigger * sizeof *nc);
+            for (size_t j = 0; j < size; j++) {
+                if (slot_code[j] < 0)
+                    continue;
+                size_t h = slot_of(slot_key[j], bigger - 1);
+                while (nc[h] >= 0)
+                    h = (h + 1) & (bigger - 1);
+                nk[h] = slot_key[j];
+                nc[h] = slot_code[j];
+            }
+            PyMem_Free(slot_key);
+            PyMem_Free(slot_code);
+            slot_key = nk;
+            slot_code = nc;
+            size = bigger;
+        }
+        size_t h = slot_of(k[i], size - 1);
+        while (slot_code[h] >= 0 && slot_key[h] != k[i])
+            h = (h + 1) & (size - 1);
+        if (slot_code[h] < 0) {
+            if (used > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "too many distinct keys");
+                goto fail;
+            }
+            PyObject *v = PyLong_FromLongLong(k[i]);
+            if (!v || PyList_Append(unique, v) < 0) {
+                Py_XDECREF(v);
+                goto fail;
+            }
+            Py_DECREF(v);
+            slot_key[h] = k[i];
+            slot_code[h] = (int32_t)used++;
+        }
+        out[i] = slot_code[h];
+    }
+    goto done;
+fail:
+    Py_CLEAR(unique);
+done:
+    PyMem_Free(slot_key);
+    PyMem_Free(slot_code);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&codes);
+    return unique;
+}
+
 static PyMethodDef methods[] = {
     {"format_rows", format_rows, METH_VARARGS, format_rows_doc},
+    {"factorize", factorize, METH_VARARGS, factorize_doc},
     {NULL, NULL, 0, NULL},
 };
 
