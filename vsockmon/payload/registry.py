@@ -113,7 +113,8 @@ class Registry:
         ``detect`` decides is never dissected."""
         if not payload:
             return None
-        self.all()
+        if self._order is None or self.load_entry_points:  # all()'s work to do
+            self.all()
         ports = self._ports
         on_ports = ports.get(dst_port, _NO_DISSECTORS) + ports.get(src_port, _NO_DISSECTORS)
         for d in on_ports:
