@@ -14,14 +14,27 @@ import random
 from vsockmon.payload import REGISTRY, PayloadDissector, PayloadInfo, Registry, http, text, ttrpc
 
 
-def _lines_ok(payload: bytes) -> bool:
-    """sd_notify by its definition: UTF-8 without control bytes other than tab, CR, LF;
-    and every line that is not blank is KEY=VALUE with an upper-case key."""
+def _text_of(payload: bytes) -> str | None:
+    """Text by its definition: UTF-8 without control characters other than tab, CR, LF."""
     try:
         s = payload.decode("utf-8")
     except UnicodeDecodeError:
-        return False
+        return None
     if any((ord(c) < 32 and c not in "\t\n\r") or c == "\x7f" for c in s):
+        return None
+    return s
+
+
+def _text_ok(payload: bytes) -> bool:
+    s = _text_of(payload)
+    return s is not None and bool(s.strip())
+
+
+def _lines_ok(payload: bytes) -> bool:
+    """sd_notify by its definition: text, and every line that is not blank is KEY=VALUE
+    with an upper-case key."""
+    s = _text_of(payload)
+    if s is None:
         return False
     lines = [line.rstrip("\r") for line in s.split("\n") if line.strip()]
     return bool(lines) and all(text._ASSIGNMENT.fullmatch(line) for line in lines)
@@ -84,8 +97,10 @@ def _corpus() -> list[bytes]:
             for value in (0, 1, 2, 3, 4, 0x40, 0xFF):
                 out.append(msg[:pos] + bytes([value]) + msg[pos + 1 :])
     out += [rng.randbytes(rng.randrange(1, 64)) for _ in range(3000)]
-    out += [bytes(rng.choice(b"ABZ_=09 \t\r\nabz{}[]/:.GETHP\xc2\xa0") for _ in
+    out += [bytes(rng.choice(b"ABZ_=09 \t\r\nabz{}[]/:.GETHP\xc2\xa0\x1b\x7f\x00") for _ in
                   range(rng.randrange(1, 24))) for _ in range(3000)]
+    # valid UTF-8 with and without a control character, invalid UTF-8 with one
+    out += [b"caf\xc3\xa9\n", b"caf\xc3\xa9\x1b[2J", b"\xc3\x1b", b"\xff\x00text", b"\t\r\n"]
     return out
 
 
@@ -93,13 +108,13 @@ CORPUS = _corpus()
 
 
 def test_detect_short_cuts_answer_as_the_full_rules() -> None:
-    hits = {"sd_notify": 0, "http": 0, "ttrpc": 0}
+    hits = {"sd_notify": 0, "http": 0, "ttrpc": 0, "text": 0}
     for p in CORPUS:
-        want = (_lines_ok(p), _http_ok(p), _ttrpc_ok(p))
-        assert (text.detect_sd_notify(p), http.detect(p), ttrpc.detect(p)) == want, p
-        hits["sd_notify"] += want[0]
-        hits["http"] += want[1]
-        hits["ttrpc"] += want[2]
+        want = (_lines_ok(p), _http_ok(p), _ttrpc_ok(p), _text_ok(p))
+        got = (text.detect_sd_notify(p), http.detect(p), ttrpc.detect(p), text.detect_text(p))
+        assert got == want, p
+        for name, hit in zip(hits, want, strict=True):
+            hits[name] += hit
     # the corpus reaches both answers of every rule, through its short cut's edges
     assert all(n > 20 for n in hits.values()), hits
     assert text.detect_sd_notify("\u00a0\nREADY=1\n".encode())  # a first byte above 127

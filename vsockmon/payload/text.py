@@ -14,8 +14,10 @@ from vsockmon.payload.model import Node, PayloadInfo, shorten
 from vsockmon.payload.registry import PayloadDissector
 
 _ASSIGNMENT = re.compile(r"[A-Z][A-Z0-9_]*=[^\n]*")
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-"""Control characters other than tab, LF and CR (a regex: this runs on every payload)."""
+_CONTROL = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters other than tab, LF and CR (a regex: this runs on every payload), as
+bytes: in UTF-8 a byte below 128 is always that character, so the bytes are searched before
+they are decoded (binary payloads, most of them, are never decoded)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,13 +25,12 @@ def _as_text(payload: bytes) -> str | None:
     """The payload as text when it is valid UTF-8 without control bytes other than
     tab, CR and LF. Remembered for the last payload: its detections and its dissection
     ask for the same payload up to four times in a row."""
+    if _CONTROL.search(payload):
+        return None
     try:
-        text = payload.decode("utf-8")
+        return payload.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if _CONTROL.search(text):
-        return None
-    return text
 
 
 def _lines(text: str) -> list[str]:
