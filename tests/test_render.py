@@ -108,3 +108,26 @@ def test_factorize_encodes_each_distinct_key_once_in_first_seen_order() -> None:
 def test_factorize_refuses_a_short_codes_column() -> None:
     with pytest.raises(ValueError, match="int32 for each"):
         _render.factorize(np.arange(4, dtype=np.int64), np.empty(3, dtype=np.int32))
+
+
+def test_literals_and_names_of_any_length_are_copied_whole() -> None:
+    """Short texts are copied 32 bytes at a time from padded copies: every length around
+    that size, and longer ones, must come out exactly."""
+    texts = [b"", b"a", b"x" * 31, b"y" * 32, b"z" * 33, bytes(range(32, 127)) * 2]
+    n = len(texts)
+    codes = np.arange(n, dtype=np.int32)[::-1].copy()
+    template: list[tuple[object, ...]] = [
+        item for t in texts for item in ((_render.K_LIT, t), (_render.K_LIT, b"|"))]
+    template.append((_render.K_STR, codes, tuple(texts)))
+    out = _render.format_rows(n, np.zeros(n, dtype=np.int8), [template])
+    head = b"|".join(texts) + b"|"
+    assert out == b"".join(head + texts[c] + b"\n" for c in codes.tolist())
+
+
+def test_a_name_that_is_not_bytes_fails_only_where_used() -> None:
+    names = (b"ok", "not bytes")
+    used = (_render.K_STR, np.zeros(2, dtype=np.int32), names)
+    assert _render.format_rows(2, np.zeros(2, dtype=np.int8), [[used]]) == b"ok\nok\n"
+    with pytest.raises(TypeError, match="must be bytes"):
+        _render.format_rows(1, np.zeros(1, dtype=np.int8),
+                            [[(_render.K_STR, np.ones(1, dtype=np.int32), names)]])
