@@ -295,3 +295,17 @@ def test_a_connection_shut_both_ways_is_spilled_without_an_rst(tmp_path: Path) -
                       spill_at=1)
     assert (tracker.spilled, tracker.working_set) == (1, 0)
     assert tracker.finish()[0].close.value == "closing"
+
+
+def test_a_closed_stream_with_a_cid_of_2_32_stays_in_the_working_set(tmp_path: Path) -> None:
+    """CID 2**32 does not fit the 32 bits of a packed key: its closed stream is not spilled,
+    and a late frame still joins it."""
+    a, s = (1 << 32, 50000), (2, 1234)
+    frames = [frame(Op.REQUEST, src=a, dst=s), frame(Op.RST, src=s, dst=a),
+              frame(Op.RST, src=a, dst=s)]
+    path = write(tmp_path / "cid32.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker, tags = feed(path, spill_at=1, chunk=1)  # a batch per frame
+    assert [t[0] for t in tags] == [0, 0, 0]
+    assert (tracker.spilled, tracker.working_set) == (0, 1)
+    c = tracker.finish()[0]
+    assert (c.client.cid, c.client.rst_count, c.server.rst_count) == (1 << 32, 1, 1)
