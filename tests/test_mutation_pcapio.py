@@ -66,7 +66,7 @@ TICKS = 1_700_000_000_123_456_789  # fits 64 bits in every resolution below
 SECONDS = 1_700_000_123
 
 
-@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), [
+RESOLUTIONS = [
     (None, 1_700_000_000_123_456, 1_700_000_000_123_456_000),    # absent: microseconds
     (bytes([6]), 1_700_000_000_123_456, 1_700_000_000_123_456_000),
     (bytes([0]), SECONDS, SECONDS * 10**9),                        # seconds
@@ -78,7 +78,11 @@ SECONDS = 1_700_000_123
     (bytes([0x80 | 10]), SECONDS * 1024 + 512, SECONDS * 10**9 + 500_000_000),
     (bytes([0x80 | 20]), SECONDS * 2**20 + 1, SECONDS * 10**9 + 10**9 // 2**20),
     (bytes([0x80 | 30]), (SECONDS << 30) + (1 << 29), SECONDS * 10**9 + 500_000_000),
-])
+]
+"""(``if_tsresol`` value or None, ticks, the time in ns): computed by hand, floored."""
+
+
+@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), RESOLUTIONS)
 def test_every_timestamp_resolution(tmp_path: Path, tsresol: bytes | None, ticks: int,
                                     want_ns: int) -> None:
     opts = option(9, tsresol) + option(0, b"") if tsresol is not None else b""
@@ -340,3 +344,102 @@ def test_link_types_and_snaplen_are_unsigned(tmp_path: Path) -> None:
     with CaptureReader(str(path)) as r:
         assert r.linktype == 40000
         assert [x.linktype for x in r.records()] == [40000]
+
+
+# -- interface statistics blocks (isb_endtime): when the capture stopped ------------------
+
+def isb(ticks: int, options: bytes = b"", iface: int = 0, e: str = "<") -> bytes:
+    """An interface statistics block (type 5): interface, timestamp high and low, options."""
+    return block(5, struct.pack(e + "III", iface, ticks >> 32, ticks & 0xFFFFFFFF) + options, e)
+
+
+def ts_value(ticks: int, e: str = "<") -> bytes:
+    return struct.pack(e + "II", ticks >> 32, ticks & 0xFFFFFFFF)
+
+
+def capture_end(tmp_path: Path, raw: bytes) -> int | None:
+    _, r = read(tmp_path, raw)
+    assert r.stopped is None
+    return r.capture_end_ns
+
+
+@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), RESOLUTIONS)
+def test_statistics_block_time_in_every_resolution(tmp_path: Path, tsresol: bytes | None,
+                                                   ticks: int, want_ns: int) -> None:
+    """Without isb_endtime the block's own timestamp is the end, in its interface's units
+    (the same table as the packets': the conversion must agree with theirs), as an int."""
+    opts = option(9, tsresol) + option(0, b"") if tsresol is not None else b""
+    end = capture_end(tmp_path, shb() + idb(opts) + epb(ticks) + isb(ticks))
+    assert end == want_ns and type(end) is int
+
+
+def test_statistics_block_time_beyond_int64_is_clamped(tmp_path: Path) -> None:
+    # 2^64 - 1 ns is past 2262: clamped to the largest int64, like a packet's time
+    assert capture_end(tmp_path, shb() + idb(option(9, bytes([9])))
+                       + isb(2**64 - 1)) == 2**63 - 1
+
+
+def test_isb_endtime_wins_after_options_of_every_padding(tmp_path: Path) -> None:
+    """Options before isb_endtime are stepped over with their padding: comments of 5, 8
+    and 16 bytes take 8, 8 and 16 (and an 8-byte comment is not a time)."""
+    block_ticks, end_ticks = 1_000_000, (7 << 32) | 0x80000001  # a low word with bit 31
+    opts = (option(1, b"five5") + option(1, b"12345678") + option(1, b"0123456789abcdef")
+            + option(3, ts_value(end_ticks)) + option(0, b""))
+    base = shb() + idb(option(9, bytes([9])))
+    assert capture_end(tmp_path, base + isb(block_ticks, opts)) == end_ticks
+
+
+def test_isb_options_that_are_not_an_endtime_leave_the_block_time(tmp_path: Path) -> None:
+    base = shb() + idb(option(9, bytes([9])))
+    ticks = (5 << 32) | 17  # a high word: the timestamp is both words
+    # an 8-byte comment; isb_endtime of the wrong length; one after opt_endofopt
+    for opts in (option(1, b"12345678"), option(1, b"12345678") + option(0, b""),
+                 option(3, b"1234") + option(0, b""),
+                 option(0, b"") + option(3, ts_value(99))):
+        assert capture_end(tmp_path, base + isb(ticks, opts)) == ticks, opts
+
+
+def test_isb_endtime_as_the_last_option_and_cut_short(tmp_path: Path) -> None:
+    base = shb() + idb(option(9, bytes([9])))
+    # the last option, no opt_endofopt: its 8 bytes end exactly where the block does
+    assert capture_end(tmp_path, base + isb(1, option(3, ts_value(2**40 + 3)))) == 2**40 + 3
+    # a block that holds only 4 of the 8 bytes the option announces: not read
+    cut = struct.pack("<HH", 3, 8) + b"\xff" * 4
+    assert capture_end(tmp_path, base + isb(1, cut)) == 1
+
+
+def test_isb_option_longer_than_its_block_ends_the_options(tmp_path: Path) -> None:
+    """A declared length past the block (0xFFFC, damage) ends the walk, never loops."""
+    base = shb() + idb(option(9, bytes([9])))
+    opts = struct.pack("<HH", 1, 0xFFFC) + option(3, ts_value(99))
+    assert capture_end(tmp_path, base + isb(1, opts)) == 1
+
+
+def test_statistics_blocks_of_undeclared_interfaces_are_ignored(tmp_path: Path) -> None:
+    base = shb() + idb(option(9, bytes([9])))
+    # interface 1 is the first undeclared one; 0xFFFFFFFF is one too (the field is unsigned)
+    for iface in (1, 0xFFFFFFFF):
+        assert capture_end(tmp_path, base + isb(5, iface=iface)) is None, iface
+    assert capture_end(tmp_path, base + isb(5, iface=1) + isb(6)) == 6
+
+
+def test_the_latest_statistics_block_is_the_end(tmp_path: Path) -> None:
+    """Blocks need not come in time order: the end is the latest time any says."""
+    base = shb() + idb(option(9, bytes([9]))) + idb()
+    assert capture_end(tmp_path, base + isb(9) + isb(4)) == 9
+    assert capture_end(tmp_path, base + isb(4) + isb(9)) == 9
+    # interface 1 counts microseconds: 4 of its ticks are 4000 ns, later than 9 ns
+    assert capture_end(tmp_path, base + isb(9) + isb(4, iface=1)) == 4000
+
+
+def test_big_endian_statistics_block(tmp_path: Path) -> None:
+    be = shb(">") + idb(option(9, bytes([9]), ">"), e=">")
+    opts = option(3, ts_value(2**33 + 5, ">"), ">") + option(0, b"", ">")
+    assert capture_end(tmp_path, be + isb(1, opts, e=">")) == 2**33 + 5
+
+
+def test_written_statistics_block_is_read_back_to_the_nanosecond(tmp_path: Path) -> None:
+    # a low word with bit 31 set: both words are unsigned
+    end = (400_000_000 << 32) | 0x9000_0001
+    assert capture_end(tmp_path, shb() + idb(option(9, bytes([9])))
+                       + PcapngWriter.statistics_block(end)) == end
