@@ -9,6 +9,7 @@ UNKNOWN=0/NO_INFO=1/VIRTIO=2, headers of 32 and 44 bytes) and from the frames bu
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 from helpers import T0, frame, write_pcap
 
-from vsockmon.decode.frames import Frame, decode_batches
-from vsockmon.decode.render import hexdump, preview, summary_line, summary_lines, tree
+from vsockmon.decode.frames import Frame, decode_batches, epoch_seconds
+from vsockmon.decode.render import hexdump, preview, row, summary_line, summary_lines, tree
 from vsockmon.decode.verify import (
     Report,
     VerifyError,
@@ -203,6 +204,37 @@ def test_summary_lines_for_every_kind_of_row(tmp_path: Path) -> None:
         "     4     0.254500  3:1025 → 2:9999  - PAYLOAD !truncated",
         "     5     0.256000  ? → ?  - - !truncated",
         "     6     0.257500  3:1025 → 2:9999  - PAYLOAD !truncated",
+    ]
+
+
+def test_times_far_from_the_start_keep_every_microsecond(tmp_path: Path) -> None:
+    # 1000 s and 250 µs after t0: exactly 1000.000250 (a divisor off by one part in 10^9
+    # would make it 999.999249)
+    got = lines_both_ways(tmp_path, [frame(Op.REQUEST)], t0=T0 - 1000 * 10**9 - 250_000)
+    assert got[0].startswith("     1  1000.000250  3:1025 → 2:9999  STREAM REQUEST")
+
+
+def test_several_anomalies_are_all_named_in_order(tmp_path: Path) -> None:
+    """A frame whose ends differ between the headers and whose payload is shorter than its
+    len: both anomalies, in the order of the anomaly table, in the line and the tree."""
+    virtio = frame(Op.RW, b"abc", src=(5, 6), dst=(7, 8), length=5)[32:]
+    data = mon_header(addr=(3, 2, 1025, 9999)) + virtio
+    (line,) = lines_both_ways(tmp_path, [data])
+    assert line.endswith(' "abc" !payload-len-mismatch,addr-mismatch')
+    assert tree(one(tmp_path, data))[-1] == "anomalies: payload-len-mismatch, addr-mismatch"
+
+
+def test_table_row_of_every_kind_of_frame(tmp_path: Path) -> None:
+    """The table's columns (see TABLE_HEADERS): "-" for each virtio column a frame does not
+    have, "?" for ends it does not have."""
+    got = [row(f, T0) for f in decode(tmp_path, [
+        frame(Op.RW, b"hi", fwd_cnt=7), frame(Op.RW, b"x")[:40], b"\x01\x02"])]
+    assert got == [
+        (1, "0.000000", "3:1025", "2:9999", "STREAM", "RW", 2, "-", 262144, 7, '"hi"'),
+        # cut at 40 bytes: the payload would start at 32 + trans_len 44, past the end
+        (2, "0.001000", "3:1025", "2:9999", "-", "PAYLOAD", "-", "-", "-", "-", ""),
+        # shorter than a vsockmon header: no header, so no payload either
+        (3, "0.002000", "?", "?", "-", "-", "-", "-", "-", "-", ""),
     ]
 
 
@@ -393,3 +425,43 @@ def test_bulk_lines_show_virtio_ends_flags_and_one_byte_payloads(tmp_path: Path)
     slow = [summary_line(f, T0, summary(f.payload, f.virtio["src_port"], f.virtio["dst_port"])
                          if f.virtio["len"] else None) for f in fb.frames()]
     assert fast == slow
+
+
+# -- bulk columns: exact float times, a subset of rows, one frame of a batch -----------------
+
+def test_epoch_seconds_are_the_nearest_double_to_the_exact_time() -> None:
+    """Python's ``int / int`` is correctly rounded: the reference for every time. Among them
+    relative times of 1 s and 1000 s where whole seconds plus the rounded fraction miss by
+    one unit in the last place, a negative one, the last second before 2^29 s, and real
+    capture times."""
+    times = [0, 5, 999_999_999, 1_144_272_509, 1_000_377_652_372, -1_144_272_509,
+             2**29 * 10**9 - 1, 2**29 * 10**9, T0, T0 + 123_456_789, 1_795_000_000_123_456_789]
+    assert 1_144_272_509 / 10**9 != 1 + 144_272_509 / 1e9  # the case the slow path exists for
+    got = epoch_seconds(np.array(times, dtype=np.int64)).tolist()
+    assert got == [t / 10**9 for t in times]
+
+
+def test_json_and_lines_of_some_rows_only(tmp_path: Path) -> None:
+    """``json_text`` and ``summary_lines`` of a subset of rows (as ``decode -Y`` selects them)
+    are those rows' own, also where a row lacks a header (the slow path)."""
+    frames = [frame(Op.REQUEST, src=(3, 100 + i)) for i in range(5)]
+    frames[3] = frames[3][:40]  # no room for the virtio header
+    path = write_pcap(tmp_path / "s.pcap", frames)
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    records = fb.records()
+    for rows in ([1, 3], [0, 4], [3], [0, 1, 2, 3]):
+        idx = np.array(rows, dtype=np.int64)
+        lines = fb.json_text(idx).decode().splitlines()
+        assert [json.loads(x) for x in lines] == [records[i] for i in rows]
+        text = summary_lines(fb, idx, T0).decode().splitlines()
+        assert text == [summary_line(fb.frame(i), T0) for i in rows]
+        assert [line.split()[0] for line in text] == [str(i + 1) for i in rows]
+
+
+def test_a_frame_of_a_batch_is_its_row(tmp_path: Path) -> None:
+    path = write_pcap(tmp_path / "f.pcap", [frame(Op.RW, bytes([i]) * i) for i in range(1, 4)])
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    f = fb.frame(2)
+    assert (f.number, f.payload, f.ts_ns) == (3, b"\x03\x03\x03", T0 + 2000)

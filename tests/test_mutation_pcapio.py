@@ -9,6 +9,7 @@ and the pcap file format, not with our writers; expected timestamps are computed
 
 from __future__ import annotations
 
+import io
 import struct
 import subprocess
 from pathlib import Path
@@ -443,3 +444,84 @@ def test_written_statistics_block_is_read_back_to_the_nanosecond(tmp_path: Path)
     end = (400_000_000 << 32) | 0x9000_0001
     assert capture_end(tmp_path, shb() + idb(option(9, bytes([9])))
                        + PcapngWriter.statistics_block(end)) == end
+
+
+def test_pcapng_writer_defaults(tmp_path: Path) -> None:
+    """By default: interface "vsockmon0" (if_name, option 2), application "vsockmon"
+    (shb_userappl, option 4), snap length 262144, and a section of unknown length (-1)."""
+    out = io.BytesIO()
+    PcapngWriter(out).write(T0, PKT)
+    data = out.getvalue()
+    # 12 bytes of block frame, 16 of body, shb_userappl (4 + 8) and opt_endofopt (4)
+    assert struct.unpack_from("<IIIHHq", data) == (0x0A0D0D0A, 44, 0x1A2B3C4D, 1, 0, -1)
+    assert option(4, b"vsockmon") in data
+    assert option(2, b"vsockmon0") + option(9, bytes([9])) in data
+    assert struct.pack("<HHI", LINKTYPE, 0, 262144) in data
+
+
+def test_writers_take_every_unsigned_value(tmp_path: Path) -> None:
+    """Link types are u16 and snap lengths u32 in both formats; an option is as long as 65535
+    bytes (its length is a u16)."""
+    out = io.BytesIO()
+    PcapngWriter(out, linktype=0xFFFF, snaplen=0xFFFFFFFF).write(T0, PKT, comment="c" * 40000)
+    data = out.getvalue()
+    assert struct.pack("<HHI", 0xFFFF, 0, 0xFFFFFFFF) in data
+    assert struct.pack("<HH", 1, 40000) + b"c" * 40000 in data
+    path = tmp_path / "u.pcapng"
+    path.write_bytes(data)
+    with CaptureReader(str(path)) as r:  # and it reads back
+        assert [x.data for x in r.records()] == [PKT] and r.linktype == 0xFFFF
+
+
+def test_an_idb_whose_last_option_is_the_resolution(tmp_path: Path) -> None:
+    """No opt_endofopt: if_tsresol's 8 bytes end where the block's options do."""
+    stamps, _ = read(tmp_path, shb() + idb(option(9, bytes([9]))) + epb(TICKS))
+    assert stamps == [TICKS]
+
+
+def test_a_statistics_block_too_short_to_hold_a_time_is_skipped(tmp_path: Path) -> None:
+    """12 and 20-byte statistics blocks (no room for interface and timestamp) are stepped
+    over, not called damage; a 24-byte one has exactly what it needs."""
+    base = shb() + idb(option(9, bytes([9])))
+    stamps, r = read(tmp_path, base + block(5, b"") + epb(3) + block(5, b"\0" * 8) + epb(4))
+    assert stamps == [3, 4] and r.stopped is None and r.capture_end_ns is None
+
+
+def test_a_control_block_of_exactly_the_largest_size_is_read(tmp_path: Path) -> None:
+    """MAX_RECORD is the largest block accepted (an interface description padded with a
+    long option), one more word is damage (test_impossible_block_lengths_are_corruption)."""
+    left = MAX_RECORD - 12 - 8 - 8 - 4  # less the frame, IDB body, if_tsresol, the end
+    fill = []
+    while left:  # comments (option 1) of at most 65532 bytes, each 4 + its length
+        size = min(left, 65536)
+        fill.append(option(1, b"n" * (size - 4)))
+        left -= size
+    opts = b"".join(fill) + option(9, bytes([9])) + option(0, b"")
+    big = idb(opts)
+    assert len(big) == MAX_RECORD
+    stamps, r = read(tmp_path, shb() + big + epb(TICKS))
+    assert stamps == [TICKS] and r.stopped is None
+
+
+def test_a_block_length_with_the_top_bit_set_is_named_unsigned(tmp_path: Path) -> None:
+    good = shb() + idb() + epb(1)
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(good + struct.pack("<II", 1, 0xFFFFFFFC) + b"\0" * 40)
+    with open_capture(str(path)) as r:
+        assert len(list(r.records())) == 1
+        assert r.stopped == (f"corrupt pcapng block (length 4294967292) after packet 1 "
+                             f"(byte {len(good)})")
+
+
+def test_damaged_packet_blocks_are_named(tmp_path: Path) -> None:
+    """A packet block of an impossible length, and one whose captured length does not fit
+    in it: the first damage is named with the packets before it."""
+    good = shb() + idb() + epb(1) + epb(2)
+    bad_len = struct.pack("<II", 6, 30) + b"\0" * 40
+    _, r = read(tmp_path, good + bad_len)
+    assert r.stopped == f"corrupt pcapng block (length 30) after packet 2 (byte {len(good)})"
+    body = struct.pack("<IIIII", 0, 0, 5, 1000, 1000) + PKT + b"\0" * (-len(PKT) % 4)
+    too_long = block(6, body)  # claims 1000 captured bytes in a block that holds fewer
+    _, r = read(tmp_path, good + too_long)
+    assert r.stopped == (f"corrupt packet block (captured length 1000) after packet 2 "
+                         f"(byte {len(good)})")

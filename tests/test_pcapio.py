@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -337,3 +338,11 @@ def test_create_output_gives_the_mode_asked_for(tmp_path: Path) -> None:
     path.chmod(0o644)
     create_output(str(path), force=True, mode=0o600).close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_path_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # resolving it never ends: ELOOP, neither missing nor forbidden
+    with pytest.raises(CaptureError) as e:
+        open_file(str(loop))
+    assert str(e.value) == f"{loop}: cannot open: {os.strerror(errno.ELOOP)}"
