@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from vsockmon.decode.verify import (
     known_errors,
     our_records,
     tshark_records,
+    verify_with_pyshark,
     ws_value,
 )
 from vsockmon.wire.pcapio import PcapWriter, open_capture
@@ -465,3 +467,55 @@ def test_a_frame_of_a_batch_is_its_row(tmp_path: Path) -> None:
         (fb,) = list(decode_batches(r.batches()))
     f = fb.frame(2)
     assert (f.number, f.payload, f.ts_ns) == (3, b"\x03\x03\x03", T0 + 2000)
+
+
+# -- verify: when Wireshark cannot be run ----------------------------------------------------
+
+def test_without_tshark_both_ways_of_verifying_say_so(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_pcap(tmp_path / "v.pcap", [frame(Op.REQUEST)])
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no tshark on it
+    want = "tshark is not installed (apt-get install tshark)"
+    with pytest.raises(VerifyError) as e:
+        list(tshark_records(str(path)))
+    assert str(e.value) == want
+    with pytest.raises(VerifyError) as e:
+        verify_with_pyshark(str(path))
+    assert str(e.value) == want
+
+
+def test_a_tshark_that_cannot_run_is_one_line(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed tshark that is no program (here: not an executable format) is named."""
+    path = write_pcap(tmp_path / "v.pcap", [frame(Op.REQUEST)])
+    broken = tmp_path / "bin" / "tshark"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\0\1\2\3")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", str(broken.parent))
+    with pytest.raises(VerifyError) as e:
+        verify_with_pyshark(str(path))
+    assert str(e.value).startswith("cannot run tshark through pyshark: ")
+    assert "Exec format error" in str(e.value)
+
+
+def test_without_pyshark_verify_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    path = write_pcap(tmp_path / "v.pcap", [frame(Op.REQUEST)])
+    for name in [m for m in sys.modules if m == "pyshark" or m.startswith("pyshark.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pyshark", None)  # import pyshark raises ImportError
+    with pytest.raises(VerifyError) as e:
+        verify_with_pyshark(str(path))
+    assert str(e.value) == "pyshark is not installed (pip install pyshark)"
+
+
+def test_tshark_failure_names_its_last_line(tmp_path: Path) -> None:
+    """tshark on a file cut inside a packet fails (exit 2) saying so on its last line."""
+    raw = write_pcap(tmp_path / "w.pcap", [frame(Op.RW, b"x" * 40)]).read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(raw[:60])
+    with pytest.raises(VerifyError) as e:
+        list(tshark_records(str(cut)))
+    assert str(e.value) == (f'tshark failed: tshark: The file "{cut}" appears to have been '
+                            "cut short in the middle of a packet.")
