@@ -28,8 +28,10 @@ from vsockmon.decode.verify import (
     compare,
     known_errors,
     our_records,
+    payload_len_mismatch,
     tshark_records,
     verify_with_pyshark,
+    ws_payload_len,
     ws_value,
 )
 from vsockmon.wire.pcapio import PcapWriter, open_capture
@@ -519,3 +521,54 @@ def test_tshark_failure_names_its_last_line(tmp_path: Path) -> None:
         list(tshark_records(str(cut)))
     assert str(e.value) == (f'tshark failed: tshark: The file "{cut}" appears to have been '
                             "cut short in the middle of a packet.")
+
+
+# -- verify: what Wireshark's own fields say about the payload -------------------------------
+# Field names as ``tshark -T fields`` prints them; 76 = 32 (vsockmon) + 44 (trans_len).
+
+def ws_fields(wire: int, cap: int, payload: str, vlen: int | None = None,
+              trans_len: int | None = 44) -> dict[str, str]:
+    out = {"frame.len": str(wire), "frame.cap_len": str(cap), "vsock.payload": payload}
+    if trans_len is not None:
+        out["vsock.trans_len"] = str(trans_len)
+    if vlen is not None:
+        out["vsock.virtio.len"] = str(vlen)
+    return out
+
+
+@pytest.mark.parametrize(("theirs", "due"), [
+    (ws_fields(79, 79, "61:62:63", vlen=3), False),    # whole, 3 bytes of len 3
+    (ws_fields(78, 78, "61:62", vlen=3), True),        # whole, 2 bytes of len 3
+    (ws_fields(80, 80, "61:62:63:64", vlen=3), True),  # whole, 4 bytes of len 3 (tap bug)
+    (ws_fields(76, 76, "", vlen=5), True),             # exactly the headers, len 5
+    (ws_fields(76, 76, "", vlen=0), False),
+    (ws_fields(100, 79, "61:62:63", vlen=5), False),   # cut by the snap length: not whole
+    (ws_fields(79, 79, "", vlen=5, trans_len=60), False),  # headers claim more than is there
+    (ws_fields(79, 79, "61:62:63"), None),             # no virtio header
+    (ws_fields(79, 79, "61:62:63", vlen=3, trans_len=None), None),  # no vsockmon header
+    ({}, None),
+])
+def test_payload_len_mismatch_from_wiresharks_fields(theirs: dict[str, str], due: bool | None
+                                                     ) -> None:
+    assert payload_len_mismatch(theirs) is due
+
+
+@pytest.mark.parametrize(("theirs", "shown"), [
+    (ws_fields(79, 79, "61:62:63", vlen=3), 3),
+    (ws_fields(100, 79, "", vlen=24), 3),    # cut: Wireshark shows none, its lengths leave 3
+    (ws_fields(100, 70, "", vlen=24), 0),    # cut inside the headers: nothing left
+    (ws_fields(100, 79, "", vlen=24, trans_len=None), 0),  # no header to count from
+    (ws_fields(79, 79, "", vlen=3), 0),      # whole and empty
+    ({}, 0),
+])
+def test_payload_length_wireshark_has(theirs: dict[str, str], shown: int) -> None:
+    got = ws_payload_len(theirs)
+    assert got == shown and type(got) is int  # a count of bytes
+
+
+def test_known_error_of_a_snapped_payload() -> None:
+    cut = {"frame.len": 100, "frame.cap_len": 79, "payload_len": 3}
+    assert known_errors(cut) == ["payload of a frame cut by the snap length not shown by "
+                                 "Wireshark (compared with the length its headers leave)"]
+    assert known_errors({**cut, "payload_len": 0}) == []
+    assert known_errors({**cut, "frame.len": 79}) == []
