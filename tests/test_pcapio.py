@@ -346,3 +346,48 @@ def test_a_path_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
     with pytest.raises(CaptureError) as e:
         open_file(str(loop))
     assert str(e.value) == f"{loop}: cannot open: {os.strerror(errno.ELOOP)}"
+
+
+class _Stdin:
+    """A stand-in for ``sys.stdin`` whose binary side is ``data`` (what a pipe would hold)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BufferedReader(io.BytesIO(data))
+
+
+def test_sources_without_a_file_name_are_named_in_messages(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    with pytest.raises(CaptureError) as e:
+        CaptureReader(io.BytesIO(b""))  # a file object with no name
+    assert str(e.value) == "<file object>: empty file, not a capture"
+    monkeypatch.setattr(sys, "stdin", _Stdin(b""))
+    with pytest.raises(CaptureError) as e:
+        CaptureReader("-")
+    assert str(e.value) == "<stdin>: empty file, not a capture"
+
+
+def test_closing_a_reader_closes_its_file_but_never_stdin(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    raw = (FIXTURES / "stream-all-ops.pcap").read_bytes()
+    with CaptureReader(str(FIXTURES / "stream-all-ops.pcap")) as r:
+        fp = r._fp
+        assert not fp.closed
+    assert fp.closed
+    stdin = _Stdin(raw)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with CaptureReader("-") as r:
+        assert len(list(r.records())) > 0
+    assert not stdin.buffer.closed  # the process's stdin stays usable
+
+
+def test_a_four_byte_file_is_judged_by_its_magic(tmp_path: Path) -> None:
+    """Four bytes are enough to tell a pcap (then its header is cut short) from a stranger."""
+    path = tmp_path / "four"
+    path.write_bytes(struct.pack("<I", 0xA1B2C3D4))
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: truncated pcap file header"
+    path.write_bytes(b"abcd")
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: not a pcap or pcapng file (magic 61626364)"

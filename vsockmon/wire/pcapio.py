@@ -188,7 +188,6 @@ class CaptureReader:
     """
 
     def __init__(self, path: str | BinaryIO, chunk: int = CHUNK) -> None:
-        self.path = path
         self._chunk = chunk
         self._fp, self.name = _open_source(path)
         self.stopped: str | None = None
