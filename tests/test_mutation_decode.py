@@ -572,3 +572,17 @@ def test_known_error_of_a_snapped_payload() -> None:
                                  "Wireshark (compared with the length its headers leave)"]
     assert known_errors({**cut, "payload_len": 0}) == []
     assert known_errors({**cut, "frame.len": 79}) == []
+
+
+def test_pyshark_verify_of_a_frame_wireshark_does_not_call_vsock(tmp_path: Path) -> None:
+    """A pcapng whose second interface is Ethernet: Wireshark gives that frame no vsock
+    fields, which is reported as disagreements on it, not a crash."""
+    from test_mutation_pcapio import epb, idb, shb
+
+    path = tmp_path / "mixed.pcapng"
+    ether = b"\xff" * 12 + b"\x88\xb5" + b"\0" * 46  # a 60-byte frame of a local EtherType
+    path.write_bytes(shb() + idb() + idb(linktype=1) + epb(1, frame(Op.REQUEST))
+                     + epb(2, ether, iface=1))
+    report = verify_with_pyshark(str(path))
+    assert report.frames == 2
+    assert {d.frame for d in report.disagreements} == {2}
