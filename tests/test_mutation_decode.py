@@ -586,3 +586,35 @@ def test_pyshark_verify_of_a_frame_wireshark_does_not_call_vsock(tmp_path: Path)
     report = verify_with_pyshark(str(path))
     assert report.frames == 2
     assert {d.frame for d in report.disagreements} == {2}
+
+
+def test_compare_names_each_frame_field_and_the_anomaly(tmp_path: Path) -> None:
+    """The time (to the ns), both lengths and the payload-length anomaly are compared, and a
+    field Wireshark does not give is a disagreement with None."""
+    rec, ws = ours_and_theirs(tmp_path, frame(Op.RW, b"abc", length=5))
+    assert "payload-len-mismatch" in rec["anomalies"] and compare(rec, ws) == []
+    t = rec["frame.time_ns"] + 1
+    off = dict(ws, **{"frame.time_epoch": f"{t // 10**9}.{t % 10**9:09d}",
+                      "frame.len": "1000", "frame.cap_len": "999"})
+    assert [(d.key, d.ours, d.wireshark) for d in compare(rec, off)] == [
+        ("frame.time_ns", rec["frame.time_ns"], t), ("frame.len", 79, 1000),
+        ("frame.cap_len", 79, 999),
+        # by these lengths the frame was cut short, so the anomaly would not be due
+        ("anomalies: payload-len-mismatch", True, False)]
+    assert [(d.key, d.wireshark) for d in compare(rec, {})][:3] == [
+        ("frame.time_ns", None), ("frame.len", None), ("frame.cap_len", None)]
+    (d,) = compare(dict(rec, anomalies=[]), ws)
+    assert (d.key, d.ours, d.wireshark) == ("anomalies: payload-len-mismatch", False, True)
+
+
+def test_ws_value_of_bytes_printed_without_colons() -> None:
+    # pyshark's raw value of a 2-byte field holding 0x0001 little-endian: the bytes, in hex
+    assert ws_value("0100") == 0x0100
+
+
+def test_records_of_a_range_of_rows(tmp_path: Path) -> None:
+    path = write_pcap(tmp_path / "r.pcap", [frame(Op.RW, b"x" * i) for i in range(5)])
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    assert [x["frame.number"] for x in fb.records(1, 3)] == [2, 3]
+    assert [x["payload_len"] for x in fb.records(3)] == [3, 4]
