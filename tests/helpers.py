@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from vsockmon.wire.pcapio import PcapWriter
@@ -29,6 +30,29 @@ def write_pcap(path: Path, frames: list[bytes], step_ns: int = 1000) -> Path:
         for i, f in enumerate(frames):
             w.write(T0 + i * step_ns, f)
     return path
+
+
+def pcapng_comments(path: Path) -> list[str]:
+    """The comment of every packet of a little-endian pcapng file, "" for none, read here
+    block by block from the pcapng spec (EPB type 6, option 1 = opt_comment) rather than by
+    our own reader: tshark shows the same (tests/test_export.py checks one file both ways),
+    in-process, so a mutation run can afford it per test."""
+    data, out, off = path.read_bytes(), [], 0
+    while off < len(data):
+        btype, blen = struct.unpack_from("<II", data, off)
+        if btype == 6:
+            caplen = struct.unpack_from("<I", data, off + 20)[0]
+            opt, found = off + 28 + (caplen + 3) // 4 * 4, []
+            while opt < off + blen - 4:
+                code, olen = struct.unpack_from("<HH", data, opt)
+                if code == 0:
+                    break
+                if code == 1:
+                    found.append(data[opt + 4:opt + 4 + olen].decode())
+                opt += 4 + (olen + 3) // 4 * 4
+            out.append(",".join(found))
+        off += blen
+    return out
 
 
 LAB_SHELL = r"""

@@ -1,23 +1,25 @@
 """Exports at their edges: the state named in each packet comment through every way a
 connection closes, the evidence notes, and the table columns of frames without headers.
 
-Comments are read back by tshark (``frame.comment``), tables by pyarrow; the expected states
-are reasoned from the packets each test sends (docs/conns.md: a SHUTDOWN's SEND bit closes the
+Comments are read back in-process (``helpers.pcapng_comments``, which test_export.py checks
+against tshark), tables by pyarrow; the expected states are reasoned from the packets each
+test sends (docs/conns.md: a SHUTDOWN's SEND bit closes the
 sender's direction, RCV the peer's; an RST after both directions closed is graceful).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
+import struct
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import frame, write_pcap
+from helpers import T0, frame, pcapng_comments, write_pcap
 
 from vsockmon.export import ExportError, export_many, export_pcapng, export_tables, find_captures
 from vsockmon.export.run import CAPTURE_SUFFIXES
+from vsockmon.wire.pcapio import open_capture
 from vsockmon.wire.protocol import Op
 
 C, S = (3, 50000), (2, 1024)
@@ -37,8 +39,7 @@ def states(tmp_path: Path, frames: list[bytes], step_ns: int = 1000) -> list[str
     src = write_pcap(tmp_path / "in.pcap", frames, step_ns=step_ns)
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), force=True, payload=False)
-    got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    got = pcapng_comments(out)
     return [c.split(") ", 1)[1].split(",")[0].split(";")[0] for c in got]
 
 
@@ -46,8 +47,7 @@ def comments(tmp_path: Path, frames: list[bytes], step_ns: int = 1000) -> list[s
     src = write_pcap(tmp_path / "in.pcap", frames, step_ns=step_ns)
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), force=True, payload=False)
-    return subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    return pcapng_comments(out)
 
 
 OPEN = [c2s(Op.REQUEST), s2c(Op.RESPONSE)]
@@ -514,7 +514,6 @@ def test_zero_buf_alloc_is_a_limit_of_zero_not_unknown(tmp_path: Path) -> None:
         (None, None), (0, 262144), (0, 0)]
 
 
-@pytest.mark.tshark
 def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     """``export --diagnose``: a REQUEST answered by the server's RST is the no-listener error
     (docs/diagnose.md), noted at both its frames; the caller's extra lines come after the
@@ -525,8 +524,7 @@ def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     out = tmp_path / "out.pcapng"
     export_pcapng(str(src), str(out), payload=False, diagnose=True,
                   extra={2: ["mine"], 3: ["other"], 4: ["alone"]})
-    got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    got = pcapng_comments(out)
     assert "; diagnose: ERROR no-listener: " in got[0] and "mine" not in got[0]
     assert "; diagnose: ERROR no-listener: " in got[1] and got[1].endswith("; mine")
     assert "anomalies: payload-len-mismatch,addr-mismatch" in got[2]
@@ -535,14 +533,12 @@ def test_diagnose_findings_then_extra_lines_in_comments(tmp_path: Path) -> None:
     assert got[3].endswith(" c2s (client) requested; alone") and "diagnose" not in got[3]
 
 
-@pytest.mark.tshark
 def test_states_go_on_past_a_credit_request(tmp_path: Path) -> None:
     """A CREDIT_REQUEST changes no state, and the events after it still do."""
     got = states(tmp_path, [*OPEN, c2s(Op.CREDIT_REQUEST), c2s(Op.SHUTDOWN, flags=SEND)])
     assert got == ["requested", "established", "established", "half-closed"]
 
 
-@pytest.mark.tshark
 def test_no_handshake_time_without_the_request(tmp_path: Path) -> None:
     """Joined after the REQUEST: the RESPONSE is there but no handshake time can be (nor a
     credit for the server: the client's buf_alloc was in the REQUEST)."""
@@ -551,7 +547,6 @@ def test_no_handshake_time_without_the_request(tmp_path: Path) -> None:
     assert "handshake" not in "".join(got)
 
 
-@pytest.mark.tshark
 def test_violation_first_and_last_and_a_long_handshake(tmp_path: Path) -> None:
     """Two server RWs whose payload is longer than their ``len`` (the tap-length violation,
     docs/analysis.md): the first and the last are noted, with the count. A handshake of
@@ -563,7 +558,6 @@ def test_violation_first_and_last_and_a_long_handshake(tmp_path: Path) -> None:
     assert got[3].endswith("; violation tap-length (s2c): last of 2")
 
 
-@pytest.mark.tshark
 def test_no_close_note_while_the_connection_is_only_half_closed(tmp_path: Path) -> None:
     """The tracker records the SHUTDOWN's frame for a half-closed connection too, but only a
     connection that is over (graceful, reset, refused) gets a ``close:`` note."""
@@ -571,7 +565,6 @@ def test_no_close_note_while_the_connection_is_only_half_closed(tmp_path: Path) 
     assert got[2] == "vsockmon stream 0 c2s (client) half-closed, in flight 0/262144"
 
 
-@pytest.mark.tshark
 def test_longest_stall_noted_apart_from_the_first(tmp_path: Path) -> None:
     """The server advertises 4 bytes; each 4-byte RW of the client exhausts them until a
     CREDIT_UPDATE consumes them. The first stall lasts one step (0.6 s), the second two (the
@@ -606,7 +599,6 @@ def test_packet_batch_without_payload_columns_by_default(tmp_path: Path) -> None
     assert batch.column("capture").to_pylist() == ["p.pcap"] * 3
 
 
-@pytest.mark.tshark
 def test_payload_summary_in_comments_only_for_rw_and_when_asked(tmp_path: Path) -> None:
     """With payload summaries on, an RW's payload is named by its dissector ("{}" is JSON);
     bytes behind a CREDIT_UPDATE are not a payload; with them off, no summary at all."""
@@ -615,8 +607,192 @@ def test_payload_summary_in_comments_only_for_rw_and_when_asked(tmp_path: Path) 
     for payload, want in ((True, "; json: {}"), (False, "")):
         out = tmp_path / f"{payload}.pcapng"
         export_pcapng(str(src), str(out), payload=payload)
-        got = subprocess.run(["tshark", "-r", str(out), "-T", "fields", "-e", "frame.comment"],
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+        got = pcapng_comments(out)
         assert got[0] == "vsockmon stream 0 c2s (client) established" + want
         # the client's RW advertised its buf_alloc (262144): the server's credit is known
         assert got[1] == "vsockmon stream 0 s2c (server) established, in flight 0/262144"
+
+
+def test_annotator_names_payloads_unless_told_not_to(tmp_path: Path) -> None:
+    """The library's ``Annotator``: called without ``payload``, an RW's comment names its
+    payload ("{}" is JSON to the dissector); ``payload=False`` leaves the summary out."""
+    from vsockmon.analysis.pipeline import analyse, tracked
+    from vsockmon.conntrack.tracker import ConnTracker
+    from vsockmon.export import Annotator
+
+    src = write_pcap(tmp_path / "p.pcap", [app(Op.RW, payload=b"{}")])
+    with open_capture(str(src)) as r:
+        annotator = Annotator(analyse(r).table)
+    with open_capture(str(src)) as r:
+        ((_, fb, tags),) = list(tracked(r, ConnTracker()))
+    plain = "vsockmon stream 0 c2s (client) established"
+    assert annotator.comments(fb, tags) == [plain + "; json: {}"]
+    assert annotator.comments(fb, tags, payload=False) == [plain]
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    """A little-endian pcapng block (pcapng spec: type, length, body, length again)."""
+    body += b"\0" * (-len(body) % 4)
+    return struct.pack("<II", btype, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+
+def _epb(iface: int, ts_ns: int, data: bytes, orig_len: int) -> bytes:
+    return _block(6, struct.pack("<IIIII", iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data),
+                                 orig_len) + data)
+
+
+def test_pcapng_copy_leaves_out_other_link_types_and_keeps_lengths(tmp_path: Path) -> None:
+    """A pcapng with a vsock interface (271) and an Ethernet one (1): the two Ethernet
+    packets are left out and counted as skipped, the vsock packets before and after them
+    are copied, the second with the on-wire length its record gives (more than captured)."""
+    ns = (9).to_bytes(1, "little") + b"\0\0\0"  # if_tsresol 9: nanoseconds
+    idb = [_block(1, struct.pack("<HHI", link, 0, 65535) + struct.pack("<HH", 9, 1) + ns
+                  + b"\0" * 4) for link in (271, 1)]
+    request, response = c2s(Op.REQUEST), s2c(Op.RESPONSE)
+    src = tmp_path / "mixed.pcapng"
+    src.write_bytes(_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)) + b"".join(idb)
+                    + _epb(0, 1000, request, len(request)) + _epb(1, 2000, b"\xff" * 60, 60)
+                    + _epb(1, 3000, b"\xee" * 60, 60) + _epb(0, 4000, response, 500))
+    out = tmp_path / "out.pcapng"
+    res = export_pcapng(str(src), str(out))
+    assert (res.packets, res.skipped, res.connections) == (2, 2, 1)
+    with open_capture(str(out)) as r:
+        got = [(x.ts_ns, bytes(x.data), x.orig_len) for x in r.records()]
+    assert got == [(1000, request, len(request)), (4000, response, 500)]
+    assert pcapng_comments(out)[1].startswith("vsockmon stream 0 s2c (server) established")
+
+
+def test_pcapng_export_reports_source_output_batches_and_a_damaged_end(tmp_path: Path) -> None:
+    """What ``export_pcapng`` reports: its source and output, the packets of each batch in
+    both passes (one batch of 3 here: [3, 3]), and why a capture cut inside its last record
+    stopped; the packets before the cut are still written."""
+    src = write_pcap(tmp_path / "in.pcap", [*OPEN, s2c(Op.RST)])
+    out = tmp_path / "out.pcapng"
+    heard: list[int] = []
+    res = export_pcapng(str(src), str(out), on_batch=heard.append)
+    assert (res.source, res.outputs, res.packets, res.stopped) == (str(src), [str(out)], 3, None)
+    assert heard == [3, 3]
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(src.read_bytes()[:-10])  # the third record loses 10 bytes
+    res = export_pcapng(str(cut), str(tmp_path / "cut.pcapng"))
+    assert res.packets == 2
+    assert res.stopped is not None and res.stopped.startswith("file ends inside a packet")
+
+
+def test_pcapng_export_refuses_an_existing_output_before_reading(tmp_path: Path) -> None:
+    """Without ``force`` an existing output is refused before the capture is even opened
+    (a missing capture then still gets the "exists" message), and is left as it was; an
+    output whose directory does not exist is an ExportError naming it."""
+    out = tmp_path / "out.pcapng"
+    out.write_bytes(b"keep")
+    with pytest.raises(ExportError) as e:
+        export_pcapng(str(tmp_path / "missing.pcap"), str(out))
+    assert str(e.value) == f"{out}: exists; use --force to overwrite"
+    src = write_pcap(tmp_path / "in.pcap", OPEN)
+    with pytest.raises(ExportError):
+        export_pcapng(str(src), str(out))
+    assert out.read_bytes() == b"keep"
+    nowhere = tmp_path / "no-such-dir" / "out.pcapng"
+    with pytest.raises(ExportError) as e:
+        export_pcapng(str(src), str(nowhere))
+    assert str(e.value).startswith(f"{nowhere}: cannot write: ")
+
+
+def test_diagnose_in_comments_measures_a_stall_to_the_recorded_stop(tmp_path: Path) -> None:
+    """The server advertises 4 bytes and the client's 4-byte RW fills them (frame 3); the
+    file's statistics block says the capture stopped 2 s later. The window stayed full for
+    2 s, over the 1 s ``--stall`` default, with nothing consumed: window-full/not-reading
+    (docs/diagnose.md), noted on frame 3. Measured only to the last packet it would be 0 s."""
+    from vsockmon.wire.pcapio import PcapngWriter
+
+    src = tmp_path / "stall.pcapng"
+    with open(src, "wb") as fp:
+        w = PcapngWriter(fp)
+        for i, f in enumerate([c2s(Op.REQUEST), s2c(Op.RESPONSE, buf_alloc=4),
+                               c2s(Op.RW, payload=b"abcd")]):
+            w.write(T0 + i * 1000, f)
+        fp.write(PcapngWriter.statistics_block(T0 + 2000 + 2_000_000_000))
+    out = tmp_path / "out.pcapng"
+    export_pcapng(str(src), str(out), diagnose=True)
+    got = pcapng_comments(out)
+    assert "; diagnose: WARNING window-full/not-reading: " in got[2]
+    assert "diagnose" not in got[0] + got[1]
+
+
+def _caps(tmp_path: Path) -> Path:
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for name in ("a.pcap", "b.pcap"):
+        write_pcap(caps / name, OPEN)
+    return caps
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export_tables`` replaced in this process only: a capture exported here comes back
+    with the error "here"; one exported by a freshly started worker comes back real."""
+    import vsockmon.export.run as run
+
+    monkeypatch.setattr(run, "export_tables",
+                        lambda source, *_: run.ExportResult(source, error="here"))
+
+
+@pytest.mark.usefixtures("stand_in")
+@pytest.mark.parametrize(("jobs", "cpus", "here"), [
+    (1, 4, True),      # one job: in the caller's process, no worker at all
+    (2, 4, False),     # two jobs: workers started by a forkserver, not forked from here
+    (None, 4, False),  # no job count: one per CPU, at most one per capture (2 here)
+    (None, None, True),  # the CPU count unknown: one job
+])
+def test_jobs_in_this_process_or_in_fresh_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  jobs: int | None, cpus: int | None,
+                                                  here: bool) -> None:
+    """Workers come from a forkserver because a fork of a process whose pyarrow or numpy
+    threads run can crash in the child; so a worker does not share the caller's state (the
+    stand-in above), and a single job needs no worker."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    results = export_many(_caps(tmp_path), tmp_path / "o", "json", jobs=jobs)
+    want = [("here", 0)] * 2 if here else [(None, 2)] * 2
+    assert [(r.error, r.packets) for r in results] == want
+
+
+def test_a_table_that_cannot_be_put_in_place_fails_with_its_own_error(tmp_path: Path) -> None:
+    """With ``force``, a directory where connections.jsonl should go: renaming the finished
+    table onto it fails (EISDIR), and that is the error raised, not one from cleaning up the
+    packets table already in place; no ``.part`` file is left behind."""
+    src = write_pcap(tmp_path / "in.pcap", OPEN)
+    out = tmp_path / "o"
+    (out / "connections.jsonl").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        export_tables(str(src), out, "json", force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["connections.jsonl", "packets.jsonl"]
+
+
+@pytest.mark.parametrize(("jobs", "want"), [(2, 2), (None, 3), (9, 3)])
+def test_jobs_cap_the_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       jobs: int | None, want: int) -> None:
+    """On a machine of 8 CPUs with 3 captures: ``jobs=2`` runs at most 2 workers (the user
+    caps the CPU taken), no count one per CPU but never more than the captures (3), and
+    more jobs than captures no more than the captures."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import vsockmon.export.run as run
+
+    sizes: list[int] = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, *args: object, **kw: object) -> None:
+            super().__init__(*args, **kw)  # type: ignore[call-overload]
+            sizes.append(self._max_workers)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(run, "ProcessPoolExecutor", Pool)
+    caps = _caps(tmp_path)
+    write_pcap(caps / "c.pcap", OPEN)
+    results = export_many(caps, tmp_path / "o", "json", jobs=jobs)
+    assert sizes == [want]
+    assert [(Path(r.source).name, r.packets) for r in results] == [
+        ("a.pcap", 2), ("b.pcap", 2), ("c.pcap", 2)]

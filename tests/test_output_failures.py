@@ -95,20 +95,40 @@ def test_a_timeline_page_that_does_not_fit_leaves_no_page(tmp_path: Path) -> Non
     assert os.listdir(tmp_path) == []
 
 
-def test_an_export_into_a_fifo_writes_through_it_and_leaves_it_a_fifo(tmp_path: Path) -> None:
-    # A device or FIFO named with --force is written in place: replacing it with a regular
-    # file would break whoever reads it (and as root, replace /dev/null).
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_export_into_a_fifo_writes_through_it_and_leaves_it_a_fifo(
+        tmp_path: Path, force: list[str]) -> None:
+    # A device or FIFO is written in place, with or without --force: replacing it with a
+    # regular file would break whoever reads it (and as root, replace /dev/null), and
+    # writing through it overwrites nothing, so --force is not asked for.
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    done = run("export", CAPTURE, "-o", str(fifo), "--force", "--format", "pcapng")
+    done = run("export", CAPTURE, "-o", str(fifo), *force, "--format", "pcapng")
+    if done.returncode != 0:  # the export never opened it: let the reader's open return
+        os.close(os.open(fifo, os.O_WRONLY))
     reader.join(timeout=60)
     assert done.returncode == 0, done.stderr
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert got[0][:4] == bytes.fromhex("0a0d0d0a")  # a pcapng section header block
     assert os.listdir(tmp_path) == ["pipe"]
+
+
+def test_dev_null_needs_no_force_and_a_file_or_a_link_to_one_still_does(tmp_path: Path
+                                                                       ) -> None:
+    assert run("export", CAPTURE, "-o", os.devnull, "--format", "pcapng").returncode == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # still the device, not a file
+    kept = tmp_path / "kept.pcapng"
+    kept.write_bytes(b"mine")
+    link = tmp_path / "link.pcapng"
+    link.symlink_to(kept)
+    for target in (kept, link):
+        done = run("export", CAPTURE, "-o", str(target), "--format", "pcapng")
+        assert done.returncode != 0
+        assert done.stderr.strip() == f"Error: {target}: exists; use --force to overwrite"
+    assert kept.read_bytes() == b"mine"
 
 
 @click.command()

@@ -33,16 +33,28 @@ def refuse_existing(paths: Paths, force: bool,
     """Raise ``error`` for the first of ``paths`` that exists, unless ``force``.
 
     Call it before a long analysis or before touching anything (a link), so a mistake costs
-    nothing. ``None`` and ``-`` (stdout) pass. ``error`` lets a caller keep its own error
-    class (an export's, a live capture's) for the same message.
+    nothing. ``None`` and ``-`` (stdout) pass, and so do a FIFO and a character device
+    (``/dev/null``): writing through them replaces nothing, as ``> /dev/null`` in a shell.
+    ``error`` lets a caller keep its own error class (an export's, a live capture's) for the
+    same message.
     """
     if force or paths is None:
         return
     many = [paths] if isinstance(paths, str | os.PathLike) else paths
     for path in many:
         name = os.fspath(path)
-        if name != STDOUT and os.path.exists(name):
+        if name != STDOUT and os.path.exists(name) and not _passes_through(name):
             raise error(f"{name}: exists; use --force to overwrite")
+
+
+def _passes_through(name: str) -> bool:
+    """A FIFO or character device: what is written goes to a reader, no file is replaced.
+    A block device is a disk: writing to it destroys what it holds, so it still needs force."""
+    try:
+        mode = os.stat(name).st_mode
+    except OSError:  # gone since it was seen: refuse, as for any name that existed
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def create_output(path: str | os.PathLike[str], force: bool,

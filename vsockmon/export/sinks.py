@@ -91,8 +91,14 @@ class TableFile:
         self.rows += data.num_rows
 
     def commit(self) -> None:
-        self._sink.close()
-        os.replace(self._tmp, self.path)
+        """Finish the file and put it in place; if that fails, no ``.part`` file is left
+        (closing a sink twice is harmless)."""
+        try:
+            self._sink.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         try:
