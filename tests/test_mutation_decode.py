@@ -439,7 +439,8 @@ def test_epoch_seconds_are_the_nearest_double_to_the_exact_time() -> None:
     one unit in the last place, a negative one, the last second before 2^29 s, and real
     capture times."""
     times = [0, 5, 999_999_999, 1_144_272_509, 1_000_377_652_372, -1_144_272_509,
-             2**29 * 10**9 - 1, 2**29 * 10**9, T0, T0 + 123_456_789, 1_795_000_000_123_456_789]
+             2**29 * 10**9 - 1, 2**29 * 10**9, T0, T0 + 123_456_789, 1_795_000_000_123_456_789,
+             1_700_000_000_397_236_329]  # as a float first: 105 ns off, a different double
     assert 1_144_272_509 / 10**9 != 1 + 144_272_509 / 1e9  # the case the slow path exists for
     got = epoch_seconds(np.array(times, dtype=np.int64)).tolist()
     assert got == [t / 10**9 for t in times]
