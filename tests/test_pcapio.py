@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -272,10 +273,15 @@ class _FifoWriter:
         self.thread: threading.Thread | None = None
 
     def finish(self, rest: bytes) -> None:
-        os.set_blocking(self.fd, True)
-
         def write() -> None:
-            os.write(self.fd, rest)
+            time.sleep(0.2)  # most likely the reader is waiting by now: it must wait, not end
+            left = memoryview(rest)
+            give_up = time.monotonic() + 10  # a reader that stopped reading must not hang us
+            while left and time.monotonic() < give_up:
+                try:
+                    left = left[os.write(self.fd, left[:65536]):]
+                except BlockingIOError:  # the pipe is full: wait for the reader
+                    time.sleep(0.01)
             os.close(self.fd)
         self.thread = threading.Thread(target=write)
         self.thread.start()
@@ -391,3 +397,17 @@ def test_a_four_byte_file_is_judged_by_its_magic(tmp_path: Path) -> None:
     with pytest.raises(CaptureError) as e:
         open_capture(str(path))
     assert str(e.value) == f"{path}: not a pcap or pcapng file (magic 61626364)"
+
+
+def test_a_path_we_may_not_read_says_so(tmp_path: Path) -> None:
+    """A file without read permission; as root (who may read any file) a write-only sysfs
+    attribute, which the kernel refuses to open for reading even to root."""
+    path = tmp_path / "secret.pcap"
+    if os.geteuid() == 0:
+        path = Path("/sys/bus/pci/rescan")
+    else:
+        path.write_bytes(b"x")
+        path.chmod(0)
+    with pytest.raises(CaptureError) as e:
+        open_file(str(path))
+    assert str(e.value) == f"{path}: permission denied"
