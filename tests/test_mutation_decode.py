@@ -560,6 +560,7 @@ def test_payload_len_mismatch_from_wiresharks_fields(theirs: dict[str, str], due
     (ws_fields(100, 70, "", vlen=24), 0),    # cut inside the headers: nothing left
     (ws_fields(100, 79, "", vlen=24, trans_len=None), 0),  # no header to count from
     (ws_fields(79, 79, "", vlen=3), 0),      # whole and empty
+    ({"frame.cap_len": "79", "vsock.trans_len": "44"}, 0),  # no wire length: nothing to add
     ({}, 0),
 ])
 def test_payload_length_wireshark_has(theirs: dict[str, str], shown: int) -> None:
@@ -619,3 +620,15 @@ def test_records_of_a_range_of_rows(tmp_path: Path) -> None:
         (fb,) = list(decode_batches(r.batches()))
     assert [x["frame.number"] for x in fb.records(1, 3)] == [2, 3]
     assert [x["payload_len"] for x in fb.records(3)] == [3, 4]
+
+
+
+def test_only_the_frames_of_other_link_types_are_not_vsock(tmp_path: Path) -> None:
+    from test_mutation_pcapio import epb, idb, shb
+
+    path = tmp_path / "mixed.pcapng"
+    path.write_bytes(shb() + idb() + idb(linktype=1) + epb(1, frame(Op.REQUEST))
+                     + epb(2, b"\0" * 60, iface=1) + epb(3, frame(Op.RESPONSE)))
+    with open_capture(str(path)) as r:
+        got = [f.anomalies for fb in decode_batches(r.batches()) for f in fb.frames()]
+    assert ["not-vsock" in a for a in got] == [False, True, False]
