@@ -185,3 +185,75 @@ def test_forgetting_a_connection_drops_what_was_kept_for_it_and_nothing_else() -
     assert set(live.digest.resets) == {1} and set(live.digest.pending) == {(1, 0)}
     assert [c.stream for c in live.connections()] == [1]
     assert live.update(T0 + 200 * MS) == []
+
+
+def test_forgetting_a_connection_keeps_the_stalls_of_the_others() -> None:
+    """Stream 0 (A) opens and stays idle; on stream 1 (B) the server's 100-byte buffer is
+    filled by the RW at frame 5 (T0 + 4 ms) and freed by its CREDIT_UPDATE 1.5 s later:
+    a finished 1.5 s stall of stream 1, kept when stream 0 is forgotten, dropped with
+    stream 1."""
+    live = LiveDiagnosis()
+    frames = [(T0, frame(Op.REQUEST, src=A, dst=SERVER)),
+              (T0 + MS, frame(Op.RESPONSE, src=SERVER, dst=A)),
+              (T0 + 2 * MS, frame(Op.REQUEST, src=B, dst=SERVER)),
+              (T0 + 3 * MS, frame(Op.RESPONSE, src=SERVER, dst=B, buf_alloc=100)),
+              (T0 + 4 * MS, frame(Op.RW, bytes(100), src=B, dst=SERVER)),
+              (T0 + 1504 * MS, frame(Op.CREDIT_UPDATE, src=SERVER, dst=B, buf_alloc=100,
+                                     fwd_cnt=100))]
+    live.feed_frames([(t, f, len(f)) for t, f in frames])
+    live.forget({0})
+    assert [(st.stream, st.start_frame, st.end_frame) for st in live.digest.stalls] == [
+        (1, 5, 6)]
+    (f,) = live.findings(final=False)
+    assert (f.rule_id, f.stream, f.frames, f.evidence["seconds"]) == (
+        "window-full/not-reading", 1, (5, 6), 1.5)
+    live.forget({1})
+    assert live.digest.stalls == [] and live.findings(final=False) == []
+
+
+def test_a_cut_off_connection_is_still_held_at_the_stop_it_was_reported_at() -> None:
+    """A connection captured mid-way (an RW at T0) and still open: the close at T0 + 1 ms
+    reports its cut-off end; at that same stop the live view, which measures at the capture's
+    end, still holds both findings: none was replaced by what the connection became."""
+    live = LiveDiagnosis()
+    data = frame(Op.RW, b"x", src=CLIENT, dst=SERVER)
+    live.feed_frames([(T0, data, len(data))])
+    reported = live.update(T0 + MS) + live.close(T0 + MS)
+    assert [f.rule_id for f in reported] == ["mid-capture/start", "mid-capture/end"]
+    assert live.replaced(reported, T0 + MS) == []
+
+
+def test_the_digest_counts_every_rw_beyond_credit_across_batches() -> None:
+    """The server's buffer is 4096 bytes: the client's RW of 4200 (frame 3) goes past it;
+    the server reads 4100 (frame 4); the client's RW of 4000 (frame 5, fed in a second call)
+    puts 4100 in flight, past it again: two RWs beyond credit, 4200 in flight at worst."""
+    live = LiveDiagnosis()
+    opening = [frame(Op.REQUEST, src=A, dst=SERVER),
+               frame(Op.RESPONSE, src=SERVER, dst=A, buf_alloc=4096),
+               frame(Op.RW, bytes(4200), src=A, dst=SERVER),
+               frame(Op.CREDIT_UPDATE, src=SERVER, dst=A, buf_alloc=4096, fwd_cnt=4100)]
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(opening)])
+    more = frame(Op.RW, bytes(4000), src=A, dst=SERVER)
+    live.feed_frames([(T0 + 4 * MS, more, len(more))])
+    e = live.digest.beyond[(0, 0)]
+    assert (e.count, e.first_frame, e.last_frame, e.max_in_flight) == (2, 3, 5, 4200)
+    assert (e.length, e.credit, e.limit) == (4200, 4096, 4096)
+
+
+def test_waiting_bytes_are_timed_from_their_own_batch_whatever_else_it_holds() -> None:
+    """First call: stream 0 (A) sends 100 bytes the server reads at once (nothing waits at
+    the end of the call), stream 1 (B) opens after it. Second call, 300 ms later: A sends 50
+    bytes and closes, the server resets 5 ms after them. Those bytes waited 5 ms, under the
+    10 ms grace: a reset, not data discarded."""
+    live = LiveDiagnosis()
+    first = [frame(Op.REQUEST, src=A, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=A),
+             frame(Op.RW, bytes(100), src=A, dst=SERVER),
+             frame(Op.CREDIT_UPDATE, src=SERVER, dst=A, fwd_cnt=100),
+             *_open(B)]
+    live.feed_frames([(T0 + i * MS, f, len(f)) for i, f in enumerate(first)])
+    second = [(T0 + 300 * MS, frame(Op.RW, bytes(50), src=A, dst=SERVER)),
+              (T0 + 301 * MS, frame(Op.SHUTDOWN, src=A, dst=SERVER, flags=3)),
+              (T0 + 305 * MS, frame(Op.RST, src=SERVER, dst=A, fwd_cnt=100))]
+    live.feed_frames([(t, f, len(f)) for t, f in second])
+    assert live.digest.pending[(0, 0)] == T0 + 300 * MS
+    assert [f.rule_id for f in live.findings(final=False)] == []

@@ -41,7 +41,7 @@ def _noop(_ctx: Context) -> None:
 def test_in_order_refuses_unknown_and_circular_dependencies() -> None:
     a = Rule("a", Severity.INFO, "a", _noop, after=("b",))
     b = Rule("b", Severity.INFO, "b", _noop, after=("a",))
-    with pytest.raises(ValueError, match="circle"):
+    with pytest.raises(ValueError, match=r"in a circle: a → b$"):  # the path that closed it
         in_order({"a": a, "b": b})
     with pytest.raises(ValueError, match="unknown rule 'b'"):
         in_order({"a": a})
@@ -54,6 +54,20 @@ def test_a_rule_id_is_registered_only_once() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         rule("no-listener", Severity.ERROR, "again")(_noop)
     assert RULES["no-listener"].check is not _noop
+
+
+def test_a_registered_rule_keeps_every_field_it_was_given() -> None:
+    """``rule`` returns the check unchanged and files the rule under its id with its id,
+    severity, title, check, kinds and ``after`` (removed again: RULES is the real registry)."""
+    try:
+        registered = rule("test-only", Severity.WARNING, "a title", kinds=("one", "two"),
+                          after=("no-listener",))(_noop)
+        assert registered is _noop
+        r = RULES["test-only"]
+        assert (r.id, r.severity, r.title, r.check, r.kinds, r.after) == (
+            "test-only", Severity.WARNING, "a title", _noop, ("one", "two"), ("no-listener",))
+    finally:
+        RULES.pop("test-only", None)
 
 
 def test_a_finding_outside_its_rule_or_of_an_unknown_kind_is_refused() -> None:

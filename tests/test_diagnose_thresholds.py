@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conntrack_scenarios import MS, Conv, write
+from helpers import frame
 
 import vsockmon
 from vsockmon.diagnose.model import Finding, Severity, Thresholds
@@ -109,8 +110,8 @@ def test_linux_keeps_quiet_until_less_than_64_kib_is_free(tmp_path: Path, consum
     assert (f.rule_id, f.frames) == (rule_id, (6, 7))
     if rule_id == "fwd-cnt-stuck":
         assert f.evidence["ended_by"] == "RW"
-    else:
-        assert f"showed {consumed} bytes consumed: too few for Linux" in f.message
+    else:  # the RW of frame 7 told it
+        assert f"Its RW then showed {consumed} bytes consumed: too few for Linux" in f.message
 
 
 def test_a_window_reopened_by_a_bigger_buffer_is_not_a_missing_credit_update(
@@ -316,6 +317,25 @@ def test_a_half_close_answered_only_by_a_late_close_stalls(tmp_path: Path, close
     assert of(findings(tmp_path, late_close(wait_ns, closer)), "half-close-hang") == []
 
 
+def test_a_server_that_half_closes_and_waits_stalls_too(tmp_path: Path) -> None:
+    """The roles swapped: the server sends 8 bytes (frame 3) and shuts its sending side
+    (frame 4); the client reads them (frame 5) but closes only 1.5 s later (frame 6)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(1, Op.RW, b"READY=1\n")
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[0] += 8
+    c.send(0, Op.CREDIT_UPDATE)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=3 * S // 2)
+    c.send(1, Op.RST)
+    (f,) = of(findings(tmp_path, out), "half-close-stall")
+    assert (f.stream, f.frames) == (0, (4, 6))
+    assert f.evidence == {"stall_s": 1.5, "shutdown_frame": 4, "end_frame": 6,
+                          "closed_by": "client"}
+    assert f.message.startswith("server 1:1234 shut down its sending side")
+
+
 def test_the_half_close_stall_threshold_is_an_option(tmp_path: Path) -> None:
     out = late_close(2 * S, 1)
     assert of(findings(tmp_path, out, Thresholds(half_close_stall_s=2.5)), "half-close-stall"
@@ -334,6 +354,70 @@ def test_a_peer_still_reading_is_not_sitting_on_the_end_of_file(tmp_path: Path) 
     """The server reads the 8 bytes only 2 s after the half-close (frame 5) and closes at once
     (frame 6): it was busy before reaching the end of file, not keeping it open after."""
     assert findings(tmp_path, late_close(1000, 1, read_ns=2 * S)) == []
+
+
+@pytest.mark.parametrize(("unread", "stall"), [
+    (0, 1.5),   # all read before the half-close: the wait on the close counts from it
+    (1, None),  # one byte still unread at it, read 0.6 s later: 0.9 s waiting on the close
+])
+def test_a_half_close_stall_counts_from_when_the_peer_had_read_everything(
+        tmp_path: Path, unread: int, stall: float | None) -> None:
+    """The client's 8 bytes (frame 3), of which the server has read all but ``unread``
+    (frame 4); the client's SHUTDOWN(SEND) (frame 5); the server reads the rest 0.6 s later
+    (frame 6) and closes 0.9 s after that (frame 7), 1.5 s after the half-close."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, bytes(8))
+    c.fwd[1] += 8 - unread
+    c.send(1, Op.CREDIT_UPDATE)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += unread
+    c.send(1, Op.CREDIT_UPDATE, delay=600 * MS)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=900 * MS)
+    c.send(0, Op.RST)
+    found = of(findings(tmp_path, out), "half-close-stall")
+    assert [(f.frames, f.evidence["stall_s"]) for f in found] == (
+        [((5, 7), stall)] if stall else [])
+
+
+def test_the_peer_has_read_everything_only_once_the_last_byte_is_read(tmp_path: Path
+                                                                      ) -> None:
+    """The client's 8 bytes (frame 3) and SHUTDOWN(SEND) (frame 4); the server reads 7 of
+    them 0.3 s later (frame 5), the last one at 0.6 s (frame 6), and closes at 1.5 s (frame
+    7): 0.9 s waiting on the close once all was read, no stall."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, bytes(8))
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += 7
+    c.send(1, Op.CREDIT_UPDATE, delay=300 * MS)
+    c.fwd[1] += 1
+    c.send(1, Op.CREDIT_UPDATE, delay=300 * MS)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=900 * MS)
+    c.send(0, Op.RST)
+    assert findings(tmp_path, out) == []
+
+
+def test_a_record_flag_on_data_is_no_half_close(tmp_path: Path) -> None:
+    """SEQPACKET: the client's first message carries flag bit 2 alone (EOR, the value of
+    SHUTDOWN's SEND bit: frame 3), read at once (frame 4); its second (frame 5) and its
+    SHUTDOWN(SEND) (frame 6) follow; the server reads that message only 0.6 s later (frame 7)
+    and closes 0.9 s after that (frame 8), 1.5 s after the half-close. It was still reading
+    until 0.6 s: only 0.9 s of waiting on the end of file, no stall — the RW's flags are not a
+    SHUTDOWN's."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, type_=SockType.SEQPACKET)
+    c.open()
+    c.data(0, b"one", flags=SeqFlag.EOR)
+    c.send(0, Op.RW, b"two", flags=SeqFlag.EOM)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    c.fwd[1] += 3
+    c.send(1, Op.CREDIT_UPDATE, delay=600 * MS)
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.SEND | ShutdownFlag.RCV, delay=900 * MS)
+    c.send(0, Op.RST)
+    assert findings(tmp_path, out) == []
 
 
 def test_a_full_close_is_not_a_half_close(tmp_path: Path) -> None:
@@ -377,6 +461,24 @@ def test_small_packet_reset_boundaries(tmp_path: Path, count: int, size: int,
     assert of(found, "abrupt-close") == []  # explained: not also an abrupt close
 
 
+def test_small_packet_reset_reads_the_credit_of_the_small_writes_direction(tmp_path: Path
+                                                                            ) -> None:
+    """The buffers differ (the client's 131072, the server's 262144); the server sends 50
+    bytes the client reads, then the client's 64 RWs of 100 bytes (frames 5-68) and the
+    server's RST: the credit left is the client's towards the server's buffer, 262144 - 6400,
+    not the server's (131072 - 0)."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[131072, 262144])
+    c.open()
+    c.data(1, bytes(50))
+    for _ in range(64):
+        c.send(0, Op.RW, bytes(100))
+    c.send(1, Op.RST)
+    (f,) = of(findings(tmp_path, out), "small-packet-reset")
+    assert (f.frames, f.evidence) == ((69,), {"small_writes": 64, "credit_left": 262144 - 6400,
+                                              "buf_alloc": 262144})
+
+
 # -- abrupt-close/unread: bytes unconsumed for 10 ms at the reset (unread_grace_s) ------------
 
 
@@ -401,7 +503,64 @@ def test_unread_data_counts_once_it_waited_ten_ms(tmp_path: Path, wait_ns: int,
     assert f.evidence == {"rst_frame": 5, "client_unconsumed": 500}
 
 
+def test_a_single_unread_byte_counts(tmp_path: Path) -> None:
+    """As above with one byte, the reset 10 ms after it: one byte discarded."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, b"x")
+    c.send(1, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND, delay=10 * MS - 1000)
+    c.send(0, Op.RST)
+    (f,) = of(findings(tmp_path, out), "abrupt-close")
+    assert (f.rule_id, f.evidence) == ("abrupt-close/unread",
+                                       {"rst_frame": 5, "client_unconsumed": 1})
+
+
+@pytest.mark.parametrize(("wait_ns", "reported"), [(5 * MS, False), (20 * MS, True)])
+def test_unread_data_of_interleaved_connections_is_timed_per_connection(
+        tmp_path: Path, wait_ns: int, reported: bool) -> None:
+    """Two connections exchange 20 messages each, turn by turn (every RW read at once: nothing
+    waits) and the second closes (frames 85-87); then, 300 ms later, the first sends 50 bytes
+    and closes, and its server resets (frame 90) ``wait_ns`` after them: the bytes count as
+    discarded from 10 ms on, whatever the other connection's packets around them (one batch
+    holds both connections' rows)."""
+    out: list[tuple[int, bytes]] = []
+    a, b = Conv(out), Conv(out, client=(1, 50001))
+    a.open()
+    b.open()
+    for _ in range(20):
+        a.data(0, bytes(10))
+        b.data(0, bytes(10))
+    b.close()
+    a.send(0, Op.RW, bytes(50), delay=300 * MS)
+    a.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    a.send(1, Op.RST, delay=wait_ns - 1000)
+    found = findings(tmp_path, out)
+    assert [(f.rule_id, f.stream, f.evidence) for f in found] == (
+        [("abrupt-close/unread", 0, {"rst_frame": 90, "client_unconsumed": 50})]
+        if reported else [])
+
+
 # -- credit-violation: an RW beyond the free credit ------------------------------------------
+
+
+def test_bytes_wait_from_when_they_were_sent_even_into_a_zero_buffer(tmp_path: Path) -> None:
+    """The server reads the client's 100 bytes and announces it with buf_alloc 0 (frame 4:
+    a known buffer of no bytes, not an unknown one); 300 ms later the client sends 50 more
+    (frame 5, beyond that credit) and closes; the server's RST comes 5 ms after them. Nothing
+    waited from frame 4 on: the 50 bytes waited 5 ms, under the 10 ms grace — not reported
+    as discarded, only the credit violation."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out)
+    c.open()
+    c.send(0, Op.RW, bytes(100))
+    c.fwd[1] += 100
+    c.send(1, Op.CREDIT_UPDATE, buf=0)
+    c.send(0, Op.RW, bytes(50), delay=300 * MS)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, buf=0, delay=5 * MS)
+    assert [(f.rule_id, f.frames) for f in findings(tmp_path, out)] == [
+        ("credit-violation", (5,))]
 
 
 @pytest.mark.parametrize(("size", "reported"), [(4096, False), (4097, True)])
@@ -502,6 +661,33 @@ def test_cid_mismatch_keeps_twenty_example_frames(tmp_path: Path) -> None:
         c.send(0, Op.REQUEST)
     (f,) = of(findings(tmp_path, out), "cid-mismatch")
     assert (f.frames, f.evidence["packets"]) == (tuple(range(1, 21)), 25)
+
+
+def test_an_answer_from_another_cid_than_the_one_dialled(tmp_path: Path) -> None:
+    """The host dials 5:1234 from port 50000 (frame 1, stream 0) and gets no answer from CID 5;
+    an RST from 7:999 to the host's port 40000 (frame 2, stream 1) answers nothing it asked;
+    then a RESPONSE comes from CID 6 on the dialled ports (frame 3, stream 2): a guest that
+    believes it is CID 6."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(2, 50000), server=(5, 1234)).send(0, Op.REQUEST)
+    Conv(out, client=(2, 40000), server=(7, 999)).send(1, Op.RST)
+    Conv(out, client=(2, 50000), server=(6, 1234)).send(1, Op.RESPONSE)
+    (f,) = of(findings(tmp_path, out), "cid-mismatch")
+    assert (f.rule_id, f.stream, f.streams, f.frames) == ("cid-mismatch/reply-cid", 0, (0, 2),
+                                                          (1, 3))
+    assert f.evidence == {"dialled_cid": 5, "answering_cid": 6}
+    assert f.message.startswith("The REQUEST went to CID 5 (frame 1), but the answer came from "
+                                "CID 6 on the same ports (frame 3, stream 2).")
+
+
+def test_a_stray_response_to_an_answered_request_is_no_reply_from_another_cid(
+        tmp_path: Path) -> None:
+    """5:1234 accepts the host's REQUEST (frames 1, 2); a RESPONSE from CID 6 on the same
+    ports (frame 3) answers nothing that was still waiting."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out, client=(2, 50000), server=(5, 1234)).open()
+    Conv(out, client=(2, 50000), server=(6, 1234)).send(1, Op.RESPONSE)
+    assert of(findings(tmp_path, out), "cid-mismatch") == []
 
 
 def test_empty_writes_are_not_small_writes(tmp_path: Path) -> None:
@@ -621,6 +807,27 @@ def test_stalls_that_overlap_briefly_are_not_a_deadlock(tmp_path: Path) -> None:
         ("window-full/not-reading", (3, 5), 1.2), ("window-full/not-reading", (4, 6), 1.2)]
 
 
+def test_brief_overlap_when_the_servers_window_fills_first_is_no_deadlock(tmp_path: Path
+                                                                          ) -> None:
+    """The mirror image: frame 3 (t 0) the server fills the client's window, frame 4 (0.7 s)
+    the client fills the server's; frame 5 (1.2 s) the client consumes, frame 6 (1.9 s) the
+    server: again both full at once only 0.5 s, the server's stall being the one to end
+    first."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[4096, 4096])
+    c.open()
+    c.send(1, Op.RW, bytes(4096))
+    c.send(0, Op.RW, bytes(4096), delay=7 * S // 10)
+    c.fwd[0] += 4096
+    c.send(0, Op.CREDIT_UPDATE, delay=S // 2)
+    c.fwd[1] += 4096
+    c.send(1, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.close()
+    found = of(findings(tmp_path, out), "window-full")
+    assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
+        ("window-full/not-reading", (3, 5), 1.2), ("window-full/not-reading", (4, 6), 1.2)]
+
+
 def test_a_deadlock_one_side_of_which_ended_leaves_the_open_end_to_mid_capture(
         tmp_path: Path) -> None:
     """Both full for 1.5 s, then only the server's window reopens (frame 5); the client's
@@ -671,6 +878,8 @@ def test_a_peer_that_answers_a_credit_request_is_not_unanswered(tmp_path: Path) 
     (500, 0, 500),        # an RST with buf_alloc 0 carries no credit: its fwd_cnt says nothing
     (1, 262144, 499),     # it read 1 byte: one is enough to count
     (600, 262144, None),  # it claims more than was sent: nothing is shown discarded
+    ((1 << 31) - 1, 262144, None),  # u32 counters: up to 2^31 - 1 ahead is newer (more read)
+    (1 << 31, 262144, 500),  # 2^31 ahead is as far behind: an old count, nothing read
 ])
 def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_buf: int,
                                               unconsumed: int | None) -> None:
@@ -690,6 +899,51 @@ def test_the_receivers_rst_tells_what_it_read(tmp_path: Path, rst_fwd: int, rst_
     (f,) = found
     assert (f.rule_id, f.frames) == ("abrupt-close/unread", (5,))
     assert f.evidence == {"rst_frame": 5, "client_unconsumed": unconsumed}
+
+
+def test_the_receivers_rst_is_read_across_the_u32_wrap_of_fwd_cnt(tmp_path: Path) -> None:
+    """The server's buffer is 2³¹ bytes. Two RWs of 2³¹ - 25 bytes each (their header's len;
+    the payload is not captured), each read and announced (CREDIT_UPDATE: fwd_cnt 2³² - 50 in
+    the end, frame 6); then 500 bytes (frame 7), the client's close (frame 8), and the
+    server's RST 200 ms later, its fwd_cnt 100 bytes further: 50 once wrapped past 2³². It
+    read 100 of the 500: 400 were discarded."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 1 << 31])
+    c.open()
+    chunk = (1 << 31) - 25
+    for _ in range(2):
+        out.append((out[-1][0] + 1000, frame(Op.RW, src=c.client, dst=c.server,
+                                              buf_alloc=262144, length=chunk)))
+        c.fwd[1] += chunk
+        c.send(1, Op.CREDIT_UPDATE)
+    assert c.fwd[1] == (1 << 32) - 50
+    c.send(0, Op.RW, b"x" * 500)
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, fwd=c.fwd[1] + 100, delay=200 * MS)
+    assert out[-1][1][-4:] == (50).to_bytes(4, "little")  # the RST's fwd_cnt, wrapped
+    (f,) = of(findings(tmp_path, out), "abrupt-close")
+    assert (f.rule_id, f.frames) == ("abrupt-close/unread", (9,))
+    assert f.evidence == {"rst_frame": 9, "client_unconsumed": 400}
+
+
+@pytest.mark.parametrize(("unread", "reported"), [((1 << 31) - 1, True), (1 << 31, False)])
+def test_unread_bytes_are_a_u32_difference_below_half_its_range(tmp_path: Path, unread: int,
+                                                               reported: bool) -> None:
+    """One RW of ``unread`` bytes (header len; a 2³¹-byte buffer holds it), never read: the
+    client closes, the server's RST 200 ms later still says fwd_cnt 0. Bytes sent minus
+    fwd_cnt is a difference of u32 counters: below 2³¹ it is what is left unread, from 2³¹
+    on it reads as fwd_cnt being ahead (the receiver claims more than was sent), so nothing
+    is shown discarded."""
+    out: list[tuple[int, bytes]] = []
+    c = Conv(out, buf=[262144, 1 << 31])
+    c.open()
+    out.append((out[-1][0] + 1000, frame(Op.RW, src=c.client, dst=c.server, buf_alloc=262144,
+                                          length=unread)))
+    c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    c.send(1, Op.RST, delay=200 * MS)
+    found = of(findings(tmp_path, out), "abrupt-close")
+    assert [f.evidence for f in found] == ([{"rst_frame": 5, "client_unconsumed": unread}]
+                                           if reported else [])
 
 
 @pytest.mark.parametrize(("delay_ns", "text"), [(999_000, "999 µs"), (1_000_000, "1.0 ms"),
@@ -771,10 +1025,11 @@ def test_an_accept_queue_overflow_names_the_connection_still_waiting(tmp_path: P
 
 
 @pytest.mark.parametrize(("ns", "text"), [(999_999, "1000 µs"), (1_000_000, "1.0 ms"),
-                                          (1_050_001, "1.1 ms"), (71_000, "71 µs")])
-def test_a_delay_in_words(ns: int, text: str) -> None:
+                                          (1_050_001, "1.1 ms"), (71_000, "71 µs"),
+                                          (None, "?")])
+def test_a_delay_in_words(ns: int | None, text: str) -> None:
     """Microseconds below a millisecond, then milliseconds to one decimal (1.050001 ms
-    rounds up)."""
+    rounds up); an unknown delay is a question mark."""
     assert delay_text(ns) == text
 
 
@@ -846,6 +1101,24 @@ def test_the_witness_is_the_latest_accepted_connection_still_open(tmp_path: Path
     assert f.frames == (2, 8, 9)
 
 
+def test_the_witness_is_the_connection_accepted_last_not_the_one_that_dialled_last(
+        tmp_path: Path) -> None:
+    """Stream 0 dials (frame 1), stream 1 dials (frame 2) and is accepted (frame 3), then
+    stream 0 is (frame 4); both stay open; stream 2 is refused (frames 5, 6). The latest
+    RESPONSE is stream 0's: it is the witness."""
+    out: list[tuple[int, bytes]] = []
+    first, second = Conv(out), Conv(out, client=(1, 50001))
+    first.send(0, Op.REQUEST)
+    second.open()
+    first.send(1, Op.RESPONSE)
+    refused = Conv(out, client=(1, 50002))
+    refused.send(0, Op.REQUEST)
+    refused.send(1, Op.RST, buf=0)
+    (f,) = [f for f in findings(tmp_path, out) if f.severity >= Severity.WARNING]
+    assert (f.rule, f.stream, f.evidence["accepted_stream"]) == ("accept-queue-full", 2, 0)
+    assert f.frames == (4, 5, 6)
+
+
 @pytest.mark.parametrize(("rst_fwd", "unconsumed"), [(300, None), (100, 200)])
 def test_the_clients_rst_tells_what_it_read_of_the_servers_data(
         tmp_path: Path, rst_fwd: int, unconsumed: int | None) -> None:
@@ -911,6 +1184,30 @@ def test_a_retry_loop_of_failures_of_two_kinds(tmp_path: Path) -> None:
     assert "3 times in 2.0 s (3 refused/reset-by-client); none connected." in f.message
 
 
+def test_a_last_attempt_never_answered_did_not_connect(tmp_path: Path) -> None:
+    """Two refusals, then a third REQUEST (frame 5) that nobody answers before its client
+    shuts it down (frame 6): no RESPONSE, so the loop ends with none connected, all three
+    attempts failures (the last one still closing at the capture's end)."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(3):
+        c = Conv(out, client=(1, 50000 + i))
+        c.send(0, Op.REQUEST, delay=S)
+        if i < 2:
+            c.send(1, Op.RST, buf=0)
+        else:
+            c.send(0, Op.SHUTDOWN, flags=ShutdownFlag.RCV | ShutdownFlag.SEND)
+    (f,) = of(findings(tmp_path, out), "dial-retry")
+    assert (f.evidence["failures"], f.evidence["connected"]) == (3, False)
+    assert "3 times in 2.0 s (3 closing/refused); none connected." in f.message
+
+
+def test_a_retry_loops_span_is_given_to_the_millisecond(tmp_path: Path) -> None:
+    """Three refusals 0.617222222 s apart: 1.234444444 s from the first REQUEST to the last,
+    1.234 in the evidence."""
+    (f,) = of(findings(tmp_path, refusals(3, 617_222_222)), "dial-retry")
+    assert f.evidence["span_s"] == 1.234
+
+
 def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path: Path
                                                                         ) -> None:
     """Stream 0 is opened and left alone; on stream 1 the *server* writes 64 single bytes
@@ -926,6 +1223,22 @@ def test_one_byte_writes_of_the_server_on_a_second_connection_are_small(tmp_path
     (f,) = of(findings(tmp_path, out), "small-packet-reset")
     assert (f.stream, f.frames) == (1, (69,))
     assert f.evidence == {"small_writes": 64, "credit_left": 262144 - 64, "buf_alloc": 262144}
+
+
+def test_small_writes_are_counted_per_stream_and_sender(tmp_path: Path) -> None:
+    """Streams 0 and 1 are opened and left alone; on stream 2 the *client* writes 64 single
+    bytes (frames 7-70) and the server resets (frame 71): counted for stream 2's client,
+    reported there."""
+    out: list[tuple[int, bytes]] = []
+    Conv(out).open()
+    Conv(out, client=(1, 50001)).open()
+    c = Conv(out, client=(1, 50002))
+    c.open()
+    for _ in range(64):
+        c.send(0, Op.RW, b"x")
+    c.send(1, Op.RST)
+    (f,) = of(findings(tmp_path, out), "small-packet-reset")
+    assert (f.stream, f.frames, f.evidence["small_writes"]) == (2, (71,), 64)
 
 
 # -- transport-reset: one CID forgets two or more connections at once ------------------------
@@ -1023,3 +1336,61 @@ def test_stale_rst_needs_an_earlier_connection_on_the_pair(tmp_path: Path) -> No
     c.open()
     c.send(1, Op.RST, fwd=15)
     assert of(findings(tmp_path, out), "stale-rst") == []
+
+
+def test_a_transport_resets_length_runs_from_its_first_rst_to_its_last(tmp_path: Path) -> None:
+    """Three forgotten connections; the client's RWs before the second and third RSTs come
+    0.5 s and 0.7345 s late, each RST 1 µs after its RW: from the first RST to the last is
+    1.234500001 s, 1.235 in the evidence (rounded to the ms; the last RST, not the second,
+    ends it)."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(2, 50000 + i), server=(3, 1234)) for i in range(3)]
+    for c in convs:
+        c.open()
+    for c, late in zip(convs, (1000, 500 * MS - 1000, 734_500_001 - 1000), strict=True):
+        c.send(0, Op.RW, b"after the restore", delay=late)
+        c.send(1, Op.RST, buf=0, fwd=0)
+    (f,) = of(findings(tmp_path, out), "transport-reset")
+    assert (f.frames, f.evidence["connections"]) == ((8, 10, 12), 3)
+    assert f.evidence["seconds"] == 1.235
+
+
+def test_a_cid_that_sent_nothing_before_its_resets_was_last_heard_at_no_frame(
+        tmp_path: Path) -> None:
+    """Two connections captured from the server's RESPONSE (frames 1, 2): the guest (the
+    client, CID 3) sent nothing on them before its RSTs with buf_alloc 0 (frames 4, 6), so no
+    frame of it precedes them: 0."""
+    out: list[tuple[int, bytes]] = []
+    convs = [Conv(out, client=(3, 50000 + i), server=(2, 1234)) for i in range(2)]
+    for c in convs:
+        c.send(1, Op.RESPONSE)
+    for c in convs:
+        c.send(1, Op.RW, b"hi")
+        c.send(0, Op.RST, buf=0)
+    (f,) = of(findings(tmp_path, out), "transport-reset")
+    assert (f.streams, f.frames, f.evidence["cid"]) == ((0, 1), (4, 6), 3)
+    assert f.evidence["last_heard_frame"] == 0
+
+
+@pytest.mark.parametrize(("ahead", "reported"), [
+    (-1, False),         # the RST acknowledges one byte less than was sent: behind, normal
+    ((1 << 31) - 1, True),  # the most a u32 fwd_cnt can be ahead of the bytes sent
+    (1 << 31, False),    # half the u32 space ahead is as far behind: not ahead
+])
+def test_stale_rst_reads_fwd_cnt_as_a_wrapping_u32(tmp_path: Path, ahead: int,
+                                                   reported: bool) -> None:
+    """As above (10 bytes sent on stream 1), the server's RST acknowledging ``10 + ahead``
+    bytes modulo 2³²: counters that wrap are ahead by less than half their range, behind
+    otherwise."""
+    out: list[tuple[int, bytes]] = []
+    old = Conv(out, client=(3, 50070), server=(2, 1024))
+    old.open()
+    old.data(0, bytes(15))
+    old.close()
+    new = Conv(out, client=(3, 50070), server=(2, 1024))
+    new.open()
+    new.send(0, Op.RW, bytes(10))
+    new.send(1, Op.RST, fwd=10 + ahead)
+    stale = of(findings(tmp_path, out), "stale-rst")
+    assert [f.evidence["rst_fwd_cnt"] for f in stale] == ([(10 + ahead) % (1 << 32)]
+                                                          if reported else [])

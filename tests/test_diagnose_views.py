@@ -33,6 +33,21 @@ def test_rank_is_severity_then_stream_then_first_frame() -> None:
     assert rank(ALL) == [D, C, B, E, A]  # errors by stream; warnings: capture-wide last
 
 
+def test_rank_puts_stream_zero_before_stream_one_whatever_their_frames() -> None:
+    """Stream 0's finding shows at frame 8, stream 1's at frame 2: the stream decides."""
+    zero = finding("abrupt-close", Severity.WARNING, 0, (8,))
+    one = finding("abrupt-close", Severity.WARNING, 1, (2,))
+    assert rank([one, zero]) == [zero, one]
+
+
+def test_rank_reads_only_the_first_frame_then_the_rule() -> None:
+    """Two findings of one stream that both start at frame 3: the rule id orders them, not
+    their second frames (9 for abrupt-close, 4 for window-full)."""
+    a = finding("abrupt-close", Severity.WARNING, 0, (3, 9))
+    w = finding("window-full", Severity.WARNING, 0, (3, 4))
+    assert rank([w, a]) == [a, w]
+
+
 def test_by_stream_lists_every_stream_a_finding_concerns() -> None:
     by = findings_by_stream(ALL)
     assert by == {0: [B, A], 1: [D], 2: [C, B], None: [E]}

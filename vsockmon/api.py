@@ -21,19 +21,19 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import pyarrow as pa
-
-from vsockmon.analysis.pipeline import Analysis, Visitor, analyse, decoded
-from vsockmon.analysis.stats import Stats, StatsCollector
 from vsockmon.decode.filter import compile_filter
-from vsockmon.decode.frames import FrameBatch
-from vsockmon.diagnose.digest import Digest
-from vsockmon.diagnose.engine import evaluate
-from vsockmon.diagnose.model import Finding, Thresholds
-from vsockmon.export.tables import FRAME_SCHEMA, connections_table, frames_batch
+from vsockmon.decode.frames import FrameBatch, decode_batches
 from vsockmon.wire.pcapio import CaptureError, CaptureReader, is_stream, open_capture
+
+if TYPE_CHECKING:  # imported where used: `vsockmon decode` needs none of them (~0.3 s)
+    import pyarrow as pa
+
+    from vsockmon.analysis.pipeline import Analysis, Visitor
+    from vsockmon.analysis.stats import Stats, StatsCollector
+    from vsockmon.diagnose.digest import Digest
+    from vsockmon.diagnose.model import Finding, Thresholds
 
 __all__ = ["Capture", "open"]
 
@@ -116,6 +116,11 @@ class Capture:
         of the methods below, for analyses of your own; its result is kept as
         :meth:`analysis`. With ``findings`` (and ``thresholds``) or ``stats``, the same pass
         also collects what :meth:`findings` or :meth:`stats` need, so they read no more."""
+        from vsockmon.analysis.pipeline import analyse
+        from vsockmon.analysis.stats import StatsCollector
+        from vsockmon.diagnose.digest import Digest
+        from vsockmon.diagnose.model import Thresholds
+
         key = thresholds or Thresholds()
         digest = Digest(key) if findings and key not in self._digests else None
         collector = StatsCollector() if stats and self._stats is None else None
@@ -145,7 +150,7 @@ class Capture:
         keep = compile_filter(expr) if expr else None
         left = count
         with self._reader() as reader:
-            for _, fb in decoded(reader):
+            for fb in decode_batches(reader.batches()):
                 idx = keep(fb).nonzero()[0].tolist() if keep else list(range(len(fb)))
                 if left is not None:
                     idx = idx[:left]
@@ -165,6 +170,10 @@ class Capture:
         """The rows of :meth:`packets` as record batches of ``batch_size`` rows (the last may
         be shorter): memory stays at about one batch whatever the capture's size. ``filter``
         keeps the frames a display filter passes (``vsockmon decode -Y``)."""
+        import pyarrow as pa
+
+        from vsockmon.export.tables import FRAME_SCHEMA, frames_batch
+
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         pending: list[pa.RecordBatch] = []
@@ -185,16 +194,25 @@ class Capture:
         """Every frame (or those ``filter`` passes): one row per frame, one column per key of
         ``vsockmon decode --json`` (null where the JSON object leaves a key out: a frame
         without that header)."""
+        import pyarrow as pa
+
+        from vsockmon.export.tables import FRAME_SCHEMA
+
         return pa.Table.from_batches(list(self.iter_packets(filter=filter)), FRAME_SCHEMA)
 
     def connections(self) -> pa.Table:
         """Every connection (stream), one row each, one column per key of
         ``vsockmon conns --json``, in stream order."""
+        from vsockmon.export.tables import connections_table
+
         return connections_table(self.analysis().table, None)
 
     def findings(self, thresholds: Thresholds | None = None) -> list[Finding]:
         """The diagnose findings, ranked as ``vsockmon diagnose`` ranks them (most severe
         first); ``f.to_dict(cap.start_ns)`` is the object ``diagnose --json`` prints."""
+        from vsockmon.diagnose.engine import evaluate
+        from vsockmon.diagnose.model import Thresholds
+
         key = thresholds or Thresholds()
         if key not in self._digests:
             self.scan(findings=True, thresholds=key)

@@ -15,16 +15,23 @@ from vsockmon import api
 from vsockmon.decode import render
 from vsockmon.decode.frames import FrameBatch
 from vsockmon.errors import VsockmonError
-from vsockmon.payload import dissect, dissect_frame
+from vsockmon.payload import REGISTRY, dissect_frame
 from vsockmon.wire.pcapio import CaptureError
 
 TABLE_ROWS = 5000
 """A table is rendered per this many rows, so memory stays bounded on big captures."""
 
+JSON_ROWS = 4096
+"""JSON is formatted per this many rows: their text (3 MB) is memory the allocator hands out
+again, still in cache; a whole batch's (24 MB) is fresh memory the kernel faults in page by
+page, which cost 0.3 CPU s per million packets (measured; lines, 8x shorter, do not gain)."""
+
 
 def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> None:
     for fb, idx in items:
-        out.write(fb.json_text(np.asarray(idx, dtype=np.int64)))
+        rows = np.asarray(idx, dtype=np.int64)
+        for start in range(0, len(rows), JSON_ROWS):
+            out.write(fb.json_text(rows[start : start + JSON_ROWS]))
 
 
 def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
@@ -52,11 +59,10 @@ def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, ta
 
 
 def _payload_summary(payload: bytes, src_port: int, dst_port: int) -> str | None:
-    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of a frame's payload."""
-    info = dissect(payload, src_port, dst_port)
-    if info is None or info.protocol == "text":  # plain text: the preview already shows it
-        return None
-    return f"{info.protocol}: {info.summary}"
+    """What a payload dissector (ttrpc, JSON, sd_notify, …) says of a frame's payload;
+    nothing for plain text: the preview already shows it."""
+    info = REGISTRY.dissect(payload, src_port, dst_port, hide="text")
+    return None if info is None else f"{info.protocol}: {info.summary}"
 
 
 @click.command()

@@ -31,9 +31,19 @@ typedef struct {
     long long t0;
     PyObject *obj;   /* K_LIT: bytes; K_STR: tuple; K_OPT: list */
     PyObject *prefix;
+    char *pad;        /* K_LIT: its text; K_STR: the strings end to end; PAD spare bytes after */
+    Py_ssize_t *offs; /* K_STR: where string k starts in pad (and its end, offs[k + 1]) */
 } Item;
 
+#define PAD 32
+/* Literals and names are copied PAD bytes at a time from copies with PAD spare bytes after
+ * them: a copy of a size the compiler knows is two moves, where memcpy of a size it does
+ * not know is a call (a fifth of decode --json's time, 33 of them per row). */
+
+/* The text is written straight into the bytes object returned (grown by realloc, which
+ * moves big blocks without copying them): no second copy of hundreds of megabytes. */
 typedef struct {
+    PyObject *bytes;
     char *p;
     Py_ssize_t n, cap;
 } Out;
@@ -43,12 +53,13 @@ static int out_grow(Out *o, Py_ssize_t more)
     Py_ssize_t cap = o->cap ? o->cap : 1 << 16;
     while (cap < o->n + more)
         cap *= 2;
-    char *p = PyMem_Realloc(o->p, (size_t)cap);
-    if (!p) {
-        PyErr_NoMemory();
+    if (!o->bytes)
+        o->bytes = PyBytes_FromStringAndSize(NULL, cap);
+    else if (_PyBytes_Resize(&o->bytes, cap) < 0)
+        o->bytes = NULL; /* freed by _PyBytes_Resize */
+    if (!o->bytes)
         return -1;
-    }
-    o->p = p;
+    o->p = PyBytes_AS_STRING(o->bytes);
     o->cap = cap;
     return 0;
 }
@@ -78,25 +89,80 @@ static inline int out_padded(Out *o, const char *s, Py_ssize_t n, Py_ssize_t wid
     return 0;
 }
 
+static const char PAIRS[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+    "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
+
 /* Decimal digits of v into the end of tmp[24]; returns where they start (snprintf costs
- * more than the rest of a line). */
+ * more than the rest of a line; two digits per division halve the divisions). */
 static char *u64_digits(uint64_t v, char *end)
 {
     char *p = end;
-    do {
-        *--p = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
+    while (v >= 100) {
+        const char *d = PAIRS + 2 * (v % 100);
+        v /= 100;
+        *--p = d[1];
+        *--p = d[0];
+    }
+    if (v >= 10) {
+        *--p = PAIRS[2 * v + 1];
+        *--p = PAIRS[2 * v];
+    } else {
+        *--p = (char)('0' + v);
+    }
     return p;
+}
+
+/* n bytes of s, which has PAD readable bytes after its end (see PAD) */
+static inline int out_short(Out *o, const char *s, Py_ssize_t n)
+{
+    if (out_reserve(o, n + PAD) < 0)
+        return -1;
+    if (n <= PAD)
+        memcpy(o->p + o->n, s, PAD);
+    else
+        memcpy(o->p + o->n, s, (size_t)n);
+    o->n += n;
+    return 0;
+}
+
+static inline Py_ssize_t ndigits(uint64_t v)
+{
+    Py_ssize_t n = 1;
+    for (;;) {
+        if (v < 10)
+            return n;
+        if (v < 100)
+            return n + 1;
+        if (v < 1000)
+            return n + 2;
+        if (v < 10000)
+            return n + 3;
+        v /= 10000;
+        n += 4;
+    }
+}
+
+/* v in decimal (after '-' when neg), right-aligned in width, written in place. */
+static int out_u64(Out *o, uint64_t v, int neg, Py_ssize_t width)
+{
+    Py_ssize_t n = ndigits(v) + (neg != 0);
+    if (out_reserve(o, n > width ? n : width) < 0)
+        return -1;
+    char *p = o->p + o->n;
+    for (Py_ssize_t k = n; k < width; k++)
+        *p++ = ' ';
+    if (neg)
+        *p = '-';
+    u64_digits(v, p + n);
+    o->n = p + n - o->p;
+    return 0;
 }
 
 static int out_int(Out *o, int64_t v, Py_ssize_t width)
 {
-    char tmp[24], *end = tmp + sizeof tmp;
-    char *p = u64_digits(v < 0 ? 0 - (uint64_t)v : (uint64_t)v, end);
-    if (v < 0)
-        *--p = '-';
-    return out_padded(o, p, end - p, width);
+    return out_u64(o, v < 0 ? 0 - (uint64_t)v : (uint64_t)v, v < 0, width);
 }
 
 /* "%.6f" of (ns - t0) / 1e9 as a double, right-aligned. Exact integer arithmetic gives the
@@ -164,6 +230,103 @@ static int out_preview(Out *o, const uint8_t *d, Py_ssize_t len, Py_ssize_t limi
     return 0;
 }
 
+/* repr(ns / 10**9) for 10^9 <= ns < 2^63, without strtod, dtoa or a string in between:
+ * the characters are written before `end`, and their start returned; NULL when a case the
+ * argument below does not cover comes up (the caller then asks Python's own functions).
+ *
+ * Why it is the same string. Let D = ns / 10^9 exactly and x the double Python's int / int
+ * gives: D correctly rounded (half to even), x = m 2^-t with 2^52 <= m < 2^53. repr(x) is
+ * the shortest decimal that reads back as x, the one nearest x among several (dtoa mode 0),
+ * in fixed notation with at least one fractional digit (1 <= x < 10^16). A decimal reads
+ * back as x when it lies strictly inside (x - u/2, x + u/2), u = 2^-t, t >= 18. No candidate
+ * lies on an edge: a multiple of 10^-9 is not an odd multiple of 2^-(t+1). Where x is a
+ * power of two (m = 2^52, a smaller gap below) it is a whole number, found at f = 0 below.
+ * When two candidates are equally near, repr rounds to even: we give up (NULL) there.
+ * For x >= 1 fewer fractional digits mean fewer significant digits, so repr(x) is, for the
+ * least f = 0..9 where it exists, the multiple of 10^-f nearest x inside the interval: at
+ * each f only the multiples just below and just above x can be nearest, and no other
+ * multiple of 10^-f is inside when the nearer of those two is not. There is always one at
+ * f = 9 (D itself), and the least f leaves no trailing zero (that multiple would be nearest
+ * at f - 1 too). Everything is exact integer arithmetic in units
+ * of U = 2^-t 10^-9 s: x = m 10^9 U, D = ns 2^t U, u/2 = 5 10^8 U. tests/test_render.py
+ * holds it equal to repr over boundaries, sub-second parts and times beyond 2^32 s. */
+#ifdef __SIZEOF_INT128__
+static char *epoch_repr(uint64_t ns, char *end)
+{
+    static const uint64_t POW10[10] = {1, 10, 100, 1000, 10000, 100000, 1000000, 10000000,
+                                       100000000, 1000000000};
+    const uint64_t BILLION = 1000000000u;
+    if (ns < BILLION || ns >> 63)
+        return NULL;
+    int t = 82 - (64 - __builtin_clzll(ns)); /* 10^9 ~ 2^30: m near 2^52 */
+    unsigned __int128 scaled, q, r;
+    for (;;) {
+        scaled = (unsigned __int128)ns << t;
+        q = scaled / BILLION;
+        if (q >= ((unsigned __int128)1 << 53))
+            t--;
+        else if (q < ((unsigned __int128)1 << 52))
+            t++;
+        else
+            break;
+    }
+    r = scaled - q * BILLION;
+    uint64_t m = (uint64_t)q;
+    /* never a tie (2r = 10^9 would make 2^(t-8) ns / 5^9 an odd integer: 5^9 | ns makes it
+     * even, t >= 18), so rounding half up is rounding half to even */
+    if (2 * r > BILLION)
+        m++;
+    const int64_t half = 500000000, unit = (int64_t)1 << t; /* u/2, and 1 ns, in U */
+    int64_t delta = (int64_t)((__int128)m * BILLION - (__int128)scaled); /* x - D, in U */
+    /* x, in nanoseconds, lies in [base, base + 1) */
+    uint64_t base = ns + (uint64_t)(delta >= 0 ? delta / unit : -((unit - 1 - delta) / unit));
+    /* a candidate c inside is within u of D: |c - ns| < 10^9 / 2^t + 1 nanoseconds */
+    int64_t reach = (int64_t)(BILLION >> t) + 1;
+    for (int f = 0; f <= 9; f++) {
+        uint64_t p = POW10[9 - f], below = base - base % p; /* below <= x < below + p */
+        int64_t best = 0, best_err = -1;
+        int tie = 0;
+        for (int side = 0; side < 2; side++) {
+            int64_t off = (int64_t)(below + (side ? p : 0) - ns); /* c - ns */
+            if (off >= reach || -off >= reach)
+                continue;
+            int64_t err = off * unit - delta, a = err < 0 ? -err : err; /* |c - x| */
+            if (a >= half)
+                continue;
+            if (best_err < 0 || a < best_err) {
+                best = off;
+                best_err = a;
+                tie = 0;
+            } else if (a == best_err) {
+                tie = 1;
+            }
+        }
+        if (best_err < 0)
+            continue;
+        if (tie)
+            return NULL;
+        uint64_t c = ns + (uint64_t)best, sec = c / BILLION, frac = (c % BILLION) / p;
+        char *s = end;
+        if (f == 0) {
+            *--s = '0';
+        } else {
+            for (int k = 0; k < f; k++) {
+                *--s = (char)('0' + frac % 10);
+                frac /= 10;
+            }
+        }
+        *--s = '.';
+        return u64_digits(sec, s);
+    }
+    return NULL;
+}
+#else /* no 128-bit integers (a 32-bit machine): Python's own functions, as before */
+static char *epoch_repr(uint64_t ns, char *end)
+{
+    return NULL;
+}
+#endif
+
 static void items_release(Item *items, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -173,7 +336,44 @@ static void items_release(Item *items, Py_ssize_t n)
             PyBuffer_Release(&items[i].col2);
         if (items[i].has_data)
             PyBuffer_Release(&items[i].data);
+        PyMem_Free(items[i].pad);
+        PyMem_Free(items[i].offs);
     }
+}
+
+/* The padded copies of an item's literal or strings (see PAD); a K_STR tuple holding
+ * anything but bytes gets none, and fails where a row uses that entry. */
+static int item_pad(Item *it)
+{
+    if (it->kind == K_LIT) {
+        Py_ssize_t n = PyBytes_GET_SIZE(it->obj);
+        if (!(it->pad = PyMem_Calloc((size_t)(n + PAD), 1))) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(it->pad, PyBytes_AS_STRING(it->obj), (size_t)n);
+        return 0;
+    }
+    Py_ssize_t k = PyTuple_GET_SIZE(it->obj), total = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        PyObject *b = PyTuple_GET_ITEM(it->obj, j);
+        if (!PyBytes_Check(b))
+            return 0;
+        total += PyBytes_GET_SIZE(b);
+    }
+    it->offs = PyMem_Malloc((size_t)(k + 1) * sizeof *it->offs);
+    it->pad = PyMem_Calloc((size_t)(total + PAD), 1);
+    if (!it->offs || !it->pad) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    it->offs[0] = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        PyObject *b = PyTuple_GET_ITEM(it->obj, j);
+        memcpy(it->pad + it->offs[j], PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+        it->offs[j + 1] = it->offs[j] + PyBytes_GET_SIZE(b);
+    }
+    return 0;
 }
 
 /* Parse one item; columns must hold at least `rows` values of their width. */
@@ -234,29 +434,33 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         PyErr_SetString(PyExc_ValueError, "column shorter than the rows");
         return -1;
     }
-    return 0;
+    return it->kind == K_LIT || it->kind == K_STR ? item_pad(it) : 0;
 }
 
 static inline int item_put(Out *o, Item *it, Py_ssize_t i)
 {
-    char tmp[24];
     switch (it->kind) {
     case K_LIT:
-        return out_put(o, PyBytes_AS_STRING(it->obj), PyBytes_GET_SIZE(it->obj));
+        return out_short(o, it->pad, PyBytes_GET_SIZE(it->obj));
     case K_INT:
         return out_int(o, ((const int64_t *)it->col.buf)[i], it->width);
-    case K_UINT: {
-        char *end = tmp + sizeof tmp, *p = u64_digits(((const uint64_t *)it->col.buf)[i], end);
-        return out_put(o, p, end - p);
-    }
+    case K_UINT:
+        return out_u64(o, ((const uint64_t *)it->col.buf)[i], 0, 0);
     case K_REL:
         return out_rel(o, ((const int64_t *)it->col.buf)[i], it->t0, it->width);
     case K_EPOCH: {
-        /* The nearest double to ns / 10^9, as Python's int / int gives it: the exact decimal
-         * read by the correctly rounded strtod. (double)ns / 1e9 rounds twice and misses by
-         * one unit in the last place for about a third of the times of a capture. */
         int64_t ns = ((const int64_t *)it->col.buf)[i];
         uint64_t mag = ns < 0 ? 0 - (uint64_t)ns : (uint64_t)ns;
+        char fast[40], *end = fast + sizeof fast, *p = epoch_repr(mag, end);
+        if (p) {
+            if (ns < 0)
+                *--p = '-';
+            return out_put(o, p, end - p);
+        }
+        /* Else the nearest double to ns / 10^9, as Python's int / int gives it: the exact
+         * decimal read by the correctly rounded strtod, and Python's own repr of it.
+         * (double)ns / 1e9 rounds twice and misses by one unit in the last place for about
+         * a third of the times of a capture. */
         char exact[32];
         snprintf(exact, sizeof exact, "%s%llu.%09llu", ns < 0 ? "-" : "",
                  (unsigned long long)(mag / 1000000000u), (unsigned long long)(mag % 1000000000u));
@@ -276,6 +480,8 @@ static inline int item_put(Out *o, Item *it, Py_ssize_t i)
             PyErr_SetString(PyExc_IndexError, "string code out of range");
             return -1;
         }
+        if (it->pad)
+            return out_short(o, it->pad + it->offs[code], it->offs[code + 1] - it->offs[code]);
         PyObject *s = PyTuple_GET_ITEM(it->obj, code);
         if (!PyBytes_Check(s)) {
             PyErr_SetString(PyExc_TypeError, "strings must be bytes");
@@ -367,7 +573,11 @@ static PyObject *format_rows(PyObject *self, PyObject *args)
         if (out_put(&o, "\n", 1) < 0)
             goto done;
     }
-    result = PyBytes_FromStringAndSize(o.p ? o.p : "", o.n);
+    if (!o.bytes)
+        result = PyBytes_FromStringAndSize("", 0);
+    else if (_PyBytes_Resize(&o.bytes, o.n) == 0)
+        result = o.bytes;
+    o.bytes = NULL; /* handed over, or freed by _PyBytes_Resize */
 done:
     if (items)
         for (Py_ssize_t t = 0; t < nt; t++)
@@ -377,13 +587,115 @@ done:
             }
     PyMem_Free(items);
     PyMem_Free(counts);
-    PyMem_Free(o.p);
+    Py_XDECREF(o.bytes);
     PyBuffer_Release(&which);
     return result;
 }
 
+PyDoc_STRVAR(factorize_doc,
+"factorize(keys, codes) -> list[int]\n\n"
+"The distinct values of keys (an int64 column) in the order they first appear; codes (a\n"
+"writable int32 column as long) gets each row's index into that list.");
+
+/* Where a key goes in a table of mask + 1 slots: every bit of the key moves the slot (keys
+ * such as op << 48 | type << 32 | flags differ in their high bits). */
+static inline size_t slot_of(int64_t key, size_t mask)
+{
+    uint64_t x = (uint64_t)key;
+    x ^= x >> 32;
+    x *= 0x9E3779B97F4A7C15u;
+    x ^= x >> 29;
+    return (size_t)x & mask;
+}
+
+/* A dictionary encoding by hashing: one pass, where numpy's unique sorts (7 ms for a batch
+ * of 33k rows, twice per batch on decode's paths, for the handful of distinct values a
+ * column of op, type and flags holds). */
+static PyObject *factorize(PyObject *self, PyObject *args)
+{
+    Py_buffer keys, codes;
+    if (!PyArg_ParseTuple(args, "y*w*", &keys, &codes))
+        return NULL;
+    Py_ssize_t n = keys.len / 8;
+    PyObject *unique = NULL;
+    int64_t *slot_key = NULL;
+    int32_t *slot_code = NULL;
+    size_t size = 64, used = 0;
+    if (keys.len % 8 || codes.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "codes must hold an int32 for each int64 key");
+        goto done;
+    }
+    unique = PyList_New(0);
+    slot_key = PyMem_Malloc(size * sizeof *slot_key);
+    slot_code = PyMem_Malloc(size * sizeof *slot_code);
+    if (!unique || !slot_key || !slot_code) {
+        if (unique)
+            PyErr_NoMemory();
+        goto fail;
+    }
+    memset(slot_code, 0xff, size * sizeof *slot_code); /* -1: empty */
+    const int64_t *k = keys.buf;
+    int32_t *out = codes.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (2 * (used + 1) > size) { /* keep the table at most half full */
+            size_t bigger = 2 * size;
+            int64_t *nk = PyMem_Malloc(bigger * sizeof *nk);
+            int32_t *nc = PyMem_Malloc(bigger * sizeof *nc);
+            if (!nk || !nc) {
+                PyMem_Free(nk);
+                PyMem_Free(nc);
+                PyErr_NoMemory();
+                goto fail;
+            }
+            memset(nc, 0xff, bigger * sizeof *nc);
+            for (size_t j = 0; j < size; j++) {
+                if (slot_code[j] < 0)
+                    continue;
+                size_t h = slot_of(slot_key[j], bigger - 1);
+                while (nc[h] >= 0)
+                    h = (h + 1) & (bigger - 1);
+                nk[h] = slot_key[j];
+                nc[h] = slot_code[j];
+            }
+            PyMem_Free(slot_key);
+            PyMem_Free(slot_code);
+            slot_key = nk;
+            slot_code = nc;
+            size = bigger;
+        }
+        size_t h = slot_of(k[i], size - 1);
+        while (slot_code[h] >= 0 && slot_key[h] != k[i])
+            h = (h + 1) & (size - 1);
+        if (slot_code[h] < 0) {
+            if (used > INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "too many distinct keys");
+                goto fail;
+            }
+            PyObject *v = PyLong_FromLongLong(k[i]);
+            if (!v || PyList_Append(unique, v) < 0) {
+                Py_XDECREF(v);
+                goto fail;
+            }
+            Py_DECREF(v);
+            slot_key[h] = k[i];
+            slot_code[h] = (int32_t)used++;
+        }
+        out[i] = slot_code[h];
+    }
+    goto done;
+fail:
+    Py_CLEAR(unique);
+done:
+    PyMem_Free(slot_key);
+    PyMem_Free(slot_code);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&codes);
+    return unique;
+}
+
 static PyMethodDef methods[] = {
     {"format_rows", format_rows, METH_VARARGS, format_rows_doc},
+    {"factorize", factorize, METH_VARARGS, factorize_doc},
     {NULL, NULL, 0, NULL},
 };
 

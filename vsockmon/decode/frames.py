@@ -322,8 +322,9 @@ def dictionary_column(keys: np.ndarray, text: Callable[[int], str]
         code_of = np.zeros(int(unique[-1]) + 1, dtype=np.int32)
         code_of[unique] = np.arange(len(unique), dtype=np.int32)
         codes = code_of[keys]
-    else:
-        unique, codes = np.unique(keys, return_inverse=True)
+    else:  # hashed in compiled code: np.unique sorts (7 ms per batch of 33k rows)
+        codes = np.empty(len(keys), dtype=np.int32)
+        unique = np.asarray(_render.factorize(keys, codes), dtype=np.int64)
     strings = tuple(text(int(k)).encode() for k in unique)
     return _render.K_STR, codes.astype(np.int32).reshape(-1), strings
 

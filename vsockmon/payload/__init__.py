@@ -45,9 +45,11 @@ def register(dissector: PayloadDissector) -> PayloadDissector:
     return REGISTRY.register(dissector)
 
 
-def dissect(payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
-    """The payload's dissection, or None when no dissector recognises it."""
-    return REGISTRY.dissect(payload, src_port, dst_port)
+def dissect(payload: bytes, src_port: int, dst_port: int, hide: str | None = None
+            ) -> PayloadInfo | None:
+    """The payload's dissection, or None when no dissector recognises it (or when its
+    protocol is ``hide``, found out as cheaply as the dissectors allow)."""
+    return REGISTRY.dissect(payload, src_port, dst_port, hide)
 
 
 class _FrameLike(Protocol):

@@ -10,11 +10,16 @@ import re
 from vsockmon.payload.model import Node, PayloadInfo
 from vsockmon.payload.registry import PayloadDissector
 
-_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS|CONNECT|TRACE) (\S+) HTTP/1\.[01]")
+_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+_REQUEST = re.compile(f"({'|'.join(_METHODS)}) (\\S+) HTTP/1\\.[01]".encode())
 _RESPONSE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: ([^\r\n]*))?")
+_FIRST_BYTES = frozenset(word.encode()[0] for word in (*_METHODS, "HTTP"))
+"""The bytes a start line can begin with: most payloads are refused on their first byte."""
 
 
 def detect(payload: bytes) -> bool:
+    if not payload or payload[0] not in _FIRST_BYTES:
+        return False
     line = payload.split(b"\n", 1)[0].rstrip(b"\r")
     return bool(_REQUEST.fullmatch(line) or _RESPONSE.fullmatch(line))
 

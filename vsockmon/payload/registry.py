@@ -34,6 +34,11 @@ class PayloadDissector:
     worth a line); ``detect`` says whether an arbitrary payload looks like this protocol
     (strictly: it runs on every port). Without ``detect`` the dissector is tried only on its
     ``ports``. Heuristics run in ascending ``priority``.
+
+    ``detect_decides`` is a promise: whenever ``detect`` says yes, ``dissect`` returns a
+    :class:`PayloadInfo` whose protocol is ``name``. A caller that hides this protocol
+    (:meth:`Registry.dissect`'s ``hide``) then learns enough from ``detect`` alone, and the
+    dissection is not run just to be thrown away.
     """
 
     name: str
@@ -42,6 +47,7 @@ class PayloadDissector:
     detect: Callable[[bytes], bool] | None = None
     priority: int = 100
     description: str = ""
+    detect_decides: bool = False
 
 
 @dataclass
@@ -52,8 +58,8 @@ class Registry:
     dissectors: dict[str, PayloadDissector] = field(default_factory=dict)
     load_entry_points: bool = True
     _order: list[PayloadDissector] | None = field(default=None, init=False, repr=False)
-    _ports: dict[int, list[PayloadDissector]] = field(default_factory=dict, init=False,
-                                                      repr=False)
+    _ports: dict[int, tuple[PayloadDissector, ...]] = field(default_factory=dict, init=False,
+                                                            repr=False)
     _heuristics: list[tuple[PayloadDissector, Callable[[bytes], bool]]] = field(
         default_factory=list, init=False, repr=False)
 
@@ -88,35 +94,50 @@ class Registry:
             self._ports = {}
             for d in self._order:
                 for port in d.ports:
-                    self._ports.setdefault(port, []).append(d)
+                    self._ports[port] = (*self._ports.get(port, ()), d)
         return self._order
 
     def for_port(self, port: int) -> list[PayloadDissector]:
         self.all()
-        return self._ports.get(port, [])
+        return list(self._ports.get(port, ()))
 
-    def dissect(self, payload: bytes, src_port: int, dst_port: int) -> PayloadInfo | None:
+    def dissect(self, payload: bytes, src_port: int, dst_port: int, hide: str | None = None
+                ) -> PayloadInfo | None:
         """The first dissection of ``payload``: by the destination port's dissectors, then
         the source port's (replies come from the well-known port), then by heuristics.
+        None, too, when that dissection's protocol is ``hide`` (``decode``'s lines hide
+        ``text``: their preview already shows it).
 
         It runs once per RW packet (a million per capture), so the port table and the
-        heuristic order are looked up once, not per step."""
+        heuristic order are looked up once, not per step, and a hidden protocol whose
+        ``detect`` decides is never dissected."""
         if not payload:
             return None
-        self.all()
+        if self._order is None or self.load_entry_points:  # all()'s work to do
+            self.all()
         ports = self._ports
-        on_ports = ports.get(dst_port, []) + ports.get(src_port, []) if ports else []
+        on_ports = ports.get(dst_port, _NO_DISSECTORS) + ports.get(src_port, _NO_DISSECTORS)
         for d in on_ports:
             info = _safely(d.dissect, payload)
             if info is not None:
-                return info
+                return None if info.protocol == hide else info
         for d, detect in self._heuristics:
-            if d in on_ports or not _safely(detect, payload):
+            if d in on_ports:
                 continue
+            try:  # inline, not _safely: this loop runs five times per payload
+                if not detect(payload):
+                    continue
+            except Exception:  # see the module docstring: skip a failing dissector
+                continue
+            if d.detect_decides and d.name == hide:
+                return None
             info = _safely(d.dissect, payload)
             if info is not None:
-                return info
+                return None if info.protocol == hide else info
         return None
+
+
+_NO_DISSECTORS: tuple[PayloadDissector, ...] = ()
 
 
 def _safely(fn: Callable[[bytes], T], payload: bytes) -> T | None:

@@ -92,6 +92,11 @@ def split(payload: bytes) -> tuple[list[Message], int]:
 
 def detect(payload: bytes) -> bool:
     """Strict: complete messages that tile the payload exactly, requests naming a service."""
+    if len(payload) < HEADER_LEN or payload[0]:  # a length's first byte is 0 (MAX_MESSAGE)
+        return False
+    length, _, msg_type, _ = HEADER.unpack_from(payload)
+    if not header_ok(length, msg_type) or HEADER_LEN + length > len(payload):
+        return False  # no whole first message: what split would find, without splitting
     messages, _ = split(payload)
     if not messages or not all(m.complete for m in messages):
         return False

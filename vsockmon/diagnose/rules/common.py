@@ -35,6 +35,9 @@ def seconds_text(seconds: float) -> str:
 
 
 def request_ts(conn: Connection) -> int:
-    """When the connection's REQUEST was sent (its first packet when none was captured)."""
-    ev = event_at(conn, conn.request_frame)
-    return ev.ts_ns if ev is not None else conn.first_ts_ns
+    """When the connection's REQUEST was sent (its first packet when none was captured).
+
+    The two are one time: a REQUEST always starts a new stream (the tracker's numbering
+    rule), so a captured REQUEST is its connection's first packet; no search of the events
+    needed (a storm of refusals calls this for every one)."""
+    return conn.first_ts_ns
