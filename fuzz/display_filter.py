@@ -19,7 +19,6 @@ from common import FIXTURES, ROOT, instrumented, run
 with instrumented(__name__):
     from vsockmon.decode.filter import (
         _ANOMALY_BITS,
-        _ENUM_BY_FIELD,
         _FLAG_OWNER,
         FIELDS,
         FilterError,
@@ -44,8 +43,8 @@ def seeds() -> Iterator[bytes]:
     for name in FIELDS:
         yield name.encode()
         yield f"{name} == 1 or {name} != 0x10".encode()
-    for name, enum in _ENUM_BY_FIELD.items():
-        for member in enum:
+    for name, field in FIELDS.items():  # the fields with value names: op, type, trans…
+        for member in field.enum or ():
             yield f"{name} == {member.name}".encode()
     for flag in _FLAG_OWNER:
         yield f"flags has {flag}".encode()

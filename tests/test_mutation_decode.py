@@ -9,7 +9,9 @@ UNKNOWN=0/NO_INFO=1/VIRTIO=2, headers of 32 and 44 bytes) and from the frames bu
 
 from __future__ import annotations
 
+import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import numpy as np
 import pytest
 from helpers import T0, frame, write_pcap
 
-from vsockmon.decode.frames import Frame, decode_batches
-from vsockmon.decode.render import hexdump, preview, summary_line, summary_lines, tree
+from vsockmon.decode.frames import Frame, decode_batches, epoch_seconds
+from vsockmon.decode.render import hexdump, preview, row, summary_line, summary_lines, tree
 from vsockmon.decode.verify import (
     Report,
     VerifyError,
@@ -26,7 +28,10 @@ from vsockmon.decode.verify import (
     compare,
     known_errors,
     our_records,
+    payload_len_mismatch,
     tshark_records,
+    verify_with_pyshark,
+    ws_payload_len,
     ws_value,
 )
 from vsockmon.wire.pcapio import PcapWriter, open_capture
@@ -203,6 +208,37 @@ def test_summary_lines_for_every_kind_of_row(tmp_path: Path) -> None:
         "     4     0.254500  3:1025 → 2:9999  - PAYLOAD !truncated",
         "     5     0.256000  ? → ?  - - !truncated",
         "     6     0.257500  3:1025 → 2:9999  - PAYLOAD !truncated",
+    ]
+
+
+def test_times_far_from_the_start_keep_every_microsecond(tmp_path: Path) -> None:
+    # 1000 s and 250 µs after t0: exactly 1000.000250 (a divisor off by one part in 10^9
+    # would make it 999.999249)
+    got = lines_both_ways(tmp_path, [frame(Op.REQUEST)], t0=T0 - 1000 * 10**9 - 250_000)
+    assert got[0].startswith("     1  1000.000250  3:1025 → 2:9999  STREAM REQUEST")
+
+
+def test_several_anomalies_are_all_named_in_order(tmp_path: Path) -> None:
+    """A frame whose ends differ between the headers and whose payload is shorter than its
+    len: both anomalies, in the order of the anomaly table, in the line and the tree."""
+    virtio = frame(Op.RW, b"abc", src=(5, 6), dst=(7, 8), length=5)[32:]
+    data = mon_header(addr=(3, 2, 1025, 9999)) + virtio
+    (line,) = lines_both_ways(tmp_path, [data])
+    assert line.endswith(' "abc" !payload-len-mismatch,addr-mismatch')
+    assert tree(one(tmp_path, data))[-1] == "anomalies: payload-len-mismatch, addr-mismatch"
+
+
+def test_table_row_of_every_kind_of_frame(tmp_path: Path) -> None:
+    """The table's columns (see TABLE_HEADERS): "-" for each virtio column a frame does not
+    have, "?" for ends it does not have."""
+    got = [row(f, T0) for f in decode(tmp_path, [
+        frame(Op.RW, b"hi", fwd_cnt=7), frame(Op.RW, b"x")[:40], b"\x01\x02"])]
+    assert got == [
+        (1, "0.000000", "3:1025", "2:9999", "STREAM", "RW", 2, "-", 262144, 7, '"hi"'),
+        # cut at 40 bytes: the payload would start at 32 + trans_len 44, past the end
+        (2, "0.001000", "3:1025", "2:9999", "-", "PAYLOAD", "-", "-", "-", "-", ""),
+        # shorter than a vsockmon header: no header, so no payload either
+        (3, "0.002000", "?", "?", "-", "-", "-", "-", "-", "-", ""),
     ]
 
 
@@ -393,3 +429,206 @@ def test_bulk_lines_show_virtio_ends_flags_and_one_byte_payloads(tmp_path: Path)
     slow = [summary_line(f, T0, summary(f.payload, f.virtio["src_port"], f.virtio["dst_port"])
                          if f.virtio["len"] else None) for f in fb.frames()]
     assert fast == slow
+
+
+# -- bulk columns: exact float times, a subset of rows, one frame of a batch -----------------
+
+def test_epoch_seconds_are_the_nearest_double_to_the_exact_time() -> None:
+    """Python's ``int / int`` is correctly rounded: the reference for every time. Among them
+    relative times of 1 s and 1000 s where whole seconds plus the rounded fraction miss by
+    one unit in the last place, a negative one, the last second before 2^29 s, and real
+    capture times."""
+    times = [0, 5, 999_999_999, 1_144_272_509, 1_000_377_652_372, -1_144_272_509,
+             2**29 * 10**9 - 1, 2**29 * 10**9, T0, T0 + 123_456_789, 1_795_000_000_123_456_789,
+             1_700_000_000_397_236_329]  # as a float first: 105 ns off, a different double
+    assert 1_144_272_509 / 10**9 != 1 + 144_272_509 / 1e9  # the case the slow path exists for
+    got = epoch_seconds(np.array(times, dtype=np.int64)).tolist()
+    assert got == [t / 10**9 for t in times]
+
+
+def test_json_and_lines_of_some_rows_only(tmp_path: Path) -> None:
+    """``json_text`` and ``summary_lines`` of a subset of rows (as ``decode -Y`` selects them)
+    are those rows' own, also where a row lacks a header (the slow path)."""
+    frames = [frame(Op.REQUEST, src=(3, 100 + i)) for i in range(5)]
+    frames[3] = frames[3][:40]  # no room for the virtio header
+    path = write_pcap(tmp_path / "s.pcap", frames)
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    records = fb.records()
+    for rows in ([1, 3], [0, 4], [3], [0, 1, 2, 3]):
+        idx = np.array(rows, dtype=np.int64)
+        lines = fb.json_text(idx).decode().splitlines()
+        assert [json.loads(x) for x in lines] == [records[i] for i in rows]
+        text = summary_lines(fb, idx, T0).decode().splitlines()
+        assert text == [summary_line(fb.frame(i), T0) for i in rows]
+        assert [line.split()[0] for line in text] == [str(i + 1) for i in rows]
+
+
+def test_a_frame_of_a_batch_is_its_row(tmp_path: Path) -> None:
+    path = write_pcap(tmp_path / "f.pcap", [frame(Op.RW, bytes([i]) * i) for i in range(1, 4)])
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    f = fb.frame(2)
+    assert (f.number, f.payload, f.ts_ns) == (3, b"\x03\x03\x03", T0 + 2000)
+
+
+# -- verify: when Wireshark cannot be run ----------------------------------------------------
+
+def test_without_tshark_both_ways_of_verifying_say_so(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_pcap(tmp_path / "v.pcap", [frame(Op.REQUEST)])
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no tshark on it
+    want = "tshark is not installed (apt-get install tshark)"
+    with pytest.raises(VerifyError) as e:
+        list(tshark_records(str(path)))
+    assert str(e.value) == want
+    with pytest.raises(VerifyError) as e:
+        verify_with_pyshark(str(path))
+    assert str(e.value) == want
+
+
+def test_a_tshark_that_cannot_run_is_one_line(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed tshark that is no program (here: not an executable format) is named."""
+    path = write_pcap(tmp_path / "v.pcap", [frame(Op.REQUEST)])
+    broken = tmp_path / "bin" / "tshark"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\0\1\2\3")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", str(broken.parent))
+    with pytest.raises(VerifyError) as e:
+        verify_with_pyshark(str(path))
+    assert str(e.value).startswith("cannot run tshark through pyshark: ")
+    assert "Exec format error" in str(e.value)
+
+
+def test_without_pyshark_verify_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    path = write_pcap(tmp_path / "v.pcap", [frame(Op.REQUEST)])
+    for name in [m for m in sys.modules if m == "pyshark" or m.startswith("pyshark.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pyshark", None)  # import pyshark raises ImportError
+    with pytest.raises(VerifyError) as e:
+        verify_with_pyshark(str(path))
+    assert str(e.value) == "pyshark is not installed (pip install pyshark)"
+
+
+def test_tshark_failure_names_its_last_line(tmp_path: Path) -> None:
+    """tshark on a file cut inside a packet fails (exit 2) saying so on its last line."""
+    raw = write_pcap(tmp_path / "w.pcap", [frame(Op.RW, b"x" * 40)]).read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(raw[:60])
+    with pytest.raises(VerifyError) as e:
+        list(tshark_records(str(cut)))
+    assert str(e.value) == (f'tshark failed: tshark: The file "{cut}" appears to have been '
+                            "cut short in the middle of a packet.")
+
+
+# -- verify: what Wireshark's own fields say about the payload -------------------------------
+# Field names as ``tshark -T fields`` prints them; 76 = 32 (vsockmon) + 44 (trans_len).
+
+def ws_fields(wire: int, cap: int, payload: str, vlen: int | None = None,
+              trans_len: int | None = 44) -> dict[str, str]:
+    out = {"frame.len": str(wire), "frame.cap_len": str(cap), "vsock.payload": payload}
+    if trans_len is not None:
+        out["vsock.trans_len"] = str(trans_len)
+    if vlen is not None:
+        out["vsock.virtio.len"] = str(vlen)
+    return out
+
+
+@pytest.mark.parametrize(("theirs", "due"), [
+    (ws_fields(79, 79, "61:62:63", vlen=3), False),    # whole, 3 bytes of len 3
+    (ws_fields(78, 78, "61:62", vlen=3), True),        # whole, 2 bytes of len 3
+    (ws_fields(80, 80, "61:62:63:64", vlen=3), True),  # whole, 4 bytes of len 3 (tap bug)
+    (ws_fields(76, 76, "", vlen=5), True),             # exactly the headers, len 5
+    (ws_fields(76, 76, "", vlen=0), False),
+    (ws_fields(100, 79, "61:62:63", vlen=5), False),   # cut by the snap length: not whole
+    (ws_fields(79, 79, "", vlen=5, trans_len=60), False),  # headers claim more than is there
+    (ws_fields(79, 79, "61:62:63"), None),             # no virtio header
+    (ws_fields(79, 79, "61:62:63", vlen=3, trans_len=None), None),  # no vsockmon header
+    ({}, None),
+])
+def test_payload_len_mismatch_from_wiresharks_fields(theirs: dict[str, str], due: bool | None
+                                                     ) -> None:
+    assert payload_len_mismatch(theirs) is due
+
+
+@pytest.mark.parametrize(("theirs", "shown"), [
+    (ws_fields(79, 79, "61:62:63", vlen=3), 3),
+    (ws_fields(100, 79, "", vlen=24), 3),    # cut: Wireshark shows none, its lengths leave 3
+    (ws_fields(100, 70, "", vlen=24), 0),    # cut inside the headers: nothing left
+    (ws_fields(100, 79, "", vlen=24, trans_len=None), 0),  # no header to count from
+    (ws_fields(79, 79, "", vlen=3), 0),      # whole and empty
+    ({"frame.cap_len": "79", "vsock.trans_len": "44"}, 0),  # no wire length: nothing to add
+    ({}, 0),
+])
+def test_payload_length_wireshark_has(theirs: dict[str, str], shown: int) -> None:
+    got = ws_payload_len(theirs)
+    assert got == shown and type(got) is int  # a count of bytes
+
+
+def test_known_error_of_a_snapped_payload() -> None:
+    cut = {"frame.len": 100, "frame.cap_len": 79, "payload_len": 3}
+    assert known_errors(cut) == ["payload of a frame cut by the snap length not shown by "
+                                 "Wireshark (compared with the length its headers leave)"]
+    assert known_errors({**cut, "payload_len": 0}) == []
+    assert known_errors({**cut, "frame.len": 79}) == []
+
+
+def test_pyshark_verify_of_a_frame_wireshark_does_not_call_vsock(tmp_path: Path) -> None:
+    """A pcapng whose second interface is Ethernet: Wireshark gives that frame no vsock
+    fields, which is reported as disagreements on it, not a crash."""
+    from test_mutation_pcapio import epb, idb, shb
+
+    path = tmp_path / "mixed.pcapng"
+    ether = b"\xff" * 12 + b"\x88\xb5" + b"\0" * 46  # a 60-byte frame of a local EtherType
+    path.write_bytes(shb() + idb() + idb(linktype=1) + epb(1, frame(Op.REQUEST))
+                     + epb(2, ether, iface=1))
+    report = verify_with_pyshark(str(path))
+    assert report.frames == 2
+    assert {d.frame for d in report.disagreements} == {2}
+
+
+def test_compare_names_each_frame_field_and_the_anomaly(tmp_path: Path) -> None:
+    """The time (to the ns), both lengths and the payload-length anomaly are compared, and a
+    field Wireshark does not give is a disagreement with None."""
+    rec, ws = ours_and_theirs(tmp_path, frame(Op.RW, b"abc", length=5))
+    assert "payload-len-mismatch" in rec["anomalies"] and compare(rec, ws) == []
+    t = rec["frame.time_ns"] + 1
+    off = dict(ws, **{"frame.time_epoch": f"{t // 10**9}.{t % 10**9:09d}",
+                      "frame.len": "1000", "frame.cap_len": "999"})
+    assert [(d.key, d.ours, d.wireshark) for d in compare(rec, off)] == [
+        ("frame.time_ns", rec["frame.time_ns"], t), ("frame.len", 79, 1000),
+        ("frame.cap_len", 79, 999),
+        # by these lengths the frame was cut short, so the anomaly would not be due
+        ("anomalies: payload-len-mismatch", True, False)]
+    assert [(d.key, d.wireshark) for d in compare(rec, {})][:3] == [
+        ("frame.time_ns", None), ("frame.len", None), ("frame.cap_len", None)]
+    (d,) = compare(dict(rec, anomalies=[]), ws)
+    assert (d.key, d.ours, d.wireshark) == ("anomalies: payload-len-mismatch", False, True)
+
+
+def test_ws_value_of_bytes_printed_without_colons() -> None:
+    # pyshark's raw value of a 2-byte field holding 0x0001 little-endian: the bytes, in hex
+    assert ws_value("0100") == 0x0100
+
+
+def test_records_of_a_range_of_rows(tmp_path: Path) -> None:
+    path = write_pcap(tmp_path / "r.pcap", [frame(Op.RW, b"x" * i) for i in range(5)])
+    with open_capture(str(path)) as r:
+        (fb,) = list(decode_batches(r.batches()))
+    assert [x["frame.number"] for x in fb.records(1, 3)] == [2, 3]
+    assert [x["payload_len"] for x in fb.records(3)] == [3, 4]
+
+
+
+def test_only_the_frames_of_other_link_types_are_not_vsock(tmp_path: Path) -> None:
+    from test_mutation_pcapio import epb, idb, shb
+
+    path = tmp_path / "mixed.pcapng"
+    path.write_bytes(shb() + idb() + idb(linktype=1) + epb(1, frame(Op.REQUEST))
+                     + epb(2, b"\0" * 60, iface=1) + epb(3, frame(Op.RESPONSE)))
+    with open_capture(str(path)) as r:
+        got = [f.anomalies for fb in decode_batches(r.batches()) for f in fb.frames()]
+    assert ["not-vsock" in a for a in got] == [False, True, False]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.decode.filter import FIELDS, FilterError, compile_filter
+from vsockmon.decode.filter import FIELDS, MAX_DEPTH, FilterError, compile_filter
 from vsockmon.decode.frames import decode_batches
 from vsockmon.wire.pcapio import open_capture
 from vsockmon.wire.protocol import VSOCKMON_HEADER, MonOp, Op, Transport
@@ -187,6 +187,8 @@ def test_every_header_field_has_a_filter_name() -> None:
     ("anomaly has oops", "bad filter: anomaly has no bit named 'oops' (known: addr-mismatch, "
                          "not-vsock, op-mismatch, payload-len-mismatch, snaplen, trans-len, "
                          "truncated, unknown-op, unknown-transport, unknown-type)"),
+    ("cid == nonsense", "bad filter: 'nonsense' is not a CID (a number from 0 to 4294967295, "
+                        "or hypervisor, local, host, any)"),
     ("(op == RW", "bad filter: missing ')'"),
     ("op == RW RW", "bad filter: unexpected 'RW'"),
     ("cid == 3 $ and more text", "bad filter: unexpected '$ and more' at column 10"),
@@ -236,3 +238,36 @@ def test_the_field_table_behind_the_names(capture: Path) -> None:
         reads(name, fb.anomalies.tolist(), present=everywhere)
     assert fb.caplen.tolist() == [76 + n for _o, n, *_ in SPECS] + [32]
     assert set(fields) == set(FIELDS)
+
+
+def test_cids_by_their_names(capture: Path) -> None:
+    """CID fields take the reserved CIDs' names (host = 2), in any case, on every spelling."""
+    host_src = where(lambda _o, _n, s, *_: s[0] == 2)
+    assert host_src and matching(capture, "src_cid == host") == host_src
+    assert matching(capture, "vsock.virtio.src_cid == HOST") == host_src
+    assert matching(capture, "cid == Host") == where(lambda _o, _n, s, d, *_: 2 in (s[0], d[0]))
+
+
+def test_bare_two_ended_field_is_true_when_either_end_is_non_zero(tmp_path: Path) -> None:
+    """``cid`` alone means "some end is not 0", so a frame from the hypervisor (CID 0) to the
+    host matches, and only a frame with both ends 0 fails it; the same for ``port``."""
+    path = write_pcap(tmp_path / "z.pcap", [
+        frame(Op.REQUEST, src=(0, 0), dst=(2, 7)), frame(Op.REQUEST, src=(0, 5), dst=(0, 0)),
+        frame(Op.REQUEST, src=(0, 0), dst=(0, 0))])
+    assert matching(path, "cid") == [1]
+    assert matching(path, "not cid") == [2, 3]
+    assert matching(path, "port") == [1, 2]
+    assert matching(path, "!port") == [3]
+
+
+def test_the_nesting_limit_counts_depth_not_groups(capture: Path) -> None:
+    """Groups side by side do not add up: two groups each nested exactly MAX_DEPTH deep
+    pass; after a shallow group, one nested MAX_DEPTH + 1 deep is still refused."""
+    deep = "(" * MAX_DEPTH + "op == RW" + ")" * MAX_DEPTH
+    assert matching(capture, f"{deep} and {deep}") == matching(capture, "op == RW")
+    assert matching(capture, " and ".join(["(op == RW)"] * (MAX_DEPTH + 5))) == \
+        matching(capture, "op == RW")
+    too_deep = "(" * (MAX_DEPTH + 1) + "op == RW" + ")" * (MAX_DEPTH + 1)
+    with pytest.raises(FilterError) as e:
+        compile_filter(f"(op == RW) and {too_deep}")
+    assert str(e.value) == f"bad filter: nested deeper than {MAX_DEPTH} levels"

@@ -9,6 +9,7 @@ and the pcap file format, not with our writers; expected timestamps are computed
 
 from __future__ import annotations
 
+import io
 import struct
 import subprocess
 from pathlib import Path
@@ -66,7 +67,7 @@ TICKS = 1_700_000_000_123_456_789  # fits 64 bits in every resolution below
 SECONDS = 1_700_000_123
 
 
-@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), [
+RESOLUTIONS = [
     (None, 1_700_000_000_123_456, 1_700_000_000_123_456_000),    # absent: microseconds
     (bytes([6]), 1_700_000_000_123_456, 1_700_000_000_123_456_000),
     (bytes([0]), SECONDS, SECONDS * 10**9),                        # seconds
@@ -78,7 +79,11 @@ SECONDS = 1_700_000_123
     (bytes([0x80 | 10]), SECONDS * 1024 + 512, SECONDS * 10**9 + 500_000_000),
     (bytes([0x80 | 20]), SECONDS * 2**20 + 1, SECONDS * 10**9 + 10**9 // 2**20),
     (bytes([0x80 | 30]), (SECONDS << 30) + (1 << 29), SECONDS * 10**9 + 500_000_000),
-])
+]
+"""(``if_tsresol`` value or None, ticks, the time in ns): computed by hand, floored."""
+
+
+@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), RESOLUTIONS)
 def test_every_timestamp_resolution(tmp_path: Path, tsresol: bytes | None, ticks: int,
                                     want_ns: int) -> None:
     opts = option(9, tsresol) + option(0, b"") if tsresol is not None else b""
@@ -340,3 +345,183 @@ def test_link_types_and_snaplen_are_unsigned(tmp_path: Path) -> None:
     with CaptureReader(str(path)) as r:
         assert r.linktype == 40000
         assert [x.linktype for x in r.records()] == [40000]
+
+
+# -- interface statistics blocks (isb_endtime): when the capture stopped ------------------
+
+def isb(ticks: int, options: bytes = b"", iface: int = 0, e: str = "<") -> bytes:
+    """An interface statistics block (type 5): interface, timestamp high and low, options."""
+    return block(5, struct.pack(e + "III", iface, ticks >> 32, ticks & 0xFFFFFFFF) + options, e)
+
+
+def ts_value(ticks: int, e: str = "<") -> bytes:
+    return struct.pack(e + "II", ticks >> 32, ticks & 0xFFFFFFFF)
+
+
+def capture_end(tmp_path: Path, raw: bytes) -> int | None:
+    _, r = read(tmp_path, raw)
+    assert r.stopped is None
+    return r.capture_end_ns
+
+
+@pytest.mark.parametrize(("tsresol", "ticks", "want_ns"), RESOLUTIONS)
+def test_statistics_block_time_in_every_resolution(tmp_path: Path, tsresol: bytes | None,
+                                                   ticks: int, want_ns: int) -> None:
+    """Without isb_endtime the block's own timestamp is the end, in its interface's units
+    (the same table as the packets': the conversion must agree with theirs), as an int."""
+    opts = option(9, tsresol) + option(0, b"") if tsresol is not None else b""
+    end = capture_end(tmp_path, shb() + idb(opts) + epb(ticks) + isb(ticks))
+    assert end == want_ns and type(end) is int
+
+
+def test_statistics_block_time_beyond_int64_is_clamped(tmp_path: Path) -> None:
+    # 2^64 - 1 ns is past 2262: clamped to the largest int64, like a packet's time
+    assert capture_end(tmp_path, shb() + idb(option(9, bytes([9])))
+                       + isb(2**64 - 1)) == 2**63 - 1
+
+
+def test_isb_endtime_wins_after_options_of_every_padding(tmp_path: Path) -> None:
+    """Options before isb_endtime are stepped over with their padding: comments of 5, 8
+    and 16 bytes take 8, 8 and 16 (and an 8-byte comment is not a time)."""
+    block_ticks, end_ticks = 1_000_000, (7 << 32) | 0x80000001  # a low word with bit 31
+    opts = (option(1, b"five5") + option(1, b"12345678") + option(1, b"0123456789abcdef")
+            + option(3, ts_value(end_ticks)) + option(0, b""))
+    base = shb() + idb(option(9, bytes([9])))
+    assert capture_end(tmp_path, base + isb(block_ticks, opts)) == end_ticks
+
+
+def test_isb_options_that_are_not_an_endtime_leave_the_block_time(tmp_path: Path) -> None:
+    base = shb() + idb(option(9, bytes([9])))
+    ticks = (5 << 32) | 17  # a high word: the timestamp is both words
+    # an 8-byte comment; isb_endtime of the wrong length; one after opt_endofopt
+    for opts in (option(1, b"12345678"), option(1, b"12345678") + option(0, b""),
+                 option(3, b"1234") + option(0, b""),
+                 option(0, b"") + option(3, ts_value(99))):
+        assert capture_end(tmp_path, base + isb(ticks, opts)) == ticks, opts
+
+
+def test_isb_endtime_as_the_last_option_and_cut_short(tmp_path: Path) -> None:
+    base = shb() + idb(option(9, bytes([9])))
+    # the last option, no opt_endofopt: its 8 bytes end exactly where the block does
+    assert capture_end(tmp_path, base + isb(1, option(3, ts_value(2**40 + 3)))) == 2**40 + 3
+    # a block that holds only 4 of the 8 bytes the option announces: not read
+    cut = struct.pack("<HH", 3, 8) + b"\xff" * 4
+    assert capture_end(tmp_path, base + isb(1, cut)) == 1
+
+
+def test_isb_option_longer_than_its_block_ends_the_options(tmp_path: Path) -> None:
+    """A declared length past the block (0xFFFC, damage) ends the walk, never loops."""
+    base = shb() + idb(option(9, bytes([9])))
+    opts = struct.pack("<HH", 1, 0xFFFC) + option(3, ts_value(99))
+    assert capture_end(tmp_path, base + isb(1, opts)) == 1
+
+
+def test_statistics_blocks_of_undeclared_interfaces_are_ignored(tmp_path: Path) -> None:
+    base = shb() + idb(option(9, bytes([9])))
+    # interface 1 is the first undeclared one; 0xFFFFFFFF is one too (the field is unsigned)
+    for iface in (1, 0xFFFFFFFF):
+        assert capture_end(tmp_path, base + isb(5, iface=iface)) is None, iface
+    assert capture_end(tmp_path, base + isb(5, iface=1) + isb(6)) == 6
+
+
+def test_the_latest_statistics_block_is_the_end(tmp_path: Path) -> None:
+    """Blocks need not come in time order: the end is the latest time any says."""
+    base = shb() + idb(option(9, bytes([9]))) + idb()
+    assert capture_end(tmp_path, base + isb(9) + isb(4)) == 9
+    assert capture_end(tmp_path, base + isb(4) + isb(9)) == 9
+    # interface 1 counts microseconds: 4 of its ticks are 4000 ns, later than 9 ns
+    assert capture_end(tmp_path, base + isb(9) + isb(4, iface=1)) == 4000
+
+
+def test_big_endian_statistics_block(tmp_path: Path) -> None:
+    be = shb(">") + idb(option(9, bytes([9]), ">"), e=">")
+    opts = option(3, ts_value(2**33 + 5, ">"), ">") + option(0, b"", ">")
+    assert capture_end(tmp_path, be + isb(1, opts, e=">")) == 2**33 + 5
+
+
+def test_written_statistics_block_is_read_back_to_the_nanosecond(tmp_path: Path) -> None:
+    # a low word with bit 31 set: both words are unsigned
+    end = (400_000_000 << 32) | 0x9000_0001
+    assert capture_end(tmp_path, shb() + idb(option(9, bytes([9])))
+                       + PcapngWriter.statistics_block(end)) == end
+
+
+def test_pcapng_writer_defaults(tmp_path: Path) -> None:
+    """By default: interface "vsockmon0" (if_name, option 2), application "vsockmon"
+    (shb_userappl, option 4), snap length 262144, and a section of unknown length (-1)."""
+    out = io.BytesIO()
+    PcapngWriter(out).write(T0, PKT)
+    data = out.getvalue()
+    # 12 bytes of block frame, 16 of body, shb_userappl (4 + 8) and opt_endofopt (4)
+    assert struct.unpack_from("<IIIHHq", data) == (0x0A0D0D0A, 44, 0x1A2B3C4D, 1, 0, -1)
+    assert option(4, b"vsockmon") in data
+    assert option(2, b"vsockmon0") + option(9, bytes([9])) in data
+    assert struct.pack("<HHI", LINKTYPE, 0, 262144) in data
+
+
+def test_writers_take_every_unsigned_value(tmp_path: Path) -> None:
+    """Link types are u16 and snap lengths u32 in both formats; an option is as long as 65535
+    bytes (its length is a u16)."""
+    out = io.BytesIO()
+    PcapngWriter(out, linktype=0xFFFF, snaplen=0xFFFFFFFF).write(T0, PKT, comment="c" * 40000)
+    data = out.getvalue()
+    assert struct.pack("<HHI", 0xFFFF, 0, 0xFFFFFFFF) in data
+    assert struct.pack("<HH", 1, 40000) + b"c" * 40000 in data
+    path = tmp_path / "u.pcapng"
+    path.write_bytes(data)
+    with CaptureReader(str(path)) as r:  # and it reads back
+        assert [x.data for x in r.records()] == [PKT] and r.linktype == 0xFFFF
+
+
+def test_an_idb_whose_last_option_is_the_resolution(tmp_path: Path) -> None:
+    """No opt_endofopt: if_tsresol's 8 bytes end where the block's options do."""
+    stamps, _ = read(tmp_path, shb() + idb(option(9, bytes([9]))) + epb(TICKS))
+    assert stamps == [TICKS]
+
+
+def test_a_statistics_block_too_short_to_hold_a_time_is_skipped(tmp_path: Path) -> None:
+    """12 and 20-byte statistics blocks (no room for interface and timestamp) are stepped
+    over, not called damage; a 24-byte one has exactly what it needs."""
+    base = shb() + idb(option(9, bytes([9])))
+    stamps, r = read(tmp_path, base + block(5, b"") + epb(3) + block(5, b"\0" * 8) + epb(4))
+    assert stamps == [3, 4] and r.stopped is None and r.capture_end_ns is None
+
+
+def test_a_control_block_of_exactly_the_largest_size_is_read(tmp_path: Path) -> None:
+    """MAX_RECORD is the largest block accepted (an interface description padded with a
+    long option), one more word is damage (test_impossible_block_lengths_are_corruption)."""
+    left = MAX_RECORD - 12 - 8 - 8 - 4  # less the frame, IDB body, if_tsresol, the end
+    fill = []
+    while left:  # comments (option 1) of at most 65532 bytes, each 4 + its length
+        size = min(left, 65536)
+        fill.append(option(1, b"n" * (size - 4)))
+        left -= size
+    opts = b"".join(fill) + option(9, bytes([9])) + option(0, b"")
+    big = idb(opts)
+    assert len(big) == MAX_RECORD
+    stamps, r = read(tmp_path, shb() + big + epb(TICKS))
+    assert stamps == [TICKS] and r.stopped is None
+
+
+def test_a_block_length_with_the_top_bit_set_is_named_unsigned(tmp_path: Path) -> None:
+    good = shb() + idb() + epb(1)
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(good + struct.pack("<II", 1, 0xFFFFFFFC) + b"\0" * 40)
+    with open_capture(str(path)) as r:
+        assert len(list(r.records())) == 1
+        assert r.stopped == (f"corrupt pcapng block (length 4294967292) after packet 1 "
+                             f"(byte {len(good)})")
+
+
+def test_damaged_packet_blocks_are_named(tmp_path: Path) -> None:
+    """A packet block of an impossible length, and one whose captured length does not fit
+    in it: the first damage is named with the packets before it."""
+    good = shb() + idb() + epb(1) + epb(2)
+    bad_len = struct.pack("<II", 6, 30) + b"\0" * 40
+    _, r = read(tmp_path, good + bad_len)
+    assert r.stopped == f"corrupt pcapng block (length 30) after packet 2 (byte {len(good)})"
+    body = struct.pack("<IIIII", 0, 0, 5, 1000, 1000) + PKT + b"\0" * (-len(PKT) % 4)
+    too_long = block(6, body)  # claims 1000 captured bytes in a block that holds fewer
+    _, r = read(tmp_path, good + too_long)
+    assert r.stopped == (f"corrupt packet block (captured length 1000) after packet 2 "
+                         f"(byte {len(good)})")

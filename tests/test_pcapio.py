@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
+import os
+import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,9 @@ from vsockmon.wire.pcapio import (
     PcapngWriter,
     PcapWriter,
     create_output,
+    is_stream,
     open_capture,
+    open_file,
     writer_for,
 )
 from vsockmon.wire.protocol import Op
@@ -234,3 +241,173 @@ def test_damaged_gzip_stream_is_a_capture_error_not_a_zlib_traceback() -> None:
     with pytest.raises(CaptureError, match="read error"), \
             CaptureReader(io.BytesIO(bytes(raw))) as r:
         list(r.records())
+
+
+def test_what_can_be_read_only_once_is_a_stream(tmp_path: Path) -> None:
+    fifo, regular = tmp_path / "fifo", tmp_path / "file.pcap"
+    os.mkfifo(fifo)
+    regular.write_bytes(b"x")
+    assert is_stream("-") and is_stream(str(fifo))
+    assert not is_stream(str(regular)) and not is_stream(str(tmp_path))
+    assert not is_stream(str(tmp_path / "missing"))  # opening it will say so
+
+
+def test_a_fifo_without_a_writer_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(CaptureError) as e:
+        open_file(str(fifo))
+    assert str(e.value) == (f"{fifo}: a FIFO with no writer, nothing to read (start the "
+                            "writer first, or pipe the capture into '-')")
+
+
+class _FifoWriter:
+    """A writer end of a FIFO held by the test: ``first`` is written before the reader
+    opens it; :meth:`finish` writes ``rest`` from a thread (a pipe holds only 64 KiB) and
+    closes it, the reader's end of the file."""
+
+    def __init__(self, fifo: Path, first: bytes) -> None:
+        # O_RDWR on a FIFO never blocks on Linux, and makes the test a writer
+        self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        os.write(self.fd, first)
+        self.thread: threading.Thread | None = None
+
+    def finish(self, rest: bytes) -> None:
+        def write() -> None:
+            time.sleep(0.2)  # most likely the reader is waiting by now: it must wait, not end
+            left = memoryview(rest)
+            give_up = time.monotonic() + 10  # a reader that stopped reading must not hang us
+            while left and time.monotonic() < give_up:
+                try:
+                    left = left[os.write(self.fd, left[:65536]):]
+                except BlockingIOError:  # the pipe is full: wait for the reader
+                    time.sleep(0.01)
+            os.close(self.fd)
+        self.thread = threading.Thread(target=write)
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _read_fifo(fifo: Path, first: bytes, rest: bytes) -> bytes:
+    """What ``open_file`` gives for a FIFO whose writer wrote ``first`` before the reader
+    opened it and ``rest`` after, read in small pieces and to its end."""
+    writer = _FifoWriter(fifo, first)
+    fp = open_file(str(fifo))
+    writer.finish(rest)
+    try:
+        # the stream is named by the FIFO's descriptor, as os.fdopen names a file
+        assert isinstance(fp.name, int) and stat.S_ISFIFO(os.fstat(fp.name).st_mode)
+        got = bytearray()
+        while chunk := fp.read(1000):
+            got += chunk
+        assert fp.read(1000) == b""  # and stays at its end
+    finally:
+        writer.join()
+        fp.close()
+    return bytes(got)
+
+
+def test_a_fifo_gives_every_byte_written_before_and_after_it_was_opened(tmp_path: Path
+                                                                        ) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    first = bytes(range(256)) * 40  # 10240 bytes, more than one read of 1000
+    rest = b"the rest " * 5000
+    assert _read_fifo(fifo, first, rest) == first + rest
+    # a writer that has written nothing yet: the reader waits for it, nothing is made up
+    assert _read_fifo(fifo, b"", rest) == rest
+
+
+def test_a_capture_is_read_whole_through_a_fifo(tmp_path: Path) -> None:
+    """A pcap through a FIFO whose writer wrote part before the reader opened it."""
+    raw = (FIXTURES / "stream-all-ops.pcap").read_bytes()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = _FifoWriter(fifo, raw[:100])
+    try:
+        with CaptureReader(str(fifo)) as r:
+            writer.finish(raw[100:])
+            got = list(r.records())
+            assert r.stopped is None
+    finally:
+        writer.join()
+    with open_capture(str(FIXTURES / "stream-all-ops.pcap")) as want:
+        assert got == list(want.records())
+
+
+def test_create_output_gives_the_mode_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "secret.pcap"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    create_output(str(path), force=True, mode=0o600).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_path_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # resolving it never ends: ELOOP, neither missing nor forbidden
+    with pytest.raises(CaptureError) as e:
+        open_file(str(loop))
+    assert str(e.value) == f"{loop}: cannot open: {os.strerror(errno.ELOOP)}"
+
+
+class _Stdin:
+    """A stand-in for ``sys.stdin`` whose binary side is ``data`` (what a pipe would hold)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BufferedReader(io.BytesIO(data))
+
+
+def test_sources_without_a_file_name_are_named_in_messages(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    with pytest.raises(CaptureError) as e:
+        CaptureReader(io.BytesIO(b""))  # a file object with no name
+    assert str(e.value) == "<file object>: empty file, not a capture"
+    monkeypatch.setattr(sys, "stdin", _Stdin(b""))
+    with pytest.raises(CaptureError) as e:
+        CaptureReader("-")
+    assert str(e.value) == "<stdin>: empty file, not a capture"
+
+
+def test_closing_a_reader_closes_its_file_but_never_stdin(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    raw = (FIXTURES / "stream-all-ops.pcap").read_bytes()
+    with CaptureReader(str(FIXTURES / "stream-all-ops.pcap")) as r:
+        fp = r._fp
+        assert not fp.closed
+    assert fp.closed
+    stdin = _Stdin(raw)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with CaptureReader("-") as r:
+        assert len(list(r.records())) > 0
+    assert not stdin.buffer.closed  # the process's stdin stays usable
+
+
+def test_a_four_byte_file_is_judged_by_its_magic(tmp_path: Path) -> None:
+    """Four bytes are enough to tell a pcap (then its header is cut short) from a stranger."""
+    path = tmp_path / "four"
+    path.write_bytes(struct.pack("<I", 0xA1B2C3D4))
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: truncated pcap file header"
+    path.write_bytes(b"abcd")
+    with pytest.raises(CaptureError) as e:
+        open_capture(str(path))
+    assert str(e.value) == f"{path}: not a pcap or pcapng file (magic 61626364)"
+
+
+def test_a_path_we_may_not_read_says_so(tmp_path: Path) -> None:
+    """A file without read permission; as root (who may read any file) a write-only sysfs
+    attribute, which the kernel refuses to open for reading even to root."""
+    path = tmp_path / "secret.pcap"
+    if os.geteuid() == 0:
+        path = Path("/sys/bus/pci/rescan")
+    else:
+        path.write_bytes(b"x")
+        path.chmod(0)
+    with pytest.raises(CaptureError) as e:
+        open_file(str(path))
+    assert str(e.value) == f"{path}: permission denied"

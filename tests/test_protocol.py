@@ -133,3 +133,22 @@ def test_import_hook_registers_when_scapy_comes_later() -> None:
             "print(conf.l2types.num2layer[271].__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "VsockMon"
+
+
+@pytest.mark.parametrize(("text", "cid"), [
+    ("host", 2), ("HOST", 2), ("Local", 1), ("hypervisor", 0), ("any", 0xFFFFFFFF),
+    ("3", 3), ("0x10", 16), ("0o17", 15),
+    ("0", 0), ("4294967295", 0xFFFFFFFF),  # both ends of the u32 CID range are CIDs
+])
+def test_parse_cid_takes_names_in_any_case_and_numbers_in_any_base(text: str, cid: int) -> None:
+    assert p.parse_cid(text) == cid
+
+
+@pytest.mark.parametrize("text", ["nonsense", "-1", "4294967296", "", "3.5"])
+def test_parse_cid_refuses_what_is_not_a_u32_or_a_name(text: str) -> None:
+    # the message names the text, the range and every name, in CID_NAMES' order
+    want = (f"{text!r} is not a CID (a number from 0 to 4294967295, or "
+            "hypervisor, local, host, any)")
+    with pytest.raises(ValueError) as info:
+        p.parse_cid(text)
+    assert str(info.value) == want

@@ -33,12 +33,10 @@ from vsockmon.errors import VsockmonError
 from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
-    MonOp,
     Op,
     SeqFlag,
     ShutdownFlag,
     SockType,
-    Transport,
     parse_cid,
 )
 
@@ -117,7 +115,6 @@ _CMPS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     ">": operator.gt, ">=": operator.ge,
 }
 _TOKEN = re.compile(r"\s*(?:(==|!=|<=|>=|<|>|&&|\|\||!|\(|\))|([A-Za-z0-9_.\-]+))")
-_ENUM_BY_FIELD = {"op": Op, "type": SockType, "mon.op": MonOp, "trans": Transport}
 
 
 def _tokenize(text: str) -> list[str]:
@@ -268,7 +265,7 @@ def _value(name: str, field: _Field, raw: str) -> int:
         return int(raw, 0)
     except ValueError:
         pass
-    enum = field.enum or _ENUM_BY_FIELD.get(name)
+    enum = field.enum  # from the field table: op, type, mon.op and trans have one
     if enum is not None:
         for member in enum:
             if member.name.lower() == raw.lower():

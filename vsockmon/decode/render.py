@@ -8,7 +8,6 @@ are shown by name where Wireshark and tcpdump show numbers or get them wrong.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import IntEnum
 
 import numpy as np
 
@@ -21,7 +20,6 @@ from vsockmon.wire.protocol import (
     MonOp,
     Op,
     SockType,
-    Transport,
     cid_label,
     enum_name,
     flag_names,
@@ -89,10 +87,10 @@ def tree(frame: Frame, payload_lines: list[str] | None = None) -> list[str]:
            f" time {frame.ts_ns // 1_000_000_000}.{frame.ts_ns % 1_000_000_000:09d}"]
     if frame.has_mon:
         out.append("vsockmon header")
-        out += _field_lines(VSOCKMON_HEADER.fields, frame.mon, _MON_ENUMS)
+        out += _field_lines(VSOCKMON_HEADER.fields, frame.mon)
     if frame.has_virtio:
         out.append("virtio-vsock header")
-        out += _field_lines(VIRTIO_HEADER.fields, frame.virtio, {})
+        out += _field_lines(VIRTIO_HEADER.fields, frame.virtio)
     data = frame.payload
     out.append(f"payload: {len(data)} bytes captured")
     out += [f"    {line}" for line in hexdump(data)]
@@ -103,15 +101,12 @@ def tree(frame: Frame, payload_lines: list[str] | None = None) -> list[str]:
     return out
 
 
-_MON_ENUMS = {"op": MonOp, "transport": Transport}
-
-
-def _field_lines(fields: tuple[Field, ...], values: dict[str, int],
-                 enums: dict[str, type[IntEnum]]) -> list[str]:
+def _field_lines(fields: tuple[Field, ...], values: dict[str, int]) -> list[str]:
+    """One line per field; value names come from the field table's enums."""
     lines = []
     for f in fields:
         value = values[f.name]
-        enum = f.enum or enums.get(f.name)
+        enum = f.enum
         shown = str(value)
         if f.name == "flags":
             names = flag_names(values["op"], values["type"], value)

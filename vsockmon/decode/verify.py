@@ -29,6 +29,7 @@ WS_FRAME = ("frame.time_epoch", "frame.len", "frame.cap_len")
 """Wireshark's own frame fields: the time (as its decimal string) and both lengths."""
 TSHARK_FIELDS = ("frame.number", *WS_FRAME, *WS_OF_KEY.values(), WS_PAYLOAD)
 PAYLOAD_LEN_MISMATCH = "payload-len-mismatch"
+NO_TSHARK = "tshark is not installed (apt-get install tshark)"
 
 
 class VerifyError(VsockmonError):
@@ -171,7 +172,7 @@ def tshark_records(path: str) -> Iterator[dict[str, str]]:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
-        raise VerifyError("tshark is not installed (apt-get install tshark)") from None
+        raise VerifyError(NO_TSHARK) from None
     except subprocess.CalledProcessError as e:
         raise VerifyError(f"tshark failed: {e.stderr.strip().splitlines()[-1]}") from None
     for line in out.splitlines():
@@ -185,7 +186,7 @@ def _pyshark_records(path: str) -> Iterator[dict[str, str]]:
     try:
         for pkt in cap:
             layer = getattr(pkt, "vsock", None)
-            rec = {"frame.number": pkt.number}
+            rec: dict[str, str] = {}
             for ws in WS_FRAME:
                 rec[ws] = pkt.frame_info.get_field(ws.removeprefix("frame.")).show
             if layer is not None:
@@ -201,10 +202,16 @@ def _pyshark_records(path: str) -> Iterator[dict[str, str]]:
 
 
 def verify_with_pyshark(path: str, count: int | None = None) -> Report:
-    """Re-read ``path`` through Wireshark's dissector (pyshark) and compare every field."""
+    """Re-read ``path`` through Wireshark's dissector (pyshark) and compare every field.
+
+    pyshark looks for tshark itself and says so with its own exception, not an OSError."""
     try:
-        return build_report(our_records(path, count), _pyshark_records(path))
+        from pyshark.tshark.tshark import TSharkNotFoundException
     except ImportError:
         raise VerifyError("pyshark is not installed (pip install pyshark)") from None
+    try:
+        return build_report(our_records(path, count), _pyshark_records(path))
+    except TSharkNotFoundException:
+        raise VerifyError(NO_TSHARK) from None
     except OSError as e:
         raise VerifyError(f"cannot run tshark through pyshark: {e}") from None

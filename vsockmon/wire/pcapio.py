@@ -188,7 +188,6 @@ class CaptureReader:
     """
 
     def __init__(self, path: str | BinaryIO, chunk: int = CHUNK) -> None:
-        self.path = path
         self._chunk = chunk
         self._fp, self.name = _open_source(path)
         self.stopped: str | None = None
@@ -503,8 +502,8 @@ def _ticks_to_ns(ticks: int, tsresol: int) -> int:
     (10^-n s, or 2^-n s when the high bit is set); clamped like the packets' (_walk)."""
     if tsresol & 0x80:
         ns = ticks * 1_000_000_000 >> (tsresol & 0x7F)
-    else:
-        ns = ticks * 10**9 // 10**tsresol if tsresol <= 9 else ticks // 10 ** (tsresol - 9)
+    else:  # exact in Python's integers, so one floor division serves every power of 10
+        ns = ticks * 10**9 // 10**tsresol
     return min(ns, MAX_TS_NS)
 
 
