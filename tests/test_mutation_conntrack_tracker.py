@@ -1,0 +1,70 @@
+"""Edge cases of ConnTracker's bookkeeping that only the mutation run asked about (issue 19).
+
+Which streams count as closed (and so leave the working set for the spill) is decided by
+the SHUTDOWN flags per direction. The expected values are reasoned from the virtio-vsock
+semantics of the frames written here: a SHUTDOWN with SEND from side X shuts the X -> peer
+direction, one with RCV from X shuts the peer -> X direction (X will not read any more); a
+connection is closed for the spill when both directions are shut (or an RST came).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conntrack_scenarios import write
+from helpers import T0, frame
+
+from vsockmon.conntrack.tracker import ConnTracker
+from vsockmon.decode.frames import decode_batches
+from vsockmon.wire.pcapio import CaptureReader
+from vsockmon.wire.protocol import Op, ShutdownFlag
+
+RCV, SEND = ShutdownFlag.RCV, ShutdownFlag.SEND
+CLIENT, SERVER = (3, 50000), (2, 1234)
+
+
+def _fed(tmp_path: Path, shutdowns: list[tuple[int, int]]) -> ConnTracker:
+    """A tracker (spill at one stream) fed one opened connection, then the SHUTDOWNs
+    ``(side, flags)``; side 0 is the client, 1 the server."""
+    ends = (CLIENT, SERVER)
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=CLIENT)]
+    frames += [frame(Op.SHUTDOWN, src=ends[side], dst=ends[1 - side], flags=flags)
+               for side, flags in shutdowns]
+    path = write(tmp_path / "shut.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker = ConnTracker(spill_at=1)
+    with CaptureReader(str(path)) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+    return tracker
+
+
+def _both_shut(shutdowns: list[tuple[int, int]]) -> bool:
+    """Reasoned independently: the directions (sender -> receiver) each SHUTDOWN shuts."""
+    shut: set[tuple[int, int]] = set()
+    for side, flags in shutdowns:
+        if flags & SEND:
+            shut.add((side, 1 - side))
+        if flags & RCV:
+            shut.add((1 - side, side))
+    return len(shut) == 2
+
+
+CASES = [
+    [(0, RCV | SEND)], [(1, RCV | SEND)],          # Linux close() from either side
+    [(0, SEND)], [(1, SEND)], [(0, RCV)], [(1, RCV)], [(0, 0)], [(1, 0)],  # one direction
+    [(0, SEND), (1, SEND)],                        # each side shuts its own sending
+    [(0, RCV), (1, RCV)],                          # each side shuts its own receiving
+    [(0, SEND), (0, RCV)], [(1, SEND), (1, RCV)],  # one side, in two SHUTDOWNs
+    [(0, RCV), (1, SEND)],                         # the same direction twice: still one
+    [(0, SEND), (1, RCV)],
+]
+
+
+@pytest.mark.parametrize("shutdowns", CASES, ids=lambda s: "-".join(f"{a}:{int(f)}" for a, f in s))
+def test_a_connection_leaves_the_working_set_once_both_directions_are_shut(
+        tmp_path: Path, shutdowns: list[tuple[int, int]]) -> None:
+    tracker = _fed(tmp_path, shutdowns)
+    closed = _both_shut(shutdowns)
+    assert (tracker.spilled, tracker.working_set) == ((1, 0) if closed else (0, 1))
+    assert len(tracker) == 1
