@@ -68,3 +68,22 @@ def test_a_connection_leaves_the_working_set_once_both_directions_are_shut(
     closed = _both_shut(shutdowns)
     assert (tracker.spilled, tracker.working_set) == ((1, 0) if closed else (0, 1))
     assert len(tracker) == 1
+
+
+def test_a_stall_open_in_a_capture_stamped_at_the_epoch_lasts_zero(tmp_path: Path) -> None:
+    """Every frame at timestamp 0 (a capture stamped at the epoch): the client's write fills
+    the server's 4 KiB buffer, no credit comes back, so the stall runs to the capture's end,
+    which is 0 too (and so is an ``end_ns`` of 0 given to finish): it lasts 0 ns."""
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER),
+              frame(Op.RESPONSE, src=SERVER, dst=CLIENT, buf_alloc=4096),
+              frame(Op.RW, b"d" * 4096, src=CLIENT, dst=SERVER)]
+    path = write(tmp_path / "epoch.pcap", [(0, f) for f in frames])
+    tracker = ConnTracker()
+    with CaptureReader(str(path)) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+    assert tracker.end_ns == 0
+    for end_ns in (None, 0):
+        st = tracker.finish(end_ns)[0].client.stalls
+        assert st.count == 1 and st.open
+        assert (st.total_ns, st.max_ns) == (0, 0)
