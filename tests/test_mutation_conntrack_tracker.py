@@ -9,6 +9,7 @@ connection is closed for the spill when both directions are shut (or an RST came
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,36 @@ def test_a_stall_open_in_a_capture_stamped_at_the_epoch_lasts_zero(tmp_path: Pat
         st = tracker.finish(end_ns)[0].client.stalls
         assert st.count == 1 and st.open
         assert (st.total_ns, st.max_ns) == (0, 0)
+
+
+def _analysed(tmp_path: Path, frames: list[bytes], spill_at: int | None = None) -> ConnTracker:
+    path = write(tmp_path / "c.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker = ConnTracker(spill_at=spill_at)
+    with CaptureReader(str(path)) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+    return tracker
+
+
+def test_a_capture_without_control_packets_lists_no_events(tmp_path: Path) -> None:
+    """Only RW and CREDIT_UPDATE frames (a capture started mid-connection): the tracker keeps
+    no event at all, so the connection lists none (RW and CREDIT_UPDATE are counted only)."""
+    frames = [frame(Op.RW, b"x" * 10, src=CLIENT, dst=SERVER),
+              frame(Op.CREDIT_UPDATE, src=SERVER, dst=CLIENT, fwd_cnt=10)]
+    conns = _analysed(tmp_path, frames).finish()
+    assert len(conns) == 1
+    assert conns[0].events == ()
+
+
+@pytest.mark.parametrize("spill_at", [None, 1])
+def test_event_fields_are_integers_as_json_writes_them(tmp_path: Path, spill_at: int | None
+                                                       ) -> None:
+    """An event's op (and every other field) is an int: JSON writes the wire's op codes,
+    not floats. Expected: the op codes of the frames written, from the protocol enum."""
+    ops = [Op.REQUEST, Op.RESPONSE, Op.SHUTDOWN, Op.RST]
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=CLIENT),
+              frame(Op.SHUTDOWN, src=CLIENT, dst=SERVER, flags=RCV | SEND),
+              frame(Op.RST, src=SERVER, dst=CLIENT)]
+    events = _analysed(tmp_path, frames, spill_at).finish()[0].events
+    assert json.dumps([e.op for e in events]) == json.dumps([int(op) for op in ops])
+    assert all(type(v) is int for e in events for v in e)
