@@ -121,3 +121,25 @@ def test_event_fields_are_integers_as_json_writes_them(tmp_path: Path, spill_at:
     events = _analysed(tmp_path, frames, spill_at).finish()[0].events
     assert json.dumps([e.op for e in events]) == json.dumps([int(op) for op in ops])
     assert all(type(v) is int for e in events for v in e)
+
+
+@pytest.mark.parametrize("shutdowns", [[(0, SEND), (1, SEND)], [(1, RCV), (0, RCV)],
+                                       [(0, SEND), (0, RCV)]],
+                         ids=["send-send", "rcv-rcv", "one-side"])
+def test_directions_shut_in_separate_batches_add_up(tmp_path: Path,
+                                                    shutdowns: list[tuple[int, int]]) -> None:
+    """A batch per frame: the first SHUTDOWN shuts one direction, the second (a batch
+    later) the other one; together both are shut, so the connection is spilled after the
+    second, not after the first."""
+    ends = (CLIENT, SERVER)
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=CLIENT)]
+    frames += [frame(Op.SHUTDOWN, src=ends[side], dst=ends[1 - side], flags=flags)
+               for side, flags in shutdowns]
+    path = write(tmp_path / "two.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker = ConnTracker(spill_at=1)
+    held = []
+    with CaptureReader(str(path), chunk=1) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+            held.append((tracker.spilled, tracker.working_set))
+    assert held == [(0, 1), (0, 1), (0, 1), (1, 0)]
