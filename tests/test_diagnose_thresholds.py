@@ -788,40 +788,22 @@ def test_a_deadlock_needs_both_windows_full_for_one_second(tmp_path: Path, overl
     assert "until frame 5" in f.message  # the first window to reopen
 
 
-def test_stalls_that_overlap_briefly_are_not_a_deadlock(tmp_path: Path) -> None:
-    """Frame 3 (t 0) fills the server's window, frame 4 (0.7 s) the client's; frame 5
-    (1.2 s) the server consumes, frame 6 (1.9 s) the client: each window full 1.2 s, both at
-    once only 0.5 s."""
+@pytest.mark.parametrize("first", [0, 1])
+def test_stalls_that_overlap_briefly_are_not_a_deadlock(tmp_path: Path, first: int) -> None:
+    """Frame 3 (t 0) side ``first`` fills its peer's window, frame 4 (0.7 s) the peer fills
+    back; frame 5 (1.2 s) the peer consumes, frame 6 (1.9 s) ``first`` does: each window full
+    1.2 s, both at once only 0.5 s — whichever side's stall is the one to end first (the
+    client's with ``first`` 0, the server's with 1)."""
+    other = 1 - first
     out: list[tuple[int, bytes]] = []
     c = Conv(out, buf=[4096, 4096])
     c.open()
-    c.send(0, Op.RW, bytes(4096))
-    c.send(1, Op.RW, bytes(4096), delay=7 * S // 10)
-    c.fwd[1] += 4096
-    c.send(1, Op.CREDIT_UPDATE, delay=S // 2)
-    c.fwd[0] += 4096
-    c.send(0, Op.CREDIT_UPDATE, delay=7 * S // 10)
-    c.close()
-    found = of(findings(tmp_path, out), "window-full")
-    assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
-        ("window-full/not-reading", (3, 5), 1.2), ("window-full/not-reading", (4, 6), 1.2)]
-
-
-def test_brief_overlap_when_the_servers_window_fills_first_is_no_deadlock(tmp_path: Path
-                                                                          ) -> None:
-    """The mirror image: frame 3 (t 0) the server fills the client's window, frame 4 (0.7 s)
-    the client fills the server's; frame 5 (1.2 s) the client consumes, frame 6 (1.9 s) the
-    server: again both full at once only 0.5 s, the server's stall being the one to end
-    first."""
-    out: list[tuple[int, bytes]] = []
-    c = Conv(out, buf=[4096, 4096])
-    c.open()
-    c.send(1, Op.RW, bytes(4096))
-    c.send(0, Op.RW, bytes(4096), delay=7 * S // 10)
-    c.fwd[0] += 4096
-    c.send(0, Op.CREDIT_UPDATE, delay=S // 2)
-    c.fwd[1] += 4096
-    c.send(1, Op.CREDIT_UPDATE, delay=7 * S // 10)
+    c.send(first, Op.RW, bytes(4096))
+    c.send(other, Op.RW, bytes(4096), delay=7 * S // 10)
+    c.fwd[other] += 4096
+    c.send(other, Op.CREDIT_UPDATE, delay=S // 2)
+    c.fwd[first] += 4096
+    c.send(first, Op.CREDIT_UPDATE, delay=7 * S // 10)
     c.close()
     found = of(findings(tmp_path, out), "window-full")
     assert [(f.rule_id, f.frames, f.evidence["seconds"]) for f in found] == [
