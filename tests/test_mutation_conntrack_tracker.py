@@ -25,16 +25,20 @@ RCV, SEND = ShutdownFlag.RCV, ShutdownFlag.SEND
 CLIENT, SERVER = (3, 50000), (2, 1234)
 
 
-def _fed(tmp_path: Path, shutdowns: list[tuple[int, int]]) -> ConnTracker:
-    """A tracker (spill at one stream) fed one opened connection, then the SHUTDOWNs
-    ``(side, flags)``; side 0 is the client, 1 the server."""
+def _shut_capture(tmp_path: Path, shutdowns: list[tuple[int, int]]) -> Path:
+    """One opened connection, then the SHUTDOWNs ``(side, flags)``; side 0 is the client."""
     ends = (CLIENT, SERVER)
     frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=CLIENT)]
     frames += [frame(Op.SHUTDOWN, src=ends[side], dst=ends[1 - side], flags=flags)
                for side, flags in shutdowns]
-    path = write(tmp_path / "shut.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    return write(tmp_path / "shut.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+
+
+def _fed(tmp_path: Path, shutdowns: list[tuple[int, int]]) -> ConnTracker:
+    """A tracker (spill at one stream) fed one opened connection, then the SHUTDOWNs
+    ``(side, flags)``; side 0 is the client, 1 the server."""
     tracker = ConnTracker(spill_at=1)
-    with CaptureReader(str(path)) as reader:
+    with CaptureReader(str(_shut_capture(tmp_path, shutdowns))) as reader:
         for fb in decode_batches(reader.batches()):
             tracker.feed(fb)
     return tracker
@@ -131,14 +135,9 @@ def test_directions_shut_in_separate_batches_add_up(tmp_path: Path,
     """A batch per frame: the first SHUTDOWN shuts one direction, the second (a batch
     later) the other one; together both are shut, so the connection is spilled after the
     second, not after the first."""
-    ends = (CLIENT, SERVER)
-    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=CLIENT)]
-    frames += [frame(Op.SHUTDOWN, src=ends[side], dst=ends[1 - side], flags=flags)
-               for side, flags in shutdowns]
-    path = write(tmp_path / "two.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
     tracker = ConnTracker(spill_at=1)
     held = []
-    with CaptureReader(str(path), chunk=1) as reader:
+    with CaptureReader(str(_shut_capture(tmp_path, shutdowns)), chunk=1) as reader:
         for fb in decode_batches(reader.batches()):
             tracker.feed(fb)
             held.append((tracker.spilled, tracker.working_set))
