@@ -142,3 +142,53 @@ def test_directions_shut_in_separate_batches_add_up(tmp_path: Path,
             tracker.feed(fb)
             held.append((tracker.spilled, tracker.working_set))
     assert held == [(0, 1), (0, 1), (0, 1), (1, 0)]
+
+
+def _tags_per_batch(tmp_path: Path, stamped: list[tuple[int, bytes]]
+                    ) -> tuple[ConnTracker, list]:
+    """Feed ``(time, frame)`` one batch per frame; the tracker and each batch's tags."""
+    path = write(tmp_path / "b.pcap", stamped)
+    tracker = ConnTracker()
+    with CaptureReader(str(path), chunk=1) as reader:
+        tags = [tracker.feed(fb) for fb in decode_batches(reader.batches())]
+    return tracker, tags
+
+
+def test_frames_and_the_end_are_kept_over_every_batch(tmp_path: Path) -> None:
+    """Five frames, one per batch, the last two stamped earlier than the third (a capture
+    merged out of order): every frame is counted once (5, not the last batch's 1), and the
+    capture ends at its latest time, T0 + 30, not at the last batch's."""
+    times = [T0 + 10, T0 + 20, T0 + 30, T0 + 5, T0 + 6]
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), frame(Op.RESPONSE, src=SERVER, dst=CLIENT),
+              frame(Op.RW, b"abc", src=CLIENT, dst=SERVER),
+              frame(Op.CREDIT_UPDATE, src=SERVER, dst=CLIENT, fwd_cnt=3),
+              frame(Op.RST, src=CLIENT, dst=SERVER)]
+    tracker, _ = _tags_per_batch(tmp_path, list(zip(times, frames, strict=True)))
+    assert tracker.frames == 5
+    assert tracker.end_ns == T0 + 30
+
+
+def test_a_write_beyond_the_peers_buffer_is_tagged_beyond_credit(tmp_path: Path) -> None:
+    """The server's RESPONSE advertises an 8-byte buffer (fwd_cnt 0); the client then sends
+    10 bytes: 2 more than the credit it was given, so that RW (and only it) is tagged."""
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER),
+              frame(Op.RESPONSE, src=SERVER, dst=CLIENT, buf_alloc=8),
+              frame(Op.RW, b"x" * 10, src=CLIENT, dst=SERVER)]
+    _, tags = _tags_per_batch(tmp_path, [(T0 + i, f) for i, f in enumerate(frames)])
+    assert [bool(t.beyond[0]) for t in tags] == [False, False, True]
+
+
+def test_a_row_without_a_virtio_header_has_no_stream_sender_or_credit(tmp_path: Path) -> None:
+    """A 10-byte frame too short for the headers, between two frames of a connection: Tags'
+    contract gives it stream and sender -1, in-flight and limit -1 on both sides, and no
+    beyond-credit mark; ``beyond`` is a boolean mask, usable to pick rows."""
+    frames = [frame(Op.REQUEST, src=CLIENT, dst=SERVER), b"\x00" * 10,
+              frame(Op.RESPONSE, src=SERVER, dst=CLIENT)]
+    path = write(tmp_path / "h.pcap", [(T0 + i, f) for i, f in enumerate(frames)])
+    tracker = ConnTracker()
+    with CaptureReader(str(path)) as reader:
+        (tags,) = [tracker.feed(fb) for fb in decode_batches(reader.batches())]
+    assert (tags.stream[1], tags.sender[1]) == (-1, -1)
+    assert tags.in_flight[1].tolist() == [-1, -1] and tags.limit[1].tolist() == [-1, -1]
+    assert tags.beyond.dtype == bool and not tags.beyond.any()
+    assert tags.stream[[0, 2]].tolist() == [0, 0]  # the connection's rows do have a stream
