@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conntrack_scenarios import write
+from conntrack_scenarios import Conv, write
 from helpers import T0, frame
 
 from vsockmon.conntrack.tracker import ConnTracker
@@ -192,3 +192,33 @@ def test_a_row_without_a_virtio_header_has_no_stream_sender_or_credit(tmp_path: 
     assert tags.in_flight[1].tolist() == [-1, -1] and tags.limit[1].tolist() == [-1, -1]
     assert tags.beyond.dtype == bool and not tags.beyond.any()
     assert tags.stream[[0, 2]].tolist() == [0, 0]  # the connection's rows do have a stream
+
+
+def test_a_stall_open_at_the_end_of_a_batch_is_kept_for_each_connection(tmp_path: Path
+                                                                         ) -> None:
+    """Two connections in one batch. Stream 0's client fills the server's 4 KiB buffer with
+    one 4096-byte RW (frame 5) and no credit ever comes back: a stall open from there to the
+    capture's end. Stream 1 then exchanges two short messages, each consumed at once: never
+    a stall. Expected, reasoned from the frames: stream 0 one stall lasting from frame 5 to
+    the last frame, stream 1 none."""
+    out: list[tuple[int, bytes]] = []
+    a = Conv(out, client=(3, 50000), server=(2, 1234), buf=[262144, 4096])
+    b = Conv(out, client=(3, 50001), server=(2, 1234))
+    a.open()
+    b.open()
+    a.send(0, Op.RW, b"d" * 4096)
+    b.data(0, b"hi")
+    b.data(0, b"yo")
+    rec = {r["stream"]: r for r in _analysed_stamped(tmp_path, out).finish().records()}
+    assert (rec[0]["credit_stalls"], rec[1]["credit_stalls"]) == (1, 0)
+    assert rec[0]["stall_time"] == (out[-1][0] - out[4][0]) / 1e9
+    assert rec[1]["stall_time"] == 0
+
+
+def _analysed_stamped(tmp_path: Path, stamped: list[tuple[int, bytes]]) -> ConnTracker:
+    path = write(tmp_path / "s.pcap", stamped)
+    tracker = ConnTracker()
+    with CaptureReader(str(path)) as reader:
+        for fb in decode_batches(reader.batches()):
+            tracker.feed(fb)
+    return tracker
