@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import tee
 
 from vsockmon.conntrack.tracker import ConnTable, ConnTracker, Tags
-from vsockmon.decode.frames import FrameBatch, decode_batches
+from vsockmon.decode.frames import FrameBatch, decode_batch
 from vsockmon.wire.pcapio import CaptureReader, RecordBatch
 
 Visitor = Callable[[FrameBatch, Tags], None]
@@ -70,11 +69,12 @@ class Analysis:
 
 
 def decoded(reader: CaptureReader) -> Iterator[tuple[RecordBatch, FrameBatch]]:
-    """Each batch of the reader with its decoded columns, frames numbered from 1 (by
-    :func:`decode_batches`, the one numbering). The two copies of the batch stream advance
-    in step, so ``tee`` holds one batch at most."""
-    raw, to_decode = tee(reader.batches())
-    return zip(raw, decode_batches(to_decode), strict=True)
+    """Each batch of the reader with its decoded columns, frames numbered from 1."""
+    first = 1
+    for batch in reader.batches():
+        fb = decode_batch(batch, first)
+        first += len(fb)
+        yield batch, fb
 
 
 def tracked(reader: CaptureReader, tracker: ConnTracker
