@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,12 +139,18 @@ def test_a_created_link_is_removed_on_exception(monkeypatch: pytest.MonkeyPatch,
 def test_a_created_link_is_removed_on_sigterm(monkeypatch: pytest.MonkeyPatch, sig: int) -> None:
     kernel = FakeKernel(monkeypatch, None)
     before = signal.getsignal(sig)
-    with pytest.raises(Terminated), link.managed_link():
-        # to this thread, not the process: with other threads alive (a full suite leaves
-        # some), a process-wide signal may land in one of them and reach the handler only
-        # some bytecodes later; a thread's own signal is handled on return from the call
-        signal.pthread_kill(threading.get_ident(), sig)
-        raise AssertionError("not interrupted")
+    # Unblocked here (an earlier test or library may leave it blocked in this thread: a full
+    # suite once failed so), sent to this thread, then time for the interpreter to run the
+    # handler: a sleep returns early on a signal, and the handler raises there.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    try:
+        with pytest.raises(Terminated), link.managed_link():
+            signal.pthread_kill(threading.get_ident(), sig)
+            for _ in range(100):
+                time.sleep(0.01)
+            raise AssertionError("not interrupted")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     assert kernel.calls == ["create", "delete"]
     assert signal.getsignal(sig) is before
 
