@@ -210,14 +210,15 @@ class Capture:
     def findings(self, thresholds: Thresholds | None = None) -> list[Finding]:
         """The diagnose findings, ranked as ``vsockmon diagnose`` ranks them (most severe
         first); ``f.to_dict(cap.start_ns)`` is the object ``diagnose --json`` prints."""
-        from vsockmon.diagnose.engine import evaluate
+        from vsockmon.diagnose.engine import evaluate, tracked
         from vsockmon.diagnose.model import Thresholds
 
         key = thresholds or Thresholds()
         if key not in self._digests:
             self.scan(findings=True, thresholds=key)
         analysis = self.analysis()  # silences last until the capture's recorded end
-        return evaluate(analysis.table, self._digests[key], key, analysis.capture_end_ns)
+        return evaluate(tracked(analysis.tracker), self._digests[key], key,
+                        analysis.capture_end_ns)
 
     def stats(self, top: int = 10, bins: int = 20) -> Stats:
         """What ``vsockmon stats`` shows; ``.to_dict()`` is the object of ``stats --json``."""

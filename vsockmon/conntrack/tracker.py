@@ -610,6 +610,11 @@ class ConnTracker:
             if len(table):
                 yield table
 
+    def table(self, lo: int, hi: int, end_ns: int | None = None) -> ConnTable:
+        """The connections of :meth:`finish` numbered ``lo`` to ``hi - 1`` (those held): a
+        reader that wants a few connections of a million (diagnose) takes their range."""
+        return self._table(lo, hi, self._end(end_ns))
+
     def __len__(self) -> int:
         """Streams held: in the working set or spilled (not forgotten)."""
         return self._t.size + self._spill.streams

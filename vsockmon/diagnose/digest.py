@@ -119,7 +119,11 @@ class Digest:
         self.tap_length = Count()
         self.small_rw: dict[tuple[int, int], int] = defaultdict(int)
         self.resets: dict[int, Reset] = {}
-        """stream → its first RST, with the credit state of both directions then."""
+        """stream → its first RST, with the credit state of both directions then; kept only
+        when the reset end's peer still had credit to send (what small-packet-reset reads):
+        a storm's million refusals keep none."""
+        self._rst_seen = np.zeros(0, dtype=bool)
+        """By stream number: whether its first RST went by (one byte a stream)."""
         self.beyond: dict[tuple[int, int], Excess] = {}
         self.pending: dict[tuple[int, int], int] = {}
         """(stream, sender) → since when bytes it sent have been waiting unconsumed (no
@@ -178,13 +182,25 @@ class Digest:
             self.small_rw[(key // 2, key % 2)] += count
 
     def _resets(self, r: Rows) -> None:
-        for i in np.flatnonzero(r.op == Op.RST).tolist():
-            sid = int(r.sid[i])
-            if sid not in self.resets:
-                self.resets[sid] = Reset(
-                    int(r.frame[i]), int(r.ts[i]), int(r.sender[i]),
-                    (int(r.in_flight[i, 0]), int(r.in_flight[i, 1])),
-                    (int(r.limit[i, 0]), int(r.limit[i, 1])))
+        rst = np.flatnonzero(r.op == Op.RST)
+        if not len(rst):
+            return
+        sids, at = np.unique(r.sid[rst], return_index=True)  # each stream's first here
+        if int(sids[-1]) >= len(self._rst_seen):
+            grown = np.zeros(max(2 * len(self._rst_seen), int(sids[-1]) + 1), dtype=bool)
+            grown[: len(self._rst_seen)] = self._rst_seen
+            self._rst_seen = grown
+        first = ~self._rst_seen[sids]
+        self._rst_seen[sids] = True
+        rows = rst[at[first]]
+        d = 1 - r.sender[rows]
+        limit = r.limit[rows, d]
+        credit = limit - r.in_flight[rows, d]
+        for i in rows[(limit >= 0) & (credit > 0)].tolist():
+            self.resets[int(r.sid[i])] = Reset(
+                int(r.frame[i]), int(r.ts[i]), int(r.sender[i]),
+                (int(r.in_flight[i, 0]), int(r.in_flight[i, 1])),
+                (int(r.limit[i, 0]), int(r.limit[i, 1])))
 
     def _beyond(self, r: Rows) -> None:
         """RW packets that took the sender past its peer's advertised buffer (the tracker's

@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import vsockmon.diagnose.rules  # noqa: F401 - registers every rule
-from vsockmon.conntrack.tracker import Connection, ConnTracker, Tags
+from vsockmon.conntrack.tracker import Connection, ConnTable, ConnTracker, Tags
 from vsockmon.decode.frames import FrameBatch, decode_batch
+from vsockmon.diagnose.connections import Connections
 from vsockmon.diagnose.digest import Digest
 from vsockmon.diagnose.model import Finding, Thresholds, rank
 from vsockmon.diagnose.registry import RULES, Context, in_order
@@ -33,11 +34,13 @@ from vsockmon.wire.pcapio import RecordBatch
 __all__ = ["RULES", "Diagnosis", "LiveDiagnosis", "evaluate"]
 
 
-def evaluate(conns: Iterable[Connection], digest: Digest, thresholds: Thresholds | None = None,
-             end_ns: int | None = None, final: bool = True) -> list[Finding]:
+def evaluate(conns: Iterable[Connection] | ConnTable | Connections, digest: Digest,
+             thresholds: Thresholds | None = None, end_ns: int | None = None,
+             final: bool = True) -> list[Finding]:
     """Every finding, ranked (most severe first, then by stream and frame).
 
-    ``conns`` are the tracker's connections in stream order (a ConnTable will do); ``end_ns``
+    ``conns`` are the tracker's connections in stream order: a ConnTable or a list will
+    do; a capture of a million takes :func:`tracked` (its objects made a few at a time); ``end_ns``
     is when the capture ended (default: its last packet); ``final`` False leaves out what only
     the capture's end can tell (connections it cut off), for live use.
     """
@@ -48,6 +51,12 @@ def evaluate(conns: Iterable[Connection], digest: Digest, thresholds: Thresholds
     return rank(ctx.findings)
 
 
+
+
+def tracked(tracker: ConnTracker) -> Connections:
+    """Every connection of ``tracker`` for :func:`evaluate`, without holding them all as
+    objects: memory follows the few the rules pick, not the connections ever seen."""
+    return Connections.of_tracker(tracker.table, tracker.streams)
 
 
 class Diagnosis:

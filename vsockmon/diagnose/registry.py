@@ -9,10 +9,13 @@ others leave explained connections alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from vsockmon.conntrack.tracker import Connection
+import numpy as np
+
+from vsockmon.conntrack.tracker import Connection, ConnTable
+from vsockmon.diagnose.connections import Connections
 from vsockmon.diagnose.digest import Digest
 from vsockmon.diagnose.model import Finding, Rule, Severity, Thresholds, opt_tuple
 
@@ -60,36 +63,13 @@ def label(conn: Connection) -> str:
     return f"{conn.client.addr} → {conn.server.addr} {conn.type_name}"
 
 
-class Connections:
-    """The connections in stream order, indexed by stream number. Offline that is their
-    position; a live view forgets closed streams, so the numbers have gaps."""
-
-    def __init__(self, conns: Iterable[Connection]) -> None:
-        self._list = list(conns)
-        dense = all(c.stream == i for i, c in enumerate(self._list))
-        self._by: dict[int, Connection] | None = None if dense else {
-            c.stream: c for c in self._list}
-
-    def __getitem__(self, stream: int) -> Connection:
-        return self._list[stream] if self._by is None else self._by[stream]
-
-    def __contains__(self, stream: int) -> bool:
-        return 0 <= stream < len(self._list) if self._by is None else stream in self._by
-
-    def __iter__(self) -> Iterator[Connection]:
-        return iter(self._list)
-
-    def __len__(self) -> int:
-        return len(self._list)
-
-
 class Context:
     """What every rule reads (connections, digest, thresholds, the capture's end) and what
     rules tell each other: the connections a finding already explains."""
 
-    def __init__(self, conns: Iterable[Connection], digest: Digest, t: Thresholds,
-                 end_ns: int, final: bool) -> None:
-        self.conns = Connections(conns)
+    def __init__(self, conns: Iterable[Connection] | ConnTable | Connections, digest: Digest,
+                 t: Thresholds, end_ns: int, final: bool) -> None:
+        self.conns = conns if isinstance(conns, Connections) else Connections.of(conns)
         self.digest = digest
         self.t = t
         self.end_ns = end_ns
@@ -126,7 +106,14 @@ class Context:
         stream = conn.stream if conn is not None else (streams[0] if streams else None)
         self.findings.append(Finding(
             rule=r.id, severity=r.severity if severity is None else severity,
-            stream=stream, frames=tuple(sorted(set(frames))), message=message, cause=cause,
+            stream=stream, frames=_frames(frames), message=message, cause=cause,
             fix=fix, kind=kind, streams=tuple(streams) or opt_tuple(stream),
             time_ns=time_ns if time_ns is not None else (conn.first_ts_ns if conn else None),
             connection=label(conn) if conn is not None else "", evidence=evidence))
+
+
+def _frames(frames: Iterable[int] | np.ndarray) -> tuple[int, ...]:
+    """A finding's frames: each once, in order (a storm's refusals give millions: numpy)."""
+    if isinstance(frames, np.ndarray):
+        return tuple(np.unique(frames).tolist())
+    return tuple(sorted(set(frames)))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
+
+from vsockmon.diagnose.connections import present
 from vsockmon.diagnose.digest import EXAMPLE_FRAMES, Count
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
@@ -41,14 +44,21 @@ def cid_mismatch(ctx: Context) -> None:
 
 def _reply_from_other_cid(ctx: Context) -> None:
     """An unanswered REQUEST whose answer came back on the same ports from another CID."""
-    pending = {(c.client.cid, c.client.port, c.server.port): c for c in ctx.conns
-               if c.request_frame is not None and c.response_frame is None}
-    for c in ctx.conns:
-        if c.start_seen or not c.events or c.events[0].op not in (Op.RESPONSE, Op.RST):
+    ix = ctx.conns.index
+    answers = [c for c in ctx.conns.pick(np.flatnonzero(~ix.start_seen))
+               if c.events and c.events[0].op in (Op.RESPONSE, Op.RST)]
+    if not answers:
+        return
+    unanswered = np.flatnonzero(present(ix.request_frame) & ~present(ix.response_frame)
+                                & np.isin(ix.client_port, [c.client.port for c in answers]))
+    pending = {key: row for row, key in zip(unanswered.tolist(), zip(
+        ix.client_cid[unanswered].tolist(), ix.client_port[unanswered].tolist(),
+        ix.server_port[unanswered].tolist(), strict=True), strict=True)}
+    for c in answers:
+        row = pending.get((c.client.cid, c.client.port, c.server.port))
+        if row is None or int(ix.server_cid[row]) == c.server.cid:
             continue
-        asked = pending.get((c.client.cid, c.client.port, c.server.port))
-        if asked is None or asked.server.cid == c.server.cid:
-            continue
+        asked = ctx.conns.at(row)
         ctx.open_end_explained.update((asked.stream, c.stream))
         ctx.unestablished.add(asked.stream)
         ctx.add(asked, [asked.request_frame or asked.first_frame, c.first_frame],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from vsockmon.conntrack.tracker import Close
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
@@ -35,7 +37,9 @@ def tap_length(ctx: Context) -> None:
              "credit-request-unanswered", "half-close-hang"))
 def mid_capture(ctx: Context) -> None:
     """Connections the capture cut off, unless another finding explains the missing end."""
-    for c in ctx.conns:
+    ix = ctx.conns.index
+    cut = ~ix.start_seen | (ctx.final & ix.closed(*OPEN_ENDS))
+    for c in ctx.conns.pick(np.flatnonzero(cut & ~ix.among(ctx.open_end_explained))):
         if not c.start_seen and c.stream not in ctx.open_end_explained:
             ctx.add(c, [c.first_frame],
                     f"The capture began after this connection started: its first frame "

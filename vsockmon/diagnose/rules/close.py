@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from vsockmon.conntrack.tracker import CLIENT, SERVER, Close, Connection, Event
 from vsockmon.diagnose.digest import U32
 from vsockmon.diagnose.model import Severity
@@ -16,9 +18,7 @@ from vsockmon.wire.protocol import Op, ShutdownFlag
 @rule("half-close-hang", Severity.WARNING, "SHUTDOWN(SEND), then silence until the end")
 def half_close_hang(ctx: Context) -> None:
     """One side shut its sending half; then nothing, up to the capture's end."""
-    for c in ctx.conns:
-        if c.close != Close.HALF_CLOSED:
-            continue
+    for c in ctx.conns.pick(np.flatnonzero(ctx.conns.index.closed(Close.HALF_CLOSED))):
         shut = next((s for s in c.sides if s.shutdown_flags & ShutdownFlag.SEND), None)
         if shut is None or shut.shutdown_frame is None:
             continue
@@ -49,8 +49,9 @@ def half_close_stall(ctx: Context) -> None:
     Unlike half-close-hang the wait ends inside the capture: it cost time, every time (systemd
     v256+ sd_notify: ~2 s per message, microvm.nix)."""
     least = int(ctx.t.half_close_stall_s * 1e9)
-    for c in ctx.conns:
-        wait = _half_close_wait(c) if c.duration_ns >= least else None  # most are brief
+    ix = ctx.conns.index
+    for c in ctx.conns.pick(np.flatnonzero(ix.last_ts - ix.first_ts >= least)):  # most are brief
+        wait = _half_close_wait(c)
         if wait is None:
             continue
         shut, end = wait
@@ -121,11 +122,13 @@ def _unconsumed(c: Connection, d: int) -> int | None:
       kinds=("reset", "unread"), after=("cid-mismatch", "state-lost", "small-packet-reset",
                                         "stale-rst", "transport-reset"))
 def abrupt_close(ctx: Context) -> None:
-    """Resets without a shutdown, and closes that discarded unread data."""
-    for c in ctx.conns:
-        ended = (Close.GRACEFUL, Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
-        if c.stream in ctx.reset_explained or c.close not in ended:
-            continue
+    """Resets without a shutdown, and closes that discarded unread data (a graceful close
+    only when bytes were waiting unconsumed: :func:`_lost`)."""
+    ix = ctx.conns.index
+    waited = ix.among({sid for sid, _ in ctx.digest.pending})
+    ended = ix.closed(Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER) | (
+        ix.closed(Close.GRACEFUL) & waited)
+    for c in ctx.conns.pick(np.flatnonzero(ended & ~ix.among(ctx.reset_explained))):
         if c.stream in ctx.unestablished or (c.start_seen and c.response_frame is None):
             continue  # a connect that failed is not a close
         rst = event_at(c, c.close_frame) if c.close != Close.GRACEFUL else None

@@ -10,13 +10,6 @@ FAILED = (Close.REFUSED, Close.UNANSWERED)
 """Closes of a connect() that failed."""
 
 
-def address_pair(conn: Connection) -> tuple[int, frozenset[tuple[int, int]]]:
-    """The connection's socket type and its two ends, whichever dialled: a later connection
-    with the same pair reuses its addresses."""
-    return conn.type, frozenset(((conn.client.cid, conn.client.port),
-                                 (conn.server.cid, conn.server.port)))
-
-
 def event_at(conn: Connection, frame: int | None) -> Event | None:
     """The connection's control event at ``frame``, if any."""
     return next((e for e in conn.events if e.frame == frame), None)

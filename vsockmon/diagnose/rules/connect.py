@@ -5,16 +5,19 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
-from vsockmon.conntrack.tracker import Close, Connection
+import numpy as np
+
+from vsockmon.conntrack.tracker import CLOSES, Close, Connection
+from vsockmon.diagnose.connections import Index, present
 from vsockmon.diagnose.digest import HOST_CID
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
 from vsockmon.diagnose.rules.common import (
     FAILED,
     OPEN_ENDS,
-    address_pair,
     delay_text,
     event_at,
     request_ts,
@@ -25,24 +28,29 @@ from vsockmon.wire.protocol import SockType
 
 @dataclass
 class _Refused:
-    """The refused REQUESTs of one client CID to one target (CID, port, socket type)."""
+    """The refused REQUESTs of one client CID to one target (CID, port, socket type), as
+    index rows in stream order (a storm holds a million: no Connection each)."""
 
-    conns: list[Connection]
+    ctx: Context
+    rows: np.ndarray
     cid: int
     port: int
     typ: int
 
-    @property
+    @cached_property
     def first(self) -> Connection:
-        return self.conns[0]
+        return self.ctx.conns.at(int(self.rows[0]))
 
     @property
-    def frames(self) -> list[int]:
-        return [f for c in self.conns for f in (c.request_frame, c.close_frame) if f]
+    def frames(self) -> np.ndarray:
+        ix = self.ctx.conns.index
+        both = np.column_stack((ix.request_frame[self.rows], ix.close_frame[self.rows])).ravel()
+        return both[present(both) & (both != 0)]
 
     @property
     def delays(self) -> list[int]:
-        return [c.handshake_ns for c in self.conns if c.handshake_ns is not None]
+        hs = self.ctx.conns.index.handshake[self.rows]
+        return hs[present(hs)].tolist()
 
     @property
     def target(self) -> str:
@@ -50,22 +58,44 @@ class _Refused:
 
     @property
     def times(self) -> str:
-        return "" if len(self.conns) == 1 else f" {len(self.conns)} times"
+        return "" if len(self.rows) == 1 else f" {len(self.rows)} times"
 
     def evidence(self) -> dict[str, Any]:
-        return dict(streams=[c.stream for c in self.conns], time_ns=request_ts(self.first),
-                    refusals=len(self.conns),
-                    rst_delay_ms=round(max(self.delays, default=0) / 1e6, 3), target=self.target)
+        return dict(streams=self.ctx.conns.index.stream[self.rows].tolist(),
+                    time_ns=request_ts(self.first), refusals=len(self.rows),
+                    rst_delay_ms=round(max(self.delays, default=0) / 1e6, 3),
+                    target=self.target)
 
 
 def _refused(ctx: Context, seqpacket: bool) -> list[_Refused]:
     """Refused REQUESTs of one socket type that no earlier finding explains, by target."""
-    groups: dict[tuple[int, int, int, int], list[Connection]] = defaultdict(list)
-    for c in ctx.conns:
-        if (c.close == Close.REFUSED and c.stream not in ctx.unestablished
-                and (c.type == SockType.SEQPACKET) == seqpacket):
-            groups[(c.client.cid, c.server.cid, c.server.port, c.type)].append(c)
-    return [_Refused(conns, cid, port, typ) for (_, cid, port, typ), conns in groups.items()]
+    ix = ctx.conns.index
+    rows = np.flatnonzero(ix.closed(Close.REFUSED) & ~ix.among(ctx.unestablished)
+                          & ((ix.type == SockType.SEQPACKET) == seqpacket))
+    groups = ix.groups(rows, (ix.client_cid, ix.server_cid, ix.server_port, ix.type))
+    return [_Refused(ctx, g, int(ix.server_cid[g[0]]), int(ix.server_port[g[0]]),
+                     int(ix.type[g[0]])) for g in groups]
+
+
+class _Old(NamedTuple):
+    """The connection whose address pair a REQUEST reused."""
+
+    stream: int
+    last_frame: int
+    close: Close
+
+
+_OPEN_CODES = [CLOSES.index(k) for k in OPEN_ENDS]
+
+
+class _Accepted(NamedTuple):
+    """What a refusal's queue witness needs of an accepted connection."""
+
+    stream: int
+    response_frame: int
+    answered_ns: int
+    close_frame: int | None
+    first_frame: int
 
 
 @rule("accept-queue-full", Severity.ERROR, "REQUEST refused by RST while the port accepts "
@@ -78,46 +108,55 @@ def accept_queue_full(ctx: Context) -> None:
     accepted another connection shortly before, and that connection was still open."""
     groups = _refused(ctx, seqpacket=False) + _refused(ctx, seqpacket=True)
     accepted = _accepted_by_target(ctx, {(g.cid, g.port, g.typ) for g in groups})
+    ix = ctx.conns.index
     for group in groups:
         candidates = accepted.get((group.cid, group.port, group.typ), [])
-        overflowed = [(c, w) for c in group.conns
-                      if (w := _queue_witness(ctx, c, candidates)) is not None]
+        if not candidates:
+            continue
+        overflowed = [(r, w) for r in group.rows.tolist()
+                      if (w := _queue_witness(ctx, r, candidates)) is not None]
         if not overflowed:
             continue
-        conns = [c for c, _ in overflowed]
+        rows = np.array([r for r, _ in overflowed], dtype=np.int64)
         witness = overflowed[0][1]
-        ctx.unestablished.update(c.stream for c in conns)
-        ctx.queue_refused.update(c.stream for c in conns)
-        _report_overflow(ctx, _Refused(conns, group.cid, group.port, group.typ), witness)
+        ctx.unestablished.update(ix.stream[rows].tolist())
+        ctx.queue_refused.update(ix.stream[rows].tolist())
+        _report_overflow(ctx, _Refused(ctx, rows, group.cid, group.port, group.typ), witness)
 
 
 def _accepted_by_target(
     ctx: Context, targets: set[tuple[int, int, int]]
-) -> dict[tuple[int, int, int], list[Connection]]:
+) -> dict[tuple[int, int, int], list[_Accepted]]:
     """The accepted connections of each refused target, in RESPONSE order: one pass over
-    the connections, so a storm of refusals does not rescan them all for each one."""
-    found: dict[tuple[int, int, int], list[Connection]] = defaultdict(list)
-    for c in ctx.conns:
+    the index, so a storm of refusals does not rescan them all for each one."""
+    found: dict[tuple[int, int, int], list[_Accepted]] = defaultdict(list)
+    ix = ctx.conns.index
+    if not targets:
+        return found
+    maybe = present(ix.response_frame) & np.isin(ix.server_port, [p for _, p, _ in targets])
+    for c in ctx.conns.pick(np.flatnonzero(maybe)):
         key = (c.server.cid, c.server.port, c.type)
         if c.response_frame is not None and key in targets:
-            found[key].append(c)
+            found[key].append(_Accepted(c.stream, c.response_frame, _answered_ns(c),
+                                        c.close_frame, c.first_frame))
     for conns in found.values():
-        conns.sort(key=lambda c: c.response_frame or 0)
+        conns.sort(key=lambda c: c.response_frame)
     return found
 
 
-def _queue_witness(
-    ctx: Context, refused: Connection, accepted: list[Connection]
-) -> Connection | None:
-    """The latest connection to the refused one's target accepted at most
+def _queue_witness(ctx: Context, row: int, accepted: list[_Accepted]) -> _Accepted | None:
+    """The latest connection to the refused one's (index ``row``) target accepted at most
     ``accept_queue_s`` before its REQUEST and still open at it (None: no such).
     ``accepted`` is in RESPONSE order; the walk back stops at the first RESPONSE that is
     older than the window (frames are in capture order, so older ones are too)."""
-    asked, frame = request_ts(refused), refused.request_frame or refused.first_frame
-    start = bisect_left(accepted, frame, key=lambda c: c.response_frame or 0)
+    ix = ctx.conns.index
+    asked = int(ix.first_ts[row])  # request_ts: a REQUEST is its stream's first packet
+    frame = int(ix.request_frame[row] if present(ix.request_frame[row])
+                else ix.first_frame[row])
+    start = bisect_left(accepted, frame, key=lambda c: c.response_frame)
     for i in range(start - 1, -1, -1):
         c = accepted[i]
-        if (asked - _answered_ns(c)) / 1e9 > ctx.t.accept_queue_s:
+        if (asked - c.answered_ns) / 1e9 > ctx.t.accept_queue_s:
             return None
         if c.close_frame is None or c.close_frame > frame:
             return c
@@ -130,10 +169,10 @@ def _answered_ns(conn: Connection) -> int:
     return ev.ts_ns if ev is not None else conn.first_ts_ns
 
 
-def _report_overflow(ctx: Context, group: _Refused, witness: Connection) -> None:
+def _report_overflow(ctx: Context, group: _Refused, witness: _Accepted) -> None:
     first = group.first
-    before = request_ts(first) - _answered_ns(witness)
-    ctx.add(first, [*group.frames, witness.response_frame or witness.first_frame],
+    before = request_ts(first) - witness.answered_ns
+    ctx.add(first, np.r_[group.frames, witness.response_frame or witness.first_frame],
             f"The accept queue of {group.target} overflowed: the {first.type_name} REQUEST "
             f"from {first.client.addr} (frame {first.request_frame}) was refused"
             f"{group.times} by an RST, while that port had accepted stream "
@@ -153,9 +192,11 @@ def _report_overflow(ctx: Context, group: _Refused, witness: Connection) -> None
       after=("cid-mismatch", "state-lost", "accept-queue-full"))
 def no_listener(ctx: Context) -> None:
     """Refused STREAM REQUESTs, one finding per target."""
+    accepted = _answered(ctx)
+    ix = ctx.conns.index
     for group in _refused(ctx, seqpacket=False):
         first, cid, port, typ = group.first, group.cid, group.port, group.typ
-        later = _accepted(ctx, cid, port, typ, after=first.request_frame or 0)
+        later = _accepted(ctx, accepted, (cid, port, typ), after=first.request_frame or 0)
         frames, delays, times, target = group.frames, group.delays, group.times, group.target
         common = group.evidence()
         message = (f"Nothing listens on {target}: the STREAM REQUEST from {first.client.addr} "
@@ -167,8 +208,8 @@ def no_listener(ctx: Context) -> None:
                f"retrying silently.")
         if later is not None:
             severity = Severity.WARNING
-            message += (f" A later attempt (stream {later.stream}, frame "
-                        f"{later.response_frame}) was accepted: the service started late.")
+            message += (f" A later attempt (stream {ix.stream[later]}, frame "
+                        f"{ix.response_frame[later]}) was accepted: the service started late.")
             fix = ("Start the client once the service listens (wait for its readiness "
                    "notification) rather than racing it.")
         ctx.add(first, frames, message,
@@ -177,9 +218,24 @@ def no_listener(ctx: Context) -> None:
                 f"this immediate refusal into a timeout.", fix, severity=severity, **common)
 
 
-def _accepted(ctx: Context, cid: int, port: int, typ: int, after: int) -> Connection | None:
-    return next((c for c in ctx.conns if c.server.cid == cid and c.server.port == port
-                 and c.type == typ and c.response_frame and c.response_frame > after), None)
+def _answered(ctx: Context) -> dict[tuple[int, int, int], np.ndarray]:
+    """The index rows of the connections that got a RESPONSE, by target (CID, port, socket
+    type), in stream order: one grouping, however many targets were refused."""
+    ix = ctx.conns.index
+    rows = np.flatnonzero(present(ix.response_frame) & (ix.response_frame != 0))
+    groups = ix.groups(rows, (ix.server_cid, ix.server_port, ix.type))
+    return {(int(ix.server_cid[g[0]]), int(ix.server_port[g[0]]), int(ix.type[g[0]])): g
+            for g in groups}
+
+
+def _accepted(ctx: Context, answered: dict[tuple[int, int, int], np.ndarray],
+              target: tuple[int, int, int], after: int) -> int | None:
+    """The index row of the first connection to ``target`` answered after frame ``after``."""
+    rows = answered.get(target)
+    if rows is None:
+        return None
+    later = rows[ctx.conns.index.response_frame[rows] > after]
+    return int(later[0]) if len(later) else None
 
 
 @rule("seqpacket-refused", Severity.ERROR, "SEQPACKET REQUEST refused by RST",
@@ -187,21 +243,24 @@ def _accepted(ctx: Context, cid: int, port: int, typ: int, after: int) -> Connec
 def seqpacket_refused(ctx: Context) -> None:
     """Refused SEQPACKET REQUESTs, one finding per target: the port listens for STREAM only,
     or the peer cannot do SEQPACKET."""
+    answered = _answered(ctx)
     for group in _refused(ctx, seqpacket=True):
-        _seqpacket_refused(ctx, group.first, group.frames, group.target, group.times,
-                           group.delays, group.evidence())
+        _seqpacket_refused(ctx, answered, group)
 
 
-def _seqpacket_refused(ctx: Context, first: Connection, frames: list[int], target: str,
-                       times: str, delays: list[int], common: dict[str, Any]) -> None:
+def _seqpacket_refused(ctx: Context, answered: dict[tuple[int, int, int], np.ndarray],
+                       group: _Refused) -> None:
+    first, frames, target, times = group.first, group.frames, group.target, group.times
+    delays, common = group.delays, group.evidence()
     cid, port = first.server.cid, first.server.port
-    stream_ok = _accepted(ctx, cid, port, SockType.STREAM, after=0)
+    stream_ok = _accepted(ctx, answered, (cid, port, SockType.STREAM), after=0)
     message = (f"The SEQPACKET REQUEST from {first.client.addr} to {target} (frame "
                f"{first.request_frame}) was refused{times} by an RST within "
                f"{delay_text(max(delays, default=None))}.")
     if stream_ok is not None:
         message += (f" A STREAM connection to the same port was accepted (stream "
-                    f"{stream_ok.stream}): the service listens for STREAM only.")
+                    f"{ctx.conns.index.stream[stream_ok]}): the service listens for STREAM "
+                    f"only.")
         cause = ("The listener on that port is a SOCK_STREAM socket; Linux refuses a "
                  "SEQPACKET REQUEST to a socket of another type.")
         fix = "Connect with SOCK_STREAM, or make the service listen with SOCK_SEQPACKET."
@@ -218,12 +277,12 @@ def _seqpacket_refused(ctx: Context, first: Connection, frames: list[int], targe
       "is not running", kinds=("no-transport", "peer-silent"),
       after=("cid-mismatch", "state-lost"))
 def no_transport(ctx: Context) -> None:
-    """no-transport: REQUESTs that got neither RESPONSE nor RST in time."""
-    for c in ctx.conns:
-        if c.close != Close.UNANSWERED or c.request_frame is None:
-            continue
-        if c.stream in ctx.unestablished:
-            continue  # cid-mismatch or state-lost explains it
+    """no-transport: REQUESTs that got neither RESPONSE nor RST in time (those cid-mismatch
+    or state-lost explains left out)."""
+    ix = ctx.conns.index
+    rows = np.flatnonzero(ix.closed(Close.UNANSWERED) & present(ix.request_frame)
+                          & ~ix.among(ctx.unestablished))
+    for frame, c in zip(ix.request_frame[rows].tolist(), ctx.conns.pick(rows), strict=True):
         asked = request_ts(c)
         waited = (ctx.end_ns - asked) / 1e9
         if waited < ctx.t.no_transport_s:
@@ -234,7 +293,7 @@ def no_transport(ctx: Context) -> None:
         common: dict[str, Any] = dict(time_ns=asked, waited_s=round(waited, 3),
                                       dialled=c.server.addr)
         if spoke is None or spoke[1] >= asked:
-            ctx.add(c, [c.request_frame],
+            ctx.add(c, [frame],
                     f"The REQUEST from {c.client.addr} to {c.server.addr} (frame "
                     f"{c.request_frame}) got neither RESPONSE nor RST for "
                     f"{seconds_text(waited)}, and CID {cid} sent nothing earlier in the "
@@ -242,7 +301,7 @@ def no_transport(ctx: Context) -> None:
                     *_no_transport_text(cid),
                     kind="no-transport", **common)
         else:
-            ctx.add(c, [c.request_frame, spoke[0]],
+            ctx.add(c, [frame, spoke[0]],
                     f"The REQUEST from {c.client.addr} to {c.server.addr} (frame "
                     f"{c.request_frame}) got neither RESPONSE nor RST for {seconds_text(waited)}, "
                     f"although CID {cid} had sent packets before (first at frame {spoke[0]}).",
@@ -274,63 +333,66 @@ def _no_transport_text(cid: int) -> tuple[str, str]:
 def dial_retry(ctx: Context) -> None:
     """Runs of failing attempts to one CID:port, each soon after the last. Refusals of a
     full accept queue are left out: a burst of parallel clients looks like a retry loop."""
-    groups: dict[tuple[int, int, int, int], list[Connection]] = defaultdict(list)
-    for c in ctx.conns:
-        if c.request_frame is not None and c.stream not in ctx.queue_refused:
-            groups[(c.client.cid, c.server.cid, c.server.port, c.type)].append(c)
-    for attempts in groups.values():
-        run: list[Connection] = []
-        for c in attempts:
-            if run and (_failed(run[-1]) and
-                        (request_ts(c) - request_ts(run[-1])) / 1e9 <= ctx.t.retry_gap_s):
-                run.append(c)
-            else:
-                _report_retry(ctx, run)
-                run = [c]
-        _report_retry(ctx, run)
+    ix = ctx.conns.index
+    failed = _failed(ix)
+    gap = ctx.t.retry_gap_s
+    rows = np.flatnonzero(present(ix.request_frame) & ~ix.among(ctx.queue_refused))
+    for attempts in ix.groups(rows, (ix.client_cid, ix.server_cid, ix.server_port, ix.type),
+                              least=max(ctx.t.retry_count, 1)):
+        # an attempt joins the run of the one before when that failed and it came soon
+        ts = ix.first_ts[attempts]  # request_ts: a REQUEST is its stream's first packet
+        joins = failed[attempts[:-1]] & ((ts[1:] - ts[:-1]) / 1e9 <= gap)
+        starts = np.r_[0, np.flatnonzero(~joins) + 1]
+        for run in np.split(attempts, starts[1:]):
+            _report_retry(ctx, run, failed)
 
 
-def _failed(c: Connection) -> bool:
-    return c.close in FAILED or (c.request_frame is not None and c.response_frame is None
-                                  and c.close in (Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER))
+def _failed(ix: Index) -> np.ndarray:
+    """Which connections are a connect() that failed: refused or unanswered, or reset
+    before any RESPONSE."""
+    return ix.closed(*FAILED) | (present(ix.request_frame) & ~present(ix.response_frame)
+                                 & ix.closed(Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER))
 
 
-def _report_retry(ctx: Context, run: list[Connection]) -> None:
+def _report_retry(ctx: Context, run: np.ndarray, failed: np.ndarray) -> None:
     if len(run) < ctx.t.retry_count:
         return
-    first, last = run[0], run[-1]
+    ix = ctx.conns.index
+    first, last = ctx.conns.at(int(run[0])), ctx.conns.at(int(run[-1]))
     span = (request_ts(last) - request_ts(first)) / 1e9
-    connected = not _failed(last) and last.response_frame is not None
+    connected = not failed[run[-1]] and last.response_frame is not None
     failures = run[:-1] if connected else run
-    how = sorted({str(c.close) for c in failures})
+    how = sorted({str(CLOSES[k]) for k in np.unique(ix.close[failures]).tolist()})
     outcome = (f"the attempt at frame {last.request_frame} connected" if connected
                else "none connected")
-    ctx.add(first, [c.request_frame for c in run if c.request_frame],
+    frames = ix.request_frame[run]
+    ctx.add(first, frames[frames != 0],
             f"CID {first.client.cid} dialled {first.server.addr} {len(run)} times in "
             f"{seconds_text(span)} ({len(failures)} {'/'.join(how)}); {outcome}.",
             "The client retries a failing connect(). To its user a refusal (nothing listens) "
             "then looks like a slow timeout, and the real error is never shown.",
             "Log the connect() error of every attempt; wait for the service's readiness instead "
             "of retrying blindly; fix the target (see the no-listener / no-transport findings).",
-            streams=[c.stream for c in run], time_ns=request_ts(first), attempts=len(run),
+            streams=ix.stream[run].tolist(), time_ns=request_ts(first), attempts=len(run),
             failures=len(failures), span_s=round(span, 3), connected=connected)
 
 
 @rule("state-lost", Severity.ERROR, "REQUEST on an address pair that is still connected")
 def state_lost(ctx: Context) -> None:
     """A REQUEST reusing the address pair of a connection that never closed."""
-    previous: dict[tuple[int, frozenset[tuple[int, int]]], Connection] = {}
-    for c in ctx.conns:
-        key = address_pair(c)
-        old = previous.get(key)
-        previous[key] = c
-        if old is None or c.request_frame is None or old.close not in OPEN_ENDS:
-            continue
-        if old.close == Close.UNANSWERED or (old.start_seen and old.response_frame is None):
-            continue
+    ix = ctx.conns.index
+    prev = ix.previous_same_pair()
+    older = np.maximum(prev, 0)
+    reused = (prev >= 0) & present(ix.request_frame) & np.isin(ix.close[older], _OPEN_CODES)
+    reused &= ~(ix.closed(Close.UNANSWERED)[older]
+                | (ix.start_seen[older] & ~present(ix.response_frame[older])))
+    rows = np.flatnonzero(reused)
+    for row, c in zip(rows.tolist(), ctx.conns.pick(rows), strict=True):
+        old = _Old(int(ix.stream[prev[row]]), int(ix.last_frame[prev[row]]),
+                   ix.close_of(int(prev[row])))
         ctx.open_end_explained.add(old.stream)
         ctx.unestablished.add(c.stream)
-        ctx.add(c, [old.last_frame, c.request_frame],
+        ctx.add(c, [old.last_frame, int(ix.request_frame[row])],
                 f"A REQUEST (frame {c.request_frame}) reuses the address pair of stream "
                 f"{old.stream}, which was still connected ({old.close}, last packet at frame "
                 f"{old.last_frame}, no RST).",

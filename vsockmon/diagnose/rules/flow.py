@@ -3,6 +3,8 @@ windows are :mod:`vsockmon.diagnose.rules.stall`'s)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from vsockmon.conntrack.tracker import Close, Violation
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
@@ -34,9 +36,9 @@ def credit_violation(ctx: Context) -> None:
       "remained")
 def small_packet_reset(ctx: Context) -> None:
     """Resets after many small writes while byte credit remained (per-packet overhead)."""
-    for c in ctx.conns:
-        if c.close not in (Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER):
-            continue
+    ix = ctx.conns.index
+    reset = ix.closed(Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
+    for c in ctx.conns.pick(np.flatnonzero(reset & ix.among(ctx.digest.resets))):
         rst = ctx.digest.resets.get(c.stream)
         if rst is None:
             continue

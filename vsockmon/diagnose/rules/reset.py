@@ -4,13 +4,25 @@ device's TRANSPORT_RESET (a snapshot restore or migration)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
+
 from vsockmon.conntrack.tracker import Close, Connection, Event
+from vsockmon.diagnose.connections import present
 from vsockmon.diagnose.digest import U32
 from vsockmon.diagnose.model import Severity
 from vsockmon.diagnose.registry import Context, rule
-from vsockmon.diagnose.rules.common import address_pair, event_at
+from vsockmon.diagnose.rules.common import event_at
 
 RESET = (Close.RESET_BY_CLIENT, Close.RESET_BY_SERVER)
+
+
+class _Earlier(NamedTuple):
+    """The connection before, on the same address pair."""
+
+    stream: int
+    last_frame: int
 
 
 def _first_rst(c: Connection) -> Event | None:
@@ -31,20 +43,22 @@ def _ahead(fwd_cnt: int, sent: int) -> int:
 def stale_rst(ctx: Context) -> None:
     """Resets whose fwd_cnt acknowledges bytes the connection never carried: they belong to
     an earlier connection on the same address pair (their counters started with it)."""
-    earlier: dict[tuple[int, frozenset[tuple[int, int]]], Connection] = {}
-    for c in ctx.conns:
-        old = earlier.get(address_pair(c))
-        earlier[address_pair(c)] = c
+    ix = ctx.conns.index
+    prev = ix.previous_same_pair()
+    maybe = ((prev >= 0) & ix.closed(*RESET) & ix.start_seen & present(ix.response_frame))
+    rows = np.flatnonzero(maybe)
+    for row, c in zip(rows.tolist(), ctx.conns.pick(rows), strict=True):
         rst = _first_rst(c)
-        if old is None or rst is None or not c.start_seen or c.response_frame is None:
+        if rst is None:
             continue
+        old = _Earlier(int(ix.stream[prev[row]]), int(ix.last_frame[prev[row]]))
         peer = c.sides[1 - rst.sender]
         ahead = _ahead(rst.fwd_cnt, peer.bytes)
         if not ahead:
             continue
         by = c.sides[rst.sender]
         ctx.reset_explained.add(c.stream)
-        ctx.add(c, [old.last_frame, c.response_frame, rst.frame],
+        ctx.add(c, [old.last_frame, int(ix.response_frame[row]), rst.frame],
                 f"{by.role} {by.addr}'s RST (frame {rst.frame}) reset this connection, "
                 f"established at frame {c.response_frame}, though it acknowledges "
                 f"{rst.fwd_cnt} bytes received (fwd_cnt) where {peer.addr} had sent "
@@ -76,7 +90,9 @@ def transport_reset(ctx: Context) -> None:
     them all: none heard from it since before its first such RST, so they were lost at one
     moment, when the device's TRANSPORT_RESET made that kernel drop every connection."""
     by_cid: dict[int, list[tuple[Event, Connection]]] = {}
-    for c in ctx.conns:
+    ix = ctx.conns.index
+    maybe = ix.closed(*RESET) & present(ix.response_frame) & ~ix.among(ctx.reset_explained)
+    for c in ctx.conns.pick(np.flatnonzero(maybe)):
         rst = _forgotten(c)
         if rst is not None and c.stream not in ctx.reset_explained:
             by_cid.setdefault(c.sides[rst.sender].cid, []).append((rst, c))

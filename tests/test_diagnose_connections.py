@@ -1,0 +1,119 @@
+"""The rules' view of the connections: an index to select on, objects only for the few picked.
+
+A connect() storm must diagnose without a Connection object per connection (the cost model:
+memory follows the findings, not the connections ever seen). Expected values are reasoned
+from the synthetic scenarios: n refusals to one port give one no-listener finding over
+every stream and one dial-retry run over every attempt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conntrack_scenarios import MS, Conv, write
+
+import vsockmon
+from vsockmon.conntrack.records import ConnTable
+from vsockmon.diagnose.connections import CHUNK, Index
+from vsockmon.diagnose.engine import Diagnosis
+from vsockmon.wire.protocol import Op
+
+STORM = 2 * CHUNK + 10
+"""Refusals in the storm: three ranges of streams, and more than the tracker holds before
+it spills closed connections to compact columns (32,768)."""
+
+
+def storm(n: int) -> list[tuple[int, bytes]]:
+    """``n`` REQUESTs from new client ports to 2:1024, each refused by an RST 1 µs later,
+    the next 1 ms after that."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(n):
+        c = Conv(out, client=(3, 50000 + i), server=(2, 1024))
+        c.send(0, Op.REQUEST, delay=MS)
+        c.send(1, Op.RST, buf=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def storm_pcap(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write(tmp_path_factory.mktemp("storm") / "storm.pcap", storm(STORM))
+
+
+def test_a_storm_is_diagnosed_from_three_connection_objects(
+        storm_pcap: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    plain = ConnTable.__getitem__
+
+    def counted(self: ConnTable, i: int) -> object:
+        made.append(i)
+        return plain(self, i)
+
+    monkeypatch.setattr(ConnTable, "__getitem__", counted)
+    found = {f.rule: f for f in vsockmon.open(storm_pcap).findings()}
+    assert sorted(found) == ["dial-retry", "no-listener"]
+    listener, retry = found["no-listener"], found["dial-retry"]
+    assert listener.streams == tuple(range(STORM))
+    assert listener.frames == tuple(range(1, 2 * STORM + 1))  # each REQUEST and its RST
+    assert listener.evidence["refusals"] == STORM
+    assert retry.frames == tuple(range(1, 2 * STORM, 2))  # the REQUESTs
+    assert (retry.evidence["attempts"], retry.evidence["failures"]) == (STORM, STORM)
+    # a REQUEST comes 1 ms after the RST before it, which came 1 µs after its REQUEST
+    assert retry.evidence["span_s"] == round((STORM - 1) * (MS + 1000) / 1e9, 3)
+    # no-listener's first connection, dial-retry's first and last: not one per refusal
+    assert len(made) <= 3
+
+
+def test_the_storm_diagnosed_a_range_at_a_time_equals_it_from_every_object(
+        storm_pcap: Path) -> None:
+    cap = vsockmon.open(storm_pcap)
+    by_ranges = [f.to_dict(cap.start_ns) for f in cap.findings()]
+    d = Diagnosis()
+    for fb, _ in vsockmon.open(storm_pcap).frames():
+        d.feed(fb)
+    whole = d.findings(conns=d.connections())  # every Connection object, in a list
+    assert by_ranges == [f.to_dict(cap.start_ns) for f in whole]
+    assert d.digest.resets == {}  # a refusal leaves no credit: small-packet-reset reads none
+
+
+def index(pairs: list[tuple[int, tuple[int, int], tuple[int, int]]]) -> Index:
+    """An index of connections (type, client end, server end), one per stream."""
+    n = len(pairs)
+    zeros = np.zeros(n, dtype=np.int64)
+    return Index(
+        stream=np.arange(n), type=np.array([t for t, _, _ in pairs]),
+        client_cid=np.array([c[0] for _, c, _ in pairs], dtype=np.uint64),
+        client_port=np.array([c[1] for _, c, _ in pairs]),
+        server_cid=np.array([s[0] for _, _, s in pairs], dtype=np.uint64),
+        server_port=np.array([s[1] for _, _, s in pairs]),
+        close=zeros, start_seen=np.ones(n, dtype=bool), request_frame=zeros,
+        response_frame=zeros, close_frame=zeros, first_frame=zeros, last_frame=zeros,
+        first_ts=zeros, last_ts=zeros, handshake=zeros)
+
+
+def test_the_previous_connection_on_an_address_pair_is_found_whichever_end_dialled() -> None:
+    big = (1 << 32) + 3  # a CID beyond 32 bits: no packing of CID and port
+    ix = index([
+        (1, (3, 50000), (2, 1024)),  # 0
+        (1, (2, 1024), (3, 50000)),  # 1: the same pair, dialled from the other end
+        (2, (3, 50000), (2, 1024)),  # 2: SEQPACKET: another pair
+        (1, (3, 50001), (2, 1024)),  # 3: another client port
+        (1, (big, 7), (2, 1024)),    # 4
+        (1, (3, 50000), (2, 1024)),  # 5: the pair of 0 and 1 again
+        (1, (2, 1024), (big, 7)),    # 6: the pair of 4
+        (1, (2, 1024), (2, 1024)),   # 7: both ends equal
+        (1, (2, 1024), (2, 1024)),   # 8
+    ])
+    assert ix.previous_same_pair().tolist() == [-1, 0, -1, -1, -1, 1, 4, -1, 7]
+
+
+def test_groups_come_in_order_of_their_first_row_and_small_ones_are_left_out() -> None:
+    ix = index([(1, (3, 1), (2, 9)), (1, (4, 1), (2, 9)), (1, (3, 1), (2, 9)),
+                (1, (5, 1), (2, 8)), (1, (4, 1), (2, 9)), (1, (3, 1), (2, 9))])
+    keys = (ix.client_cid, ix.server_port)
+    rows = np.arange(6)
+    assert [g.tolist() for g in ix.groups(rows, keys)] == [[0, 2, 5], [1, 4], [3]]
+    assert [g.tolist() for g in ix.groups(rows, keys, least=2)] == [[0, 2, 5], [1, 4]]
+    assert [g.tolist() for g in ix.groups(np.array([1, 3, 5]), keys)] == [[1], [3], [5]]
+    assert ix.groups(np.zeros(0, dtype=np.int64), keys) == []
