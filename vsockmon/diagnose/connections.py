@@ -24,6 +24,11 @@ CHUNK = 20000
 """Streams per table made from a tracker: the most Connection objects alive at once."""
 
 _CODE = {k: i for i, k in enumerate(CLOSES)}
+_DTYPES: dict[str, type] = {
+    "type": np.uint16, "client_cid": np.uint64, "client_port": np.uint32,
+    "server_cid": np.uint64, "server_port": np.uint32, "close": np.uint8, "start_seen": bool}
+"""The index's narrow columns (the tracker's own types; a close is one of a few); the
+others are int64 frames, times and stream numbers."""
 
 
 @dataclass
@@ -74,11 +79,21 @@ class Index:
                    col(lambda c: c.last_ts_ns), col(lambda c: c.handshake_ns))
 
     @classmethod
-    def joined(cls, parts: list[Index]) -> Index:
-        if len(parts) == 1:
-            return parts[0]
-        return cls(*(np.concatenate([getattr(p, f.name) for p in parts])
-                     for f in fields(cls)))
+    def empty(cls, n: int) -> Index:
+        """Room for ``n`` connections, to :meth:`fill` a table at a time: the columns are
+        never held twice (parts and their join), so their size is the peak."""
+        return cls(*(np.zeros(n, dtype=_DTYPES.get(f.name, np.int64)) for f in fields(cls)))
+
+    def fill(self, at: int, part: Index) -> int:
+        """Copy ``part`` into the rows from ``at`` on; returns the row after it."""
+        end = at + len(part.stream)
+        for f in fields(self):
+            getattr(self, f.name)[at:end] = getattr(part, f.name)
+        return end
+
+    def head(self, n: int) -> Index:
+        """The first ``n`` rows (views: no copy)."""
+        return Index(*(getattr(self, f.name)[:n] for f in fields(self)))
 
     def closed(self, *kinds: Close) -> np.ndarray:
         """Which connections ended in one of ``kinds``."""
@@ -166,12 +181,10 @@ class Connections:
     def of_tracker(cls, table_at: TableAt, streams: int) -> Connections:
         """The ``streams`` connections of a tracker, read a range of :data:`CHUNK` streams
         at a time: the index holds a few numbers per connection, never the objects."""
-        parts = []
+        index, rows = Index.empty(streams), 0
         for lo in range(0, streams, CHUNK):
-            table = table_at(lo, lo + CHUNK)
-            if len(table):
-                parts.append(Index.of_table(table))
-        index = Index.joined(parts) if parts else Index.of_connections([])
+            rows = index.fill(rows, Index.of_table(table_at(lo, lo + CHUNK)))
+        index = index.head(rows)  # fewer than ``streams`` when some were forgotten
         ranges = _Ranges(table_at)
         return cls(index, lambda rows: ranges.make(index.stream[rows]))
 
