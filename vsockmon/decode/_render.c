@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 enum {
@@ -21,16 +22,21 @@ enum {
     K_PREVIEW = 6, /* (K_PREVIEW, int64 offset column, int64 length column, buf, limit,
                       prefix): render.preview of buf[off:off+len], after prefix, if any */
     K_OPT = 7,     /* (K_OPT, list of bytes or None, prefix): prefix + text where not None */
+    K_FLOAT = 8,   /* (K_FLOAT, float64 column): repr(value), Python's own shortest digits */
 };
+/* K_INT, K_UINT, K_FLOAT and K_STR take two more, optional, elements: a bool column and
+ * bytes written instead of the value where the column is true (JSON's null, CSV's empty
+ * field), so a record's missing values need no Python object each. */
 
 typedef struct {
     int kind;
-    Py_buffer col, col2, data;
-    int has_col, has_col2, has_data;
+    Py_buffer col, col2, data, missing;
+    int has_col, has_col2, has_data, has_missing;
     Py_ssize_t width;
     long long t0;
     PyObject *obj;   /* K_LIT: bytes; K_STR: tuple; K_OPT: list */
     PyObject *prefix;
+    PyObject *absent; /* written where missing (see K_FLOAT) */
     char *pad;        /* K_LIT: its text; K_STR: the strings end to end; PAD spare bytes after */
     Py_ssize_t *offs; /* K_STR: where string k starts in pad (and its end, offs[k + 1]) */
 } Item;
@@ -336,6 +342,8 @@ static void items_release(Item *items, Py_ssize_t n)
             PyBuffer_Release(&items[i].col2);
         if (items[i].has_data)
             PyBuffer_Release(&items[i].data);
+        if (items[i].has_missing)
+            PyBuffer_Release(&items[i].missing);
         PyMem_Free(items[i].pad);
         PyMem_Free(items[i].offs);
     }
@@ -394,10 +402,15 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         ok = PyArg_ParseTuple(t, "iS", &kind, &it->obj);
         break;
     case K_INT:
-        ok = PyArg_ParseTuple(t, "iy*n", &kind, &it->col, &it->width);
+        ok = PyArg_ParseTuple(t, "iy*n|y*S", &kind, &it->col, &it->width, &it->missing,
+                              &it->absent);
         it->has_col = ok;
         break;
     case K_UINT:
+    case K_FLOAT:
+        ok = PyArg_ParseTuple(t, "iy*|y*S", &kind, &it->col, &it->missing, &it->absent);
+        it->has_col = ok;
+        break;
     case K_EPOCH:
         ok = PyArg_ParseTuple(t, "iy*", &kind, &it->col);
         it->has_col = ok;
@@ -407,7 +420,8 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         it->has_col = ok;
         break;
     case K_STR:
-        ok = PyArg_ParseTuple(t, "iy*O!", &kind, &it->col, &PyTuple_Type, &it->obj);
+        ok = PyArg_ParseTuple(t, "iy*O!|y*S", &kind, &it->col, &PyTuple_Type, &it->obj,
+                              &it->missing, &it->absent);
         it->has_col = ok;
         width8 = 4;
         break;
@@ -429,16 +443,38 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
     }
     if (!ok)
         return -1;
+    it->has_missing = it->missing.obj != NULL;
+    if (it->has_missing != (it->absent != NULL)) {
+        PyErr_SetString(PyExc_TypeError, "a missing column needs its text, and the text one");
+        return -1;
+    }
     if ((it->has_col && it->col.len < rows * width8)
-        || (it->has_col2 && it->col2.len < rows * 8)) {
+        || (it->has_col2 && it->col2.len < rows * 8)
+        || (it->has_missing && (it->missing.len < rows || it->missing.itemsize != 1))) {
         PyErr_SetString(PyExc_ValueError, "column shorter than the rows");
         return -1;
     }
     return it->kind == K_LIT || it->kind == K_STR ? item_pad(it) : 0;
 }
 
+/* repr(v) of a float, as float.__repr__ makes it (the same call); 0.0, which most of a
+ * capture's stall times are, without asking dtoa. */
+static int out_float(Out *o, double v)
+{
+    if (v == 0.0 && !signbit(v))
+        return out_put(o, "0.0", 3);
+    char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (!s)
+        return -1;
+    int r = out_put(o, s, (Py_ssize_t)strlen(s));
+    PyMem_Free(s);
+    return r;
+}
+
 static inline int item_put(Out *o, Item *it, Py_ssize_t i)
 {
+    if (it->has_missing && ((const char *)it->missing.buf)[i])
+        return out_put(o, PyBytes_AS_STRING(it->absent), PyBytes_GET_SIZE(it->absent));
     switch (it->kind) {
     case K_LIT:
         return out_short(o, it->pad, PyBytes_GET_SIZE(it->obj));
@@ -446,6 +482,8 @@ static inline int item_put(Out *o, Item *it, Py_ssize_t i)
         return out_int(o, ((const int64_t *)it->col.buf)[i], it->width);
     case K_UINT:
         return out_u64(o, ((const uint64_t *)it->col.buf)[i], 0, 0);
+    case K_FLOAT:
+        return out_float(o, ((const double *)it->col.buf)[i]);
     case K_REL:
         return out_rel(o, ((const int64_t *)it->col.buf)[i], it->t0, it->width);
     case K_EPOCH: {
@@ -712,6 +750,7 @@ PyMODINIT_FUNC PyInit__render(void)
     static const struct { const char *name; int value; } kinds[] = {
         {"K_LIT", K_LIT}, {"K_INT", K_INT}, {"K_UINT", K_UINT}, {"K_REL", K_REL},
         {"K_EPOCH", K_EPOCH}, {"K_STR", K_STR}, {"K_PREVIEW", K_PREVIEW}, {"K_OPT", K_OPT},
+        {"K_FLOAT", K_FLOAT},
     };
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
         if (PyModule_AddIntConstant(m, kinds[i].name, kinds[i].value) < 0) {
