@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -14,45 +16,87 @@ import numpy as np
 from vsockmon.analysis.pipeline import Analysis
 from vsockmon.cli.reading import opened
 from vsockmon.conntrack.query import matching, order
+from vsockmon.conntrack.records import RecordColumn
 from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
+from vsockmon.decode import _render
 from vsockmon.diagnose.views import stream_summary
 from vsockmon.wire.protocol import parse_cid
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
 CHUNK = 20000
 """Connections formatted at a time: output memory stays bounded."""
-_KINDS = {f.name: f.kind for f in RECORD_FIELDS}
 
 
-def json_lines(table: ConnTable, rows: np.ndarray) -> list[str]:
-    """The JSON texts of ``rows``' records, equal to ``json.dumps(record)`` but made column
-    by column: a capture can hold a million connections. Numeric columns go straight into
-    one ``%`` template; the others are encoded first."""
-    cols = table.columns()
-    parts, values = [], []
-    for name in FIELD_NAMES:
-        col, kind = cols[name], _KINDS[name]
-        if isinstance(col, np.ndarray) and kind in (int, float):
-            parts.append(f"{json.dumps(name)}: {'%d' if kind is int else '%r'}")
-            values.append(col[rows].tolist())
-        else:
-            parts.append(f"{json.dumps(name)}: %s")
-            values.append(_encode(col, rows, kind))
-    template = "{" + ", ".join(parts) + "}"
-    return [template % row for row in zip(*values, strict=True)]
+@dataclass(frozen=True)
+class _Style:
+    """How a record is written: JSON (``json.dumps(record)``) or a CSV row (``csv.writer``)."""
+
+    start: str
+    """Before the first field, then :attr:`sep` before each other."""
+    sep: str
+    key: Callable[[str], str]
+    """A field's name as written before its value."""
+    text: Callable[[str], str]
+    """A string value as written."""
+    bools: tuple[str, str]
+    null: str
+    quote: str
+    """Around an end's ``cid:port``, which needs no escape in either."""
+    end: str
 
 
-def _encode(col: np.ndarray | list, rows: np.ndarray, kind: type) -> list[str]:
-    """JSON texts of one column's values at ``rows``: a numpy column of booleans, or a list
-    (strings, or numbers with None for missing values)."""
-    if isinstance(col, np.ndarray):
-        return np.where(col[rows], "true", "false").tolist()
-    picked = [col[i] for i in rows.tolist()]
-    if kind is str:
-        seen: dict[str, str] = {}
-        return ["null" if v is None else seen.get(v) or seen.setdefault(v, json.dumps(v))
-                for v in picked]
-    return ["null" if v is None else repr(v) for v in picked]
+def _csv_field(value: object) -> str:
+    """``value`` as ``csv.writer`` writes it as a field of a row of several."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(["", value])
+    return out.getvalue()[1:-1]
+
+
+JSON = _Style("{", ", ", lambda k: json.dumps(k) + ": ", json.dumps, ("false", "true"), "null",
+              '"', "}")
+CSV = _Style("", ",", lambda k: "", _csv_field, (_csv_field(False), _csv_field(True)), "", "",
+             "")
+
+
+def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> bytes:
+    """The records of ``rows`` in ``style``, a line each, as UTF-8: equal to
+    ``json.dumps(record)`` (or to ``csv.writer``'s row), but made by the compiled row
+    formatter (``decode._render``) from the table's arrays, as a capture can hold a million
+    connections."""
+    cols = table.record_columns()
+    items: list[tuple[Any, ...]] = []
+    lit = ""
+    for i, name in enumerate(FIELD_NAMES):
+        lit += (style.sep if i else style.start) + style.key(name)
+        for item in _items(cols[name], rows, style):
+            if item[0] == _render.K_LIT:
+                lit += item[1].decode()
+                continue
+            items += [(_render.K_LIT, lit.encode()), item]
+            lit = ""
+    items.append((_render.K_LIT, (lit + style.end).encode()))
+    return _render.format_rows(len(rows), np.zeros(len(rows), dtype=np.int8), [items])
+
+
+def _items(col: RecordColumn, rows: np.ndarray, style: _Style) -> list[tuple[Any, ...]]:
+    """The template items of one record field at ``rows`` (see ``_render.c``)."""
+    values = col.values[rows]
+    if col.port is not None:
+        quote = (_render.K_LIT, style.quote.encode())
+        return [quote, (_render.K_UINT, values.astype(np.uint64)), (_render.K_LIT, b":"),
+                (_render.K_UINT, col.port[rows].astype(np.uint64)), quote]
+    absent = () if col.missing is None else (col.missing[rows], style.null.encode())
+    if col.texts is not None:
+        texts = tuple(style.text(t).encode() for t in col.texts)
+        return [(_render.K_STR, values.astype(np.int32), texts, *absent)]
+    if values.dtype == bool:
+        texts = tuple(t.encode() for t in style.bools)
+        return [(_render.K_STR, values.astype(np.int32), texts, *absent)]
+    if values.dtype.kind == "f":
+        return [(_render.K_FLOAT, values.astype(np.float64), *absent)]
+    if values.dtype.kind == "u":
+        return [(_render.K_UINT, values.astype(np.uint64), *absent)]
+    return [(_render.K_INT, values.astype(np.int64), 0, *absent)]
 
 
 TABLE_HEADERS = ("stream", "type", "client", "server", "start", "duration", "handshake",
@@ -151,15 +195,12 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         analysis = cap.analysis()
     picked = _picked(analysis, not (as_json or as_csv), sort_by, limit, cids, ports,
                      sock_type, closes, streams)
-    if as_json:
+    if as_json or as_csv:
+        out = sys.stdout.buffer
+        if as_csv:
+            out.write(",".join(map(_csv_field, FIELD_NAMES)).encode() + b"\n")
         for table, rows in picked:
-            sys.stdout.write("".join(line + "\n" for line in json_lines(table, rows)))
-    elif as_csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(FIELD_NAMES)
-        for table, rows in picked:
-            for rec in table.records(rows.tolist()):
-                writer.writerow(["" if v is None else v for v in rec.values()])
+            out.write(record_lines(table, rows, JSON if as_json else CSV))
     else:
         from tabulate import tabulate
 

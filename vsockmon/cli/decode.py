@@ -19,7 +19,8 @@ from vsockmon.payload import REGISTRY, dissect_frame
 from vsockmon.wire.pcapio import CaptureError
 
 TABLE_ROWS = 5000
-"""A table is rendered per this many rows, so memory stays bounded on big captures."""
+"""A table is rendered per this many rows (each block with its own headers and column
+widths, as when tabulate rendered it), so memory stays bounded on big captures."""
 
 JSON_ROWS = 4096
 """JSON is formatted per this many rows: their text (3 MB) is memory the allocator hands out
@@ -36,26 +37,22 @@ def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> 
 
 def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
                 ) -> None:
-    from tabulate import tabulate
-
     t0: int | None = None
     for fb, idx in items:
         if t0 is None:
             t0 = int(fb.ts_ns[0])
-        if not (table or verbose):
-            lines = render.summary_lines(fb, np.asarray(idx, dtype=np.int64), t0,
-                                         _payload_summary)
-            sys.stdout.buffer.write(lines)
-            continue
-        frames = [fb.frame(i) for i in idx]
+        rows = np.asarray(idx, dtype=np.int64)
         if table:
-            for start in range(0, len(frames), TABLE_ROWS):
-                rows = [render.row(f, t0) for f in frames[start : start + TABLE_ROWS]]
-                click.echo(tabulate(rows, headers=render.TABLE_HEADERS, disable_numparse=True))
-        else:
-            for f in frames:
+            for start in range(0, len(rows), TABLE_ROWS):
+                sys.stdout.buffer.write(render.table_text(fb, rows[start : start + TABLE_ROWS],
+                                                          t0))
+        elif verbose:
+            for i in idx:
+                f = fb.frame(i)
                 info = dissect_frame(f)
                 click.echo("\n".join(render.tree(f, info.lines() if info else None)) + "\n")
+        else:
+            sys.stdout.buffer.write(render.summary_lines(fb, rows, t0, _payload_summary))
 
 
 def _payload_summary(payload: bytes, src_port: int, dst_port: int) -> str | None:
@@ -72,7 +69,8 @@ def _payload_summary(payload: bytes, src_port: int, dst_port: int) -> str | None
               help="Display filter, e.g. 'cid == 3 and op == RW', 'port == 1024', "
                    "'type == SEQPACKET', 'flags has EOM', 'anomaly'.")
 @click.option("-V", "--verbose", is_flag=True, help="Print every field as a tree.")
-@click.option("--table", is_flag=True, help="Print a table (tabulate) instead of lines.")
+@click.option("--table", is_flag=True,
+              help="Print a table (tabulate's simple format) instead of lines.")
 @click.option("--json", "as_json", is_flag=True,
               help="JSON Lines: one flat object per frame (Wireshark's field names).")
 @click.option("--verify", is_flag=True,

@@ -17,6 +17,8 @@ def matching(table: ConnTable, cids: Sequence[int] = (), ports: Sequence[int] = 
              sock_type: str | None = None, closes: Sequence[str] = (),
              streams: Sequence[int] = ()) -> np.ndarray:
     """Indexes of the connections that pass every given filter (an empty filter passes)."""
+    if not (cids or ports or sock_type or closes or streams):
+        return np.arange(len(table))  # without the Python columns, which cost a second a million
     cols = table.columns()
     keep = np.ones(len(table), dtype=bool)
     if cids:

@@ -220,6 +220,7 @@ class ConnTable:
         self._lists: tuple[dict[str, list], tuple[dict[str, list], ...]] | None = None
         self._ev_rows: list[Event] | None = None
         self._records: dict[str, np.ndarray | list] | None = None
+        self._arrays: dict[str, RecordColumn] | None = None
         self._record_lists: list[list] | None = None
 
     def __len__(self) -> int:
@@ -311,8 +312,15 @@ class ConnTable:
     def columns(self) -> dict[str, np.ndarray | list]:
         """The record fields (:data:`RECORD_FIELDS`) as columns; None marks a missing value."""
         if self._records is None:
-            self._records = _record_columns(self._c)
+            self._records = {k: col.python() for k, col in self.record_columns().items()}
         return self._records
+
+    def record_columns(self) -> dict[str, RecordColumn]:
+        """The record fields as numpy arrays (:class:`RecordColumn`): what a writer of a
+        million records formats without a Python object per record."""
+        if self._arrays is None:
+            self._arrays = _record_columns(self._c)
+        return self._arrays
 
     def records(self, rows: Iterable[int] | None = None) -> list[dict[str, Any]]:
         """The flat records of ``rows`` (default: all), in that order: JSON values (int,
@@ -338,50 +346,82 @@ def _as_list(col: np.ndarray | list) -> list:
     return col if isinstance(col, list) else col.tolist()
 
 
-def _nullable(col: np.ndarray, unset: np.ndarray | int) -> list:
-    """``col`` as a list with None where it equals ``unset`` (or where ``unset`` is True)."""
-    missing = col == unset if not isinstance(unset, np.ndarray) or unset.dtype != bool \
-        else unset
-    values = col.tolist()
-    for i in np.flatnonzero(missing).tolist():
-        values[i] = None
-    return values
+@dataclass(frozen=True)
+class RecordColumn:
+    """One record field over a table's rows as numpy arrays: what the JSON and CSV writers
+    format without a Python object per connection, and what :meth:`ConnTable.columns`
+    turns into Python values, so each field is derived once, here."""
+
+    values: np.ndarray
+    """The numbers or booleans; codes into :attr:`texts`; the CIDs of an end."""
+    missing: np.ndarray | None = None
+    """Where the value is missing (None), for a field that can miss one."""
+    texts: tuple[str, ...] | None = None
+    """The strings :attr:`values` index, for a string field other than an end."""
+    port: np.ndarray | None = None
+    """The ports of an end (client, server), shown ``cid:port``."""
+
+    def python(self) -> np.ndarray | list:
+        """The column as :meth:`ConnTable.columns` gives it: the numpy array where nothing
+        can be missing, else a list of Python values with None where missing."""
+        if self.port is not None:
+            return [f"{a}:{p}" for a, p in zip(self.values.tolist(), self.port.tolist(),
+                                                strict=True)]
+        if self.texts is not None:
+            values = np.asarray(self.texts, dtype=object)[self.values].tolist()
+        elif self.missing is None:
+            return self.values
+        else:
+            values = self.values.tolist()
+        if self.missing is not None:
+            for i in np.flatnonzero(self.missing).tolist():
+                values[i] = None
+        return values
 
 
-def _flag_text(flags: np.ndarray) -> list[str]:
-    names = {v: "|".join(str(f.name) for f in ShutdownFlag if v & f)
-             for v in np.unique(flags).tolist()}
-    return [names[v] for v in flags.tolist()]
+def _nullable(col: np.ndarray, unset: np.ndarray | int) -> RecordColumn:
+    """``col``, missing where it equals ``unset`` (or where ``unset`` is True)."""
+    missing = unset if isinstance(unset, np.ndarray) and unset.dtype == bool else col == unset
+    return RecordColumn(col, missing)
 
 
-def _record_columns(c: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
+def _coded(values: np.ndarray, name: Any) -> RecordColumn:
+    """A string column from a column of small numbers and how one is named."""
+    distinct, codes = np.unique(values, return_inverse=True)
+    return RecordColumn(codes.reshape(-1), texts=tuple(name(v) for v in distinct.tolist()))
+
+
+def _flag_text(v: int) -> str:
+    return "|".join(str(f.name) for f in ShutdownFlag if v & f)
+
+
+def _record_columns(c: dict[str, np.ndarray]) -> dict[str, RecordColumn]:
     """Every record field as a column, derived from the tracker's table."""
     cid, port = c["cid"], c["port"]
     seq = c["type"] == SockType.SEQPACKET
-    out: dict[str, np.ndarray | list] = {"stream": c["stream"]}
-    types = {v: enum_name(SockType, v) for v in np.unique(c["type"]).tolist()}
-    out["type"] = [types[v] for v in c["type"].tolist()]
+    plain = RecordColumn
+    out: dict[str, RecordColumn] = {"stream": plain(c["stream"])}
+    out["type"] = _coded(c["type"], lambda v: enum_name(SockType, v))
     for role, name in enumerate(ROLES):
-        out[name] = [f"{a}:{p}" for a, p in zip(cid[:, role].tolist(), port[:, role].tolist(),
-                                                 strict=True)]
-        out[f"{name}_cid"], out[f"{name}_port"] = cid[:, role], port[:, role]
-    out["start_seen"] = c["start_seen"]
-    out["start"], out["end"] = c["first_ts"] / 1e9, c["last_ts"] / 1e9
-    out["duration"] = (c["last_ts"] - c["first_ts"]) / 1e9
-    out["first_frame"], out["last_frame"] = c["first_frame"], c["last_frame"]
+        out[name] = RecordColumn(cid[:, role], port=port[:, role])
+        out[f"{name}_cid"], out[f"{name}_port"] = plain(cid[:, role]), plain(port[:, role])
+    out["start_seen"] = plain(c["start_seen"])
+    out["start"], out["end"] = plain(c["first_ts"] / 1e9), plain(c["last_ts"] / 1e9)
+    out["duration"] = plain((c["last_ts"] - c["first_ts"]) / 1e9)
+    out["first_frame"], out["last_frame"] = plain(c["first_frame"]), plain(c["last_frame"])
     out["request_frame"] = _nullable(c["request_frame"], NONE)
     out["response_frame"] = _nullable(c["response_frame"], NONE)
     out["handshake_ms"] = _nullable(c["handshake"] / 1e6, c["handshake"] == NONE)
-    out["close"] = [CLOSES[v].value for v in c["close"].tolist()]
+    out["close"] = RecordColumn(c["close"], texts=tuple(k.value for k in CLOSES))
     out["close_frame"] = _nullable(c["close_frame"], NONE)
-    by = c["close_by"].tolist()
-    out["close_by"] = [ROLES[v] if v >= 0 else None for v in by]
-    out["packets"] = c["packets"].sum(axis=1)
-    out["bytes"] = c["tx_bytes"].sum(axis=1)
+    by = c["close_by"]
+    out["close_by"] = RecordColumn(np.maximum(by, 0), by < 0, ROLES)
+    out["packets"] = plain(c["packets"].sum(axis=1))
+    out["bytes"] = plain(c["tx_bytes"].sum(axis=1))
     for d, suffix in enumerate(("c2s", "s2c")):
-        out[f"packets_{suffix}"] = c["packets"][:, d]
-        out[f"bytes_{suffix}"] = c["tx_bytes"][:, d]
-        out[f"rw_{suffix}"] = c["rw_packets"][:, d]
+        out[f"packets_{suffix}"] = plain(c["packets"][:, d])
+        out[f"bytes_{suffix}"] = plain(c["tx_bytes"][:, d])
+        out[f"rw_{suffix}"] = plain(c["rw_packets"][:, d])
     for d, suffix in enumerate(("c2s", "s2c")):
         out[f"messages_{suffix}"] = _nullable(c["eom_packets"][:, d], ~seq)
     for d, suffix in enumerate(("c2s", "s2c")):
@@ -389,28 +429,28 @@ def _record_columns(c: dict[str, np.ndarray]) -> dict[str, np.ndarray | list]:
     out["first_rw_frame"] = _nullable(c["first_rw_frame"].min(axis=1), NONE)
     out["last_rw_frame"] = _nullable(c["last_rw_frame"].max(axis=1), 0)
     for role, name in enumerate(ROLES):
-        out[f"shutdown_{name}"] = _flag_text(c["shut_flags"][:, role])
+        out[f"shutdown_{name}"] = _coded(c["shut_flags"][:, role], _flag_text)
     for role, name in enumerate(ROLES):
         out[f"shutdown_{name}_frame"] = _nullable(c["shut_frame"][:, role], NONE)
     for role, name in enumerate(ROLES):
-        out[f"rst_{name}"] = c["rst_count"][:, role]
+        out[f"rst_{name}"] = plain(c["rst_count"][:, role])
     for role, name in enumerate(ROLES):
         out[f"buf_alloc_{name}"] = _nullable(c["buf_alloc"][:, role], ~c["credit_known"][:, role])
     for key in ("credit_updates", "credit_requests"):
         for d, suffix in enumerate(("c2s", "s2c")):
-            out[f"{key}_{suffix}"] = c[key][:, d]
+            out[f"{key}_{suffix}"] = plain(c[key][:, d])
     for d, suffix in enumerate(("c2s", "s2c")):
         out[f"max_in_flight_{suffix}"] = _nullable(c["max_in_flight"][:, d], -1)
-    out["credit_stalls"] = c["stalls"].sum(axis=1)
-    out["stalls_c2s"], out["stalls_s2c"] = c["stalls"][:, 0], c["stalls"][:, 1]
-    out["stall_time"] = c["stall_total"].sum(axis=1) / 1e9
-    out["max_stall_ms"] = c["stall_max"].max(axis=1) / 1e6
-    out["stalled_at_end"] = np.asarray(c["stalled"].any(axis=1))
+    out["credit_stalls"] = plain(c["stalls"].sum(axis=1))
+    out["stalls_c2s"], out["stalls_s2c"] = plain(c["stalls"][:, 0]), plain(c["stalls"][:, 1])
+    out["stall_time"] = plain(c["stall_total"].sum(axis=1) / 1e9)
+    out["max_stall_ms"] = plain(c["stall_max"].max(axis=1) / 1e6)
+    out["stalled_at_end"] = plain(np.asarray(c["stalled"].any(axis=1)))
     counts = c["violation_count"].sum(axis=1)  # (n, kinds)
     protocol = [VIOLATIONS.index(kind) for kind in PROTOCOL_VIOLATIONS]
-    out["violations"] = counts[:, protocol].sum(axis=1)
+    out["violations"] = plain(counts[:, protocol].sum(axis=1))
     for j, kind in enumerate(VIOLATIONS):
-        out[kind.value.replace("-", "_")] = counts[:, j]
+        out[kind.value.replace("-", "_")] = plain(counts[:, j])
     first = c["violation_first"][:, :, protocol].min(axis=(1, 2))
     out["first_violation_frame"] = _nullable(first, NONE)
     return out

@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 enum {
@@ -21,16 +22,21 @@ enum {
     K_PREVIEW = 6, /* (K_PREVIEW, int64 offset column, int64 length column, buf, limit,
                       prefix): render.preview of buf[off:off+len], after prefix, if any */
     K_OPT = 7,     /* (K_OPT, list of bytes or None, prefix): prefix + text where not None */
+    K_FLOAT = 8,   /* (K_FLOAT, float64 column): repr(value), Python's own shortest digits */
 };
+/* K_INT, K_UINT, K_FLOAT and K_STR take two more, optional, elements: a bool column and
+ * bytes written instead of the value where the column is true (JSON's null, CSV's empty
+ * field), so a record's missing values need no Python object each. */
 
 typedef struct {
     int kind;
-    Py_buffer col, col2, data;
-    int has_col, has_col2, has_data;
+    Py_buffer col, col2, data, missing;
+    int has_col, has_col2, has_data, has_missing;
     Py_ssize_t width;
     long long t0;
     PyObject *obj;   /* K_LIT: bytes; K_STR: tuple; K_OPT: list */
     PyObject *prefix;
+    PyObject *absent; /* written where missing (see K_FLOAT) */
     char *pad;        /* K_LIT: its text; K_STR: the strings end to end; PAD spare bytes after */
     Py_ssize_t *offs; /* K_STR: where string k starts in pad (and its end, offs[k + 1]) */
 } Item;
@@ -336,6 +342,8 @@ static void items_release(Item *items, Py_ssize_t n)
             PyBuffer_Release(&items[i].col2);
         if (items[i].has_data)
             PyBuffer_Release(&items[i].data);
+        if (items[i].has_missing)
+            PyBuffer_Release(&items[i].missing);
         PyMem_Free(items[i].pad);
         PyMem_Free(items[i].offs);
     }
@@ -394,10 +402,15 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         ok = PyArg_ParseTuple(t, "iS", &kind, &it->obj);
         break;
     case K_INT:
-        ok = PyArg_ParseTuple(t, "iy*n", &kind, &it->col, &it->width);
+        ok = PyArg_ParseTuple(t, "iy*n|y*S", &kind, &it->col, &it->width, &it->missing,
+                              &it->absent);
         it->has_col = ok;
         break;
     case K_UINT:
+    case K_FLOAT:
+        ok = PyArg_ParseTuple(t, "iy*|y*S", &kind, &it->col, &it->missing, &it->absent);
+        it->has_col = ok;
+        break;
     case K_EPOCH:
         ok = PyArg_ParseTuple(t, "iy*", &kind, &it->col);
         it->has_col = ok;
@@ -407,7 +420,8 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         it->has_col = ok;
         break;
     case K_STR:
-        ok = PyArg_ParseTuple(t, "iy*O!", &kind, &it->col, &PyTuple_Type, &it->obj);
+        ok = PyArg_ParseTuple(t, "iy*O!|y*S", &kind, &it->col, &PyTuple_Type, &it->obj,
+                              &it->missing, &it->absent);
         it->has_col = ok;
         width8 = 4;
         break;
@@ -429,16 +443,38 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
     }
     if (!ok)
         return -1;
+    it->has_missing = it->missing.obj != NULL;
+    if (it->has_missing != (it->absent != NULL)) {
+        PyErr_SetString(PyExc_TypeError, "a missing column needs its text, and the text one");
+        return -1;
+    }
     if ((it->has_col && it->col.len < rows * width8)
-        || (it->has_col2 && it->col2.len < rows * 8)) {
+        || (it->has_col2 && it->col2.len < rows * 8)
+        || (it->has_missing && (it->missing.len < rows || it->missing.itemsize != 1))) {
         PyErr_SetString(PyExc_ValueError, "column shorter than the rows");
         return -1;
     }
     return it->kind == K_LIT || it->kind == K_STR ? item_pad(it) : 0;
 }
 
+/* repr(v) of a float, as float.__repr__ makes it (the same call); 0.0, which most of a
+ * capture's stall times are, without asking dtoa. */
+static int out_float(Out *o, double v)
+{
+    if (v == 0.0 && !signbit(v))
+        return out_put(o, "0.0", 3);
+    char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (!s)
+        return -1;
+    int r = out_put(o, s, (Py_ssize_t)strlen(s));
+    PyMem_Free(s);
+    return r;
+}
+
 static inline int item_put(Out *o, Item *it, Py_ssize_t i)
 {
+    if (it->has_missing && ((const char *)it->missing.buf)[i])
+        return out_put(o, PyBytes_AS_STRING(it->absent), PyBytes_GET_SIZE(it->absent));
     switch (it->kind) {
     case K_LIT:
         return out_short(o, it->pad, PyBytes_GET_SIZE(it->obj));
@@ -446,6 +482,8 @@ static inline int item_put(Out *o, Item *it, Py_ssize_t i)
         return out_int(o, ((const int64_t *)it->col.buf)[i], it->width);
     case K_UINT:
         return out_u64(o, ((const uint64_t *)it->col.buf)[i], 0, 0);
+    case K_FLOAT:
+        return out_float(o, ((const double *)it->col.buf)[i]);
     case K_REL:
         return out_rel(o, ((const int64_t *)it->col.buf)[i], it->t0, it->width);
     case K_EPOCH: {
@@ -693,9 +731,234 @@ done:
     return unique;
 }
 
+/* -- format_table: decode --table, tabulate's "simple" format without a string per cell --
+ *
+ * decode --table was tabulate(rows, headers, disable_numparse=True) of a Python row per
+ * frame: 45 CPU s on a million frames. What tabulate makes of such a call is simple enough
+ * to write here (tests/test_decode_table.py holds the two equal): with number parsing off
+ * every column is text, so every cell and header is left-aligned, padded with spaces to its
+ * column's width, which is the longest of its cells and of its header plus two (tabulate's
+ * MIN_PADDING), counted in code points (len: tabulate measures display width only with
+ * wcwidth installed). Cells are separated by two spaces, a line of dashes of each column's
+ * width follows the headers, and every line loses its trailing spaces (tabulate rstrips
+ * rows). tabulate also strips every cell: cells here must neither start nor end with white
+ * space (decode's never do). */
+
+typedef struct {
+    Item *items;
+    Py_ssize_t n;
+} Cell;
+
+/* code points of n bytes of UTF-8: the bytes that do not continue a character */
+static Py_ssize_t utf8_len(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        k += ((unsigned char)s[i] & 0xC0) != 0x80;
+    return k;
+}
+
+static void cells_release(Cell *cells, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        items_release(cells[i].items, cells[i].n);
+        PyMem_Free(cells[i].items);
+    }
+}
+
+/* templates[t][c], a list of items, into cells[t * ncols + c]; what was parsed before an
+ * error is released by cells_release too (see format_rows) */
+static int cells_parse(PyObject *templates, Py_ssize_t ncols, Py_ssize_t rows, Cell *cells)
+{
+    for (Py_ssize_t t = 0; t < PyList_GET_SIZE(templates); t++) {
+        PyObject *tmpl = PyList_GET_ITEM(templates, t);
+        if (!PyList_Check(tmpl) || PyList_GET_SIZE(tmpl) != ncols) {
+            PyErr_SetString(PyExc_ValueError, "a table template is a list of a cell per header");
+            return -1;
+        }
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            PyObject *items = PyList_GET_ITEM(tmpl, c);
+            Cell *cell = &cells[t * ncols + c];
+            if (!PyList_Check(items)) {
+                PyErr_SetString(PyExc_TypeError, "a cell is a list of items");
+                return -1;
+            }
+            Py_ssize_t k = PyList_GET_SIZE(items);
+            if (!(cell->items = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Item)))) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            for (Py_ssize_t j = 0; j < k; j++) {
+                cell->n = j + 1;
+                if (item_parse(PyList_GET_ITEM(items, j), &cell->items[j], rows) < 0)
+                    return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Every cell's text, end to end into text (cell c of row i ends at end[i * ncols + c]),
+ * widening width[c] to the longest. */
+static int cells_text(Out *text, Py_ssize_t rows, const int8_t *which, Py_ssize_t nt,
+                      Py_ssize_t ncols, Cell *cells, Py_ssize_t *end, Py_ssize_t *width)
+{
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (which[i] < 0 || which[i] >= nt) {
+            PyErr_SetString(PyExc_IndexError, "template choice out of range");
+            return -1;
+        }
+        Cell *tmpl = &cells[which[i] * ncols];
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            Py_ssize_t start = text->n;
+            for (Py_ssize_t j = 0; j < tmpl[c].n; j++)
+                if (item_put(text, &tmpl[c].items[j], i) < 0)
+                    return -1;
+            Py_ssize_t w = utf8_len(text->p + start, text->n - start);
+            if (w > width[c])
+                width[c] = w;
+            end[i * ncols + c] = text->n;
+        }
+    }
+    return 0;
+}
+
+/* One line: each cell left-aligned in its column's width, two spaces between columns, no
+ * trailing spaces, a newline; returns where the next line starts. */
+static char *table_line(char *p, const char *const *cell, const Py_ssize_t *bytes,
+                        const Py_ssize_t *shown, const Py_ssize_t *width, Py_ssize_t ncols)
+{
+    char *start = p;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        memcpy(p, cell[c], (size_t)bytes[c]);
+        p += bytes[c];
+        Py_ssize_t pad = width[c] - shown[c] + (c + 1 < ncols ? 2 : 0);
+        memset(p, ' ', (size_t)pad);
+        p += pad;
+    }
+    while (p > start && p[-1] == ' ')
+        p--;
+    *p++ = '\n';
+    return p;
+}
+
+/* The header line, the dashes, then a line per row, into one bytes object. */
+static PyObject *table_lines(PyObject *headers, Py_ssize_t rows, Py_ssize_t ncols,
+                             const Out *text, const Py_ssize_t *end, const Py_ssize_t *width)
+{
+    const char **cell = PyMem_Calloc((size_t)ncols + 1, sizeof *cell);
+    Py_ssize_t *bytes = PyMem_Calloc((size_t)ncols + 1, sizeof *bytes);
+    Py_ssize_t *shown = PyMem_Calloc((size_t)ncols + 1, sizeof *shown);
+    char *dashes = NULL;
+    PyObject *out = NULL;
+    /* a line takes at most its cells' bytes plus each column's width and separator */
+    Py_ssize_t line = 1, head = 0, size;
+    for (Py_ssize_t c = 0; c < ncols; c++)
+        line += width[c] + 2;
+    if (!cell || !bytes || !shown)
+        goto nomem;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        if (!(cell[c] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(headers, c), &bytes[c])))
+            goto done;
+        shown[c] = PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(headers, c));
+        head += bytes[c];
+    }
+    if (rows > (PY_SSIZE_T_MAX - head - text->n) / line - 2)
+        goto nomem;
+    size = head + text->n + (rows + 2) * line;
+    if (!(dashes = PyMem_Malloc((size_t)line)) || !(out = PyBytes_FromStringAndSize(NULL, size)))
+        goto nomem;
+    memset(dashes, '-', (size_t)line);
+    char *p = table_line(PyBytes_AS_STRING(out), cell, bytes, shown, width, ncols);
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        cell[c] = dashes;
+        bytes[c] = shown[c] = width[c];
+    }
+    p = table_line(p, cell, bytes, shown, width, ncols);
+    for (Py_ssize_t i = 0, from = 0; i < rows; i++) {
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            cell[c] = text->p + from;
+            bytes[c] = end[i * ncols + c] - from;
+            shown[c] = utf8_len(cell[c], bytes[c]);
+            from = end[i * ncols + c];
+        }
+        p = table_line(p, cell, bytes, shown, width, ncols);
+    }
+    if (_PyBytes_Resize(&out, p - PyBytes_AS_STRING(out)) < 0)
+        out = NULL; /* freed by _PyBytes_Resize */
+    goto done;
+nomem:
+    Py_CLEAR(out);
+    PyErr_NoMemory();
+done:
+    PyMem_Free(cell);
+    PyMem_Free(bytes);
+    PyMem_Free(shown);
+    PyMem_Free(dashes);
+    return out;
+}
+
+PyDoc_STRVAR(format_table_doc,
+"format_table(rows, which, templates, headers) -> bytes\n\n"
+"tabulate(rows, headers=headers, disable_numparse=True) of the rows, and a newline: row i's\n"
+"cells are templates[which[i]] (which: int8 column), a list of a cell per header, each a\n"
+"list of items (see format_rows). Cells must not start or end with white space.");
+
+static PyObject *format_table(PyObject *self, PyObject *args)
+{
+    Py_ssize_t rows;
+    Py_buffer which;
+    PyObject *templates, *headers;
+    if (!PyArg_ParseTuple(args, "ny*O!O!", &rows, &which, &PyList_Type, &templates,
+                          &PyTuple_Type, &headers))
+        return NULL;
+    Py_ssize_t ncols = PyTuple_GET_SIZE(headers), ncells = PyList_GET_SIZE(templates) * ncols;
+    Cell *cells = PyMem_Calloc((size_t)(ncells ? ncells : 1), sizeof *cells);
+    Py_ssize_t *width = PyMem_Calloc((size_t)ncols + 1, sizeof *width), *end = NULL;
+    Out text = {0};
+    PyObject *result = NULL;
+    if (!cells || !width) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (rows < 0 || which.len < rows) {
+        PyErr_SetString(PyExc_ValueError, "template choice column shorter than the rows");
+        goto done;
+    }
+    if ((ncols && rows > PY_SSIZE_T_MAX / 8 / ncols)
+        || !(end = PyMem_Malloc((size_t)(rows * ncols + 1) * sizeof *end))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        PyObject *h = PyTuple_GET_ITEM(headers, c);
+        if (!PyUnicode_Check(h)) {
+            PyErr_SetString(PyExc_TypeError, "headers must be str");
+            goto done;
+        }
+        width[c] = PyUnicode_GET_LENGTH(h) + 2; /* tabulate's MIN_PADDING */
+    }
+    if (out_reserve(&text, 1) < 0 /* text.p is a buffer even where every cell is empty */
+        || cells_parse(templates, ncols, rows, cells) < 0
+        || cells_text(&text, rows, which.buf, PyList_GET_SIZE(templates), ncols, cells, end,
+                      width) < 0)
+        goto done;
+    result = table_lines(headers, rows, ncols, &text, end, width);
+done:
+    if (cells)
+        cells_release(cells, ncells);
+    PyMem_Free(cells);
+    PyMem_Free(width);
+    PyMem_Free(end);
+    Py_XDECREF(text.bytes);
+    PyBuffer_Release(&which);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"format_rows", format_rows, METH_VARARGS, format_rows_doc},
     {"factorize", factorize, METH_VARARGS, factorize_doc},
+    {"format_table", format_table, METH_VARARGS, format_table_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -712,6 +975,7 @@ PyMODINIT_FUNC PyInit__render(void)
     static const struct { const char *name; int value; } kinds[] = {
         {"K_LIT", K_LIT}, {"K_INT", K_INT}, {"K_UINT", K_UINT}, {"K_REL", K_REL},
         {"K_EPOCH", K_EPOCH}, {"K_STR", K_STR}, {"K_PREVIEW", K_PREVIEW}, {"K_OPT", K_OPT},
+        {"K_FLOAT", K_FLOAT},
     };
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
         if (PyModule_AddIntConstant(m, kinds[i].name, kinds[i].value) < 0) {

@@ -10,6 +10,9 @@ K_EPOCH: int
 K_STR: int
 K_PREVIEW: int
 K_OPT: int
+K_FLOAT: int
 
 def format_rows(rows: int, which: Any, templates: list[list[tuple[Any, ...]]]) -> bytes: ...
 def factorize(keys: Any, codes: Any) -> list[int]: ...
+def format_table(rows: int, which: Any, templates: list[list[list[tuple[Any, ...]]]],
+                 headers: tuple[str, ...]) -> bytes: ...

@@ -8,6 +8,8 @@ are shown by name where Wireshark and tcpdump show numbers or get them wrong.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -133,9 +135,68 @@ def hexdump(data: bytes, limit: int | None = 256, offset_digits: int = 4) -> lis
     return lines
 
 
-# -- the bulk path: summary lines of a whole batch without a Python object per frame --------
+# -- the bulk path: lines and tables of a whole batch without a Python object per frame ----
 
 _VIRTIO_ROW, _MON_ROW, _BARE_ROW = 0, 1, 2
+_Item = tuple[Any, ...]
+"""A template item of ``_render.format_rows``: a literal or a column to print."""
+
+
+@dataclass(frozen=True)
+class _Bulk:
+    """The columns of rows ``idx`` (increasing) of ``fb`` that both bulk views print, and
+    which of the three kinds of row each is (virtio, vsockmon header only, neither), so the
+    line and the table read one set of columns."""
+
+    fb: FrameBatch
+    idx: np.ndarray
+    v: np.ndarray
+    m: np.ndarray
+    hv: np.ndarray
+    which: np.ndarray
+    ends: dict[str, np.ndarray]
+    vlen: np.ndarray
+    shown: np.ndarray
+    off: np.ndarray
+
+    @classmethod
+    def of(cls, fb: FrameBatch, idx: np.ndarray) -> _Bulk:
+        sel = fb.rows(idx)
+        v, m = fb.virtio[sel], fb.mon[sel]
+        hv, hm = fb.has_virtio[sel], fb.has_mon[sel]
+        which = np.where(hv, _VIRTIO_ROW, np.where(hm, _MON_ROW, _BARE_ROW)).astype(np.int8)
+        ends = {name: np.where(hv, v[name], m[name]) for name in
+                ("src_cid", "src_port", "dst_cid", "dst_port")}
+        vlen = v["len"].astype(np.int64)
+        plen = fb.payload_len[sel]
+        shown = np.where(hv, np.where(vlen > 0, np.minimum(plen, vlen), 0), plen)
+        return cls(fb, idx, v, m, hv, which, ends, vlen, shown.astype(np.int64),
+                   fb.payload_off[sel])
+
+    def number(self, width: int) -> _Item:
+        return _render.K_INT, np.ascontiguousarray(self.fb.first + self.idx, dtype=np.int64), width
+
+    def time(self, t0_ns: int, width: int) -> _Item:
+        return _render.K_REL, self.fb.ts_ns[self.fb.rows(self.idx)], t0_ns, width
+
+    def end(self, side: str) -> list[_Item]:
+        """``cid:port`` of the ``src`` or ``dst`` end."""
+        return [(_render.K_UINT, self.ends[f"{side}_cid"].astype(np.uint64)),
+                (_render.K_LIT, b":"),
+                (_render.K_INT, self.ends[f"{side}_port"].astype(np.int64), 0)]
+
+    def virtio_int(self, name: str) -> _Item:
+        return _render.K_INT, self.v[name].astype(np.int64), 0
+
+    def preview(self, prefix: bytes) -> _Item:
+        """:func:`preview` of the payload :func:`row` shows, after ``prefix`` where there is one."""
+        return _render.K_PREVIEW, self.off, self.shown, self.fb.buf, PREVIEW_BYTES, prefix
+
+    def flags(self, text: Callable[[int], str]) -> _Item:
+        """The virtio flags by name, ``text`` of a key holding op, type and flags."""
+        v = self.v
+        return dictionary_column(v["op"].astype(np.int64) << 48
+                                 | v["type"].astype(np.int64) << 32 | v["flags"], text)
 
 
 def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
@@ -145,47 +206,72 @@ def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
     newline, as UTF-8, formatted by compiled code over the columns (a test holds the two
     equal on every fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about
     each payload the line would show, as :func:`summary_line`'s ``payload_summary``."""
-    sel = fb.rows(idx)
-    v, m = fb.virtio[sel], fb.mon[sel]
-    hv, hm = fb.has_virtio[sel], fb.has_mon[sel]
-    which = np.where(hv, _VIRTIO_ROW, np.where(hm, _MON_ROW, _BARE_ROW)).astype(np.int8)
-    ends = {name: np.where(hv, v[name], m[name]) for name in
-            ("src_cid", "src_port", "dst_cid", "dst_port")}
-    vlen = v["len"].astype(np.int64)
-    plen = fb.payload_len[sel]
-    shown = np.where(hv, np.where(vlen > 0, np.minimum(plen, vlen), 0), plen)
-    off = fb.payload_off[sel]
+    b = _Bulk.of(fb, idx)
+    v, m, hv = b.v, b.m, b.hv
     label = dictionary_column(np.where(hv, v["type"].astype(np.int64) << 16 | v["op"],
-                             np.where(hm, (1 << 32) | m["op"].astype(np.int64), 2 << 32)),
-                    _label)
-    flags = dictionary_column(v["op"].astype(np.int64) << 48 | v["type"].astype(np.int64) << 32
-                    | v["flags"], _flags_text)
-    anomalies = dictionary_column(fb.anomalies[sel], _anomalies_text)
+                              np.where(b.which == _MON_ROW,
+                                       (1 << 32) | m["op"].astype(np.int64), 2 << 32)),
+                              _label)
+    anomalies = dictionary_column(fb.anomalies[fb.rows(idx)], _anomalies_text)
     summaries: list[bytes | None] = [None] * len(idx)
     if payload_summary is not None:
         sp, dp = v["src_port"].tolist(), v["dst_port"].tolist()
-        for i in np.flatnonzero(hv & (vlen > 0)).tolist():
-            o = int(off[i])
-            text = payload_summary(fb.buf[o : o + int(shown[i])], sp[i], dp[i])
+        for i in np.flatnonzero(hv & (b.vlen > 0)).tolist():
+            o = int(b.off[i])
+            text = payload_summary(fb.buf[o : o + int(b.shown[i])], sp[i], dp[i])
             summaries[i] = text.encode() if text is not None else None
-    head = [(_render.K_INT, np.ascontiguousarray(fb.first + idx, dtype=np.int64), 6),
-            (_render.K_LIT, b" "), (_render.K_REL, fb.ts_ns[sel], t0_ns, 12),
+    head = [b.number(6), (_render.K_LIT, b" "), b.time(t0_ns, 12), (_render.K_LIT, b"  ")]
+    addr = [*b.end("src"), (_render.K_LIT, " → ".encode()), *b.end("dst"),
             (_render.K_LIT, b"  ")]
-    addr = [(_render.K_UINT, ends["src_cid"].astype(np.uint64)), (_render.K_LIT, b":"),
-            (_render.K_INT, ends["src_port"].astype(np.int64), 0),
-            (_render.K_LIT, " → ".encode()),
-            (_render.K_UINT, ends["dst_cid"].astype(np.uint64)), (_render.K_LIT, b":"),
-            (_render.K_INT, ends["dst_port"].astype(np.int64), 0), (_render.K_LIT, b"  ")]
-    preview_item = (_render.K_PREVIEW, off, shown.astype(np.int64), fb.buf, PREVIEW_BYTES, b" ")
-    tail = [preview_item, (_render.K_OPT, summaries, b" | "), anomalies]
-    virtio_row = [*head, *addr, label, (_render.K_LIT, b" len="),
-                  (_render.K_INT, vlen, 0), flags, (_render.K_LIT, b" buf_alloc="),
-                  (_render.K_INT, v["buf_alloc"].astype(np.int64), 0),
-                  (_render.K_LIT, b" fwd_cnt="),
-                  (_render.K_INT, v["fwd_cnt"].astype(np.int64), 0), *tail]
+    tail = [b.preview(b" "), (_render.K_OPT, summaries, b" | "), anomalies]
+    virtio_row = [*head, *addr, label, (_render.K_LIT, b" len="), b.virtio_int("len"),
+                  b.flags(_flags_text), (_render.K_LIT, b" buf_alloc="),
+                  b.virtio_int("buf_alloc"), (_render.K_LIT, b" fwd_cnt="),
+                  b.virtio_int("fwd_cnt"), *tail]
     mon_row = [*head, *addr, label, *tail]
     bare_row = [*head, (_render.K_LIT, "? → ?  ".encode()), label, *tail]
-    return _render.format_rows(len(idx), which, [virtio_row, mon_row, bare_row])
+    return _render.format_rows(len(idx), b.which, [virtio_row, mon_row, bare_row])
+
+
+def table_text(fb: FrameBatch, idx: np.ndarray, t0_ns: int) -> bytes:
+    """``tabulate([row(f, t0_ns) ...], headers=TABLE_HEADERS, disable_numparse=True)`` of
+    the rows ``idx`` (increasing) of ``fb`` and a newline, as UTF-8: the cells formatted,
+    measured and padded by compiled code (a test holds it equal to tabulate's)."""
+    b = _Bulk.of(fb, idx)
+    cells = _table_cells(b, t0_ns)
+    templates = [[cells[name][kind] for name in TABLE_HEADERS]
+                 for kind in (_VIRTIO_ROW, _MON_ROW, _BARE_ROW)]
+    return _render.format_table(len(idx), b.which, templates, TABLE_HEADERS)
+
+
+def _table_cells(b: _Bulk, t0_ns: int) -> dict[str, tuple[list[_Item], ...]]:
+    """Each column of :func:`row`, by its header, as the items of its cell in a virtio row,
+    a vsockmon-only row and a row with neither header: ``-`` for a virtio field a row does
+    not have, ``?`` for ends it does not have."""
+    dash: list[_Item] = [(_render.K_LIT, b"-")]
+    unknown: list[_Item] = [(_render.K_LIT, b"?")]
+    v, m = b.v, b.m
+    op = [dictionary_column(np.where(b.hv, v["op"], (1 << 16) | m["op"].astype(np.int64)),
+                            _op_name)]
+    every = {"no": [b.number(0)], "time": [b.time(t0_ns, 0)], "payload": [b.preview(b"")]}
+    return {
+        **{name: (cell, cell, cell) for name, cell in every.items()},
+        "source": (b.end("src"), b.end("src"), unknown),
+        "destination": (b.end("dst"), b.end("dst"), unknown),
+        "type": ([dictionary_column(v["type"], lambda t: enum_name(SockType, t))], dash, dash),
+        "op": (op, op, dash),
+        "flags": ([b.flags(_flags_cell)], dash, dash),
+        **{name: ([b.virtio_int(name)], dash, dash) for name in ("len", "buf_alloc", "fwd_cnt")},
+    }
+
+
+def _op_name(key: int) -> str:
+    """A virtio op's name, or (bit 16 set) a vsockmon header's op's."""
+    return enum_name(MonOp, key & 0xFFFF) if key >> 16 else enum_name(Op, key)
+
+
+def _flags_cell(key: int) -> str:
+    return ",".join(_flag_names(key)) or "-"
 
 
 def _label(key: int) -> str:
@@ -198,8 +284,13 @@ def _label(key: int) -> str:
 
 
 def _flags_text(key: int) -> str:
-    names = flag_names(key >> 48, (key >> 32) & 0xFFFF, key & 0xFFFFFFFF)
+    names = _flag_names(key)
     return f" [{','.join(names)}]" if names else ""
+
+
+def _flag_names(key: int) -> list[str]:
+    """:func:`flag_names` of a key of :meth:`_Bulk.flags`."""
+    return flag_names(key >> 48, (key >> 32) & 0xFFFF, key & 0xFFFFFFFF)
 
 
 def _anomalies_text(bits: int) -> str:
