@@ -18,7 +18,7 @@ import vsockmon
 from vsockmon.conntrack.records import ConnTable
 from vsockmon.diagnose.connections import CHUNK, Index
 from vsockmon.diagnose.engine import Diagnosis
-from vsockmon.wire.protocol import Op
+from vsockmon.wire.protocol import Op, ShutdownFlag
 
 STORM = 2 * CHUNK + 10
 """Refusals in the storm: three ranges of streams, and more than the tracker holds before
@@ -117,3 +117,24 @@ def test_groups_come_in_order_of_their_first_row_and_small_ones_are_left_out() -
     assert [g.tolist() for g in ix.groups(rows, keys, least=2)] == [[0, 2, 5], [1, 4]]
     assert [g.tolist() for g in ix.groups(np.array([1, 3, 5]), keys)] == [[1], [3], [5]]
     assert ix.groups(np.zeros(0, dtype=np.int64), keys) == []
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_request_on_the_ports_of_a_connection_never_established_is_no_state_lost(
+        tmp_path: Path, answered: bool) -> None:
+    """Stream 0 shuts its sending side after its REQUEST, answered or not, and never closes;
+    stream 1 dials again from the same ports. Only an established connection can have lost
+    its state: without the RESPONSE there was none to lose."""
+    out: list[tuple[int, bytes]] = []
+    old = Conv(out, client=(3, 50000), server=(2, 1024))
+    old.send(0, Op.REQUEST)
+    if answered:
+        old.send(1, Op.RESPONSE)
+    old.send(0, Op.SHUTDOWN, flags=ShutdownFlag.SEND)
+    new = Conv(out, client=(3, 50000), server=(2, 1024))
+    new.open()
+    new.close()
+    found = vsockmon.open(write(tmp_path / "t.pcap", out)).findings()
+    lost = [(f.stream, f.frames) for f in found if f.rule == "state-lost"]
+    # frames: the old connection's last (its SHUTDOWN) and the new REQUEST
+    assert lost == ([(1, (3, 4))] if answered else [])
