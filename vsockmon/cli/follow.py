@@ -46,10 +46,11 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
                                "a pipe, or use --hex to see them")
     rows = StreamRows([stream], payloads=True)
     analysis = scan(file, rows)
-    if stream >= len(analysis.table):
+    held = len(analysis.tracker)  # counted, not made: a capture may hold a million
+    if stream >= held:
         raise click.ClickException(f"{analysis.name}: no stream {stream} "
-                                   f"({len(analysis.table)} in this capture)")
-    conn = analysis.table[stream]
+                                   f"({held} in this capture)")
+    conn = analysis.tracker.table(stream, stream + 1)[0]
     parts = ra.chunks(rows.columns(stream), rows.payload(stream))
     only = ra.DIRECTIONS[direction] if direction else None
     if raw:
