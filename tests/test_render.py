@@ -131,3 +131,45 @@ def test_a_name_that_is_not_bytes_fails_only_where_used() -> None:
     with pytest.raises(TypeError, match="must be bytes"):
         _render.format_rows(1, np.zeros(1, dtype=np.int8),
                             [[(_render.K_STR, np.ones(1, dtype=np.int32), names)]])
+
+
+def test_floats_are_pythons_repr() -> None:
+    """K_FLOAT (the float fields of ``conns --json``/``--csv``) is ``repr`` to the character:
+    edge values, every exponent, and random bit patterns (subnormals, infinities, NaN)."""
+    values = [0.0, -0.0, 1.0, -1.0, 0.1, 0.1 + 0.2, 1e-7, 1e-5, 1e-4, 1e15, 1e16, 1e17, 1e22,
+              5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, float("inf"),
+              float("-inf"), float("nan"), 0.000102, 1700000000.0001018, 123456789.12345679,
+              2.0**53, 2.0**53 + 2, 1 / 3, 2 / 3]
+    values += [2.0**e * s for e in range(-1074, 1024, 7) for s in (1, -1.5)]
+    rng = random.Random(31)
+    values += np.frombuffer(rng.randbytes(8 * 20000), dtype=np.float64).tolist()
+    values += [(1_700_000_000 * 10**9 + rng.randrange(10**12)) / 1e9 for _ in range(5000)]
+    col = np.asarray(values, dtype=np.float64)
+    assert _rows((_render.K_FLOAT, col), len(values)) == [repr(v) for v in values]
+
+
+def test_a_missing_column_writes_its_text_instead_of_the_value() -> None:
+    missing = np.array([False, True, False, True])
+    ints = np.array([-5, 7, 2**63 - 1, 0], dtype=np.int64)
+    template = [(_render.K_INT, ints, 0, missing, b"null"), (_render.K_LIT, b","),
+                (_render.K_UINT, ints.astype(np.uint64), ~missing, b""), (_render.K_LIT, b","),
+                (_render.K_FLOAT, ints / 4, missing, b"-"), (_render.K_LIT, b","),
+                (_render.K_STR, np.array([0, 1, 1, 0], dtype=np.int32), (b"a", b"b"),
+                 ~missing, b"none")]
+    out = _render.format_rows(4, np.zeros(4, dtype=np.int8), [template])
+    assert out.decode().splitlines() == [
+        "-5,,-1.25,none", "null,7,-,b", f"{2**63 - 1},,{(2**63 - 1) / 4!r},none",
+        "null,0,-,a"]
+
+
+def test_a_missing_column_needs_its_text_and_every_row() -> None:
+    ints = np.zeros(3, dtype=np.int64)
+    with pytest.raises(TypeError, match="needs its text"):
+        _render.format_rows(3, np.zeros(3, dtype=np.int8),
+                            [[(_render.K_INT, ints, 0, np.zeros(3, dtype=bool))]])
+    with pytest.raises(ValueError, match="shorter than the rows"):
+        _render.format_rows(3, np.zeros(3, dtype=np.int8),
+                            [[(_render.K_FLOAT, ints / 1, np.zeros(2, dtype=bool), b"")]])
+    with pytest.raises(ValueError, match="a byte"):
+        _render.format_rows(3, np.zeros(3, dtype=np.int8),
+                            [[(_render.K_INT, ints, 0, np.zeros(3, dtype=np.int64), b"")]])

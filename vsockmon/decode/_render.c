@@ -448,9 +448,13 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         PyErr_SetString(PyExc_TypeError, "a missing column needs its text, and the text one");
         return -1;
     }
+    if (it->has_missing && it->missing.itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "a missing column holds a byte (bool) a row");
+        return -1;
+    }
     if ((it->has_col && it->col.len < rows * width8)
         || (it->has_col2 && it->col2.len < rows * 8)
-        || (it->has_missing && (it->missing.len < rows || it->missing.itemsize != 1))) {
+        || (it->has_missing && it->missing.len < rows)) {
         PyErr_SetString(PyExc_ValueError, "column shorter than the rows");
         return -1;
     }
