@@ -173,3 +173,30 @@ def test_a_missing_column_needs_its_text_and_every_row() -> None:
     with pytest.raises(ValueError, match="a byte"):
         _render.format_rows(3, np.zeros(3, dtype=np.int8),
                             [[(_render.K_INT, ints, 0, np.zeros(3, dtype=np.int64), b"")]])
+
+
+def test_floats_in_fixed_notation_are_pythons_repr() -> None:
+    """The range K_FLOAT formats without dtoa (10^-4 to 2^53): capture times as numpy
+    divides them, durations, milliseconds, every length of fraction, and the neighbours of
+    powers of two and ten, decimals and the midpoints between doubles."""
+    rng = np.random.default_rng(5)
+    ns = rng.integers(1_577_836_800 * 10**9, 1_893_456_000 * 10**9, 100_000)
+    parts = [ns / 1e9, rng.integers(0, 10**10, 50_000) / 1e9,
+             rng.integers(0, 10**9, 50_000) / 1e6, 10.0 ** rng.uniform(-4, 15.96, 100_000)]
+    for digits in range(18):
+        parts.append(np.round(10.0 ** rng.uniform(-4, 15.9, 2000), digits))
+    edges = [2.0**e for e in range(-14, 54)] + [10.0**e for e in range(-4, 16)]
+    edges += [1e-4, 0.1, 0.2, 0.3, 0.5, 1.5, 9.999999999999998, 99.99999999999999,
+              2.0**53 - 1, 4503599627370496.5, 1e15 + 0.3, 0.000102, 0.102]
+    near = np.asarray(edges)
+    for _ in range(3):  # and up to three doubles either side
+        near = np.unique(np.concatenate([np.nextafter(near, 0), near,
+                                         np.nextafter(near, np.inf)]))
+    parts.append(near)
+    whole = rng.integers(1, 2**53, 20000).astype(np.float64)
+    parts += [whole + 0.5, whole / 2**rng.integers(1, 30, 20000)]
+    values = np.concatenate(parts)
+    values = np.concatenate([values, -values])
+    got = _rows((_render.K_FLOAT, values), len(values))
+    wrong = [(v, text) for v, text in zip(values.tolist(), got, strict=True) if text != repr(v)]
+    assert wrong == []
