@@ -84,9 +84,9 @@ def test_record_lines_are_json_dumps_and_csv_writer_of_the_records(path: Path) -
     table = vsockmon.open(path).analysis().table
     for rows in (np.arange(len(table)), np.arange(len(table))[::-1][::2]):
         records = table.records(rows.tolist())
-        assert record_lines(table, rows, JSON) == "".join(
+        assert b"".join(record_lines(table, rows, JSON)) == "".join(
             json.dumps(r) + "\n" for r in records).encode()
-        assert record_lines(table, rows, CSV) == _csv_text(
+        assert b"".join(record_lines(table, rows, CSV)) == _csv_text(
             [["" if v is None else v for v in r.values()] for r in records])
 
 
@@ -141,14 +141,16 @@ class _EdgeTable:
         return self.cols
 
 
-def test_record_lines_of_edge_values() -> None:
+@pytest.mark.parametrize("piece", [2048, 4, 1])
+def test_record_lines_of_edge_values(piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vsockmon.cli.conns.PIECE", piece)  # one piece, or several
     table = _EdgeTable()
     rows = np.array([5, 0, 39, 17, 17, 3])
     picked = [table.records[i] for i in rows.tolist()]
-    got = record_lines(table, rows, JSON)  # type: ignore[arg-type]
+    got = b"".join(record_lines(table, rows, JSON))  # type: ignore[arg-type]
     assert got == "".join(json.dumps(r) + "\n" for r in picked).encode()
     assert got.decode().splitlines() == [json.dumps(r) for r in picked]
-    assert record_lines(table, rows, CSV) == _csv_text(  # type: ignore[arg-type]
+    assert b"".join(record_lines(table, rows, CSV)) == _csv_text(  # type: ignore[arg-type]
         [["" if v is None else v for v in r.values()] for r in picked])
 
 

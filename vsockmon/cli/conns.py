@@ -58,11 +58,16 @@ CSV = _Style("", ",", lambda k: "", _csv_field, (_csv_field(False), _csv_field(T
              "")
 
 
-def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> bytes:
-    """The records of ``rows`` in ``style``, a line each, as UTF-8: equal to
-    ``json.dumps(record)`` (or to ``csv.writer``'s row), but made by the compiled row
-    formatter (``decode._render``) from the table's arrays, as a capture can hold a million
-    connections."""
+PIECE = 2048
+"""Records formatted into one bytes object: a few megabytes, which the allocator hands out
+again for the next piece, where a table's 25 MB of JSON would be fresh pages each time."""
+
+
+def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> Iterator[bytes]:
+    """The records of ``rows`` in ``style``, a line each, as UTF-8 (in pieces of at most
+    :data:`PIECE` records): equal to ``json.dumps(record)`` (or to ``csv.writer``'s row),
+    but made by the compiled row formatter (``decode._render``) from the table's arrays, as
+    a capture can hold a million connections."""
     cols = table.record_columns()
     items: list[tuple[Any, ...]] = []
     lit = ""
@@ -75,7 +80,11 @@ def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> by
             items += [(_render.K_LIT, lit.encode()), item]
             lit = ""
     items.append((_render.K_LIT, (lit + style.end).encode()))
-    return _render.format_rows(len(rows), np.zeros(len(rows), dtype=np.int8), [items])
+    which = np.zeros(min(len(rows), PIECE), dtype=np.int8)
+    for a in range(0, len(rows), PIECE):
+        piece = [tuple(x[a : a + PIECE] if isinstance(x, np.ndarray) else x for x in item)
+                 for item in items]
+        yield _render.format_rows(min(len(rows) - a, PIECE), which, [piece])
 
 
 def _items(col: RecordColumn, rows: np.ndarray, style: _Style) -> list[tuple[Any, ...]]:
@@ -200,7 +209,8 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         if as_csv:
             out.write(",".join(map(_csv_field, FIELD_NAMES)).encode() + b"\n")
         for table, rows in picked:
-            out.write(record_lines(table, rows, JSON if as_json else CSV))
+            for piece in record_lines(table, rows, JSON if as_json else CSV):
+                out.write(piece)
     else:
         from tabulate import tabulate
 

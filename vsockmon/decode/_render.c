@@ -52,11 +52,19 @@ typedef struct {
     PyObject *bytes;
     char *p;
     Py_ssize_t n, cap;
+    Py_ssize_t rows, done; /* rows to write, rows written */
 } Out;
 
 static int out_grow(Out *o, Py_ssize_t more)
 {
-    Py_ssize_t cap = o->cap ? o->cap : 1 << 16;
+    Py_ssize_t cap = o->cap ? 2 * o->cap : 1 << 16;
+    /* rather what the rows written so far foretell for all of them, and an eighth: one or
+     * two moves of the block, where doubling makes a dozen */
+    if (o->done > 0) {
+        double foretold = (double)o->n / (double)o->done * (double)o->rows * 1.125;
+        if (foretold > (double)cap && foretold < (double)PY_SSIZE_T_MAX / 2)
+            cap = (Py_ssize_t)foretold;
+    }
     while (cap < o->n + more)
         cap *= 2;
     if (!o->bytes)
@@ -671,7 +679,9 @@ static PyObject *format_rows(PyObject *self, PyObject *args)
         }
     }
     const int8_t *w = which.buf;
+    o.rows = rows;
     for (Py_ssize_t i = 0; i < rows; i++) {
+        o.done = i;
         if (w[i] < 0 || w[i] >= nt) {
             PyErr_SetString(PyExc_IndexError, "template choice out of range");
             goto done;
