@@ -8,7 +8,7 @@ flat records of ``conns --json`` (:data:`RECORD_FIELDS`) as columns. No I/O here
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,7 +379,7 @@ def _nullable(col: np.ndarray, unset: np.ndarray | int) -> RecordColumn:
     return RecordColumn(col, missing)
 
 
-def _coded(values: np.ndarray, name: Any) -> RecordColumn:
+def _coded(values: np.ndarray, name: Callable[[int], str]) -> RecordColumn:
     """A string column from a column of small numbers and how one is named."""
     distinct, codes = np.unique(values, return_inverse=True)
     return RecordColumn(codes.reshape(-1), texts=tuple(name(v) for v in distinct.tolist()))
