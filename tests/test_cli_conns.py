@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from conntrack_scenarios import Conv, echo_capture, write
 
 from vsockmon.cli import main
+from vsockmon.cli.conns import CSV, JSON, record_lines
+from vsockmon.conntrack.records import RecordColumn
 from vsockmon.conntrack.tracker import RECORD_FIELDS
 from vsockmon.wire.protocol import Op, SeqFlag, SockType
 
@@ -61,6 +63,104 @@ def test_conns_json_equals_records(echo: Path) -> None:
     table = vsockmon.open(echo).analysis().table
     out, _, _ = run("conns", str(echo), "--json")
     assert out.splitlines() == [json.dumps(r) for r in table.records()]
+
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+CAPTURES = sorted(p for p in FIXTURES.rglob("*.pcap*") if p.name != "ethernet.pcap")
+
+
+def _csv_text(rows: list[list[object]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_record_lines_are_json_dumps_and_csv_writer_of_the_records(path: Path) -> None:
+    """The compiled writer of ``conns --json``/``--csv`` says what json.dumps and
+    csv.writer say of each record, for every fixture, in stream order and reordered."""
+    import vsockmon
+
+    table = vsockmon.open(path).analysis().table
+    for rows in (np.arange(len(table)), np.arange(len(table))[::-1][::2]):
+        records = table.records(rows.tolist())
+        assert b"".join(record_lines(table, rows, JSON)) == "".join(
+            json.dumps(r) + "\n" for r in records).encode()
+        assert b"".join(record_lines(table, rows, CSV)) == _csv_text(
+            [["" if v is None else v for v in r.values()] for r in records])
+
+
+class _EdgeTable:
+    """A stand-in for a ConnTable whose every record field takes values at the edges: the
+    limits of int64, u32 and u64, negatives, floats of every length, strings JSON and CSV
+    must escape, and missing values. ``records`` holds the same values as Python objects."""
+
+    TEXTS = ("STREAM", 'a"b\\c', "tab\tnew\nline", "comma, here", "é…\u2028", "\x00\x1f", "")
+    INTS = (0, -1, 2**63 - 1, -(2**63), 2**32 - 1, 2**32, 2**64 - 1, 2**31, 12345)
+    FLOATS = (0.0, -0.0, 0.1 + 0.2, 1e-07, 1700000000.0001018, 1e16, 5e-324, 1 / 3, 2.5)
+
+    def __init__(self, n: int = 40) -> None:
+        rng = np.random.default_rng(7)
+        self.cols: dict[str, RecordColumn] = {}
+        values: dict[str, list[object]] = {}
+        for f in RECORD_FIELDS:
+            missing = rng.random(n) < 0.3 if f.name not in ("client", "server") else None
+            if f.name in ("client", "server"):
+                cid = rng.choice(np.array([0, 3, 2**64 - 1, 2**32], dtype=np.uint64), n)
+                port = rng.choice(np.array([0, 1024, 2**32 - 1], dtype=np.uint32), n)
+                self.cols[f.name] = RecordColumn(cid, port=port)
+                values[f.name] = [f"{a}:{p}" for a, p in zip(cid.tolist(), port.tolist(),
+                                                                  strict=True)]
+                continue
+            if f.kind is str:
+                codes = rng.integers(0, len(self.TEXTS), n)
+                self.cols[f.name] = RecordColumn(codes, missing, self.TEXTS)
+                values[f.name] = [self.TEXTS[c] for c in codes.tolist()]
+            elif f.kind is bool:
+                flags = rng.random(n) < 0.5
+                self.cols[f.name] = RecordColumn(flags)
+                values[f.name] = flags.tolist()
+                missing = None
+            else:
+                pool = self.FLOATS if f.kind is float else self.INTS
+                picked = [pool[i] for i in rng.integers(0, len(pool), n).tolist()]
+                if f.kind is int and f.name.endswith(("_cid", "_port")):
+                    col = np.asarray([v % 2**64 for v in picked], dtype=np.uint64)
+                elif f.kind is int:
+                    col = np.asarray([v if v < 2**63 else -5 for v in picked], dtype=np.int64)
+                else:
+                    col = np.asarray(picked, dtype=np.float64)
+                self.cols[f.name] = RecordColumn(col, missing)
+                values[f.name] = col.tolist()
+            if missing is not None:
+                values[f.name] = [None if m else v
+                                  for v, m in zip(values[f.name], missing.tolist(), strict=True)]
+        self.records = [{f.name: values[f.name][i] for f in RECORD_FIELDS} for i in range(n)]
+
+    def record_columns(self) -> dict[str, RecordColumn]:
+        return self.cols
+
+
+@pytest.mark.parametrize("piece", [2048, 4, 1])
+def test_record_lines_of_edge_values(piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vsockmon.cli.conns.PIECE", piece)  # one piece, or several
+    table = _EdgeTable()
+    rows = np.array([5, 0, 39, 17, 17, 3])
+    picked = [table.records[i] for i in rows.tolist()]
+    got = b"".join(record_lines(table, rows, JSON))  # type: ignore[arg-type]
+    assert got == "".join(json.dumps(r) + "\n" for r in picked).encode()
+    assert got.decode().splitlines() == [json.dumps(r) for r in picked]
+    assert b"".join(record_lines(table, rows, CSV)) == _csv_text(  # type: ignore[arg-type]
+        [["" if v is None else v for v in r.values()] for r in picked])
+
+
+def test_record_columns_are_the_record_fields(echo: Path) -> None:
+    import vsockmon
+
+    table = vsockmon.open(echo).analysis().table
+    names = {f.name for f in RECORD_FIELDS}
+    assert set(table.record_columns()) == names == set(table.columns())
+    assert len(table.record_columns()) == len(RECORD_FIELDS)
 
 
 def test_conns_csv_has_a_header_and_every_row(echo: Path) -> None:

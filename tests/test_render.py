@@ -131,3 +131,72 @@ def test_a_name_that_is_not_bytes_fails_only_where_used() -> None:
     with pytest.raises(TypeError, match="must be bytes"):
         _render.format_rows(1, np.zeros(1, dtype=np.int8),
                             [[(_render.K_STR, np.ones(1, dtype=np.int32), names)]])
+
+
+def test_floats_are_pythons_repr() -> None:
+    """K_FLOAT (the float fields of ``conns --json``/``--csv``) is ``repr`` to the character:
+    edge values, every exponent, and random bit patterns (subnormals, infinities, NaN)."""
+    values = [0.0, -0.0, 1.0, -1.0, 0.1, 0.1 + 0.2, 1e-7, 1e-5, 1e-4, 1e15, 1e16, 1e17, 1e22,
+              5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, float("inf"),
+              float("-inf"), float("nan"), 0.000102, 1700000000.0001018, 123456789.12345679,
+              2.0**53, 2.0**53 + 2, 1 / 3, 2 / 3]
+    values += [2.0**e * s for e in range(-1074, 1024, 7) for s in (1, -1.5)]
+    rng = random.Random(31)
+    values += np.frombuffer(rng.randbytes(8 * 20000), dtype=np.float64).tolist()
+    values += [(1_700_000_000 * 10**9 + rng.randrange(10**12)) / 1e9 for _ in range(5000)]
+    col = np.asarray(values, dtype=np.float64)
+    assert _rows((_render.K_FLOAT, col), len(values)) == [repr(v) for v in values]
+
+
+def test_a_missing_column_writes_its_text_instead_of_the_value() -> None:
+    missing = np.array([False, True, False, True])
+    ints = np.array([-5, 7, 2**63 - 1, 0], dtype=np.int64)
+    template = [(_render.K_INT, ints, 0, missing, b"null"), (_render.K_LIT, b","),
+                (_render.K_UINT, ints.astype(np.uint64), ~missing, b""), (_render.K_LIT, b","),
+                (_render.K_FLOAT, ints / 4, missing, b"-"), (_render.K_LIT, b","),
+                (_render.K_STR, np.array([0, 1, 1, 0], dtype=np.int32), (b"a", b"b"),
+                 ~missing, b"none")]
+    out = _render.format_rows(4, np.zeros(4, dtype=np.int8), [template])
+    assert out.decode().splitlines() == [
+        "-5,,-1.25,none", "null,7,-,b", f"{2**63 - 1},,{(2**63 - 1) / 4!r},none",
+        "null,0,-,a"]
+
+
+def test_a_missing_column_needs_its_text_and_every_row() -> None:
+    ints = np.zeros(3, dtype=np.int64)
+    with pytest.raises(TypeError, match="needs its text"):
+        _render.format_rows(3, np.zeros(3, dtype=np.int8),
+                            [[(_render.K_INT, ints, 0, np.zeros(3, dtype=bool))]])
+    with pytest.raises(ValueError, match="shorter than the rows"):
+        _render.format_rows(3, np.zeros(3, dtype=np.int8),
+                            [[(_render.K_FLOAT, ints / 1, np.zeros(2, dtype=bool), b"")]])
+    with pytest.raises(ValueError, match="a byte"):
+        _render.format_rows(3, np.zeros(3, dtype=np.int8),
+                            [[(_render.K_INT, ints, 0, np.zeros(3, dtype=np.int64), b"")]])
+
+
+def test_floats_in_fixed_notation_are_pythons_repr() -> None:
+    """The range K_FLOAT formats without dtoa (10^-4 to 2^53): capture times as numpy
+    divides them, durations, milliseconds, every length of fraction, and the neighbours of
+    powers of two and ten, decimals and the midpoints between doubles."""
+    rng = np.random.default_rng(5)
+    ns = rng.integers(1_577_836_800 * 10**9, 1_893_456_000 * 10**9, 100_000)
+    parts = [ns / 1e9, rng.integers(0, 10**10, 50_000) / 1e9,
+             rng.integers(0, 10**9, 50_000) / 1e6, 10.0 ** rng.uniform(-4, 15.96, 100_000)]
+    for digits in range(18):
+        parts.append(np.round(10.0 ** rng.uniform(-4, 15.9, 2000), digits))
+    edges = [2.0**e for e in range(-14, 54)] + [10.0**e for e in range(-4, 16)]
+    edges += [1e-4, 0.1, 0.2, 0.3, 0.5, 1.5, 9.999999999999998, 99.99999999999999,
+              2.0**53 - 1, 4503599627370496.5, 1e15 + 0.3, 0.000102, 0.102]
+    near = np.asarray(edges)
+    for _ in range(3):  # and up to three doubles either side
+        near = np.unique(np.concatenate([np.nextafter(near, 0), near,
+                                         np.nextafter(near, np.inf)]))
+    parts.append(near)
+    whole = rng.integers(1, 2**53, 20000).astype(np.float64)
+    parts += [whole + 0.5, whole / 2**rng.integers(1, 30, 20000)]
+    values = np.concatenate(parts)
+    values = np.concatenate([values, -values])
+    got = _rows((_render.K_FLOAT, values), len(values))
+    wrong = [(v, text) for v, text in zip(values.tolist(), got, strict=True) if text != repr(v)]
+    assert wrong == []

@@ -39,10 +39,13 @@ class _Style:
     text: Callable[[str], str]
     """A string value as written."""
     bools: tuple[str, str]
+    """False and True as written."""
     null: str
+    """A missing value as written."""
     quote: str
     """Around an end's ``cid:port``, which needs no escape in either."""
     end: str
+    """After the last field."""
 
 
 def _csv_field(value: object) -> str:
@@ -58,43 +61,52 @@ CSV = _Style("", ",", lambda k: "", _csv_field, (_csv_field(False), _csv_field(T
              "")
 
 
-def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> bytes:
-    """The records of ``rows`` in ``style``, a line each, as UTF-8: equal to
-    ``json.dumps(record)`` (or to ``csv.writer``'s row), but made by the compiled row
-    formatter (``decode._render``) from the table's arrays, as a capture can hold a million
-    connections."""
+PIECE = 2048
+"""Records formatted into one bytes object: a few megabytes, which the allocator hands out
+again for the next piece, where a table's 25 MB of JSON would be fresh pages each time."""
+
+
+def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> Iterator[bytes]:
+    """The records of ``rows`` in ``style``, a line each, as UTF-8 (in pieces of at most
+    :data:`PIECE` records): equal to ``json.dumps(record)`` (or to ``csv.writer``'s row),
+    but made by the compiled row formatter (``decode._render``) from the table's arrays, as
+    a capture can hold a million connections."""
     cols = table.record_columns()
     items: list[tuple[Any, ...]] = []
     lit = ""
-    for i, name in enumerate(FIELD_NAMES):
-        lit += (style.sep if i else style.start) + style.key(name)
-        for item in _items(cols[name], rows, style):
+    for i, f in enumerate(RECORD_FIELDS):
+        lit += (style.sep if i else style.start) + style.key(f.name)
+        for item in _items(cols[f.name], f.kind, rows, style):
             if item[0] == _render.K_LIT:
                 lit += item[1].decode()
                 continue
             items += [(_render.K_LIT, lit.encode()), item]
             lit = ""
     items.append((_render.K_LIT, (lit + style.end).encode()))
-    return _render.format_rows(len(rows), np.zeros(len(rows), dtype=np.int8), [items])
+    which = np.zeros(min(len(rows), PIECE), dtype=np.int8)
+    for a in range(0, len(rows), PIECE):
+        piece = [tuple(x[a : a + PIECE] if isinstance(x, np.ndarray) else x for x in item)
+                 for item in items]
+        yield _render.format_rows(min(len(rows) - a, PIECE), which, [piece])
 
 
-def _items(col: RecordColumn, rows: np.ndarray, style: _Style) -> list[tuple[Any, ...]]:
-    """The template items of one record field at ``rows`` (see ``_render.c``)."""
+def _items(col: RecordColumn, kind: type, rows: np.ndarray, style: _Style
+           ) -> list[tuple[Any, ...]]:
+    """The template items of one record field (of ``kind``, as :data:`RECORD_FIELDS` says)
+    at ``rows`` (see ``_render.c``)."""
     values = col.values[rows]
     if col.port is not None:
         quote = (_render.K_LIT, style.quote.encode())
         return [quote, (_render.K_UINT, values.astype(np.uint64)), (_render.K_LIT, b":"),
                 (_render.K_UINT, col.port[rows].astype(np.uint64)), quote]
     absent = () if col.missing is None else (col.missing[rows], style.null.encode())
-    if col.texts is not None:
-        texts = tuple(style.text(t).encode() for t in col.texts)
-        return [(_render.K_STR, values.astype(np.int32), texts, *absent)]
-    if values.dtype == bool:
-        texts = tuple(t.encode() for t in style.bools)
-        return [(_render.K_STR, values.astype(np.int32), texts, *absent)]
-    if values.dtype.kind == "f":
+    if kind is str or kind is bool:
+        texts = col.texts if kind is str else style.bools
+        encoded = tuple((style.text(t) if kind is str else t).encode() for t in texts or ())
+        return [(_render.K_STR, values.astype(np.int32), encoded, *absent)]
+    if kind is float:
         return [(_render.K_FLOAT, values.astype(np.float64), *absent)]
-    if values.dtype.kind == "u":
+    if values.dtype.kind == "u":  # CIDs are 64-bit
         return [(_render.K_UINT, values.astype(np.uint64), *absent)]
     return [(_render.K_INT, values.astype(np.int64), 0, *absent)]
 
@@ -200,7 +212,8 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         if as_csv:
             out.write(",".join(map(_csv_field, FIELD_NAMES)).encode() + b"\n")
         for table, rows in picked:
-            out.write(record_lines(table, rows, JSON if as_json else CSV))
+            for piece in record_lines(table, rows, JSON if as_json else CSV):
+                out.write(piece)
     else:
         from tabulate import tabulate
 

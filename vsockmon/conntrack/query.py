@@ -38,7 +38,7 @@ def order(table: ConnTable, rows: np.ndarray, field: str) -> np.ndarray:
     """``rows`` sorted by a record field ('-field': descending); missing values last."""
     descending = field.startswith("-")
     name = field.lstrip("-")
-    col = table.columns()[name]
+    col = table.record_columns()[name].python()  # this field's Python values only
     values = col[rows].tolist() if isinstance(col, np.ndarray) else [col[i] for i in rows]
     present = [i for i, v in enumerate(values) if v is not None]
     missing = [i for i, v in enumerate(values) if v is None]

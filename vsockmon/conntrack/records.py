@@ -7,7 +7,8 @@ flat records of ``conns --json`` (:data:`RECORD_FIELDS`) as columns. No I/O here
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,7 +386,7 @@ def _nullable(col: np.ndarray, unset: np.ndarray | int) -> RecordColumn:
     return RecordColumn(col, missing)
 
 
-def _coded(values: np.ndarray, name: Any) -> RecordColumn:
+def _coded(values: np.ndarray, name: Callable[[int], str]) -> RecordColumn:
     """A string column from a column of small numbers and how one is named."""
     distinct, codes = np.unique(values, return_inverse=True)
     return RecordColumn(codes.reshape(-1), texts=tuple(name(v) for v in distinct.tolist()))
@@ -393,6 +394,12 @@ def _coded(values: np.ndarray, name: Any) -> RecordColumn:
 
 def _flag_text(v: int) -> str:
     return "|".join(str(f.name) for f in ShutdownFlag if v & f)
+
+
+def _both(col: np.ndarray, op: np.ufunc = np.add) -> np.ndarray:
+    """``op`` of a per-side column's two sides: numpy's reductions along an axis of two
+    take a step per row, several times an elementwise ufunc."""
+    return op(col[:, 0], col[:, 1])
 
 
 def _record_columns(c: dict[str, np.ndarray]) -> dict[str, RecordColumn]:
@@ -416,8 +423,8 @@ def _record_columns(c: dict[str, np.ndarray]) -> dict[str, RecordColumn]:
     out["close_frame"] = _nullable(c["close_frame"], NONE)
     by = c["close_by"]
     out["close_by"] = RecordColumn(np.maximum(by, 0), by < 0, ROLES)
-    out["packets"] = plain(c["packets"].sum(axis=1))
-    out["bytes"] = plain(c["tx_bytes"].sum(axis=1))
+    out["packets"] = plain(_both(c["packets"]))
+    out["bytes"] = plain(_both(c["tx_bytes"]))
     for d, suffix in enumerate(("c2s", "s2c")):
         out[f"packets_{suffix}"] = plain(c["packets"][:, d])
         out[f"bytes_{suffix}"] = plain(c["tx_bytes"][:, d])
@@ -426,8 +433,8 @@ def _record_columns(c: dict[str, np.ndarray]) -> dict[str, RecordColumn]:
         out[f"messages_{suffix}"] = _nullable(c["eom_packets"][:, d], ~seq)
     for d, suffix in enumerate(("c2s", "s2c")):
         out[f"records_{suffix}"] = _nullable(c["eor_packets"][:, d], ~seq)
-    out["first_rw_frame"] = _nullable(c["first_rw_frame"].min(axis=1), NONE)
-    out["last_rw_frame"] = _nullable(c["last_rw_frame"].max(axis=1), 0)
+    out["first_rw_frame"] = _nullable(_both(c["first_rw_frame"], np.minimum), NONE)
+    out["last_rw_frame"] = _nullable(_both(c["last_rw_frame"], np.maximum), 0)
     for role, name in enumerate(ROLES):
         out[f"shutdown_{name}"] = _coded(c["shut_flags"][:, role], _flag_text)
     for role, name in enumerate(ROLES):
@@ -441,16 +448,17 @@ def _record_columns(c: dict[str, np.ndarray]) -> dict[str, RecordColumn]:
             out[f"{key}_{suffix}"] = plain(c[key][:, d])
     for d, suffix in enumerate(("c2s", "s2c")):
         out[f"max_in_flight_{suffix}"] = _nullable(c["max_in_flight"][:, d], -1)
-    out["credit_stalls"] = plain(c["stalls"].sum(axis=1))
+    out["credit_stalls"] = plain(_both(c["stalls"]))
     out["stalls_c2s"], out["stalls_s2c"] = plain(c["stalls"][:, 0]), plain(c["stalls"][:, 1])
-    out["stall_time"] = plain(c["stall_total"].sum(axis=1) / 1e9)
-    out["max_stall_ms"] = plain(c["stall_max"].max(axis=1) / 1e6)
-    out["stalled_at_end"] = plain(np.asarray(c["stalled"].any(axis=1)))
-    counts = c["violation_count"].sum(axis=1)  # (n, kinds)
+    out["stall_time"] = plain(_both(c["stall_total"]) / 1e9)
+    out["max_stall_ms"] = plain(_both(c["stall_max"], np.maximum) / 1e6)
+    out["stalled_at_end"] = plain(_both(c["stalled"], np.logical_or))
+    counts = _both(c["violation_count"])  # (n, kinds)
     protocol = [VIOLATIONS.index(kind) for kind in PROTOCOL_VIOLATIONS]
-    out["violations"] = plain(counts[:, protocol].sum(axis=1))
+    out["violations"] = plain(functools.reduce(np.add, (counts[:, j] for j in protocol)))
     for j, kind in enumerate(VIOLATIONS):
         out[kind.value.replace("-", "_")] = plain(counts[:, j])
-    first = c["violation_first"][:, :, protocol].min(axis=(1, 2))
+    first = functools.reduce(np.minimum, (c["violation_first"][:, side, j]
+                                             for side in (0, 1) for j in protocol))
     out["first_violation_frame"] = _nullable(first, NONE)
     return out

@@ -52,11 +52,19 @@ typedef struct {
     PyObject *bytes;
     char *p;
     Py_ssize_t n, cap;
+    Py_ssize_t rows, done; /* rows to write, rows written */
 } Out;
 
 static int out_grow(Out *o, Py_ssize_t more)
 {
-    Py_ssize_t cap = o->cap ? o->cap : 1 << 16;
+    Py_ssize_t cap = o->cap ? 2 * o->cap : 1 << 16;
+    /* rather what the rows written so far foretell for all of them, and an eighth: one or
+     * two moves of the block, where doubling makes a dozen */
+    if (o->done > 0) {
+        double foretold = (double)o->n / (double)o->done * (double)o->rows * 1.125;
+        if (foretold > (double)cap && foretold < (double)PY_SSIZE_T_MAX / 2)
+            cap = (Py_ssize_t)foretold;
+    }
     while (cap < o->n + more)
         cap *= 2;
     if (!o->bytes)
@@ -448,21 +456,93 @@ static int item_parse(PyObject *t, Item *it, Py_ssize_t rows)
         PyErr_SetString(PyExc_TypeError, "a missing column needs its text, and the text one");
         return -1;
     }
+    if (it->has_missing && it->missing.itemsize != 1) {
+        PyErr_SetString(PyExc_ValueError, "a missing column holds a byte (bool) a row");
+        return -1;
+    }
     if ((it->has_col && it->col.len < rows * width8)
         || (it->has_col2 && it->col2.len < rows * 8)
-        || (it->has_missing && (it->missing.len < rows || it->missing.itemsize != 1))) {
+        || (it->has_missing && it->missing.len < rows)) {
         PyErr_SetString(PyExc_ValueError, "column shorter than the rows");
         return -1;
     }
     return it->kind == K_LIT || it->kind == K_STR ? item_pad(it) : 0;
 }
 
-/* repr(v) of a float, as float.__repr__ makes it (the same call); 0.0, which most of a
- * capture's stall times are, without asking dtoa. */
+/* repr(x) for 10^-4 <= x < 2^53 (fixed notation there), without dtoa: the characters are
+ * written before `end`, and their start returned; NULL when a case the argument below does
+ * not cover comes up (the caller then asks Python's own function).
+ *
+ * Why it is the same string. x = m 2^-t exactly, 2^52 <= m < 2^53, 0 <= t <= 66. repr(x)
+ * is the shortest decimal that reads back as x, the one nearest x among several (dtoa mode
+ * 0). A decimal reads back as x when it lies strictly inside (x - u/2, x + u/2), u = 2^-t,
+ * unless m = 2^52 (a smaller gap below: we give up) or it lies on an edge (we give up).
+ * As for epoch_repr: for such x fewer fractional digits mean fewer significant digits, so
+ * repr(x) is, for the least f where one exists, the multiple k 10^-f nearest x inside the
+ * interval; only k0 = floor(x 10^f) and k0 + 1 can be nearest, and when the nearer is not
+ * inside neither is the other. A tie between them: we give up. f = 21 always has one (17
+ * significant digits), and the least f leaves no trailing zero. Exact integer arithmetic
+ * in units of 2^-(t+1) 10^-f: |k 10^-f - x| < u/2 is |2 (k 2^t - m 10^f)| < 10^f, where
+ * m 10^f < 2^123. tests/test_render.py holds it equal to repr. */
+#ifdef __SIZEOF_INT128__
+static char *float_repr(double x, char *end)
+{
+    if (!(x >= 1e-4 && x < 9007199254740992.0))
+        return NULL;
+    int e;
+    double fr = frexp(x, &e);
+    uint64_t m = (uint64_t)ldexp(fr, 53);
+    int t = 53 - e;
+    if (m == (uint64_t)1 << 52 || t < 0 || t > 66)
+        return NULL;
+    typedef unsigned __int128 u128;
+    const u128 one = 1, low = (one << t) - 1;
+    u128 scale = 1;
+    for (int f = 0; f <= 21; f++, scale *= 10) {
+        u128 prod = (u128)m * scale, k = prod >> t, r = prod & low;
+        u128 below = 2 * r, above = 2 * ((one << t) - r); /* |2 (k 2^t - m 10^f)| */
+        u128 err = below < above ? below : above;
+        if (err > scale)
+            continue;
+        if (err == scale || below == above)
+            return NULL; /* on an edge, or two equally near */
+        if (above < below)
+            k++;
+        if (k >> 64)
+            return NULL;
+        uint64_t digits = (uint64_t)k;
+        char *p = end;
+        if (f == 0) {
+            *--p = '0';
+        } else {
+            for (int j = 0; j < f; j++) {
+                *--p = (char)('0' + digits % 10);
+                digits /= 10;
+            }
+        }
+        *--p = '.';
+        return u64_digits(digits, p);
+    }
+    return NULL;
+}
+#else /* no 128-bit integers (a 32-bit machine): Python's own function */
+static char *float_repr(double x, char *end)
+{
+    return NULL;
+}
+#endif
+
+/* repr(v) of a float: float_repr where it can, else what float.__repr__ calls. */
 static int out_float(Out *o, double v)
 {
+    char fast[48], *end = fast + sizeof fast, *p = float_repr(fabs(v), end);
     if (v == 0.0 && !signbit(v))
         return out_put(o, "0.0", 3);
+    if (p) {
+        if (v < 0)
+            *--p = '-';
+        return out_put(o, p, end - p);
+    }
     char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (!s)
         return -1;
@@ -599,7 +679,9 @@ static PyObject *format_rows(PyObject *self, PyObject *args)
         }
     }
     const int8_t *w = which.buf;
+    o.rows = rows;
     for (Py_ssize_t i = 0; i < rows; i++) {
+        o.done = i;
         if (w[i] < 0 || w[i] >= nt) {
             PyErr_SetString(PyExc_IndexError, "template choice out of range");
             goto done;
