@@ -112,3 +112,23 @@ def test_an_empty_capture_has_no_times_and_no_throughput(tmp_path: Path) -> None
     assert (s["frames"], s["connections"], s["payload_bytes"]) == (0, 0, 0)
     assert (s["first_ts"], s["last_ts"], s["duration"]) == (None, None, 0.0)
     assert (s["throughput"], s["bin_width"], s["ops"], s["top_cids"]) == ([], 0.0, {}, [])
+
+
+def test_closes_of_equal_counts_keep_the_order_they_first_came_in(tmp_path: Path) -> None:
+    """A refusal, then a Linux close, twice over, all to 2:1024: two of each. Ties keep the
+    order of first appearance (a Counter fed one connection at a time), in the capture's
+    closes and in the port's, though "graceful" sorts before "refused" by name and by code."""
+    out: list[tuple[int, bytes]] = []
+    for i in range(4):
+        c = Conv(out, client=(3, 50000 + i), server=(2, 1024))
+        if i % 2 == 0:
+            c.send(0, Op.REQUEST)
+            c.send(1, Op.RST, buf=0)
+        else:
+            c.open()
+            c.close()
+    stats = vsockmon.open(write(tmp_path / "t.pcap", out)).stats()
+    assert list(stats.closes.items()) == [("refused", 2), ("graceful", 2)]
+    (port,) = stats.top_ports
+    assert (port.port, port.connections) == (1024, 4)
+    assert list(port.closes.items()) == [("refused", 2), ("graceful", 2)]

@@ -226,26 +226,44 @@ class _Connections:
         """The connections that carried the most bytes (the earliest stream of equals)."""
 
     def add(self, table: ConnTable) -> None:
-        cols = table.columns()
+        cols = table.record_columns()
         self.count += len(table)
-        close = _as_list(cols["close"])
-        self.closes.update(close)
-        client, server = np.asarray(cols["client_cid"]), np.asarray(cols["server_cid"])
+        close = cols["close"]
+        assert close.texts is not None
+        codes = close.values
+        self.closes.update(_in_first_order(close.texts, codes))
+        client, server = cols["client_cid"].values, cols["server_cid"].values
         cids, n = np.unique(np.concatenate([client, server[server != client]]),
                             return_counts=True)
         self.per_cid.update(dict(zip(cids.tolist(), n.tolist(), strict=True)))
-        for port, nbytes, how in zip(_as_list(cols["server_port"]), _as_list(cols["bytes"]),
-                                     close, strict=True):
-            s = self.ports.setdefault(port, PortStats(port))
-            s.connections += 1
-            s.bytes += nbytes
-            s.closes[how] = s.closes.get(how, 0) + 1
-        nbytes = np.asarray(cols["bytes"])
+        nbytes = cols["bytes"].values
+        self._ports(cols["server_port"].values, nbytes, codes, close.texts)
         order = np.lexsort((np.arange(len(nbytes)), -nbytes))[: self.top_n]
         best = [{k: r[k] for k in self.KEEP} for r in table.records(order.tolist())]
         # stable: a later table's equal never passes an earlier one's
         self.top = sorted(self.top + best, key=lambda r: -r["bytes"])[: self.top_n]
 
+    def _ports(self, ports: np.ndarray, nbytes: np.ndarray, codes: np.ndarray,
+               texts: tuple[str, ...]) -> None:
+        """Connections, bytes and closes per server port: one Python step per port and
+        close seen, not per connection (each port's closes in order of first appearance)."""
+        key = ports.astype(np.int64) * len(texts) + codes
+        pairs, first, inverse, counts = np.unique(key, return_index=True, return_inverse=True,
+                                                  return_counts=True)
+        pair_bytes = np.zeros(len(pairs), dtype=np.int64)
+        np.add.at(pair_bytes, inverse.reshape(-1), nbytes)
+        for i in np.argsort(first, kind="stable").tolist():
+            port, code = divmod(int(pairs[i]), len(texts))
+            s = self.ports.setdefault(port, PortStats(port))
+            s.connections += int(counts[i])
+            s.bytes += int(pair_bytes[i])
+            how = texts[code]
+            s.closes[how] = s.closes.get(how, 0) + int(counts[i])
 
-def _as_list(col: Any) -> list:
-    return col if isinstance(col, list) else col.tolist()
+
+def _in_first_order(texts: tuple[str, ...], codes: np.ndarray) -> dict[str, int]:
+    """How often each code occurs, as its text, in the order the codes first occur (what a
+    Counter fed the values one by one would hold)."""
+    found, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    return {texts[int(found[i])]: int(counts[i]) for i in order.tolist()}
