@@ -361,3 +361,25 @@ def test_progress_bar_only_on_a_terminal(echo: Path, monkeypatch: pytest.MonkeyP
 def test_timeline_png_stacks_at_most_six(echo: Path, tmp_path: Path) -> None:
     _, err, _ = run("timeline", str(echo), "--png", str(tmp_path / "all.png"))
     assert "the PNG shows the first 6 of 7 connections" in err
+
+
+@pytest.mark.parametrize("field", ["-bytes", "handshake_ms", "-duration", "close",
+                                   "-packets_c2s"])
+@pytest.mark.parametrize("limit", [1, 4, 100])
+def test_the_first_n_in_an_order_are_taken_range_by_range(
+        echo: Path, monkeypatch: pytest.MonkeyPatch, field: str, limit: int) -> None:
+    """``--sort F -n N`` keeps each range's first N, never the whole table; with ranges of
+    3 streams the result must be the whole table's: a stable sort by the field (descending
+    with '-'), missing values last, then the first N."""
+    import vsockmon
+    import vsockmon.conntrack.tracker as tracker
+
+    whole = vsockmon.open(echo).analysis().table.records()
+    name = field.lstrip("-")
+    present = sorted((r for r in whole if r[name] is not None), key=lambda r: r[name],
+                     reverse=field.startswith("-"))
+    expected = [r["stream"] for r in present + [r for r in whole if r[name] is None]][:limit]
+    monkeypatch.setattr(tracker, "CHUNK", 3)
+    out, _, _ = run("conns", str(echo), "--json", f"--sort={field}", "-n", str(limit))
+    assert len(whole) > 6  # three ranges at least
+    assert [json.loads(line)["stream"] for line in out.splitlines()] == expected

@@ -534,3 +534,16 @@ def test_each_connection_gets_its_own_events_when_keys_sort_against_stream_order
     assert [[(e.frame, e.op_name) for e in c.events] for c in t] == [[(1, "REQUEST")],
                                                                    [(2, "REQUEST")]]
     assert [c.client.cid for c in t] == [3, 1]
+
+
+def test_a_table_of_some_rows_holds_their_connections_whole(tmp_path: Path) -> None:
+    """``take`` then ``concat``: the connections of the rows kept, events and all, equal to
+    the whole table's (what ``conns --sort F -n N`` keeps of each range)."""
+    import vsockmon
+    from vsockmon.conntrack.records import ConnTable
+
+    whole = vsockmon.open(echo_capture(tmp_path / "echo.pcap")).analysis().table
+    picks = [[1, 3], [], [4, 5, len(whole) - 1]]
+    kept = ConnTable.concat([whole.take(np.array(p, dtype=np.int64)) for p in picks])
+    assert list(kept) == [whole[i] for p in picks for i in p]
+    assert any(c.events for c in kept)  # events came along with their connections

@@ -116,14 +116,14 @@ TABLE_HEADERS = ("stream", "type", "client", "server", "start", "duration", "han
                  "diagnosis")
 
 
-def table_rows(analysis: Analysis, rows: np.ndarray,
+def table_rows(analysis: Analysis, table: ConnTable, rows: np.ndarray,
                diagnosis: Mapping[int, str] | None = None) -> list[tuple[object, ...]]:
-    """Human rows: times relative to the capture's first frame, guessed clients marked '?';
-    ``diagnosis`` is the diagnose column, by stream."""
+    """Human rows of ``table``'s ``rows``: times relative to the capture's first frame,
+    guessed clients marked '?'; ``diagnosis`` is the diagnose column, by stream."""
     diagnosis = diagnosis or {}
     t0 = (analysis.first_ts_ns or 0) / 1e9
     out: list[tuple[object, ...]] = []
-    for r in analysis.table.records(rows.tolist()):
+    for r in table.records(rows.tolist()):
         msgs = "" if r["messages_c2s"] is None else f"{r['messages_c2s']}/{r['messages_s2c']}"
         hs = "" if r["handshake_ms"] is None else f"{r['handshake_ms']:.3f}ms"
         out.append((
@@ -205,8 +205,7 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         # the table's diagnosis column costs a diagnose pass; JSON and CSV leave it out
         diagnosis = {} if as_json or as_csv else stream_summary(cap.findings())
         analysis = cap.analysis()
-    picked = _picked(analysis, not (as_json or as_csv), sort_by, limit, cids, ports,
-                     sock_type, closes, streams)
+    picked = _picked(analysis, sort_by, limit, cids, ports, sock_type, closes, streams)
     if as_json or as_csv:
         out = sys.stdout.buffer
         if as_csv:
@@ -217,29 +216,36 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
     else:
         from tabulate import tabulate
 
-        table = analysis.table
-        rows = np.concatenate([np.zeros(0, dtype=np.int64), *(r for _, r in picked)])
-        click.echo(tabulate(table_rows(analysis, rows, diagnosis), headers=TABLE_HEADERS,
-                            disable_numparse=True))
-        click.echo(f"{len(rows)} of {len(table)} connections; {analysis.frames} frames"
+        lines = [line for table, rows in picked
+                 for line in table_rows(analysis, table, rows, diagnosis)]
+        click.echo(tabulate(lines, headers=TABLE_HEADERS, disable_numparse=True))
+        click.echo(f"{len(lines)} of {len(analysis.tracker)} connections; "
+                   f"{analysis.frames} frames"
                    + (f", {analysis.frames_without_stream} without a virtio header"
                       if analysis.frames_without_stream else ""))
     sys.stdout.flush()
 
 
-def _picked(analysis: Analysis, whole: bool, sort_by: str, limit: int | None, *filters: Any
+def _picked(analysis: Analysis, sort_by: str, limit: int | None, *filters: Any
             ) -> Iterator[tuple[ConnTable, np.ndarray]]:
     """The connections to print, in order, as (table, rows) pieces of at most
-    :data:`CHUNK` rows: in stream order a range of streams at a time, so that memory
-    stays bounded however many connections the capture holds; in another order, or
-    ``whole``, from the whole table (it must all be held to be sorted)."""
+    :data:`CHUNK` rows: in stream order a range of streams at a time, and the first
+    ``limit`` in another order from each range's own first ``limit``, so that memory stays
+    bounded however many connections the capture holds; every connection in another order
+    from the whole table (it must all be held to be sorted)."""
     left = limit
-    if sort_by == "stream" and not whole:
+    if sort_by == "stream":
         pieces: Iterator[tuple[ConnTable, np.ndarray]] = (
             (t, matching(t, *filters)) for t in analysis.tables())
     else:
-        table = analysis.table
-        rows = order(table, matching(table, *filters), sort_by)
+        if limit is not None:  # a row of the first ``limit`` is one of its range's
+            best = [t.take(np.sort(order(t, matching(t, *filters), sort_by)[:limit]))
+                    for t in analysis.tables()]
+            table = ConnTable.concat(best) if best else analysis.table
+            rows = order(table, np.arange(len(table)), sort_by)
+        else:
+            table = analysis.table
+            rows = order(table, matching(table, *filters), sort_by)
         pieces = ((table, rows[a : a + CHUNK]) for a in range(0, len(rows), CHUNK))
     for table, rows in pieces:
         if left is not None:

@@ -8,7 +8,7 @@ flat records of ``conns --json`` (:data:`RECORD_FIELDS`) as columns. No I/O here
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +225,24 @@ class ConnTable:
 
     def __len__(self) -> int:
         return self._n
+
+    def take(self, rows: np.ndarray) -> ConnTable:
+        """The table of ``rows`` (ascending) only: what a top ten of a million keeps."""
+        ev = self._ev
+        keep = np.isin(ev["sid"], rows)
+        events = {k: c[keep] for k, c in ev.items()}
+        events["sid"] = np.searchsorted(rows, events["sid"])
+        return ConnTable({k: c[rows] for k, c in self._c.items()}, events)
+
+    @staticmethod
+    def concat(tables: Sequence[ConnTable]) -> ConnTable:
+        """One table of ``tables``' rows, in that order (tables of ascending streams)."""
+        cols = {k: np.concatenate([t._c[k] for t in tables]) for k in tables[0]._c}
+        offsets = np.cumsum([0, *(len(t) for t in tables[:-1])]).tolist()
+        events = {k: np.concatenate([t._ev[k] + at if k == "sid" else t._ev[k]
+                                     for t, at in zip(tables, offsets, strict=True)])
+                  for k in tables[0]._ev}
+        return ConnTable(cols, events)
 
     def column(self, name: str) -> np.ndarray:
         """One of the tracker's own columns (``stream``, ``close`` as an index into
