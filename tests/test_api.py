@@ -194,3 +194,32 @@ def test_capture_diagnose_does_not_pay_for_the_tables() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["False"]
+
+
+def test_the_connections_made_range_by_range_are_the_records_as_arrow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``connections()`` turns each range of streams into Arrow columns and lets it go; with
+    ranges of 3 streams it must still be the table pyarrow makes of the records' Python
+    values (nulls where a value is missing, ``cid:port`` ends, names of closes)."""
+    from conntrack_scenarios import echo_capture
+
+    import vsockmon.conntrack.tracker as tracker
+    from vsockmon.export.tables import CONNECTION_COLUMNS, schema
+
+    path = echo_capture(tmp_path / "echo.pcap")
+    records = vsockmon.open(path).analysis().table.records()
+    expected = pa.Table.from_pylist(records, schema=schema(CONNECTION_COLUMNS[1:]))
+    monkeypatch.setattr(tracker, "CHUNK", 3)
+    got = vsockmon.open(path).connections()
+    assert len(records) > 6 and got.num_rows == len(records)
+    assert got.equals(expected)
+    assert got.column("handshake_ms").null_count > 0  # the nulls were checked too
+
+
+def test_a_capture_without_connections_has_an_empty_connections_table(tmp_path: Path) -> None:
+    from helpers import write_pcap
+
+    from vsockmon.export.tables import CONNECTION_COLUMNS, schema
+
+    got = vsockmon.open(write_pcap(tmp_path / "empty.pcap", [])).connections()
+    assert got.num_rows == 0 and got.schema.equals(schema(CONNECTION_COLUMNS[1:]))

@@ -205,7 +205,7 @@ class Capture:
         ``vsockmon conns --json``, in stream order."""
         from vsockmon.export.tables import connections_table
 
-        return connections_table(self.analysis().table, None)
+        return connections_table(self.analysis().tables(), None)
 
     def findings(self, thresholds: Thresholds | None = None) -> list[Finding]:
         """The diagnose findings, ranked as ``vsockmon diagnose`` ranks them (most severe

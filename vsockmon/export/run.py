@@ -187,7 +187,7 @@ def export_tables(source: str, outdir: Path, fmt: str, force: bool = False,
             analysis = analyse(reader, write)
         result.stopped = analysis.stopped
         conns = TableFile(paths[1], fmt, schema(CONNECTION_COLUMNS))
-        table = connections_table(analysis.table, name)
+        table = connections_table(analysis.tables(), name)
         try:
             conns.write(table)
         except BaseException:

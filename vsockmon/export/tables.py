@@ -10,13 +10,15 @@ from the field tables in :mod:`vsockmon.wire.protocol` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from vsockmon.conntrack.records import RecordColumn
 from vsockmon.conntrack.tracker import RECORD_FIELDS, ConnTable, Tags
 from vsockmon.decode.frames import FrameBatch, anomaly_names, epoch_seconds
 from vsockmon.payload import dissect_frame
@@ -187,20 +189,45 @@ def packet_batch(fb: FrameBatch, tags: Tags, capture: str, payload: bool = False
     return pa.RecordBatch.from_arrays(arrays, schema=packet_schema(payload))
 
 
-def connections_table(table: ConnTable, capture: str | None) -> pa.Table:
+def connections_table(tables: ConnTable | Iterable[ConnTable], capture: str | None
+                      ) -> pa.Table:
     """The connections table: one row per stream, the tracker's record fields (the keys of
-    ``conns --json``), after a ``capture`` column naming the file unless ``capture`` is None."""
-    cols = table.columns()
-    arrays = []
-    for f in RECORD_FIELDS:
-        values = cols[f.name]
-        kind = _KIND[f.kind]
-        arrays.append(pa.array(values, type=kind) if isinstance(values, list)
-                      else pa.array(np.asarray(values)).cast(kind))
-    if capture is None:
-        return pa.Table.from_arrays(arrays, schema=schema(CONNECTION_COLUMNS[1:]))
-    arrays.insert(0, pa.repeat(pa.scalar(capture, pa.string()), len(table)))
-    return pa.Table.from_arrays(arrays, schema=schema(CONNECTION_COLUMNS))
+    ``conns --json``), after a ``capture`` column naming the file unless ``capture`` is None.
+    ``tables`` may be a tracker's ranges of streams (``Analysis.tables()``): each is turned
+    into Arrow columns and let go, so a million connections are never held as a table of
+    Python objects (or as the tracker's whole table)."""
+    columns = CONNECTION_COLUMNS if capture is not None else CONNECTION_COLUMNS[1:]
+    parts = [_connection_batch(t, capture, columns)
+             for t in ([tables] if isinstance(tables, ConnTable) else tables)]
+    if not parts:
+        parts = [_connection_batch(None, capture, columns)]
+    return pa.Table.from_batches(parts, schema=schema(columns))
+
+
+def _connection_batch(table: ConnTable | None, capture: str | None,
+                      columns: tuple[Column, ...]) -> pa.RecordBatch:
+    """The Arrow columns of one table's records (no rows for None), from the record
+    arrays: no Python value per connection."""
+    if table is None:
+        return pa.RecordBatch.from_pylist([], schema=schema(columns))
+    cols = table.record_columns()
+    arrays = [_record_array(cols[f.name], _KIND[f.kind]) for f in RECORD_FIELDS]
+    if capture is not None:
+        arrays.insert(0, pa.repeat(pa.scalar(capture, pa.string()), len(table)))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema(columns))
+
+
+def _record_array(col: RecordColumn, kind: pa.DataType) -> pa.Array:
+    """One record field as Arrow: ``cid:port`` of an end joined by Arrow, a coded string
+    taken from its texts, numbers cast; null where the value is missing."""
+    mask = col.missing
+    if col.port is not None:
+        return pc.binary_join_element_wise(pa.array(col.values).cast(pa.string()),
+                                           pa.array(col.port).cast(pa.string()), ":")
+    if col.texts is not None:
+        codes = pa.array(col.values.astype(np.int64), mask=mask)
+        return pa.array(col.texts, type=pa.string()).take(codes)
+    return pa.array(col.values, mask=mask).cast(kind)
 
 
 # -- the frames of ``decode --json`` as Arrow ------------------------------------------------

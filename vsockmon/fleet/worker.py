@@ -89,7 +89,7 @@ def analyse_capture(source: str, request: Request) -> CaptureResult:
         if "packets" in want:
             result.packets = pa.Table.from_batches(batches, schema=packet_schema())
         if "packets" in want or "connections" in want:
-            result.connections = connections_table(analysis.table, None)
+            result.connections = connections_table(analysis.tables(), None)
         if "findings" in want:
             found = matching_findings(cap.findings(), request.rules,
                                       Severity.parse(request.min_severity))
