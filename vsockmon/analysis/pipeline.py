@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from vsockmon.conntrack.tracker import ConnTable, ConnTracker, Tags
+from vsockmon.conntrack.tracker import Connection, ConnTable, ConnTracker, Tags
 from vsockmon.decode.frames import FrameBatch, decode_batch
 from vsockmon.wire.pcapio import CaptureReader, RecordBatch
 
@@ -58,6 +58,11 @@ class Analysis:
     def table(self) -> ConnTable:
         """Every connection, in one table (made on first use, then kept)."""
         return self.tracker.finish()
+
+    def connection(self, stream: int) -> Connection:
+        """Stream ``stream``'s connection (0 <= stream < ``len(tracker)``), made alone: a
+        command that shows a few of a million does not make the whole table."""
+        return self.tracker.table(stream, stream + 1)[0]
 
     def tables(self) -> Iterator[ConnTable]:
         """Every connection as tables of consecutive streams, in stream order: for writers

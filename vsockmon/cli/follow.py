@@ -50,7 +50,7 @@ def follow(file: str, stream: int, as_hex: bool, raw: bool, direction: str | Non
     if stream >= held:
         raise click.ClickException(f"{analysis.name}: no stream {stream} "
                                    f"({held} in this capture)")
-    conn = analysis.tracker.table(stream, stream + 1)[0]
+    conn = analysis.connection(stream)
     parts = ra.chunks(rows.columns(stream), rows.payload(stream))
     only = ra.DIRECTIONS[direction] if direction else None
     if raw:

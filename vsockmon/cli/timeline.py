@@ -46,19 +46,19 @@ def timeline(file: str, streams: tuple[int, ...], limit: int, max_rows: int,
         cap.scan(rows, findings=True)  # the chosen streams' packets, diagnose's findings
         findings = cap.findings()  # as markers
         analysis = cap.analysis()
-    table = analysis.table
-    missing = [s for s in streams if s >= len(table)]
+    held = len(analysis.tracker)  # counted, not made: only the chosen are drawn
+    missing = [s for s in streams if s >= held]
     if missing:
         raise click.ClickException(f"{analysis.name}: no stream {missing[0]} "
-                                   f"(streams 0-{len(table) - 1})" if len(table)
+                                   f"(streams 0-{held - 1})" if held
                                    else f"{analysis.name}: no connection in this capture")
-    chosen = list(streams) if streams else list(range(min(limit, len(table))))
-    ladders = [tl.ladder(table[s], rows.columns(s)) for s in chosen]
+    chosen = list(streams) if streams else list(range(min(limit, held)))
+    ladders = [tl.ladder(analysis.connection(s), rows.columns(s)) for s in chosen]
     for lad in ladders:
         lad.marks = markers(findings, (step.frame for step in lad.steps))
     notes = []
-    if not streams and len(table) > limit:
-        notes.append(f"the first {limit} of {len(table)} connections; use --conn or --limit")
+    if not streams and held > limit:
+        notes.append(f"the first {limit} of {held} connections; use --conn or --limit")
     if html_out:
         page = tl.html_page(f"vsockmon timeline — {analysis.name}", ladders, max_rows, notes)
         write_output(html_out, page.encode(), force)
