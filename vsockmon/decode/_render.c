@@ -264,6 +264,23 @@ static int out_preview(Out *o, const uint8_t *d, Py_ssize_t len, Py_ssize_t limi
  * at f - 1 too). Everything is exact integer arithmetic in units
  * of U = 2^-t 10^-9 s: x = m 10^9 U, D = ns 2^t U, u/2 = 5 10^8 U. tests/test_render.py
  * holds it equal to repr over boundaries, sub-second parts and times beyond 2^32 s. */
+/* The fixed-point text of digits / 10^f with f decimals ("W.0" when f is 0), written
+   backwards to end: what the exact epoch and float formatters both end with. */
+static char *fixed_digits(uint64_t digits, int f, char *end)
+{
+    char *s = end;
+    if (f == 0) {
+        *--s = '0';
+    } else {
+        for (int k = 0; k < f; k++) {
+            *--s = (char)('0' + digits % 10);
+            digits /= 10;
+        }
+    }
+    *--s = '.';
+    return u64_digits(digits, s);
+}
+
 #ifdef __SIZEOF_INT128__
 static char *epoch_repr(uint64_t ns, char *end)
 {
@@ -319,18 +336,8 @@ static char *epoch_repr(uint64_t ns, char *end)
             continue;
         if (tie)
             return NULL;
-        uint64_t c = ns + (uint64_t)best, sec = c / BILLION, frac = (c % BILLION) / p;
-        char *s = end;
-        if (f == 0) {
-            *--s = '0';
-        } else {
-            for (int k = 0; k < f; k++) {
-                *--s = (char)('0' + frac % 10);
-                frac /= 10;
-            }
-        }
-        *--s = '.';
-        return u64_digits(sec, s);
+        uint64_t c = ns + (uint64_t)best; /* c / p: its seconds and f decimals, as digits */
+        return fixed_digits(c / p, f, end);
     }
     return NULL;
 }
@@ -510,18 +517,7 @@ static char *float_repr(double x, char *end)
             k++;
         if (k >> 64)
             return NULL;
-        uint64_t digits = (uint64_t)k;
-        char *p = end;
-        if (f == 0) {
-            *--p = '0';
-        } else {
-            for (int j = 0; j < f; j++) {
-                *--p = (char)('0' + digits % 10);
-                digits /= 10;
-            }
-        }
-        *--p = '.';
-        return u64_digits(digits, p);
+        return fixed_digits((uint64_t)k, f, end);
     }
     return NULL;
 }
