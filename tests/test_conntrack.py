@@ -547,3 +547,16 @@ def test_a_table_of_some_rows_holds_their_connections_whole(tmp_path: Path) -> N
     kept = ConnTable.concat([whole.take(np.array(p, dtype=np.int64)) for p in picks])
     assert list(kept) == [whole[i] for p in picks for i in p]
     assert any(c.events for c in kept)  # events came along with their connections
+
+
+def test_the_record_columns_are_the_records_field_by_field(tmp_path: Path) -> None:
+    """``columns()`` (documented for scripts) holds, per field, each record's value."""
+    import vsockmon
+    from vsockmon.conntrack.tracker import RECORD_FIELDS
+
+    table = vsockmon.open(echo_capture(tmp_path / "echo.pcap")).analysis().table
+    cols = table.columns()
+    assert list(cols) == [f.name for f in RECORD_FIELDS]
+    for i, record in enumerate(table.records()):
+        row = {k: (c[i].item() if isinstance(c, np.ndarray) else c[i]) for k, c in cols.items()}
+        assert row == record
