@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_conns import EPHEMERAL, _port_offsets, build, template  # noqa: E402
+from bench_conns import EPHEMERAL, _port_offsets, build, measure, template  # noqa: E402
 from bench_decode import SCAPY_READ  # noqa: E402
 
 from vsockmon.decode.verify import TSHARK_FIELDS  # noqa: E402
@@ -77,20 +77,6 @@ def _move_client(data: bytes, by: int) -> bytes:
             if port >= EPHEMERAL:
                 struct.pack_into("<I", buf, off, port + by)
     return bytes(buf)
-
-
-def measure(cmd: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command, its
-    output discarded, from GNU time (a child forked from this big Python would count its
-    pages as the command's peak). Exit status 1 is a result (``diagnose`` found problems)."""
-    with tempfile.NamedTemporaryFile("r") as report:
-        proc = subprocess.run(["/usr/bin/time", "-q", "-o", report.name, "-f", "%e %U %S %M",
-                               *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              check=False)
-        if proc.returncode not in (0, 1):
-            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-        wall, user, system, rss_kib = report.read().split()[-4:]
-    return float(wall), float(user) + float(system), int(rss_kib) / 1024
 
 
 @dataclass

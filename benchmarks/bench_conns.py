@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 from vsockmon.decode.frames import decode_batches  # noqa: E402
 from vsockmon.wire.pcapio import open_capture  # noqa: E402
 from vsockmon.wire.protocol import MON_HDR_LEN, VIRTIO_HEADER, VSOCKMON_HEADER, Op  # noqa: E402
+
+
+def measure(cmd: list[str], out: Path | None = None) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command, its
+    output discarded (or kept in ``out``), from GNU time (a child forked from this big
+    Python would count its pages as the command's peak). Exit status 1 is a result
+    (``diagnose`` found problems)."""
+    with (tempfile.NamedTemporaryFile("r") as report,
+          open(out or os.devnull, "wb") as sink):
+        proc = subprocess.run(["/usr/bin/time", "-q", "-o", report.name, "-f", "%e %U %S %M",
+                               *cmd], stdout=sink, stderr=subprocess.DEVNULL, check=False)
+        if proc.returncode not in (0, 1):
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+        wall, user, system, rss_kib = report.read().split()[-4:]
+    return float(wall), float(user) + float(system), int(rss_kib) / 1024
+
 
 EPHEMERAL = 10000
 """Ports at or above this are clients' (Linux picks random ones above 1024; the lab's and
@@ -145,22 +160,6 @@ def _u32(buf: np.ndarray, pos: np.ndarray) -> np.ndarray:
 def _put_u32(buf: np.ndarray, pos: np.ndarray, values: np.ndarray) -> None:
     for i in range(4):
         buf[pos + i] = (values >> (8 * i)) & 0xFF
-
-
-def measure(cmd: list[str], out: Path | None = None) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one process, its
-    output discarded (or kept). CPU time is what the ratios use: on a shared machine it
-    moves far less than wall time."""
-    sink = open(out, "wb") if out else subprocess.DEVNULL  # noqa: SIM115
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if out:
-        sink.close()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def count(path: Path) -> tuple[int, int]:
