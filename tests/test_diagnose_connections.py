@@ -8,13 +8,16 @@ every stream and one dial-retry run over every attempt.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conntrack_scenarios import MS, Conv, write
 
 import vsockmon
+from vsockmon.cli import main
 from vsockmon.conntrack.records import ConnTable
 from vsockmon.diagnose.connections import CHUNK, Index
 from vsockmon.diagnose.engine import Diagnosis
@@ -138,3 +141,32 @@ def test_a_request_on_the_ports_of_a_connection_never_established_is_no_state_lo
     lost = [(f.stream, f.frames) for f in found if f.rule == "state-lost"]
     # frames: the old connection's last (its SHUTDOWN) and the new REQUEST
     assert lost == ([(1, (3, 4))] if answered else [])
+
+
+def test_a_storm_makes_python_values_of_the_rows_it_reads_not_of_their_ranges(
+        storm_pcap: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    listed: list[int] = []
+    plain = ConnTable._columns_as_lists
+
+    def counted(self: ConnTable) -> object:
+        listed.append(len(self))
+        return plain(self)
+
+    monkeypatch.setattr(ConnTable, "_columns_as_lists", counted)
+    vsockmon.open(storm_pcap).findings()
+    assert listed and max(listed) == 1  # each pick a table of its one row, not of CHUNK
+
+
+def test_a_storm_finding_holds_its_numbers_as_eight_bytes_each_and_prints_them_all(
+        storm_pcap: Path) -> None:
+    cap = vsockmon.open(storm_pcap)
+    listener = next(f for f in cap.findings() if f.rule == "no-listener")
+    assert listener.frames.array().nbytes == 8 * 2 * STORM
+    assert listener.streams.array().nbytes == 8 * STORM
+    line = listener.to_json(cap.start_ns)
+    assert line == json.dumps(listener.to_dict(cap.start_ns), ensure_ascii=False)
+    assert json.loads(line)["frames"] == list(range(1, 2 * STORM + 1))
+    out = CliRunner().invoke(main, ["diagnose", str(storm_pcap)]).output
+    every = ", ".join(str(n) for n in range(1, 2 * STORM + 1))
+    assert f"ERROR no-listener  (at 0.000000 s, frames {every}; also stream 1, 2, " in out
+    assert f", {STORM - 1})\n" in out

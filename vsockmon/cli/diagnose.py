@@ -14,7 +14,7 @@ import click
 from vsockmon.analysis.pipeline import Analysis
 from vsockmon.cli.reading import opened
 from vsockmon.diagnose.engine import RULES, LiveDiagnosis
-from vsockmon.diagnose.model import Finding, Severity, Thresholds
+from vsockmon.diagnose.model import Finding, Numbers, Severity, Thresholds
 from vsockmon.diagnose.views import matching_findings
 
 EXIT_FINDINGS = 1
@@ -81,8 +81,10 @@ def diagnose(file: str, as_json: bool, rules: tuple[str, ...], min_severity: str
         analysis = cap.analysis()
     shown = matching_findings(found, rules, Severity.parse(min_severity))
     if as_json:
-        for f in shown:
-            click.echo(f.to_json(analysis.start_ns))
+        for f in shown:  # in pieces: a storm's one finding names millions of frames
+            for piece in f.json_pieces(analysis.start_ns):
+                click.echo(piece, nl=False)
+            click.echo()
     else:
         _print_report(analysis, shown, hidden=len(found) - len(shown))
     if any(f.severity >= Severity.WARNING for f in shown):
@@ -111,12 +113,17 @@ def _print_report(analysis: Analysis, shown: list[Finding], hidden: int) -> None
 
 def _print_finding(f: Finding, start: int | None, width: int) -> None:
     when = f"at {(f.time_ns - start) / 1e9:.6f} s, " if f.time_ns is not None and start else ""
-    frames = ", ".join(map(str, f.frames))
-    others = [s for s in f.streams if s != f.stream]
-    if others:
-        frames += "; also stream " + ", ".join(map(str, others))
+    streams = f.streams.array()
+    others = Numbers(streams[streams != f.stream])
     click.echo("  " + click.style(str(f.severity).upper(), fg=_STYLE[f.severity], bold=True)
-               + f" {f.rule_id}  ({when}frames {frames})")
+               + f" {f.rule_id}  ({when}frames ", nl=False)
+    for piece in f.frames.pieces():  # in pieces: a storm's finding names millions
+        click.echo(piece, nl=False)
+    if others:
+        click.echo("; also stream ", nl=False)
+        for piece in others.pieces():
+            click.echo(piece, nl=False)
+    click.echo(")")
     wrap = textwrap.TextWrapper(width=width, initial_indent="    ", subsequent_indent="    ")
     click.echo(wrap.fill(f.message))
     for title, text in (("cause", f.cause), ("fix", f.fix)):
@@ -205,6 +212,6 @@ class LiveReport:
 def _headline(f: Finding) -> str:
     """``SEVERITY rule (stream N, frames a,b)``: how a live report names a finding."""
     where = f"stream {f.stream}, " if f.stream is not None else ""
-    frames = ",".join(map(str, f.frames))
+    frames = f.frames.text(",")
     return f"{str(f.severity).upper()} {f.rule_id} ({where}frames {frames})"
 

@@ -222,7 +222,8 @@ class Connections:
 
 class _Ranges:
     """Connection objects made from a tracker's tables, one range of streams at a time
-    (the last range kept: rules ask for neighbours)."""
+    (the last range's columns kept: rules ask for neighbours). Only the rows asked for
+    become Python values: a rule picking two connections of a range pays for two."""
 
     def __init__(self, table_at: TableAt) -> None:
         self._table_at = table_at
@@ -231,9 +232,13 @@ class _Ranges:
 
     def make(self, streams: np.ndarray) -> Iterator[Connection]:
         """The connections of ``streams`` (ascending, all held by the tracker)."""
-        for stream in streams.tolist():
-            lo = stream - stream % CHUNK
+        if not len(streams):
+            return
+        starts = streams - streams % CHUNK
+        for part in np.split(streams, np.flatnonzero(np.diff(starts)) + 1):
+            lo = int(part[0]) - int(part[0]) % CHUNK
             if lo != self._lo or self._table is None:
                 self._table, self._lo = self._table_at(lo, lo + CHUNK), lo
-            rows = self._table.column("stream")
-            yield self._table[int(np.searchsorted(rows, stream))]
+            rows = np.searchsorted(self._table.column("stream"), part)
+            picked = self._table if len(rows) == len(self._table) else self._table.take(rows)
+            yield from picked

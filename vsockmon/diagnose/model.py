@@ -8,10 +8,13 @@ output (the CLI, the API, pcapng comments, timeline markers) reads these types.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from functools import total_ordering
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
 
 if TYPE_CHECKING:
     from vsockmon.diagnose.registry import Context
@@ -95,6 +98,75 @@ class Rule:
     after: tuple[str, ...] = ()
 
 
+@total_ordering
+class Numbers(Sequence[int]):
+    """A finding's frame or stream numbers: a read-only int64 array that reads as a tuple.
+
+    A storm's one finding names a million streams and two million frames; as a tuple of
+    Python ints they would cost 36 bytes each, here 8. It equals, and orders against, the
+    tuple of its values, so ``f.frames == (3, 4)`` reads as it always did.
+    """
+
+    __slots__ = ("_a",)
+
+    def __init__(self, values: Iterable[int] | np.ndarray = ()) -> None:
+        a = np.array(values if isinstance(values, np.ndarray) else list(values),
+                     dtype=np.int64)
+        a.flags.writeable = False
+        self._a = a
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[int, ...]: ...
+    def __getitem__(self, i: int | slice) -> int | tuple[int, ...]:
+        if isinstance(i, slice):
+            return tuple(self._a[i].tolist())
+        return int(self._a[i])
+
+    def __iter__(self) -> Iterator[int]:
+        for lo in range(0, len(self._a), 65536):  # a slice of ints at a time, not a million
+            yield from self._a[lo:lo + 65536].tolist()
+
+    def _tuple(self, other: object) -> tuple[int, ...] | None:
+        if isinstance(other, Numbers):
+            return tuple(other)
+        return tuple(other) if isinstance(other, (tuple, list)) else None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Numbers):
+            return bool(np.array_equal(self._a, other._a))
+        theirs = self._tuple(other)
+        return NotImplemented if theirs is None else tuple(self) == theirs
+
+    def __lt__(self, other: object) -> bool:
+        theirs = self._tuple(other)
+        return NotImplemented if theirs is None else tuple(self) < theirs
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def array(self) -> np.ndarray:
+        """The numbers as a (read-only) numpy array."""
+        return self._a
+
+    def text(self, sep: str = ", ") -> str:
+        """The numbers in decimal, ``sep`` between."""
+        return "".join(self.pieces(sep))
+
+    def pieces(self, sep: str = ", ") -> Iterator[str]:
+        """:meth:`text` a slice at a time: a million numbers never exist as Python ints or
+        strings at once."""
+        for lo in range(0, len(self._a), 65536):
+            yield (sep if lo else "") + sep.join(map(str, self._a[lo:lo + 65536].tolist()))
+
+
 @dataclass(frozen=True)
 class Finding:
     """One diagnosed problem with its proof, explanation and fix."""
@@ -103,14 +175,14 @@ class Finding:
     severity: Severity
     stream: int | None
     """The connection it concerns (the first one when it spans several); None: the capture."""
-    frames: tuple[int, ...]
-    """The frames that show it, in order."""
+    frames: Numbers
+    """The frames that show it, in order (a tuple given is made :class:`Numbers`)."""
     message: str
     cause: str
     fix: str
     kind: str | None = None
     """Which variant of the rule (see :attr:`Rule.kinds`)."""
-    streams: tuple[int, ...] = ()
+    streams: Numbers = field(default_factory=Numbers)
     """Every connection concerned, :attr:`stream` first."""
     time_ns: int | None = None
     """When it shows: the time of its first evidence frame."""
@@ -119,6 +191,11 @@ class Finding:
     evidence: Mapping[str, Any] = field(default_factory=dict)
     """The numbers that matter, by name (bytes, seconds, frame numbers)."""
 
+    def __post_init__(self) -> None:
+        for name in ("frames", "streams"):
+            if not isinstance(getattr(self, name), Numbers):
+                object.__setattr__(self, name, Numbers(getattr(self, name)))
+
     @property
     def rule_id(self) -> str:
         """``rule/kind`` when the rule has variants, else the rule id."""
@@ -126,19 +203,37 @@ class Finding:
 
     def to_dict(self, start_ns: int | None = None) -> dict[str, Any]:
         """The JSON object of ``--json``; ``t`` is seconds since ``start_ns`` when given."""
-        out: dict[str, Any] = {
-            "rule": self.rule, "kind": self.kind, "severity": str(self.severity),
-            "stream": self.stream, "streams": list(self.streams or opt_tuple(self.stream)),
-            "frames": list(self.frames), "time_ns": self.time_ns,
-        }
-        if start_ns is not None and self.time_ns is not None:
-            out["t"] = round((self.time_ns - start_ns) / 1e9, 9)
-        out.update(connection=self.connection, message=self.message, cause=self.cause,
-                   fix=self.fix, evidence=dict(self.evidence))
-        return out
+        head, tail = self._json_parts(start_ns)
+        return {**head, "streams": list(self._streams()), "frames": list(self.frames), **tail}
 
     def to_json(self, start_ns: int | None = None) -> str:
-        return json.dumps(self.to_dict(start_ns), ensure_ascii=False)
+        """:meth:`to_dict` as one line of JSON."""
+        return "".join(self.json_pieces(start_ns))
+
+    def json_pieces(self, start_ns: int | None = None) -> Iterator[str]:
+        """:meth:`to_json` in pieces, its numbers written straight from their arrays: a
+        storm's finding names millions, and neither a list of Python ints nor the whole line
+        is ever made for them."""
+        head, tail = self._json_parts(start_ns)
+        yield json.dumps(head, ensure_ascii=False)[:-1] + ', "streams": ['
+        yield from self._streams().pieces()
+        yield '], "frames": ['
+        yield from self.frames.pieces()
+        yield "], " + json.dumps(tail, ensure_ascii=False)[1:]
+
+    def _streams(self) -> Numbers:
+        return self.streams or Numbers(opt_tuple(self.stream))
+
+    def _json_parts(self, start_ns: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The JSON object's members before ``streams`` and ``frames``, and after them."""
+        head = {"rule": self.rule, "kind": self.kind, "severity": str(self.severity),
+                "stream": self.stream}
+        tail: dict[str, Any] = {"time_ns": self.time_ns}
+        if start_ns is not None and self.time_ns is not None:
+            tail["t"] = round((self.time_ns - start_ns) / 1e9, 9)
+        tail.update(connection=self.connection, message=self.message, cause=self.cause,
+                    fix=self.fix, evidence=dict(self.evidence))
+        return head, tail
 
 
 def opt_tuple(value: int | None) -> tuple[int, ...]:

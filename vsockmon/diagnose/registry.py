@@ -17,7 +17,7 @@ import numpy as np
 from vsockmon.conntrack.tracker import Connection, ConnTable
 from vsockmon.diagnose.connections import Connections
 from vsockmon.diagnose.digest import Digest
-from vsockmon.diagnose.model import Finding, Rule, Severity, Thresholds, opt_tuple
+from vsockmon.diagnose.model import Finding, Numbers, Rule, Severity, Thresholds, opt_tuple
 
 RULES: dict[str, Rule] = {}
 """Every rule by id, in registration order (filled by importing :mod:`vsockmon.diagnose.rules`)."""
@@ -97,23 +97,24 @@ class Context:
 
     def add(self, conn: Connection | None, frames: Iterable[int], message: str, cause: str,
             fix: str, *, kind: str | None = None, severity: Severity | None = None,
-            streams: Sequence[int] = (), time_ns: int | None = None,
+            streams: Sequence[int] | np.ndarray = (), time_ns: int | None = None,
             **evidence: Any) -> None:
         """Report a finding of the running rule (``kind``: one of its variants)."""
         r = self.rule
         if r is None or (kind is not None and kind not in r.kinds):
             raise ValueError(f"finding of kind {kind!r} outside a rule that has it")
-        stream = conn.stream if conn is not None else (streams[0] if streams else None)
+        named = Numbers(streams)
+        stream = conn.stream if conn is not None else (named[0] if len(named) else None)
         self.findings.append(Finding(
             rule=r.id, severity=r.severity if severity is None else severity,
             stream=stream, frames=_frames(frames), message=message, cause=cause,
-            fix=fix, kind=kind, streams=tuple(streams) or opt_tuple(stream),
+            fix=fix, kind=kind, streams=named if len(named) else Numbers(opt_tuple(stream)),
             time_ns=time_ns if time_ns is not None else (conn.first_ts_ns if conn else None),
             connection=label(conn) if conn is not None else "", evidence=evidence))
 
 
-def _frames(frames: Iterable[int] | np.ndarray) -> tuple[int, ...]:
+def _frames(frames: Iterable[int] | np.ndarray) -> Numbers:
     """A finding's frames: each once, in order (a storm's refusals give millions: numpy)."""
     if isinstance(frames, np.ndarray):
-        return tuple(np.unique(frames).tolist())
-    return tuple(sorted(set(frames)))
+        return Numbers(np.unique(frames))
+    return Numbers(sorted(set(frames)))

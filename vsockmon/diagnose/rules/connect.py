@@ -48,9 +48,11 @@ class _Refused:
         return both[present(both) & (both != 0)]
 
     @property
-    def delays(self) -> list[int]:
+    def max_delay(self) -> int | None:
+        """The longest REQUEST-to-RST delay seen (None: none seen)."""
         hs = self.ctx.conns.index.handshake[self.rows]
-        return hs[present(hs)].tolist()
+        hs = hs[present(hs)]
+        return int(hs.max()) if len(hs) else None
 
     @property
     def target(self) -> str:
@@ -61,9 +63,9 @@ class _Refused:
         return "" if len(self.rows) == 1 else f" {len(self.rows)} times"
 
     def evidence(self) -> dict[str, Any]:
-        return dict(streams=self.ctx.conns.index.stream[self.rows].tolist(),
+        return dict(streams=self.ctx.conns.index.stream[self.rows],
                     time_ns=request_ts(self.first), refusals=len(self.rows),
-                    rst_delay_ms=round(max(self.delays, default=0) / 1e6, 3),
+                    rst_delay_ms=round((self.max_delay or 0) / 1e6, 3),
                     target=self.target)
 
 
@@ -197,11 +199,11 @@ def no_listener(ctx: Context) -> None:
     for group in _refused(ctx, seqpacket=False):
         first, cid, port, typ = group.first, group.cid, group.port, group.typ
         later = _accepted(ctx, accepted, (cid, port, typ), after=first.request_frame or 0)
-        frames, delays, times, target = group.frames, group.delays, group.times, group.target
+        frames, delay, times, target = group.frames, group.max_delay, group.times, group.target
         common = group.evidence()
         message = (f"Nothing listens on {target}: the STREAM REQUEST from {first.client.addr} "
                    f"(frame {first.request_frame}) was refused{times} by an RST within "
-                   f"{delay_text(max(delays, default=None))}.")
+                   f"{delay_text(delay)}.")
         severity = None
         fix = (f"Start the service on CID {cid} (or point the client at the port it really "
                f"uses), and have the client report ECONNRESET from connect() instead of "
@@ -251,12 +253,12 @@ def seqpacket_refused(ctx: Context) -> None:
 def _seqpacket_refused(ctx: Context, answered: dict[tuple[int, int, int], np.ndarray],
                        group: _Refused) -> None:
     first, frames, target, times = group.first, group.frames, group.target, group.times
-    delays, common = group.delays, group.evidence()
+    delay, common = group.max_delay, group.evidence()
     cid, port = first.server.cid, first.server.port
     stream_ok = _accepted(ctx, answered, (cid, port, SockType.STREAM), after=0)
     message = (f"The SEQPACKET REQUEST from {first.client.addr} to {target} (frame "
                f"{first.request_frame}) was refused{times} by an RST within "
-               f"{delay_text(max(delays, default=None))}.")
+               f"{delay_text(delay)}.")
     if stream_ok is not None:
         message += (f" A STREAM connection to the same port was accepted (stream "
                     f"{ctx.conns.index.stream[stream_ok]}): the service listens for STREAM "
@@ -373,7 +375,7 @@ def _report_retry(ctx: Context, run: np.ndarray, failed: np.ndarray) -> None:
             "then looks like a slow timeout, and the real error is never shown.",
             "Log the connect() error of every attempt; wait for the service's readiness instead "
             "of retrying blindly; fix the target (see the no-listener / no-transport findings).",
-            streams=ix.stream[run].tolist(), time_ns=request_ts(first), attempts=len(run),
+            streams=ix.stream[run], time_ns=request_ts(first), attempts=len(run),
             failures=len(failures), span_s=round(span, 3), connected=connected)
 
 
