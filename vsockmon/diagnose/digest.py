@@ -8,15 +8,15 @@ No I/O here.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vsockmon.conntrack.model import no_credit, stall_end_ns
+from vsockmon.conntrack.model import NONE, no_credit, stall_end_ns
 from vsockmon.conntrack.tracker import CLIENT, SERVER, Tags
 from vsockmon.decode.frames import Anomaly, FrameBatch
+from vsockmon.diagnose.columns import Counts, Resets, Times
 from vsockmon.diagnose.model import Thresholds
 from vsockmon.wire.protocol import VMADDR_CID_ANY, Op, ShutdownFlag
 
@@ -69,17 +69,6 @@ class Count:
             self.frames.append(frame)
 
 
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """A stream's first RST (one per reset connection: slots keep it small)."""
-
-    frame: int
-    ts_ns: int
-    sender: int
-    in_flight: tuple[int, int]
-    limit: tuple[int, int]
-
-
 @dataclass
 class Excess:
     """RW packets of one sender beyond its peer's credit."""
@@ -117,8 +106,9 @@ class Digest:
         self.bad_cids: dict[int, Count] = {}
         """stream → packets between CIDs that cannot talk to each other."""
         self.tap_length = Count()
-        self.small_rw: dict[tuple[int, int], int] = defaultdict(int)
-        self.resets: dict[int, Reset] = {}
+        self.small_rw = Counts()
+        """(stream, sender) → its RW packets shorter than ``small_rw_bytes``."""
+        self.resets = Resets()
         """stream → its first RST, with the credit state of both directions then; kept only
         when the reset end's peer still had credit to send (what small-packet-reset reads):
         a storm's million refusals keep none."""
@@ -131,7 +121,7 @@ class Digest:
         self.stalls: list[Stall] = []
         """Finished stalls at least as long as the shortest threshold that reads them."""
         self.open_stalls: dict[tuple[int, int], Stall] = {}
-        self.eof_read: dict[tuple[int, int], int | None] = {}
+        self.eof_read = Times()
         """(stream, sender) of a SEND-only SHUTDOWN → when its peer had consumed all it sent
         (reached its end of file); None while bytes still wait."""
 
@@ -178,8 +168,7 @@ class Digest:
     def _small_writes(self, r: Rows) -> None:
         small = (r.op == Op.RW) & (r.length > 0) & (r.length < self.t.small_rw_bytes)
         keys, counts = np.unique(r.sid[small] * 2 + r.sender[small], return_counts=True)
-        for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
-            self.small_rw[(key // 2, key % 2)] += count
+        self.small_rw.add(keys, counts)
 
     def _resets(self, r: Rows) -> None:
         rst = np.flatnonzero(r.op == Op.RST)
@@ -196,11 +185,9 @@ class Digest:
         d = 1 - r.sender[rows]
         limit = r.limit[rows, d]
         credit = limit - r.in_flight[rows, d]
-        for i in rows[(limit >= 0) & (credit > 0)].tolist():
-            self.resets[int(r.sid[i])] = Reset(
-                int(r.frame[i]), int(r.ts[i]), int(r.sender[i]),
-                (int(r.in_flight[i, 0]), int(r.in_flight[i, 1])),
-                (int(r.limit[i, 0]), int(r.limit[i, 1])))
+        kept = rows[(limit >= 0) & (credit > 0)]
+        self.resets.add(r.sid[kept], r.frame[kept], r.ts[kept], r.sender[kept],
+                        r.in_flight[kept], r.limit[kept])
 
     def _beyond(self, r: Rows) -> None:
         """RW packets that took the sender past its peer's advertised buffer (the tracker's
@@ -287,30 +274,30 @@ class Digest:
         idx = np.arange(len(r.sid))
         half = np.flatnonzero((r.op == Op.SHUTDOWN) & (r.flags == ShutdownFlag.SEND))
         flight = r.in_flight[idx, r.sender]
-        since: dict[tuple[int, int], int] = {}
-        for i in half.tolist():
-            key = (int(r.sid[i]), int(r.sender[i]))
-            if key not in self.eof_read:
-                self.eof_read[key] = int(r.ts[i]) if flight[i] <= 0 else None
-                since[key] = i + 1  # the rows after the SHUTDOWN
-        waiting = {k for k, v in self.eof_read.items() if v is None}
+        keys, first = np.unique(r.sid[half] * 2 + r.sender[half], return_index=True)
+        new = self.eof_read.new(keys)
+        at = half[first[new]]  # each new sender's first SHUTDOWN in the batch
+        self.eof_read.add(keys[new], np.where(flight[at] <= 0, r.ts[at], NONE))
+        since = dict(zip(keys[new].tolist(), (at + 1).tolist(), strict=True))  # rows after
+        waiting = set(self.eof_read.unknown().tolist())
         if not waiting:
             return
-        for i in np.flatnonzero(np.isin(r.sid, [s for s, _ in waiting])).tolist():
+        for i in np.flatnonzero(np.isin(r.sid, [k // 2 for k in waiting])).tolist():
             for d in (CLIENT, SERVER):
-                key = (int(r.sid[i]), d)
-                if (key in waiting and self.eof_read[key] is None and i >= since.get(key, 0)
-                        and r.in_flight[i, d] <= 0):
-                    self.eof_read[key] = int(r.ts[i])
+                key = int(r.sid[i]) * 2 + d
+                if key in waiting and i >= since.get(key, 0) and r.in_flight[i, d] <= 0:
+                    self.eof_read.learn(key, int(r.ts[i]))
+                    waiting.discard(key)
 
     def forget(self, streams: set[int]) -> None:
         """Drop what is kept per connection for ``streams`` (the tracker forgot them): a live
         view's memory follows the open connections. Capture-wide facts stay."""
-        for table in (self.bad_cids, self.resets):
-            for sid in streams & table.keys():
-                del table[sid]
-        for keyed in (self.small_rw, self.beyond, self.pending, self.open_stalls,
-                      self.eof_read):
+        for sid in streams & self.bad_cids.keys():
+            del self.bad_cids[sid]
+        self.resets.drop(streams)
+        self.small_rw.drop(streams)
+        self.eof_read.drop(streams)
+        for keyed in (self.beyond, self.pending, self.open_stalls):
             for key in [k for k in keyed if k[0] in streams]:
                 del keyed[key]
         self.stalls = [st for st in self.stalls if st.stream not in streams]
