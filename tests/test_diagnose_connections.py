@@ -170,3 +170,29 @@ def test_a_storm_finding_holds_its_numbers_as_eight_bytes_each_and_prints_them_a
     every = ", ".join(str(n) for n in range(1, 2 * STORM + 1))
     assert f"ERROR no-listener  (at 0.000000 s, frames {every}; also stream 1, 2, " in out
     assert f", {STORM - 1})\n" in out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_groups_are_those_of_the_key_tuples_however_wide_the_keys(seed: int) -> None:
+    """Keys are packed into words as their largest values allow: small CIDs share one word,
+    CIDs near 2**64 and ports near 2**32 need their own, a 33-bit CID and a 32-bit one make
+    65 bits (one too many for a word); the groups must not change."""
+    rnd = np.random.default_rng(seed)
+    n = 3000
+    ix = Index.empty(n)
+    client, server = [([2, 3, 2**32 + 1], [2, 3, 2**32 + 1]),
+                      ([1, 2**40, 2**63 + 5], [1, 2**40, 2**63 + 5]),
+                      ([2**64 - 1, 2**64 - 2, 7], [2**64 - 1, 2**64 - 2, 7]),
+                      ([2**32 + 3, 3, 2**32], [2**32 - 1, 2**31, 3])][seed % 4]
+    ix.client_cid[:] = rnd.choice(np.array(client, dtype=np.uint64), n)
+    ix.server_cid[:] = rnd.choice(np.array(server, dtype=np.uint64), n)
+    ix.server_port[:] = rnd.choice(np.array([1, 2**32 - 1, 1024], dtype=np.uint32), n)
+    ix.type[:] = rnd.choice(np.array([1, 5], dtype=np.uint16), n)
+    rows = np.sort(rnd.choice(n, 2000, replace=False))
+    keys = (ix.client_cid, ix.server_cid, ix.server_port, ix.type)
+    expect: dict[tuple[int, ...], list[int]] = {}
+    for r in rows.tolist():
+        expect.setdefault(tuple(int(k[r]) for k in keys), []).append(r)
+    assert [g.tolist() for g in ix.groups(rows, keys)] == list(expect.values())
+    assert [g.tolist() for g in ix.groups(rows, keys, least=40)] == [
+        g for g in expect.values() if len(g) >= 40]

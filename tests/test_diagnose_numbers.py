@@ -48,3 +48,14 @@ def test_a_finding_made_with_tuples_holds_numbers_and_its_json_is_the_json_of_it
                            "t", "connection", "message", "cause", "fix", "evidence"]
         assert f.to_json(5) == json.dumps(d, ensure_ascii=False)
         assert f.to_json() == json.dumps(f.to_dict(), ensure_ascii=False)
+
+
+def test_taking_keeps_an_array_of_its_own_and_copies_what_others_hold() -> None:
+    own = np.arange(10, dtype=np.int64)
+    n = Numbers.taking(own)
+    assert np.shares_memory(n.array(), own) and not own.flags.writeable and n == tuple(range(10))
+    big = np.arange(10, dtype=np.int64)
+    view = Numbers.taking(big[2:5])  # a view: its base stays the caller's, so it is copied
+    assert not np.shares_memory(view.array(), big) and big.flags.writeable and view == (2, 3, 4)
+    narrow = Numbers.taking(np.array([1, 2], dtype=np.int32))
+    assert narrow.array().dtype == np.int64 and narrow == (1, 2)

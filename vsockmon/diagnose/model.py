@@ -115,6 +115,18 @@ class Numbers(Sequence[int]):
         a.flags.writeable = False
         self._a = a
 
+    @classmethod
+    def taking(cls, a: np.ndarray) -> Numbers:
+        """The numbers of ``a``, an array made for them that its maker lets go: an int64
+        array of its own is kept as it is (made read-only), not copied — a storm's million
+        frames are not held twice while a finding is made."""
+        if a.dtype != np.int64 or a.base is not None or not a.flags.c_contiguous:
+            return cls(a)
+        n = cls.__new__(cls)
+        a.flags.writeable = False
+        n._a = a
+        return n
+
     def __len__(self) -> int:
         return len(self._a)
 

@@ -99,11 +99,13 @@ class Context:
             fix: str, *, kind: str | None = None, severity: Severity | None = None,
             streams: Sequence[int] | np.ndarray = (), time_ns: int | None = None,
             **evidence: Any) -> None:
-        """Report a finding of the running rule (``kind``: one of its variants)."""
+        """Report a finding of the running rule (``kind``: one of its variants). Arrays
+        given as ``frames`` or ``streams`` are the finding's from then on (see
+        :meth:`Numbers.taking`): a rule makes them for it and lets them go."""
         r = self.rule
         if r is None or (kind is not None and kind not in r.kinds):
             raise ValueError(f"finding of kind {kind!r} outside a rule that has it")
-        named = Numbers(streams)
+        named = Numbers.taking(streams) if isinstance(streams, np.ndarray) else Numbers(streams)
         stream = conn.stream if conn is not None else (named[0] if len(named) else None)
         self.findings.append(Finding(
             rule=r.id, severity=r.severity if severity is None else severity,
@@ -116,5 +118,7 @@ class Context:
 def _frames(frames: Iterable[int] | np.ndarray) -> Numbers:
     """A finding's frames: each once, in order (a storm's refusals give millions: numpy)."""
     if isinstance(frames, np.ndarray):
-        return Numbers(np.unique(frames))
+        if len(frames) > 1 and (frames[1:] > frames[:-1]).all():
+            return Numbers.taking(frames)  # in order already, each once: no sorted copy
+        return Numbers.taking(np.unique(frames))
     return Numbers(sorted(set(frames)))

@@ -338,15 +338,18 @@ def dial_retry(ctx: Context) -> None:
     ix = ctx.conns.index
     failed = _failed(ix)
     gap = ctx.t.retry_gap_s
-    rows = np.flatnonzero(present(ix.request_frame) & ~ix.among(ctx.queue_refused))
-    for attempts in ix.groups(rows, (ix.client_cid, ix.server_cid, ix.server_port, ix.type),
-                              least=max(ctx.t.retry_count, 1)):
+    groups = ix.groups(np.flatnonzero(present(ix.request_frame) & ~ix.among(ctx.queue_refused)),
+                       (ix.client_cid, ix.server_cid, ix.server_port, ix.type),
+                       least=max(ctx.t.retry_count, 1))
+    for attempts in groups:
         # an attempt joins the run of the one before when that failed and it came soon
         ts = ix.first_ts[attempts]  # request_ts: a REQUEST is its stream's first packet
         joins = failed[attempts[:-1]] & ((ts[1:] - ts[:-1]) / 1e9 <= gap)
-        starts = np.r_[0, np.flatnonzero(~joins) + 1]
-        for run in np.split(attempts, starts[1:]):
-            _report_retry(ctx, run, failed)
+        bounds = np.r_[0, np.flatnonzero(~joins) + 1, len(attempts)]
+        del ts, joins  # a storm's million: let go before its findings are made
+        long = np.flatnonzero(np.diff(bounds) >= ctx.t.retry_count)  # no array per short run
+        for a, b in zip(bounds[long].tolist(), bounds[long + 1].tolist(), strict=True):
+            _report_retry(ctx, attempts[a:b], failed)
 
 
 def _failed(ix: Index) -> np.ndarray:
@@ -357,8 +360,6 @@ def _failed(ix: Index) -> np.ndarray:
 
 
 def _report_retry(ctx: Context, run: np.ndarray, failed: np.ndarray) -> None:
-    if len(run) < ctx.t.retry_count:
-        return
     ix = ctx.conns.index
     first, last = ctx.conns.at(int(run[0])), ctx.conns.at(int(run[-1]))
     span = (request_ts(last) - request_ts(first)) / 1e9
@@ -368,7 +369,8 @@ def _report_retry(ctx: Context, run: np.ndarray, failed: np.ndarray) -> None:
     outcome = (f"the attempt at frame {last.request_frame} connected" if connected
                else "none connected")
     frames = ix.request_frame[run]
-    ctx.add(first, frames[frames != 0],
+    frames = frames[frames != 0]
+    ctx.add(first, frames,
             f"CID {first.client.cid} dialled {first.server.addr} {len(run)} times in "
             f"{seconds_text(span)} ({len(failures)} {'/'.join(how)}); {outcome}.",
             "The client retries a failing connect(). To its user a refusal (nothing listens) "
