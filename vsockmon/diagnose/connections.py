@@ -256,6 +256,7 @@ class _Ranges:
         for part in np.split(streams, np.flatnonzero(np.diff(starts)) + 1):
             lo = int(part[0]) - int(part[0]) % CHUNK
             if lo != self._lo or self._table is None:
+                self._table = None  # let the last range go before the next is made
                 self._table, self._lo = self._table_at(lo, lo + CHUNK), lo
             rows = np.searchsorted(self._table.column("stream"), part)
             picked = self._table if len(rows) == len(self._table) else self._table.take(rows)
