@@ -43,31 +43,24 @@ def _find(keys: np.ndarray, key: int) -> int:
     return i if i < len(keys) and keys[i] == key else -1
 
 
-class Counts(Mapping[tuple[int, int], int]):
-    """Packets counted by (stream, sender): what ``small_rw`` counts."""
+class _BySender:
+    """One int64 value by (stream, sender), keyed ``stream * 2 + sender`` ascending: what
+    :class:`Counts` and :class:`Times` share."""
 
     def __init__(self) -> None:
         self._key = np.zeros(0, dtype=np.int64)
-        """``stream * 2 + sender``, ascending."""
-        self._count = np.zeros(0, dtype=np.int64)
+        self._value = np.zeros(0, dtype=np.int64)
 
-    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        """Add ``counts`` to the keys ``stream * 2 + sender`` (ascending, each once)."""
-        pos, hit = _place(self._key, keys)
-        self._count[pos[hit]] += counts[hit]
-        self._key = np.insert(self._key, pos[~hit], keys[~hit])
-        self._count = np.insert(self._count, pos[~hit], counts[~hit])
-
-    def drop(self, streams: set[int]) -> None:
-        """Forget the counts of ``streams``."""
-        keep = ~np.isin(self._key // 2, np.fromiter(streams, dtype=np.int64))
-        self._key, self._count = self._key[keep], self._count[keep]
-
-    def __getitem__(self, key: tuple[int, int]) -> int:
+    def _row(self, key: tuple[int, int]) -> int:
         i = _find(self._key, key[0] * 2 + key[1])
         if i < 0:
             raise KeyError(key)
-        return int(self._count[i])
+        return i
+
+    def drop(self, streams: set[int]) -> None:
+        """Forget the values of ``streams``."""
+        keep = ~np.isin(self._key // 2, np.fromiter(streams, dtype=np.int64))
+        self._key, self._value = self._key[keep], self._value[keep]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((k // 2, k % 2) for k in self._key.tolist())
@@ -76,14 +69,23 @@ class Counts(Mapping[tuple[int, int], int]):
         return len(self._key)
 
 
-class Times(Mapping[tuple[int, int], "int | None"]):
-    """A time by (stream, sender), None while it is not known yet: what ``eof_read`` holds."""
+class Counts(_BySender, Mapping[tuple[int, int], int]):
+    """Packets counted by (stream, sender): what ``small_rw`` counts."""
 
-    def __init__(self) -> None:
-        self._key = np.zeros(0, dtype=np.int64)
-        """``stream * 2 + sender``, ascending."""
-        self._ns = np.zeros(0, dtype=np.int64)
-        """:data:`~vsockmon.conntrack.model.NONE` while not known."""
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``counts`` to the keys ``stream * 2 + sender`` (ascending, each once)."""
+        pos, hit = _place(self._key, keys)
+        self._value[pos[hit]] += counts[hit]
+        self._key = np.insert(self._key, pos[~hit], keys[~hit])
+        self._value = np.insert(self._value, pos[~hit], counts[~hit])
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        return int(self._value[self._row(key)])
+
+
+class Times(_BySender, Mapping[tuple[int, int], "int | None"]):
+    """A time by (stream, sender), None while it is not known yet (held as
+    :data:`~vsockmon.conntrack.model.NONE`): what ``eof_read`` holds."""
 
     def new(self, keys: np.ndarray) -> np.ndarray:
         """Which of ``keys`` (``stream * 2 + sender``, ascending) are not held."""
@@ -93,33 +95,19 @@ class Times(Mapping[tuple[int, int], "int | None"]):
         """Hold ``keys`` (ascending, none held yet) with their times (NONE: not known)."""
         pos, _ = _place(self._key, keys)
         self._key = np.insert(self._key, pos, keys)
-        self._ns = np.insert(self._ns, pos, ns)
+        self._value = np.insert(self._value, pos, ns)
 
     def unknown(self) -> np.ndarray:
         """The keys whose time is not known yet."""
-        return self._key[self._ns == NONE]
+        return self._key[self._value == NONE]
 
     def learn(self, key: int, ns: int) -> None:
         """The time of a held ``key`` (``stream * 2 + sender``)."""
-        self._ns[_find(self._key, key)] = ns
-
-    def drop(self, streams: set[int]) -> None:
-        """Forget the times of ``streams``."""
-        keep = ~np.isin(self._key // 2, np.fromiter(streams, dtype=np.int64))
-        self._key, self._ns = self._key[keep], self._ns[keep]
+        self._value[_find(self._key, key)] = ns
 
     def __getitem__(self, key: tuple[int, int]) -> int | None:
-        i = _find(self._key, key[0] * 2 + key[1])
-        if i < 0:
-            raise KeyError(key)
-        ns = int(self._ns[i])
+        ns = int(self._value[self._row(key)])
         return None if ns == NONE else ns
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((k // 2, k % 2) for k in self._key.tolist())
-
-    def __len__(self) -> int:
-        return len(self._key)
 
 
 class Resets(Mapping[int, Reset]):

@@ -98,6 +98,10 @@ class Rule:
     after: tuple[str, ...] = ()
 
 
+_SLICE = 65536
+"""Numbers made Python ints (or text) at a time: a storm's million never all at once."""
+
+
 @total_ordering
 class Numbers(Sequence[int]):
     """A finding's frame or stream numbers: a read-only int64 array that reads as a tuple.
@@ -140,8 +144,8 @@ class Numbers(Sequence[int]):
         return int(self._a[i])
 
     def __iter__(self) -> Iterator[int]:
-        for lo in range(0, len(self._a), 65536):  # a slice of ints at a time, not a million
-            yield from self._a[lo:lo + 65536].tolist()
+        for lo in range(0, len(self._a), _SLICE):
+            yield from self._a[lo:lo + _SLICE].tolist()
 
     def _tuple(self, other: object) -> tuple[int, ...] | None:
         if isinstance(other, Numbers):
@@ -175,8 +179,8 @@ class Numbers(Sequence[int]):
     def pieces(self, sep: str = ", ") -> Iterator[str]:
         """:meth:`text` a slice at a time: a million numbers never exist as Python ints or
         strings at once."""
-        for lo in range(0, len(self._a), 65536):
-            yield (sep if lo else "") + sep.join(map(str, self._a[lo:lo + 65536].tolist()))
+        for lo in range(0, len(self._a), _SLICE):
+            yield (sep if lo else "") + sep.join(map(str, self._a[lo:lo + _SLICE].tolist()))
 
 
 @dataclass(frozen=True)
