@@ -12,6 +12,9 @@ EXTENSIONS = [
     Extension("vsockmon.wire._walk", ["vsockmon/wire/_walk.c"], extra_compile_args=CFLAGS),
     Extension("vsockmon.decode._render", ["vsockmon/decode/_render.c"],
               extra_compile_args=CFLAGS),
+    # connection tracking's key map and per-row pass (conntrack/tracker.py)
+    Extension("vsockmon.conntrack._track", ["vsockmon/conntrack/_track.c"],
+              extra_compile_args=CFLAGS),
     # a TPACKET_V3 ring block -> its capture records, written with one writev (live capture)
     Extension("vsockmon.live._ring", ["vsockmon/live/_ring.c"], extra_compile_args=CFLAGS),
 ]

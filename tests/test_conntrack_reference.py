@@ -1,23 +1,21 @@
-"""The bulk tracker against a plain per-packet reference, on random traffic cut into batches.
+"""The tracker against a plain per-packet reference, on random traffic cut into batches.
 
-The tracker's speed comes from segmented numpy operations whose bugs hide at batch and
-segment edges. The reference below follows the same rules one packet at a time, in the most
-obvious way; both must produce equal :class:`Connection` objects for every random capture,
-whatever the batch size.
+The tracker's per-row pass is compiled (conntrack/_track.c) and its state crosses batch
+edges in table columns, spills and the key map; bugs hide at those edges. The reference
+below follows the same rules one packet at a time, in the most obvious way; both must
+produce equal :class:`Connection` objects for every random capture, whatever the batch size.
 """
 
 from __future__ import annotations
 
-import operator
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.conntrack.segments import first_per, last_per, seg_cummax, seg_cumsum, seg_shift
+from vsockmon.conntrack.records import first_per
 from vsockmon.conntrack.tracker import (
     CLIENT,
     SERVER,
@@ -308,69 +306,12 @@ def test_bulk_tracker_equals_reference(tmp_path: Path, seed: int) -> None:
             assert g == w, f"stream {w.stream}, chunk {chunk}"
 
 
-# -- the segmented operations themselves, against a loop over each segment ------------------
+# -- the results' per-end minimum ------------------------------------------------------
 
 NONE = (1 << 63) - 1
 
 
-def _segments(rng: random.Random, n: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Segment lengths (each at least 1) summing to ``n``; ``first`` positions; ``seg``."""
-    lengths: list[int] = []
-    while sum(lengths) < n:
-        lengths.append(min(rng.randint(1, 5), n - sum(lengths)))
-    first = np.cumsum([0, *lengths[:-1]])
-    seg = np.repeat(np.arange(len(lengths)), lengths)
-    return lengths, first, seg
-
-
-def _running(f: Callable[[int, int], int], x: list[int], lengths: list[int]) -> list[int]:
-    """``f`` folded over each segment from its start, one value at a time."""
-    out: list[int] = []
-    a = 0
-    for n in lengths:
-        acc = x[a]
-        out.append(acc)
-        for v in x[a + 1:a + n]:
-            acc = f(acc, v)
-            out.append(acc)
-        a += n
-    return out
-
-
-@pytest.mark.parametrize("scale", [10, 1 << 40, 1 << 62])  # the last: spans beyond 2**62
-@pytest.mark.parametrize("seed", range(3))
-def test_segment_sums_maxima_and_shifts_equal_a_loop(seed: int, scale: int) -> None:
-    rng = random.Random(seed)
-    n = rng.randint(1, 60)
-    lengths, first, seg = _segments(rng, n)
-    x = [rng.randint(-scale, scale) for _ in range(n)]
-    arr = np.array(x, dtype=np.int64)
-    if scale < 1 << 62:  # sums of 60 values of 2**62 would overflow int64
-        assert seg_cumsum(arr, first, seg).tolist() == _running(operator.add, x, lengths)
-    assert seg_cummax(arr, seg).tolist() == _running(max, x, lengths)
-    first_mask = np.zeros(n, dtype=bool)
-    first_mask[first] = True
-    carried = np.array([rng.randint(-9, 9) for _ in range(n)], dtype=np.int64)
-    want = [int(carried[i]) if first_mask[i] else x[i - 1] for i in range(n)]
-    assert seg_shift(arr, first_mask, carried).tolist() == want
-
-
-def test_segment_maximum_of_extreme_values_and_of_nothing() -> None:
-    """Values at both ends of int64 in several segments (no offset trick fits): each
-    segment's running maximum still restarts; no rows give no rows."""
-    x = np.array([-(1 << 63), (1 << 63) - 1, 5, -(1 << 63), 7, 0], dtype=np.int64)
-    seg = np.array([0, 0, 1, 1, 2, 2])
-    assert seg_cummax(x, seg).tolist() == [-(1 << 63), (1 << 63) - 1, 5, 5, 7, 7]
-    one = np.array([-(1 << 63), (1 << 63) - 1, 0], dtype=np.int64)  # a single segment
-    assert seg_cummax(one, np.zeros(3, dtype=np.int64)).tolist() == [-(1 << 63)] + [
-        (1 << 63) - 1] * 2
-    assert seg_cummax(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)).tolist() == []
-
-
-def test_first_and_last_per_key_leave_keys_without_values_unset() -> None:
+def test_first_per_key_leaves_keys_without_values_unset() -> None:
     keys = np.array([2, 0, 2, 2])
     values = np.array([7, 9, 3, 5])
     assert first_per(keys, values, 4).tolist() == [9, NONE, 3, NONE]
-    assert last_per(keys, values, 4).tolist() == [9, 0, 7, 0]
-    assert last_per(keys, values, 4, init=-1).tolist() == [9, -1, 7, -1]
-    assert last_per(keys, -values, 4).tolist() == [0, 0, 0, 0]  # init 0 beats negatives

@@ -1,58 +1,198 @@
-"""Edge cases of the tracker's connection keys (issue 19): the packed form is used exactly
-when both CIDs fit 32 bits, whichever other rows share the batch."""
+"""The compiled tracker's key map and per-row pass (conntrack/_track.c) against plain Python:
+its constants against the wire enums, its columns against the StreamTable, the key map
+against a dict fed the same rows (growth, removal, shrinking), and bad input refused with
+an exception, never a crash."""
 
 from __future__ import annotations
 
-import numpy as np
+import random
+from pathlib import Path
 
-from vsockmon.conntrack.tracker import _key_tuples
+import numpy as np
+import pytest
+from helpers import frame, write_pcap
+
+from vsockmon.conntrack import _track
+from vsockmon.conntrack.model import VIOLATIONS, Violation
+from vsockmon.conntrack.table import StreamTable
+from vsockmon.conntrack.tracker import _LAYOUT, ConnTracker
+from vsockmon.decode.frames import VIRTIO_DTYPE, Anomaly, decode_batches
+from vsockmon.wire.pcapio import CaptureReader
+from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
 
 U32 = 0xFFFFFFFF
+Row = tuple[int, int, int, int, int, int]
+"""(type, src_cid, src_port, dst_cid, dst_port, op) of one header."""
 
 
-def _five(*rows: tuple[int, ...]) -> list[np.ndarray]:
-    cols = list(zip(*rows, strict=True))
-    return [np.array(c, dtype=np.uint64) for c in cols]
+def _headers(rows: list[Row]) -> np.ndarray:
+    v = np.zeros(len(rows), dtype=VIRTIO_DTYPE)
+    for name, col in zip(("type", "src_cid", "src_port", "dst_cid", "dst_port", "op"),
+                         zip(*rows, strict=True), strict=True):
+        v[name] = col
+    return v
 
 
-def test_a_cid_of_exactly_u32_max_is_packed_and_2_pow_32_is_not() -> None:
-    # Rows (type, lower cid, lower port, higher cid, higher port) as _keys gives them when
-    # some CID of the batch does not fit 32 bits. A row whose CIDs fit is packed as
-    # cid << 32 | port (the same key the 3-column form gives); a row whose CID is 2**32
-    # keeps its five parts.
-    rows = [(1, 2, 1024, U32, 7),          # max CID 0xFFFFFFFF: fits, packed
-            (2, 3, 5, 2**32, 9),           # max CID 2**32: does not fit
-            (1, 2**32 + 5, 1, 2**33, 2)]   # both too big
-    got = _key_tuples(_five(*rows))
-    assert got == [(1, (2 << 32) | 1024, (U32 << 32) | 7),
-                   (2, 3, 5, 2**32, 9),
-                   (1, 2**32 + 5, 1, 2**33, 2)]
+def _assign(km: _track.KeyMap, rows: list[Row], first: int) -> tuple[list[int], list[int]]:
+    v = _headers(rows)
+    idx = np.arange(len(rows), dtype=np.int64)
+    sid = np.empty(len(rows), dtype=np.int64)
+    new = np.empty(len(rows), dtype=np.int64)
+    k = km.assign(v, _LAYOUT, idx, first, sid, new)
+    return sid.tolist(), new[:k].tolist()
 
 
-def _hdr(*rows: tuple[int, ...]) -> np.ndarray:
-    # (type, src_cid, src_port, dst_cid, dst_port), one structured array like a batch's
-    # header columns (unsigned 64-bit, so a CID of 2**32 is representable)
-    dt = [("type", "u8"), ("src_cid", "u8"), ("src_port", "u8"),
-          ("dst_cid", "u8"), ("dst_port", "u8")]
-    return np.array(list(rows), dtype=dt)
+def _key(r: Row) -> tuple[int, ...]:
+    """The connection key as the tracker's docstring defines it: type and the unordered
+    pair of (cid, port) ends."""
+    a, b = (r[1], r[2]), (r[3], r[4])
+    return (r[0], *min(a, b), *max(a, b))
 
 
-def test_keys_pack_a_cid_of_u32_max_and_split_a_cid_of_2_pow_32() -> None:
-    from vsockmon.conntrack.tracker import _keys
-    keys, lo = _keys(_hdr((1, U32, 7, 2, 1024)))
-    assert len(keys) == 3      # every CID fits 32 bits: (type, lower end, higher end)
-    assert keys[1].tolist() == [(2 << 32) | 1024] and keys[2].tolist() == [(U32 << 32) | 7]
-    assert lo.tolist() == [False]   # the source (CID 0xFFFFFFFF) is the higher end
-    keys, lo = _keys(_hdr((1, 2**32, 7, 2, 1024)))
-    assert len(keys) == 5      # a CID does not fit: each part is its own key
-    assert [k.tolist() for k in keys] == [[1], [2], [1024], [2**32], [7]]
-    assert lo.tolist() == [False]
+def test_the_compiled_constants_are_the_wire_enums() -> None:
+    c = _track.CONSTANTS
+    for op in (Op.REQUEST, Op.RESPONSE, Op.RST, Op.SHUTDOWN, Op.RW, Op.CREDIT_UPDATE,
+               Op.CREDIT_REQUEST):
+        assert c[op.name] == op.value
+    assert c["SEQPACKET"] == SockType.SEQPACKET
+    assert (c["RCV"], c["SEND"]) == (ShutdownFlag.RCV, ShutdownFlag.SEND)
+    assert (c["EOM"], c["EOR"]) == (SeqFlag.EOM, SeqFlag.EOR)
+    assert c["PAYLOAD_LEN"] == Anomaly.PAYLOAD_LEN
+    order = (Violation.BEYOND_CREDIT, Violation.AFTER_SHUTDOWN, Violation.BEFORE_RESPONSE,
+             Violation.TAP_LENGTH)
+    assert c["VIOLATIONS"] == tuple(VIOLATIONS.index(v) for v in order)
 
 
-def test_a_looped_end_counts_as_the_lower_end_in_both_key_forms() -> None:
-    # source and destination the same end: "src is lower" is src <= dst, so True
-    from vsockmon.conntrack.tracker import _keys
-    _, lo = _keys(_hdr((1, 3, 5, 3, 5)))
-    assert lo.tolist() == [True]
-    _, lo = _keys(_hdr((1, 2**32, 5, 2**32, 5), (1, 2**32, 6, 2**32, 6)))
-    assert lo.tolist() == [True, True]
+def test_the_compiled_columns_are_the_stream_tables() -> None:
+    t = StreamTable()
+    t.grow(3)
+    for name, itemsize, width in _track.COLUMNS:
+        col = getattr(t, name)
+        assert col.itemsize == itemsize and col.size // len(col) == width, name
+        assert col.flags.c_contiguous
+    # what the pass leaves alone is what _new_streams writes (and the bookkeeping)
+    left = set(t.columns()) - {name for name, _, _ in _track.COLUMNS}
+    assert left == {"stream", "type", "cid", "port", "first_frame", "first_ts"}
+
+
+def test_the_header_fields_read_are_the_header_tables() -> None:
+    assert VIRTIO_DTYPE.fields is not None
+    for (name, size), off in zip(_track.HEADER_FIELDS, _LAYOUT[1:], strict=True):
+        assert VIRTIO_DTYPE.fields[name][0].itemsize == size
+        assert VIRTIO_DTYPE.fields[name][1] == off
+    assert _LAYOUT[0] == VIRTIO_DTYPE.itemsize
+
+
+def test_a_cid_of_u32_max_and_of_2_pow_32_are_different_connections_from_both_sides(
+) -> None:
+    km = _track.KeyMap()
+    rows = [(1, 2, 1024, U32, 7, Op.REQUEST),       # CID 0xFFFFFFFF: fits 32 bits
+            (1, 2, 1024, U32 + 1, 7, Op.REQUEST),   # CID 2**32: does not
+            (1, U32, 7, 2, 1024, Op.RESPONSE),      # the first, from its other end
+            (1, U32 + 1, 7, 2, 1024, Op.RESPONSE),  # the second, from its other end
+            (2, 2, 1024, U32, 7, Op.RW)]            # another type: its own key
+    sid, new = _assign(km, rows, 10)
+    assert sid == [10, 11, 10, 11, 12] and new == [0, 1, 4] and len(km) == 3
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_key_map_equals_a_dict_through_growth_removal_and_shrinking(seed: int) -> None:
+    rng = random.Random(seed)
+    km = _track.KeyMap()
+    model: dict[tuple[int, ...], int] = {}
+    nxt = 0
+    ends = [(rng.choice([2, 3, U32, U32 + 1, 1 << 63]), rng.randrange(4000)) for _ in range(900)]
+    for _ in range(12):
+        rows: list[Row] = []
+        for _ in range(rng.randint(1, 3000)):
+            a, b = rng.sample(ends, 2)
+            op = rng.choice([Op.REQUEST, Op.RW, Op.RW, Op.RST])
+            rows.append((rng.choice([1, 2]), *a, *b, op))
+        sid, _ = _assign(km, rows, nxt)
+        want = []
+        for r in rows:
+            k = _key(r)
+            if r[5] == Op.REQUEST or k not in model:
+                model[k] = nxt
+                nxt += 1
+            want.append(model[k])
+        assert sid == want and len(km) == len(model)
+        # forget about half the streams; the others must still be found
+        gone = sorted({s for s in model.values() if rng.random() < 0.5})
+        km.drop(np.array(gone, dtype=np.int64))
+        model = {k: s for k, s in model.items() if s not in set(gone)}
+        assert len(km) == len(model)
+    # remove one key at a time, only where it still holds the stream named
+    keys = list(model.items())
+    rng.shuffle(keys)
+    for (typ, lc, lp, hc, hp), s in keys[: len(keys) // 2]:
+        stale = rng.random() < 0.3
+        km.discard(np.array([typ], dtype=np.uint16), np.array([[hc, lc]], dtype=np.uint64),
+                   np.array([[hp, lp]], dtype=np.uint32),
+                   np.array([s + 1 if stale else s], dtype=np.int64))
+        if not stale:
+            del model[(typ, lc, lp, hc, hp)]
+    assert len(km) == len(model)
+    rows = [(k[0], k[1], k[2], k[3], k[4], Op.RW) for k in model]
+    sid, new = _assign(km, rows, nxt)
+    assert sid == list(model.values()) and new == []
+
+
+def test_pending_keys_name_only_their_first_non_request_row_and_put_fills_them() -> None:
+    km = _track.KeyMap()
+    _assign(km, [(1, 2, 5, 3, 6, Op.REQUEST)], 0)          # key A held by stream 0
+    rows = [(1, 2, 5, 3, 6, Op.RW),                       # A: held, not pending
+            (1, 2, 7, 3, 6, Op.RW),                       # B: new, first row RW -> late
+            (1, 3, 6, 2, 7, Op.RW),                       # B again: not named twice
+            (1, 2, 8, 3, 6, Op.REQUEST),                  # C: new, but a REQUEST
+            (1, 2, 9, 3, 6, Op.RST)]                      # D: new, RST -> late
+    v = _headers(rows)
+    idx = np.arange(len(rows), dtype=np.int64)
+    late = np.frombuffer(km.pending(v, _LAYOUT, idx), dtype=np.int64).tolist()
+    assert late == [1, 4]
+    km.put(v, _LAYOUT, idx[late], np.array([40, -1], dtype=np.int64))  # B spilled as 40
+    sid, new = _assign(km, rows, 100)
+    assert sid == [0, 40, 40, 100, 101] and new == [3, 4]
+
+
+def test_bad_input_is_refused_not_a_crash() -> None:
+    km = _track.KeyMap()
+    v = _headers([(1, 2, 5, 3, 6, Op.RW)])
+    out = np.empty(1, dtype=np.int64)
+    with pytest.raises(IndexError):
+        km.assign(v, _LAYOUT, np.array([1], dtype=np.int64), 0, out, out.copy())
+    with pytest.raises(ValueError):
+        km.assign(v, _LAYOUT, np.array([0], dtype=np.int64), 0, np.empty(2, np.int64), out)
+    with pytest.raises(ValueError):
+        km.assign(v, (_LAYOUT[0], *_LAYOUT[1:-1], 1000), np.zeros(1, np.int64), 0, out,
+                  out.copy())
+    t = StreamTable()
+    t.grow(1)
+    t.client_is_lower[0] = True  # the client is (2, 5), the row's source
+    cols = tuple(getattr(t, name) for name, _, _ in _track.COLUMNS)
+    tags = (np.zeros(1, np.int8), np.zeros(2, np.int64), np.zeros(2, np.int64),
+            np.zeros(1, bool), np.zeros(1, np.int64))
+    args = (v, _LAYOUT, np.zeros(1, np.int64), 0, np.zeros(1, np.int64),
+            np.zeros(1, np.uint16))
+    with pytest.raises(IndexError):  # a slot outside the table
+        _track.track(*args, np.array([len(t.type)], np.int64), len(t.type), cols, *tags)
+    with pytest.raises(ValueError):  # a column too short for the capacity claimed
+        _track.track(*args, np.zeros(1, np.int64), len(t.type) + 1, cols, *tags)
+    assert _track.track(*args, np.zeros(1, np.int64), len(t.type), cols, *tags) == 0
+    assert t.packets[0].tolist() == [1, 0]
+
+
+def test_a_looped_frame_is_the_clients_and_a_reply_the_servers(tmp_path: Path) -> None:
+    # source and destination the same end: one key, and such a frame counts as the client's
+    # (sender 0) whichever way the stream's ends are ordered; the RESPONSE of a normal
+    # connection is the server's (sender 1)
+    path = write_pcap(tmp_path / "c.pcap", [
+        frame(Op.REQUEST, src=(3, 5), dst=(3, 5)), frame(Op.RW, b"x", src=(3, 5), dst=(3, 5)),
+        frame(Op.REQUEST, src=(3, 9000), dst=(2, 80)),
+        frame(Op.RESPONSE, src=(2, 80), dst=(3, 9000))])
+    tracker = ConnTracker()
+    with CaptureReader(str(path)) as reader:
+        tags = [tracker.feed(fb) for fb in decode_batches(reader.batches())]
+    assert np.concatenate([t.stream for t in tags]).tolist() == [0, 0, 1, 1]
+    assert np.concatenate([t.sender for t in tags]).tolist() == [0, 0, 0, 1]
+    assert tracker.keys == 2

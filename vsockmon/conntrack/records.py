@@ -29,10 +29,17 @@ from vsockmon.conntrack.model import (
     Stalls,
     stall_end_ns,
 )
-from vsockmon.conntrack.segments import first_per
 from vsockmon.wire.protocol import Op, ShutdownFlag, SockType, enum_name
 
 U32_MASK = (1 << 32) - 1
+
+
+def first_per(keys: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """Minimum of ``values`` per key in ``range(size)`` (NONE where a key has none): the
+    first frame of a kind per stream end, with no Python loop over the ends."""
+    out = np.full(size, NONE, dtype=np.int64)
+    np.minimum.at(out, keys, values)
+    return out
 
 
 def results(cols: dict[str, np.ndarray], events: dict[str, np.ndarray], n: int,
