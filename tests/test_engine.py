@@ -4,8 +4,11 @@ line and JSON renderers equal to the per-frame reference on every fixture and od
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -256,3 +259,27 @@ def test_a_batch_built_by_hand_without_link_types_decodes_as_vsock() -> None:
     assert fb.anomalies.tolist() == [0, 0]
     assert fb.virtio["op"].tolist() == [Op.REQUEST, Op.RW]
     assert fb.payload(1) == b"abc"
+
+
+# -- the command's process -------------------------------------------------------------------
+
+_THREADS = ("import os, vsockmon.cli, numpy; "
+            "print(len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS starts no worker")
+def test_the_cli_runs_numpy_without_blas_worker_threads() -> None:
+    """numpy alone starts an OpenBLAS worker per further core (the check that this test can
+    fail); once the CLI is loaded, only the main thread runs, and a value the user set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    bare = "import os, numpy; print(len(os.listdir('/proc/self/task')))"
+    alone = subprocess.run([sys.executable, "-c", bare], env=env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert int(alone[0]) > 1
+    out = subprocess.run([sys.executable, "-c", _THREADS], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["1", "1"]
+    mine = subprocess.run([sys.executable, "-c", _THREADS],
+                          env={**env, "OPENBLAS_NUM_THREADS": "2"}, capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert mine == ["2", "2"]
