@@ -8,7 +8,6 @@ Timestamps are integer nanoseconds, so µs and ns captures keep every digit.
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import stat
@@ -23,6 +22,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 from vsockmon import output
 from vsockmon.errors import VsockmonError
 from vsockmon.wire import _walk
+from vsockmon.wire.gunzip import Gunzip, ReadAhead
 from vsockmon.wire.protocol import LINKTYPE_NAMES, LINKTYPE_VSOCK
 
 CHUNK = 4 << 20
@@ -102,9 +102,20 @@ def _open_source(path: str | BinaryIO) -> tuple[BinaryIO, str]:
         raw = open_file(path)
     buffered = (raw if isinstance(raw, io.BufferedReader)
                 else io.BufferedReader(cast(io.RawIOBase, raw)))
-    if buffered.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=buffered), name  # type: ignore[return-value]
-    return buffered, name
+    if buffered.peek(2)[:2] != b"\x1f\x8b":
+        return buffered, name
+    gunzipped = cast(BinaryIO, Gunzip(cast(BinaryIO, buffered)))
+    if isinstance(path, str) and _is_regular(raw):  # gunzip on the other core
+        return cast(BinaryIO, ReadAhead(gunzipped, CHUNK)), name
+    return gunzipped, name
+
+
+def _is_regular(fp: BinaryIO) -> bool:
+    """Whether ``fp`` reads a regular file (whose reads never wait on a writer)."""
+    try:
+        return stat.S_ISREG(os.fstat(fp.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def is_stream(path: str) -> bool:
@@ -213,8 +224,8 @@ class CaptureReader:
     def _read(self, n: int) -> bytes:
         try:
             return self._fp.read(n)
-        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-            # zlib.error: a damaged gzip stream (BadGzipFile covers only its header)
+        except (OSError, EOFError, zlib.error) as e:
+            # zlib.error: a damaged gzip stream; EOFError: one cut short
             raise CaptureError(f"{self.name}: read error: {e}") from None
 
     def _read_file_header(self) -> tuple[str, int]:
