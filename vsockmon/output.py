@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import stat
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from vsockmon.errors import VsockmonError
 
@@ -137,3 +139,62 @@ def write_output(path: str | os.PathLike[str], data: bytes, force: bool) -> None
     """Write a whole report (HTML page, picture) to ``path`` or stdout."""
     with replacing(path, force) as fp:
         fp.write(data)
+
+
+class Writable(Protocol):
+    """What :class:`BackgroundWriter` writes: something that writes itself to a file."""
+
+    def write(self, out: BinaryIO) -> None: ...
+
+
+class BackgroundWriter:
+    """Writes to ``out``, in a thread of its own and in the order put, what is put.
+
+    ``decode`` gathers the next rows' columns (numpy, holding the GIL) while this thread
+    makes the text of the rows before (compiled code that lets go of the GIL) and writes
+    it: the two halves of the work on two cores. At most ``depth`` items wait, so memory
+    stays bounded. An error of the writing (a reader gone, a full disk) is raised by the
+    next :meth:`put` or by :meth:`close`, once; what comes after it is dropped unwritten.
+    """
+
+    def __init__(self, out: BinaryIO, depth: int = 2) -> None:
+        self._out = out
+        self._queue: queue.Queue[Writable | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failed = False
+        while (item := self._queue.get()) is not None:
+            if failed:  # take what comes unwritten, so that put never blocks
+                continue
+            try:
+                item.write(self._out)
+            except BaseException as e:  # handed over: put or close raises it, once
+                self._error, failed = e, True
+
+    def put(self, item: Writable) -> None:
+        """Write ``item`` after everything put before."""
+        self._raise()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait until everything put is written; raise the writing's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Write what was put before an error of the caller too (a damaged file's frames
+        before the damage), then let that error go on."""
+        self.close()

@@ -15,6 +15,7 @@ from vsockmon import api
 from vsockmon.decode import render
 from vsockmon.decode.frames import FrameBatch
 from vsockmon.errors import VsockmonError
+from vsockmon.output import BackgroundWriter
 from vsockmon.payload import REGISTRY, dissect_frame
 from vsockmon.wire.pcapio import CaptureError
 
@@ -22,22 +23,23 @@ TABLE_ROWS = 5000
 """A table is rendered per this many rows (each block with its own headers and column
 widths, as when tabulate rendered it), so memory stays bounded on big captures."""
 
-JSON_ROWS = 4096
-"""JSON is formatted per this many rows: their text (3 MB) is memory the allocator hands out
-again, still in cache; a whole batch's (24 MB) is fresh memory the kernel faults in page by
-page, which cost 0.3 CPU s per million packets (measured; lines, 8x shorter, do not gain)."""
-
-
 def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> None:
-    for fb, idx in items:
-        rows = np.asarray(idx, dtype=np.int64)
-        for start in range(0, len(rows), JSON_ROWS):
-            out.write(fb.json_text(rows[start : start + JSON_ROWS]))
+    """The rows' JSON, formatted and written on the other core while the next are decoded."""
+    with BackgroundWriter(out) as writer:
+        for fb, idx in items:
+            writer.put(fb.json_rows(np.asarray(idx, dtype=np.int64)))
 
 
 def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
                 ) -> None:
     t0: int | None = None
+    if not (table or verbose):
+        with BackgroundWriter(sys.stdout.buffer) as writer:  # as _emit_json
+            for fb, idx in items:
+                t0 = int(fb.ts_ns[0]) if t0 is None else t0
+                rows = np.asarray(idx, dtype=np.int64)
+                writer.put(render.summary_rows(fb, rows, t0, _payload_summary))
+        return
     for fb, idx in items:
         if t0 is None:
             t0 = int(fb.ts_ns[0])
@@ -46,13 +48,11 @@ def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, ta
             for start in range(0, len(rows), TABLE_ROWS):
                 sys.stdout.buffer.write(render.table_text(fb, rows[start : start + TABLE_ROWS],
                                                           t0))
-        elif verbose:
+        else:
             for i in idx:
                 f = fb.frame(i)
                 info = dissect_frame(f)
                 click.echo("\n".join(render.tree(f, info.lines() if info else None)) + "\n")
-        else:
-            sys.stdout.buffer.write(render.summary_lines(fb, rows, t0, _payload_summary))
 
 
 def _payload_summary(payload: bytes, src_port: int, dst_port: int) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vsockmon.decode import _render
+from vsockmon.decode.rows import Rows
 from vsockmon.wire import _walk
 from vsockmon.wire.pcapio import RecordBatch
 from vsockmon.wire.protocol import (
@@ -134,6 +135,10 @@ class FrameBatch:
         formatted by compiled code from one template over the columns; the rest go through
         :meth:`records`. A test holds the two equal on every fixture.
         """
+        return self.json_rows(idx).text()
+
+    def json_rows(self, idx: np.ndarray) -> Rows:
+        """:meth:`json_text` with the text itself not made yet (:class:`Rows`)."""
         sel = self.rows(idx)
         full = self.has_mon[sel] & self.has_virtio[sel]
         templates = [self._json_template(idx)]
@@ -141,7 +146,7 @@ class FrameBatch:
             slow = [None if ok else _json(self.records(i, i + 1)[0]).encode()
                     for i, ok in zip(idx.tolist(), full.tolist(), strict=True)]
             templates.append([(_render.K_OPT, slow, b"")])
-        return _render.format_rows(len(idx), np.where(full, 0, 1).astype(np.int8), templates)
+        return Rows(len(idx), np.where(full, 0, 1).astype(np.int8), templates)
 
     def _json_template(self, idx: np.ndarray) -> list[tuple[object, ...]]:
         """The JSON of a row with both headers, in the key order of :meth:`records`."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from vsockmon.decode import _render
 from vsockmon.decode.frames import Frame, FrameBatch, anomaly_names, dictionary_column
+from vsockmon.decode.rows import Rows
 from vsockmon.wire.protocol import (
     VIRTIO_HEADER,
     VSOCKMON_HEADER,
@@ -206,6 +207,13 @@ def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
     newline, as UTF-8, formatted by compiled code over the columns (a test holds the two
     equal on every fixture). ``payload_summary(payload, src_port, dst_port)`` is asked about
     each payload the line would show, as :func:`summary_line`'s ``payload_summary``."""
+    return summary_rows(fb, idx, t0_ns, payload_summary).text()
+
+
+def summary_rows(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
+                 payload_summary: Callable[[bytes, int, int], str | None] | None = None
+                 ) -> Rows:
+    """:func:`summary_lines` with the text itself not made yet (:class:`Rows`)."""
     b = _Bulk.of(fb, idx)
     v, m, hv = b.v, b.m, b.hv
     label = dictionary_column(np.where(hv, v["type"].astype(np.int64) << 16 | v["op"],
@@ -230,7 +238,7 @@ def summary_lines(fb: FrameBatch, idx: np.ndarray, t0_ns: int,
                   b.virtio_int("fwd_cnt"), *tail]
     mon_row = [*head, *addr, label, *tail]
     bare_row = [*head, (_render.K_LIT, "? → ?  ".encode()), label, *tail]
-    return _render.format_rows(len(idx), b.which, [virtio_row, mon_row, bare_row])
+    return Rows(len(idx), b.which, [virtio_row, mon_row, bare_row])
 
 
 def table_text(fb: FrameBatch, idx: np.ndarray, t0_ns: int) -> bytes:
