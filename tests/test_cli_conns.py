@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from conntrack_scenarios import Conv, echo_capture, write
 
 from vsockmon.cli import main
-from vsockmon.cli.conns import CSV, JSON, record_lines
+from vsockmon.cli.conns import CSV, JSON, record_rows
 from vsockmon.conntrack.records import RecordColumn
 from vsockmon.conntrack.tracker import RECORD_FIELDS
+from vsockmon.decode import _render
 from vsockmon.wire.protocol import Op, SeqFlag, SockType
 
 
@@ -76,7 +77,7 @@ def _csv_text(rows: list[list[object]]) -> bytes:
 
 
 @pytest.mark.parametrize("path", CAPTURES, ids=lambda p: str(p.relative_to(FIXTURES)))
-def test_record_lines_are_json_dumps_and_csv_writer_of_the_records(path: Path) -> None:
+def test_record_rows_are_json_dumps_and_csv_writer_of_the_records(path: Path) -> None:
     """The compiled writer of ``conns --json``/``--csv`` says what json.dumps and
     csv.writer say of each record, for every fixture, in stream order and reordered."""
     import vsockmon
@@ -84,9 +85,9 @@ def test_record_lines_are_json_dumps_and_csv_writer_of_the_records(path: Path) -
     table = vsockmon.open(path).analysis().table
     for rows in (np.arange(len(table)), np.arange(len(table))[::-1][::2]):
         records = table.records(rows.tolist())
-        assert b"".join(record_lines(table, rows, JSON)) == "".join(
+        assert record_rows(table, rows, JSON).text() == "".join(
             json.dumps(r) + "\n" for r in records).encode()
-        assert b"".join(record_lines(table, rows, CSV)) == _csv_text(
+        assert record_rows(table, rows, CSV).text() == _csv_text(
             [["" if v is None else v for v in r.values()] for r in records])
 
 
@@ -141,16 +142,19 @@ class _EdgeTable:
         return self.cols
 
 
-@pytest.mark.parametrize("piece", [2048, 4, 1])
-def test_record_lines_of_edge_values(piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("vsockmon.cli.conns.PIECE", piece)  # one piece, or several
+@pytest.mark.parametrize("piece", [4096, 4, 1])
+def test_record_rows_of_edge_values(piece: int, tmp_path: Path) -> None:
     table = _EdgeTable()
     rows = np.array([5, 0, 39, 17, 17, 3])
     picked = [table.records[i] for i in rows.tolist()]
-    got = b"".join(record_lines(table, rows, JSON))  # type: ignore[arg-type]
+    got = record_rows(table, rows, JSON).text()  # type: ignore[arg-type]
     assert got == "".join(json.dumps(r) + "\n" for r in picked).encode()
+    r = record_rows(table, rows, JSON)  # type: ignore[arg-type]
+    with open(tmp_path / "out", "wb") as f:  # written to a descriptor, piece by piece
+        _render.write_rows(f.fileno(), r.count, r.which, r.templates, piece)
+    assert (tmp_path / "out").read_bytes() == got
     assert got.decode().splitlines() == [json.dumps(r) for r in picked]
-    assert b"".join(record_lines(table, rows, CSV)) == _csv_text(  # type: ignore[arg-type]
+    assert record_rows(table, rows, CSV).text() == _csv_text(  # type: ignore[arg-type]
         [["" if v is None else v for v in r.values()] for r in picked])
 
 

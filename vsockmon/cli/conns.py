@@ -19,7 +19,9 @@ from vsockmon.conntrack.query import matching, order
 from vsockmon.conntrack.records import RecordColumn
 from vsockmon.conntrack.tracker import CLOSES, RECORD_FIELDS, ConnTable
 from vsockmon.decode import _render
+from vsockmon.decode.rows import Rows
 from vsockmon.diagnose.views import stream_summary
+from vsockmon.output import BackgroundWriter
 from vsockmon.wire.protocol import parse_cid
 
 FIELD_NAMES = [f.name for f in RECORD_FIELDS]
@@ -61,16 +63,11 @@ CSV = _Style("", ",", lambda k: "", _csv_field, (_csv_field(False), _csv_field(T
              "")
 
 
-PIECE = 2048
-"""Records formatted into one bytes object: a few megabytes, which the allocator hands out
-again for the next piece, where a table's 25 MB of JSON would be fresh pages each time."""
-
-
-def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> Iterator[bytes]:
-    """The records of ``rows`` in ``style``, a line each, as UTF-8 (in pieces of at most
-    :data:`PIECE` records): equal to ``json.dumps(record)`` (or to ``csv.writer``'s row),
-    but made by the compiled row formatter (``decode._render``) from the table's arrays, as
-    a capture can hold a million connections."""
+def record_rows(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> Rows:
+    """The records of ``rows`` in ``style``, a line each, as UTF-8 (:class:`Rows`, made
+    when written): equal to ``json.dumps(record)`` (or to ``csv.writer``'s row), but made by
+    the compiled row formatter (``decode._render``) from the table's arrays, as a capture
+    can hold a million connections."""
     cols = table.record_columns()
     items: list[tuple[Any, ...]] = []
     lit = ""
@@ -83,11 +80,7 @@ def record_lines(table: ConnTable, rows: np.ndarray, style: _Style = JSON) -> It
             items += [(_render.K_LIT, lit.encode()), item]
             lit = ""
     items.append((_render.K_LIT, (lit + style.end).encode()))
-    which = np.zeros(min(len(rows), PIECE), dtype=np.int8)
-    for a in range(0, len(rows), PIECE):
-        piece = [tuple(x[a : a + PIECE] if isinstance(x, np.ndarray) else x for x in item)
-                 for item in items]
-        yield _render.format_rows(min(len(rows) - a, PIECE), which, [piece])
+    return Rows(len(rows), np.zeros(len(rows), dtype=np.int8), [items])
 
 
 def _items(col: RecordColumn, kind: type, rows: np.ndarray, style: _Style
@@ -210,9 +203,10 @@ def conns(file: str, as_json: bool, as_csv: bool, sort_by: str, limit: int | Non
         out = sys.stdout.buffer
         if as_csv:
             out.write(",".join(map(_csv_field, FIELD_NAMES)).encode() + b"\n")
-        for table, rows in picked:
-            for piece in record_lines(table, rows, JSON if as_json else CSV):
-                out.write(piece)
+        # the next range's records are gathered while the writer formats this one's
+        with BackgroundWriter(out) as writer:
+            for table, rows in picked:
+                writer.put(record_rows(table, rows, JSON if as_json else CSV))
     else:
         from tabulate import tabulate
 
