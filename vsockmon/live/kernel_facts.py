@@ -74,6 +74,12 @@ MEASURED: dict[Version, Measured] = {
         zerocopy=True,
         how={"split-tap-length": _NESTED, "skb-overhead-reset": _TINY,
              "nonlinear-tap": "64 KiB sent with MSG_ZEROCOPY over loopback, tapped byte-exact"}),
+    (6, 12, 118): Measured(
+        "6.12.118+deb12-amd64",
+        {"split-tap-length": False, "nonlinear-tap": False, "skb-overhead-reset": False},
+        zerocopy=True,
+        how={"split-tap-length": _NESTED, "skb-overhead-reset": _TINY,
+             "nonlinear-tap": "64 KiB sent with MSG_ZEROCOPY over loopback, tapped byte-exact"}),
 }
 """Debian kernels the lab boots, keyed by the upstream version ``/proc/version`` names."""
 
