@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import click
@@ -14,6 +14,7 @@ import numpy as np
 from vsockmon import api
 from vsockmon.decode import render
 from vsockmon.decode.frames import FrameBatch
+from vsockmon.decode.rows import Rows
 from vsockmon.errors import VsockmonError
 from vsockmon.output import BackgroundWriter
 from vsockmon.payload import REGISTRY, dissect_frame
@@ -23,23 +24,20 @@ TABLE_ROWS = 5000
 """A table is rendered per this many rows (each block with its own headers and column
 widths, as when tabulate rendered it), so memory stays bounded on big captures."""
 
-def _emit_json(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO) -> None:
-    """The rows' JSON, formatted and written on the other core while the next are decoded."""
+def _emit_rows(items: Iterator[tuple[FrameBatch, list[int]]], out: BinaryIO,
+               rows_of: Callable[[FrameBatch, np.ndarray, int], Rows]) -> None:
+    """Lines or JSON (``rows_of(batch, rows, t0)``), formatted and written on the other core
+    while the next batch is decoded; ``t0`` is the first frame's time."""
+    t0: int | None = None
     with BackgroundWriter(out) as writer:
         for fb, idx in items:
-            writer.put(fb.json_rows(np.asarray(idx, dtype=np.int64)))
+            t0 = int(fb.ts_ns[0]) if t0 is None else t0
+            writer.put(rows_of(fb, np.asarray(idx, dtype=np.int64), t0))
 
 
-def _emit_lines(items: Iterator[tuple[FrameBatch, list[int]]], verbose: bool, table: bool
-                ) -> None:
+def _emit_slow(items: Iterator[tuple[FrameBatch, list[int]]], table: bool) -> None:
+    """``--table`` (tabulate's widths per block) and ``-V`` (a tree per frame)."""
     t0: int | None = None
-    if not (table or verbose):
-        with BackgroundWriter(sys.stdout.buffer) as writer:  # as _emit_json
-            for fb, idx in items:
-                t0 = int(fb.ts_ns[0]) if t0 is None else t0
-                rows = np.asarray(idx, dtype=np.int64)
-                writer.put(render.summary_rows(fb, rows, t0, _payload_summary))
-        return
     for fb, idx in items:
         if t0 is None:
             t0 = int(fb.ts_ns[0])
@@ -94,9 +92,12 @@ def decode(file: str, count: int | None, expr: str | None, verbose: bool, table:
     cap = api.open(file)
     items = cap.frames(expr, count)
     if as_json:
-        _emit_json(items, sys.stdout.buffer)
+        _emit_rows(items, sys.stdout.buffer, lambda fb, rows, _t0: fb.json_rows(rows))
+    elif table or verbose:
+        _emit_slow(items, table)
     else:
-        _emit_lines(items, verbose, table)
+        _emit_rows(items, sys.stdout.buffer,
+                   lambda fb, rows, t0: render.summary_rows(fb, rows, t0, _payload_summary))
     if cap.stopped:
         raise CaptureError(f"{cap.name}: {cap.stopped}")
 
