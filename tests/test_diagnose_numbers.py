@@ -59,3 +59,22 @@ def test_taking_keeps_an_array_of_its_own_and_copies_what_others_hold() -> None:
     assert not np.shares_memory(view.array(), big) and big.flags.writeable and view == (2, 3, 4)
     narrow = Numbers.taking(np.array([1, 2], dtype=np.int32))
     assert narrow.array().dtype == np.int64 and narrow == (1, 2)
+
+
+def test_long_numbers_are_held_packed_and_read_back_exactly() -> None:
+    """From a slice (65,536) on, numbers are packed: a storm's consecutive stream numbers
+    cost a few bytes, not 8 each; any values still read back exactly, at every index and
+    across the slices' edges."""
+    run = Numbers.taking(np.arange(5, 1_000_005, dtype=np.int64))
+    assert run.nbytes < 10_000 and len(run) == 1_000_000
+    assert (run[0], run[65535], run[65536], run[-1]) == (5, 65540, 65541, 1_000_004)
+    assert run[65535:65538] == (65540, 65541, 65542) and run[-2:] == (1_000_003, 1_000_004)
+    with pytest.raises(IndexError):
+        run[1_000_000]
+    values = np.random.default_rng(7).integers(-2**62, 2**62, 200_001, dtype=np.int64)
+    rough = Numbers(values)
+    assert rough == tuple(values.tolist()) and rough == Numbers.taking(values.copy())
+    assert rough.array().tolist() == values.tolist() and rough[131072] == int(values[131072])
+    assert rough != Numbers(np.r_[values[:-1], values[-1] + 1])
+    short = Numbers(np.arange(65535))
+    assert short.nbytes == 8 * 65535  # below a slice: the array as it is

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
+from vsockmon.conntrack.spill import Packed
+
 if TYPE_CHECKING:
     from vsockmon.diagnose.registry import Context
 
@@ -99,7 +101,8 @@ class Rule:
 
 
 _SLICE = 65536
-"""Numbers made Python ints (or text) at a time: a storm's million never all at once."""
+"""Numbers made Python ints (or text) at a time: a storm's million never all at once; and
+the count from which they are kept packed."""
 
 
 @total_ordering
@@ -107,32 +110,51 @@ class Numbers(Sequence[int]):
     """A finding's frame or stream numbers: a read-only int64 array that reads as a tuple.
 
     A storm's one finding names a million streams and two million frames; as a tuple of
-    Python ints they would cost 36 bytes each, here 8. It equals, and orders against, the
-    tuple of its values, so ``f.frames == (3, 4)`` reads as it always did.
+    Python ints they would cost 36 bytes each, as int64 8. From :data:`_SLICE` numbers on
+    they are kept a slice at a time as the spill's :class:`~vsockmon.conntrack.spill.Packed`
+    columns (a run of consecutive streams or evenly spaced frames packs to a few bytes),
+    unpacked a slice at a time as they are read. It equals, and orders against, the tuple of
+    its values, so ``f.frames == (3, 4)`` reads as it always did.
     """
 
-    __slots__ = ("_a",)
+    __slots__ = ("_a", "_n")
 
     def __init__(self, values: Iterable[int] | np.ndarray = ()) -> None:
-        a = np.array(values if isinstance(values, np.ndarray) else list(values),
-                     dtype=np.int64)
-        a.flags.writeable = False
-        self._a = a
+        self._keep(np.array(values if isinstance(values, np.ndarray) else list(values),
+                            dtype=np.int64))
 
     @classmethod
     def taking(cls, a: np.ndarray) -> Numbers:
         """The numbers of ``a``, an array made for them that its maker lets go: an int64
-        array of its own is kept as it is (made read-only), not copied — a storm's million
-        frames are not held twice while a finding is made."""
+        array of its own is kept as it is (made read-only) or packed, never copied whole —
+        a storm's million frames are not held twice while a finding is made."""
         if a.dtype != np.int64 or a.base is not None or not a.flags.c_contiguous:
             return cls(a)
         n = cls.__new__(cls)
-        a.flags.writeable = False
-        n._a = a
+        n._keep(a)
         return n
 
+    def _keep(self, a: np.ndarray) -> None:
+        """Hold ``a``: itself (read-only) when short, else packed a slice at a time (the
+        packing's scratch arrays stay the size of a slice)."""
+        self._n = len(a)
+        if self._n < _SLICE:
+            a.flags.writeable = False
+            self._a: np.ndarray | list[Packed] = a
+        else:
+            self._a = [Packed(a[lo:lo + _SLICE]) for lo in range(0, self._n, _SLICE)]
+
+    def _slices(self) -> Iterator[np.ndarray]:
+        """The numbers a slice of at most :data:`_SLICE` at a time."""
+        if isinstance(self._a, np.ndarray):
+            for lo in range(0, self._n, _SLICE):
+                yield self._a[lo:lo + _SLICE]
+        else:
+            for part in self._a:
+                yield part.rows(0, part.shape[0])
+
     def __len__(self) -> int:
-        return len(self._a)
+        return self._n
 
     @overload
     def __getitem__(self, i: int) -> int: ...
@@ -140,12 +162,16 @@ class Numbers(Sequence[int]):
     def __getitem__(self, i: slice) -> tuple[int, ...]: ...
     def __getitem__(self, i: int | slice) -> int | tuple[int, ...]:
         if isinstance(i, slice):
-            return tuple(self._a[i].tolist())
-        return int(self._a[i])
+            return tuple(self[j] for j in range(self._n)[i])
+        j = range(self._n)[i]  # IndexError as a tuple's
+        if isinstance(self._a, np.ndarray):
+            return int(self._a[j])
+        part = self._a[j // _SLICE]
+        return int(part.rows(j % _SLICE, j % _SLICE + 1)[0])
 
     def __iter__(self) -> Iterator[int]:
-        for lo in range(0, len(self._a), _SLICE):
-            yield from self._a[lo:lo + _SLICE].tolist()
+        for a in self._slices():
+            yield from a.tolist()
 
     def _tuple(self, other: object) -> tuple[int, ...] | None:
         if isinstance(other, Numbers):
@@ -154,7 +180,9 @@ class Numbers(Sequence[int]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Numbers):
-            return bool(np.array_equal(self._a, other._a))
+            return len(self) == len(other) and all(
+                np.array_equal(a, b) for a, b in zip(self._slices(), other._slices(),
+                                                     strict=True))
         theirs = self._tuple(other)
         return NotImplemented if theirs is None else tuple(self) == theirs
 
@@ -168,9 +196,21 @@ class Numbers(Sequence[int]):
     def __repr__(self) -> str:
         return repr(tuple(self))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the numbers are held in."""
+        if isinstance(self._a, np.ndarray):
+            return self._a.nbytes
+        return sum(part.nbytes for part in self._a)
+
     def array(self) -> np.ndarray:
-        """The numbers as a (read-only) numpy array."""
-        return self._a
+        """The numbers as a (read-only) numpy array (made whole: for the few that are
+        long, a caller reads :meth:`pieces`)."""
+        if isinstance(self._a, np.ndarray):
+            return self._a
+        a = np.concatenate(list(self._slices()))
+        a.flags.writeable = False
+        return a
 
     def text(self, sep: str = ", ") -> str:
         """The numbers in decimal, ``sep`` between."""
@@ -179,8 +219,8 @@ class Numbers(Sequence[int]):
     def pieces(self, sep: str = ", ") -> Iterator[str]:
         """:meth:`text` a slice at a time: a million numbers never exist as Python ints or
         strings at once."""
-        for lo in range(0, len(self._a), _SLICE):
-            yield (sep if lo else "") + sep.join(map(str, self._a[lo:lo + _SLICE].tolist()))
+        for k, a in enumerate(self._slices()):
+            yield (sep if k else "") + sep.join(map(str, a.tolist()))
 
 
 @dataclass(frozen=True)
