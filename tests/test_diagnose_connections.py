@@ -9,6 +9,7 @@ every stream and one dial-retry run over every attempt.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from conntrack_scenarios import MS, Conv, write
 import vsockmon
 from vsockmon.cli import main
 from vsockmon.conntrack.records import ConnTable
-from vsockmon.diagnose.connections import CHUNK, Index
-from vsockmon.diagnose.engine import Diagnosis
+from vsockmon.diagnose.connections import CACHED, CHUNK, FIELDS, Index
+from vsockmon.diagnose.engine import Diagnosis, tracked
 from vsockmon.wire.protocol import Op, ShutdownFlag
 
 STORM = 2 * CHUNK + 10
@@ -78,6 +79,51 @@ def test_the_storm_diagnosed_a_range_at_a_time_equals_it_from_every_object(
     whole = d.findings(conns=d.connections())  # every Connection object, in a list
     assert by_ranges == [f.to_dict(cap.start_ns) for f in whole]
     assert d.digest.resets == {}  # a refusal leaves no credit: small-packet-reset reads none
+
+
+def test_a_trackers_index_is_packed_and_reads_as_its_table(storm_pcap: Path) -> None:
+    """The index of a tracker's connections holds a storm in a few bytes a connection (its
+    columns are constant or step evenly), reads every column exactly as the wide table has
+    it, and keeps at most :data:`CACHED` columns joined."""
+    tracker = vsockmon.open(storm_pcap).analysis().tracker
+    wide = Index.of_table(tracker.finish())
+    tracemalloc.start()
+    try:
+        index = tracked(tracker).index
+        held = tracemalloc.get_traced_memory()[0]
+        for name in FIELDS:
+            got, want = index.column(name), wide.column(name)
+            assert got.dtype == want.dtype and np.array_equal(got, want), name
+            assert not got.flags.writeable  # a rule cannot change what others read
+        joined = tracemalloc.get_traced_memory()[0] - held
+    finally:
+        tracemalloc.stop()
+    assert len(index) == STORM
+    assert held < 4 * STORM  # the wide columns take 100 bytes a connection
+    assert joined <= CACHED * 8 * STORM + 65536  # no column is wider than 8 bytes a row
+
+
+def test_a_packed_index_reads_rows_and_finds_streams_across_its_parts(storm_pcap: Path
+                                                                     ) -> None:
+    """Rows read from the parts that hold them (any order, repeated, one row alone) and a
+    stream's row found in its part equal what the wide table gives."""
+    tracker = vsockmon.open(storm_pcap).analysis().tracker
+    wide = Index.of_table(tracker.finish())
+    index = tracked(tracker).index
+    rows = np.array([STORM - 1, 0, CHUNK, CHUNK - 1, 5, CHUNK, 2 * CHUNK + 3])
+    for name in ("stream", "close_frame", "client_port", "start_seen"):
+        got = index.take(name, rows)
+        assert got.dtype == wide.column(name).dtype
+        assert got.tolist() == wide.column(name)[rows].tolist(), name
+        assert int(index.take(name, CHUNK + 1)) == int(wide.column(name)[CHUNK + 1])
+    assert index.take("stream", np.zeros(0, dtype=np.int64)).tolist() == []
+    with pytest.raises(IndexError):
+        index.take("stream", np.array([STORM]))
+    streams = wide.column("stream").tolist()
+    for stream in (0, CHUNK - 1, CHUNK, 2 * CHUNK, STORM - 1):
+        assert index.row_of(stream) == streams.index(stream)
+    with pytest.raises(KeyError):
+        index.row_of(STORM)
 
 
 def index(pairs: list[tuple[int, tuple[int, int], tuple[int, int]]]) -> Index:
@@ -179,7 +225,9 @@ def test_groups_are_those_of_the_key_tuples_however_wide_the_keys(seed: int) -> 
     65 bits (one too many for a word); the groups must not change."""
     rnd = np.random.default_rng(seed)
     n = 3000
-    ix = Index.empty(n)
+    narrow = {"cid": np.uint64, "port": np.uint32, "type": np.uint16}  # the tracker's types
+    ix = Index(**{f: np.zeros(n, dtype=narrow.get(f.rsplit("_")[-1], np.int64))
+                  for f in FIELDS})
     client, server = [([2, 3, 2**32 + 1], [2, 3, 2**32 + 1]),
                       ([1, 2**40, 2**63 + 5], [1, 2**40, 2**63 + 5]),
                       ([2**64 - 1, 2**64 - 2, 7], [2**64 - 1, 2**64 - 2, 7]),

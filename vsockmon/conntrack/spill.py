@@ -154,10 +154,11 @@ class Packed:
     packed as :class:`_Flat` columns, one per value of a row: a client's port and a
     server's change differently."""
 
-    __slots__ = ("parts", "shape")
+    __slots__ = ("dtype", "parts", "shape")
 
     def __init__(self, col: np.ndarray) -> None:
         self.shape = col.shape
+        self.dtype = col.dtype
         flat = col.reshape(len(col), -1)
         self.parts = [_Flat(np.ascontiguousarray(flat[:, j])) for j in range(flat.shape[1])]
 

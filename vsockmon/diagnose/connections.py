@@ -11,10 +11,10 @@ streams at a time, and lets each range go. No I/O here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 
+from vsockmon.conntrack.spill import Packed
 from vsockmon.conntrack.tracker import CLIENT, CLOSES, NONE, SERVER, Close, Connection, ConnTable
 
 TableAt = Callable[[int, int], ConnTable]
@@ -23,45 +23,95 @@ TableAt = Callable[[int, int], ConnTable]
 CHUNK = 20000
 """Streams per table made from a tracker: the most Connection objects alive at once."""
 
+CACHED = 2
+"""Columns of a packed index held joined at once: a rule reads a few columns many times (a
+finding's stream numbers, the columns it selects on), and each join is a pass over the
+parts."""
+
 _CODE = {k: i for i, k in enumerate(CLOSES)}
-_DTYPES: dict[str, type] = {
-    "type": np.uint16, "client_cid": np.uint64, "client_port": np.uint32,
-    "server_cid": np.uint64, "server_port": np.uint32, "close": np.uint8, "start_seen": bool}
-"""The index's narrow columns (the tracker's own types; a close is one of a few); the
-others are int64 frames, times and stream numbers."""
+FIELDS = ("stream", "type", "client_cid", "client_port", "server_cid", "server_port",
+          "close", "start_seen", "request_frame", "response_frame", "close_frame",
+          "first_frame", "last_frame", "first_ts", "last_ts", "handshake")
+"""The index's columns, in the order :meth:`Index.of_table` reads them."""
 
 
-@dataclass
+class _Column:
+    """One column of an :class:`Index`, read as a numpy array."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, ix: Index, owner: type) -> np.ndarray:
+        return ix.column(self.name)
+
+
+Part = dict[str, "np.ndarray | Packed"]
+
+
 class Index:
     """One row per connection, in stream order: what the rules select on. ``close`` is an
     index into :data:`~vsockmon.conntrack.tracker.CLOSES`; a frame or delay that is missing
-    is :data:`~vsockmon.conntrack.model.NONE`."""
+    is :data:`~vsockmon.conntrack.model.NONE`.
 
-    stream: np.ndarray
-    type: np.ndarray
-    client_cid: np.ndarray
-    client_port: np.ndarray
-    server_cid: np.ndarray
-    server_port: np.ndarray
-    close: np.ndarray
-    start_seen: np.ndarray
-    request_frame: np.ndarray
-    response_frame: np.ndarray
-    close_frame: np.ndarray
-    first_frame: np.ndarray
-    last_frame: np.ndarray
-    first_ts: np.ndarray
-    last_ts: np.ndarray
-    handshake: np.ndarray
+    A tracker's index is kept as :class:`~vsockmon.conntrack.spill.Packed` parts (the
+    spill's compact columns): a storm's rows, all alike, pack to under a byte each instead
+    of 100, so diagnose's memory does not grow by a wide row per connection ever seen. A
+    column is joined from its parts when a rule reads it; the last :data:`CACHED` joined stay.
+    """
+
+    stream = _Column()
+    type = _Column()
+    client_cid = _Column()
+    client_port = _Column()
+    server_cid = _Column()
+    server_port = _Column()
+    close = _Column()
+    start_seen = _Column()
+    request_frame = _Column()
+    response_frame = _Column()
+    close_frame = _Column()
+    first_frame = _Column()
+    last_frame = _Column()
+    first_ts = _Column()
+    last_ts = _Column()
+    handshake = _Column()
+
+    def __init__(self, **columns: np.ndarray) -> None:
+        """An index of the given columns (one array each, all of :data:`FIELDS`), as they
+        are: no copy."""
+        if sorted(columns) != sorted(FIELDS):
+            raise TypeError(f"an index has the columns {', '.join(FIELDS)}")
+        self._parts: list[Part] = [dict(columns)]
+        self._n = len(columns["stream"])
+        self._starts = np.array([0, self._n], dtype=np.int64)
+        """The first row of each part, then the number of rows."""
+        self._firsts = np.asarray(columns["stream"][:1], dtype=np.int64)
+        """The first stream of each part."""
+        self._joined: dict[str, np.ndarray] = {}
+        self._previous: np.ndarray | None = None
+
+    @classmethod
+    def packed(cls, parts: Iterable[Index]) -> Index:
+        """The rows of ``parts`` one after the other, each part packed as it comes (they
+        are made a table at a time and let go: the wide form never exists for them all)."""
+        ix = cls(**{f: np.zeros(0, dtype=np.int64) for f in FIELDS})
+        ix._parts, firsts = [], []
+        for p in parts:
+            if len(p):
+                ix._parts.append({f: Packed(p.column(f)) for f in FIELDS})
+                firsts.append(int(p.column("stream")[0]))
+        ix._firsts = np.array(firsts, dtype=np.int64)
+        ix._starts = np.cumsum([0, *(part["stream"].shape[0] for part in ix._parts)])
+        ix._n = int(ix._starts[-1])
+        return ix
 
     @classmethod
     def of_table(cls, t: ConnTable) -> Index:
         cid, port = t.column("cid"), t.column("port")
-        return cls(t.column("stream"), t.column("type"), cid[:, CLIENT], port[:, CLIENT],
-                   cid[:, SERVER], port[:, SERVER],
-                   *(t.column(k) for k in ("close", "start_seen", "request_frame",
-                                           "response_frame", "close_frame", "first_frame",
-                                           "last_frame", "first_ts", "last_ts", "handshake")))
+        return cls(stream=t.column("stream"), type=t.column("type"),
+                   client_cid=cid[:, CLIENT], client_port=port[:, CLIENT],
+                   server_cid=cid[:, SERVER], server_port=port[:, SERVER],
+                   **{k: t.column(k) for k in FIELDS[6:]})
 
     @classmethod
     def of_connections(cls, conns: Sequence[Connection]) -> Index:
@@ -69,31 +119,74 @@ class Index:
             values = [get(c) for c in conns]
             return np.array([NONE if v is None else v for v in values], dtype=dtype)
 
-        return cls(col(lambda c: c.stream), col(lambda c: c.type),
-                   col(lambda c: c.client.cid, np.uint64), col(lambda c: c.client.port),
-                   col(lambda c: c.server.cid, np.uint64), col(lambda c: c.server.port),
-                   col(lambda c: _CODE[c.close]), col(lambda c: c.start_seen, bool),
-                   col(lambda c: c.request_frame), col(lambda c: c.response_frame),
-                   col(lambda c: c.close_frame), col(lambda c: c.first_frame),
-                   col(lambda c: c.last_frame), col(lambda c: c.first_ts_ns),
-                   col(lambda c: c.last_ts_ns), col(lambda c: c.handshake_ns))
+        return cls(**dict(zip(FIELDS, (
+            col(lambda c: c.stream), col(lambda c: c.type),
+            col(lambda c: c.client.cid, np.uint64), col(lambda c: c.client.port),
+            col(lambda c: c.server.cid, np.uint64), col(lambda c: c.server.port),
+            col(lambda c: _CODE[c.close]), col(lambda c: c.start_seen, bool),
+            col(lambda c: c.request_frame), col(lambda c: c.response_frame),
+            col(lambda c: c.close_frame), col(lambda c: c.first_frame),
+            col(lambda c: c.last_frame), col(lambda c: c.first_ts_ns),
+            col(lambda c: c.last_ts_ns), col(lambda c: c.handshake_ns)), strict=True)))
 
-    @classmethod
-    def empty(cls, n: int) -> Index:
-        """Room for ``n`` connections, to :meth:`fill` a table at a time: the columns are
-        never held twice (parts and their join), so their size is the peak."""
-        return cls(*(np.zeros(n, dtype=_DTYPES.get(f.name, np.int64)) for f in fields(cls)))
+    def __len__(self) -> int:
+        return self._n
 
-    def fill(self, at: int, part: Index) -> int:
-        """Copy ``part`` into the rows from ``at`` on; returns the row after it."""
-        end = at + len(part.stream)
-        for f in fields(self):
-            getattr(self, f.name)[at:end] = getattr(part, f.name)
-        return end
+    def column(self, name: str) -> np.ndarray:
+        """The column ``name`` over every row: the array itself when the index was given
+        its columns, else joined from the packed parts (read-only)."""
+        if len(self._parts) == 1 and isinstance(only := self._parts[0][name], np.ndarray):
+            return only
+        joined = self._joined.pop(name, None)
+        if joined is None:
+            if len(self._joined) >= CACHED:  # the least recently read goes
+                del self._joined[next(iter(self._joined))]
+            joined = self._join(name)
+        self._joined[name] = joined
+        return joined
 
-    def head(self, n: int) -> Index:
-        """The first ``n`` rows (views: no copy)."""
-        return Index(*(getattr(self, f.name)[:n] for f in fields(self)))
+    def take(self, name: str, rows: int | np.ndarray) -> np.ndarray:
+        """The column ``name`` at ``rows`` (a row or an array of them, any order): read
+        from the joined column when it is held, else from only the parts that hold the rows
+        — a finding reads a few values of a million without joining them all."""
+        at = np.asarray(rows, dtype=np.int64)
+        flat = at.reshape(-1)
+        if ((flat < 0) | (flat >= self._n)).any():
+            raise IndexError(f"rows outside the index's {self._n}")
+        if name in self._joined or len(self._parts) == 1:
+            return self.column(name)[at]
+        part = np.searchsorted(self._starts, flat, side="right") - 1
+        order = np.argsort(part, kind="stable")
+        pieces = [_wide(self._parts[p][name])[flat[order[a:b]] - self._starts[p]]
+                  for p, a, b in _runs(part[order])]
+        if not pieces:
+            dtype = self._parts[0][name].dtype if self._parts else np.int64
+            return np.zeros(at.shape, dtype=dtype)
+        by_part = np.concatenate(pieces)
+        out = np.empty_like(by_part)
+        out[order] = by_part
+        return out.reshape(at.shape)
+
+    def row_of(self, stream: int) -> int:
+        """The row of ``stream`` (KeyError: none), found in the one part that can hold it:
+        the streams ascend."""
+        if len(self._parts) == 1 or "stream" in self._joined:
+            streams, base = self.column("stream"), 0
+        else:
+            p = max(int(np.searchsorted(self._firsts, stream, side="right")) - 1, 0)
+            streams, base = _wide(self._parts[p]["stream"]), int(self._starts[p])
+        i = int(np.searchsorted(streams, stream))
+        if i >= len(streams) or streams[i] != stream:
+            raise KeyError(f"no stream {stream}")
+        return base + i
+
+    def _join(self, name: str) -> np.ndarray:
+        pieces = [_wide(part[name]) for part in self._parts]
+        if not pieces:
+            return np.zeros(0, dtype=np.int64)
+        joined = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]  # made here
+        joined.flags.writeable = False
+        return joined
 
     def closed(self, *kinds: Close) -> np.ndarray:
         """Which connections ended in one of ``kinds``."""
@@ -104,30 +197,36 @@ class Index:
         return np.isin(self.stream, np.fromiter(streams, dtype=np.int64))
 
     def close_of(self, row: int) -> Close:
-        return CLOSES[int(self.close[row])]
+        return CLOSES[int(self.take("close", row))]
 
     def previous_same_pair(self) -> np.ndarray:
         """Per connection, the row of the latest earlier one on the same address pair
         (socket type and both ends, whichever dialled), or -1: the connection whose ports a
         new one reuses."""
-        if not hasattr(self, "_previous"):
-            client_first = ((self.client_cid < self.server_cid)
-                            | ((self.client_cid == self.server_cid)
-                               & (self.client_port <= self.server_port)))
-            lo_cid = np.where(client_first, self.client_cid, self.server_cid)
-            lo_port = np.where(client_first, self.client_port, self.server_port)
-            hi_cid = np.where(client_first, self.server_cid, self.client_cid)
-            hi_port = np.where(client_first, self.server_port, self.client_port)
-            keys = (self.type, lo_cid, lo_port, hi_cid, hi_port)
-            order = np.lexsort(keys[::-1])  # stable: each pair's rows in stream order
+        if self._previous is None:
+            words = _packed(self._pair_keys())  # a storm's pairs: one word, not five columns
+            order = np.lexsort(words[::-1])  # stable: each pair's rows in stream order
             same = np.zeros(len(order), dtype=bool)
             same[1:] = True
-            for k in keys:
-                same[1:] &= k[order][1:] == k[order][:-1]
+            for w in words:
+                sw = w[order]
+                same[1:] &= sw[1:] == sw[:-1]
             previous = np.full(len(order), -1, dtype=np.int64)
             previous[order[1:][same[1:]]] = order[:-1][same[1:]]
             self._previous = previous
         return self._previous
+
+    def _pair_keys(self) -> Iterator[np.ndarray]:
+        """The address pair's columns (type, then the lower end's CID and port, then the
+        higher's), made one at a time so each is let go once packed."""
+        ccid, scid, cport, sport = (self.client_cid, self.server_cid, self.client_port,
+                                    self.server_port)
+        client_first = (ccid < scid) | ((ccid == scid) & (cport <= sport))
+        yield self.type
+        yield np.where(client_first, ccid, scid)
+        yield np.where(client_first, cport, sport)
+        yield np.where(client_first, scid, ccid)
+        yield np.where(client_first, sport, cport)
 
     def groups(self, rows: np.ndarray, keys: Sequence[np.ndarray], least: int = 1
                ) -> list[np.ndarray]:
@@ -171,6 +270,20 @@ def _packed(keys: Iterable[np.ndarray]) -> list[np.ndarray]:
     return words
 
 
+def _runs(keys: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(value, start, end) of each run of equal values in ``keys``."""
+    if not len(keys):
+        return
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    yield from zip(keys[starts].tolist(), starts.tolist(), ends.tolist(), strict=True)
+
+
+def _wide(col: np.ndarray | Packed) -> np.ndarray:
+    """A part's column as an array."""
+    return col if isinstance(col, np.ndarray) else col.rows(0, col.shape[0])
+
+
 def present(col: np.ndarray) -> np.ndarray:
     """Which values of a frame or delay column are not missing."""
     return col != NONE
@@ -199,12 +312,10 @@ class Connections:
     def of_tracker(cls, table_at: TableAt, streams: int) -> Connections:
         """The ``streams`` connections of a tracker, read a range of :data:`CHUNK` streams
         at a time: the index holds a few numbers per connection, never the objects."""
-        index, rows = Index.empty(streams), 0
-        for lo in range(0, streams, CHUNK):
-            rows = index.fill(rows, Index.of_table(table_at(lo, lo + CHUNK)))
-        index = index.head(rows)  # fewer than ``streams`` when some were forgotten
+        index = Index.packed(Index.of_table(table_at(lo, lo + CHUNK))
+                             for lo in range(0, streams, CHUNK))
         ranges = _Ranges(table_at)
-        return cls(index, lambda rows: ranges.make(index.stream[rows]))
+        return cls(index, lambda rows: ranges.make(index.take("stream", rows)))
 
     def pick(self, rows: np.ndarray) -> Iterator[Connection]:
         """The Connection objects of the index rows ``rows`` (ascending)."""
@@ -216,10 +327,7 @@ class Connections:
 
     def row(self, stream: int) -> int:
         """The index row of ``stream`` (KeyError: no such stream)."""
-        i = int(np.searchsorted(self.index.stream, stream))
-        if i >= len(self.index.stream) or self.index.stream[i] != stream:
-            raise KeyError(f"no stream {stream}")
-        return i
+        return self.index.row_of(stream)
 
     def __getitem__(self, stream: int) -> Connection:
         return self.at(self.row(stream))
@@ -235,7 +343,7 @@ class Connections:
         return self.pick(np.arange(len(self)))
 
     def __len__(self) -> int:
-        return len(self.index.stream)
+        return len(self.index)
 
 
 class _Ranges:

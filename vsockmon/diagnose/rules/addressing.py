@@ -52,11 +52,11 @@ def _reply_from_other_cid(ctx: Context) -> None:
     unanswered = np.flatnonzero(present(ix.request_frame) & ~present(ix.response_frame)
                                 & np.isin(ix.client_port, [c.client.port for c in answers]))
     pending = {key: row for row, key in zip(unanswered.tolist(), zip(
-        ix.client_cid[unanswered].tolist(), ix.client_port[unanswered].tolist(),
-        ix.server_port[unanswered].tolist(), strict=True), strict=True)}
+        *(ix.take(k, unanswered).tolist() for k in ("client_cid", "client_port", "server_port")),
+        strict=True), strict=True)}
     for c in answers:
         row = pending.get((c.client.cid, c.client.port, c.server.port))
-        if row is None or int(ix.server_cid[row]) == c.server.cid:
+        if row is None or int(ix.take("server_cid", row)) == c.server.cid:
             continue
         asked = ctx.conns.at(row)
         ctx.open_end_explained.update((asked.stream, c.stream))

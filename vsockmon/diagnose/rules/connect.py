@@ -44,13 +44,14 @@ class _Refused:
     @property
     def frames(self) -> np.ndarray:
         ix = self.ctx.conns.index
-        both = np.column_stack((ix.request_frame[self.rows], ix.close_frame[self.rows])).ravel()
+        both = np.column_stack((ix.take("request_frame", self.rows),
+                                ix.take("close_frame", self.rows))).ravel()
         return both[present(both) & (both != 0)]
 
     @property
     def max_delay(self) -> int | None:
         """The longest REQUEST-to-RST delay seen (None: none seen)."""
-        hs = self.ctx.conns.index.handshake[self.rows]
+        hs = self.ctx.conns.index.take("handshake", self.rows)
         hs = hs[present(hs)]
         return int(hs.max()) if len(hs) else None
 
@@ -63,7 +64,7 @@ class _Refused:
         return "" if len(self.rows) == 1 else f" {len(self.rows)} times"
 
     def evidence(self) -> dict[str, Any]:
-        return dict(streams=self.ctx.conns.index.stream[self.rows],
+        return dict(streams=self.ctx.conns.index.take("stream", self.rows),
                     time_ns=request_ts(self.first), refusals=len(self.rows),
                     rst_delay_ms=round((self.max_delay or 0) / 1e6, 3),
                     target=self.target)
@@ -74,9 +75,9 @@ def _refused(ctx: Context, seqpacket: bool) -> list[_Refused]:
     ix = ctx.conns.index
     rows = np.flatnonzero(ix.closed(Close.REFUSED) & ~ix.among(ctx.unestablished)
                           & ((ix.type == SockType.SEQPACKET) == seqpacket))
-    groups = ix.groups(rows, (ix.client_cid, ix.server_cid, ix.server_port, ix.type))
-    return [_Refused(ctx, g, int(ix.server_cid[g[0]]), int(ix.server_port[g[0]]),
-                     int(ix.type[g[0]])) for g in groups]
+    keys = (ix.client_cid, ix.server_cid, ix.server_port, ix.type)  # each read once
+    return [_Refused(ctx, g, *(int(k[g[0]]) for k in keys[1:]))
+            for g in ix.groups(rows, keys)]
 
 
 class _Old(NamedTuple):
@@ -115,14 +116,18 @@ def accept_queue_full(ctx: Context) -> None:
         candidates = accepted.get((group.cid, group.port, group.typ), [])
         if not candidates:
             continue
-        overflowed = [(r, w) for r in group.rows.tolist()
-                      if (w := _queue_witness(ctx, r, candidates)) is not None]
+        asked = ix.take("first_ts", group.rows)  # request_ts: a REQUEST is its first packet
+        frame = ix.take("request_frame", group.rows)
+        frame = np.where(present(frame), frame, ix.take("first_frame", group.rows))
+        overflowed = [(r, w) for r, a, f in zip(group.rows.tolist(), asked.tolist(),
+                                                frame.tolist(), strict=True)
+                      if (w := _queue_witness(ctx, a, f, candidates)) is not None]
         if not overflowed:
             continue
         rows = np.array([r for r, _ in overflowed], dtype=np.int64)
         witness = overflowed[0][1]
-        ctx.unestablished.update(ix.stream[rows].tolist())
-        ctx.queue_refused.update(ix.stream[rows].tolist())
+        ctx.unestablished.update(ix.take("stream", rows).tolist())
+        ctx.queue_refused.update(ix.take("stream", rows).tolist())
         _report_overflow(ctx, _Refused(ctx, rows, group.cid, group.port, group.typ), witness)
 
 
@@ -146,15 +151,12 @@ def _accepted_by_target(
     return found
 
 
-def _queue_witness(ctx: Context, row: int, accepted: list[_Accepted]) -> _Accepted | None:
-    """The latest connection to the refused one's (index ``row``) target accepted at most
-    ``accept_queue_s`` before its REQUEST and still open at it (None: no such).
-    ``accepted`` is in RESPONSE order; the walk back stops at the first RESPONSE that is
-    older than the window (frames are in capture order, so older ones are too)."""
-    ix = ctx.conns.index
-    asked = int(ix.first_ts[row])  # request_ts: a REQUEST is its stream's first packet
-    frame = int(ix.request_frame[row] if present(ix.request_frame[row])
-                else ix.first_frame[row])
+def _queue_witness(ctx: Context, asked: int, frame: int, accepted: list[_Accepted]
+                   ) -> _Accepted | None:
+    """The latest connection to a refused one's target accepted at most ``accept_queue_s``
+    before its REQUEST (sent at ``asked``, frame ``frame``) and still open at it (None: no
+    such). ``accepted`` is in RESPONSE order; the walk back stops at the first RESPONSE that
+    is older than the window (frames are in capture order, so older ones are too)."""
     start = bisect_left(accepted, frame, key=lambda c: c.response_frame)
     for i in range(start - 1, -1, -1):
         c = accepted[i]
@@ -210,8 +212,9 @@ def no_listener(ctx: Context) -> None:
                f"retrying silently.")
         if later is not None:
             severity = Severity.WARNING
-            message += (f" A later attempt (stream {ix.stream[later]}, frame "
-                        f"{ix.response_frame[later]}) was accepted: the service started late.")
+            message += (f" A later attempt (stream {ix.take('stream', later)}, frame "
+                        f"{ix.take('response_frame', later)}) was accepted: the service "
+                        f"started late.")
             fix = ("Start the client once the service listens (wait for its readiness "
                    "notification) rather than racing it.")
         ctx.add(first, frames, message,
@@ -225,9 +228,9 @@ def _answered(ctx: Context) -> dict[tuple[int, int, int], np.ndarray]:
     type), in stream order: one grouping, however many targets were refused."""
     ix = ctx.conns.index
     rows = np.flatnonzero(present(ix.response_frame) & (ix.response_frame != 0))
-    groups = ix.groups(rows, (ix.server_cid, ix.server_port, ix.type))
-    return {(int(ix.server_cid[g[0]]), int(ix.server_port[g[0]]), int(ix.type[g[0]])): g
-            for g in groups}
+    cid, port, typ = keys = (ix.server_cid, ix.server_port, ix.type)  # each read once
+    return {(int(cid[g[0]]), int(port[g[0]]), int(typ[g[0]])): g
+            for g in ix.groups(rows, keys)}
 
 
 def _accepted(ctx: Context, answered: dict[tuple[int, int, int], np.ndarray],
@@ -236,7 +239,7 @@ def _accepted(ctx: Context, answered: dict[tuple[int, int, int], np.ndarray],
     rows = answered.get(target)
     if rows is None:
         return None
-    later = rows[ctx.conns.index.response_frame[rows] > after]
+    later = rows[ctx.conns.index.take("response_frame", rows) > after]
     return int(later[0]) if len(later) else None
 
 
@@ -261,8 +264,8 @@ def _seqpacket_refused(ctx: Context, answered: dict[tuple[int, int, int], np.nda
                f"{delay_text(delay)}.")
     if stream_ok is not None:
         message += (f" A STREAM connection to the same port was accepted (stream "
-                    f"{ctx.conns.index.stream[stream_ok]}): the service listens for STREAM "
-                    f"only.")
+                    f"{ctx.conns.index.take('stream', stream_ok)}): the service listens for "
+                    f"STREAM only.")
         cause = ("The listener on that port is a SOCK_STREAM socket; Linux refuses a "
                  "SEQPACKET REQUEST to a socket of another type.")
         fix = "Connect with SOCK_STREAM, or make the service listen with SOCK_SEQPACKET."
@@ -284,7 +287,8 @@ def no_transport(ctx: Context) -> None:
     ix = ctx.conns.index
     rows = np.flatnonzero(ix.closed(Close.UNANSWERED) & present(ix.request_frame)
                           & ~ix.among(ctx.unestablished))
-    for frame, c in zip(ix.request_frame[rows].tolist(), ctx.conns.pick(rows), strict=True):
+    for frame, c in zip(ix.take("request_frame", rows).tolist(), ctx.conns.pick(rows),
+                        strict=True):
         asked = request_ts(c)
         waited = (ctx.end_ns - asked) / 1e9
         if waited < ctx.t.no_transport_s:
@@ -343,7 +347,7 @@ def dial_retry(ctx: Context) -> None:
                        least=max(ctx.t.retry_count, 1))
     for attempts in groups:
         # an attempt joins the run of the one before when that failed and it came soon
-        ts = ix.first_ts[attempts]  # request_ts: a REQUEST is its stream's first packet
+        ts = ix.take("first_ts", attempts)  # request_ts: a REQUEST is its stream's first packet
         joins = failed[attempts[:-1]] & ((ts[1:] - ts[:-1]) / 1e9 <= gap)
         bounds = np.r_[0, np.flatnonzero(~joins) + 1, len(attempts)]
         del ts, joins  # a storm's million: let go before its findings are made
@@ -365,10 +369,10 @@ def _report_retry(ctx: Context, run: np.ndarray, failed: np.ndarray) -> None:
     span = (request_ts(last) - request_ts(first)) / 1e9
     connected = not failed[run[-1]] and last.response_frame is not None
     failures = run[:-1] if connected else run
-    how = sorted({str(CLOSES[k]) for k in np.unique(ix.close[failures]).tolist()})
+    how = sorted({str(CLOSES[k]) for k in np.unique(ix.take("close", failures)).tolist()})
     outcome = (f"the attempt at frame {last.request_frame} connected" if connected
                else "none connected")
-    frames = ix.request_frame[run]
+    frames = ix.take("request_frame", run)
     frames = frames[frames != 0]
     ctx.add(first, frames,
             f"CID {first.client.cid} dialled {first.server.addr} {len(run)} times in "
@@ -377,7 +381,7 @@ def _report_retry(ctx: Context, run: np.ndarray, failed: np.ndarray) -> None:
             "then looks like a slow timeout, and the real error is never shown.",
             "Log the connect() error of every attempt; wait for the service's readiness instead "
             "of retrying blindly; fix the target (see the no-listener / no-transport findings).",
-            streams=ix.stream[run], time_ns=request_ts(first), attempts=len(run),
+            streams=ix.take("stream", run), time_ns=request_ts(first), attempts=len(run),
             failures=len(failures), span_s=round(span, 3), connected=connected)
 
 
@@ -387,16 +391,20 @@ def state_lost(ctx: Context) -> None:
     ix = ctx.conns.index
     prev = ix.previous_same_pair()
     older = np.maximum(prev, 0)
-    reused = (prev >= 0) & present(ix.request_frame) & np.isin(ix.close[older], _OPEN_CODES)
+    reused = ((prev >= 0) & present(ix.request_frame)
+              & np.isin(ix.take("close", older), _OPEN_CODES))
     reused &= ~(ix.closed(Close.UNANSWERED)[older]
-                | (ix.start_seen[older] & ~present(ix.response_frame[older])))
+                | (ix.take("start_seen", older) & ~present(ix.take("response_frame", older))))
     rows = np.flatnonzero(reused)
-    for row, c in zip(rows.tolist(), ctx.conns.pick(rows), strict=True):
-        old = _Old(int(ix.stream[prev[row]]), int(ix.last_frame[prev[row]]),
-                   ix.close_of(int(prev[row])))
+    olds = prev[rows]
+    found = zip(ix.take("stream", olds).tolist(), ix.take("last_frame", olds).tolist(),
+                olds.tolist(), ix.take("request_frame", rows).tolist(), ctx.conns.pick(rows),
+                strict=True)
+    for old_stream, old_last, old_row, request_frame, c in found:
+        old = _Old(old_stream, old_last, ix.close_of(old_row))
         ctx.open_end_explained.add(old.stream)
         ctx.unestablished.add(c.stream)
-        ctx.add(c, [old.last_frame, int(ix.request_frame[row])],
+        ctx.add(c, [old.last_frame, request_frame],
                 f"A REQUEST (frame {c.request_frame}) reuses the address pair of stream "
                 f"{old.stream}, which was still connected ({old.close}, last packet at frame "
                 f"{old.last_frame}, no RST).",

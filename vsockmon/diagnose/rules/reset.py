@@ -47,18 +47,21 @@ def stale_rst(ctx: Context) -> None:
     prev = ix.previous_same_pair()
     maybe = ((prev >= 0) & ix.closed(*RESET) & ix.start_seen & present(ix.response_frame))
     rows = np.flatnonzero(maybe)
-    for row, c in zip(rows.tolist(), ctx.conns.pick(rows), strict=True):
+    olds = prev[rows]
+    found = zip(ix.take("stream", olds).tolist(), ix.take("last_frame", olds).tolist(),
+                ix.take("response_frame", rows).tolist(), ctx.conns.pick(rows), strict=True)
+    for old_stream, old_last, response_frame, c in found:
         rst = _first_rst(c)
         if rst is None:
             continue
-        old = _Earlier(int(ix.stream[prev[row]]), int(ix.last_frame[prev[row]]))
+        old = _Earlier(old_stream, old_last)
         peer = c.sides[1 - rst.sender]
         ahead = _ahead(rst.fwd_cnt, peer.bytes)
         if not ahead:
             continue
         by = c.sides[rst.sender]
         ctx.reset_explained.add(c.stream)
-        ctx.add(c, [old.last_frame, int(ix.response_frame[row]), rst.frame],
+        ctx.add(c, [old.last_frame, response_frame, rst.frame],
                 f"{by.role} {by.addr}'s RST (frame {rst.frame}) reset this connection, "
                 f"established at frame {c.response_frame}, though it acknowledges "
                 f"{rst.fwd_cnt} bytes received (fwd_cnt) where {peer.addr} had sent "
