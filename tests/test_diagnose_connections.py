@@ -110,11 +110,14 @@ def test_a_packed_index_reads_rows_and_finds_streams_across_its_parts(storm_pcap
     tracker = vsockmon.open(storm_pcap).analysis().tracker
     wide = Index.of_table(tracker.finish())
     index = tracked(tracker).index
-    rows = np.array([STORM - 1, 0, CHUNK, CHUNK - 1, 5, CHUNK, 2 * CHUNK + 3])
+    shuffled = np.array([STORM - 1, 0, CHUNK, CHUNK - 1, 5, CHUNK, 2 * CHUNK + 3])
+    ascending = np.array([1, CHUNK - 1, CHUNK, CHUNK, 2 * CHUNK + 5])
+    many = np.arange(STORM)[::-1]  # most rows, out of order: read joined
     for name in ("stream", "close_frame", "client_port", "start_seen"):
-        got = index.take(name, rows)
-        assert got.dtype == wide.column(name).dtype
-        assert got.tolist() == wide.column(name)[rows].tolist(), name
+        for rows in (shuffled, ascending, many):
+            got = index.take(name, rows)
+            assert got.dtype == wide.column(name).dtype
+            assert got.tolist() == wide.column(name)[rows].tolist(), name
         assert int(index.take(name, CHUNK + 1)) == int(wide.column(name)[CHUNK + 1])
     assert index.take("stream", np.zeros(0, dtype=np.int64)).tolist() == []
     with pytest.raises(IndexError):
@@ -141,9 +144,16 @@ def index(pairs: list[tuple[int, tuple[int, int], tuple[int, int]]]) -> Index:
         first_ts=zeros, last_ts=zeros, handshake=zeros)
 
 
-def test_the_previous_connection_on_an_address_pair_is_found_whichever_end_dialled() -> None:
+@pytest.mark.parametrize("part", [None, 2, 5])
+@pytest.mark.parametrize("rows", [9, 12])
+def test_the_previous_connection_on_an_address_pair_is_found_whichever_end_dialled(
+        part: int | None, rows: int) -> None:
+    """On the index as given, and packed in parts of ``part`` rows (the pairs are packed
+    into words a part at a time, with the widths of the whole index); the first 9 rows
+    share words (33-bit CIDs), the 64-bit CIDs of the last 3 take a word each."""
     big = (1 << 32) + 3  # a CID beyond 32 bits: no packing of CID and port
-    ix = index([
+    top = (1 << 64) - 1  # a CID of 64 bits: a word of its own
+    pairs = [
         (1, (3, 50000), (2, 1024)),  # 0
         (1, (2, 1024), (3, 50000)),  # 1: the same pair, dialled from the other end
         (2, (3, 50000), (2, 1024)),  # 2: SEQPACKET: another pair
@@ -153,8 +163,47 @@ def test_the_previous_connection_on_an_address_pair_is_found_whichever_end_diall
         (1, (2, 1024), (big, 7)),    # 6: the pair of 4
         (1, (2, 1024), (2, 1024)),   # 7: both ends equal
         (1, (2, 1024), (2, 1024)),   # 8
-    ])
-    assert ix.previous_same_pair().tolist() == [-1, 0, -1, -1, -1, 1, 4, -1, 7]
+        (1, (top, 7), (2, 1024)),    # 9
+        (1, (top, 8), (2, 1024)),    # 10: another client port
+        (1, (2, 1024), (top, 7)),    # 11: the pair of 9
+    ]
+    del pairs[rows:]
+    ix = index(pairs)
+    if part is not None:
+        ix = Index.packed(index(pairs[i:i + part]) for i in range(0, rows, part))
+    want = [-1, 0, -1, -1, -1, 1, 4, -1, 7, -1, -1, 9]
+    assert ix.previous_same_pair().tolist() == want[:rows]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_previous_connection_on_a_pair_is_the_last_one_a_dictionary_of_pairs_saw(
+        seed: int) -> None:
+    """Random connections over few ends, so pairs repeat (either end dialling), with CIDs,
+    ports and types of every width (the server's wider than any client's on odd seeds; on
+    seed 2 a 1-bit type beside 64-bit CIDs that differ only in their top bit):
+    the latest earlier row of each pair is what a dictionary keyed by (type, lower end,
+    higher end) remembers, on the index as given and packed in parts."""
+    rnd = np.random.default_rng(seed)
+    wide = [[2, 3, 2**32 + 1], [1, 2**40, 2**63 + 5], [2**64 - 1, 2**63 - 1, 7], [3, 2**31]]
+    servers = wide[seed % 4]
+    clients = servers if seed % 2 == 0 else [2, 3]
+    ports = [[1, 2**32 - 1, 1024], [1, 2, 3], [5, 2**16 + 1]][seed % 3]
+    types = [[1, 2], [1], [1, 5, 2**15]][seed // 2 % 3]  # [1]: one bit, then 64 of CID
+
+    def pick(values: list[int]) -> int:  # by position: a choice of the list goes via float64
+        return values[int(rnd.integers(len(values)))]
+
+    pairs = [(pick(types), (pick(clients), pick(ports)), (pick(servers), pick(ports)))
+             for _ in range(400)]
+    last: dict[tuple[int, tuple[int, int], tuple[int, int]], int] = {}
+    want = []
+    for row, (typ, client, server) in enumerate(pairs):
+        key = (typ, min(client, server), max(client, server))
+        want.append(last.get(key, -1))
+        last[key] = row
+    assert index(pairs).previous_same_pair().tolist() == want
+    packed = Index.packed(index(pairs[i:i + 37]) for i in range(0, len(pairs), 37))
+    assert packed.previous_same_pair().tolist() == want
 
 
 def test_groups_come_in_order_of_their_first_row_and_small_ones_are_left_out() -> None:

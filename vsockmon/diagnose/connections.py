@@ -148,24 +148,30 @@ class Index:
     def take(self, name: str, rows: int | np.ndarray) -> np.ndarray:
         """The column ``name`` at ``rows`` (a row or an array of them, any order): read
         from the joined column when it is held, else from only the parts that hold the rows
-        — a finding reads a few values of a million without joining them all."""
+        — a finding reads a few values of a million without joining them all, and a storm's
+        finding its million ascending rows a part at a time."""
         at = np.asarray(rows, dtype=np.int64)
         flat = at.reshape(-1)
         if ((flat < 0) | (flat >= self._n)).any():
             raise IndexError(f"rows outside the index's {self._n}")
         if name in self._joined or len(self._parts) == 1:
             return self.column(name)[at]
-        part = np.searchsorted(self._starts, flat, side="right") - 1
-        order = np.argsort(part, kind="stable")
-        pieces = [_wide(self._parts[p][name])[flat[order[a:b]] - self._starts[p]]
-                  for p, a, b in _runs(part[order])]
+        ascending = not (flat[1:] < flat[:-1]).any()
+        if not ascending and len(flat) > self._n // 4:
+            return self.column(name)[at]  # many rows out of order: cheaper joined than sorted
+        order = None if ascending else np.argsort(flat, kind="stable")
+        ordered = flat if order is None else flat[order]
+        cut = np.searchsorted(ordered, self._starts).tolist()
+        pieces = [_wide(part[name])[ordered[a:b] - start]
+                  for part, start, a, b in zip(self._parts, self._starts[:-1].tolist(),
+                                               cut[:-1], cut[1:], strict=True) if b > a]
         if not pieces:
-            dtype = self._parts[0][name].dtype if self._parts else np.int64
-            return np.zeros(at.shape, dtype=dtype)
-        by_part = np.concatenate(pieces)
-        out = np.empty_like(by_part)
-        out[order] = by_part
-        return out.reshape(at.shape)
+            return np.zeros(at.shape, dtype=self._parts[0][name].dtype if self._parts
+                            else np.int64)
+        by_row = np.concatenate(pieces)
+        if order is not None:
+            by_row[order] = by_row.copy()
+        return by_row.reshape(at.shape)
 
     def row_of(self, stream: int) -> int:
         """The row of ``stream`` (KeyError: none), found in the one part that can hold it:
@@ -204,29 +210,36 @@ class Index:
         (socket type and both ends, whichever dialled), or -1: the connection whose ports a
         new one reuses."""
         if self._previous is None:
-            words = _packed(self._pair_keys())  # a storm's pairs: one word, not five columns
+            words = self._pair_words()
             order = np.lexsort(words[::-1])  # stable: each pair's rows in stream order
-            same = np.zeros(len(order), dtype=bool)
-            same[1:] = True
-            for w in words:
-                sw = w[order]
+            same = np.ones(len(order), dtype=bool)
+            same[:1] = False
+            while words:  # each word let go once compared
+                sw = words.pop()[order]
                 same[1:] &= sw[1:] == sw[:-1]
+            later = np.flatnonzero(same)
             previous = np.full(len(order), -1, dtype=np.int64)
-            previous[order[1:][same[1:]]] = order[:-1][same[1:]]
+            previous[order[later]] = order[later - 1]
             self._previous = previous
         return self._previous
 
-    def _pair_keys(self) -> Iterator[np.ndarray]:
-        """The address pair's columns (type, then the lower end's CID and port, then the
-        higher's), made one at a time so each is let go once packed."""
-        ccid, scid, cport, sport = (self.client_cid, self.server_cid, self.client_port,
-                                    self.server_port)
-        client_first = (ccid < scid) | ((ccid == scid) & (cport <= sport))
-        yield self.type
-        yield np.where(client_first, ccid, scid)
-        yield np.where(client_first, cport, sport)
-        yield np.where(client_first, scid, ccid)
-        yield np.where(client_first, sport, cport)
+    def _pair_words(self) -> list[np.ndarray]:
+        """Each row's address pair (type, then the lower end's CID and port, then the
+        higher's) packed into as few uint64 words as the columns' largest values allow (a
+        storm's: one), made a part at a time: no whole column is read for it."""
+        cid = max(self._bits("client_cid"), self._bits("server_cid"))
+        port = max(self._bits("client_port"), self._bits("server_port"))
+        layout = _layout((self._bits("type"), cid, port, cid, port))
+        words = [np.zeros(self._n, dtype=np.uint64) for _ in range(layout[-1][0] + 1)]
+        for part, a, b in zip(self._parts, self._starts[:-1], self._starts[1:], strict=True):
+            for (w, shift), key in zip(layout, _pair(part), strict=True):
+                words[w][a:b] |= key.astype(np.uint64) << np.uint64(shift)
+        return words
+
+    def _bits(self, name: str) -> int:
+        """The bits the largest value of column ``name`` needs (at least 1)."""
+        top = max((int(_wide(part[name]).max(initial=0)) for part in self._parts), default=0)
+        return max(top.bit_length(), 1)
 
     def groups(self, rows: np.ndarray, keys: Sequence[np.ndarray], least: int = 1
                ) -> list[np.ndarray]:
@@ -270,13 +283,28 @@ def _packed(keys: Iterable[np.ndarray]) -> list[np.ndarray]:
     return words
 
 
-def _runs(keys: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """(value, start, end) of each run of equal values in ``keys``."""
-    if not len(keys):
-        return
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    ends = np.r_[starts[1:], len(keys)]
-    yield from zip(keys[starts].tolist(), starts.tolist(), ends.tolist(), strict=True)
+def _layout(bits: Sequence[int]) -> list[tuple[int, int]]:
+    """Where keys of these widths go when packed in order: (word, shift) each, a word
+    holding at most 64 bits."""
+    out, word, used = [], 0, 0
+    for width in bits:
+        if used + width > 64:
+            word, used = word + 1, 0
+        out.append((word, used))
+        used += width
+    return out
+
+
+def _pair(part: Part) -> Iterator[np.ndarray]:
+    """A part's address pair columns: type, the lower end's CID and port, the higher's."""
+    ccid, scid = _wide(part["client_cid"]), _wide(part["server_cid"])
+    cport, sport = _wide(part["client_port"]), _wide(part["server_port"])
+    client_first = (ccid < scid) | ((ccid == scid) & (cport <= sport))
+    yield _wide(part["type"])
+    yield np.where(client_first, ccid, scid)
+    yield np.where(client_first, cport, sport)
+    yield np.where(client_first, scid, ccid)
+    yield np.where(client_first, sport, cport)
 
 
 def _wide(col: np.ndarray | Packed) -> np.ndarray:
