@@ -20,7 +20,8 @@ from conntrack_scenarios import MS, Conv, write
 import vsockmon
 from vsockmon.cli import main
 from vsockmon.conntrack.records import ConnTable
-from vsockmon.diagnose.connections import CACHED, CHUNK, FIELDS, Index
+from vsockmon.diagnose import connections
+from vsockmon.diagnose.connections import CHUNK, FIELDS, Index
 from vsockmon.diagnose.engine import Diagnosis, tracked
 from vsockmon.wire.protocol import Op, ShutdownFlag
 
@@ -81,10 +82,12 @@ def test_the_storm_diagnosed_a_range_at_a_time_equals_it_from_every_object(
     assert d.digest.resets == {}  # a refusal leaves no credit: small-packet-reset reads none
 
 
-def test_a_trackers_index_is_packed_and_reads_as_its_table(storm_pcap: Path) -> None:
+def test_a_trackers_index_is_packed_and_reads_as_its_table(
+        storm_pcap: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The index of a tracker's connections holds a storm in a few bytes a connection (its
     columns are constant or step evenly), reads every column exactly as the wide table has
-    it, and keeps at most :data:`CACHED` columns joined."""
+    it, and holds joined columns up to its budget (here two int64 columns' worth)."""
+    monkeypatch.setattr(connections, "JOINED_BYTES", 2 * 8 * STORM)
     tracker = vsockmon.open(storm_pcap).analysis().tracker
     wide = Index.of_table(tracker.finish())
     tracemalloc.start()
@@ -100,7 +103,20 @@ def test_a_trackers_index_is_packed_and_reads_as_its_table(storm_pcap: Path) -> 
         tracemalloc.stop()
     assert len(index) == STORM
     assert held < 4 * STORM  # the wide columns take 100 bytes a connection
-    assert joined <= CACHED * 8 * STORM + 65536  # no column is wider than 8 bytes a row
+    assert joined <= 2 * 8 * STORM + 65536
+    # the last read stay joined (the same array), the budget lets the older go
+    last = index.column("handshake")
+    assert index.column("handshake") is last
+    for name in ("first_frame", "last_frame", "first_ts"):
+        index.column(name)
+    assert index.column("handshake") is not last
+
+
+def test_a_small_captures_columns_all_stay_joined(storm_pcap: Path) -> None:
+    """Under the budget every column is joined once however often the rules read it."""
+    index = tracked(vsockmon.open(storm_pcap).analysis().tracker).index
+    first = {name: index.column(name) for name in FIELDS}
+    assert all(index.column(name) is first[name] for name in FIELDS)
 
 
 def test_a_packed_index_reads_rows_and_finds_streams_across_its_parts(storm_pcap: Path

@@ -23,10 +23,11 @@ TableAt = Callable[[int, int], ConnTable]
 CHUNK = 20000
 """Streams per table made from a tracker: the most Connection objects alive at once."""
 
-CACHED = 2
-"""Columns of a packed index held joined at once: a rule reads a few columns many times (a
-finding's stream numbers, the columns it selects on), and each join is a pass over the
-parts."""
+JOINED_BYTES = 16 << 20
+"""Bytes of joined columns a packed index holds: rules read a few columns many times (a
+finding's stream numbers, the columns they select on) and each join is a pass over the
+parts, so the columns read last stay joined — all of them for a capture of a hundred
+thousand connections, one or two of a storm's million."""
 
 _CODE = {k: i for i, k in enumerate(CLOSES)}
 FIELDS = ("stream", "type", "client_cid", "client_port", "server_cid", "server_port",
@@ -56,7 +57,8 @@ class Index:
     A tracker's index is kept as :class:`~vsockmon.conntrack.spill.Packed` parts (the
     spill's compact columns): a storm's rows, all alike, pack to under a byte each instead
     of 100, so diagnose's memory does not grow by a wide row per connection ever seen. A
-    column is joined from its parts when a rule reads it; the last :data:`CACHED` joined stay.
+    column is joined from its parts when a rule reads it; the last read stay joined, up to
+    :data:`JOINED_BYTES`.
     """
 
     stream = _Column()
@@ -139,9 +141,10 @@ class Index:
             return only
         joined = self._joined.pop(name, None)
         if joined is None:
-            if len(self._joined) >= CACHED:  # the least recently read goes
-                del self._joined[next(iter(self._joined))]
             joined = self._join(name)
+        held = joined.nbytes + sum(c.nbytes for c in self._joined.values())
+        while self._joined and held > JOINED_BYTES:  # the least recently read go
+            held -= self._joined.pop(next(iter(self._joined))).nbytes
         self._joined[name] = joined
         return joined
 
