@@ -14,6 +14,7 @@ from helpers import frame, write_pcap
 
 from vsockmon.conntrack import _track
 from vsockmon.conntrack.model import VIOLATIONS, Violation
+from vsockmon.conntrack.spill import key_hash
 from vsockmon.conntrack.table import StreamTable
 from vsockmon.conntrack.tracker import _LAYOUT, ConnTracker
 from vsockmon.decode.frames import VIRTIO_DTYPE, Anomaly, decode_batches
@@ -37,9 +38,10 @@ def _assign(km: _track.KeyMap, rows: list[Row], first: int) -> tuple[list[int], 
     v = _headers(rows)
     idx = np.arange(len(rows), dtype=np.int64)
     sid = np.empty(len(rows), dtype=np.int64)
-    new = np.empty(len(rows), dtype=np.int64)
-    k = km.assign(v, _LAYOUT, idx, first, sid, new)
-    return sid.tolist(), new[:k].tolist()
+    starts = np.empty(len(rows), dtype=bool)
+    stop, nxt = km.assign(v, _LAYOUT, idx, 0, first, sid, starts, ())
+    assert stop == len(rows) and nxt == first + int(starts.sum())
+    return sid.tolist(), np.flatnonzero(starts).tolist()
 
 
 def _key(r: Row) -> tuple[int, ...]:
@@ -138,34 +140,59 @@ def test_the_key_map_equals_a_dict_through_growth_removal_and_shrinking(seed: in
     assert sid == list(model.values()) and new == []
 
 
-def test_pending_keys_name_only_their_first_non_request_row_and_put_fills_them() -> None:
+def _spilled(rows: list[Row]) -> np.ndarray:
+    """The spill's index (its ascending key hashes) of chunk rows with these keys."""
+    k = np.array([_key(r) for r in rows], dtype=np.uint64)
+    return np.sort(key_hash(k[:, 0], k[:, 1] << np.uint64(32) | k[:, 2],
+                            k[:, 3] << np.uint64(32) | k[:, 4]))
+
+
+def test_assign_stops_at_the_first_row_of_a_key_the_spill_may_hold_and_resumes() -> None:
     km = _track.KeyMap()
     _assign(km, [(1, 2, 5, 3, 6, Op.REQUEST)], 0)          # key A held by stream 0
-    rows = [(1, 2, 5, 3, 6, Op.RW),                       # A: held, not pending
-            (1, 2, 7, 3, 6, Op.RW),                       # B: new, first row RW -> late
-            (1, 3, 6, 2, 7, Op.RW),                       # B again: not named twice
-            (1, 2, 8, 3, 6, Op.REQUEST),                  # C: new, but a REQUEST
-            (1, 2, 9, 3, 6, Op.RST)]                      # D: new, RST -> late
+    rows = [(1, 2, 5, 3, 6, Op.RW),                       # A: held, no stop
+            (1, 3, 6, 2, 7, Op.RW),                       # B: absent, spilled -> stop
+            (1, 2, 7, 3, 6, Op.RW),                       # B again: joins what put gave
+            (1, 2, 8, 3, 6, Op.REQUEST),                  # C: spilled, but a REQUEST
+            (1, 2, 9, 3, 6, Op.RST),                      # D: absent, spilled -> stop
+            (1, 2, 10, 3, 6, Op.RST),                     # E: absent, not spilled
+            (1, 2, 9, U32 + 1, 6, Op.RST)]                # F: CID beyond 32 bits: never
     v = _headers(rows)
     idx = np.arange(len(rows), dtype=np.int64)
-    late = np.frombuffer(km.pending(v, _LAYOUT, idx), dtype=np.int64).tolist()
-    assert late == [1, 4]
-    km.put(v, _LAYOUT, idx[late], np.array([40, -1], dtype=np.int64))  # B spilled as 40
-    sid, new = _assign(km, rows, 100)
-    assert sid == [0, 40, 40, 100, 101] and new == [3, 4]
+    sid = np.full(len(rows), -9, dtype=np.int64)
+    starts = np.zeros(len(rows), dtype=bool)
+    # one chunk holds B and C, another D and what F's key would hash to with its CID cut
+    # to 32 bits (2**32 << 32 wraps to 0): both chunks searched, F never
+    cut = key_hash(*(np.array([x], dtype=np.uint64) for x in (1, 2 << 32 | 9, 6)))
+    spilled = (_spilled([rows[1], rows[3]]), np.sort(np.r_[_spilled([rows[4]]), cut]))
+    assert km.assign(v, _LAYOUT, idx, 0, 100, sid, starts, spilled) == (1, 100)
+    assert sid[:1].tolist() == [0] and len(km) == 1          # B not entered
+    km.put(v, _LAYOUT, idx[1:2], np.array([40], dtype=np.int64))  # B's stream taken back
+    assert km.assign(v, _LAYOUT, idx, 1, 100, sid, starts, spilled) == (4, 101)
+    km.put(v, _LAYOUT, idx[4:5], np.array([-1], dtype=np.int64))  # D: the spill had none
+    assert km.assign(v, _LAYOUT, idx, 4, 101, sid, starts, spilled) == (7, 104)
+    assert sid.tolist() == [0, 40, 40, 100, 101, 102, 103]
+    assert np.flatnonzero(starts).tolist() == [3, 4, 5, 6]
 
 
 def test_bad_input_is_refused_not_a_crash() -> None:
     km = _track.KeyMap()
     v = _headers([(1, 2, 5, 3, 6, Op.RW)])
-    out = np.empty(1, dtype=np.int64)
+    out, starts = np.empty(1, dtype=np.int64), np.empty(1, dtype=bool)
+    one = np.zeros(1, np.int64)
     with pytest.raises(IndexError):
-        km.assign(v, _LAYOUT, np.array([1], dtype=np.int64), 0, out, out.copy())
+        km.assign(v, _LAYOUT, np.array([1], dtype=np.int64), 0, 0, out, starts, ())
+    with pytest.raises(IndexError):  # a start beyond the rows
+        km.assign(v, _LAYOUT, one, 2, 0, out, starts, ())
     with pytest.raises(ValueError):
-        km.assign(v, _LAYOUT, np.array([0], dtype=np.int64), 0, np.empty(2, np.int64), out)
+        km.assign(v, _LAYOUT, one, 0, 0, np.empty(2, np.int64), starts, ())
+    with pytest.raises(ValueError):  # starts_out the wrong size
+        km.assign(v, _LAYOUT, one, 0, 0, out, np.empty(2, bool), ())
+    with pytest.raises(ValueError):  # a spill index that is not u64
+        km.assign(v, _LAYOUT, one, 0, 0, out, starts, (np.zeros(3, np.uint8),))
     with pytest.raises(ValueError):
-        km.assign(v, (_LAYOUT[0], *_LAYOUT[1:-1], 1000), np.zeros(1, np.int64), 0, out,
-                  out.copy())
+        km.assign(v, (_LAYOUT[0], *_LAYOUT[1:-1], 1000), one, 0, 0, out, starts, ())
+    assert len(km) == 0
     t = StreamTable()
     t.grow(1)
     t.client_is_lower[0] = True  # the client is (2, 5), the row's source

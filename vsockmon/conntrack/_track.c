@@ -158,7 +158,7 @@ typedef struct {
 } KeyMap;
 
 #define MIN_CAP 1024
-#define PENDING (-2)  /* a key new in this batch, not yet given a stream */
+#define PENDING (-2)  /* a key entered with no stream yet: its next row starts one */
 
 static inline uint64_t mix(uint64_t h)
 {
@@ -232,26 +232,33 @@ static int km_resize(KeyMap *m, size_t cap)
     return 0;
 }
 
-/* The entry of `k`, made (value PENDING) if absent; NULL only when out of memory. */
-static Entry *km_get(KeyMap *m, const Key *k, int *made)
+/* Enter `k` (value PENDING) at `e`, the empty slot km_slot found for it; returns its entry
+ * (moved if the map had to grow), NULL only when out of memory. */
+static Entry *km_insert(KeyMap *m, Entry *e, const Key *k, uint32_t hash)
 {
-    if ((m->n + 1) * 2 > m->cap && km_resize(m, m->cap * 2) < 0)
-        return NULL;
+    if ((m->n + 1) * 2 > m->cap) {
+        if (km_resize(m, m->cap * 2) < 0)
+            return NULL;
+        e = &m->e[km_slot(m, k, hash)];
+    }
+    e->lo_cid = k->lo_cid;
+    e->hi_cid = k->hi_cid;
+    e->lo_port = k->lo_port;
+    e->hi_port = k->hi_port;
+    e->type = k->type;
+    e->hash = hash;
+    e->used = 1;
+    e->value = PENDING;
+    m->n++;
+    return e;
+}
+
+/* The entry of `k`, made (value PENDING) if absent; NULL only when out of memory. */
+static Entry *km_get(KeyMap *m, const Key *k)
+{
     uint32_t hash = key_hash(k);
     Entry *e = &m->e[km_slot(m, k, hash)];
-    *made = !e->used;
-    if (*made) {
-        e->lo_cid = k->lo_cid;
-        e->hi_cid = k->hi_cid;
-        e->lo_port = k->lo_port;
-        e->hi_port = k->hi_port;
-        e->type = k->type;
-        e->hash = hash;
-        e->used = 1;
-        e->value = PENDING;
-        m->n++;
-    }
-    return e;
+    return e->used ? e : km_insert(m, e, k, hash);
 }
 
 /* Remove slot i, shifting later entries of its probe run back (no tombstones). */
@@ -305,45 +312,90 @@ static void KeyMap_dealloc(KeyMap *m)
 
 static Py_ssize_t KeyMap_len(KeyMap *m) { return (Py_ssize_t)m->n; }
 
-PyDoc_STRVAR(pending_doc,
-"pending(headers, layout, rows) -> bytes of int64\n\n"
-"Enter the keys of `rows` not yet in the map as pending (no stream yet). Returns the\n"
-"positions in `rows` of the first row of each such key that is not a REQUEST: the keys a\n"
-"spill may hold (a late frame joins its key's latest stream).");
+/* ---- keys a spill may hold ------------------------------------------------------------- */
 
-static PyObject *KeyMap_pending(KeyMap *m, PyObject *args)
+/* spill.key_hash's multipliers: the spill indexes its chunks by that hash of the packed key. */
+static const uint64_t SPILL_MIX[3] = {0x9E3779B97F4A7C15ULL, 0xC2B2AE3D27D4EB4FULL,
+                                      0x165667B19E3779F9ULL};
+#define CID_FITS 0xFFFFFFFFULL
+
+/* The spill's hash of `k` (spill.key_hash of type, lower and higher end as cid << 32 | port);
+ * returns 0 (no hash) when a CID does not fit 32 bits: such keys are never spilled. */
+static inline int spill_hash(const Key *k, uint64_t *h)
 {
-    PyObject *buf, *layout, *rows;
-    Headers h;
-    if (!PyArg_ParseTuple(args, "OO!O", &buf, &PyTuple_Type, &layout, &rows)
-        || headers_parse(&h, buf, layout, rows) < 0)
-        return NULL;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, h.m * (Py_ssize_t)sizeof(int64_t));
-    if (!out)
-        goto done;
-    int64_t *late = (int64_t *)PyBytes_AS_STRING(out);
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = 0; i < h.m; i++) {
-        Key key;
-        int made;
-        header_key(&key, &h, i);
-        if (!km_get(m, &key, &made)) {
-            Py_CLEAR(out);
-            goto done;
-        }
-        if (made && field(&h, i, F_OP) != OP_REQUEST)
-            late[k++] = i;
+    if (k->lo_cid > CID_FITS || k->hi_cid > CID_FITS)
+        return 0;
+    uint64_t lo = k->lo_cid << 32 | k->lo_port, hi = k->hi_cid << 32 | k->hi_port;
+    *h = ((uint64_t)k->type * SPILL_MIX[0]) ^ (lo * SPILL_MIX[1]) ^ ((hi * SPILL_MIX[2]) >> 7);
+    return 1;
+}
+
+/* The spill's chunk indexes: ascending u64 key hashes, one buffer per chunk. */
+typedef struct {
+    Py_buffer *b;
+    Py_ssize_t n;
+} SpillKeys;
+
+static void spill_release(SpillKeys *s)
+{
+    for (Py_ssize_t c = 0; c < s->n; c++)
+        PyBuffer_Release(&s->b[c]);
+    PyMem_Free(s->b);
+}
+
+static int spill_parse(SpillKeys *s, PyObject *chunks)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(chunks);
+    s->n = 0;
+    s->b = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    if (!s->b) {
+        PyErr_NoMemory();
+        return -1;
     }
-    _PyBytes_Resize(&out, k * (Py_ssize_t)sizeof(int64_t));
-done:
-    headers_release(&h);
-    return out;
+    for (; s->n < n; s->n++) {
+        Py_buffer *b = &s->b[s->n];
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(chunks, s->n), b, PyBUF_SIMPLE) < 0)
+            goto bad;
+        if (b->len % (Py_ssize_t)sizeof(uint64_t)) {
+            PyBuffer_Release(b);
+            PyErr_SetString(PyExc_ValueError, "spilled: not u64");
+            goto bad;
+        }
+    }
+    return 0;
+bad:
+    spill_release(s);
+    return -1;
+}
+
+/* Whether some chunk holds the spill hash of `k` (a row of a spilled stream, or a rare
+ * collision: the caller confirms on the key itself). */
+static int maybe_spilled(const SpillKeys *s, const Key *k)
+{
+    uint64_t h;
+    if (!s->n || !spill_hash(k, &h))
+        return 0;
+    for (Py_ssize_t c = 0; c < s->n; c++) {
+        const uint64_t *a = s->b[c].buf;
+        Py_ssize_t lo = 0, hi = s->b[c].len / (Py_ssize_t)sizeof(uint64_t);
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (a[mid] < h)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo < s->b[c].len / (Py_ssize_t)sizeof(uint64_t) && a[lo] == h)
+            return 1;
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(put_doc,
 "put(headers, layout, rows, streams)\n\n"
-"Give the keys of `rows` the int64 `streams` (one per row; negative ones are left as they\n"
-"are): streams taken back from a spill.");
+"Give the keys of `rows` the int64 `streams` (one per row): streams taken back from a\n"
+"spill. A negative one enters an absent key with no stream (the spill holds none for it:\n"
+"assign then starts one at the key's row).");
 
 static PyObject *KeyMap_put(KeyMap *m, PyObject *args)
 {
@@ -357,15 +409,13 @@ static PyObject *KeyMap_put(KeyMap *m, PyObject *args)
         goto done;
     for (Py_ssize_t i = 0; i < h.m; i++) {
         int64_t s = ((const int64_t *)v.buf)[i];
-        if (s < 0)
-            continue;
         Key key;
-        int made;
         header_key(&key, &h, i);
-        Entry *e = km_get(m, &key, &made);
+        Entry *e = km_get(m, &key);
         if (!e)
             goto release;
-        e->value = s;
+        if (s >= 0)
+            e->value = s;
     }
     result = Py_NewRef(Py_None);
 release:
@@ -376,44 +426,64 @@ done:
 }
 
 PyDoc_STRVAR(assign_doc,
-"assign(headers, layout, rows, next, streams_out, new_out) -> int\n\n"
-"Give each of `rows`, in order, its stream: a REQUEST, or a key with none, starts stream\n"
-"`next`, `next + 1`...; any other row joins its key's stream. Writes each row's stream\n"
-"to `streams_out` and the positions of the rows that start one to `new_out` (int64 arrays\n"
-"of len(rows)); returns how many started.");
+"assign(headers, layout, rows, start, next, streams_out, starts_out, spilled)\n"
+"    -> (stop, next)\n\n"
+"Give each of `rows`, in order from position `start`, its stream: a REQUEST, or a key with\n"
+"none, starts stream `next`, `next + 1`...; any other row joins its key's stream. Writes\n"
+"each row's stream to `streams_out` (int64) and whether it starts one to `starts_out`\n"
+"(bool), both of len(rows). Stops before a row that is not a REQUEST whose key is absent\n"
+"but whose spill hash one of the ascending u64 arrays `spilled` holds (the spill's chunk\n"
+"indexes: a late frame joins its spilled stream): the caller takes the stream back, puts\n"
+"its key and calls again from there. Returns where it stopped (len(rows): at the end) and\n"
+"the next stream number.");
 
 static PyObject *KeyMap_assign(KeyMap *m, PyObject *args)
 {
-    PyObject *buf, *layout, *rows, *sids_obj, *new_obj, *result = NULL;
+    PyObject *buf, *layout, *rows, *sids_obj, *starts_obj, *spilled, *result = NULL;
+    Py_ssize_t start;
     long long next;
     Headers h;
-    Py_buffer sids, fresh;
-    if (!PyArg_ParseTuple(args, "OO!OLOO", &buf, &PyTuple_Type, &layout, &rows, &next,
-                          &sids_obj, &new_obj)
+    Py_buffer sids, starts;
+    SpillKeys sk;
+    if (!PyArg_ParseTuple(args, "OO!OnLOOO!", &buf, &PyTuple_Type, &layout, &rows, &start,
+                          &next, &sids_obj, &starts_obj, &PyTuple_Type, &spilled)
         || headers_parse(&h, buf, layout, rows) < 0)
         return NULL;
+    if (start < 0 || start > h.m) {
+        PyErr_SetString(PyExc_IndexError, "start: outside the rows");
+        goto done;
+    }
     if (get_sized(sids_obj, &sids, h.m, sizeof(int64_t), 1, "streams_out") < 0)
         goto done;
-    if (get_sized(new_obj, &fresh, h.m, sizeof(int64_t), 1, "new_out") < 0)
+    if (get_sized(starts_obj, &starts, h.m, 1, 1, "starts_out") < 0)
         goto release_sids;
-    int64_t *sid = sids.buf, *start = fresh.buf;
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = 0; i < h.m; i++) {
+    if (spill_parse(&sk, spilled) < 0)
+        goto release_starts;
+    int64_t *sid = sids.buf;
+    uint8_t *started = starts.buf;
+    Py_ssize_t i = start;
+    for (; i < h.m; i++) {
         Key key;
-        int made;
         header_key(&key, &h, i);
-        Entry *e = km_get(m, &key, &made);
-        if (!e)
-            goto release;
-        if (e->value < 0 || field(&h, i, F_OP) == OP_REQUEST) {
-            e->value = next++;
-            start[k++] = i;
+        uint32_t hash = key_hash(&key);
+        int request = field(&h, i, F_OP) == OP_REQUEST;
+        Entry *e = &m->e[km_slot(m, &key, hash)];
+        if (!e->used) {
+            if (!request && maybe_spilled(&sk, &key))
+                break;
+            if (!(e = km_insert(m, e, &key, hash)))
+                goto release;
         }
+        started[i] = e->value < 0 || request;
+        if (started[i])
+            e->value = next++;
         sid[i] = e->value;
     }
-    result = PyLong_FromSsize_t(k);
+    result = Py_BuildValue("(nL)", i, next);
 release:
-    PyBuffer_Release(&fresh);
+    spill_release(&sk);
+release_starts:
+    PyBuffer_Release(&starts);
 release_sids:
     PyBuffer_Release(&sids);
 done:
@@ -795,7 +865,6 @@ done:
 /* ---- the module --------------------------------------------------------------------------- */
 
 static PyMethodDef KeyMap_methods[] = {
-    {"pending", (PyCFunction)KeyMap_pending, METH_VARARGS, pending_doc},
     {"put", (PyCFunction)KeyMap_put, METH_VARARGS, put_doc},
     {"assign", (PyCFunction)KeyMap_assign, METH_VARARGS, assign_doc},
     {"discard", (PyCFunction)KeyMap_discard, METH_VARARGS, discard_doc},

@@ -171,16 +171,17 @@ class ConnTracker:
         """Each row's stream (new ones numbered in order of their first frame) and its row in
         the table, the new streams opened."""
         keys = self._keys
-        if self._spill.streams:
-            late = np.frombuffer(keys.pending(virtio, _LAYOUT, rows), dtype=np.int64)
-            if len(late):
-                late_rows = rows[late]
-                keys.put(virtio, _LAYOUT, late_rows, self._unspill(virtio[late_rows]))
+        spilled = self._spill.indexes if self._spill.streams else ()
         sid = np.empty(len(rows), dtype=np.int64)
-        new = np.empty(len(rows), dtype=np.int64)
+        starts = np.empty(len(rows), dtype=bool)
         first_new = self._next
-        self._next += keys.assign(virtio, _LAYOUT, rows, first_new, sid, new)
-        started = rows[new[: self._next - first_new]]
+        at, self._next = keys.assign(virtio, _LAYOUT, rows, 0, first_new, sid, starts, spilled)
+        while at < len(rows):  # a late frame of a spilled key (or a hash's rare collision)
+            late = rows[at: at + 1]
+            keys.put(virtio, _LAYOUT, late, self._unspill(virtio[late]))
+            at, self._next = keys.assign(virtio, _LAYOUT, rows, at, self._next, sid, starts,
+                                         spilled)
+        started = rows[starts]
         self._new_streams(fb, started, virtio[started], first_new)
         t = self._t
         return sid, np.searchsorted(t.stream[: t.size], sid)  # the table is in stream order
