@@ -16,7 +16,7 @@ from vsockmon.conntrack import _track
 from vsockmon.conntrack.model import VIOLATIONS, Violation
 from vsockmon.conntrack.spill import key_hash
 from vsockmon.conntrack.table import StreamTable
-from vsockmon.conntrack.tracker import _LAYOUT, ConnTracker
+from vsockmon.conntrack.tracker import _EVENTS, _LAYOUT, ConnTracker
 from vsockmon.decode.frames import VIRTIO_DTYPE, Anomaly, decode_batches
 from vsockmon.wire.pcapio import CaptureReader
 from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
@@ -198,15 +198,61 @@ def test_bad_input_is_refused_not_a_crash() -> None:
     t.client_is_lower[0] = True  # the client is (2, 5), the row's source
     cols = tuple(getattr(t, name) for name, _, _ in _track.COLUMNS)
     tags = (np.zeros(1, np.int8), np.zeros(2, np.int64), np.zeros(2, np.int64),
-            np.zeros(1, bool), np.zeros(1, np.int64))
-    args = (v, _LAYOUT, np.zeros(1, np.int64), 0, np.zeros(1, np.int64),
-            np.zeros(1, np.uint16))
+            np.zeros(1, bool))
+    events = _events(1)
+    args = (v, _LAYOUT, one, 0, np.zeros(1, np.int64), np.zeros(1, np.uint16))
     with pytest.raises(IndexError):  # a slot outside the table
-        _track.track(*args, np.array([len(t.type)], np.int64), len(t.type), cols, *tags)
+        _track.track(*args, np.array([len(t.type)], np.int64), one, len(t.type), cols, *tags,
+                     events)
     with pytest.raises(ValueError):  # a column too short for the capacity claimed
-        _track.track(*args, np.zeros(1, np.int64), len(t.type) + 1, cols, *tags)
-    assert _track.track(*args, np.zeros(1, np.int64), len(t.type), cols, *tags) == 0
+        _track.track(*args, one, one, len(t.type) + 1, cols, *tags, events)
+    with pytest.raises(ValueError):  # an event column of the wrong type
+        _track.track(*args, one, one, len(t.type), cols, *tags,
+                     (*events[:3], np.zeros(1, np.uint32), *events[4:]))
+    with pytest.raises(ValueError):  # an event column missing
+        _track.track(*args, one, one, len(t.type), cols, *tags, events[:-1])
+    assert _track.track(*args, one, one, len(t.type), cols, *tags, events) == 0
     assert t.packets[0].tolist() == [1, 0]
+
+
+def _events(n: int) -> tuple[np.ndarray, ...]:
+    return tuple(np.full(n, 99, dtype=dtype) for _, dtype in _EVENTS)
+
+
+def test_the_compiled_event_columns_are_the_trackers() -> None:
+    assert [(name, itemsize) for name, itemsize, _ in _track.EVENT_COLUMNS] == [
+        (name, np.dtype(dtype).itemsize) for name, dtype in _EVENTS]
+
+
+def test_the_pass_writes_the_control_events_by_stream_then_frame() -> None:
+    # header rows 0..7, row 4 without a header; streams 10, 11, 12 at table rows 0, 1, 2
+    ops = [Op.REQUEST, Op.RW, Op.SHUTDOWN, Op.CREDIT_UPDATE, Op.RW, Op.RST, Op.RESPONSE,
+           Op.CREDIT_REQUEST]
+    v = _headers([(1, 2, 5, 3, 6, op) for op in ops])
+    v["flags"][2] = 3
+    v["len"], v["buf_alloc"], v["fwd_cnt"] = np.arange(8), 100 + np.arange(8), 200 + np.arange(8)
+    rows = np.array([0, 1, 2, 3, 5, 6, 7], dtype=np.int64)
+    slots = np.array([2, 0, 0, 1, 2, 0, 1], dtype=np.int64)
+    t = StreamTable()
+    t.grow(3)
+    t.client_is_lower[:3] = [True, False, True]  # stream 11's client is (3, 6): sender 1
+    cols = tuple(getattr(t, name) for name, _, _ in _track.COLUMNS)
+    tags = (np.zeros(8, np.int8), np.zeros(16, np.int64), np.zeros(16, np.int64),
+            np.zeros(8, bool))
+    events = _events(len(rows))
+    k = _track.track(v, _LAYOUT, rows, 100, 1000 + 10 * np.arange(8, dtype=np.int64),
+                     np.zeros(8, np.uint16), slots, slots + 10, len(t.type), cols, *tags,
+                     events)
+    # the events are rows 0 (REQUEST), 2 (SHUTDOWN), 5 (RST), 6 (RESPONSE) and 7
+    # (CREDIT_REQUEST): stream 10 has rows 2 and 6, stream 11 row 7, stream 12 rows 0 and 5
+    assert k == 5
+    got = {name: c[:k].tolist() for (name, _), c in zip(_EVENTS, events, strict=True)}
+    assert got == {"sid": [10, 10, 11, 12, 12], "frame": [102, 106, 107, 100, 105],
+                   "ts": [1020, 1060, 1070, 1000, 1050],
+                   "op": [Op.SHUTDOWN, Op.RESPONSE, Op.CREDIT_REQUEST, Op.REQUEST, Op.RST],
+                   "sender": [0, 0, 1, 0, 0], "flags": [3, 0, 0, 0, 0], "len": [2, 6, 7, 0, 5],
+                   "buf": [102, 106, 107, 100, 105], "fwd": [202, 206, 207, 200, 205]}
+    assert all((c[k:] == 99).all() for c in events)  # the rest left as it was
 
 
 def test_a_looped_frame_is_the_clients_and_a_reply_the_servers(tmp_path: Path) -> None:

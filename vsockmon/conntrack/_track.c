@@ -699,7 +699,6 @@ typedef struct {
     int8_t *sender;
     int64_t *in_flight, *limit;
     uint8_t *beyond;
-    int64_t *events;
 } Out;
 
 /* One row: counters, closes, credit, stalls and violations of its stream (table row s).
@@ -783,29 +782,99 @@ static int track_row(const Headers *h, Py_ssize_t i, Py_ssize_t s, int64_t frame
     return !rw && op != OP_CREDIT_UPDATE;
 }
 
+/* The control events' columns, in the order Python passes them (tracker._EVENTS). */
+enum { E_SID, E_FRAME, E_TS, E_OP, E_SENDER, E_FLAGS, E_LEN, E_BUF, E_FWD, NEV };
+static const ColSpec EVENT_COLS[NEV] = {
+    {"sid", 8, 1}, {"frame", 8, 1}, {"ts", 8, 1}, {"op", 2, 1}, {"sender", 1, 1},
+    {"flags", 4, 1}, {"len", 4, 1}, {"buf", 4, 1}, {"fwd", 4, 1},
+};
+
+typedef struct {
+    Py_buffer b[NEV];
+    int held;
+} Events;
+
+static void events_release(Events *e)
+{
+    for (int c = 0; c < e->held; c++)
+        PyBuffer_Release(&e->b[c]);
+}
+
+static int events_parse(Events *e, PyObject *cols, Py_ssize_t m)
+{
+    e->held = 0;
+    if (!PyTuple_Check(cols) || PyTuple_GET_SIZE(cols) != NEV) {
+        PyErr_SetString(PyExc_ValueError, "events: one writable array per EVENT_COLUMNS name");
+        return -1;
+    }
+    for (int c = 0; c < NEV; c++) {
+        if (get_sized(PyTuple_GET_ITEM(cols, c), &e->b[c], m, EVENT_COLS[c].itemsize, 1,
+                      EVENT_COLS[c].name) < 0) {
+            events_release(e);
+            return -1;
+        }
+        e->held++;
+    }
+    return 0;
+}
+
+#define EV(e, c, type) ((type *)(e)->b[c].buf)
+
+/* Write the control events (positions `pos` of the rows, k of them, in frame order) to the
+ * event columns by table row, then frame: a counting sort on the slots (the table is in
+ * stream order, so by stream), stable, with `count` (capacity + 1 zeros) as its scratch. */
+static void keep_events(const Headers *h, const int64_t *pos, Py_ssize_t k, const int64_t *slot,
+                        Py_ssize_t cap, Py_ssize_t *count, const int64_t *sid, int64_t first,
+                        const int64_t *ts, const int8_t *sender, Events *e)
+{
+    for (Py_ssize_t j = 0; j < k; j++)
+        count[slot[pos[j]] + 1]++;
+    for (Py_ssize_t s = 0; s < cap; s++)
+        count[s + 1] += count[s];
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t i = pos[j], r = h->row[i], d = count[slot[i]]++;
+        EV(e, E_SID, int64_t)[d] = sid[i];
+        EV(e, E_FRAME, int64_t)[d] = wadd(first, r);
+        EV(e, E_TS, int64_t)[d] = ts[r];
+        EV(e, E_OP, uint16_t)[d] = (uint16_t)field(h, i, F_OP);
+        EV(e, E_SENDER, int8_t)[d] = sender[r];
+        EV(e, E_FLAGS, uint32_t)[d] = (uint32_t)field(h, i, F_FLAGS);
+        EV(e, E_LEN, uint32_t)[d] = (uint32_t)field(h, i, F_LEN);
+        EV(e, E_BUF, uint32_t)[d] = (uint32_t)field(h, i, F_BUF);
+        EV(e, E_FWD, uint32_t)[d] = (uint32_t)field(h, i, F_FWD);
+    }
+}
+
 PyDoc_STRVAR(track_doc,
-"track(headers, layout, rows, first, ts_ns, anomalies, slots, capacity, columns,\n"
+"track(headers, layout, rows, first, ts_ns, anomalies, slots, streams, capacity, columns,\n"
 "      sender, in_flight, limit, beyond, events) -> int\n\n"
 "Track `rows` of a batch (frame = first + row), in order, each against table row\n"
-"`slots[i]` of the StreamTable `columns` (COLUMNS order, `capacity` rows). Writes each\n"
-"row's sender, credit and beyond-credit flag into the batch-sized tag arrays, and the\n"
-"positions in `rows` of the control events into `events`; returns their number.");
+"`slots[i]` of the StreamTable `columns` (COLUMNS order, `capacity` rows; the table in\n"
+"stream order), row i of stream `streams[i]`. Writes each row's sender, credit and\n"
+"beyond-credit flag into the batch-sized tag arrays, and the control events, by stream\n"
+"then frame, into the first rows of the `events` columns (EVENT_COLUMNS order, len(rows)\n"
+"each); returns their number.");
 
 static PyObject *track(PyObject *self, PyObject *args)
 {
-    PyObject *buf, *layout, *rows, *ts_o, *an_o, *sl_o, *cols, *se_o, *if_o, *li_o, *be_o, *ev_o;
+    PyObject *buf, *layout, *rows, *ts_o, *an_o, *sl_o, *st_o, *cols, *se_o, *if_o, *li_o,
+        *be_o, *ev_o;
     long long first;
     Py_ssize_t cap;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OO!OLOOOnO!OOOOO", &buf, &PyTuple_Type, &layout, &rows,
-                          &first, &ts_o, &an_o, &sl_o, &cap, &PyTuple_Type, &cols, &se_o,
-                          &if_o, &li_o, &be_o, &ev_o))
+    if (!PyArg_ParseTuple(args, "OO!OLOOOOnO!OOOOO!", &buf, &PyTuple_Type, &layout, &rows,
+                          &first, &ts_o, &an_o, &sl_o, &st_o, &cap, &PyTuple_Type, &cols,
+                          &se_o, &if_o, &li_o, &be_o, &PyTuple_Type, &ev_o))
         return NULL;
     Headers h;
     if (headers_parse(&h, buf, layout, rows) < 0)
         return NULL;
-    Py_buffer ts, an, sl, se, inf, li, be, ev;
+    Py_buffer ts, an, sl, st, se, inf, li, be;
+    Py_buffer *held[] = {&ts, &an, &sl, &st, &se, &inf, &li, &be};
     Table t;
+    Events ev;
+    int64_t *pos = NULL;
+    Py_ssize_t *count = NULL;
     int got = 0;
     if (get_sized(ts_o, &ts, h.n, 8, 0, "ts_ns") < 0)
         goto done;
@@ -814,6 +883,9 @@ static PyObject *track(PyObject *self, PyObject *args)
         goto done;
     got++;
     if (get_sized(sl_o, &sl, h.m, 8, 0, "slots") < 0)
+        goto done;
+    got++;
+    if (get_sized(st_o, &st, h.m, 8, 0, "streams") < 0)
         goto done;
     got++;
     if (get_sized(se_o, &se, h.n, 1, 1, "sender") < 0)
@@ -828,10 +900,10 @@ static PyObject *track(PyObject *self, PyObject *args)
     if (get_sized(be_o, &be, h.n, 1, 1, "beyond") < 0)
         goto done;
     got++;
-    if (get_sized(ev_o, &ev, h.m, 8, 1, "events") < 0)
+    if (table_parse(&t, cols, cap) < 0)
         goto done;
     got++;
-    if (table_parse(&t, cols, cap) < 0)
+    if (events_parse(&ev, ev_o, h.m) < 0)
         goto done;
     got++;
     const int64_t *slot = sl.buf;
@@ -840,7 +912,13 @@ static PyObject *track(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_IndexError, "slots: a slot outside the table");
             goto done;
         }
-    Out o = {se.buf, inf.buf, li.buf, be.buf, ev.buf};
+    pos = PyMem_Malloc((h.m ? (size_t)h.m : 1) * sizeof *pos);
+    count = PyMem_Calloc((size_t)cap + 1, sizeof *count);
+    if (!pos || !count) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Out o = {se.buf, inf.buf, li.buf, be.buf};
     const int64_t *tsv = ts.buf;
     const uint16_t *anv = an.buf;
     Py_ssize_t k = 0;
@@ -848,14 +926,18 @@ static PyObject *track(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < h.m; i++) {
         Py_ssize_t r = h.row[i];
         if (track_row(&h, i, slot[i], wadd(first, r), tsv[r], anv[r], &t, &o))
-            o.events[k++] = i;
+            pos[k++] = i;
     }
+    keep_events(&h, pos, k, slot, cap, count, st.buf, first, tsv, o.sender, &ev);
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(k);
 done:
+    PyMem_Free(pos);
+    PyMem_Free(count);
+    if (got > 9)
+        events_release(&ev);
     if (got > 8)
         table_release(&t);
-    Py_buffer *held[] = {&ts, &an, &sl, &se, &inf, &li, &be, &ev};
     for (int j = 0; j < got && j < 8; j++)
         PyBuffer_Release(held[j]);
     headers_release(&h);
@@ -898,12 +980,12 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-static PyObject *column_specs(void)
+static PyObject *column_specs(const ColSpec *cols, int n)
 {
-    PyObject *t = PyTuple_New(NCOLS);
-    for (int c = 0; t && c < NCOLS; c++) {
-        PyObject *spec = Py_BuildValue("(sii)", COLS[c].name, COLS[c].itemsize,
-                                       COLS[c].width);
+    PyObject *t = PyTuple_New(n);
+    for (int c = 0; t && c < n; c++) {
+        PyObject *spec = Py_BuildValue("(sii)", cols[c].name, cols[c].itemsize,
+                                       cols[c].width);
         if (!spec) {
             Py_CLEAR(t);
             break;
@@ -941,7 +1023,8 @@ PyMODINIT_FUNC PyInit__track(void)
         PyTuple_SET_ITEM(fields, f, spec);
     }
     if (!fields || PyModule_AddObject(m, "HEADER_FIELDS", fields) < 0
-        || PyModule_AddObject(m, "COLUMNS", column_specs()) < 0
+        || PyModule_AddObject(m, "COLUMNS", column_specs(COLS, NCOLS)) < 0
+        || PyModule_AddObject(m, "EVENT_COLUMNS", column_specs(EVENT_COLS, NEV)) < 0
         || PyModule_AddObject(m, "CONSTANTS", constants()) < 0
         || PyModule_AddObject(m, "KeyMap", Py_NewRef((PyObject *)&KeyMapType)) < 0) {
         Py_DECREF(m);

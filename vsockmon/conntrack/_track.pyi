@@ -10,6 +10,7 @@ _Layout = tuple[int, ...]
 
 HEADER_FIELDS: tuple[tuple[str, int], ...]
 COLUMNS: tuple[tuple[str, int, int], ...]
+EVENT_COLUMNS: tuple[tuple[str, int, int], ...]
 CONSTANTS: dict[str, int]
 
 class KeyMap:
@@ -23,6 +24,6 @@ class KeyMap:
     def drop(self, streams: _Column) -> None: ...
 
 def track(headers: _Column, layout: _Layout, rows: _Column, first: int, ts_ns: _Column,
-          anomalies: _Column, slots: _Column, capacity: int, columns: tuple[_Column, ...],
-          sender: _Column, in_flight: _Column, limit: _Column, beyond: _Column,
-          events: _Column) -> int: ...
+          anomalies: _Column, slots: _Column, streams: _Column, capacity: int,
+          columns: tuple[_Column, ...], sender: _Column, in_flight: _Column, limit: _Column,
+          beyond: _Column, events: tuple[_Column, ...]) -> int: ...
