@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import frame, write_pcap
 
-from vsockmon.conntrack.records import first_per
+from vsockmon.conntrack.records import _or_per_key, first_per
 from vsockmon.conntrack.tracker import (
     CLIENT,
     SERVER,
@@ -315,3 +315,11 @@ def test_first_per_key_leaves_keys_without_values_unset() -> None:
     keys = np.array([2, 0, 2, 2])
     values = np.array([7, 9, 3, 5])
     assert first_per(keys, values, 4).tolist() == [9, NONE, 3, NONE]
+
+
+def test_or_per_key_joins_each_run_of_a_key_and_leaves_the_others_zero() -> None:
+    # keys ascending: key 1 ORs 1|2, key 3 is 4 alone, key 4 ORs 2|2|8; 0, 2 and 5 have none
+    keys = np.array([1, 1, 3, 4, 4, 4])
+    values = np.array([1, 2, 4, 2, 2, 8], dtype=np.uint32)
+    assert _or_per_key(keys, values, 6).tolist() == [0, 3, 0, 4, 10, 0]
+    assert _or_per_key(keys[:0], values[:0], 2).tolist() == [0, 0]

@@ -14,8 +14,9 @@ from helpers import frame, write_pcap
 
 from vsockmon.conntrack import _track
 from vsockmon.conntrack.model import VIOLATIONS, Violation
+from vsockmon.conntrack.spill import key_hash
 from vsockmon.conntrack.table import StreamTable
-from vsockmon.conntrack.tracker import _LAYOUT, ConnTracker
+from vsockmon.conntrack.tracker import _EVENTS, _LAYOUT, ConnTracker
 from vsockmon.decode.frames import VIRTIO_DTYPE, Anomaly, decode_batches
 from vsockmon.wire.pcapio import CaptureReader
 from vsockmon.wire.protocol import Op, SeqFlag, ShutdownFlag, SockType
@@ -37,9 +38,10 @@ def _assign(km: _track.KeyMap, rows: list[Row], first: int) -> tuple[list[int], 
     v = _headers(rows)
     idx = np.arange(len(rows), dtype=np.int64)
     sid = np.empty(len(rows), dtype=np.int64)
-    new = np.empty(len(rows), dtype=np.int64)
-    k = km.assign(v, _LAYOUT, idx, first, sid, new)
-    return sid.tolist(), new[:k].tolist()
+    starts = np.empty(len(rows), dtype=bool)
+    stop, nxt = km.assign(v, _LAYOUT, idx, 0, first, sid, starts, ())
+    assert stop == len(rows) and nxt == first + int(starts.sum())
+    return sid.tolist(), np.flatnonzero(starts).tolist()
 
 
 def _key(r: Row) -> tuple[int, ...]:
@@ -138,48 +140,119 @@ def test_the_key_map_equals_a_dict_through_growth_removal_and_shrinking(seed: in
     assert sid == list(model.values()) and new == []
 
 
-def test_pending_keys_name_only_their_first_non_request_row_and_put_fills_them() -> None:
+def _spilled(rows: list[Row]) -> np.ndarray:
+    """The spill's index (its ascending key hashes) of chunk rows with these keys."""
+    k = np.array([_key(r) for r in rows], dtype=np.uint64)
+    return np.sort(key_hash(k[:, 0], k[:, 1] << np.uint64(32) | k[:, 2],
+                            k[:, 3] << np.uint64(32) | k[:, 4]))
+
+
+def test_assign_stops_at_the_first_row_of_a_key_the_spill_may_hold_and_resumes() -> None:
     km = _track.KeyMap()
     _assign(km, [(1, 2, 5, 3, 6, Op.REQUEST)], 0)          # key A held by stream 0
-    rows = [(1, 2, 5, 3, 6, Op.RW),                       # A: held, not pending
-            (1, 2, 7, 3, 6, Op.RW),                       # B: new, first row RW -> late
-            (1, 3, 6, 2, 7, Op.RW),                       # B again: not named twice
-            (1, 2, 8, 3, 6, Op.REQUEST),                  # C: new, but a REQUEST
-            (1, 2, 9, 3, 6, Op.RST)]                      # D: new, RST -> late
+    rows = [(1, 2, 5, 3, 6, Op.RW),                       # A: held, no stop
+            (1, 3, 6, 2, 7, Op.RW),                       # B: absent, spilled -> stop
+            (1, 2, 7, 3, 6, Op.RW),                       # B again: joins what put gave
+            (1, 2, 8, 3, 6, Op.REQUEST),                  # C: spilled, but a REQUEST
+            (1, 2, 9, 3, 6, Op.RST),                      # D: absent, spilled -> stop
+            (1, 2, 10, 3, 6, Op.RST),                     # E: absent, not spilled
+            (1, 2, 9, U32 + 1, 6, Op.RST)]                # F: CID beyond 32 bits: never
     v = _headers(rows)
     idx = np.arange(len(rows), dtype=np.int64)
-    late = np.frombuffer(km.pending(v, _LAYOUT, idx), dtype=np.int64).tolist()
-    assert late == [1, 4]
-    km.put(v, _LAYOUT, idx[late], np.array([40, -1], dtype=np.int64))  # B spilled as 40
-    sid, new = _assign(km, rows, 100)
-    assert sid == [0, 40, 40, 100, 101] and new == [3, 4]
+    sid = np.full(len(rows), -9, dtype=np.int64)
+    starts = np.zeros(len(rows), dtype=bool)
+    # one chunk holds B and C, another D and what F's key would hash to with its CID cut
+    # to 32 bits (2**32 << 32 wraps to 0): both chunks searched, F never
+    cut = key_hash(*(np.array([x], dtype=np.uint64) for x in (1, 2 << 32 | 9, 6)))
+    spilled = (_spilled([rows[1], rows[3]]), np.sort(np.r_[_spilled([rows[4]]), cut]))
+    assert km.assign(v, _LAYOUT, idx, 0, 100, sid, starts, spilled) == (1, 100)
+    assert sid[:1].tolist() == [0] and len(km) == 1          # B not entered
+    km.put(v, _LAYOUT, idx[1:2], np.array([40], dtype=np.int64))  # B's stream taken back
+    assert km.assign(v, _LAYOUT, idx, 1, 100, sid, starts, spilled) == (4, 101)
+    km.put(v, _LAYOUT, idx[4:5], np.array([-1], dtype=np.int64))  # D: the spill had none
+    assert km.assign(v, _LAYOUT, idx, 4, 101, sid, starts, spilled) == (7, 104)
+    assert sid.tolist() == [0, 40, 40, 100, 101, 102, 103]
+    assert np.flatnonzero(starts).tolist() == [3, 4, 5, 6]
 
 
 def test_bad_input_is_refused_not_a_crash() -> None:
     km = _track.KeyMap()
     v = _headers([(1, 2, 5, 3, 6, Op.RW)])
-    out = np.empty(1, dtype=np.int64)
+    out, starts = np.empty(1, dtype=np.int64), np.empty(1, dtype=bool)
+    one = np.zeros(1, np.int64)
     with pytest.raises(IndexError):
-        km.assign(v, _LAYOUT, np.array([1], dtype=np.int64), 0, out, out.copy())
+        km.assign(v, _LAYOUT, np.array([1], dtype=np.int64), 0, 0, out, starts, ())
+    with pytest.raises(IndexError):  # a start beyond the rows
+        km.assign(v, _LAYOUT, one, 2, 0, out, starts, ())
     with pytest.raises(ValueError):
-        km.assign(v, _LAYOUT, np.array([0], dtype=np.int64), 0, np.empty(2, np.int64), out)
+        km.assign(v, _LAYOUT, one, 0, 0, np.empty(2, np.int64), starts, ())
+    with pytest.raises(ValueError):  # starts_out the wrong size
+        km.assign(v, _LAYOUT, one, 0, 0, out, np.empty(2, bool), ())
+    with pytest.raises(ValueError):  # a spill index that is not u64
+        km.assign(v, _LAYOUT, one, 0, 0, out, starts, (np.zeros(3, np.uint8),))
     with pytest.raises(ValueError):
-        km.assign(v, (_LAYOUT[0], *_LAYOUT[1:-1], 1000), np.zeros(1, np.int64), 0, out,
-                  out.copy())
+        km.assign(v, (_LAYOUT[0], *_LAYOUT[1:-1], 1000), one, 0, 0, out, starts, ())
+    assert len(km) == 0
     t = StreamTable()
     t.grow(1)
     t.client_is_lower[0] = True  # the client is (2, 5), the row's source
     cols = tuple(getattr(t, name) for name, _, _ in _track.COLUMNS)
     tags = (np.zeros(1, np.int8), np.zeros(2, np.int64), np.zeros(2, np.int64),
-            np.zeros(1, bool), np.zeros(1, np.int64))
-    args = (v, _LAYOUT, np.zeros(1, np.int64), 0, np.zeros(1, np.int64),
-            np.zeros(1, np.uint16))
+            np.zeros(1, bool))
+    events = _events(1)
+    args = (v, _LAYOUT, one, 0, np.zeros(1, np.int64), np.zeros(1, np.uint16))
     with pytest.raises(IndexError):  # a slot outside the table
-        _track.track(*args, np.array([len(t.type)], np.int64), len(t.type), cols, *tags)
+        _track.track(*args, np.array([len(t.type)], np.int64), one, len(t.type), cols, *tags,
+                     events)
     with pytest.raises(ValueError):  # a column too short for the capacity claimed
-        _track.track(*args, np.zeros(1, np.int64), len(t.type) + 1, cols, *tags)
-    assert _track.track(*args, np.zeros(1, np.int64), len(t.type), cols, *tags) == 0
+        _track.track(*args, one, one, len(t.type) + 1, cols, *tags, events)
+    with pytest.raises(ValueError):  # an event column of the wrong type
+        _track.track(*args, one, one, len(t.type), cols, *tags,
+                     (*events[:3], np.zeros(1, np.uint32), *events[4:]))
+    with pytest.raises(ValueError):  # an event column missing
+        _track.track(*args, one, one, len(t.type), cols, *tags, events[:-1])
+    assert _track.track(*args, one, one, len(t.type), cols, *tags, events) == 0
     assert t.packets[0].tolist() == [1, 0]
+
+
+def _events(n: int) -> tuple[np.ndarray, ...]:
+    return tuple(np.full(n, 99, dtype=dtype) for _, dtype in _EVENTS)
+
+
+def test_the_compiled_event_columns_are_the_trackers() -> None:
+    assert [(name, itemsize) for name, itemsize, _ in _track.EVENT_COLUMNS] == [
+        (name, np.dtype(dtype).itemsize) for name, dtype in _EVENTS]
+
+
+def test_the_pass_writes_the_control_events_by_stream_then_frame() -> None:
+    # header rows 0..7, row 4 without a header; streams 10, 11, 12 at table rows 0, 1, 2
+    ops = [Op.REQUEST, Op.RW, Op.SHUTDOWN, Op.CREDIT_UPDATE, Op.RW, Op.RST, Op.RESPONSE,
+           Op.CREDIT_REQUEST]
+    v = _headers([(1, 2, 5, 3, 6, op) for op in ops])
+    v["flags"][2] = 3
+    v["len"], v["buf_alloc"], v["fwd_cnt"] = np.arange(8), 100 + np.arange(8), 200 + np.arange(8)
+    rows = np.array([0, 1, 2, 3, 5, 6, 7], dtype=np.int64)
+    slots = np.array([2, 0, 0, 1, 2, 0, 1], dtype=np.int64)
+    t = StreamTable()
+    t.grow(3)
+    t.client_is_lower[:3] = [True, False, True]  # stream 11's client is (3, 6): sender 1
+    cols = tuple(getattr(t, name) for name, _, _ in _track.COLUMNS)
+    tags = (np.zeros(8, np.int8), np.zeros(16, np.int64), np.zeros(16, np.int64),
+            np.zeros(8, bool))
+    events = _events(len(rows))
+    k = _track.track(v, _LAYOUT, rows, 100, 1000 + 10 * np.arange(8, dtype=np.int64),
+                     np.zeros(8, np.uint16), slots, slots + 10, len(t.type), cols, *tags,
+                     events)
+    # the events are rows 0 (REQUEST), 2 (SHUTDOWN), 5 (RST), 6 (RESPONSE) and 7
+    # (CREDIT_REQUEST): stream 10 has rows 2 and 6, stream 11 row 7, stream 12 rows 0 and 5
+    assert k == 5
+    got = {name: c[:k].tolist() for (name, _), c in zip(_EVENTS, events, strict=True)}
+    assert got == {"sid": [10, 10, 11, 12, 12], "frame": [102, 106, 107, 100, 105],
+                   "ts": [1020, 1060, 1070, 1000, 1050],
+                   "op": [Op.SHUTDOWN, Op.RESPONSE, Op.CREDIT_REQUEST, Op.REQUEST, Op.RST],
+                   "sender": [0, 0, 1, 0, 0], "flags": [3, 0, 0, 0, 0], "len": [2, 6, 7, 0, 5],
+                   "buf": [102, 106, 107, 100, 105], "fwd": [202, 206, 207, 200, 205]}
+    assert all((c[k:] == 99).all() for c in events)  # the rest left as it was
 
 
 def test_a_looped_frame_is_the_clients_and_a_reply_the_servers(tmp_path: Path) -> None:

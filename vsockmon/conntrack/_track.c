@@ -158,7 +158,7 @@ typedef struct {
 } KeyMap;
 
 #define MIN_CAP 1024
-#define PENDING (-2)  /* a key new in this batch, not yet given a stream */
+#define PENDING (-2)  /* a key entered with no stream yet: its next row starts one */
 
 static inline uint64_t mix(uint64_t h)
 {
@@ -232,26 +232,33 @@ static int km_resize(KeyMap *m, size_t cap)
     return 0;
 }
 
-/* The entry of `k`, made (value PENDING) if absent; NULL only when out of memory. */
-static Entry *km_get(KeyMap *m, const Key *k, int *made)
+/* Enter `k` (value PENDING) at `e`, the empty slot km_slot found for it; returns its entry
+ * (moved if the map had to grow), NULL only when out of memory. */
+static Entry *km_insert(KeyMap *m, Entry *e, const Key *k, uint32_t hash)
 {
-    if ((m->n + 1) * 2 > m->cap && km_resize(m, m->cap * 2) < 0)
-        return NULL;
+    if ((m->n + 1) * 2 > m->cap) {
+        if (km_resize(m, m->cap * 2) < 0)
+            return NULL;
+        e = &m->e[km_slot(m, k, hash)];
+    }
+    e->lo_cid = k->lo_cid;
+    e->hi_cid = k->hi_cid;
+    e->lo_port = k->lo_port;
+    e->hi_port = k->hi_port;
+    e->type = k->type;
+    e->hash = hash;
+    e->used = 1;
+    e->value = PENDING;
+    m->n++;
+    return e;
+}
+
+/* The entry of `k`, made (value PENDING) if absent; NULL only when out of memory. */
+static Entry *km_get(KeyMap *m, const Key *k)
+{
     uint32_t hash = key_hash(k);
     Entry *e = &m->e[km_slot(m, k, hash)];
-    *made = !e->used;
-    if (*made) {
-        e->lo_cid = k->lo_cid;
-        e->hi_cid = k->hi_cid;
-        e->lo_port = k->lo_port;
-        e->hi_port = k->hi_port;
-        e->type = k->type;
-        e->hash = hash;
-        e->used = 1;
-        e->value = PENDING;
-        m->n++;
-    }
-    return e;
+    return e->used ? e : km_insert(m, e, k, hash);
 }
 
 /* Remove slot i, shifting later entries of its probe run back (no tombstones). */
@@ -305,45 +312,90 @@ static void KeyMap_dealloc(KeyMap *m)
 
 static Py_ssize_t KeyMap_len(KeyMap *m) { return (Py_ssize_t)m->n; }
 
-PyDoc_STRVAR(pending_doc,
-"pending(headers, layout, rows) -> bytes of int64\n\n"
-"Enter the keys of `rows` not yet in the map as pending (no stream yet). Returns the\n"
-"positions in `rows` of the first row of each such key that is not a REQUEST: the keys a\n"
-"spill may hold (a late frame joins its key's latest stream).");
+/* ---- keys a spill may hold ------------------------------------------------------------- */
 
-static PyObject *KeyMap_pending(KeyMap *m, PyObject *args)
+/* spill.key_hash's multipliers: the spill indexes its chunks by that hash of the packed key. */
+static const uint64_t SPILL_MIX[3] = {0x9E3779B97F4A7C15ULL, 0xC2B2AE3D27D4EB4FULL,
+                                      0x165667B19E3779F9ULL};
+#define CID_FITS 0xFFFFFFFFULL
+
+/* The spill's hash of `k` (spill.key_hash of type, lower and higher end as cid << 32 | port);
+ * returns 0 (no hash) when a CID does not fit 32 bits: such keys are never spilled. */
+static inline int spill_hash(const Key *k, uint64_t *h)
 {
-    PyObject *buf, *layout, *rows;
-    Headers h;
-    if (!PyArg_ParseTuple(args, "OO!O", &buf, &PyTuple_Type, &layout, &rows)
-        || headers_parse(&h, buf, layout, rows) < 0)
-        return NULL;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, h.m * (Py_ssize_t)sizeof(int64_t));
-    if (!out)
-        goto done;
-    int64_t *late = (int64_t *)PyBytes_AS_STRING(out);
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = 0; i < h.m; i++) {
-        Key key;
-        int made;
-        header_key(&key, &h, i);
-        if (!km_get(m, &key, &made)) {
-            Py_CLEAR(out);
-            goto done;
-        }
-        if (made && field(&h, i, F_OP) != OP_REQUEST)
-            late[k++] = i;
+    if (k->lo_cid > CID_FITS || k->hi_cid > CID_FITS)
+        return 0;
+    uint64_t lo = k->lo_cid << 32 | k->lo_port, hi = k->hi_cid << 32 | k->hi_port;
+    *h = ((uint64_t)k->type * SPILL_MIX[0]) ^ (lo * SPILL_MIX[1]) ^ ((hi * SPILL_MIX[2]) >> 7);
+    return 1;
+}
+
+/* The spill's chunk indexes: ascending u64 key hashes, one buffer per chunk. */
+typedef struct {
+    Py_buffer *b;
+    Py_ssize_t n;
+} SpillKeys;
+
+static void spill_release(SpillKeys *s)
+{
+    for (Py_ssize_t c = 0; c < s->n; c++)
+        PyBuffer_Release(&s->b[c]);
+    PyMem_Free(s->b);
+}
+
+static int spill_parse(SpillKeys *s, PyObject *chunks)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(chunks);
+    s->n = 0;
+    s->b = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    if (!s->b) {
+        PyErr_NoMemory();
+        return -1;
     }
-    _PyBytes_Resize(&out, k * (Py_ssize_t)sizeof(int64_t));
-done:
-    headers_release(&h);
-    return out;
+    for (; s->n < n; s->n++) {
+        Py_buffer *b = &s->b[s->n];
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(chunks, s->n), b, PyBUF_SIMPLE) < 0)
+            goto bad;
+        if (b->len % (Py_ssize_t)sizeof(uint64_t)) {
+            PyBuffer_Release(b);
+            PyErr_SetString(PyExc_ValueError, "spilled: not u64");
+            goto bad;
+        }
+    }
+    return 0;
+bad:
+    spill_release(s);
+    return -1;
+}
+
+/* Whether some chunk holds the spill hash of `k` (a row of a spilled stream, or a rare
+ * collision: the caller confirms on the key itself). */
+static int maybe_spilled(const SpillKeys *s, const Key *k)
+{
+    uint64_t h;
+    if (!s->n || !spill_hash(k, &h))
+        return 0;
+    for (Py_ssize_t c = 0; c < s->n; c++) {
+        const uint64_t *a = s->b[c].buf;
+        Py_ssize_t lo = 0, hi = s->b[c].len / (Py_ssize_t)sizeof(uint64_t);
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (a[mid] < h)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo < s->b[c].len / (Py_ssize_t)sizeof(uint64_t) && a[lo] == h)
+            return 1;
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(put_doc,
 "put(headers, layout, rows, streams)\n\n"
-"Give the keys of `rows` the int64 `streams` (one per row; negative ones are left as they\n"
-"are): streams taken back from a spill.");
+"Give the keys of `rows` the int64 `streams` (one per row): streams taken back from a\n"
+"spill. A negative one enters an absent key with no stream (the spill holds none for it:\n"
+"assign then starts one at the key's row).");
 
 static PyObject *KeyMap_put(KeyMap *m, PyObject *args)
 {
@@ -357,15 +409,13 @@ static PyObject *KeyMap_put(KeyMap *m, PyObject *args)
         goto done;
     for (Py_ssize_t i = 0; i < h.m; i++) {
         int64_t s = ((const int64_t *)v.buf)[i];
-        if (s < 0)
-            continue;
         Key key;
-        int made;
         header_key(&key, &h, i);
-        Entry *e = km_get(m, &key, &made);
+        Entry *e = km_get(m, &key);
         if (!e)
             goto release;
-        e->value = s;
+        if (s >= 0)
+            e->value = s;
     }
     result = Py_NewRef(Py_None);
 release:
@@ -376,44 +426,64 @@ done:
 }
 
 PyDoc_STRVAR(assign_doc,
-"assign(headers, layout, rows, next, streams_out, new_out) -> int\n\n"
-"Give each of `rows`, in order, its stream: a REQUEST, or a key with none, starts stream\n"
-"`next`, `next + 1`...; any other row joins its key's stream. Writes each row's stream\n"
-"to `streams_out` and the positions of the rows that start one to `new_out` (int64 arrays\n"
-"of len(rows)); returns how many started.");
+"assign(headers, layout, rows, start, next, streams_out, starts_out, spilled)\n"
+"    -> (stop, next)\n\n"
+"Give each of `rows`, in order from position `start`, its stream: a REQUEST, or a key with\n"
+"none, starts stream `next`, `next + 1`...; any other row joins its key's stream. Writes\n"
+"each row's stream to `streams_out` (int64) and whether it starts one to `starts_out`\n"
+"(bool), both of len(rows). Stops before a row that is not a REQUEST whose key is absent\n"
+"but whose spill hash one of the ascending u64 arrays `spilled` holds (the spill's chunk\n"
+"indexes: a late frame joins its spilled stream): the caller takes the stream back, puts\n"
+"its key and calls again from there. Returns where it stopped (len(rows): at the end) and\n"
+"the next stream number.");
 
 static PyObject *KeyMap_assign(KeyMap *m, PyObject *args)
 {
-    PyObject *buf, *layout, *rows, *sids_obj, *new_obj, *result = NULL;
+    PyObject *buf, *layout, *rows, *sids_obj, *starts_obj, *spilled, *result = NULL;
+    Py_ssize_t start;
     long long next;
     Headers h;
-    Py_buffer sids, fresh;
-    if (!PyArg_ParseTuple(args, "OO!OLOO", &buf, &PyTuple_Type, &layout, &rows, &next,
-                          &sids_obj, &new_obj)
+    Py_buffer sids, starts;
+    SpillKeys sk;
+    if (!PyArg_ParseTuple(args, "OO!OnLOOO!", &buf, &PyTuple_Type, &layout, &rows, &start,
+                          &next, &sids_obj, &starts_obj, &PyTuple_Type, &spilled)
         || headers_parse(&h, buf, layout, rows) < 0)
         return NULL;
+    if (start < 0 || start > h.m) {
+        PyErr_SetString(PyExc_IndexError, "start: outside the rows");
+        goto done;
+    }
     if (get_sized(sids_obj, &sids, h.m, sizeof(int64_t), 1, "streams_out") < 0)
         goto done;
-    if (get_sized(new_obj, &fresh, h.m, sizeof(int64_t), 1, "new_out") < 0)
+    if (get_sized(starts_obj, &starts, h.m, 1, 1, "starts_out") < 0)
         goto release_sids;
-    int64_t *sid = sids.buf, *start = fresh.buf;
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = 0; i < h.m; i++) {
+    if (spill_parse(&sk, spilled) < 0)
+        goto release_starts;
+    int64_t *sid = sids.buf;
+    uint8_t *started = starts.buf;
+    Py_ssize_t i = start;
+    for (; i < h.m; i++) {
         Key key;
-        int made;
         header_key(&key, &h, i);
-        Entry *e = km_get(m, &key, &made);
-        if (!e)
-            goto release;
-        if (e->value < 0 || field(&h, i, F_OP) == OP_REQUEST) {
-            e->value = next++;
-            start[k++] = i;
+        uint32_t hash = key_hash(&key);
+        int request = field(&h, i, F_OP) == OP_REQUEST;
+        Entry *e = &m->e[km_slot(m, &key, hash)];
+        if (!e->used) {
+            if (!request && maybe_spilled(&sk, &key))
+                break;
+            if (!(e = km_insert(m, e, &key, hash)))
+                goto release;
         }
+        started[i] = e->value < 0 || request;
+        if (started[i])
+            e->value = next++;
         sid[i] = e->value;
     }
-    result = PyLong_FromSsize_t(k);
+    result = Py_BuildValue("(nL)", i, next);
 release:
-    PyBuffer_Release(&fresh);
+    spill_release(&sk);
+release_starts:
+    PyBuffer_Release(&starts);
 release_sids:
     PyBuffer_Release(&sids);
 done:
@@ -629,7 +699,6 @@ typedef struct {
     int8_t *sender;
     int64_t *in_flight, *limit;
     uint8_t *beyond;
-    int64_t *events;
 } Out;
 
 /* One row: counters, closes, credit, stalls and violations of its stream (table row s).
@@ -713,29 +782,99 @@ static int track_row(const Headers *h, Py_ssize_t i, Py_ssize_t s, int64_t frame
     return !rw && op != OP_CREDIT_UPDATE;
 }
 
+/* The control events' columns, in the order Python passes them (tracker._EVENTS). */
+enum { E_SID, E_FRAME, E_TS, E_OP, E_SENDER, E_FLAGS, E_LEN, E_BUF, E_FWD, NEV };
+static const ColSpec EVENT_COLS[NEV] = {
+    {"sid", 8, 1}, {"frame", 8, 1}, {"ts", 8, 1}, {"op", 2, 1}, {"sender", 1, 1},
+    {"flags", 4, 1}, {"len", 4, 1}, {"buf", 4, 1}, {"fwd", 4, 1},
+};
+
+typedef struct {
+    Py_buffer b[NEV];
+    int held;
+} Events;
+
+static void events_release(Events *e)
+{
+    for (int c = 0; c < e->held; c++)
+        PyBuffer_Release(&e->b[c]);
+}
+
+static int events_parse(Events *e, PyObject *cols, Py_ssize_t m)
+{
+    e->held = 0;
+    if (!PyTuple_Check(cols) || PyTuple_GET_SIZE(cols) != NEV) {
+        PyErr_SetString(PyExc_ValueError, "events: one writable array per EVENT_COLUMNS name");
+        return -1;
+    }
+    for (int c = 0; c < NEV; c++) {
+        if (get_sized(PyTuple_GET_ITEM(cols, c), &e->b[c], m, EVENT_COLS[c].itemsize, 1,
+                      EVENT_COLS[c].name) < 0) {
+            events_release(e);
+            return -1;
+        }
+        e->held++;
+    }
+    return 0;
+}
+
+#define EV(e, c, type) ((type *)(e)->b[c].buf)
+
+/* Write the control events (positions `pos` of the rows, k of them, in frame order) to the
+ * event columns by table row, then frame: a counting sort on the slots (the table is in
+ * stream order, so by stream), stable, with `count` (capacity + 1 zeros) as its scratch. */
+static void keep_events(const Headers *h, const int64_t *pos, Py_ssize_t k, const int64_t *slot,
+                        Py_ssize_t cap, Py_ssize_t *count, const int64_t *sid, int64_t first,
+                        const int64_t *ts, const int8_t *sender, Events *e)
+{
+    for (Py_ssize_t j = 0; j < k; j++)
+        count[slot[pos[j]] + 1]++;
+    for (Py_ssize_t s = 0; s < cap; s++)
+        count[s + 1] += count[s];
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t i = pos[j], r = h->row[i], d = count[slot[i]]++;
+        EV(e, E_SID, int64_t)[d] = sid[i];
+        EV(e, E_FRAME, int64_t)[d] = wadd(first, r);
+        EV(e, E_TS, int64_t)[d] = ts[r];
+        EV(e, E_OP, uint16_t)[d] = (uint16_t)field(h, i, F_OP);
+        EV(e, E_SENDER, int8_t)[d] = sender[r];
+        EV(e, E_FLAGS, uint32_t)[d] = (uint32_t)field(h, i, F_FLAGS);
+        EV(e, E_LEN, uint32_t)[d] = (uint32_t)field(h, i, F_LEN);
+        EV(e, E_BUF, uint32_t)[d] = (uint32_t)field(h, i, F_BUF);
+        EV(e, E_FWD, uint32_t)[d] = (uint32_t)field(h, i, F_FWD);
+    }
+}
+
 PyDoc_STRVAR(track_doc,
-"track(headers, layout, rows, first, ts_ns, anomalies, slots, capacity, columns,\n"
+"track(headers, layout, rows, first, ts_ns, anomalies, slots, streams, capacity, columns,\n"
 "      sender, in_flight, limit, beyond, events) -> int\n\n"
 "Track `rows` of a batch (frame = first + row), in order, each against table row\n"
-"`slots[i]` of the StreamTable `columns` (COLUMNS order, `capacity` rows). Writes each\n"
-"row's sender, credit and beyond-credit flag into the batch-sized tag arrays, and the\n"
-"positions in `rows` of the control events into `events`; returns their number.");
+"`slots[i]` of the StreamTable `columns` (COLUMNS order, `capacity` rows; the table in\n"
+"stream order), row i of stream `streams[i]`. Writes each row's sender, credit and\n"
+"beyond-credit flag into the batch-sized tag arrays, and the control events, by stream\n"
+"then frame, into the first rows of the `events` columns (EVENT_COLUMNS order, len(rows)\n"
+"each); returns their number.");
 
 static PyObject *track(PyObject *self, PyObject *args)
 {
-    PyObject *buf, *layout, *rows, *ts_o, *an_o, *sl_o, *cols, *se_o, *if_o, *li_o, *be_o, *ev_o;
+    PyObject *buf, *layout, *rows, *ts_o, *an_o, *sl_o, *st_o, *cols, *se_o, *if_o, *li_o,
+        *be_o, *ev_o;
     long long first;
     Py_ssize_t cap;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OO!OLOOOnO!OOOOO", &buf, &PyTuple_Type, &layout, &rows,
-                          &first, &ts_o, &an_o, &sl_o, &cap, &PyTuple_Type, &cols, &se_o,
-                          &if_o, &li_o, &be_o, &ev_o))
+    if (!PyArg_ParseTuple(args, "OO!OLOOOOnO!OOOOO!", &buf, &PyTuple_Type, &layout, &rows,
+                          &first, &ts_o, &an_o, &sl_o, &st_o, &cap, &PyTuple_Type, &cols,
+                          &se_o, &if_o, &li_o, &be_o, &PyTuple_Type, &ev_o))
         return NULL;
     Headers h;
     if (headers_parse(&h, buf, layout, rows) < 0)
         return NULL;
-    Py_buffer ts, an, sl, se, inf, li, be, ev;
+    Py_buffer ts, an, sl, st, se, inf, li, be;
+    Py_buffer *held[] = {&ts, &an, &sl, &st, &se, &inf, &li, &be};
     Table t;
+    Events ev;
+    int64_t *pos = NULL;
+    Py_ssize_t *count = NULL;
     int got = 0;
     if (get_sized(ts_o, &ts, h.n, 8, 0, "ts_ns") < 0)
         goto done;
@@ -744,6 +883,9 @@ static PyObject *track(PyObject *self, PyObject *args)
         goto done;
     got++;
     if (get_sized(sl_o, &sl, h.m, 8, 0, "slots") < 0)
+        goto done;
+    got++;
+    if (get_sized(st_o, &st, h.m, 8, 0, "streams") < 0)
         goto done;
     got++;
     if (get_sized(se_o, &se, h.n, 1, 1, "sender") < 0)
@@ -758,10 +900,10 @@ static PyObject *track(PyObject *self, PyObject *args)
     if (get_sized(be_o, &be, h.n, 1, 1, "beyond") < 0)
         goto done;
     got++;
-    if (get_sized(ev_o, &ev, h.m, 8, 1, "events") < 0)
+    if (table_parse(&t, cols, cap) < 0)
         goto done;
     got++;
-    if (table_parse(&t, cols, cap) < 0)
+    if (events_parse(&ev, ev_o, h.m) < 0)
         goto done;
     got++;
     const int64_t *slot = sl.buf;
@@ -770,7 +912,13 @@ static PyObject *track(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_IndexError, "slots: a slot outside the table");
             goto done;
         }
-    Out o = {se.buf, inf.buf, li.buf, be.buf, ev.buf};
+    pos = PyMem_Malloc((h.m ? (size_t)h.m : 1) * sizeof *pos);
+    count = PyMem_Calloc((size_t)cap + 1, sizeof *count);
+    if (!pos || !count) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Out o = {se.buf, inf.buf, li.buf, be.buf};
     const int64_t *tsv = ts.buf;
     const uint16_t *anv = an.buf;
     Py_ssize_t k = 0;
@@ -778,14 +926,18 @@ static PyObject *track(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < h.m; i++) {
         Py_ssize_t r = h.row[i];
         if (track_row(&h, i, slot[i], wadd(first, r), tsv[r], anv[r], &t, &o))
-            o.events[k++] = i;
+            pos[k++] = i;
     }
+    keep_events(&h, pos, k, slot, cap, count, st.buf, first, tsv, o.sender, &ev);
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(k);
 done:
+    PyMem_Free(pos);
+    PyMem_Free(count);
+    if (got > 9)
+        events_release(&ev);
     if (got > 8)
         table_release(&t);
-    Py_buffer *held[] = {&ts, &an, &sl, &se, &inf, &li, &be, &ev};
     for (int j = 0; j < got && j < 8; j++)
         PyBuffer_Release(held[j]);
     headers_release(&h);
@@ -795,7 +947,6 @@ done:
 /* ---- the module --------------------------------------------------------------------------- */
 
 static PyMethodDef KeyMap_methods[] = {
-    {"pending", (PyCFunction)KeyMap_pending, METH_VARARGS, pending_doc},
     {"put", (PyCFunction)KeyMap_put, METH_VARARGS, put_doc},
     {"assign", (PyCFunction)KeyMap_assign, METH_VARARGS, assign_doc},
     {"discard", (PyCFunction)KeyMap_discard, METH_VARARGS, discard_doc},
@@ -829,12 +980,12 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-static PyObject *column_specs(void)
+static PyObject *column_specs(const ColSpec *cols, int n)
 {
-    PyObject *t = PyTuple_New(NCOLS);
-    for (int c = 0; t && c < NCOLS; c++) {
-        PyObject *spec = Py_BuildValue("(sii)", COLS[c].name, COLS[c].itemsize,
-                                       COLS[c].width);
+    PyObject *t = PyTuple_New(n);
+    for (int c = 0; t && c < n; c++) {
+        PyObject *spec = Py_BuildValue("(sii)", cols[c].name, cols[c].itemsize,
+                                       cols[c].width);
         if (!spec) {
             Py_CLEAR(t);
             break;
@@ -872,7 +1023,8 @@ PyMODINIT_FUNC PyInit__track(void)
         PyTuple_SET_ITEM(fields, f, spec);
     }
     if (!fields || PyModule_AddObject(m, "HEADER_FIELDS", fields) < 0
-        || PyModule_AddObject(m, "COLUMNS", column_specs()) < 0
+        || PyModule_AddObject(m, "COLUMNS", column_specs(COLS, NCOLS)) < 0
+        || PyModule_AddObject(m, "EVENT_COLUMNS", column_specs(EVENT_COLS, NEV)) < 0
         || PyModule_AddObject(m, "CONSTANTS", constants()) < 0
         || PyModule_AddObject(m, "KeyMap", Py_NewRef((PyObject *)&KeyMapType)) < 0) {
         Py_DECREF(m);

@@ -240,6 +240,13 @@ class Spill:
             self.chunks.append(Chunk(cols, events, key))
             self.streams += len(cols["stream"])
 
+    @property
+    def indexes(self) -> tuple[np.ndarray, ...]:
+        """Each chunk's key hashes, ascending: what the key map searches to tell a late frame
+        of a spilled stream from a new connection's first one (taken rows included: the
+        tracker confirms a match with :meth:`find`)."""
+        return tuple(c.key for c in self.chunks)
+
     def find(self, key: np.ndarray) -> list[list[tuple[int, int]]]:
         """For each hash of ``key``: the (chunk, row) of the spilled rows with that hash."""
         out: list[list[tuple[int, int]]] = [[] for _ in range(len(key))]

@@ -5,11 +5,12 @@ connection through REQUEST → RESPONSE (or RST) → data → SHUTDOWN → RST. 
 Python object per packet or per connection: a compiled key map (``_track.KeyMap``, 40 bytes
 a key) gives each row its stream, and one compiled pass over the batch (``_track.track``)
 updates counters, first/last frames, closes, violations, stalls and the credit arithmetic
-in the columns of a :class:`~vsockmon.conntrack.table.StreamTable`, in frame order. Numpy
-opens new streams and keeps the control packets; Python runs once per batch, and once per
-control packet at the very end (:mod:`~vsockmon.conntrack.records` makes the results). The
-pass is sequential because the rules are: a frame's credit and its violations depend on
-every earlier frame of its connection. No I/O.
+in the columns of a :class:`~vsockmon.conntrack.table.StreamTable`, in frame order, and
+keeps the control packets (by stream, then frame). Numpy opens new streams; Python runs
+once per batch, and once per control packet at the very end
+(:mod:`~vsockmon.conntrack.records` makes the results). The pass is sequential because the
+rules are: a frame's credit and its violations depend on every earlier frame of its
+connection. No I/O.
 
 Stream numbering — shared with the Wireshark Lua plugin, so it must stay exactly this:
 the key of a frame is (virtio type, unordered pair {(src_cid, src_port), (dst_cid,
@@ -65,8 +66,13 @@ __all__ = [
 
 _HEADERS_FIT = 0xFFFFFFFF
 """The largest CID of a packed key end (``cid << 32 | port``): the spill's index form."""
-_EV_NAMES = ("sid", "frame", "ts", "op", "sender", "flags", "len", "buf", "fwd")
-"""The columns of a control event, as the tracker keeps them."""
+_EVENTS: tuple[tuple[str, type[np.integer]], ...] = (
+    ("sid", np.int64), ("frame", np.int64), ("ts", np.int64), ("op", np.uint16),
+    ("sender", np.int8), ("flags", np.uint32), ("len", np.uint32), ("buf", np.uint32),
+    ("fwd", np.uint32))
+"""The columns of a control event, as the tracker keeps them (the wire's narrow types) and
+the compiled pass writes them (``_track.EVENT_COLUMNS``)."""
+_EV_NAMES = tuple(name for name, _ in _EVENTS)
 CHUNK = 20000
 """Streams per table of :meth:`ConnTracker.tables`."""
 
@@ -154,14 +160,15 @@ class ConnTracker:
         virtio = np.ascontiguousarray(fb.virtio)
         sid, slot = self._group(fb, virtio, rows)
         t = self._t
-        events = np.empty(len(rows), dtype=np.int64)
+        events = tuple(np.empty(len(rows), dtype=dtype) for _, dtype in _EVENTS)
         k = _track.track(
             virtio, _LAYOUT, rows, fb.first, np.ascontiguousarray(fb.ts_ns, dtype=np.int64),
-            np.ascontiguousarray(fb.anomalies, dtype=np.uint16), slot, len(t.type),
+            np.ascontiguousarray(fb.anomalies, dtype=np.uint16), slot, sid, len(t.type),
             tuple(getattr(t, name) for name, _, _ in _track.COLUMNS),
             tags.sender, tags.in_flight, tags.limit, tags.beyond, events)
         tags.stream[rows] = sid
-        self._keep_events(fb, virtio, rows, sid, tags.sender, events[:k])
+        if k:  # the control packets, by stream then frame: the only per-packet memory kept
+            self._events.append(tuple(c[:k].copy() for c in events))
         if self._spill_at is not None:
             self._spill_closed(self._spill_at)
         return tags
@@ -171,16 +178,17 @@ class ConnTracker:
         """Each row's stream (new ones numbered in order of their first frame) and its row in
         the table, the new streams opened."""
         keys = self._keys
-        if self._spill.streams:
-            late = np.frombuffer(keys.pending(virtio, _LAYOUT, rows), dtype=np.int64)
-            if len(late):
-                late_rows = rows[late]
-                keys.put(virtio, _LAYOUT, late_rows, self._unspill(virtio[late_rows]))
+        spilled = self._spill.indexes if self._spill.streams else ()
         sid = np.empty(len(rows), dtype=np.int64)
-        new = np.empty(len(rows), dtype=np.int64)
+        starts = np.empty(len(rows), dtype=bool)
         first_new = self._next
-        self._next += keys.assign(virtio, _LAYOUT, rows, first_new, sid, new)
-        started = rows[new[: self._next - first_new]]
+        at, self._next = keys.assign(virtio, _LAYOUT, rows, 0, first_new, sid, starts, spilled)
+        while at < len(rows):  # a late frame of a spilled key (or a hash's rare collision)
+            late = rows[at: at + 1]
+            keys.put(virtio, _LAYOUT, late, self._unspill(virtio[late]))
+            at, self._next = keys.assign(virtio, _LAYOUT, rows, at, self._next, sid, starts,
+                                         spilled)
+        started = rows[starts]
         self._new_streams(fb, started, virtio[started], first_new)
         t = self._t
         return sid, np.searchsorted(t.stream[: t.size], sid)  # the table is in stream order
@@ -207,18 +215,6 @@ class ConnTracker:
             t.port[ids, side] = np.where(is_client, v["src_port"], v["dst_port"])
         t.first_frame[ids] = rows + fb.first
         t.first_ts[ids] = fb.ts_ns[rows]
-
-    def _keep_events(self, fb: FrameBatch, virtio: np.ndarray, rows: np.ndarray,
-                     sid: np.ndarray, sender: np.ndarray, events: np.ndarray) -> None:
-        """Keep the control packets (positions ``events`` of ``rows``) as events, by stream
-        then frame: the only per-packet memory kept, in the wire's narrow types."""
-        if not len(events):
-            return
-        events = events[np.argsort(sid[events], kind="stable")]
-        at = rows[events]
-        v = virtio[at]
-        self._events.append((sid[events], at + fb.first, fb.ts_ns[at], v["op"],
-                             sender[at], v["flags"], v["len"], v["buf_alloc"], v["fwd_cnt"]))
 
     # -- the spill ----------------------------------------------------------------------------
 
