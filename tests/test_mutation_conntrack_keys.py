@@ -38,9 +38,9 @@ def _assign(km: _track.KeyMap, rows: list[Row], first: int) -> tuple[list[int], 
     v = _headers(rows)
     idx = np.arange(len(rows), dtype=np.int64)
     sid = np.empty(len(rows), dtype=np.int64)
-    starts = np.empty(len(rows), dtype=bool)
+    starts = np.empty(len(rows), dtype=np.uint8)
     stop, nxt = km.assign(v, _LAYOUT, idx, 0, first, sid, starts, ())
-    assert stop == len(rows) and nxt == first + int(starts.sum())
+    assert stop == len(rows) and nxt == first + int(np.count_nonzero(starts))
     return sid.tolist(), np.flatnonzero(starts).tolist()
 
 
@@ -160,7 +160,7 @@ def test_assign_stops_at_the_first_row_of_a_key_the_spill_may_hold_and_resumes()
     v = _headers(rows)
     idx = np.arange(len(rows), dtype=np.int64)
     sid = np.full(len(rows), -9, dtype=np.int64)
-    starts = np.zeros(len(rows), dtype=bool)
+    starts = np.zeros(len(rows), dtype=np.uint8)
     # one chunk holds B and C, another D and what F's key would hash to with its CID cut
     # to 32 bits (2**32 << 32 wraps to 0): both chunks searched, F never
     cut = key_hash(*(np.array([x], dtype=np.uint64) for x in (1, 2 << 32 | 9, 6)))
@@ -175,10 +175,27 @@ def test_assign_stops_at_the_first_row_of_a_key_the_spill_may_hold_and_resumes()
     assert np.flatnonzero(starts).tolist() == [3, 4, 5, 6]
 
 
+def test_a_started_stream_says_which_end_of_its_key_its_first_source_is() -> None:
+    """The key's lower end is the lower (cid, port) pair, a looped frame's source counting
+    as lower; a row that joins a stream says 0."""
+    lower, higher = _track.CONSTANTS["START_LOWER"], _track.CONSTANTS["START_HIGHER"]
+    assert {lower, higher, 0} == {0, 1, 2}
+    rows = [(1, 2, 5, 3, 6, Op.REQUEST),   # (2, 5) < (3, 6)
+            (1, 3, 6, 2, 5, Op.RESPONSE),  # joins it
+            (1, 3, 6, 2, 9, Op.REQUEST),   # CID first: (3, 6) > (2, 9)
+            (1, 2, 7, 2, 5, Op.REQUEST),   # same CID: port 7 > 5
+            (1, 2, 5, 2, 5, Op.REQUEST),   # looped: both ends equal
+            (1, U32 + 1, 1, 2, 9, Op.RW)]  # a CID beyond 32 bits, higher
+    v = _headers(rows)
+    sid, starts = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.uint8)
+    _track.KeyMap().assign(v, _LAYOUT, np.arange(len(rows)), 0, 0, sid, starts, ())
+    assert starts.tolist() == [lower, 0, higher, higher, lower, higher]
+
+
 def test_bad_input_is_refused_not_a_crash() -> None:
     km = _track.KeyMap()
     v = _headers([(1, 2, 5, 3, 6, Op.RW)])
-    out, starts = np.empty(1, dtype=np.int64), np.empty(1, dtype=bool)
+    out, starts = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.uint8)
     one = np.zeros(1, np.int64)
     with pytest.raises(IndexError):
         km.assign(v, _LAYOUT, np.array([1], dtype=np.int64), 0, 0, out, starts, ())
@@ -187,7 +204,7 @@ def test_bad_input_is_refused_not_a_crash() -> None:
     with pytest.raises(ValueError):
         km.assign(v, _LAYOUT, one, 0, 0, np.empty(2, np.int64), starts, ())
     with pytest.raises(ValueError):  # starts_out the wrong size
-        km.assign(v, _LAYOUT, one, 0, 0, out, np.empty(2, bool), ())
+        km.assign(v, _LAYOUT, one, 0, 0, out, np.empty(2, np.uint8), ())
     with pytest.raises(ValueError):  # a spill index that is not u64
         km.assign(v, _LAYOUT, one, 0, 0, out, starts, (np.zeros(3, np.uint8),))
     with pytest.raises(ValueError):

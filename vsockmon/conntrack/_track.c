@@ -25,6 +25,8 @@
 enum { OP_REQUEST = 1, OP_RESPONSE = 2, OP_RST = 3, OP_SHUTDOWN = 4, OP_RW = 5,
        OP_CREDIT_UPDATE = 6, OP_CREDIT_REQUEST = 7 };
 enum { TYPE_SEQPACKET = 2 };
+/* What assign writes for a row that starts a stream: which end of its key the source is. */
+enum { START_LOWER = 1, START_HIGHER = 2 };
 enum { SHUT_RCV = 1, SHUT_SEND = 2, SEQ_EOM = 1, SEQ_EOR = 2 };
 enum { ANOM_PAYLOAD_LEN = 4 };
 /* Violation kinds in model.VIOLATIONS order. */
@@ -190,9 +192,10 @@ static inline int make_key(Key *k, uint16_t type, uint64_t a_cid, uint32_t a_por
     return a_lo;
 }
 
-static inline void header_key(Key *k, const Headers *h, Py_ssize_t i)
+/* The key of header row `i`; returns whether its source is the key's lower end. */
+static inline int header_key(Key *k, const Headers *h, Py_ssize_t i)
 {
-    make_key(k, (uint16_t)field(h, i, F_TYPE), field(h, i, F_SRC_CID),
+    return make_key(k, (uint16_t)field(h, i, F_TYPE), field(h, i, F_SRC_CID),
              (uint32_t)field(h, i, F_SRC_PORT), field(h, i, F_DST_CID),
              (uint32_t)field(h, i, F_DST_PORT));
 }
@@ -430,8 +433,10 @@ PyDoc_STRVAR(assign_doc,
 "    -> (stop, next)\n\n"
 "Give each of `rows`, in order from position `start`, its stream: a REQUEST, or a key with\n"
 "none, starts stream `next`, `next + 1`...; any other row joins its key's stream. Writes\n"
-"each row's stream to `streams_out` (int64) and whether it starts one to `starts_out`\n"
-"(bool), both of len(rows). Stops before a row that is not a REQUEST whose key is absent\n"
+"each row's stream to `streams_out` (int64) and to `starts_out` (u8), both of len(rows),\n"
+"0 when the row joins a stream, else START_LOWER when it starts one from the lower end\n"
+"of its key (the (cid, port) order keys use; a looped frame's source counts as lower),\n"
+"START_HIGHER from the higher: the one place that order is decided. Stops before a row that is not a REQUEST whose key is absent\n"
 "but whose spill hash one of the ascending u64 arrays `spilled` holds (the spill's chunk\n"
 "indexes: a late frame joins its spilled stream): the caller takes the stream back, puts\n"
 "its key and calls again from there. Returns where it stopped (len(rows): at the end) and\n"
@@ -464,7 +469,7 @@ static PyObject *KeyMap_assign(KeyMap *m, PyObject *args)
     Py_ssize_t i = start;
     for (; i < h.m; i++) {
         Key key;
-        header_key(&key, &h, i);
+        int src_lower = header_key(&key, &h, i);
         uint32_t hash = key_hash(&key);
         int request = field(&h, i, F_OP) == OP_REQUEST;
         Entry *e = &m->e[km_slot(m, &key, hash)];
@@ -474,7 +479,7 @@ static PyObject *KeyMap_assign(KeyMap *m, PyObject *args)
             if (!(e = km_insert(m, e, &key, hash)))
                 goto release;
         }
-        started[i] = e->value < 0 || request;
+        started[i] = e->value < 0 || request ? (src_lower ? START_LOWER : START_HIGHER) : 0;
         if (started[i])
             e->value = next++;
         sid[i] = e->value;
@@ -998,12 +1003,13 @@ static PyObject *column_specs(const ColSpec *cols, int n)
 static PyObject *constants(void)
 {
     return Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:(iiii)}",
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:(iiii),s:i,s:i}",
         "REQUEST", OP_REQUEST, "RESPONSE", OP_RESPONSE, "RST", OP_RST, "SHUTDOWN", OP_SHUTDOWN,
         "RW", OP_RW, "CREDIT_UPDATE", OP_CREDIT_UPDATE, "CREDIT_REQUEST", OP_CREDIT_REQUEST,
         "SEQPACKET", TYPE_SEQPACKET, "RCV", SHUT_RCV, "SEND", SHUT_SEND, "EOM", SEQ_EOM,
         "EOR", SEQ_EOR, "PAYLOAD_LEN", ANOM_PAYLOAD_LEN, "VIOLATIONS", V_BEYOND,
-        V_AFTER_SHUTDOWN, V_BEFORE_RESPONSE, V_TAP_LENGTH);
+        V_AFTER_SHUTDOWN, V_BEFORE_RESPONSE, V_TAP_LENGTH, "START_LOWER", START_LOWER,
+        "START_HIGHER", START_HIGHER);
 }
 
 PyMODINIT_FUNC PyInit__track(void)

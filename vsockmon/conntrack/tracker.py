@@ -88,13 +88,7 @@ def _layout(dtype: np.dtype[np.void]) -> tuple[int, ...]:
 
 
 _LAYOUT = _layout(VIRTIO_DTYPE)
-
-
-def _src_is_lower(v: np.ndarray) -> np.ndarray:
-    """Whether each header's source is the lower end of its connection ((cid, port) order,
-    a looped frame's source counting as lower): the order the key map uses."""
-    scid, dcid = v["src_cid"], v["dst_cid"]
-    return (scid < dcid) | ((scid == dcid) & (v["src_port"] <= v["dst_port"]))
+_START_LOWER = _track.CONSTANTS["START_LOWER"]
 
 
 class ConnTracker:
@@ -180,7 +174,7 @@ class ConnTracker:
         keys = self._keys
         spilled = self._spill.indexes if self._spill.streams else ()
         sid = np.empty(len(rows), dtype=np.int64)
-        starts = np.empty(len(rows), dtype=bool)
+        starts = np.empty(len(rows), dtype=np.uint8)
         first_new = self._next
         at, self._next = keys.assign(virtio, _LAYOUT, rows, 0, first_new, sid, starts, spilled)
         while at < len(rows):  # a late frame of a spilled key (or a hash's rare collision)
@@ -188,15 +182,18 @@ class ConnTracker:
             keys.put(virtio, _LAYOUT, late, self._unspill(virtio[late]))
             at, self._next = keys.assign(virtio, _LAYOUT, rows, at, self._next, sid, starts,
                                          spilled)
-        started = rows[starts]
-        self._new_streams(fb, started, virtio[started], first_new)
+        begun = starts != 0
+        started = rows[begun]
+        self._new_streams(fb, started, virtio[started], starts[begun] == _START_LOWER,
+                          first_new)
         t = self._t
         return sid, np.searchsorted(t.stream[: t.size], sid)  # the table is in stream order
 
-    def _new_streams(self, fb: FrameBatch, rows: np.ndarray, v: np.ndarray, first: int
-                     ) -> None:
+    def _new_streams(self, fb: FrameBatch, rows: np.ndarray, v: np.ndarray,
+                     src_lower: np.ndarray, first: int) -> None:
         """Open streams ``first``, ``first + 1``… at each of ``rows`` (their virtio headers
-        ``v``), in id order."""
+        ``v``; ``src_lower``: whether each source is its key's lower end, as the key map
+        decided), in id order."""
         if not len(rows):
             return
         t = self._t
@@ -207,7 +204,7 @@ class ConnTracker:
         op = v["op"].astype(np.int64)
         sport, dport = v["src_port"], v["dst_port"]
         client_is_src = (op == Op.REQUEST) | ((op != Op.RESPONSE) & (sport >= dport))
-        t.client_is_lower[ids] = client_is_src == _src_is_lower(v)
+        t.client_is_lower[ids] = client_is_src == src_lower
         t.start_seen[ids] = op == Op.REQUEST
         t.type[ids] = v["type"]
         for side, is_client in ((CLIENT, client_is_src), (SERVER, ~client_is_src)):
