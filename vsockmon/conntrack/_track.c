@@ -613,26 +613,32 @@ typedef struct {
 #define I64(tab, c) ((int64_t *)(tab)->b[c].buf)
 #define U8(tab, c) ((uint8_t *)(tab)->b[c].buf)
 
-static void table_release(Table *t)
+/* Release the first `held` buffers of a column set. */
+static void columns_release(Py_buffer *b, int *held)
 {
-    for (int c = 0; c < t->held; c++)
-        PyBuffer_Release(&t->b[c]);
+    for (int c = 0; c < *held; c++)
+        PyBuffer_Release(&b[c]);
+    *held = 0;
 }
 
-static int table_parse(Table *t, PyObject *cols, Py_ssize_t cap)
+/* Take `cols`, a tuple of one writable array per `spec` entry (`rows` times its width items
+ * of its size each), into `b`; on an error none stays held. `what` names the tuple and
+ * `names` the module attribute that lists the entries, for the message. */
+static int columns_parse(Py_buffer *b, int *held, PyObject *cols, const ColSpec *spec, int n,
+                         Py_ssize_t rows, const char *what, const char *names)
 {
-    t->held = 0;
-    if (!PyTuple_Check(cols) || PyTuple_GET_SIZE(cols) != NCOLS) {
-        PyErr_SetString(PyExc_ValueError, "columns: one writable array per COLUMNS name");
+    *held = 0;
+    if (!PyTuple_Check(cols) || PyTuple_GET_SIZE(cols) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: one writable array per %s name", what, names);
         return -1;
     }
-    for (int c = 0; c < NCOLS; c++) {
-        if (get_sized(PyTuple_GET_ITEM(cols, c), &t->b[c], cap * COLS[c].width,
-                      COLS[c].itemsize, 1, COLS[c].name) < 0) {
-            table_release(t);
+    for (int c = 0; c < n; c++) {
+        if (get_sized(PyTuple_GET_ITEM(cols, c), &b[c], rows * spec[c].width, spec[c].itemsize,
+                      1, spec[c].name) < 0) {
+            columns_release(b, held);
             return -1;
         }
-        t->held++;
+        (*held)++;
     }
     return 0;
 }
@@ -799,30 +805,6 @@ typedef struct {
     int held;
 } Events;
 
-static void events_release(Events *e)
-{
-    for (int c = 0; c < e->held; c++)
-        PyBuffer_Release(&e->b[c]);
-}
-
-static int events_parse(Events *e, PyObject *cols, Py_ssize_t m)
-{
-    e->held = 0;
-    if (!PyTuple_Check(cols) || PyTuple_GET_SIZE(cols) != NEV) {
-        PyErr_SetString(PyExc_ValueError, "events: one writable array per EVENT_COLUMNS name");
-        return -1;
-    }
-    for (int c = 0; c < NEV; c++) {
-        if (get_sized(PyTuple_GET_ITEM(cols, c), &e->b[c], m, EVENT_COLS[c].itemsize, 1,
-                      EVENT_COLS[c].name) < 0) {
-            events_release(e);
-            return -1;
-        }
-        e->held++;
-    }
-    return 0;
-}
-
 #define EV(e, c, type) ((type *)(e)->b[c].buf)
 
 /* Write the control events (positions `pos` of the rows, k of them, in frame order) to the
@@ -905,10 +887,11 @@ static PyObject *track(PyObject *self, PyObject *args)
     if (get_sized(be_o, &be, h.n, 1, 1, "beyond") < 0)
         goto done;
     got++;
-    if (table_parse(&t, cols, cap) < 0)
+    if (columns_parse(t.b, &t.held, cols, COLS, NCOLS, cap, "columns", "COLUMNS") < 0)
         goto done;
     got++;
-    if (events_parse(&ev, ev_o, h.m) < 0)
+    if (columns_parse(ev.b, &ev.held, ev_o, EVENT_COLS, NEV, h.m, "events",
+                      "EVENT_COLUMNS") < 0)
         goto done;
     got++;
     const int64_t *slot = sl.buf;
@@ -940,9 +923,9 @@ done:
     PyMem_Free(pos);
     PyMem_Free(count);
     if (got > 9)
-        events_release(&ev);
+        columns_release(ev.b, &ev.held);
     if (got > 8)
-        table_release(&t);
+        columns_release(t.b, &t.held);
     for (int j = 0; j < got && j < 8; j++)
         PyBuffer_Release(held[j]);
     headers_release(&h);
